@@ -1,0 +1,19 @@
+//! tollgate: per-tenant isolation, rate limits, budgets and token metering for
+//! LLM traffic, as a proxy-wasm filter for Envoy.
+//!
+//! Everything except `glue` is host-free logic that builds and is tested
+//! natively. `glue` is the only module that talks to the proxy-wasm host, and it
+//! only exists in the wasm32 build.
+
+pub mod api;
+pub mod config;
+pub mod identity;
+pub mod jwt;
+pub mod plan;
+pub mod pricing;
+pub mod request;
+pub mod sse;
+pub mod usage;
+
+#[cfg(target_arch = "wasm32")]
+mod glue;
