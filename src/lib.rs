@@ -7,9 +7,11 @@
 
 pub mod api;
 pub mod config;
+pub mod flow;
 pub mod identity;
 pub mod jwt;
 pub mod plan;
+pub mod protostruct;
 pub mod pricing;
 pub mod request;
 pub mod sse;

@@ -1,0 +1,975 @@
+//! Plugin configuration: the JSON an operator writes, and the compiled form the
+//! filter uses per request.
+//!
+//! Loading has two steps. serde checks the shape (every struct refuses unknown
+//! fields, so a typo is an error rather than a silently ignored setting), then
+//! [`compile`] checks meaning: references between sections, digests, limits,
+//! environment variables. Any error makes `on_configure` return false, so Envoy
+//! refuses the configuration and logs the message, which names the field.
+//!
+//! The configuration arrives as JSON text (a `google.protobuf.StringValue` in
+//! Envoy, or Istio's `WasmPlugin.pluginConfig`). A `google.protobuf.Struct`
+//! given directly in an Envoy config reaches the filter as binary protobuf; that
+//! form is decoded too (see [`decode_plugin_config`]).
+
+use std::collections::BTreeMap;
+
+use hashbrown::HashMap;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::api::Api;
+
+/// Largest request body a tier may allow. Envoy buffers the body in memory
+/// while tollgate inspects it, so this is a hard ceiling against mistakes.
+pub const MAX_REQUEST_BYTES_CEILING: u64 = 64 * 1024 * 1024;
+/// Default request body limit for tiers that do not set one.
+pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 1024 * 1024;
+
+/// The plugin configuration as written by the operator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Request headers a client may carry its tollgate API key in, tried in
+    /// order. `authorization` is read as `Bearer <key>`. Every one of them is
+    /// removed before the request goes upstream, whether used or not.
+    #[serde(default = "default_client_key_headers")]
+    pub client_key_headers: Vec<String>,
+    /// Query parameter a client may carry its key in (Gemini clients send
+    /// `?key=`). It is always removed from the upstream path. Empty to disable.
+    #[serde(default = "default_client_key_query_param")]
+    pub client_key_query_param: String,
+    /// Extra client headers that claim an identity and must never reach the
+    /// upstream (for example `x-user-id`). `x-tollgate-*` is always dropped.
+    #[serde(default)]
+    pub strip_request_headers: Vec<String>,
+    /// Header carrying the request id. Kept when the client (or Envoy) set
+    /// it, created otherwise, and echoed on the response.
+    #[serde(default = "default_request_id_header")]
+    pub request_id_header: String,
+    /// What to do with a request whose path matches no route: `deny` (404 in
+    /// OpenAI's envelope) or `pass` (forwarded untouched, without identity).
+    #[serde(default)]
+    pub unmatched_routes: UnmatchedRoutes,
+    /// Upstream LLM providers and how their credential header is written.
+    pub providers: BTreeMap<String, ProviderSpec>,
+    /// Which inbound paths speak which API, and which provider serves them.
+    pub routes: Vec<RouteSpec>,
+    /// Named sets of limits and policies that tenants refer to.
+    pub tiers: BTreeMap<String, TierSpec>,
+    /// The tenants, their client keys (as SHA-256 digests) and provider keys.
+    pub tenants: Vec<TenantSpec>,
+}
+
+fn default_client_key_headers() -> Vec<String> {
+    ["authorization", "x-api-key", "api-key", "x-goog-api-key"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn default_client_key_query_param() -> String {
+    "key".into()
+}
+
+fn default_request_id_header() -> String {
+    "x-request-id".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnmatchedRoutes {
+    #[default]
+    Deny,
+    Pass,
+}
+
+/// An upstream provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSpec {
+    /// Header the provider reads its API key from: `authorization` (OpenAI),
+    /// `api-key` (Azure OpenAI), `x-api-key` (Anthropic), `x-goog-api-key`
+    /// (Gemini).
+    pub credential_header: String,
+    /// Text written before the key. Defaults to `Bearer ` for
+    /// `authorization` and to nothing for every other header.
+    #[serde(default)]
+    pub credential_prefix: Option<String>,
+}
+
+/// A route: requests whose path (without query) matches go to `provider`
+/// and are read as `api`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Exact path to match. Give this or `path_prefix`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Path prefix to match. Give this or `path`.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// The API spoken on this path.
+    pub api: Api,
+    /// Name of an entry in `providers`.
+    pub provider: String,
+}
+
+/// What happens when the rate-limit service cannot answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Refuse with 503 in the API's envelope.
+    Closed,
+    /// Admit within a local allowance derived from the tenant's limits, and
+    /// replay the usage to the service when it returns.
+    Open,
+}
+
+/// A tier's limits and policies. Tenants may override any field with the
+/// same structure. Every limit is optional: absent means not limited.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSpec {
+    /// Models this tier may call: exact ids, or prefixes ending in `*`
+    /// (`gpt-4o*`), or `*` for any model. Must not be empty.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Largest request body accepted, in bytes (default 1 MiB, at most
+    /// 64 MiB). Larger bodies get 413.
+    #[serde(default)]
+    pub max_request_bytes: Option<u64>,
+    /// Requests per minute (smooth rate).
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Tokens (input + output) per minute (smooth rate).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Requests per calendar day.
+    #[serde(default)]
+    pub requests_per_day: Option<u64>,
+    /// Tokens per calendar day.
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
+    /// Tokens per billing month.
+    #[serde(default)]
+    pub tokens_per_month: Option<u64>,
+    /// US dollars per calendar day (up to six decimals).
+    #[serde(default)]
+    pub usd_per_day: Option<f64>,
+    /// US dollars per billing month (up to six decimals).
+    #[serde(default)]
+    pub usd_per_month: Option<f64>,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<u64>,
+    /// `closed` (default) or `open` when the rate-limit service is down.
+    #[serde(default)]
+    pub failure_mode: Option<FailureMode>,
+    /// Day of the month (1-31) the billing month renews. Day 31 renews on the
+    /// last day of shorter months. Default 1.
+    #[serde(default)]
+    pub billing_anchor_day: Option<u8>,
+    /// IANA time zone of days and billing months (default UTC).
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    /// Output tokens assumed when a request sets no maximum.
+    #[serde(default)]
+    pub default_max_output_tokens: Option<u64>,
+    /// Lower a request's max output tokens to what the budget still allows
+    /// instead of refusing it.
+    #[serde(default)]
+    pub clamp_max_output_tokens: Option<bool>,
+    /// Model to serve instead of the requested one once
+    /// `fallback_at_budget_share` of a budget is used.
+    #[serde(default)]
+    pub fallback_model: Option<String>,
+    /// Share of a budget (0 < share < 1) past which `fallback_model` is used.
+    #[serde(default)]
+    pub fallback_at_budget_share: Option<f64>,
+}
+
+/// A tenant: one customer of the platform.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    /// Stable id, used in metrics, logs, limit keys and `x-tollgate-tenant`.
+    /// Letters, digits, `-`, `_` and `.` only.
+    pub id: String,
+    /// Name of an entry in `tiers`.
+    pub tier: String,
+    /// A disabled tenant's requests get 403.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// SHA-256 digests (hex) of the tenant's client API keys. Plain keys never
+    /// appear in the configuration: `printf %s "$KEY" | sha256sum`.
+    #[serde(default)]
+    pub api_key_sha256: Vec<String>,
+    /// Per provider, the name of the environment variable holding this
+    /// tenant's provider API key. Envoy passes it to the VM through
+    /// `vm_config.environment_variables.host_env_keys`, so the secret never
+    /// appears in the config dump.
+    #[serde(default)]
+    pub provider_key_env: BTreeMap<String, String>,
+    /// Tier fields this tenant overrides.
+    #[serde(default)]
+    pub overrides: Option<TierSpec>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Why a configuration was refused. The `path` names the field.
+#[derive(Debug, Error, PartialEq)]
+pub enum ConfigError {
+    #[error("plugin configuration is not valid JSON for tollgate: {0}")]
+    Shape(String),
+    #[error("plugin configuration arrived as {0}")]
+    Encoding(String),
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+fn invalid(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// A compiled model allowlist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelAllowlist {
+    any: bool,
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+impl ModelAllowlist {
+    fn compile(path: &str, models: &[String]) -> Result<Self, ConfigError> {
+        if models.is_empty() {
+            return Err(invalid(path, "the model list is empty, so nothing could be called"));
+        }
+        let mut list = ModelAllowlist {
+            any: false,
+            exact: Vec::new(),
+            prefixes: Vec::new(),
+        };
+        for (i, m) in models.iter().enumerate() {
+            let m = m.trim();
+            if m.is_empty() {
+                return Err(invalid(format!("{path}[{i}]"), "empty model name"));
+            }
+            if m == "*" {
+                list.any = true;
+            } else if let Some(prefix) = m.strip_suffix('*') {
+                if prefix.contains('*') {
+                    return Err(invalid(format!("{path}[{i}]"), "only a trailing * is supported"));
+                }
+                list.prefixes.push(prefix.to_string());
+            } else if m.contains('*') {
+                return Err(invalid(format!("{path}[{i}]"), "only a trailing * is supported"));
+            } else {
+                list.exact.push(m.to_string());
+            }
+        }
+        Ok(list)
+    }
+
+    pub fn allows(&self, model: &str) -> bool {
+        self.any
+            || self.exact.iter().any(|m| m == model)
+            || self.prefixes.iter().any(|p| model.starts_with(p.as_str()))
+    }
+}
+
+/// A tier after a tenant's overrides are applied and every value checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub models: ModelAllowlist,
+    pub max_request_bytes: u64,
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub requests_per_day: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+    pub tokens_per_month: Option<u64>,
+    /// Micro-dollars per day.
+    pub usd_micros_per_day: Option<u64>,
+    /// Micro-dollars per billing month.
+    pub usd_micros_per_month: Option<u64>,
+    pub max_concurrent_requests: Option<u64>,
+    pub failure_mode: FailureMode,
+    pub billing_anchor_day: u8,
+    pub time_zone: Option<String>,
+    pub default_max_output_tokens: u64,
+    pub clamp_max_output_tokens: bool,
+    pub fallback_model: Option<String>,
+    /// Per-mille of a budget past which the fallback model is used.
+    pub fallback_at_permille: Option<u16>,
+}
+
+/// Default output tokens assumed when neither the request nor the tier says.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
+
+macro_rules! merge {
+    ($base:expr, $over:expr, $($field:ident),* $(,)?) => {
+        TierSpec { $($field: $over.$field.clone().or_else(|| $base.$field.clone()),)* }
+    };
+}
+
+fn merge_tier(base: &TierSpec, over: &TierSpec) -> TierSpec {
+    merge!(
+        base,
+        over,
+        models,
+        max_request_bytes,
+        requests_per_minute,
+        tokens_per_minute,
+        requests_per_day,
+        tokens_per_day,
+        tokens_per_month,
+        usd_per_day,
+        usd_per_month,
+        max_concurrent_requests,
+        failure_mode,
+        billing_anchor_day,
+        time_zone,
+        default_max_output_tokens,
+        clamp_max_output_tokens,
+        fallback_model,
+        fallback_at_budget_share,
+    )
+}
+
+fn positive(path: &str, field: &str, v: Option<u64>) -> Result<Option<u64>, ConfigError> {
+    match v {
+        Some(0) => Err(invalid(
+            format!("{path}.{field}"),
+            "a limit of 0 would refuse everything; remove the field for no limit or disable the tenant",
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Converts a dollar amount to micro-dollars, refusing what cannot be exact.
+pub fn usd_to_micros(path: &str, usd: f64) -> Result<u64, ConfigError> {
+    if !usd.is_finite() || usd <= 0.0 {
+        return Err(invalid(path, "must be a positive number of US dollars"));
+    }
+    let micros = (usd * 1_000_000.0).round();
+    if micros < 1.0 || micros > 1e15 {
+        return Err(invalid(path, "must be between 0.000001 and 1000000000 US dollars"));
+    }
+    if ((micros / 1_000_000.0) - usd).abs() > 1e-9 * usd.max(1.0) {
+        return Err(invalid(path, "at most six decimals (micro-dollars) are supported"));
+    }
+    Ok(micros as u64)
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(':')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl TierSpec {
+    fn compile(&self, path: &str) -> Result<Policy, ConfigError> {
+        let models = match &self.models {
+            Some(m) => ModelAllowlist::compile(&format!("{path}.models"), m)?,
+            None => return Err(invalid(format!("{path}.models"), "is required")),
+        };
+        let max_request_bytes = match self.max_request_bytes {
+            None => DEFAULT_MAX_REQUEST_BYTES,
+            Some(0) => return Err(invalid(format!("{path}.max_request_bytes"), "must be at least 1")),
+            Some(n) if n > MAX_REQUEST_BYTES_CEILING => {
+                return Err(invalid(
+                    format!("{path}.max_request_bytes"),
+                    format!("must be at most {MAX_REQUEST_BYTES_CEILING}"),
+                ))
+            }
+            Some(n) => n,
+        };
+        let usd_micros_per_day = match self.usd_per_day {
+            Some(v) => Some(usd_to_micros(&format!("{path}.usd_per_day"), v)?),
+            None => None,
+        };
+        let usd_micros_per_month = match self.usd_per_month {
+            Some(v) => Some(usd_to_micros(&format!("{path}.usd_per_month"), v)?),
+            None => None,
+        };
+        let billing_anchor_day = match self.billing_anchor_day {
+            None => 1,
+            Some(d @ 1..=31) => d,
+            Some(_) => {
+                return Err(invalid(format!("{path}.billing_anchor_day"), "must be between 1 and 31"))
+            }
+        };
+        if let Some(tz) = &self.time_zone {
+            let ok = !tz.is_empty()
+                && tz.len() <= 64
+                && tz
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/_-+".contains(&b));
+            if !ok {
+                return Err(invalid(
+                    format!("{path}.time_zone"),
+                    "must be an IANA time zone name such as Europe/Berlin",
+                ));
+            }
+        }
+        let default_max_output_tokens = match self.default_max_output_tokens {
+            Some(0) => {
+                return Err(invalid(format!("{path}.default_max_output_tokens"), "must be at least 1"))
+            }
+            Some(n) => n,
+            None => DEFAULT_MAX_OUTPUT_TOKENS,
+        };
+        let fallback_at_permille = match self.fallback_at_budget_share {
+            None => None,
+            Some(s) if s.is_finite() && s > 0.0 && s < 1.0 => Some((s * 1000.0).round() as u16),
+            Some(_) => {
+                return Err(invalid(
+                    format!("{path}.fallback_at_budget_share"),
+                    "must be a share strictly between 0 and 1",
+                ))
+            }
+        };
+        if fallback_at_permille.is_some() != self.fallback_model.is_some() {
+            return Err(invalid(
+                path,
+                "fallback_model and fallback_at_budget_share must be given together",
+            ));
+        }
+        if let Some(fb) = &self.fallback_model {
+            if !models.allows(fb) {
+                return Err(invalid(
+                    format!("{path}.fallback_model"),
+                    format!("'{fb}' is not in this tier's model list"),
+                ));
+            }
+        }
+        Ok(Policy {
+            models,
+            max_request_bytes,
+            requests_per_minute: positive(path, "requests_per_minute", self.requests_per_minute)?,
+            tokens_per_minute: positive(path, "tokens_per_minute", self.tokens_per_minute)?,
+            requests_per_day: positive(path, "requests_per_day", self.requests_per_day)?,
+            tokens_per_day: positive(path, "tokens_per_day", self.tokens_per_day)?,
+            tokens_per_month: positive(path, "tokens_per_month", self.tokens_per_month)?,
+            usd_micros_per_day,
+            usd_micros_per_month,
+            max_concurrent_requests: positive(
+                path,
+                "max_concurrent_requests",
+                self.max_concurrent_requests,
+            )?,
+            failure_mode: self.failure_mode.unwrap_or(FailureMode::Closed),
+            billing_anchor_day,
+            time_zone: self.time_zone.clone(),
+            default_max_output_tokens,
+            clamp_max_output_tokens: self.clamp_max_output_tokens.unwrap_or(false),
+            fallback_model: self.fallback_model.clone(),
+            fallback_at_permille,
+        })
+    }
+}
+
+/// A provider, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    pub name: String,
+    pub credential_header: String,
+    pub credential_prefix: String,
+}
+
+/// How a route matches a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+/// A route, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub path: PathMatch,
+    pub api: Api,
+    /// Index into [`Plugin::providers`].
+    pub provider: usize,
+}
+
+/// A tenant, compiled: its effective policy and resolved provider keys.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub id: String,
+    pub tier: String,
+    pub enabled: bool,
+    pub policy: Policy,
+    /// Provider key per provider index; `None` where the tenant has none.
+    pub provider_keys: Vec<Option<String>>,
+}
+
+/// The compiled configuration, built once in `on_configure`.
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    pub client_key_headers: Vec<String>,
+    pub client_key_query_param: Option<String>,
+    pub strip_request_headers: Vec<String>,
+    pub request_id_header: String,
+    pub unmatched_routes: UnmatchedRoutes,
+    pub providers: Vec<Provider>,
+    pub routes: Vec<Route>,
+    pub tenants: Vec<Tenant>,
+    /// SHA-256 digest of a client key -> index into `tenants`.
+    key_index: HashMap<[u8; 32], usize>,
+    /// Tenant id -> index into `tenants`.
+    id_index: HashMap<String, usize>,
+}
+
+impl Plugin {
+    /// The tenant owning a client key, by its digest.
+    pub fn tenant_by_key_digest(&self, digest: &[u8; 32]) -> Option<&Tenant> {
+        self.key_index.get(digest).and_then(|&i| self.tenants.get(i))
+    }
+
+    pub fn tenant_by_id(&self, id: &str) -> Option<&Tenant> {
+        self.id_index.get(id).and_then(|&i| self.tenants.get(i))
+    }
+
+    /// The route for a path (query string ignored). Exact matches win over
+    /// prefixes; among prefixes the longest wins.
+    pub fn route_for(&self, path: &str) -> Option<&Route> {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        let mut best: Option<(&Route, usize)> = None;
+        for r in &self.routes {
+            match &r.path {
+                PathMatch::Exact(p) if p == path => return Some(r),
+                PathMatch::Prefix(p) if path.starts_with(p.as_str()) => {
+                    if best.map_or(true, |(_, len)| p.len() > len) {
+                        best = Some((r, p.len()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        best.map(|(r, _)| r)
+    }
+
+    pub fn provider(&self, index: usize) -> Option<&Provider> {
+        self.providers.get(index)
+    }
+}
+
+fn parse_digest(path: &str, hex_digest: &str) -> Result<[u8; 32], ConfigError> {
+    let trimmed = hex_digest.trim();
+    if trimmed.len() != 64 {
+        return Err(invalid(
+            path,
+            "must be a SHA-256 digest: 64 hex characters (the plain key never belongs in the config)",
+        ));
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(trimmed, &mut out)
+        .map_err(|_| invalid(path, "must be a SHA-256 digest: 64 hex characters"))?;
+    Ok(out)
+}
+
+/// Decodes the raw plugin configuration bytes into JSON.
+///
+/// JSON text (from a `StringValue`, a `BytesValue`, or Istio) is used as is.
+/// A `google.protobuf.Struct` reaches the filter as binary protobuf; it is
+/// decoded into the equivalent JSON.
+pub fn decode_plugin_config(raw: &[u8]) -> Result<serde_json::Value, ConfigError> {
+    let text_start = raw.iter().position(|b| !b.is_ascii_whitespace());
+    match text_start.and_then(|i| raw.get(i)) {
+        None => {
+            return Err(ConfigError::Encoding(
+                "an empty value; tollgate needs a JSON configuration".into(),
+            ))
+        }
+        Some(b'{') => {
+            return serde_json::from_slice(raw).map_err(|e| ConfigError::Shape(e.to_string()));
+        }
+        Some(_) => {}
+    }
+    crate::protostruct::struct_to_json(raw).map_err(|e| {
+        ConfigError::Encoding(format!(
+            "neither JSON text nor a protobuf Struct ({e}); give the configuration as a \
+             google.protobuf.StringValue holding JSON"
+        ))
+    })
+}
+
+/// Parses and compiles a configuration. `env` resolves environment variable
+/// names (the host's `host_env_keys` in Envoy).
+pub fn load(raw: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Plugin, ConfigError> {
+    let value = decode_plugin_config(raw)?;
+    let config: PluginConfig =
+        serde_json::from_value(value).map_err(|e| ConfigError::Shape(e.to_string()))?;
+    compile(&config, env)
+}
+
+/// Checks the meaning of a parsed configuration and builds the lookup tables.
+pub fn compile(
+    config: &PluginConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Plugin, ConfigError> {
+    // Headers.
+    if config.client_key_headers.is_empty() && config.client_key_query_param.is_empty() {
+        return Err(invalid(
+            "client_key_headers",
+            "no header or query parameter to read client keys from",
+        ));
+    }
+    let mut client_key_headers = Vec::new();
+    for (i, h) in config.client_key_headers.iter().enumerate() {
+        let h = h.to_ascii_lowercase();
+        if !valid_header_name(&h) {
+            return Err(invalid(format!("client_key_headers[{i}]"), "not a valid header name"));
+        }
+        client_key_headers.push(h);
+    }
+    let mut strip_request_headers = Vec::new();
+    for (i, h) in config.strip_request_headers.iter().enumerate() {
+        let h = h.to_ascii_lowercase();
+        if !valid_header_name(&h) {
+            return Err(invalid(format!("strip_request_headers[{i}]"), "not a valid header name"));
+        }
+        strip_request_headers.push(h);
+    }
+    let request_id_header = config.request_id_header.to_ascii_lowercase();
+    if !valid_header_name(&request_id_header) {
+        return Err(invalid("request_id_header", "not a valid header name"));
+    }
+
+    // Providers.
+    if config.providers.is_empty() {
+        return Err(invalid("providers", "at least one provider is required"));
+    }
+    let mut providers = Vec::new();
+    for (name, p) in &config.providers {
+        let path = format!("providers.{name}");
+        if !valid_id(name) {
+            return Err(invalid(path, "provider names use letters, digits, - _ . only"));
+        }
+        let header = p.credential_header.to_ascii_lowercase();
+        if !valid_header_name(&header) {
+            return Err(invalid(format!("{path}.credential_header"), "not a valid header name"));
+        }
+        let prefix = match &p.credential_prefix {
+            Some(prefix) => prefix.clone(),
+            None if header == "authorization" => "Bearer ".into(),
+            None => String::new(),
+        };
+        providers.push(Provider {
+            name: name.clone(),
+            credential_header: header,
+            credential_prefix: prefix,
+        });
+    }
+    let provider_index = |name: &str| providers.iter().position(|p| p.name == name);
+
+    // Routes.
+    if config.routes.is_empty() {
+        return Err(invalid("routes", "at least one route is required"));
+    }
+    let mut routes = Vec::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let matcher = match (&r.path, &r.path_prefix) {
+            (Some(p), None) => PathMatch::Exact(p.clone()),
+            (None, Some(p)) => PathMatch::Prefix(p.clone()),
+            _ => return Err(invalid(path, "give exactly one of path and path_prefix")),
+        };
+        let p = match &matcher {
+            PathMatch::Exact(p) | PathMatch::Prefix(p) => p,
+        };
+        if !p.starts_with('/') || p.contains('?') {
+            return Err(invalid(path, "paths start with / and carry no query"));
+        }
+        if routes.iter().any(|other: &Route| other.path == matcher) {
+            return Err(invalid(path, "the same path is routed twice"));
+        }
+        let provider = provider_index(&r.provider).ok_or_else(|| {
+            invalid(format!("{path}.provider"), format!("unknown provider '{}'", r.provider))
+        })?;
+        routes.push(Route {
+            path: matcher,
+            api: r.api,
+            provider,
+        });
+    }
+
+    // Tiers: each must compile on its own, so a mistake in an unused tier is
+    // still caught.
+    if config.tiers.is_empty() {
+        return Err(invalid("tiers", "at least one tier is required"));
+    }
+    for (name, tier) in &config.tiers {
+        tier.compile(&format!("tiers.{name}"))?;
+    }
+
+    // Tenants.
+    let mut tenants = Vec::new();
+    let mut key_index = HashMap::new();
+    let mut id_index = HashMap::new();
+    for (i, t) in config.tenants.iter().enumerate() {
+        let path = format!("tenants[{i}]");
+        if !valid_id(&t.id) {
+            return Err(invalid(
+                format!("{path}.id"),
+                "tenant ids use 1-128 letters, digits, - _ . only",
+            ));
+        }
+        if id_index.insert(t.id.clone(), i).is_some() {
+            return Err(invalid(format!("{path}.id"), format!("duplicate tenant id '{}'", t.id)));
+        }
+        let tier = config.tiers.get(&t.tier).ok_or_else(|| {
+            invalid(format!("{path}.tier"), format!("unknown tier '{}'", t.tier))
+        })?;
+        let effective = match &t.overrides {
+            Some(over) => merge_tier(tier, over),
+            None => tier.clone(),
+        };
+        let policy = effective.compile(&format!("{path}.overrides"))?;
+        for (k, digest) in t.api_key_sha256.iter().enumerate() {
+            let kpath = format!("{path}.api_key_sha256[{k}]");
+            let bytes = parse_digest(&kpath, digest)?;
+            if let Some(prev) = key_index.insert(bytes, i) {
+                let owner = config.tenants.get(prev).map(|p| p.id.as_str()).unwrap_or("?");
+                return Err(invalid(
+                    kpath,
+                    format!("duplicate key digest (also a key of tenant '{owner}')"),
+                ));
+            }
+        }
+        let mut provider_keys = vec![None; providers.len()];
+        for (pname, var) in &t.provider_key_env {
+            let ppath = format!("{path}.provider_key_env.{pname}");
+            let idx = provider_index(pname)
+                .ok_or_else(|| invalid(&ppath, format!("unknown provider '{pname}'")))?;
+            let value = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                invalid(
+                    &ppath,
+                    format!(
+                        "environment variable '{var}' is missing or empty in the VM; list it in \
+                         vm_config.environment_variables.host_env_keys"
+                    ),
+                )
+            })?;
+            if value.bytes().any(|b| b.is_ascii_control()) {
+                return Err(invalid(&ppath, format!("environment variable '{var}' holds control characters")));
+            }
+            if let Some(slot) = provider_keys.get_mut(idx) {
+                *slot = Some(value);
+            }
+        }
+        tenants.push(Tenant {
+            id: t.id.clone(),
+            tier: t.tier.clone(),
+            enabled: t.enabled,
+            policy,
+            provider_keys,
+        });
+    }
+
+    let query = config.client_key_query_param.trim();
+    Ok(Plugin {
+        client_key_headers,
+        client_key_query_param: (!query.is_empty()).then(|| query.to_string()),
+        strip_request_headers,
+        request_id_header,
+        unmatched_routes: config.unmatched_routes,
+        providers,
+        routes,
+        tenants,
+        key_index,
+        id_index,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub const KEY_A: &str = "sk-tenant-a";
+    pub const KEY_B: &str = "sk-tenant-b";
+    pub const KEY_OFF: &str = "sk-tenant-off";
+
+    pub fn sha(s: &str) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(s.as_bytes()))
+    }
+
+    pub fn sample_json() -> serde_json::Value {
+        serde_json::json!({
+            "strip_request_headers": ["x-user-id"],
+            "providers": {
+                "openai": {"credential_header": "authorization"},
+                "anthropic": {"credential_header": "x-api-key"},
+                "gemini": {"credential_header": "x-goog-api-key"}
+            },
+            "routes": [
+                {"path": "/v1/chat/completions", "api": "openai_chat", "provider": "openai"},
+                {"path": "/v1/messages", "api": "anthropic_messages", "provider": "anthropic"},
+                {"path_prefix": "/v1beta/models/", "api": "gemini", "provider": "gemini"}
+            ],
+            "tiers": {
+                "free": {"models": ["gpt-4o-mini", "claude-3-5-haiku*", "gemini-2.0-flash"],
+                         "max_request_bytes": 4096, "requests_per_minute": 10},
+                "pro": {"models": ["*"], "usd_per_month": 100.5, "failure_mode": "open"}
+            },
+            "tenants": [
+                {"id": "acme", "tier": "pro", "api_key_sha256": [sha(KEY_A)],
+                 "provider_key_env": {"openai": "ACME_OPENAI", "anthropic": "ACME_ANTHROPIC",
+                                      "gemini": "ACME_GEMINI"}},
+                {"id": "globex", "tier": "free", "api_key_sha256": [sha(KEY_B)],
+                 "provider_key_env": {"openai": "GLOBEX_OPENAI"},
+                 "overrides": {"requests_per_minute": 20}},
+                {"id": "initech", "tier": "free", "enabled": false,
+                 "api_key_sha256": [sha(KEY_OFF)]}
+            ]
+        })
+    }
+
+    pub fn env(name: &str) -> Option<String> {
+        Some(format!("provider-key-for-{name}"))
+    }
+
+    pub fn sample() -> Plugin {
+        load(sample_json().to_string().as_bytes(), &env).unwrap()
+    }
+
+    fn load_err(v: serde_json::Value) -> String {
+        load(v.to_string().as_bytes(), &env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn sample_compiles_with_overrides_and_defaults() {
+        let p = sample();
+        let acme = p.tenant_by_id("acme").unwrap();
+        assert_eq!(acme.policy.usd_micros_per_month, Some(100_500_000));
+        assert_eq!(acme.policy.failure_mode, FailureMode::Open);
+        assert_eq!(acme.policy.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        let globex = p.tenant_by_id("globex").unwrap();
+        assert_eq!(globex.policy.requests_per_minute, Some(20));
+        assert_eq!(globex.policy.max_request_bytes, 4096);
+        assert!(globex.policy.models.allows("claude-3-5-haiku-20241022"));
+        assert!(!globex.policy.models.allows("gpt-4o"));
+        assert_eq!(p.providers.iter().find(|x| x.name == "openai").unwrap().credential_prefix, "Bearer ");
+        assert_eq!(p.client_key_query_param.as_deref(), Some("key"));
+    }
+
+    #[test]
+    fn routes_prefer_exact_then_longest_prefix() {
+        let p = sample();
+        assert_eq!(p.route_for("/v1/chat/completions?x=1").unwrap().api, Api::OpenaiChat);
+        assert_eq!(p.route_for("/v1beta/models/gemini-2.0-flash:generateContent").unwrap().api, Api::Gemini);
+        assert!(p.route_for("/v1/chat/completions/extra").is_none());
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let mut v = sample_json();
+        v["tiers"]["free"]["requests_per_minite"] = 5.into();
+        let e = load_err(v);
+        assert!(e.contains("unknown field `requests_per_minite`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_tier_is_refused() {
+        let mut v = sample_json();
+        v["tenants"][0]["tier"] = "platinum".into();
+        assert_eq!(load_err(v), "tenants[0].tier: unknown tier 'platinum'");
+    }
+
+    #[test]
+    fn duplicate_digest_is_refused() {
+        let mut v = sample_json();
+        v["tenants"][1]["api_key_sha256"] = serde_json::json!([sha(KEY_A)]);
+        let e = load_err(v);
+        assert!(e.starts_with("tenants[1].api_key_sha256[0]: duplicate key digest"), "{e}");
+        assert!(e.contains("acme"), "{e}");
+    }
+
+    #[test]
+    fn plain_key_instead_of_digest_is_refused() {
+        let mut v = sample_json();
+        v["tenants"][1]["api_key_sha256"] = serde_json::json!(["sk-live-123"]);
+        assert!(load_err(v).contains("SHA-256 digest"));
+    }
+
+    #[test]
+    fn missing_env_var_is_refused() {
+        let v = sample_json();
+        let e = load(v.to_string().as_bytes(), &|name| {
+            (name != "GLOBEX_OPENAI").then(|| "k".to_string())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("tenants[1].provider_key_env.openai: environment variable 'GLOBEX_OPENAI'"), "{e}");
+    }
+
+    #[test]
+    fn empty_model_list_and_zero_limit_are_refused() {
+        let mut v = sample_json();
+        v["tiers"]["free"]["models"] = serde_json::json!([]);
+        assert!(load_err(v).starts_with("tiers.free.models: the model list is empty"));
+        let mut v = sample_json();
+        v["tiers"]["pro"]["tokens_per_day"] = 0.into();
+        assert!(load_err(v).starts_with("tiers.pro.tokens_per_day: a limit of 0"));
+        let mut v = sample_json();
+        v["tenants"][1]["overrides"]["requests_per_minute"] = 0.into();
+        assert!(load_err(v).starts_with("tenants[1].overrides.requests_per_minute"));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (field, value, needle) in [
+            ("usd_per_day", serde_json::json!(-1.0), "usd_per_day"),
+            ("usd_per_day", serde_json::json!(0.0000001), "usd_per_day"),
+            ("billing_anchor_day", serde_json::json!(32), "billing_anchor_day"),
+            ("max_request_bytes", serde_json::json!(1u64 << 40), "max_request_bytes"),
+            ("time_zone", serde_json::json!("Not a zone!"), "time_zone"),
+            ("failure_mode", serde_json::json!("sometimes"), "unknown variant"),
+        ] {
+            let mut v = sample_json();
+            v["tiers"]["pro"][field] = value;
+            let e = load_err(v);
+            assert!(e.contains(needle), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn route_to_unknown_provider_is_refused() {
+        let mut v = sample_json();
+        v["routes"][0]["provider"] = "azure".into();
+        assert_eq!(load_err(v), "routes[0].provider: unknown provider 'azure'");
+    }
+
+    #[test]
+    fn fallback_model_must_be_allowed() {
+        let mut v = sample_json();
+        v["tiers"]["free"]["fallback_model"] = "gpt-4o".into();
+        v["tiers"]["free"]["fallback_at_budget_share"] = 0.8.into();
+        assert!(load_err(v).contains("fallback_model"));
+    }
+
+    #[test]
+    fn empty_and_garbage_configs_are_refused() {
+        assert!(matches!(load(b"", &env), Err(ConfigError::Encoding(_))));
+        assert!(matches!(load(b"{not json", &env), Err(ConfigError::Shape(_))));
+        assert!(matches!(load(b"\xff\xfe\x00", &env), Err(ConfigError::Encoding(_))));
+    }
+}
