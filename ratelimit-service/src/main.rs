@@ -1,1 +1,125 @@
-fn main() {}
+//! `tollgate-ratelimit`: the service binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tollgate_ratelimit::config::StaticLimits;
+use tollgate_ratelimit::server::{self, Settings};
+use tollgate_ratelimit::storage::redis::RedisTarget;
+
+/// Envoy RLS v3 rate-limit service for tollgate, backed by Redis.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate-ratelimit", version)]
+struct Args {
+    /// gRPC listen address (RLS v3 and grpc.health.v1).
+    #[arg(long, env = "TOLLGATE_RLS_GRPC_ADDR", default_value = "0.0.0.0:8081")]
+    grpc_addr: SocketAddr,
+    /// HTTP listen address of the Prometheus endpoint (`/metrics`).
+    #[arg(long, env = "TOLLGATE_RLS_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
+    /// Single-node Redis URL.
+    #[arg(long, env = "TOLLGATE_RLS_REDIS_URL", conflicts_with = "redis_cluster_nodes")]
+    redis_url: Option<String>,
+    /// Redis Cluster seed nodes, comma separated (`host:port` or `redis://host:port`).
+    #[arg(long, env = "TOLLGATE_RLS_REDIS_CLUSTER_NODES", value_delimiter = ',')]
+    redis_cluster_nodes: Vec<String>,
+    /// Timeout of every Redis call, in milliseconds.
+    #[arg(long, env = "TOLLGATE_RLS_REDIS_TIMEOUT_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    redis_timeout_ms: u64,
+    /// Static limits file (YAML or JSON) for callers that send no limit override.
+    #[arg(long, env = "TOLLGATE_RLS_CONFIG")]
+    config: Option<PathBuf>,
+    /// How long an idempotency key is remembered, in seconds.
+    #[arg(long, env = "TOLLGATE_RLS_IDEMPOTENCY_TTL_S", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    idempotency_ttl_s: u64,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "TOLLGATE_RLS_LOG_JSON")]
+    log_json: bool,
+}
+
+fn settings(args: Args) -> Result<Settings, String> {
+    let redis = match (args.redis_url, args.redis_cluster_nodes.is_empty()) {
+        (Some(url), true) => RedisTarget::Single(url),
+        (None, false) => RedisTarget::Cluster(
+            args.redis_cluster_nodes
+                .iter()
+                .map(|n| n.trim())
+                .filter(|n| !n.is_empty())
+                .map(|n| if n.contains("://") { n.to_owned() } else { format!("redis://{n}") })
+                .collect(),
+        ),
+        (None, true) => RedisTarget::Single("redis://127.0.0.1:6379".to_owned()),
+        (Some(_), false) => return Err("--redis-url and --redis-cluster-nodes are exclusive".into()),
+    };
+    let limits = match &args.config {
+        Some(path) => StaticLimits::load(path).map_err(|e| e.to_string())?,
+        None => StaticLimits::default(),
+    };
+    Ok(Settings {
+        grpc_addr: args.grpc_addr,
+        metrics_addr: args.metrics_addr,
+        redis,
+        redis_timeout: Duration::from_millis(args.redis_timeout_ms),
+        limits: Arc::new(limits),
+        idempotency_ttl: Duration::from_secs(args.idempotency_ttl_s),
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let settings = match settings(args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tollgate-ratelimit: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tollgate-ratelimit: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(server::run(settings, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate-ratelimit: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

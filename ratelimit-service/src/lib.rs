@@ -1,0 +1,18 @@
+//! tollgate-ratelimit: an Envoy RLS v3 rate-limit service backed by Redis.
+//!
+//! Layout: pure request → [`plan`] and outcome → [`response`] functions, the
+//! storage behind [`storage::Storage`] (Redis single node or cluster, one Lua
+//! script per request in [`scripts`]), and thin tonic wiring in [`service`] and
+//! [`server`].
+
+pub mod calendar;
+pub mod clock;
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod plan;
+pub mod response;
+pub mod scripts;
+pub mod server;
+pub mod service;
+pub mod storage;

@@ -1,0 +1,139 @@
+//! Prometheus metrics and the tiny HTTP endpoint that serves them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// ok, over_limit, unavailable, invalid_argument
+    pub code: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub decisions: Family<CodeLabel, Counter>,
+    pub redis_latency: Histogram,
+    pub redis_errors: Counter,
+    pub idempotent_replays: Counter,
+    pub unlimited_descriptors: Counter,
+    pub settles: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let decisions = Family::<CodeLabel, Counter>::default();
+        let redis_latency = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
+        let redis_errors = Counter::default();
+        let idempotent_replays = Counter::default();
+        let unlimited_descriptors = Counter::default();
+        let settles = Counter::default();
+        registry.register("tollgate_rls_decisions", "ShouldRateLimit answers by code", decisions.clone());
+        registry.register(
+            "tollgate_rls_redis_latency_seconds",
+            "Latency of one Redis decision round trip",
+            redis_latency.clone(),
+        );
+        registry.register("tollgate_rls_redis_errors", "Redis calls that failed or timed out", redis_errors.clone());
+        registry.register(
+            "tollgate_rls_idempotent_replays",
+            "Requests answered from an existing idempotency key, charging nothing",
+            idempotent_replays.clone(),
+        );
+        registry.register(
+            "tollgate_rls_unlimited_descriptors",
+            "Descriptors with neither a limit override nor a static limit (answered OK)",
+            unlimited_descriptors.clone(),
+        );
+        registry.register("tollgate_rls_settles", "Requests in settle mode", settles.clone());
+        Self {
+            registry,
+            decisions,
+            redis_latency,
+            redis_errors,
+            idempotent_replays,
+            unlimited_descriptors,
+            settles,
+        }
+    }
+
+    pub fn decision(&self, code: &str) {
+        self.decisions.get_or_create(&CodeLabel { code: code.to_owned() }).inc();
+    }
+
+    pub fn observe_redis(&self, d: Duration) {
+        self.redis_latency.observe(d.as_secs_f64());
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// Serve `GET /metrics` (and `GET /healthz`) until `shutdown` resolves.
+/// A deliberately small HTTP/1.0-style responder: one request per connection.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => return,
+            a = listener.accept() => a,
+        };
+        let Ok((mut stream, _)) = accepted else { continue };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            let read = async {
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST_HEAD {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(5), read).await.is_err() {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf);
+            let mut parts = head.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) = match (method, path) {
+                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.encode()),
+                ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}

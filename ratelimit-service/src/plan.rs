@@ -1,0 +1,490 @@
+//! Pure translation of a `RateLimitRequest` (plus gRPC metadata) into a
+//! [`Plan`]: the counters to check and charge, in one batch for one Lua call.
+//!
+//! Conventions (see README.md):
+//! - entries whose key starts with `tollgate.` are reserved parameters, not part of
+//!   the counter key: `tollgate.limit` (decimal u64, the full limit),
+//!   `tollgate.anchor_day` (1..=31) and `tollgate.tz` (IANA zone);
+//! - the limit comes from `tollgate.limit`, else the descriptor's `limit`
+//!   override, else the static config; with none of them the descriptor is unlimited;
+//! - hits: the descriptor's `hits_addend` if set (`Some(0)` = pure check), else
+//!   the request's (`0` counts as 1); `is_negative_hits` refunds.
+
+use chrono_tz::Tz;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+
+use crate::calendar::{self, CalendarUnit};
+use crate::config::StaticLimits;
+use crate::keys;
+use crate::storage::{Algorithm, Batch, Counter, Idempotency};
+
+pub const RESERVED_PREFIX: &str = "tollgate.";
+pub const KEY_LIMIT: &str = "tollgate.limit";
+pub const KEY_ANCHOR_DAY: &str = "tollgate.anchor_day";
+pub const KEY_TZ: &str = "tollgate.tz";
+
+/// Limits and hits above 2^53 - 1 cannot be counted exactly by Redis Lua
+/// (doubles): larger limits are clamped to it, larger hits are refused.
+pub const MAX_EXACT: u64 = (1 << 53) - 1;
+/// Upper bound on descriptors per request (a defence, far above real use).
+pub const MAX_DESCRIPTORS: usize = 64;
+/// Upper bound on the idempotency key length.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// gRPC metadata carrying the request mode (`settle`; absent or `reserve` = normal).
+pub const META_MODE: &str = "x-tollgate-mode";
+/// gRPC metadata carrying the idempotency key.
+pub const META_IDEMPOTENCY_KEY: &str = "x-tollgate-idempotency-key";
+
+/// A limit's unit; same numbers as `RateLimitUnit` in the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Second = 1,
+    Minute = 2,
+    Hour = 3,
+    Day = 4,
+    Month = 5,
+    Year = 6,
+}
+
+impl Unit {
+    pub fn from_proto(v: i32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Second,
+            2 => Self::Minute,
+            3 => Self::Hour,
+            4 => Self::Day,
+            5 => Self::Month,
+            6 => Self::Year,
+            _ => return None,
+        })
+    }
+
+    pub fn parse_name(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "second" => Self::Second,
+            "minute" => Self::Minute,
+            "hour" => Self::Hour,
+            "day" => Self::Day,
+            "month" => Self::Month,
+            "year" => Self::Year,
+            _ => return None,
+        })
+    }
+
+    pub fn is_calendar(self) -> bool {
+        matches!(self, Self::Day | Self::Month | Self::Year)
+    }
+
+    /// GCRA period for the smooth units.
+    pub fn period_ms(self) -> Option<u64> {
+        match self {
+            Self::Second => Some(1_000),
+            Self::Minute => Some(60_000),
+            Self::Hour => Some(3_600_000),
+            _ => None,
+        }
+    }
+
+    fn calendar(self) -> Option<CalendarUnit> {
+        match self {
+            Self::Day => Some(CalendarUnit::Day),
+            Self::Month => Some(CalendarUnit::Month),
+            Self::Year => Some(CalendarUnit::Year),
+            _ => None,
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Self::Second => "s",
+            Self::Minute => "m",
+            Self::Hour => "h",
+            Self::Day => "D",
+            Self::Month => "M",
+            Self::Year => "Y",
+        }
+    }
+}
+
+/// How the charges of a request apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// All-or-nothing: refused (and nothing charged) if any descriptor would go over.
+    #[default]
+    Reserve,
+    /// Charges and refunds apply unconditionally; the answer is OK.
+    Settle,
+}
+
+/// What the gRPC metadata of a request says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestMeta {
+    pub mode: Mode,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("descriptor {index}: invalid {key} value {value:?}: {reason}")]
+    InvalidReserved {
+        index: usize,
+        key: String,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("descriptor {index}: unknown reserved entry {key:?} (keys starting with \"tollgate.\" are reserved)")]
+    UnknownReserved { index: usize, key: String },
+    #[error("descriptor {index}: reserved entry {key:?} appears twice")]
+    DuplicateReserved { index: usize, key: String },
+    #[error("descriptor {index}: has no entries besides reserved ones")]
+    NoEntries { index: usize },
+    #[error("descriptor {index}: limit override has unit {unit}, expected SECOND..YEAR (1..=6)")]
+    BadUnit { index: usize, unit: i32 },
+    #[error("descriptor {index}: tollgate.limit needs a limit override that carries the unit")]
+    LimitWithoutUnit { index: usize },
+    #[error("descriptor {index}: tollgate.anchor_day and tollgate.tz apply to DAY, MONTH and YEAR limits only")]
+    CalendarParamsOnRate { index: usize },
+    #[error("descriptor {index}: hits_addend {hits} is above the maximum {MAX_EXACT}")]
+    HitsTooLarge { index: usize, hits: u64 },
+    #[error("{count} descriptors in one request, at most {MAX_DESCRIPTORS}")]
+    TooManyDescriptors { count: usize },
+    #[error("descriptor {index}: {reason}")]
+    Calendar { index: usize, reason: String },
+    #[error("invalid {META_MODE} metadata {0:?}: expected \"settle\" or \"reserve\"")]
+    BadMode(String),
+    #[error("invalid {META_IDEMPOTENCY_KEY} metadata: must be 1..={MAX_IDEMPOTENCY_KEY} bytes of visible ASCII")]
+    BadIdempotencyKey,
+}
+
+/// What the answer needs to know about a descriptor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DescriptorPlan {
+    /// No override and no static limit: always OK.
+    Unlimited,
+    /// Decided by `batch.counters[counter]`.
+    Limited {
+        counter: usize,
+        unit: Unit,
+        name: String,
+    },
+}
+
+/// A request, ready for storage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub descriptors: Vec<DescriptorPlan>,
+    pub batch: Batch,
+}
+
+impl Plan {
+    pub fn unlimited_count(&self) -> usize {
+        self.descriptors
+            .iter()
+            .filter(|d| matches!(d, DescriptorPlan::Unlimited))
+            .count()
+    }
+}
+
+/// Settings that shape plans.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanSettings {
+    pub idempotency_ttl_ms: u64,
+}
+
+/// Parse the tollgate metadata values (already extracted from gRPC metadata).
+pub fn parse_meta(mode: Option<&str>, idempotency_key: Option<&str>) -> Result<RequestMeta, PlanError> {
+    let mode = match mode.map(str::trim) {
+        None => Mode::Reserve,
+        Some(m) if m.eq_ignore_ascii_case("settle") => Mode::Settle,
+        Some(m) if m.eq_ignore_ascii_case("reserve") || m.is_empty() => Mode::Reserve,
+        Some(m) => return Err(PlanError::BadMode(m.to_owned())),
+    };
+    let idempotency_key = match idempotency_key {
+        None => None,
+        Some(k) => {
+            let ok = !k.is_empty()
+                && k.len() <= MAX_IDEMPOTENCY_KEY
+                && k.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                return Err(PlanError::BadIdempotencyKey);
+            }
+            Some(k.to_owned())
+        }
+    };
+    Ok(RequestMeta { mode, idempotency_key })
+}
+
+#[derive(Default)]
+struct Reserved<'a> {
+    limit: Option<u64>,
+    anchor_day: Option<u32>,
+    tz: Option<Tz>,
+    seen: Vec<&'a str>,
+}
+
+fn parse_reserved<'a>(index: usize, d: &'a RateLimitDescriptor) -> Result<Reserved<'a>, PlanError> {
+    let mut r = Reserved::default();
+    for e in d.entries.iter().filter(|e| e.key.starts_with(RESERVED_PREFIX)) {
+        if r.seen.contains(&e.key.as_str()) {
+            return Err(PlanError::DuplicateReserved { index, key: e.key.clone() });
+        }
+        r.seen.push(&e.key);
+        let invalid = |reason| PlanError::InvalidReserved {
+            index,
+            key: e.key.clone(),
+            value: e.value.clone(),
+            reason,
+        };
+        match e.key.as_str() {
+            KEY_LIMIT => {
+                r.limit = Some(
+                    e.value
+                        .parse::<u64>()
+                        .map_err(|_| invalid("expected a decimal u64"))?,
+                );
+            }
+            KEY_ANCHOR_DAY => {
+                let a = e
+                    .value
+                    .parse::<u32>()
+                    .map_err(|_| invalid("expected a day of month 1..=31"))?;
+                if !(1..=31).contains(&a) {
+                    return Err(invalid("expected a day of month 1..=31"));
+                }
+                r.anchor_day = Some(a);
+            }
+            KEY_TZ => {
+                r.tz = Some(
+                    e.value
+                        .parse::<Tz>()
+                        .map_err(|_| invalid("expected an IANA time zone name"))?,
+                );
+            }
+            _ => return Err(PlanError::UnknownReserved { index, key: e.key.clone() }),
+        }
+    }
+    Ok(r)
+}
+
+/// Build the plan of a request. Pure: the clock reading comes in as `now_ms`.
+pub fn build(
+    req: &RateLimitRequest,
+    meta: &RequestMeta,
+    limits: &StaticLimits,
+    settings: PlanSettings,
+    now_ms: i64,
+) -> Result<Plan, PlanError> {
+    if req.descriptors.len() > MAX_DESCRIPTORS {
+        return Err(PlanError::TooManyDescriptors { count: req.descriptors.len() });
+    }
+    let request_hits = u64::from(req.hits_addend.max(1));
+    let mut descriptors = Vec::with_capacity(req.descriptors.len());
+    let mut counters = Vec::new();
+    for (index, d) in req.descriptors.iter().enumerate() {
+        let reserved = parse_reserved(index, d)?;
+        let entries: Vec<(&str, &str)> = d
+            .entries
+            .iter()
+            .filter(|e| !e.key.starts_with(RESERVED_PREFIX))
+            .map(|e| (e.key.as_str(), e.value.as_str()))
+            .collect();
+        let Some(&(_, first_value)) = entries.first() else {
+            return Err(PlanError::NoEntries { index });
+        };
+
+        // Where the limit comes from: tollgate.limit > override > static config.
+        let (unit, limit, name, mut anchor, mut tz) = match (&d.limit, reserved.limit) {
+            (Some(o), full) => {
+                let unit = Unit::from_proto(o.unit).ok_or(PlanError::BadUnit { index, unit: o.unit })?;
+                (unit, full.unwrap_or(u64::from(o.requests_per_unit)), String::new(), None, None)
+            }
+            (None, Some(_)) => return Err(PlanError::LimitWithoutUnit { index }),
+            (None, None) => match limits.lookup(&req.domain, entries.iter().copied()) {
+                Some(s) => (s.unit, s.limit, s.name.clone(), s.anchor_day, s.tz),
+                None => {
+                    descriptors.push(DescriptorPlan::Unlimited);
+                    continue;
+                }
+            },
+        };
+        if reserved.anchor_day.is_some() {
+            anchor = reserved.anchor_day;
+        }
+        if reserved.tz.is_some() {
+            tz = reserved.tz;
+        }
+        if !unit.is_calendar() && (reserved.anchor_day.is_some() || reserved.tz.is_some()) {
+            return Err(PlanError::CalendarParamsOnRate { index });
+        }
+
+        let hits = match &d.hits_addend {
+            Some(h) => h.value,
+            None => request_hits,
+        };
+        if hits > MAX_EXACT {
+            return Err(PlanError::HitsTooLarge { index, hits });
+        }
+
+        let tag = keys::hash_tag(&req.domain, first_value);
+        let algorithm = match (unit.period_ms(), unit.calendar()) {
+            (Some(period_ms), _) => Algorithm::Gcra { period_ms },
+            (None, Some(cu)) => {
+                let w = calendar::window(cu, now_ms, tz.unwrap_or(Tz::UTC), anchor.unwrap_or(1))
+                    .map_err(|e| PlanError::Calendar { index, reason: e.to_string() })?;
+                Algorithm::Calendar { start_ms: w.start_ms, end_ms: w.end_ms }
+            }
+            (None, None) => return Err(PlanError::BadUnit { index, unit: unit as i32 }),
+        };
+        let window = match algorithm {
+            Algorithm::Calendar { start_ms, .. } => Some(start_ms),
+            Algorithm::Gcra { .. } => None,
+        };
+        let key = keys::counter_key(&tag, unit.tag(), window, &entries);
+        counters.push(Counter {
+            key,
+            hash_tag: tag,
+            algorithm,
+            limit: limit.min(MAX_EXACT),
+            hits,
+            refund: d.is_negative_hits,
+        });
+        descriptors.push(DescriptorPlan::Limited { counter: counters.len() - 1, unit, name });
+    }
+
+    let idempotency = match (&meta.idempotency_key, counters.first()) {
+        (Some(k), Some(first)) => Some(Idempotency {
+            key: keys::idempotency_key(&first.hash_tag, meta.mode, k),
+            ttl_ms: settings.idempotency_ttl_ms.max(1),
+        }),
+        _ => None,
+    };
+    Ok(Plan {
+        descriptors,
+        batch: Batch {
+            now_ms,
+            settle: meta.mode == Mode::Settle,
+            counters,
+            idempotency,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
+        Entry, RateLimitOverride,
+    };
+    use envoy_types::pb::google::protobuf::UInt64Value;
+
+    fn desc(entries: &[(&str, &str)], limit: Option<(u32, i32)>) -> RateLimitDescriptor {
+        RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(k, v)| Entry { key: (*k).into(), value: (*v).into() })
+                .collect(),
+            limit: limit.map(|(r, u)| RateLimitOverride { requests_per_unit: r, unit: u }),
+            hits_addend: None,
+            is_negative_hits: false,
+        }
+    }
+
+    fn req(ds: Vec<RateLimitDescriptor>, hits: u32) -> RateLimitRequest {
+        RateLimitRequest { domain: "tollgate".into(), descriptors: ds, hits_addend: hits }
+    }
+
+    const S: PlanSettings = PlanSettings { idempotency_ttl_ms: 1000 };
+
+    #[test]
+    fn reserved_entries_are_parameters() {
+        let r = req(
+            vec![desc(
+                &[("tenant", "acme"), (KEY_LIMIT, "5000000000"), ("budget", "usd"), (KEY_TZ, "Europe/Paris"), (KEY_ANCHOR_DAY, "15")],
+                Some((u32::MAX, 5)),
+            )],
+            0,
+        );
+        let p = build(&r, &RequestMeta::default(), &StaticLimits::default(), S, 1_700_000_000_000).unwrap();
+        let c = &p.batch.counters[0];
+        assert_eq!(c.limit, 5_000_000_000);
+        assert_eq!(c.hits, 1);
+        assert!(c.key.starts_with("tg:{tollgate|acme}:M:"));
+        assert!(c.key.ends_with(":tenant=acme|budget=usd"), "{}", c.key);
+        assert!(!c.key.contains("tollgate.limit"));
+    }
+
+    #[test]
+    fn hits_precedence() {
+        let mut d0 = desc(&[("tenant", "a")], Some((10, 1)));
+        d0.hits_addend = Some(UInt64Value { value: 0 });
+        let mut d1 = desc(&[("tenant", "a")], Some((10, 2)));
+        d1.hits_addend = Some(UInt64Value { value: 7 });
+        d1.is_negative_hits = true;
+        let d2 = desc(&[("tenant", "a")], Some((10, 3)));
+        let p = build(&req(vec![d0.clone(), d1, d2.clone()], 3), &RequestMeta::default(), &StaticLimits::default(), S, 0).unwrap();
+        let hits: Vec<_> = p.batch.counters.iter().map(|c| (c.hits, c.refund)).collect();
+        assert_eq!(hits, vec![(0, false), (7, true), (3, false)]);
+        let p = build(&req(vec![d2], 0), &RequestMeta::default(), &StaticLimits::default(), S, 0).unwrap();
+        assert_eq!(p.batch.counters[0].hits, 1);
+    }
+
+    #[test]
+    fn unlimited_and_static() {
+        let limits = StaticLimits::parse(
+            "domains: [{domain: tollgate, descriptors: [{key: generic_key, value: per_tenant_rpm, rate_limit: {unit: minute, requests_per_unit: 5}}]}]",
+        )
+        .unwrap();
+        let r = req(vec![desc(&[("generic_key", "per_tenant_rpm")], None), desc(&[("x", "y")], None)], 1);
+        let p = build(&r, &RequestMeta::default(), &limits, S, 0).unwrap();
+        assert_eq!(p.batch.counters.len(), 1);
+        assert_eq!(p.batch.counters[0].limit, 5);
+        assert_eq!(p.descriptors[1], DescriptorPlan::Unlimited);
+        assert_eq!(p.unlimited_count(), 1);
+    }
+
+    #[test]
+    fn invalid_reserved_values() {
+        for (k, v, lim) in [
+            (KEY_LIMIT, "-1", Some((1, 4))),
+            (KEY_LIMIT, "1e9", Some((1, 4))),
+            (KEY_LIMIT, "5", None),
+            (KEY_ANCHOR_DAY, "0", Some((1, 5))),
+            (KEY_ANCHOR_DAY, "32", Some((1, 5))),
+            (KEY_TZ, "Mars/Olympus", Some((1, 4))),
+            (KEY_TZ, "UTC", Some((1, 2))),
+            ("tollgate.bogus", "1", Some((1, 4))),
+        ] {
+            let r = req(vec![desc(&[("tenant", "a"), (k, v)], lim)], 1);
+            assert!(build(&r, &RequestMeta::default(), &StaticLimits::default(), S, 0).is_err(), "{k}={v}");
+        }
+        let r = req(vec![desc(&[(KEY_LIMIT, "5")], Some((1, 1)))], 1);
+        assert_eq!(
+            build(&r, &RequestMeta::default(), &StaticLimits::default(), S, 0),
+            Err(PlanError::NoEntries { index: 0 })
+        );
+        let r = req(vec![desc(&[("t", "a")], Some((1, 0)))], 1);
+        assert!(matches!(build(&r, &RequestMeta::default(), &StaticLimits::default(), S, 0), Err(PlanError::BadUnit { .. })));
+    }
+
+    #[test]
+    fn metadata() {
+        assert_eq!(parse_meta(Some("settle"), None).unwrap().mode, Mode::Settle);
+        assert_eq!(parse_meta(None, None).unwrap().mode, Mode::Reserve);
+        assert!(parse_meta(Some("yolo"), None).is_err());
+        assert!(parse_meta(None, Some("")).is_err());
+        assert!(parse_meta(None, Some("has space")).is_err());
+        assert_eq!(parse_meta(None, Some("req-1")).unwrap().idempotency_key.as_deref(), Some("req-1"));
+    }
+
+    #[test]
+    fn idempotency_key_shares_the_slot_and_mode() {
+        let r = req(vec![desc(&[("tenant", "acme")], Some((10, 4)))], 1);
+        let m = RequestMeta { mode: Mode::Settle, idempotency_key: Some("r1".into()) };
+        let p = build(&r, &m, &StaticLimits::default(), S, 0).unwrap();
+        let i = p.batch.idempotency.unwrap();
+        assert_eq!(i.key, "tg:{tollgate|acme}:idem:settle:r1");
+        assert!(p.batch.settle);
+    }
+}

@@ -1,0 +1,98 @@
+//! Storage behind a trait: the decision for a whole batch is one atomic call.
+
+pub mod redis;
+
+use std::future::Future;
+
+/// How a counter is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Smooth rate (GCRA). State: a level in hit·ms that drains by `limit` per ms,
+    /// capacity `limit * period_ms` (burst = the full limit).
+    Gcra { period_ms: u64 },
+    /// Calendar window `[start_ms, end_ms)`; the key expires at its end.
+    Calendar { start_ms: i64, end_ms: i64 },
+}
+
+/// One counter to check and charge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Counter {
+    pub key: String,
+    /// The `{...}` hash tag of `key`.
+    pub hash_tag: String,
+    pub algorithm: Algorithm,
+    /// The full limit, at most [`crate::plan::MAX_EXACT`].
+    pub limit: u64,
+    /// Hits to charge (or refund); 0 = pure check.
+    pub hits: u64,
+    /// Give `hits` back instead of charging them; never below zero.
+    pub refund: bool,
+}
+
+/// At-most-once application of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Idempotency {
+    pub key: String,
+    pub ttl_ms: u64,
+}
+
+/// All counters of one request: decided and charged together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Service clock; storage never reads its own time.
+    pub now_ms: i64,
+    /// Apply unconditionally (settle) instead of all-or-nothing.
+    pub settle: bool,
+    pub counters: Vec<Counter>,
+    pub idempotency: Option<Idempotency>,
+}
+
+/// The state of one counter after the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterState {
+    /// The request's hits fit under this counter's limit.
+    pub fits: bool,
+    /// Calendar: usage in the window. GCRA: level in hit·ms (see [`Algorithm::Gcra`]).
+    /// After the charge if the batch was applied, before it otherwise.
+    pub used: u64,
+}
+
+/// The result of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Charged (true) or refused with nothing charged (false).
+    pub allowed: bool,
+    /// An idempotent retry: nothing charged, `allowed` is the first decision and
+    /// `counters` are the current states.
+    pub replay: bool,
+    pub counters: Vec<CounterState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage did not answer within {0} ms")]
+    Timeout(u64),
+    #[error("storage error: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("unexpected storage reply: {0}")]
+    Reply(String),
+    /// Cluster mode only: the keys of one request must share a hash slot.
+    #[error("descriptors of one request span hash slots ({0} and {1}); in Redis Cluster all descriptors of a request must share their first entry")]
+    CrossSlot(String, String),
+}
+
+impl StorageError {
+    /// Transient errors (Redis down, slow, failing over) answer gRPC UNAVAILABLE;
+    /// the others are the caller's fault.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::CrossSlot(..))
+    }
+}
+
+/// Where counters live.
+pub trait Storage: Send + Sync + 'static {
+    /// Decide and (if allowed, or settle) charge all counters of `batch` atomically.
+    fn apply(&self, batch: &Batch) -> impl Future<Output = Result<Outcome, StorageError>> + Send;
+    /// Cheap liveness probe for health reporting.
+    fn ping(&self) -> impl Future<Output = Result<(), StorageError>> + Send;
+}

@@ -1,0 +1,214 @@
+//! Redis storage: single node (multiplexed `ConnectionManager`) or Redis Cluster
+//! (`cluster_async`), one `EVALSHA` of [`crate::scripts::DECIDE`] per request.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
+use tokio::sync::Mutex;
+
+use super::{Algorithm, Batch, CounterState, Outcome, Storage, StorageError};
+use crate::scripts;
+
+/// Where to connect.
+#[derive(Debug, Clone)]
+pub enum RedisTarget {
+    /// `redis://host:port[/db]`
+    Single(String),
+    /// Seed nodes of a cluster, `redis://host:port` each.
+    Cluster(Vec<String>),
+}
+
+enum Backend {
+    Single(ConnectionManager),
+    // Connected lazily so the service starts (and answers UNAVAILABLE) while the
+    // cluster is down, and connects once it is up.
+    Cluster {
+        client: redis::cluster::ClusterClient,
+        conn: Mutex<Option<ClusterConnection>>,
+    },
+}
+
+pub struct RedisStorage {
+    backend: Backend,
+    timeout: Duration,
+    sha: String,
+}
+
+impl RedisStorage {
+    /// Build the client; does not need Redis to be up.
+    pub fn new(target: &RedisTarget, timeout: Duration) -> Result<Self, StorageError> {
+        let backend = match target {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(2)
+                    .set_min_delay(Duration::from_millis(10))
+                    .set_max_delay(Duration::from_millis(200));
+                Backend::Single(ConnectionManager::new_lazy_with_config(client, config)?)
+            }
+            RedisTarget::Cluster(nodes) => {
+                let client = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(2)
+                    .min_retry_wait(10)
+                    .max_retry_wait(200)
+                    .build()?;
+                Backend::Cluster { client, conn: Mutex::new(None) }
+            }
+        };
+        Ok(Self {
+            backend,
+            timeout,
+            sha: redis::Script::new(scripts::DECIDE).get_hash().to_owned(),
+        })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster { .. })
+    }
+
+    async fn cluster_conn(
+        client: &redis::cluster::ClusterClient,
+        slot: &Mutex<Option<ClusterConnection>>,
+    ) -> Result<ClusterConnection, RedisError> {
+        let mut guard = slot.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = client.get_async_connection().await?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Run one command on whichever backend, bounded by the timeout.
+    async fn run<F, Fut>(&self, f: F) -> Result<Value, StorageError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<Value, RedisError>>,
+    {
+        let work = async {
+            let conn = match &self.backend {
+                Backend::Single(m) => Conn::Single(m.clone()),
+                Backend::Cluster { client, conn } => Conn::Cluster(Self::cluster_conn(client, conn).await?),
+            };
+            f(conn).await
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(StorageError::Timeout(self.timeout.as_millis() as u64)),
+        }
+    }
+}
+
+/// A connection of either kind.
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn query(&mut self, cmd: &redis::Cmd) -> Result<Value, RedisError> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd).await,
+            Conn::Cluster(c) => c.req_packed_command(cmd).await,
+        }
+    }
+}
+
+/// Script arguments for a batch (keys, argv).
+pub fn script_args(batch: &Batch) -> (Vec<String>, Vec<String>) {
+    let mut keys: Vec<String> = batch.counters.iter().map(|c| c.key.clone()).collect();
+    let mut argv = Vec::with_capacity(4 + 5 * batch.counters.len());
+    argv.push(batch.now_ms.to_string());
+    argv.push(if batch.settle { "1" } else { "0" }.to_owned());
+    match &batch.idempotency {
+        Some(i) => {
+            keys.push(i.key.clone());
+            argv.push(i.ttl_ms.to_string());
+        }
+        None => argv.push("0".to_owned()),
+    }
+    argv.push(batch.counters.len().to_string());
+    for c in &batch.counters {
+        let (kind, param) = match c.algorithm {
+            Algorithm::Gcra { period_ms } => ("1", period_ms),
+            // at least 1 ms: PX 0 is an error
+            Algorithm::Calendar { end_ms, .. } => ("2", (end_ms - batch.now_ms).max(1) as u64),
+        };
+        argv.push(kind.to_owned());
+        argv.push(c.limit.to_string());
+        argv.push(c.hits.to_string());
+        argv.push(if c.refund { "1" } else { "0" }.to_owned());
+        argv.push(param.to_string());
+    }
+    (keys, argv)
+}
+
+/// Parse the script's reply.
+pub fn parse_reply(value: Value, n: usize) -> Result<Outcome, StorageError> {
+    let Value::Array(items) = value else {
+        return Err(StorageError::Reply(format!("expected an array, got {value:?}")));
+    };
+    if items.len() != 2 + 2 * n {
+        return Err(StorageError::Reply(format!("expected {} items, got {}", 2 + 2 * n, items.len())));
+    }
+    let int = |v: &Value| match v {
+        Value::Int(i) => Ok(*i),
+        other => Err(StorageError::Reply(format!("expected an integer, got {other:?}"))),
+    };
+    let overall = int(&items[0])?;
+    let replay = int(&items[1])? == 1;
+    let mut counters = Vec::with_capacity(n);
+    for pair in items[2..].chunks_exact(2) {
+        counters.push(CounterState {
+            fits: int(&pair[0])? == 1,
+            used: u64::try_from(int(&pair[1])?).unwrap_or(0),
+        });
+    }
+    Ok(Outcome { allowed: overall == 1, replay, counters })
+}
+
+impl Storage for RedisStorage {
+    async fn apply(&self, batch: &Batch) -> Result<Outcome, StorageError> {
+        if batch.counters.is_empty() {
+            return Ok(Outcome { allowed: true, replay: false, counters: vec![] });
+        }
+        if self.is_cluster() {
+            // One script may only touch keys of one slot; all keys carry the
+            // first counter's tag when all descriptors share their first entry.
+            let first = &batch.counters[0].hash_tag;
+            if let Some(other) = batch.counters.iter().find(|c| &c.hash_tag != first) {
+                return Err(StorageError::CrossSlot(first.clone(), other.hash_tag.clone()));
+            }
+        }
+        let (keys, argv) = script_args(batch);
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha.arg(&self.sha).arg(keys.len()).arg(&keys).arg(&argv);
+        let value = self
+            .run(|mut conn| async move {
+                match conn.query(&evalsha).await {
+                    // First call on a node (or after a restart / SCRIPT FLUSH): EVAL
+                    // runs the script and caches it for the next EVALSHA.
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        let mut eval = redis::cmd("EVAL");
+                        eval.arg(scripts::DECIDE).arg(keys.len()).arg(&keys).arg(&argv);
+                        conn.query(&eval).await
+                    }
+                    other => other,
+                }
+            })
+            .await?;
+        parse_reply(value, batch.counters.len())
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        let ping = redis::cmd("PING");
+        self.run(|mut conn| async move { conn.query(&ping).await }).await?;
+        Ok(())
+    }
+}
