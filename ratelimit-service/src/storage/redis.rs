@@ -113,10 +113,12 @@ enum Conn {
 
 impl Conn {
     async fn query(&mut self, cmd: &redis::Cmd) -> Result<Value, RedisError> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd).await,
-            Conn::Cluster(c) => c.req_packed_command(cmd).await,
-        }
+        let value = match self {
+            Conn::Single(c) => c.req_packed_command(cmd).await?,
+            Conn::Cluster(c) => c.req_packed_command(cmd).await?,
+        };
+        // Server errors (NOSCRIPT, script errors) arrive as values; make them errors.
+        value.extract_error()
     }
 }
 
