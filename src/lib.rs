@@ -10,10 +10,13 @@ pub mod config;
 pub mod flow;
 pub mod identity;
 pub mod jwt;
+pub mod limits;
+pub mod metrics;
 pub mod plan;
 pub mod protostruct;
 pub mod pricing;
 pub mod request;
+pub mod rls;
 pub mod sse;
 pub mod usage;
 
