@@ -357,7 +357,10 @@ mod tests {
             t.prices("gpt-4o-mini-2024-07-18").1,
             PricedBy::Prefix("gpt-4o-mini".into())
         );
-        assert_eq!(t.prices("gpt-4o-2024-11-20").1, PricedBy::Prefix("gpt-4o".into()));
+        assert_eq!(
+            t.prices("gpt-4o-2024-11-20").1,
+            PricedBy::Prefix("gpt-4o".into())
+        );
         assert_eq!(t.prices("gpt-4").1, PricedBy::Default);
         assert_eq!(t.prices("").1, PricedBy::Default);
         assert_eq!(t.prices("ünïcödé-gpt").1, PricedBy::Default);
@@ -373,7 +376,9 @@ mod tests {
 
     #[test]
     fn prefix_match_is_off_by_default() {
-        let t = table(r#"{"models": {"gpt-4o": {"input": 1, "output": 1}}, "default": {"input": 9, "output": 9}}"#);
+        let t = table(
+            r#"{"models": {"gpt-4o": {"input": 1, "output": 1}}, "default": {"input": 9, "output": 9}}"#,
+        );
         assert_eq!(t.prices("gpt-4o-2024-11-20").1, PricedBy::Default);
     }
 
@@ -386,7 +391,9 @@ mod tests {
     #[test]
     fn invalid_prices_are_rejected() {
         for bad in ["-1", "1e7", "1e400"] {
-            let json = format!(r#"{{"models": {{"m": {{"input": {bad}, "output": 1}}}}, "default": {{"input": 1, "output": 1}}}}"#);
+            let json = format!(
+                r#"{{"models": {{"m": {{"input": {bad}, "output": 1}}}}, "default": {{"input": 1, "output": 1}}}}"#
+            );
             match PricingConfig::from_json(json.as_bytes()).and_then(|c| c.compile()) {
                 Err(PricingError::InvalidPrice { .. }) | Err(PricingError::Parse(_)) => {}
                 other => panic!("{bad}: {other:?}"),
@@ -401,7 +408,10 @@ mod tests {
             }),
             ..PricingConfig::default()
         };
-        assert!(matches!(nan.compile(), Err(PricingError::InvalidPrice { field: "input", .. })));
+        assert!(matches!(
+            nan.compile(),
+            Err(PricingError::InvalidPrice { field: "input", .. })
+        ));
     }
 
     #[test]
@@ -439,7 +449,10 @@ mod tests {
             r#"{"modles": {}, "default": {"input": 1, "output": 1}}"#,
             r#"{"default": {"input": 1, "output": 1, "cached": 0.5}}"#,
         ] {
-            assert!(matches!(PricingConfig::from_json(json.as_bytes()), Err(PricingError::Parse(_))));
+            assert!(matches!(
+                PricingConfig::from_json(json.as_bytes()),
+                Err(PricingError::Parse(_))
+            ));
         }
     }
 
@@ -459,7 +472,9 @@ mod tests {
 
     #[test]
     fn free_model_on_purpose() {
-        let t = table(r#"{"models": {"local": {"input": 0, "output": 0}}, "default": {"input": 1, "output": 1}}"#);
+        let t = table(
+            r#"{"models": {"local": {"input": 0, "output": 0}}, "default": {"input": 1, "output": 1}}"#,
+        );
         assert_eq!(t.cost("local", &usage(100, 0, 0, 100)).micros, 0);
     }
 }

@@ -51,8 +51,9 @@ pub enum SseError {
         bytes: u64,
         /// The bound that was exceeded.
         limit: usize,
-        /// The last raw bytes of the skipped event (at most the configured tail
-        /// size, empty when no tail is kept), for salvaging a trailing field.
+        /// The last bytes of the skipped event's lines (line terminators left
+        /// out; exactly the configured tail size, or fewer if the event was
+        /// shorter; empty when no tail is kept), for salvaging a trailing field.
         tail: Vec<u8>,
     },
 }
@@ -370,10 +371,15 @@ impl SseParser {
             end,
         };
         self.block_start = end;
+        let mut tail = mem::take(&mut self.skipped_tail);
+        // Exactly the last `tail_bytes`, so the result never depends on how
+        // the stream was chunked.
+        let excess = tail.len().saturating_sub(self.tail_bytes);
+        tail.drain(..excess);
         Err(SseError::Oversized {
             bytes: mem::take(&mut self.skipped_bytes),
             limit: self.max_event_bytes,
-            tail: mem::take(&mut self.skipped_tail),
+            tail,
         })
     }
 
@@ -434,18 +440,14 @@ fn process_line(ev: &mut EventBuilder, line: &[u8]) {
             ev.data.push_str(&String::from_utf8_lossy(value));
         }
         b"event" => ev.event = String::from_utf8_lossy(value).into_owned(),
-        b"id" => {
-            // WHATWG: an id containing NUL is ignored.
-            if !value.contains(&0) {
-                ev.id = Some(String::from_utf8_lossy(value).into_owned());
-            }
+        // WHATWG: an id containing NUL is ignored.
+        b"id" if !value.contains(&0) => {
+            ev.id = Some(String::from_utf8_lossy(value).into_owned());
         }
-        b"retry" => {
-            if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
-                ev.retry = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok());
-            }
+        b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+            ev.retry = std::str::from_utf8(value)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok());
         }
         _ => {}
     }
@@ -651,7 +653,10 @@ mod tests {
             assert!(p.line.capacity() <= 4096);
         }
         p.push(b"\n\ndata: ok\n\n");
-        assert!(matches!(p.next_event(), Some(Err(SseError::Oversized { .. }))));
+        assert!(matches!(
+            p.next_event(),
+            Some(Err(SseError::Oversized { .. }))
+        ));
         assert_eq!(p.next_event(), Some(Ok(data("ok"))));
         assert_eq!(p.oversized(), 1);
         assert_eq!(p.events(), 1);
@@ -663,8 +668,7 @@ mod tests {
         p.push(b"data: 0123456789abcdefghij\n\n");
         match p.next_event() {
             Some(Err(SseError::Oversized { tail, bytes, .. })) => {
-                assert!(tail.ends_with(b"cdefghij"));
-                assert!(tail.len() <= 16);
+                assert_eq!(tail, b"cdefghij");
                 assert_eq!(bytes, 27);
             }
             other => panic!("unexpected {other:?}"),

@@ -193,7 +193,9 @@ impl RawCounts {
     fn normalise(&self, format: UsageFormat) -> Usage {
         let v = |x: Option<u64>| x.unwrap_or(0);
         let (input_uncached, cache_read, cache_write, output, reasoning) = match format {
-            UsageFormat::OpenAiChat | UsageFormat::OpenAiResponses | UsageFormat::OpenAiEmbeddings => {
+            UsageFormat::OpenAiChat
+            | UsageFormat::OpenAiResponses
+            | UsageFormat::OpenAiEmbeddings => {
                 // Inclusive convention: cached parts are inside the input count.
                 let cr = v(self.cache_read);
                 let cw = v(self.cache_write);
@@ -213,7 +215,13 @@ impl RawCounts {
                     .saturating_sub(cr)
                     .saturating_add(v(self.tool_prompt));
                 let thoughts = v(self.reasoning);
-                (uncached, cr, 0, v(self.output).saturating_add(thoughts), thoughts)
+                (
+                    uncached,
+                    cr,
+                    0,
+                    v(self.output).saturating_add(thoughts),
+                    thoughts,
+                )
             }
         };
         let mut usage = Usage {
@@ -773,8 +781,8 @@ impl JsonSplitter {
             match b {
                 b'"' => self.in_string = true,
                 b'{' | b'[' => {
-                    let starts_elem = !self.in_elem
-                        && ((self.depth == 1) || (self.depth == 0 && b == b'{'));
+                    let starts_elem =
+                        !self.in_elem && ((self.depth == 1) || (self.depth == 0 && b == b'{'));
                     if starts_elem {
                         self.in_elem = true;
                         self.elem_depth = self.depth;
@@ -792,7 +800,7 @@ impl JsonSplitter {
                         self.take(chunk.get(run_start..end).unwrap_or(&[]));
                         self.in_elem = false;
                         let piece = if self.skipping {
-                            Piece::Oversized(mem::take(&mut self.tail))
+                            Piece::Oversized(self.take_tail())
                         } else {
                             Piece::Element(mem::take(&mut self.buf), self.elem_depth > 0)
                         };
@@ -823,6 +831,15 @@ impl JsonSplitter {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Exactly the last `tail_cap` bytes of a skipped element, so salvage
+    /// does not depend on how the body was chunked.
+    fn take_tail(&mut self) -> Vec<u8> {
+        let mut tail = mem::take(&mut self.tail);
+        let excess = tail.len().saturating_sub(self.tail_cap);
+        tail.drain(..excess);
+        tail
+    }
+
     /// An element the body ended in the middle of.
     fn finish(&mut self) -> Option<Piece> {
         if !self.in_elem {
@@ -830,9 +847,12 @@ impl JsonSplitter {
         }
         self.in_elem = false;
         if self.skipping {
-            Some(Piece::Oversized(mem::take(&mut self.tail)))
+            Some(Piece::Oversized(self.take_tail()))
         } else {
-            Some(Piece::Element(mem::take(&mut self.buf), self.elem_depth > 0))
+            Some(Piece::Element(
+                mem::take(&mut self.buf),
+                self.elem_depth > 0,
+            ))
         }
     }
 }
@@ -1133,7 +1153,9 @@ impl UsageChunkStripper {
             }
         }
         let n = upto.saturating_sub(self.held_start);
-        let n = usize::try_from(n).unwrap_or(usize::MAX).min(self.held.len());
+        let n = usize::try_from(n)
+            .unwrap_or(usize::MAX)
+            .min(self.held.len());
         if forward {
             out.extend(self.held.drain(..n));
         } else {
@@ -1191,7 +1213,10 @@ mod tests {
 
     macro_rules! fixture {
         ($name:literal) => {
-            ($name, include_bytes!(concat!("../tests/fixtures/", $name)) as &'static [u8])
+            (
+                $name,
+                include_bytes!(concat!("../tests/fixtures/", $name)) as &'static [u8],
+            )
         };
     }
 
@@ -1387,8 +1412,19 @@ mod tests {
         for c in cases() {
             let m = meter(&c);
             assert_eq!(m.usage, c.usage, "{}: usage", c.name);
-            assert_eq!(m.model_answered.as_deref(), Some(c.model), "{}: model", c.name);
-            assert_eq!(m.errors.len(), c.errors, "{}: errors {:?}", c.name, m.errors);
+            assert_eq!(
+                m.model_answered.as_deref(),
+                Some(c.model),
+                "{}: model",
+                c.name
+            );
+            assert_eq!(
+                m.errors.len(),
+                c.errors,
+                "{}: errors {:?}",
+                c.name,
+                m.errors
+            );
             assert_eq!(m.complete, c.complete, "{}: complete", c.name);
             assert_eq!(m.bytes_seen, c.body.len() as u64, "{}", c.name);
             assert_eq!(m.oversized, 0, "{}", c.name);
@@ -1461,7 +1497,10 @@ mod tests {
 
     #[test]
     fn anthropic_cumulative_output_is_not_summed() {
-        let c = cases().into_iter().find(|c| c.name == "anthropic_stream.sse").expect("case");
+        let c = cases()
+            .into_iter()
+            .find(|c| c.name == "anthropic_stream.sse")
+            .expect("case");
         let usage = meter(&c).usage.expect("usage");
         // message_start says 1, message_delta 9 then 15: the last one wins.
         assert_eq!(usage.output, 15);
@@ -1475,7 +1514,8 @@ mod tests {
             "event: message_delta\n",
             "data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":5,\"cache_creation_input_tokens\":null,\"output_tokens\":30}}\n\n",
         );
-        let mut m = ResponseMeter::new(UsageFormat::AnthropicMessages, true, MeterLimits::default());
+        let mut m =
+            ResponseMeter::new(UsageFormat::AnthropicMessages, true, MeterLimits::default());
         m.push(stream.as_bytes());
         let got = m.finish();
         assert_eq!(got.usage, Some(u(10, 5, 0, 30, 0, 45)));
@@ -1488,7 +1528,10 @@ mod tests {
         let mut m = ResponseMeter::new(UsageFormat::OpenAiResponses, true, MeterLimits::default());
         m.push(stream);
         let got = m.finish();
-        assert_eq!(got.errors, vec!["ERR_SOMETHING: Something went wrong".to_string()]);
+        assert_eq!(
+            got.errors,
+            vec!["ERR_SOMETHING: Something went wrong".to_string()]
+        );
         assert_eq!(got.usage, None);
     }
 
@@ -1504,7 +1547,10 @@ mod tests {
 
     #[test]
     fn oversized_final_event_usage_is_salvaged_from_its_tail() {
-        let c = cases().into_iter().find(|c| c.name == "openai_responses_stream.sse").expect("case");
+        let c = cases()
+            .into_iter()
+            .find(|c| c.name == "openai_responses_stream.sse")
+            .expect("case");
         let limits = MeterLimits {
             max_event_bytes: 700,
             ..MeterLimits::default()
@@ -1542,7 +1588,10 @@ mod tests {
 
     #[test]
     fn truncated_body_is_not_complete() {
-        let c = cases().into_iter().find(|c| c.name == "openai_chat.json").expect("case");
+        let c = cases()
+            .into_iter()
+            .find(|c| c.name == "openai_chat.json")
+            .expect("case");
         let cut = c.body.len() - 10;
         let got = meter_chunks(&c, MeterLimits::default(), &[&c.body[..cut]]);
         assert!(!got.complete);
@@ -1635,7 +1684,12 @@ mod tests {
 
     #[test]
     fn no_injection_without_stream() {
-        for mut body in [json!({"model": "x"}), json!({"stream": false}), json!([1]), json!("s")] {
+        for mut body in [
+            json!({"model": "x"}),
+            json!({"stream": false}),
+            json!([1]),
+            json!("s"),
+        ] {
             let before = body.clone();
             assert!(!inject_include_usage(&mut body));
             assert_eq!(body, before);
@@ -1651,11 +1705,17 @@ mod tests {
 
     #[test]
     fn usage_only_chunk_detection() {
-        assert!(is_usage_only_chunk(r#"{"choices":[],"usage":{"prompt_tokens":1}}"#));
+        assert!(is_usage_only_chunk(
+            r#"{"choices":[],"usage":{"prompt_tokens":1}}"#
+        ));
         // Azure's first chunk: empty choices, no usage.
-        assert!(!is_usage_only_chunk(r#"{"choices":[],"prompt_filter_results":[]}"#));
+        assert!(!is_usage_only_chunk(
+            r#"{"choices":[],"prompt_filter_results":[]}"#
+        ));
         // vLLM continuous usage: usage on a content chunk.
-        assert!(!is_usage_only_chunk(r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#));
+        assert!(!is_usage_only_chunk(
+            r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#
+        ));
         assert!(!is_usage_only_chunk(r#"{"choices":[],"usage":null}"#));
         assert!(!is_usage_only_chunk("[DONE]"));
     }
@@ -1673,7 +1733,9 @@ mod tests {
     /// The stream with the usage-only event's block removed.
     fn without_usage_block(stream: &[u8]) -> Vec<u8> {
         let text = std::str::from_utf8(stream).expect("utf8");
-        let at = text.find("\"choices\":[],\"usage\":{").expect("usage chunk");
+        let at = text
+            .find("\"choices\":[],\"usage\":{")
+            .expect("usage chunk");
         let start = text[..at].rfind("data: ").expect("data line");
         let rest = &text[start..];
         let end = ["\r\n\r\n", "\n\n", "\r\r"]
@@ -1681,14 +1743,17 @@ mod tests {
             .filter_map(|t| rest.find(t).map(|i| i + t.len()))
             .min()
             .expect("terminator");
-        let mut out = text[..start].as_bytes().to_vec();
-        out.extend_from_slice(rest[end..].as_bytes());
+        let mut out = stream[..start].to_vec();
+        out.extend_from_slice(&rest.as_bytes()[end..]);
         out
     }
 
     #[test]
     fn stripper_removes_exactly_the_usage_event_at_every_split() {
-        for name in ["openai_chat_stream_include_usage.sse", "openai_chat_stream_azure.sse"] {
+        for name in [
+            "openai_chat_stream_include_usage.sse",
+            "openai_chat_stream_azure.sse",
+        ] {
             let c = cases().into_iter().find(|c| c.name == name).expect("case");
             let want = without_usage_block(c.body);
             assert!(want.len() < c.body.len());
@@ -1713,7 +1778,8 @@ mod tests {
     fn stripper_with_lone_cr_line_endings() {
         let stream: &[u8] =
             b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\rdata: {\"choices\":[],\"usage\":{\"total_tokens\":3}}\r\rdata: [DONE]\r\r";
-        let want: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\rdata: [DONE]\r\r";
+        let want: &[u8] =
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\rdata: [DONE]\r\r";
         for i in 0..=stream.len() {
             let (a, b) = stream.split_at(i);
             assert_eq!(strip_all(&[a, b]).0, want, "split at {i}");
@@ -1722,7 +1788,11 @@ mod tests {
 
     #[test]
     fn stripper_passes_other_streams_unchanged() {
-        for name in ["openai_chat_stream_vllm_continuous.sse", "openai_chat_stream_error.sse", "anthropic_stream.sse"] {
+        for name in [
+            "openai_chat_stream_vllm_continuous.sse",
+            "openai_chat_stream_error.sse",
+            "anthropic_stream.sse",
+        ] {
             let c = cases().into_iter().find(|c| c.name == name).expect("case");
             for i in (0..=c.body.len()).step_by(7) {
                 let (a, b) = c.body.split_at(i);
