@@ -5,6 +5,9 @@
 //! script per request in [`scripts`]), and thin tonic wiring in [`service`] and
 //! [`server`].
 
+// A panic in the request path would drop a connection mid-decision.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod calendar;
 pub mod clock;
 pub mod config;

@@ -1,1 +1,187 @@
-fn main() {}
+//! Load generator for `bench/bench.sh` (not a test).
+//!
+//! - `rls-bench run --grpc-addr A --concurrency N --duration-s S`: N workers, each
+//!   looping reserve → settle of a typical LLM request (five descriptors of one
+//!   tenant: rpm, tpm, tokens/day, usd/day, usd/month) for a bounded time, then
+//!   prints `RESULT` lines.
+//! - `rls-bench script`: the Lua decide script (for `SCRIPT LOAD`).
+//! - `rls-bench evalsha-args`: the EVALSHA arguments of the same reserve, one per
+//!   line, for `redis-benchmark`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
+    Entry, RateLimitOverride,
+};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::google::protobuf::UInt64Value;
+use tollgate_ratelimit::config::StaticLimits;
+use tollgate_ratelimit::plan::{self, PlanSettings, RequestMeta};
+use tollgate_ratelimit::scripts;
+use tollgate_ratelimit::storage::redis::script_args;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Run {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        grpc_addr: String,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=120))]
+        duration_s: u64,
+        #[arg(long, default_value_t = 64)]
+        tenants: usize,
+    },
+    Script,
+    EvalshaArgs,
+}
+
+/// The typical request: limits high enough that every request is admitted
+/// (the cost of a decision, not of refusals, is measured).
+fn typical(tenant: &str, tokens: u64, micros: u64, refund: bool) -> RateLimitRequest {
+    let d = |name: &str, limit: u64, unit: i32, hits: u64| RateLimitDescriptor {
+        entries: vec![
+            Entry { key: "tenant".into(), value: tenant.into() },
+            Entry { key: "limit".into(), value: name.into() },
+            Entry { key: "tollgate.limit".into(), value: limit.to_string() },
+        ],
+        limit: Some(RateLimitOverride { requests_per_unit: u32::try_from(limit).unwrap_or(u32::MAX), unit }),
+        hits_addend: Some(UInt64Value { value: hits }),
+        is_negative_hits: refund,
+    };
+    RateLimitRequest {
+        domain: "tollgate".into(),
+        descriptors: vec![
+            d("rpm", 1_000_000_000, 2, if refund { 0 } else { 1 }),
+            d("tpm", 1_000_000_000_000, 2, tokens),
+            d("tokens_per_day", 1_000_000_000_000_000, 4, tokens),
+            d("usd_per_day", 1_000_000_000_000_000, 4, micros),
+            d("usd_per_month", 1_000_000_000_000_000, 5, micros),
+        ],
+        hits_addend: 0,
+    }
+}
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[i.min(sorted.len() - 1)]) / 1000.0
+}
+
+async fn run(grpc_addr: String, concurrency: usize, connections: usize, duration_s: u64, tenants: usize) -> Result<(), String> {
+    let mut channels = Vec::new();
+    for _ in 0..connections.max(1) {
+        let c = Channel::from_shared(format!("http://{grpc_addr}"))
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {grpc_addr}: {e}"))?;
+        channels.push(c);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let mut client = RateLimitServiceClient::new(channels[w % channels.len()].clone());
+        let stop = stop.clone();
+        let errors = errors.clone();
+        let tenant = format!("tenant-{}", w % tenants.max(1));
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(100_000);
+            let mut i: u64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                // reserve an estimate, then settle the difference (refund) idempotently
+                let t = Instant::now();
+                let ok = client.should_rate_limit(typical(&tenant, 2_000, 3_000, false)).await.is_ok();
+                lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut settle = tonic::Request::new(typical(&tenant, 500, 700, true));
+                settle.metadata_mut().insert("x-tollgate-mode", tonic::metadata::MetadataValue::from_static("settle"));
+                if let Ok(v) = format!("w{w}-{i}").parse() {
+                    settle.metadata_mut().insert("x-tollgate-idempotency-key", v);
+                }
+                let t = Instant::now();
+                let ok = client.should_rate_limit(settle).await.is_ok();
+                lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            lat
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(duration_s)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.map_err(|e| e.to_string())?);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    println!("RESULT service_decisions_per_s={:.0}", all.len() as f64 / elapsed);
+    println!("RESULT service_p50_ms={:.3}", pct(&all, 0.50));
+    println!("RESULT service_p99_ms={:.3}", pct(&all, 0.99));
+    println!("RESULT service_errors={}", errors.load(Ordering::Relaxed));
+    println!("RESULT service_concurrency={concurrency}");
+    Ok(())
+}
+
+fn evalsha_args() -> Result<Vec<String>, String> {
+    let r = typical("tenant-0", 2_000, 3_000, false);
+    let now = chrono::Utc::now().timestamp_millis();
+    let p = plan::build(&r, &RequestMeta::default(), &StaticLimits::default(), PlanSettings { idempotency_ttl_ms: 1 }, now)
+        .map_err(|e| e.to_string())?;
+    let (keys, argv) = script_args(&p.batch);
+    let mut out = vec![redis::Script::new(scripts::DECIDE).get_hash().to_owned(), keys.len().to_string()];
+    out.extend(keys);
+    out.extend(argv);
+    Ok(out)
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let result = match args.cmd {
+        Cmd::Script => {
+            print!("{}", scripts::DECIDE);
+            Ok(())
+        }
+        Cmd::EvalshaArgs => evalsha_args().map(|a| {
+            for x in a {
+                println!("{x}");
+            }
+        }),
+        Cmd::Run { grpc_addr, concurrency, connections, duration_s, tenants } => {
+            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(run(grpc_addr, concurrency, connections, duration_s, tenants)),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rls-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
