@@ -1106,6 +1106,13 @@ impl JwtConfig {
         &self,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<JwtVerifier, JwtConfigError> {
+        // jsonwebtoken picks its crypto backend from crate features and
+        // installs a panicking one if both backends end up enabled through
+        // feature unification. Pin the pure-Rust one (the only one that
+        // builds for wasm); an Err only means a provider is already set.
+        let _ = jsonwebtoken::crypto::CryptoProvider::install_default(
+            &jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER,
+        );
         if self.providers.is_empty() {
             return Err(JwtConfigError::Empty {
                 path: "jwt.providers".to_string(),
