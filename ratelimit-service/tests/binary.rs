@@ -1,6 +1,8 @@
 //! The real `tollgate-ratelimit` binary: gRPC wiring, metadata, health, metrics,
 //! startup errors and graceful shutdown.
 
+#![allow(clippy::cloned_ref_to_slice_refs)] // &[d.clone()] reads better in tests
+
 mod common;
 
 use std::io::{Read, Write};

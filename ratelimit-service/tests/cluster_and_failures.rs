@@ -1,5 +1,7 @@
 //! Redis Cluster (three masters on loopback) and Redis outages.
 
+#![allow(clippy::cloned_ref_to_slice_refs)] // &[d.clone()] reads better in tests
+
 mod common;
 
 use std::time::{Duration, Instant};

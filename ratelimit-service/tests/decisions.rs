@@ -1,5 +1,7 @@
 //! Decision logic against a real redis-server, with a manual clock.
 
+#![allow(clippy::cloned_ref_to_slice_refs)] // &[d.clone()] reads better in tests
+
 mod common;
 
 use std::sync::Arc;

@@ -24,10 +24,12 @@ enum Backend {
     Single(ConnectionManager),
     // Connected lazily so the service starts (and answers UNAVAILABLE) while the
     // cluster is down, and connects once it is up.
-    Cluster {
-        client: redis::cluster::ClusterClient,
-        conn: Mutex<Option<ClusterConnection>>,
-    },
+    Cluster(Box<ClusterBackend>),
+}
+
+struct ClusterBackend {
+    client: redis::cluster::ClusterClient,
+    conn: Mutex<Option<ClusterConnection>>,
 }
 
 pub struct RedisStorage {
@@ -58,7 +60,7 @@ impl RedisStorage {
                     .min_retry_wait(10)
                     .max_retry_wait(200)
                     .build()?;
-                Backend::Cluster { client, conn: Mutex::new(None) }
+                Backend::Cluster(Box::new(ClusterBackend { client, conn: Mutex::new(None) }))
             }
         };
         Ok(Self {
@@ -69,7 +71,7 @@ impl RedisStorage {
     }
 
     pub fn is_cluster(&self) -> bool {
-        matches!(self.backend, Backend::Cluster { .. })
+        matches!(self.backend, Backend::Cluster(_))
     }
 
     async fn cluster_conn(
@@ -94,7 +96,7 @@ impl RedisStorage {
         let work = async {
             let conn = match &self.backend {
                 Backend::Single(m) => Conn::Single(m.clone()),
-                Backend::Cluster { client, conn } => Conn::Cluster(Self::cluster_conn(client, conn).await?),
+                Backend::Cluster(c) => Conn::Cluster(Self::cluster_conn(&c.client, &c.conn).await?),
             };
             f(conn).await
         };
