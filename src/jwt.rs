@@ -1675,9 +1675,19 @@ impl JwtVerifier {
         Ok(identity)
     }
 
+    /// Whether any provider fetches its keys remotely, i.e. whether the glue
+    /// needs a tick to call [`Self::plan_jwks_fetches`].
+    pub fn has_remote_jwks(&self) -> bool {
+        self.providers
+            .iter()
+            .any(|p| matches!(p.keys, ProviderKeys::Remote { .. }))
+    }
+
     /// Remote JWKS fetches due at `now`, marked as in flight. The glue
     /// dispatches each (HTTP GET through the cluster) and reports the result
     /// with [`Self::complete_jwks_fetch`], including when dispatching fails.
+    /// Call it from a tick (once a second is plenty) and right after
+    /// configuration; each worker fetches for itself, as each has its own VM.
     pub fn plan_jwks_fetches(&mut self, now_unix_s: u64) -> Vec<JwksFetch> {
         let mut due = Vec::new();
         for (provider_index, p) in self.providers.iter_mut().enumerate() {
@@ -2486,6 +2496,20 @@ mod tests {
 
     #[test]
     fn remote_keys_unavailable_until_first_fetch() {
+        assert!(!main_verifier().has_remote_jwks());
+        let mut with_authority = verifier(vec![provider(json!({
+            "jwks": {"remote": {"cluster": "outbound|443||idp", "path": "/keys", "authority": "idp.example.test"}}
+        }))]);
+        assert!(with_authority.has_remote_jwks());
+        let planned = with_authority.plan_jwks_fetches(NOW);
+        assert_eq!(
+            planned
+                .iter()
+                .map(|f| (f.authority.as_str(), f.timeout_ms))
+                .collect::<Vec<_>>(),
+            vec![("idp.example.test", 5000)]
+        );
+
         let mut v = remote_verifier();
         let token = mint(Algorithm::RS256, Some("rsa-1"), &rsa1(), &claims());
         let err = v
