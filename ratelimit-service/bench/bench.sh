@@ -56,10 +56,22 @@ echo "service: $CONCURRENCY clients for ${DURATION_S}s..." >&2
   --duration-s "$DURATION_S" | tee "$work/service.out"
 
 echo "redis-benchmark: EVALSHA of the same script, $CONCURRENCY clients..." >&2
-redis-cli -p "$REDIS_PORT" SCRIPT LOAD "$("$bin/rls-bench" script)" >/dev/null
+# -x passes the file byte for byte ($(...) would strip the final newline and change the SHA)
+"$bin/rls-bench" script >"$work/decide.lua"
+sha="$(redis-cli -p "$REDIS_PORT" -x SCRIPT LOAD <"$work/decide.lua")"
 mapfile -t args < <("$bin/rls-bench" evalsha-args)
+if [ "$sha" != "${args[0]}" ]; then
+  echo "SCRIPT LOAD returned $sha, expected ${args[0]}" >&2; exit 1
+fi
+redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
 redis-benchmark -p "$REDIS_PORT" -c "$CONCURRENCY" -n "$REDIS_BENCH_REQUESTS" --csv \
   EVALSHA "${args[@]}" >"$work/redis.csv"
+# every EVALSHA must have succeeded, or the ceiling measured error replies
+failed="$(redis-cli -p "$REDIS_PORT" INFO commandstats | sed -n 's/^cmdstat_evalsha:.*failed_calls=\([0-9]*\).*/\1/p')"
+usec="$(redis-cli -p "$REDIS_PORT" INFO commandstats | sed -n 's/^cmdstat_evalsha:.*usec_per_call=\([0-9.]*\).*/\1/p')"
+echo "RESULT redis_evalsha_failed_calls=${failed:-0}"
+echo "RESULT redis_evalsha_cpu_usec_per_call=${usec:-0}"
+if [ "${failed:-0}" != "0" ]; then echo "redis-benchmark EVALSHA calls failed" >&2; exit 1; fi
 redis_rps="$(tail -n 1 "$work/redis.csv" | awk -F'","' '{print $2}')"
 redis_p50="$(tail -n 1 "$work/redis.csv" | awk -F'","' '{print $5}')"
 redis_p99="$(tail -n 1 "$work/redis.csv" | awk -F'","' '{print $7}')"
