@@ -299,6 +299,15 @@ domains:
     }
 
     #[test]
+    fn shipped_example_is_valid() {
+        let l = StaticLimits::parse(include_str!("../config/limits.example.yaml")).unwrap();
+        let rpm = l.lookup("tollgate_native", [("generic_key", "per_tenant_rpm")]).unwrap();
+        assert_eq!((rpm.unit, rpm.limit), (Unit::Minute, 60));
+        let usd = l.lookup("tollgate_native", [("tenant", "acme"), ("budget", "monthly_usd")]).unwrap();
+        assert_eq!((usd.unit, usd.anchor_day), (Unit::Month, Some(15)));
+    }
+
+    #[test]
     fn json_works_too() {
         let l = StaticLimits::parse(
             r#"{"domains":[{"domain":"d","descriptors":[{"key":"k","rate_limit":{"unit":"hour","requests_per_unit":3}}]}]}"#,

@@ -18,7 +18,7 @@
 ///   refund    "1" = give hits back (clamped at zero), "0" = charge
 ///   param     GCRA: period_ms; calendar: ms until the window ends (the key's TTL)
 ///
-/// GCRA state is a hash {l = level in hit·ms, t = ms of last update}; the level drains
+/// GCRA state is a string "<level in hit·ms> <ms of last update>"; the level drains
 /// by `limit` per ms, capacity is limit*period (burst = the full limit), one hit
 /// costs `period` — integer arithmetic, exact while values stay below 2^53.
 /// Calendar state is a plain integer counter with PEXPIRE at the window end.
@@ -63,9 +63,13 @@ for i = 1, n do
   local cost, cap
   if kind == 1 then
     if v == nil then
-      local h = redis.call('HMGET', key, 'l', 't')
-      local l = tonumber(h[1]) or 0
-      local t = tonumber(h[2]) or now
+      local l, t = 0, now
+      local raw = redis.call('GET', key)
+      if raw then
+        local sl, st = string.match(raw, '^(%S+) (%S+)$')
+        l = tonumber(sl) or 0
+        t = tonumber(st) or now
+      end
       local elapsed = now - t
       -- a clock behind the last writer never refills
       if elapsed < 0 then elapsed = 0 end
@@ -106,10 +110,9 @@ elseif settle or all_fit then
       if v <= 0 then
         redis.call('DEL', key)
       else
-        redis.call('HSET', key, 'l', fmt(v), 't', fmt(now))
         local ttl = k[3]
         if k[2] > 0 then ttl = math.ceil(v / k[2]) + 1 end
-        redis.call('PEXPIRE', key, ttl)
+        redis.call('SET', key, fmt(v) .. ' ' .. fmt(now), 'PX', ttl)
       end
     else
       redis.call('SET', key, fmt(v), 'PX', k[3])
