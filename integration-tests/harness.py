@@ -127,6 +127,93 @@ class MockLLM:
         self.proc.stop()
 
 
+def redis_bin():
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("redis-server is missing (Debian: apt-get install redis-server; scripts/setup.sh does)")
+    return found
+
+
+class Redis:
+    def __init__(self, logdir=None, port=None):
+        self.port = port or free_port()
+        self.logdir = logdir
+        self.start()
+
+    def start(self):
+        self.proc = Proc("redis-%d" % self.port, [redis_bin(), "--port", str(self.port), "--bind", "127.0.0.1",
+                                                  "--save", "", "--appendonly", "no"], logdir=self.logdir)
+        wait_port(self.port, proc=self.proc.proc)
+
+    def cli(self, *args):
+        out = subprocess.run(["redis-cli", "-p", str(self.port)] + [str(a) for a in args], capture_output=True,
+                             timeout=10)
+        return out.stdout.decode().strip()
+
+    def stop(self):
+        self.proc.stop()
+
+
+RLS_BIN = os.path.join(ROOT, "target", "release", "tollgate-ratelimit")
+
+
+class RateLimitService:
+    """The real tollgate-ratelimit binary (built by run-tests.sh)."""
+
+    def __init__(self, redis_port, logdir=None, port=None, metrics_port=None):
+        if not os.path.exists(RLS_BIN):
+            raise RuntimeError("%s is missing: cargo build --release -p tollgate-ratelimit" % RLS_BIN)
+        self.port = port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.redis_port = redis_port
+        self.logdir = logdir
+        self.start()
+
+    def start(self):
+        self.proc = Proc("rls-%d" % self.port, [RLS_BIN, "--grpc-addr", "127.0.0.1:%d" % self.port,
+                                                "--metrics-addr", "127.0.0.1:%d" % self.metrics_port,
+                                                "--redis-url", "redis://127.0.0.1:%d" % self.redis_port,
+                                                "--redis-timeout-ms", "200"],
+                         logdir=self.logdir)
+        wait_port(self.port, proc=self.proc.proc)
+
+    def metrics(self):
+        c = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=5)
+        c.request("GET", "/metrics")
+        data = c.getresponse().read().decode()
+        c.close()
+        return data
+
+    def stop(self):
+        self.proc.stop()
+
+
+def grpc_cluster(name, port):
+    """An HTTP/2 cluster for a gRPC service on loopback."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "0.5s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
+    }
+
+
+# Tag extraction for tollgate's metric names (mirrors src/metrics.rs STATS_TAGS).
+STATS_TAGS = [
+    {"tag_name": "tenant", "regex": r"^wasmcustom\.tollgate\.(tenant\.([^.]+)\.)"},
+    {"tag_name": "model", "regex": r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(model\.([^.]+)\.)"},
+    {"tag_name": "outcome", "regex": r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(?:model\.[^.]+\.)?(outcome\.([^.]+)\.)"},
+    {"tag_name": "limit", "regex": r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(limit\.([^.]+)\.)"},
+]
+
+
 def wasm_filter(plugin_config, env_keys=(), struct_config=False, failure_policy="FAIL_CLOSED", wasm_path=WASM):
     """The envoy.filters.http.wasm entry running tollgate."""
     if struct_config:
@@ -160,6 +247,11 @@ def wasm_filter(plugin_config, env_keys=(), struct_config=False, failure_policy=
     }
 
 
+METERING_FIELDS = ["tenant", "tier", "user", "request_id", "api", "model_requested", "model_served",
+                   "model_answered", "tokens_input", "tokens_cache_read", "tokens_cache_write", "tokens_output",
+                   "tokens_reasoning", "tokens_total", "cost_usd", "ttfb_ms", "duration_ms", "upstream_status",
+                   "estimated", "outcome"]
+
 ACCESS_LOG_FIELDS = {
     "start_time": "%START_TIME%",
     "method": "%REQ(:METHOD)%",
@@ -170,6 +262,7 @@ ACCESS_LOG_FIELDS = {
     "upstream_cluster": "%UPSTREAM_CLUSTER%",
     "duration_ms": "%DURATION%",
 }
+ACCESS_LOG_FIELDS.update({"tg_" + f: "%%FILTER_STATE(wasm.tollgate_%s:PLAIN)%%" % f for f in METERING_FIELDS})
 
 
 def envoy_config(listen_port, admin_port, upstream_port, http_filters, access_log_path=None,

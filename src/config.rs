@@ -59,6 +59,108 @@ pub struct PluginConfig {
     pub tiers: BTreeMap<String, TierSpec>,
     /// The tenants, their client keys (as SHA-256 digests) and provider keys.
     pub tenants: Vec<TenantSpec>,
+    /// The rate-limit service. Required when any tier sets a limit.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Model prices, USD per million tokens. Required for dollar budgets.
+    #[serde(default)]
+    pub pricing: Option<crate::pricing::PricingConfig>,
+    /// How usage is read, estimated and reported.
+    #[serde(default)]
+    pub metering: MeteringSpec,
+}
+
+/// Where and how the filter asks the rate-limit service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Envoy cluster of the RLS v3 service (HTTP/2).
+    pub cluster: String,
+    /// RLS domain of tollgate's descriptors.
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// How long a request waits for the reserve answer (1-5000 ms). The
+    /// tier's failure mode applies after it.
+    #[serde(default = "default_rls_timeout_ms")]
+    pub timeout_ms: u64,
+    /// `reserve` (tollgate's service: atomic reserve, then settle) or
+    /// `check_then_charge` (stock RLS servers: a pure check before, the full
+    /// charge after; concurrent requests can overshoot).
+    #[serde(default)]
+    pub mode: RlsMode,
+    /// Share (0 < s <= 1) of a tenant's per-minute limits each Envoy worker
+    /// may admit on its own while the service is unreachable, for tiers with
+    /// `failure_mode: open`.
+    #[serde(default = "default_fail_open_share")]
+    pub fail_open_share: f64,
+    /// Requests per minute per worker admitted in fail-open for tenants with
+    /// no `requests_per_minute`.
+    #[serde(default = "default_fail_open_rpm")]
+    pub fail_open_default_requests_per_minute: u64,
+    /// Most settles kept for retry while the service is unreachable; beyond
+    /// it the oldest is dropped and counted in `tollgate.settle.dropped`.
+    #[serde(default = "default_journal_capacity")]
+    pub journal_capacity: usize,
+}
+
+fn default_domain() -> String {
+    "tollgate".into()
+}
+fn default_rls_timeout_ms() -> u64 {
+    200
+}
+fn default_fail_open_share() -> f64 {
+    0.1
+}
+fn default_fail_open_rpm() -> u64 {
+    10
+}
+fn default_journal_capacity() -> usize {
+    10_000
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RlsMode {
+    #[default]
+    Reserve,
+    CheckThenCharge,
+}
+
+/// Metering options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeteringSpec {
+    /// Request body bytes per input token, for the pre-call estimate and for
+    /// responses without usage (default 4).
+    #[serde(default = "default_bytes_per_token")]
+    pub bytes_per_token: u64,
+    /// Add `x-tollgate-usage-*` and `x-tollgate-cost-usd` headers to
+    /// non-streamed responses (the body is held until it is complete).
+    #[serde(default = "default_true")]
+    pub usage_headers: bool,
+    /// End streams with an SSE comment line carrying usage and cost.
+    #[serde(default)]
+    pub stream_usage_comment: bool,
+    /// Ask OpenAI chat streams for usage (`stream_options.include_usage`)
+    /// when the client did not, and hide the extra chunk from the client.
+    #[serde(default = "default_true")]
+    pub inject_stream_usage: bool,
+}
+
+impl Default for MeteringSpec {
+    fn default() -> Self {
+        MeteringSpec {
+            bytes_per_token: default_bytes_per_token(),
+            usage_headers: true,
+            stream_usage_comment: false,
+            inject_stream_usage: true,
+        }
+    }
+}
+
+fn default_bytes_per_token() -> u64 {
+    4
 }
 
 fn default_client_key_headers() -> Vec<String> {
@@ -535,6 +637,35 @@ pub struct Plugin {
     key_index: HashMap<[u8; 32], usize>,
     /// Tenant id -> index into `tenants`.
     id_index: HashMap<String, usize>,
+    pub rate_limit: Option<RateLimit>,
+    pub pricing: Option<crate::pricing::PriceTable>,
+    pub metering: MeteringSpec,
+}
+
+/// The rate-limit settings, compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    pub cluster: String,
+    pub domain: String,
+    pub timeout_ms: u64,
+    pub mode: RlsMode,
+    /// Per-mille of per-minute limits admitted per worker in fail-open.
+    pub fail_open_permille: u64,
+    pub fail_open_default_rpm: u64,
+    pub journal_capacity: usize,
+}
+
+impl Policy {
+    /// Whether this policy needs the rate-limit service at all.
+    pub fn has_limits(&self) -> bool {
+        self.requests_per_minute.is_some()
+            || self.tokens_per_minute.is_some()
+            || self.requests_per_day.is_some()
+            || self.tokens_per_day.is_some()
+            || self.tokens_per_month.is_some()
+            || self.usd_micros_per_day.is_some()
+            || self.usd_micros_per_month.is_some()
+    }
 }
 
 impl Plugin {
@@ -784,8 +915,63 @@ pub fn compile(
         });
     }
 
+    let rate_limit = match &config.rate_limit {
+        None => None,
+        Some(r) => {
+            if r.cluster.trim().is_empty() {
+                return Err(invalid("rate_limit.cluster", "must name an Envoy cluster"));
+            }
+            if r.domain.trim().is_empty() {
+                return Err(invalid("rate_limit.domain", "must not be empty"));
+            }
+            if !(1..=5000).contains(&r.timeout_ms) {
+                return Err(invalid("rate_limit.timeout_ms", "must be between 1 and 5000"));
+            }
+            if !(r.fail_open_share.is_finite() && r.fail_open_share > 0.0 && r.fail_open_share <= 1.0) {
+                return Err(invalid("rate_limit.fail_open_share", "must be a share in (0, 1]"));
+            }
+            if r.fail_open_default_requests_per_minute == 0 {
+                return Err(invalid("rate_limit.fail_open_default_requests_per_minute", "must be at least 1"));
+            }
+            if r.journal_capacity == 0 || r.journal_capacity > 1_000_000 {
+                return Err(invalid("rate_limit.journal_capacity", "must be between 1 and 1000000"));
+            }
+            Some(RateLimit {
+                cluster: r.cluster.clone(),
+                domain: r.domain.clone(),
+                timeout_ms: r.timeout_ms,
+                mode: r.mode,
+                fail_open_permille: ((r.fail_open_share * 1000.0).round() as u64).max(1),
+                fail_open_default_rpm: r.fail_open_default_requests_per_minute,
+                journal_capacity: r.journal_capacity,
+            })
+        }
+    };
+    let pricing = match &config.pricing {
+        None => None,
+        Some(p) => Some(p.compile().map_err(|e| invalid("pricing", e.to_string()))?),
+    };
+    if config.metering.bytes_per_token == 0 || config.metering.bytes_per_token > 64 {
+        return Err(invalid("metering.bytes_per_token", "must be between 1 and 64"));
+    }
+    for (i, t) in tenants.iter().enumerate() {
+        let path = format!("tenants[{i}] (tier '{}')", t.tier);
+        if t.policy.has_limits() && rate_limit.is_none() {
+            return Err(invalid(
+                path,
+                "has limits, but no rate_limit section names the rate-limit service cluster",
+            ));
+        }
+        if (t.policy.usd_micros_per_day.is_some() || t.policy.usd_micros_per_month.is_some()) && pricing.is_none() {
+            return Err(invalid(path, "has dollar budgets, but there is no pricing table"));
+        }
+    }
+
     let query = config.client_key_query_param.trim();
     Ok(Plugin {
+        rate_limit,
+        pricing,
+        metering: config.metering.clone(),
         client_key_headers,
         client_key_query_param: (!query.is_empty()).then(|| query.to_string()),
         strip_request_headers,
@@ -815,6 +1001,12 @@ pub(crate) mod tests {
     pub fn sample_json() -> serde_json::Value {
         serde_json::json!({
             "strip_request_headers": ["x-user-id"],
+            "rate_limit": {"cluster": "tollgate_rls"},
+            "pricing": {
+                "models": {"gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10.0}},
+                "prefix_match": true,
+                "default": {"input": 1.0, "output": 4.0}
+            },
             "providers": {
                 "openai": {"credential_header": "authorization"},
                 "anthropic": {"credential_header": "x-api-key"},
@@ -956,6 +1148,19 @@ pub(crate) mod tests {
         let mut v = sample_json();
         v["routes"][0]["provider"] = "azure".into();
         assert_eq!(load_err(v), "routes[0].provider: unknown provider 'azure'");
+    }
+
+    #[test]
+    fn limits_need_the_service_and_dollars_need_prices() {
+        let mut v = sample_json();
+        v.as_object_mut().unwrap().remove("rate_limit");
+        assert!(load_err(v).contains("no rate_limit section"));
+        let mut v = sample_json();
+        v.as_object_mut().unwrap().remove("pricing");
+        assert!(load_err(v).contains("no pricing table"));
+        let mut v = sample_json();
+        v["rate_limit"]["timeout_ms"] = 0.into();
+        assert!(load_err(v).starts_with("rate_limit.timeout_ms"));
     }
 
     #[test]

@@ -1,14 +1,34 @@
 //! The per-request state machine. The glue hands every host callback to a
 //! [`RequestFlow`] and carries out what it answers; all decisions live here,
 //! where plain `cargo test` reaches them.
+//!
+//! Life of a request:
+//! 1. headers: route, identity, header plan (credentials swapped, identity
+//!    headers dropped, trusted tenant headers set); the request is held;
+//! 2. body: size, JSON, model policy; then the estimate, the reserve call to
+//!    the rate-limit service, and possibly a body rewrite (usage injection,
+//!    output clamp, fallback model);
+//! 3. response: every chunk is metered as it passes (streams are never held);
+//! 4. end: usage (or a flagged estimate) is priced, written to filter state
+//!    and metrics, and the settle is queued in the VM's journal.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
+use hashbrown::{HashMap, HashSet};
+use prost::Message;
+use serde_json::Value;
+
 use crate::api::{self, Api, Family, LocalReply, Refusal};
-use crate::config::{Plugin, UnmatchedRoutes};
+use crate::config::{FailureMode, Plugin, RlsMode, UnmatchedRoutes};
 use crate::identity::{self, Headers};
+use crate::journal::{self, Journal};
+use crate::limits::{self, Amounts, LimitKind, LimitState, Verdict};
+use crate::metrics;
 use crate::plan::{self, HeaderPlan};
 use crate::request::{self, RequestInfo};
+use crate::rls;
+use crate::usage::{self, MeterLimits, ResponseMeter, Usage, UsageChunkStripper, UsageFormat};
 
 /// What the glue does after the request headers.
 #[derive(Debug, PartialEq)]
@@ -21,36 +41,189 @@ pub enum HeadersStep {
     ReadBody(HeaderPlan),
 }
 
-/// What the glue does after a piece of the request body.
+/// A call to the rate-limit service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RlsCall {
+    pub cluster: String,
+    pub message: Vec<u8>,
+    pub metadata: Vec<(String, String)>,
+    pub timeout_ms: u64,
+}
+
+/// What the glue does after the request body (or the reserve answer).
 #[derive(Debug, PartialEq)]
 pub enum BodyStep {
     /// Keep buffering.
     NeedMore,
     /// Send this reply and stop the request.
     Reply(LocalReply),
-    /// Let the request go upstream; `Some` replaces the body first.
-    Forward(Option<Vec<u8>>),
+    /// Ask the rate-limit service and wait for the answer.
+    Call(RlsCall),
+    /// Let the request go upstream; `body` replaces the body first.
+    Forward { body: Option<Vec<u8>>, set_headers: Vec<(String, String)> },
+}
+
+/// What the glue does with the response headers.
+#[derive(Debug, Default, PartialEq)]
+pub struct ResponseHeadersStep {
+    pub set: Vec<(String, String)>,
+    /// Hold the (non-streamed) body until complete, to add usage headers.
+    pub hold_body: bool,
+}
+
+/// Everything to emit when a request ends.
+#[derive(Debug, Default, PartialEq)]
+pub struct Finish {
+    /// Filter-state properties (`wasm.<name>`), read by the access log.
+    pub properties: Vec<(String, String)>,
+    /// Counter increments by metric name.
+    pub counters: Vec<(String, u64)>,
+    /// Histogram samples by metric name.
+    pub histograms: Vec<(String, u64)>,
+    /// Response headers (non-streamed responses held until complete).
+    pub headers: Vec<(String, String)>,
+    /// Bytes appended to a stream (the optional usage comment).
+    pub append: Vec<u8>,
+}
+
+/// Per-minute local allowance of one tenant on this worker (fail-open).
+#[derive(Debug, Default, Clone, Copy)]
+struct Window {
+    minute: u64,
+    requests: u64,
+    tokens: u64,
+}
+
+/// State shared by every request of one VM (one Envoy worker).
+#[derive(Debug)]
+pub struct Shared {
+    pub journal: Journal,
+    allowance: HashMap<usize, Window>,
+    /// Per tenant, the highest share (per mille) of a token or dollar budget
+    /// used, as of the last answer seen.
+    budget_used: HashMap<usize, u64>,
+    model_labels: HashSet<String>,
+    /// Requests in flight per tenant on this worker.
+    pub inflight: HashMap<usize, u64>,
+    pub counter: u64,
+}
+
+impl Shared {
+    pub fn new(journal_capacity: usize) -> Self {
+        Shared {
+            journal: Journal::new(journal_capacity),
+            allowance: HashMap::new(),
+            budget_used: HashMap::new(),
+            model_labels: HashSet::new(),
+            inflight: HashMap::new(),
+            counter: 0,
+        }
+    }
+
+    /// A bounded metric label for a model name.
+    fn model_label(&mut self, model: &str) -> String {
+        let l = metrics::label(model);
+        if self.model_labels.contains(&l) {
+            return l;
+        }
+        if self.model_labels.len() >= metrics::MAX_MODEL_LABELS {
+            return "other".into();
+        }
+        self.model_labels.insert(l.clone());
+        l
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Reservation {
+    estimate: Amounts,
+    states: Vec<LimitState>,
+    /// The service charged the estimate (reserve mode): settle the difference.
+    charged: bool,
+    /// Admitted locally while the service was unreachable: charge in full later.
+    fail_open: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    kinds: Vec<LimitKind>,
+    estimate: Amounts,
+}
+
+/// Where the request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Refused,
+    Waiting,
+    Upstream,
+    Done,
 }
 
 /// State of one request.
 pub struct RequestFlow {
     plugin: Rc<Plugin>,
+    shared: Rc<RefCell<Shared>>,
+    phase: Phase,
     pub request_id: String,
     pub api: Option<Api>,
     pub tenant: Option<usize>,
     pub path: String,
     pub info: Option<RequestInfo>,
+    pub user: Option<String>,
+    body: Option<Value>,
+    body_dirty: bool,
+    extra_headers: Vec<(String, String)>,
+    model_served: String,
+    input_estimate: u64,
+    output_requested: u64,
+    pending: Option<Pending>,
+    clamp_tried: bool,
+    clamped_to: Option<u64>,
+    fallback_used: bool,
+    reservation: Option<Reservation>,
+    counted_inflight: bool,
+    // Response.
+    meter: Option<ResponseMeter>,
+    stripper: Option<UsageChunkStripper>,
+    strip_usage: bool,
+    hold_body: bool,
+    upstream_status: u16,
+    start_ms: u64,
+    first_byte_ms: Option<u64>,
 }
 
 impl RequestFlow {
-    pub fn new(plugin: Rc<Plugin>) -> Self {
+    pub fn new(plugin: Rc<Plugin>, shared: Rc<RefCell<Shared>>) -> Self {
         RequestFlow {
             plugin,
+            shared,
+            phase: Phase::Start,
             request_id: String::new(),
             api: None,
             tenant: None,
             path: String::new(),
             info: None,
+            user: None,
+            body: None,
+            body_dirty: false,
+            extra_headers: Vec::new(),
+            model_served: String::new(),
+            input_estimate: 0,
+            output_requested: 0,
+            pending: None,
+            clamp_tried: false,
+            clamped_to: None,
+            fallback_used: false,
+            reservation: None,
+            counted_inflight: false,
+            meter: None,
+            stripper: None,
+            strip_usage: false,
+            hold_body: false,
+            upstream_status: 0,
+            start_ms: 0,
+            first_byte_ms: None,
         }
     }
 
@@ -66,7 +239,8 @@ impl RequestFlow {
         self.api.map_or(Family::OpenAi, Api::family)
     }
 
-    fn refuse(&self, refusal: &Refusal) -> LocalReply {
+    fn refuse(&mut self, refusal: &Refusal) -> LocalReply {
+        self.phase = Phase::Refused;
         api::render(self.family(), refusal, &self.request_id, None)
     }
 
@@ -76,9 +250,11 @@ impl RequestFlow {
         &mut self,
         headers: &Headers,
         end_of_stream: bool,
+        now_ms: u64,
         new_request_id: impl FnOnce() -> String,
     ) -> HeadersStep {
         let plugin = Rc::clone(&self.plugin);
+        self.start_ms = now_ms;
         self.request_id = identity::header(headers, &plugin.request_id_header)
             .filter(|v| !v.is_empty() && v.len() <= 200)
             .map(str::to_string)
@@ -140,7 +316,9 @@ impl RequestFlow {
     }
 
     /// A piece of the request body arrived; `buffered` is the total so far.
-    pub fn on_request_body_size(&self, buffered: u64, end_of_stream: bool) -> Option<BodyStep> {
+    /// `None` means the body is complete and within limits: call
+    /// [`Self::on_request_body`] with it.
+    pub fn on_request_body_size(&mut self, buffered: u64, end_of_stream: bool) -> Option<BodyStep> {
         let limit = self.tenant()?.policy.max_request_bytes;
         if buffered > limit {
             return Some(BodyStep::Reply(self.refuse(&Refusal::RequestTooLarge { limit })));
@@ -149,24 +327,525 @@ impl RequestFlow {
     }
 
     /// The whole body is here.
-    pub fn on_request_body(&mut self, body: &[u8]) -> BodyStep {
-        let (Some(api), Some(tenant)) = (self.api, self.tenant()) else {
-            return BodyStep::Forward(None);
+    pub fn on_request_body(&mut self, body: &[u8], now_ms: u64) -> BodyStep {
+        let plugin = Rc::clone(&self.plugin);
+        let (Some(api), Some(tenant_idx)) = (self.api, self.tenant) else {
+            return BodyStep::Forward { body: None, set_headers: Vec::new() };
         };
-        let limit = tenant.policy.max_request_bytes;
-        if body.len() as u64 > limit {
-            return BodyStep::Reply(self.refuse(&Refusal::RequestTooLarge { limit }));
+        let Some(tenant) = plugin.tenants.get(tenant_idx) else {
+            return BodyStep::Forward { body: None, set_headers: Vec::new() };
+        };
+        let policy = &tenant.policy;
+        if body.len() as u64 > policy.max_request_bytes {
+            return BodyStep::Reply(self.refuse(&Refusal::RequestTooLarge { limit: policy.max_request_bytes }));
         }
-        let (info, _json) = match request::inspect(api, &self.path, body) {
+        let (info, mut json) = match request::inspect(api, &self.path, body) {
             Ok(x) => x,
             Err(r) => return BodyStep::Reply(self.refuse(&r)),
         };
-        if let Err(r) = request::check_model(&tenant.policy, &info.model) {
+        if let Err(r) = request::check_model(policy, &info.model) {
             return BodyStep::Reply(self.refuse(&r));
         }
+        self.model_served = info.model.clone();
+
+        // Graceful degradation: past the configured share of a budget, serve
+        // the tier's fallback model (priced and reserved at its rates).
+        if let (Some(fallback), Some(at)) = (&policy.fallback_model, policy.fallback_at_permille) {
+            let used = self.shared.borrow().budget_used.get(&tenant_idx).copied().unwrap_or(0);
+            if used >= u64::from(at) && *fallback != info.model {
+                if api == Api::Gemini {
+                    let new_path = self.path.replacen(
+                        &format!("/models/{}:", info.model),
+                        &format!("/models/{fallback}:"),
+                        1,
+                    );
+                    self.extra_headers.push((":path".into(), new_path.clone()));
+                    self.path = new_path;
+                } else if let Some(obj) = json.as_object_mut() {
+                    obj.insert("model".into(), Value::String(fallback.clone()));
+                    self.body_dirty = true;
+                }
+                self.model_served = fallback.clone();
+                self.fallback_used = true;
+            }
+        }
+
+        // Usage for streams the client did not ask it for.
+        if api == Api::OpenaiChat && info.stream && !info.include_usage && plugin.metering.inject_stream_usage
+            && usage::inject_include_usage(&mut json)
+        {
+            self.strip_usage = true;
+            self.body_dirty = true;
+        }
+
+        self.input_estimate = usage::estimate_tokens_from_bytes(body.len() as u64, plugin.metering.bytes_per_token);
+        self.output_requested = info.max_output_tokens.unwrap_or(policy.default_max_output_tokens);
         self.info = Some(info);
-        BodyStep::Forward(None)
+        self.body = Some(json);
+
+        let Some(rl) = &plugin.rate_limit else {
+            return self.forward();
+        };
+        if !policy.has_limits() {
+            return self.forward();
+        }
+        let _ = now_ms;
+        let output = self.output_requested;
+        self.reserve_call(rl.mode == RlsMode::CheckThenCharge, output)
     }
+
+    fn estimate_for(&self, output: u64) -> Amounts {
+        let usage = Usage {
+            input_uncached: self.input_estimate,
+            output,
+            total: self.input_estimate.saturating_add(output),
+            ..Usage::default()
+        };
+        let micros = self
+            .plugin
+            .pricing
+            .as_ref()
+            .map_or(0, |p| p.cost(&self.model_served, &usage).micros);
+        Amounts { tokens: usage.total, micros }
+    }
+
+    fn reserve_call(&mut self, check_only: bool, output: u64) -> BodyStep {
+        let (Some(rl), Some(tenant)) = (self.plugin.rate_limit.clone(), self.tenant().cloned()) else {
+            return self.forward();
+        };
+        let estimate = self.estimate_for(output);
+        let (req, kinds) = limits::build_reserve(&rl.domain, &tenant.id, &tenant.policy, estimate, check_only);
+        self.pending = Some(Pending { kinds, estimate });
+        self.phase = Phase::Waiting;
+        BodyStep::Call(RlsCall {
+            cluster: rl.cluster.clone(),
+            message: req.encode_to_vec(),
+            metadata: Vec::new(),
+            timeout_ms: rl.timeout_ms,
+        })
+    }
+
+    fn forward(&mut self) -> BodyStep {
+        self.phase = Phase::Upstream;
+        if let Some(idx) = self.tenant {
+            *self.shared.borrow_mut().inflight.entry(idx).or_insert(0) += 1;
+            self.counted_inflight = true;
+        }
+        let body = if self.body_dirty {
+            self.body.as_ref().and_then(|v| serde_json::to_vec(v).ok())
+        } else {
+            None
+        };
+        BodyStep::Forward { body, set_headers: std::mem::take(&mut self.extra_headers) }
+    }
+
+    /// Rewrites the request's max-output field to `n`.
+    fn clamp_output(&mut self, n: u64) {
+        let Some(api) = self.api else { return };
+        let Some(obj) = self.body.as_mut().and_then(Value::as_object_mut) else { return };
+        match api {
+            Api::OpenaiChat => {
+                // Keep the client's choice of field; newer models accept only
+                // max_completion_tokens.
+                let field = if obj.contains_key("max_tokens") && !obj.contains_key("max_completion_tokens") {
+                    "max_tokens"
+                } else {
+                    "max_completion_tokens"
+                };
+                obj.insert(field.into(), n.into());
+            }
+            Api::OpenaiResponses => {
+                obj.insert("max_output_tokens".into(), n.into());
+            }
+            Api::AnthropicMessages => {
+                obj.insert("max_tokens".into(), n.into());
+            }
+            Api::Gemini => {
+                let gc = obj.entry("generationConfig").or_insert_with(|| Value::Object(Default::default()));
+                if let Some(gc) = gc.as_object_mut() {
+                    gc.insert("maxOutputTokens".into(), n.into());
+                }
+            }
+            Api::OpenaiEmbeddings => return,
+        }
+        self.body_dirty = true;
+        self.clamped_to = Some(n);
+    }
+
+    /// The reserve answer arrived: `Ok(message)`, or `Err(grpc_status)` when
+    /// the call failed or timed out.
+    pub fn on_rls_reply(&mut self, reply: Result<&[u8], u32>, now_ms: u64) -> BodyStep {
+        let plugin = Rc::clone(&self.plugin);
+        let Some(pending) = self.pending.take() else {
+            return self.forward();
+        };
+        let (Some(tenant_idx), Some(rl)) = (self.tenant, plugin.rate_limit.as_ref()) else {
+            return self.forward();
+        };
+        let Some(tenant) = plugin.tenants.get(tenant_idx) else {
+            return self.forward();
+        };
+        let policy = &tenant.policy;
+        let verdict = match reply {
+            Ok(bytes) => match rls::RateLimitResponse::decode(bytes) {
+                Ok(resp) => limits::decide(&resp, &pending.kinds, policy),
+                Err(e) => Verdict::Unreadable(e.to_string()),
+            },
+            Err(status) => Verdict::Unreadable(format!("grpc status {status}")),
+        };
+        match verdict {
+            Verdict::Admit(states) => {
+                self.note_budget(tenant_idx, &states);
+                self.reservation = Some(Reservation {
+                    estimate: pending.estimate,
+                    states,
+                    charged: rl.mode == RlsMode::Reserve,
+                    fail_open: false,
+                });
+                self.forward()
+            }
+            Verdict::Refuse { states, hit } => {
+                self.note_budget(tenant_idx, &states);
+                if policy.clamp_max_output_tokens && !self.clamp_tried && rl.mode == RlsMode::Reserve {
+                    self.clamp_tried = true;
+                    let input_micros = self.estimate_for(0).micros;
+                    let base = self.estimate_for(0);
+                    let this = &*self;
+                    let price = |n: u64| this.estimate_for(n).micros.saturating_sub(base.micros);
+                    if let Some(n) = limits::affordable_output(
+                        &states,
+                        self.input_estimate,
+                        input_micros,
+                        &price,
+                        self.output_requested,
+                    ) {
+                        if n < self.output_requested {
+                            self.clamp_output(n);
+                            if self.clamped_to.is_some() {
+                                self.output_requested = n;
+                                return self.reserve_call(false, n);
+                            }
+                        }
+                    }
+                }
+                self.phase = Phase::Refused;
+                BodyStep::Reply(limits::refusal_reply(self.family(), &self.request_id, &states, &hit))
+            }
+            Verdict::Unreadable(why) => {
+                log::warn!("tollgate: rate-limit service unavailable ({why}); tenant {}", tenant.id);
+                match policy.failure_mode {
+                    FailureMode::Closed => BodyStep::Reply(self.refuse(&Refusal::Custom {
+                        status: 503,
+                        code: "rate_limiter_unavailable".into(),
+                        message: "The rate limiter is unavailable; the request was not sent. Retry shortly.".into(),
+                    })),
+                    FailureMode::Open => self.fail_open(tenant_idx, pending.estimate, now_ms),
+                }
+            }
+        }
+    }
+
+    /// Admits within this worker's local allowance while the service is down.
+    fn fail_open(&mut self, tenant_idx: usize, estimate: Amounts, now_ms: u64) -> BodyStep {
+        let plugin = Rc::clone(&self.plugin);
+        let (Some(rl), Some(tenant)) = (plugin.rate_limit.as_ref(), plugin.tenants.get(tenant_idx)) else {
+            return self.forward();
+        };
+        let share = |limit: u64| limit.saturating_mul(rl.fail_open_permille).div_ceil(1000).max(1);
+        let max_requests = tenant.policy.requests_per_minute.map_or(rl.fail_open_default_rpm, share);
+        let max_tokens = tenant.policy.tokens_per_minute.map(share);
+        let minute = now_ms / 60_000;
+        let admitted = {
+            let mut shared = self.shared.borrow_mut();
+            let w = shared.allowance.entry(tenant_idx).or_default();
+            if w.minute != minute {
+                *w = Window { minute, requests: 0, tokens: 0 };
+            }
+            let tokens_ok = max_tokens.map_or(true, |m| w.tokens.saturating_add(estimate.tokens) <= m);
+            if w.requests < max_requests && tokens_ok {
+                w.requests += 1;
+                w.tokens = w.tokens.saturating_add(estimate.tokens);
+                true
+            } else {
+                false
+            }
+        };
+        if !admitted {
+            let reset_ms = 60_000 - now_ms % 60_000;
+            self.phase = Phase::Refused;
+            let refusal = Refusal::Custom {
+                status: 429,
+                code: "local_allowance_exhausted".into(),
+                message: "The rate limiter is unavailable and this account's local allowance is used up.".into(),
+            };
+            let mut reply = api::render(self.family(), &refusal, &self.request_id, Some("requests"));
+            reply.headers.push(("retry-after".into(), reset_ms.div_ceil(1000).to_string()));
+            reply.headers.push(("retry-after-ms".into(), reset_ms.to_string()));
+            reply.headers.push(("x-should-retry".into(), "true".into()));
+            return BodyStep::Reply(reply);
+        }
+        self.reservation = Some(Reservation { estimate, states: Vec::new(), charged: false, fail_open: true });
+        self.forward()
+    }
+
+    fn note_budget(&self, tenant_idx: usize, states: &[LimitState]) {
+        let used = states
+            .iter()
+            .filter(|s| s.kind.is_budget() && s.limit > 0)
+            .map(|s| s.limit.saturating_sub(s.remaining).saturating_mul(1000) / s.limit)
+            .max()
+            .unwrap_or(0);
+        self.shared.borrow_mut().budget_used.insert(tenant_idx, used);
+    }
+
+    /// Response headers arrived.
+    pub fn on_response_headers(&mut self, status: u16) -> ResponseHeadersStep {
+        let mut step = ResponseHeadersStep::default();
+        if self.request_id.is_empty() {
+            return step;
+        }
+        step.set.push((self.plugin.request_id_header.clone(), self.request_id.clone()));
+        if self.phase != Phase::Upstream {
+            return step;
+        }
+        self.upstream_status = status;
+        if let Some(r) = &self.reservation {
+            step.set.extend(limits::ratelimit_headers(&r.states));
+        }
+        if let Some(n) = self.clamped_to {
+            step.set.push(("x-tollgate-clamped-max-tokens".into(), n.to_string()));
+        }
+        if self.fallback_used {
+            step.set.push(("x-tollgate-model-served".into(), self.model_served.clone()));
+        }
+        let (Some(api), Some(info)) = (self.api, self.info.as_ref()) else {
+            return step;
+        };
+        let format = match api {
+            Api::OpenaiChat => UsageFormat::OpenAiChat,
+            Api::OpenaiResponses => UsageFormat::OpenAiResponses,
+            Api::OpenaiEmbeddings => UsageFormat::OpenAiEmbeddings,
+            Api::AnthropicMessages => UsageFormat::AnthropicMessages,
+            Api::Gemini => UsageFormat::Gemini,
+        };
+        self.meter = Some(ResponseMeter::new(format, info.stream, MeterLimits::default()));
+        if self.strip_usage && (200..300).contains(&status) {
+            self.stripper = Some(UsageChunkStripper::new(crate::sse::DEFAULT_MAX_EVENT_BYTES));
+        }
+        self.hold_body = !info.stream && self.plugin.metering.usage_headers;
+        step.hold_body = self.hold_body;
+        step
+    }
+
+    /// A response body chunk passed (streams), or the whole body (held
+    /// responses, at end of stream). Returns replacement bytes for the chunk
+    /// when the filter changes what the client sees.
+    pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool, now_ms: u64) -> (Option<Vec<u8>>, Option<Finish>) {
+        if self.phase != Phase::Upstream {
+            return (None, None);
+        }
+        if self.first_byte_ms.is_none() && !chunk.is_empty() {
+            self.first_byte_ms = Some(now_ms);
+        }
+        if let Some(m) = self.meter.as_mut() {
+            m.push(chunk);
+        }
+        let mut replace = self.stripper.as_mut().map(|s| s.push(chunk));
+        if !end_of_stream {
+            return (replace, None);
+        }
+        if let Some(s) = self.stripper.as_mut() {
+            let rest = s.finish();
+            replace.get_or_insert_with(Vec::new).extend_from_slice(&rest);
+        }
+        let finish = self.finish(now_ms, true);
+        if !finish.append.is_empty() {
+            let out = replace.get_or_insert_with(|| chunk.to_vec());
+            out.extend_from_slice(&finish.append);
+        }
+        (replace, Some(finish))
+    }
+
+    /// The response ended without a body (headers-only end of stream).
+    pub fn on_response_end(&mut self, now_ms: u64) -> Option<Finish> {
+        (self.phase == Phase::Upstream).then(|| self.finish(now_ms, true))
+    }
+
+    /// The stream is over (`on_log`): settles what has not been settled,
+    /// e.g. after a client disconnect or an upstream reset.
+    pub fn on_stream_done(&mut self, now_ms: u64) -> Option<Finish> {
+        let out = (self.phase == Phase::Upstream).then(|| self.finish(now_ms, false));
+        if self.counted_inflight {
+            self.counted_inflight = false;
+            if let Some(idx) = self.tenant {
+                if let Some(n) = self.shared.borrow_mut().inflight.get_mut(&idx) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+        out
+    }
+
+    fn finish(&mut self, now_ms: u64, reached_end: bool) -> Finish {
+        self.phase = Phase::Done;
+        let plugin = Rc::clone(&self.plugin);
+        let mut out = Finish::default();
+        let Some(tenant) = self.tenant.and_then(|i| plugin.tenants.get(i)) else {
+            return out;
+        };
+        let metered = self.meter.take().map(ResponseMeter::finish).unwrap_or_default();
+        let ok_status = (200..300).contains(&self.upstream_status);
+        let (usage, estimated) = match metered.usage {
+            Some(u) if metered.complete || !ok_status => (u, false),
+            Some(mut u) => {
+                // Cut off: cumulative counts (Anthropic) stopped early.
+                u.output = u.output.max(metered.estimated_output_tokens());
+                u.total = u.input_total().saturating_add(u.output);
+                (u, true)
+            }
+            None if !ok_status && self.upstream_status != 0 => (Usage::default(), false),
+            None => {
+                let output = metered.estimated_output_tokens();
+                let u = Usage {
+                    input_uncached: self.input_estimate,
+                    output,
+                    total: self.input_estimate.saturating_add(output),
+                    ..Usage::default()
+                };
+                (u, true)
+            }
+        };
+        let model_answered = metered.model_answered.clone().unwrap_or_else(|| self.model_served.clone());
+        let cost = plugin.pricing.as_ref().map(|p| p.cost(&model_answered, &usage));
+        let micros = cost.as_ref().map_or(0, |c| c.micros);
+        let unpriced = cost.as_ref().is_some_and(|c| c.priced_by == crate::pricing::PricedBy::Default);
+        let ttfb = self.first_byte_ms.map(|t| t.saturating_sub(self.start_ms));
+        let duration = now_ms.saturating_sub(self.start_ms);
+        let outcome = if !reached_end {
+            "incomplete"
+        } else if ok_status {
+            if metered.errors.is_empty() { "ok" } else { "stream_error" }
+        } else {
+            "upstream_error"
+        };
+        let info = self.info.clone();
+        let model_requested = info.as_ref().map_or_else(String::new, |i| i.model.clone());
+
+        let p = &mut out.properties;
+        let mut prop = |k: &str, v: String| p.push((format!("tollgate_{k}"), v));
+        prop("tenant", tenant.id.clone());
+        prop("tier", tenant.tier.clone());
+        prop("user", self.user.clone().unwrap_or_default());
+        prop("request_id", self.request_id.clone());
+        prop("api", self.api.map_or("", Api::as_str).to_string());
+        prop("model_requested", model_requested.clone());
+        prop("model_served", self.model_served.clone());
+        prop("model_answered", model_answered.clone());
+        prop("tokens_input", usage.input_uncached.to_string());
+        prop("tokens_cache_read", usage.cache_read.to_string());
+        prop("tokens_cache_write", usage.cache_write.to_string());
+        prop("tokens_output", usage.output.to_string());
+        prop("tokens_reasoning", usage.reasoning.to_string());
+        prop("tokens_total", usage.total.to_string());
+        prop("cost_usd", format_usd(micros));
+        prop("ttfb_ms", ttfb.map_or_else(String::new, |t| t.to_string()));
+        prop("duration_ms", duration.to_string());
+        prop("upstream_status", self.upstream_status.to_string());
+        prop("estimated", estimated.to_string());
+        prop("outcome", outcome.to_string());
+
+        let model_label = self.shared.borrow_mut().model_label(&self.model_served);
+        let c = &mut out.counters;
+        let tm = |name: &str| metrics::tenant_model(&tenant.id, &model_label, name);
+        c.push((metrics::requests(&tenant.id, &model_label, outcome), 1));
+        for (name, v) in [
+            ("tokens_input", usage.input_uncached),
+            ("tokens_cache_read", usage.cache_read),
+            ("tokens_cache_write", usage.cache_write),
+            ("tokens_output", usage.output),
+            ("tokens_reasoning", usage.reasoning),
+            ("cost_micro_usd", micros),
+        ] {
+            if v > 0 {
+                c.push((tm(name), v));
+            }
+        }
+        if estimated {
+            c.push((metrics::tenant(&tenant.id, "usage_estimated"), 1));
+        }
+        if unpriced {
+            c.push((metrics::global(&format!("model.{model_label}.unpriced")), 1));
+        }
+        if !metered.errors.is_empty() {
+            c.push((metrics::tenant(&tenant.id, "stream_errors"), 1));
+        }
+        if let Some(t) = ttfb {
+            out.histograms.push((tm("ttfb_ms"), t));
+        }
+        out.histograms.push((tm("duration_ms"), duration));
+
+        if self.hold_body {
+            out.headers = vec![
+                ("x-tollgate-usage-input-tokens".into(), usage.input_total().to_string()),
+                ("x-tollgate-usage-output-tokens".into(), usage.output.to_string()),
+                ("x-tollgate-usage-total-tokens".into(), usage.total.to_string()),
+                ("x-tollgate-cost-usd".into(), format_usd(micros)),
+                ("x-tollgate-usage-estimated".into(), estimated.to_string()),
+            ];
+        } else if plugin.metering.stream_usage_comment && reached_end && ok_status {
+            let v = serde_json::json!({
+                "tenant": tenant.id, "model": model_answered, "usage": usage,
+                "cost_usd": format_usd(micros), "estimated": estimated,
+            });
+            out.append = usage::render_usage_comment(&v);
+        }
+
+        self.queue_settle(tenant, usage, micros, now_ms);
+        out
+    }
+
+    fn queue_settle(&mut self, tenant: &crate::config::Tenant, usage: Usage, micros: u64, now_ms: u64) {
+        let Some(rl) = self.plugin.rate_limit.as_ref() else { return };
+        let Some(r) = self.reservation.take() else { return };
+        let actual = Amounts { tokens: usage.total.max(usage.sum()), micros };
+        let (reserved, count_request, settle_mode) = if r.charged {
+            (r.estimate, false, true)
+        } else if r.fail_open {
+            (Amounts::default(), true, true)
+        } else {
+            // check_then_charge: stock servers know no settle mode.
+            (Amounts::default(), true, false)
+        };
+        let Some(req) = limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, count_request)
+        else {
+            return;
+        };
+        let entry = journal::Entry {
+            message: req.encode_to_vec(),
+            idempotency_key: format!("{}:settle", self.request_id),
+            settle_mode,
+            attempts: 0,
+            next_attempt_ms: now_ms,
+        };
+        let dropped = self.shared.borrow_mut().journal.push(entry);
+        if dropped > 0 {
+            log::warn!("tollgate: settle journal full; dropped {dropped} settles");
+        }
+    }
+}
+
+/// Micro-dollars as a decimal dollar string: 1234567 -> "1.234567".
+pub fn format_usd(micros: u64) -> String {
+    format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
+}
+
+/// Metadata for a journal entry's call.
+pub fn journal_metadata(entry: &journal::Entry) -> Vec<(String, String)> {
+    let mut m = vec![(rls::META_IDEMPOTENCY_KEY.to_string(), entry.idempotency_key.clone())];
+    if entry.settle_mode {
+        m.push((rls::META_MODE.to_string(), "settle".to_string()));
+    }
+    m
 }
 
 #[cfg(test)]
@@ -178,8 +857,17 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
+    fn flow_with(plugin: Plugin) -> RequestFlow {
+        RequestFlow::new(Rc::new(plugin), Rc::new(RefCell::new(Shared::new(100))))
+    }
+
     fn flow() -> RequestFlow {
-        RequestFlow::new(Rc::new(sample()))
+        flow_with(sample())
+    }
+
+    fn start(f: &mut RequestFlow, key: &str, path: &str) -> HeadersStep {
+        let hs = h(&[(":path", path), (":method", "POST"), ("x-api-key", key)]);
+        f.on_request_headers(&hs, false, 1000, || "rid".into())
     }
 
     #[test]
@@ -191,24 +879,19 @@ mod tests {
             ("authorization", &format!("Bearer {KEY_A}")),
             ("x-request-id", "abc"),
         ]);
-        let HeadersStep::ReadBody(plan) = f.on_request_headers(&hs, false, || "new".into()) else {
+        let HeadersStep::ReadBody(plan) = f.on_request_headers(&hs, false, 0, || "new".into()) else {
             panic!("expected ReadBody")
         };
         assert_eq!(f.request_id, "abc");
         assert!(plan.set.contains(&("authorization".into(), "Bearer provider-key-for-ACME_OPENAI".into())));
         assert!(plan.remove.contains(&"content-length".to_string()));
-        let body = br#"{"model":"gpt-4o","messages":[]}"#;
-        assert_eq!(f.on_request_body(body), BodyStep::Forward(None));
-        assert_eq!(f.info.as_ref().unwrap().model, "gpt-4o");
     }
 
     #[test]
     fn refusals_use_api_envelope() {
         let mut f = flow();
         let hs = h(&[(":path", "/v1/messages"), (":method", "POST")]);
-        let HeadersStep::Reply(r) = f.on_request_headers(&hs, false, || "rid".into()) else {
-            panic!()
-        };
+        let HeadersStep::Reply(r) = f.on_request_headers(&hs, false, 0, || "rid".into()) else { panic!() };
         assert_eq!(r.status, 401);
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["type"], "error");
@@ -218,47 +901,20 @@ mod tests {
     #[test]
     fn provider_without_key_is_403() {
         let mut f = flow();
-        let hs = h(&[(":path", "/v1/messages"), (":method", "POST"), ("x-api-key", KEY_B)]);
-        let HeadersStep::Reply(r) = f.on_request_headers(&hs, false, || "rid".into()) else {
-            panic!()
-        };
+        let HeadersStep::Reply(r) = start(&mut f, KEY_B, "/v1/messages") else { panic!() };
         assert_eq!((r.status, r.header("x-tollgate-error")), (403, Some("provider_not_configured")));
-    }
-
-    #[test]
-    fn content_length_over_limit_is_413_early() {
-        let mut f = flow();
-        let hs = h(&[
-            (":path", "/v1/chat/completions"),
-            (":method", "POST"),
-            ("x-api-key", KEY_B),
-            ("content-length", "5000"),
-        ]);
-        let HeadersStep::Reply(r) = f.on_request_headers(&hs, false, || "rid".into()) else {
-            panic!()
-        };
-        assert_eq!(r.status, 413);
     }
 
     #[test]
     fn body_limits_and_model_policy() {
         let mut f = flow();
-        let hs = h(&[(":path", "/v1/chat/completions"), (":method", "POST"), ("x-api-key", KEY_B)]);
-        assert!(matches!(f.on_request_headers(&hs, false, || "r".into()), HeadersStep::ReadBody(_)));
+        assert!(matches!(start(&mut f, KEY_B, "/v1/chat/completions"), HeadersStep::ReadBody(_)));
         assert_eq!(f.on_request_body_size(100, false), Some(BodyStep::NeedMore));
         assert!(matches!(f.on_request_body_size(4097, false), Some(BodyStep::Reply(r)) if r.status == 413));
-        let BodyStep::Reply(r) = f.on_request_body(br#"{"model":"gpt-4o"}"#) else { panic!() };
+        let BodyStep::Reply(r) = f.on_request_body(br#"{"model":"gpt-4o"}"#, 0) else { panic!() };
         assert_eq!((r.status, r.header("x-tollgate-error")), (403, Some("model_not_allowed")));
-        let BodyStep::Reply(r) = f.on_request_body(b"{oops") else { panic!() };
+        let BodyStep::Reply(r) = f.on_request_body(b"{oops", 0) else { panic!() };
         assert_eq!(r.status, 400);
-    }
-
-    #[test]
-    fn unmatched_path_is_denied_by_default() {
-        let mut f = flow();
-        let hs = h(&[(":path", "/admin"), (":method", "GET")]);
-        let HeadersStep::Reply(r) = f.on_request_headers(&hs, true, || "r".into()) else { panic!() };
-        assert_eq!(r.status, 404);
     }
 
     #[test]
@@ -266,7 +922,122 @@ mod tests {
         let mut f = flow();
         let path = format!("/v1beta/models/gemini-2.0-flash:generateContent?key={KEY_A}");
         let hs = h(&[(":path", &path), (":method", "POST")]);
-        let HeadersStep::ReadBody(plan) = f.on_request_headers(&hs, false, || "r".into()) else { panic!() };
+        let HeadersStep::ReadBody(plan) = f.on_request_headers(&hs, false, 0, || "r".into()) else { panic!() };
         assert!(plan.set.contains(&(":path".into(), "/v1beta/models/gemini-2.0-flash:generateContent".into())));
+    }
+
+    fn reply(code: rls::Code, statuses: Vec<(rls::Code, u32, i64)>) -> Vec<u8> {
+        rls::RateLimitResponse {
+            overall_code: code as i32,
+            statuses: statuses
+                .into_iter()
+                .map(|(c, rem, s)| rls::DescriptorStatus {
+                    code: c as i32,
+                    current_limit: None,
+                    limit_remaining: rem,
+                    duration_until_reset: Some(rls::Duration { seconds: s, nanos: 0 }),
+                })
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn reserve_then_settle_to_metered_usage() {
+        // globex: free tier, requests_per_minute 20.
+        let mut f = flow();
+        start(&mut f, KEY_B, "/v1/chat/completions");
+        let body = br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let BodyStep::Call(call) = f.on_request_body(body, 0) else { panic!("expected a reserve call") };
+        assert_eq!(call.cluster, "tollgate_rls");
+        let req = rls::RateLimitRequest::decode(call.message.as_slice()).unwrap();
+        assert_eq!(req.descriptors.len(), 1);
+        let step = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 19, 3)])), 5);
+        let BodyStep::Forward { body: Some(new_body), .. } = step else { panic!("expected a rewritten body") };
+        let v: Value = serde_json::from_slice(&new_body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let hs = f.on_response_headers(200);
+        assert!(hs.set.contains(&("x-ratelimit-remaining-requests".into(), "19".into())));
+        assert!(!hs.hold_body);
+        let stream = concat!(
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":5,\"total_tokens\":17}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let (out, fin) = f.on_response_body(stream.as_bytes(), true, 50);
+        let out = String::from_utf8(out.unwrap()).unwrap();
+        assert!(!out.contains("prompt_tokens"), "usage chunk must be hidden: {out}");
+        assert!(out.contains("[DONE]"));
+        let fin = fin.unwrap();
+        let prop = |k: &str| fin.properties.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
+        assert_eq!(prop("tollgate_tokens_output"), "5");
+        assert_eq!(prop("tollgate_estimated"), "false");
+        // Only a request-count limit: nothing to settle.
+        assert_eq!(f.shared.borrow().journal.pending(), 0);
+    }
+
+    #[test]
+    fn over_limit_is_a_429_and_unavailable_is_a_503() {
+        let mut f = flow();
+        start(&mut f, KEY_B, "/v1/chat/completions");
+        let _ = f.on_request_body(br#"{"model":"gpt-4o-mini"}"#, 0);
+        let BodyStep::Reply(r) = f.on_rls_reply(Ok(&reply(rls::Code::OverLimit, vec![(rls::Code::OverLimit, 0, 7)])), 5) else {
+            panic!()
+        };
+        assert_eq!((r.status, r.header("retry-after")), (429, Some("7")));
+        let mut f = flow();
+        start(&mut f, KEY_B, "/v1/chat/completions");
+        let _ = f.on_request_body(br#"{"model":"gpt-4o-mini"}"#, 0);
+        let BodyStep::Reply(r) = f.on_rls_reply(Err(14), 5) else { panic!() };
+        assert_eq!((r.status, r.header("x-tollgate-error")), (503, Some("rate_limiter_unavailable")));
+    }
+
+    #[test]
+    fn fail_open_admits_within_local_allowance_and_journals_usage() {
+        // acme: failure_mode open, usd_per_month only; default 10 rpm in fail-open.
+        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let plugin = Rc::new(sample());
+        let mut admitted = 0;
+        for _ in 0..15 {
+            let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+            start(&mut f, KEY_A, "/v1/chat/completions");
+            let _ = f.on_request_body(br#"{"model":"gpt-4o","max_tokens":10}"#, 0);
+            match f.on_rls_reply(Err(14), 1000) {
+                BodyStep::Forward { .. } => {
+                    admitted += 1;
+                    f.on_response_headers(200);
+                    let (_, fin) = f.on_response_body(br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#, true, 1100);
+                    assert!(fin.is_some());
+                }
+                BodyStep::Reply(r) => assert_eq!(r.header("x-tollgate-error"), Some("local_allowance_exhausted")),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(admitted, 10, "a tenant without requests_per_minute gets the default 10 per worker");
+        assert_eq!(shared.borrow().journal.pending(), 10);
+    }
+
+    #[test]
+    fn client_disconnect_settles_a_flagged_estimate() {
+        let mut f = flow();
+        start(&mut f, KEY_A, "/v1/messages");
+        let _ = f.on_request_body(br#"{"model":"claude-x","max_tokens":100,"stream":true}"#, 0);
+        let _ = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 100, 60)])), 1);
+        f.on_response_headers(200);
+        let (_, fin) = f.on_response_body(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"hello world, this is text\"}}\n\n", false, 10);
+        assert!(fin.is_none());
+        let fin = f.on_stream_done(20).unwrap();
+        let prop = |k: &str| fin.properties.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
+        assert_eq!(prop("tollgate_estimated"), "true");
+        assert_eq!(prop("tollgate_outcome"), "incomplete");
+        assert!(prop("tollgate_tokens_output").parse::<u64>().unwrap() > 0);
+        assert_eq!(f.shared.borrow().journal.pending(), 1);
+        assert!(f.on_stream_done(30).is_none(), "finishes once");
+    }
+
+    #[test]
+    fn usd_formatting() {
+        assert_eq!(format_usd(1_234_567), "1.234567");
+        assert_eq!(format_usd(5), "0.000005");
     }
 }

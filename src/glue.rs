@@ -6,31 +6,102 @@
 //! convenience methods, which panic on any unexpected status: a panic would
 //! take down this worker's VM.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
+use hashbrown::HashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::api::LocalReply;
 use crate::config::{self, Plugin};
-use crate::flow::{BodyStep, HeadersStep, RequestFlow};
+use crate::flow::{self, BodyStep, Finish, HeadersStep, RequestFlow, RlsCall, Shared};
 use crate::plan::HeaderPlan;
+use crate::rls;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
+/// How often the root context sends queued settles.
+const TICK: Duration = Duration::from_millis(200);
+/// Settles in flight at once per worker.
+const MAX_SETTLES_IN_FLIGHT: usize = 64;
+
+/// Metric ids by name, defined on first use.
+#[derive(Default)]
+struct Metrics {
+    ids: HashMap<String, u32>,
+}
+
+impl Metrics {
+    fn id(&mut self, kind: MetricType, name: &str) -> Option<u32> {
+        if let Some(id) = self.ids.get(name) {
+            return Some(*id);
+        }
+        match hostcalls::define_metric(kind, name) {
+            Ok(id) => {
+                self.ids.insert(name.to_string(), id);
+                Some(id)
+            }
+            Err(s) => {
+                log::warn!("tollgate: defining metric {name} failed: {s:?}");
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, name: &str, by: u64) {
+        if by == 0 {
+            return;
+        }
+        if let Some(id) = self.id(MetricType::Counter, name) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn record(&mut self, name: &str, value: u64) {
+        if let Some(id) = self.id(MetricType::Histogram, name) {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 #[derive(Default)]
 struct Root {
     plugin: Option<Rc<Plugin>>,
-    request_counter: Rc<Cell<u64>>,
+    shared: Option<Rc<RefCell<Shared>>>,
+    metrics: Rc<RefCell<Metrics>>,
+    dropped_reported: u64,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let Some(shared) = &self.shared else { return };
+        let ok = status_code == 0
+            && match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
+                Ok(Some(bytes)) => {
+                    <rls::RateLimitResponse as prost::Message>::decode(bytes.as_slice()).is_ok()
+                }
+                Ok(None) => response_size == 0,
+                Err(_) => false,
+            };
+        let mut m = self.metrics.borrow_mut();
+        if shared.borrow_mut().journal.answered(token_id, ok, now_ms()) {
+            m.count(if ok { "tollgate.settle.ok" } else { "tollgate.settle.retried" }, 1);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -50,6 +121,17 @@ impl RootContext for Root {
                     plugin.routes.len(),
                     plugin.providers.len()
                 );
+                let capacity = plugin.rate_limit.as_ref().map_or(1, |r| r.journal_capacity);
+                if plugin.rate_limit.is_some() {
+                    if let Err(s) = hostcalls::set_tick_period(TICK) {
+                        log::error!("tollgate: cannot set the tick period: {s:?}");
+                        return false;
+                    }
+                }
+                // A reconfiguration keeps the journal: queued settles survive.
+                if self.shared.is_none() {
+                    self.shared = Some(Rc::new(RefCell::new(Shared::new(capacity))));
+                }
                 self.plugin = Some(Rc::new(plugin));
                 true
             }
@@ -60,12 +142,55 @@ impl RootContext for Root {
         }
     }
 
+    fn on_tick(&mut self) {
+        let (Some(plugin), Some(shared)) = (&self.plugin, &self.shared) else { return };
+        let Some(rl) = &plugin.rate_limit else { return };
+        let now = now_ms();
+        let due = {
+            let mut s = shared.borrow_mut();
+            let room = MAX_SETTLES_IN_FLIGHT.saturating_sub(s.journal.in_flight());
+            s.journal.due(now, room)
+        };
+        for entry in due {
+            let meta = flow::journal_metadata(&entry);
+            let meta_ref: Vec<(&str, &[u8])> = meta.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
+            let result = hostcalls::dispatch_grpc_call(
+                &rl.cluster,
+                rls::SERVICE,
+                rls::METHOD,
+                meta_ref,
+                Some(&entry.message),
+                Duration::from_millis(rl.timeout_ms.max(1000)),
+            );
+            let mut s = shared.borrow_mut();
+            match result {
+                Ok(token) => s.journal.sent(token, entry),
+                Err(status) => {
+                    log::warn!("tollgate: cannot dispatch a settle: {status:?}");
+                    s.journal.retry_later(entry, now);
+                }
+            }
+        }
+        let dropped = shared.borrow().journal.dropped;
+        if dropped > self.dropped_reported {
+            self.metrics
+                .borrow_mut()
+                .count("tollgate.settle.dropped", dropped - self.dropped_reported);
+            self.dropped_reported = dropped;
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let plugin = self.plugin.as_ref()?;
+        let shared = self.shared.as_ref()?;
         Some(Box::new(Http {
-            flow: RequestFlow::new(Rc::clone(plugin)),
-            counter: Rc::clone(&self.request_counter),
+            flow: RequestFlow::new(Rc::clone(plugin), Rc::clone(shared)),
+            shared: Rc::clone(shared),
+            metrics: Rc::clone(&self.metrics),
             bypass: false,
+            rls_token: None,
+            rls_sent_ms: 0,
+            hold_body: false,
         }))
     }
 
@@ -76,18 +201,13 @@ impl RootContext for Root {
 
 struct Http {
     flow: RequestFlow,
-    counter: Rc<Cell<u64>>,
+    shared: Rc<RefCell<Shared>>,
+    metrics: Rc<RefCell<Metrics>>,
     /// Set for unmatched paths passed through untouched.
     bypass: bool,
-}
-
-impl Context for Http {}
-
-fn now_nanos() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos() as u64)
+    rls_token: Option<u32>,
+    rls_sent_ms: u64,
+    hold_body: bool,
 }
 
 fn apply_plan(plan: &HeaderPlan) {
@@ -96,8 +216,12 @@ fn apply_plan(plan: &HeaderPlan) {
             log::warn!("tollgate: removing header {name} failed: {s:?}");
         }
     }
-    for (name, value) in &plan.set {
-        if let Err(s) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)) {
+    set_headers(MapType::HttpRequestHeaders, &plan.set);
+}
+
+fn set_headers(map: MapType, headers: &[(String, String)]) {
+    for (name, value) in headers {
+        if let Err(s) = hostcalls::set_map_value(map, name, Some(value)) {
             log::warn!("tollgate: setting header {name} failed: {s:?}");
         }
     }
@@ -120,6 +244,130 @@ fn send_reply(reply: &LocalReply) {
     }
 }
 
+impl Http {
+    fn emit(&self, finish: &Finish) {
+        for (name, value) in &finish.properties {
+            if let Err(s) = hostcalls::set_property(vec![name.as_str()], Some(value.as_bytes())) {
+                log::debug!("tollgate: setting filter state {name} failed: {s:?}");
+            }
+        }
+        let mut m = self.metrics.borrow_mut();
+        for (name, v) in &finish.counters {
+            m.count(name, *v);
+        }
+        for (name, v) in &finish.histograms {
+            m.record(name, *v);
+        }
+    }
+
+    fn count_refusal(&self, reply: &LocalReply) {
+        let tenant = self.flow.tenant().map_or("unknown", |t| t.id.as_str()).to_string();
+        let code = reply.header("x-tollgate-error").unwrap_or("unknown").to_string();
+        self.metrics
+            .borrow_mut()
+            .count(&crate::metrics::refused(&tenant, &code), 1);
+    }
+
+    /// Carries out a body step. `in_body_callback` says whether the request
+    /// is paused inside `on_http_request_body` (return the action) or
+    /// waiting for a gRPC answer (resume it).
+    fn run_body_step(&mut self, step: BodyStep, body_size: usize, in_body_callback: bool) -> Action {
+        match step {
+            BodyStep::NeedMore => Action::Pause,
+            BodyStep::Reply(reply) => {
+                self.count_refusal(&reply);
+                send_reply(&reply);
+                Action::Pause
+            }
+            BodyStep::Call(call) => match self.dispatch(&call) {
+                Ok(()) => Action::Pause,
+                Err(()) => {
+                    let step = self.flow.on_rls_reply(Err(14), now_ms());
+                    self.run_body_step(step, body_size, in_body_callback)
+                }
+            },
+            BodyStep::Forward { body, set_headers: hs } => {
+                if let Some(body) = body {
+                    let size = if in_body_callback {
+                        body_size
+                    } else {
+                        // The whole buffered body is replaced.
+                        usize::MAX
+                    };
+                    if let Err(s) = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, &body) {
+                        log::error!("tollgate: replacing the request body failed: {s:?}");
+                    }
+                }
+                if !hs.is_empty() {
+                    set_headers(MapType::HttpRequestHeaders, &hs);
+                    clear_route_cache();
+                }
+                if !in_body_callback {
+                    if let Err(s) = hostcalls::resume_http_request() {
+                        log::error!("tollgate: resuming the request failed: {s:?}");
+                    }
+                }
+                Action::Continue
+            }
+        }
+    }
+
+    fn dispatch(&mut self, call: &RlsCall) -> Result<(), ()> {
+        let meta: Vec<(&str, &[u8])> = call
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_bytes()))
+            .collect();
+        match hostcalls::dispatch_grpc_call(
+            &call.cluster,
+            rls::SERVICE,
+            rls::METHOD,
+            meta,
+            Some(&call.message),
+            Duration::from_millis(call.timeout_ms),
+        ) {
+            Ok(token) => {
+                self.rls_token = Some(token);
+                self.rls_sent_ms = now_ms();
+                Ok(())
+            }
+            Err(s) => {
+                log::warn!("tollgate: dispatching the reserve call failed: {s:?}");
+                Err(())
+            }
+        }
+    }
+}
+
+impl Context for Http {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        if self.rls_token != Some(token_id) {
+            return;
+        }
+        self.rls_token = None;
+        let now = now_ms();
+        {
+            let mut m = self.metrics.borrow_mut();
+            m.record("tollgate.rls.latency_ms", now.saturating_sub(self.rls_sent_ms));
+            if status_code != 0 {
+                m.count(&format!("tollgate.rls.grpc_status_{status_code}"), 1);
+            }
+        }
+        let step = if status_code == 0 {
+            match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
+                Ok(bytes) => {
+                    let bytes = bytes.unwrap_or_default();
+                    self.flow.on_rls_reply(Ok(&bytes), now)
+                }
+                Err(_) => self.flow.on_rls_reply(Err(13), now),
+            }
+        } else {
+            self.flow.on_rls_reply(Err(status_code), now)
+        };
+        let _ = self.run_body_step(step, 0, false);
+    }
+}
+
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let headers = match hostcalls::get_map(MapType::HttpRequestHeaders) {
@@ -129,14 +377,16 @@ impl HttpContext for Http {
                 Vec::new()
             }
         };
-        let counter = Rc::clone(&self.counter);
-        let step = self.flow.on_request_headers(&headers, end_of_stream, || {
-            let n = counter.get().wrapping_add(1);
-            counter.set(n);
-            format!("tg-{:016x}{:08x}", now_nanos(), n as u32)
+        let now = now_ms();
+        let shared = Rc::clone(&self.shared);
+        let step = self.flow.on_request_headers(&headers, end_of_stream, now, || {
+            let mut s = shared.borrow_mut();
+            s.counter = s.counter.wrapping_add(1);
+            format!("tg-{:012x}{:08x}", now, s.counter as u32)
         });
         match step {
             HeadersStep::Reply(reply) => {
+                self.count_refusal(&reply);
                 send_reply(&reply);
                 Action::Pause
             }
@@ -166,36 +416,70 @@ impl HttpContext for Http {
                         Vec::new()
                     }
                 };
-                self.flow.on_request_body(&body)
+                self.flow.on_request_body(&body, now_ms())
             }
         };
-        match step {
-            BodyStep::NeedMore => Action::Pause,
-            BodyStep::Reply(reply) => {
-                send_reply(&reply);
-                Action::Pause
+        self.run_body_step(step, body_size, true)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if self.bypass {
+            return Action::Continue;
+        }
+        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(0);
+        let step = self.flow.on_response_headers(status);
+        set_headers(MapType::HttpResponseHeaders, &step.set);
+        if end_of_stream {
+            if let Some(fin) = self.flow.on_response_end(now_ms()) {
+                self.emit(&fin);
             }
-            BodyStep::Forward(new_body) => {
-                if let Some(body) = new_body {
-                    if let Err(s) = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &body) {
-                        log::error!("tollgate: replacing the request body failed: {s:?}");
-                    }
-                }
-                Action::Continue
-            }
+            return Action::Continue;
+        }
+        self.hold_body = step.hold_body;
+        if self.hold_body {
+            Action::Pause
+        } else {
+            Action::Continue
         }
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if self.bypass || self.flow.request_id.is_empty() {
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.bypass {
             return Action::Continue;
         }
-        let name = self.flow.plugin().request_id_header.clone();
-        if let Err(s) =
-            hostcalls::set_map_value(MapType::HttpResponseHeaders, &name, Some(&self.flow.request_id))
-        {
-            log::warn!("tollgate: echoing the request id failed: {s:?}");
+        if self.hold_body && !end_of_stream {
+            // Envoy buffers; the whole body is read once it is complete.
+            return Action::Pause;
+        }
+        let chunk = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(s) => {
+                log::warn!("tollgate: cannot read a response chunk: {s:?}");
+                Vec::new()
+            }
+        };
+        let (replace, finish) = self.flow.on_response_body(&chunk, end_of_stream, now_ms());
+        if let Some(bytes) = replace {
+            if let Err(s) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &bytes) {
+                log::warn!("tollgate: rewriting a response chunk failed: {s:?}");
+            }
+        }
+        if let Some(fin) = finish {
+            if self.hold_body {
+                set_headers(MapType::HttpResponseHeaders, &fin.headers);
+            }
+            self.emit(&fin);
         }
         Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if let Some(fin) = self.flow.on_stream_done(now_ms()) {
+            self.emit(&fin);
+        }
     }
 }

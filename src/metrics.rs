@@ -19,9 +19,9 @@ pub const MAX_MODEL_LABELS: usize = 200;
 /// The regexes match the full `wasmcustom.` name.
 pub const STATS_TAGS: &[(&str, &str)] = &[
     ("tenant", r"^wasmcustom\.tollgate\.(tenant\.([^.]+)\.)"),
-    ("model", r"^wasmcustom\.tollgate\.(?:tenant\.)?(model\.([^.]+)\.)"),
-    ("outcome", r"^wasmcustom\.tollgate\.(?:tenant\.)?(?:model\.)?(outcome\.([^.]+)\.)"),
-    ("limit", r"^wasmcustom\.tollgate\.(?:tenant\.)?(limit\.([^.]+)\.)"),
+    ("model", r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(model\.([^.]+)\.)"),
+    ("outcome", r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(?:model\.[^.]+\.)?(outcome\.([^.]+)\.)"),
+    ("limit", r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(limit\.([^.]+)\.)"),
 ];
 
 /// Replaces every character that would break tag extraction.

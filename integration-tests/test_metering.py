@@ -1,0 +1,248 @@
+"""Token metering through real Envoy: usage per provider and mode, exactly as the
+mock reports it, in the access log, metrics and headers; streams untouched."""
+
+import json
+import socket
+import time
+
+import pytest
+
+import harness
+import mock_llm as M
+from conftest import KEY_A, PRICING, LimitedStack, cost_micros, limited_config
+
+N = 7  # output tokens asked of the mock
+
+
+@pytest.fixture(scope="module")
+def mstack(wasm, mock, rls, tmp_path_factory):
+    cfg = limited_config()
+    # acme (enterprise) gets a generous monthly token budget so every request
+    # goes through reserve and settle.
+    cfg["tiers"]["enterprise"]["tokens_per_month"] = 10_000_000
+    cfg["metering"] = {"stream_usage_comment": False}
+    s = LimitedStack(mock, rls, str(tmp_path_factory.mktemp("mstack")), cfg)
+    yield s
+    s.stop()
+
+
+def openai_usage(n):
+    return {"input": M.OPENAI_PROMPT - M.OPENAI_CACHED, "cache_read": M.OPENAI_CACHED, "cache_write": 0,
+            "output": n, "reasoning": M.OPENAI_REASONING, "total": M.OPENAI_PROMPT + n}
+
+
+def anthropic_usage(n):
+    return {"input": M.ANTHROPIC_INPUT, "cache_read": M.ANTHROPIC_CACHE_READ, "cache_write": M.ANTHROPIC_CACHE_WRITE,
+            "output": n, "reasoning": 0,
+            "total": M.ANTHROPIC_INPUT + M.ANTHROPIC_CACHE_READ + M.ANTHROPIC_CACHE_WRITE + n}
+
+
+def gemini_usage(n):
+    return {"input": M.GEMINI_PROMPT - M.GEMINI_CACHED, "cache_read": M.GEMINI_CACHED, "cache_write": 0,
+            "output": n + M.GEMINI_THOUGHTS, "reasoning": M.GEMINI_THOUGHTS,
+            "total": M.GEMINI_PROMPT + n + M.GEMINI_THOUGHTS}
+
+
+CHAT = {"model": "gpt-4o-mini", "max_tokens": N, "messages": [{"role": "user", "content": "hi"}]}
+CASES = {
+    "openai_chat": ("/v1/chat/completions", dict(CHAT), "gpt-4o-mini", openai_usage(N)),
+    "openai_chat_stream": ("/v1/chat/completions", dict(CHAT, stream=True), "gpt-4o-mini", openai_usage(N)),
+    "openai_chat_stream_client_usage": ("/v1/chat/completions",
+                                        dict(CHAT, stream=True, stream_options={"include_usage": True}),
+                                        "gpt-4o-mini", openai_usage(N)),
+    "openai_responses": ("/v1/responses", {"model": "gpt-4o", "max_output_tokens": N, "input": "hi"}, "gpt-4o",
+                         openai_usage(N)),
+    "openai_responses_stream": ("/v1/responses", {"model": "gpt-4o", "max_output_tokens": N, "input": "hi",
+                                                  "stream": True}, "gpt-4o", openai_usage(N)),
+    "openai_embeddings": ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"},
+                          "text-embedding-3-small",
+                          {"input": M.EMBEDDING_PROMPT, "cache_read": 0, "cache_write": 0, "output": 0,
+                           "reasoning": 0, "total": M.EMBEDDING_PROMPT}),
+    "anthropic": ("/v1/messages", {"model": "claude-3-5-haiku-20241022", "max_tokens": N,
+                                   "messages": [{"role": "user", "content": "hi"}]}, "claude-3-5-haiku",
+                  anthropic_usage(N)),
+    "anthropic_stream": ("/v1/messages", {"model": "claude-3-5-haiku-20241022", "max_tokens": N, "stream": True,
+                                          "messages": [{"role": "user", "content": "hi"}]}, "claude-3-5-haiku",
+                         anthropic_usage(N)),
+    "gemini": ("/v1beta/models/gemini-2.0-flash:generateContent",
+               {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": N}},
+               "gemini-2.0-flash", gemini_usage(N)),
+    "gemini_sse": ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+                   {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": N}},
+                   "gemini-2.0-flash", gemini_usage(N)),
+    "gemini_json_stream": ("/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+                           {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": N}},
+                           "gemini-2.0-flash", gemini_usage(N)),
+}
+
+
+def prom_value(envoy, name, **labels):
+    """Sum of a Prometheus series from Envoy's /stats/prometheus."""
+    total = 0
+    found = False
+    for line in envoy.admin("/stats/prometheus").splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, _, value = line.rpartition(" ")
+        if not (series == name or series.startswith(name + "{")):
+            continue
+        if all(('%s="%s"' % (k, v)) in series for k, v in labels.items()):
+            total += float(value)
+            found = True
+    return total if found else None
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_usage_matches_provider_exactly(mstack, mock, case):
+    path, body, price_key, want = CASES[case]
+    rid = "meter-" + case
+    before = prom_value(mstack.envoy, "tollgate_tokens_output", tenant="acme") or 0
+    r = mstack.post(path, body, {"authorization": "Bearer " + KEY_A, "x-request-id": rid})
+    assert r.status == 200, r.body[:500]
+    log = mstack.access_log_lines({rid})[rid]
+    got = {k: int(log["tg_tokens_" + k]) for k in ("input", "cache_read", "cache_write", "output", "reasoning",
+                                                     "total")}
+    assert got == want, (case, got, want)
+    assert log["tg_estimated"] == "false"
+    assert log["tg_tenant"] == "acme"
+    assert log["tg_outcome"] == "ok"
+    assert log["tg_model_requested"] == (body.get("model") or "gemini-2.0-flash")
+    assert log["tg_upstream_status"] == "200"
+    assert int(log["tg_ttfb_ms"]) >= 0 and int(log["tg_duration_ms"]) >= 0
+    expected_cost = cost_micros(PRICING["models"][price_key], want)
+    assert log["tg_cost_usd"] == "%d.%06d" % divmod(expected_cost, 1_000_000), (log["tg_cost_usd"], expected_cost)
+    # Metrics, labelled by tenant through stats_tags.
+    deadline = time.time() + 3
+    while time.time() < deadline:
+        after = prom_value(mstack.envoy, "tollgate_tokens_output", tenant="acme") or 0
+        if after - before == want["output"] or want["output"] == 0:
+            break
+        time.sleep(0.1)
+    assert after - before == want["output"]
+    # Non-streamed responses carry usage headers; streams cannot (headers go first).
+    streamed = body.get("stream") or "stream" in path
+    if not streamed:
+        assert r.header("x-tollgate-usage-output-tokens") == str(want["output"])
+        assert r.header("x-tollgate-cost-usd") == log["tg_cost_usd"]
+        assert r.header("x-tollgate-usage-estimated") == "false"
+
+
+def test_injected_include_usage_is_invisible(mstack, mock):
+    mock.clear()
+    r = mstack.post("/v1/chat/completions", dict(CHAT, stream=True), {"authorization": "Bearer " + KEY_A})
+    assert r.status == 200
+    sent = json.loads(mock.requests()[-1]["body"])
+    assert sent["stream_options"] == {"include_usage": True}, "tollgate asks the provider for usage"
+    # What the client receives equals the provider's stream minus the usage chunk,
+    # byte for byte, as if it had asked without include_usage.
+    text = r.body.decode()
+    assert "prompt_tokens" not in text
+    assert text.endswith("data: [DONE]\n\n")
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert len(events) == N + 3  # role chunk, N deltas, finish chunk, [DONE]
+    # A client that asked for usage gets it unchanged.
+    r = mstack.post("/v1/chat/completions", dict(CHAT, stream=True, stream_options={"include_usage": True}),
+                    {"authorization": "Bearer " + KEY_A})
+    assert '"prompt_tokens":12' in r.body.decode()
+
+
+def test_stream_is_not_buffered(mstack):
+    # The mock waits 100 ms between writes; the first bytes must reach the
+    # client long before the stream ends.
+    body = dict(CHAT, stream=True, max_tokens=5)
+    c = socket.create_connection(("127.0.0.1", mstack.port), timeout=10)
+    payload = json.dumps(body).encode()
+    c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + KEY_A.encode()
+              + b"\r\ncontent-type: application/json\r\nx-mock-chunk-delay-ms: 100\r\ncontent-length: "
+              + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    t0 = time.time()
+    first = c.recv(65536)
+    t_first = time.time() - t0
+    data = first
+    while b"[DONE]" not in data:
+        piece = c.recv(65536)
+        if not piece:
+            break
+        data += piece
+    t_all = time.time() - t0
+    c.close()
+    assert b"200" in first.split(b"\r\n")[0]
+    assert t_all > 1.0, t_all  # ~8 events x 3 writes x 100 ms
+    assert t_first < t_all / 3, (t_first, t_all)
+
+
+def test_missing_usage_is_an_estimate_and_counted(mstack):
+    rid = "meter-no-usage"
+    before = prom_value(mstack.envoy, "tollgate_usage_estimated", tenant="acme") or 0
+    r = mstack.post("/v1/messages", {"model": "claude-3-5-haiku-x", "max_tokens": N, "stream": True,
+                                     "messages": [{"role": "user", "content": "hi"}]},
+                    {"x-api-key": KEY_A, "x-request-id": rid, "x-mock-fail": "no-usage"})
+    assert r.status == 200
+    log = mstack.access_log_lines({rid})[rid]
+    assert log["tg_estimated"] == "true"
+    assert int(log["tg_tokens_output"]) > 0 and int(log["tg_tokens_input"]) > 0
+    assert float(log["tg_cost_usd"]) > 0
+    time.sleep(0.3)
+    assert (prom_value(mstack.envoy, "tollgate_usage_estimated", tenant="acme") or 0) == before + 1
+
+
+def test_client_disconnect_mid_stream_is_a_flagged_estimate(mstack):
+    rid = "meter-disconnect"
+    body = json.dumps(dict(CHAT, stream=True, max_tokens=40)).encode()
+    c = socket.create_connection(("127.0.0.1", mstack.port), timeout=10)
+    c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + KEY_A.encode()
+              + b"\r\nx-request-id: " + rid.encode() + b"\r\nx-mock-chunk-delay-ms: 50\r\ncontent-length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body)
+    got = b""
+    while got.count(b"data: ") < 3:
+        got += c.recv(65536)
+    c.close()  # the client goes away mid-stream
+    log = mstack.access_log_lines({rid}, timeout=10)[rid]
+    assert log["tg_estimated"] == "true"
+    assert log["tg_outcome"] == "incomplete"
+    assert int(log["tg_tokens_output"]) >= 1
+
+
+def test_upstream_cut_off_is_flagged(mstack):
+    rid = "meter-cut"
+    r = None
+    try:
+        r = mstack.post("/v1/messages", {"model": "claude-3-5-haiku-x", "max_tokens": 20, "stream": True,
+                                         "messages": []},
+                        {"x-api-key": KEY_A, "x-request-id": rid, "x-mock-fail": "cut"})
+    except Exception:
+        pass  # the client may see the reset
+    log = mstack.access_log_lines({rid}, timeout=10)[rid]
+    assert log["tg_estimated"] == "true"
+
+
+def test_mid_stream_error_is_recorded(mstack):
+    rid = "meter-midstream-error"
+    r = mstack.post("/v1/messages", {"model": "claude-3-5-haiku-x", "max_tokens": N, "stream": True,
+                                     "messages": []},
+                    {"x-api-key": KEY_A, "x-request-id": rid, "x-mock-fail": "midstream"})
+    assert r.status == 200
+    log = mstack.access_log_lines({rid})[rid]
+    assert log["tg_outcome"] == "stream_error"
+
+
+def test_compressed_upstream_is_avoided(mstack, mock):
+    # The client allows gzip, but tollgate asks the provider for identity so
+    # the meter sees plain bytes.
+    rid = "meter-gzip"
+    r = mstack.post("/v1/chat/completions", CHAT, {"authorization": "Bearer " + KEY_A, "x-request-id": rid,
+                                                   "accept-encoding": "gzip", "x-mock-gzip": "1"})
+    assert r.status == 200
+    assert r.header("content-encoding") is None
+    assert mock.requests()[-1]["header_map"]["accept-encoding"] == "identity"
+    log = mstack.access_log_lines({rid})[rid]
+    assert log["tg_estimated"] == "false" and int(log["tg_tokens_output"]) == N
+
+
+def test_settles_reach_redis(mstack, redis):
+    # The monthly token counter of acme reflects settled (not estimated) usage.
+    time.sleep(1.0)  # settles go out on the root tick
+    keys = redis.cli("--scan", "--pattern", "*acme*").split()
+    assert keys, "no counter keys for acme in Redis"
+    assert mstack.envoy.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0) == 0
