@@ -1,7 +1,7 @@
 """The demo stack: `./stack.sh` runs this after building.
 
 Starts, on loopback, the mock LLM provider (:18000), Redis (:16379), the
-rate-limit service (:18081) and Envoy 1.40 with tollgate (envoy/demo-envoy.yaml,
+rate-limit service (:18081, metrics :18091) and Envoy 1.40 with tollgate (envoy/demo-envoy.yaml,
 :10000, admin :9901), sends one request to prove it works, prints curl examples
 and waits. Ctrl-C (or SIGTERM) stops every process by PID.
 
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 ENVOY_CONFIG = os.path.join(harness.ROOT, "envoy", "demo-envoy.yaml")
-LISTEN, ADMIN, MOCK = 10000, 9901, 18000
+LISTEN, ADMIN, MOCK, REDIS, RLS, RLS_METRICS = 10000, 9901, 18000, 16379, 18081, 18091
 DEMO_ENV = {
     # The mock provider accepts any key; real deployments export real ones.
     "DEMO_OPENAI_KEY": "sk-demo-openai-provider-key",
@@ -51,8 +51,9 @@ tollgate demo is up. Envoy with tollgate listens on http://127.0.0.1:{port}
   curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'authorization: Bearer sk-tollgate-beta' \\
     -d '{{"model":"gpt-4o","messages":[]}}'
 
-  # Metrics and what the provider received
-  curl -s http://127.0.0.1:{admin}/stats/prometheus | grep tollgate
+  # Metrics, the limiter's metrics, and what the provider received
+  curl -s http://127.0.0.1:{admin}/stats/prometheus | grep ^tollgate
+  curl -s http://127.0.0.1:{rls_metrics}/metrics | grep ^tollgate
   curl -s http://127.0.0.1:{mock}/__mock/requests
 
 Logs: {logdir}    Ctrl-C stops everything.
@@ -76,6 +77,10 @@ def main():
     try:
         mock = harness.MockLLM(logdir=logdir, port=MOCK)
         procs.append(mock.proc)
+        redis = harness.Redis(logdir=logdir, port=REDIS)
+        procs.append(redis.proc)
+        rls = harness.RateLimitService(REDIS, logdir=logdir, port=RLS, metrics_port=RLS_METRICS)
+        procs.append(rls.proc)
         config_copy = os.path.join(logdir, "demo-envoy.yaml")
         shutil.copy(ENVOY_CONFIG, config_copy)
         envoy = harness.Proc("envoy", [harness.envoy_bin(), "-c", config_copy, "--use-dynamic-base-id",
@@ -95,7 +100,7 @@ def main():
         print("  " + json.dumps(r.json())[:300])
         if args.check:
             return 0
-        print(CURLS.format(port=LISTEN, admin=ADMIN, mock=MOCK, logdir=logdir))
+        print(CURLS.format(port=LISTEN, admin=ADMIN, mock=MOCK, rls_metrics=RLS_METRICS, logdir=logdir))
         while all(p.alive() for p in procs):
             time.sleep(1)
         print("a process exited; stopping the demo", file=sys.stderr)

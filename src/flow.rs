@@ -378,10 +378,38 @@ impl RequestFlow {
             self.body_dirty = true;
         }
 
+        // In-flight cap, counted per worker: the count lives in this VM, so
+        // a VM restart cannot leak it, and every stream (reset or not) ends in
+        // `on_stream_done`, which releases its slot.
+        if let Some(cap) = policy.max_concurrent_requests {
+            let now_inflight = self.shared.borrow().inflight.get(&tenant_idx).copied().unwrap_or(0);
+            if now_inflight >= cap {
+                let refusal = Refusal::Custom {
+                    status: 429,
+                    code: "concurrency_limited".into(),
+                    message: format!("This account already has {cap} requests in flight; retry when one completes."),
+                };
+                self.phase = Phase::Refused;
+                let mut reply = api::render(api.family(), &refusal, &self.request_id, Some("requests"));
+                reply.headers.push(("retry-after".into(), "1".into()));
+                reply.headers.push(("retry-after-ms".into(), "1000".into()));
+                reply.headers.push(("x-should-retry".into(), "true".into()));
+                return BodyStep::Reply(reply);
+            }
+        }
+
         self.input_estimate = usage::estimate_tokens_from_bytes(body.len() as u64, plugin.metering.bytes_per_token);
         self.output_requested = info.max_output_tokens.unwrap_or(policy.default_max_output_tokens);
+        let had_max = info.max_output_tokens.is_some();
         self.info = Some(info);
         self.body = Some(json);
+        // With the clamp on, a request without a max-output field gets the
+        // tier default written in, so the provider cannot produce more than
+        // was reserved.
+        if policy.clamp_max_output_tokens && !had_max && api != Api::OpenaiEmbeddings {
+            self.clamp_output(self.output_requested);
+            self.clamped_to = None;
+        }
 
         let Some(rl) = &plugin.rate_limit else {
             return self.forward();
@@ -1033,6 +1061,30 @@ mod tests {
         assert!(prop("tollgate_tokens_output").parse::<u64>().unwrap() > 0);
         assert_eq!(f.shared.borrow().journal.pending(), 1);
         assert!(f.on_stream_done(30).is_none(), "finishes once");
+    }
+
+    #[test]
+    fn concurrency_cap_is_released_when_streams_end() {
+        let mut plugin = sample();
+        let idx = plugin.tenants.iter().position(|t| t.id == "globex").unwrap();
+        plugin.tenants[idx].policy.max_concurrent_requests = Some(1);
+        let plugin = Rc::new(plugin);
+        let shared = Rc::new(RefCell::new(Shared::new(10)));
+        let body = br#"{"model":"gpt-4o-mini"}"#;
+        let ok = reply(rls::Code::Ok, vec![(rls::Code::Ok, 10, 1)]);
+        let mut first = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        start(&mut first, KEY_B, "/v1/chat/completions");
+        let _ = first.on_request_body(body, 0);
+        assert!(matches!(first.on_rls_reply(Ok(&ok), 1), BodyStep::Forward { .. }));
+        let mut second = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        start(&mut second, KEY_B, "/v1/chat/completions");
+        let BodyStep::Reply(r) = second.on_request_body(body, 2) else { panic!() };
+        assert_eq!(r.header("x-tollgate-error"), Some("concurrency_limited"));
+        second.on_stream_done(3); // a refused request releases nothing
+        first.on_stream_done(4); // e.g. a reset stream
+        let mut third = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        start(&mut third, KEY_B, "/v1/chat/completions");
+        assert!(matches!(third.on_request_body(body, 5), BodyStep::Call(_)));
     }
 
     #[test]
