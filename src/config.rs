@@ -68,6 +68,57 @@ pub struct PluginConfig {
     /// How usage is read, estimated and reported.
     #[serde(default)]
     pub metering: MeteringSpec,
+    /// JWT identity verified by tollgate itself (see `src/jwt.rs`).
+    #[serde(default)]
+    pub jwt: Option<crate::jwt::JwtConfig>,
+    /// Which identities are accepted, and trust in Envoy's `jwt_authn`.
+    #[serde(default)]
+    pub identity: IdentitySpec,
+}
+
+/// Which identities are accepted. Precedence, first match wins:
+/// 1. `jwt_authn`: the payload Envoy's `jwt_authn` filter verified and wrote
+///    to dynamic metadata (never a header a client could send);
+/// 2. a JWT (a credential with three dot-separated parts) in the source of a
+///    `jwt` provider, verified by tollgate;
+/// 3. an API key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySpec {
+    /// Accept API keys (default true). With false, only JWTs identify.
+    #[serde(default = "default_true")]
+    pub api_keys: bool,
+    /// Take identity from Envoy's `jwt_authn` filter running before tollgate.
+    #[serde(default)]
+    pub jwt_authn: Option<JwtAuthnSpec>,
+}
+
+impl Default for IdentitySpec {
+    fn default() -> Self {
+        IdentitySpec { api_keys: true, jwt_authn: None }
+    }
+}
+
+/// Trust in Envoy's `jwt_authn` filter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtAuthnSpec {
+    /// `payload_in_metadata` of the `jwt_authn` provider: the key under
+    /// `envoy.filters.http.jwt_authn` dynamic metadata holding the payload.
+    pub payload_in_metadata: String,
+    /// Dotted path of the tenant id claim.
+    pub tenant_claim: String,
+    /// Dotted path of the user id claim (default `sub`).
+    #[serde(default = "default_sub")]
+    pub user_claim: Option<String>,
+    /// `forward_payload_header` of the `jwt_authn` provider, if set: removed
+    /// before the upstream (tollgate never reads identity from it).
+    #[serde(default)]
+    pub forward_payload_header: Option<String>,
+}
+
+fn default_sub() -> Option<String> {
+    Some("sub".into())
 }
 
 /// Where and how the filter asks the rate-limit service.
@@ -622,8 +673,17 @@ pub struct Tenant {
     pub provider_keys: Vec<Option<String>>,
 }
 
+/// The per-worker JWT verifier (it caches verified tokens and keys).
+pub struct JwtSlot(pub std::cell::RefCell<crate::jwt::JwtVerifier>);
+
+impl std::fmt::Debug for JwtSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JwtVerifier")
+    }
+}
+
 /// The compiled configuration, built once in `on_configure`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Plugin {
     pub client_key_headers: Vec<String>,
     pub client_key_query_param: Option<String>,
@@ -640,6 +700,11 @@ pub struct Plugin {
     pub rate_limit: Option<RateLimit>,
     pub pricing: Option<crate::pricing::PriceTable>,
     pub metering: MeteringSpec,
+    pub jwt: Option<JwtSlot>,
+    pub identity: IdentitySpec,
+    /// Headers that carry JWTs or jwt_authn payloads, removed before the
+    /// upstream so a client's token never reaches a provider.
+    pub jwt_strip_headers: Vec<String>,
 }
 
 /// The rate-limit settings, compiled.
@@ -967,8 +1032,39 @@ pub fn compile(
         }
     }
 
+    let jwt = match &config.jwt {
+        None => None,
+        Some(j) => Some(JwtSlot(std::cell::RefCell::new(
+            j.compile(env).map_err(|e| invalid("jwt", e.to_string()))?,
+        ))),
+    };
+    let mut jwt_strip_headers = Vec::new();
+    if let Some(j) = &config.jwt {
+        for p in &j.providers {
+            match &p.from {
+                crate::jwt::TokenSource::Authorization => jwt_strip_headers.push("authorization".to_string()),
+                crate::jwt::TokenSource::Header { name, .. } => jwt_strip_headers.push(name.to_ascii_lowercase()),
+                crate::jwt::TokenSource::Cookie { .. } => jwt_strip_headers.push("cookie".to_string()),
+            }
+        }
+    }
+    if let Some(a) = &config.identity.jwt_authn {
+        if a.payload_in_metadata.trim().is_empty() || a.tenant_claim.trim().is_empty() {
+            return Err(invalid("identity.jwt_authn", "payload_in_metadata and tenant_claim are required"));
+        }
+        if let Some(h) = &a.forward_payload_header {
+            jwt_strip_headers.push(h.to_ascii_lowercase());
+        }
+    }
+    if !config.identity.api_keys && config.jwt.is_none() && config.identity.jwt_authn.is_none() {
+        return Err(invalid("identity.api_keys", "false, but no jwt or jwt_authn identity is configured"));
+    }
+
     let query = config.client_key_query_param.trim();
     Ok(Plugin {
+        jwt,
+        identity: config.identity.clone(),
+        jwt_strip_headers,
         rate_limit,
         pricing,
         metering: config.metering.clone(),

@@ -253,6 +253,19 @@ impl RequestFlow {
         now_ms: u64,
         new_request_id: impl FnOnce() -> String,
     ) -> HeadersStep {
+        self.on_request_headers_with(headers, end_of_stream, now_ms, None, new_request_id)
+    }
+
+    /// [`Self::on_request_headers`] with the payload Envoy's `jwt_authn`
+    /// filter left in dynamic metadata, when the glue found one.
+    pub fn on_request_headers_with(
+        &mut self,
+        headers: &Headers,
+        end_of_stream: bool,
+        now_ms: u64,
+        jwt_authn_payload: Option<&[u8]>,
+        new_request_id: impl FnOnce() -> String,
+    ) -> HeadersStep {
         let plugin = Rc::clone(&self.plugin);
         self.start_ms = now_ms;
         self.request_id = identity::header(headers, &plugin.request_id_header)
@@ -269,8 +282,11 @@ impl RequestFlow {
         };
         self.api = Some(route.api);
 
-        let tenant = match identity::resolve(&plugin, headers, &self.path) {
-            Ok(t) => t,
+        let tenant = match resolve_identity(&plugin, headers, &self.path, jwt_authn_payload, now_ms / 1000) {
+            Ok((t, user)) => {
+                self.user = user;
+                t
+            }
             Err(r) => return HeadersStep::Reply(self.refuse(&r)),
         };
         self.tenant = plugin.tenants.iter().position(|t| t.id == tenant.id);
@@ -860,6 +876,69 @@ impl RequestFlow {
             log::warn!("tollgate: settle journal full; dropped {dropped} settles");
         }
     }
+}
+
+fn jwt_refusal(e: &crate::jwt::JwtError) -> Refusal {
+    Refusal::Custom { status: e.http_status(), code: e.code().to_string(), message: e.to_string() }
+}
+
+fn tenant_for_claims<'p>(
+    plugin: &'p Plugin,
+    id: crate::jwt::VerifiedIdentity,
+) -> Result<(&'p crate::config::Tenant, Option<String>), Refusal> {
+    let tenant = plugin.tenant_by_id(&id.tenant_id).ok_or_else(|| Refusal::Custom {
+        status: 403,
+        code: "unknown_tenant".into(),
+        message: "The token names a tenant this gateway does not know.".into(),
+    })?;
+    if !tenant.enabled {
+        return Err(Refusal::TenantDisabled);
+    }
+    Ok((tenant, id.user_id))
+}
+
+/// A compact JWS: three dot-separated parts, the first a JSON header.
+fn looks_like_jwt(token: &str) -> bool {
+    token.starts_with("eyJ") && token.split('.').count() == 3
+}
+
+/// Resolves the tenant (and user) of a request. Precedence, first match
+/// wins: Envoy `jwt_authn`'s verified payload, a JWT verified here, an API key.
+fn resolve_identity<'p>(
+    plugin: &'p Plugin,
+    headers: &Headers,
+    path: &str,
+    jwt_authn_payload: Option<&[u8]>,
+    now_s: u64,
+) -> Result<(&'p crate::config::Tenant, Option<String>), Refusal> {
+    if let (Some(spec), Some(payload)) = (&plugin.identity.jwt_authn, jwt_authn_payload) {
+        if !payload.is_empty() {
+            let id = crate::jwt::claims_from_jwt_authn_payload(payload, &spec.tenant_claim, spec.user_claim.as_deref())
+                .map_err(|e| jwt_refusal(&e))?;
+            return tenant_for_claims(plugin, id);
+        }
+    }
+    if let Some(slot) = &plugin.jwt {
+        let lookup = |name: &str| identity::header(headers, name).map(str::to_string);
+        if let Ok(mut verifier) = slot.0.try_borrow_mut() {
+            if let Some(token) = verifier.extract_token(crate::jwt::ProviderSelector::Auto, &lookup) {
+                if looks_like_jwt(&token) || !plugin.identity.api_keys {
+                    let id = verifier
+                        .verify(crate::jwt::ProviderSelector::Auto, &token, now_s)
+                        .map_err(|e| jwt_refusal(&e))?;
+                    return tenant_for_claims(plugin, id);
+                }
+            }
+        }
+    }
+    if !plugin.identity.api_keys {
+        return Err(Refusal::Custom {
+            status: 401,
+            code: "missing_token".into(),
+            message: "A bearer token is required.".into(),
+        });
+    }
+    identity::resolve(plugin, headers, path).map(|t| (t, None))
 }
 
 /// Micro-dollars as a decimal dollar string: 1234567 -> "1.234567".

@@ -83,9 +83,61 @@ struct Root {
     shared: Option<Rc<RefCell<Shared>>>,
     metrics: Rc<RefCell<Metrics>>,
     dropped_reported: u64,
+    /// JWKS fetches in flight: call token -> provider index.
+    jwks_calls: HashMap<u32, usize>,
+}
+
+impl Root {
+    fn refresh_jwks(&mut self) {
+        let Some(plugin) = &self.plugin else { return };
+        let Some(slot) = &plugin.jwt else { return };
+        let Ok(mut verifier) = slot.0.try_borrow_mut() else { return };
+        if !verifier.has_remote_jwks() {
+            return;
+        }
+        let now_s = now_ms() / 1000;
+        for fetch in verifier.plan_jwks_fetches(now_s) {
+            let headers = vec![
+                (":method", "GET"),
+                (":path", fetch.path.as_str()),
+                (":authority", fetch.authority.as_str()),
+                ("accept", "application/json"),
+            ];
+            match hostcalls::dispatch_http_call(
+                &fetch.cluster,
+                headers,
+                None,
+                vec![],
+                Duration::from_millis(fetch.timeout_ms.max(1)),
+            ) {
+                Ok(token) => {
+                    self.jwks_calls.insert(token, fetch.provider_index);
+                }
+                Err(s) => {
+                    log::warn!("tollgate: cannot fetch JWKS from cluster {}: {s:?}", fetch.cluster);
+                    verifier.complete_jwks_fetch(fetch.provider_index, None, None, now_s);
+                }
+            }
+        }
+    }
 }
 
 impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(index) = self.jwks_calls.remove(&token_id) else { return };
+        let Some(plugin) = &self.plugin else { return };
+        let Some(slot) = &plugin.jwt else { return };
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok());
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size).ok().flatten();
+        if let Ok(mut verifier) = slot.0.try_borrow_mut() {
+            let outcome = verifier.complete_jwks_fetch(index, status, body.as_deref(), now_ms() / 1000);
+            log::info!("tollgate: JWKS refresh for provider {index}: status {status:?}, {outcome:?}");
+        }
+    }
+
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         let Some(shared) = &self.shared else { return };
         let ok = status_code == 0
@@ -122,7 +174,11 @@ impl RootContext for Root {
                     plugin.providers.len()
                 );
                 let capacity = plugin.rate_limit.as_ref().map_or(1, |r| r.journal_capacity);
-                if plugin.rate_limit.is_some() {
+                let remote_jwks = plugin
+                    .jwt
+                    .as_ref()
+                    .is_some_and(|j| j.0.try_borrow().is_ok_and(|v| v.has_remote_jwks()));
+                if plugin.rate_limit.is_some() || remote_jwks {
                     if let Err(s) = hostcalls::set_tick_period(TICK) {
                         log::error!("tollgate: cannot set the tick period: {s:?}");
                         return false;
@@ -143,6 +199,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.refresh_jwks();
         let (Some(plugin), Some(shared)) = (&self.plugin, &self.shared) else { return };
         let Some(rl) = &plugin.rate_limit else { return };
         let now = now_ms();
@@ -379,7 +436,17 @@ impl HttpContext for Http {
         };
         let now = now_ms();
         let shared = Rc::clone(&self.shared);
-        let step = self.flow.on_request_headers(&headers, end_of_stream, now, || {
+        let payload = self.flow.plugin().identity.jwt_authn.as_ref().and_then(|spec| {
+            hostcalls::get_property(vec![
+                "metadata",
+                "filter_metadata",
+                "envoy.filters.http.jwt_authn",
+                spec.payload_in_metadata.as_str(),
+            ])
+            .ok()
+            .flatten()
+        });
+        let step = self.flow.on_request_headers_with(&headers, end_of_stream, now, payload.as_deref(), || {
             let mut s = shared.borrow_mut();
             s.counter = s.counter.wrapping_add(1);
             format!("tg-{:012x}{:08x}", now, s.counter as u32)

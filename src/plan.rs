@@ -50,7 +50,7 @@ pub fn build(
     for p in &plugin.providers {
         plan.remove(&p.credential_header);
     }
-    for h in &plugin.strip_request_headers {
+    for h in plugin.strip_request_headers.iter().chain(&plugin.jwt_strip_headers) {
         plan.remove(h);
     }
     for (name, _) in headers {
