@@ -913,8 +913,21 @@ fn resolve_identity<'p>(
 ) -> Result<(&'p crate::config::Tenant, Option<String>), Refusal> {
     if let (Some(spec), Some(payload)) = (&plugin.identity.jwt_authn, jwt_authn_payload) {
         if !payload.is_empty() {
-            let id = crate::jwt::claims_from_jwt_authn_payload(payload, &spec.tenant_claim, spec.user_claim.as_deref())
-                .map_err(|e| jwt_refusal(&e))?;
+            // Envoy hands a metadata map to wasm in its pairs encoding; JSON
+            // and protobuf Struct forms are accepted too.
+            let id = match crate::pairs::lookup(payload, &spec.tenant_claim) {
+                Some(tenant_id) => crate::jwt::VerifiedIdentity {
+                    provider: "jwt_authn".into(),
+                    tenant_id,
+                    user_id: spec.user_claim.as_deref().and_then(|c| crate::pairs::lookup(payload, c)),
+                    exp: None,
+                },
+                None if crate::pairs::decode(payload).is_some() => {
+                    return Err(jwt_refusal(&crate::jwt::JwtError::MissingTenantClaim(spec.tenant_claim.clone())))
+                }
+                None => crate::jwt::claims_from_jwt_authn_payload(payload, &spec.tenant_claim, spec.user_claim.as_deref())
+                    .map_err(|e| jwt_refusal(&e))?,
+            };
             return tenant_for_claims(plugin, id);
         }
     }

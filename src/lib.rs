@@ -13,6 +13,7 @@ pub mod journal;
 pub mod jwt;
 pub mod limits;
 pub mod metrics;
+pub mod pairs;
 pub mod plan;
 pub mod protostruct;
 pub mod pricing;

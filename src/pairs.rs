@@ -1,0 +1,119 @@
+//! Envoy's serialization of map-valued properties to wasm.
+//!
+//! Reading a map (such as a `google.protobuf.Struct` in dynamic metadata)
+//! through `get_property` yields proxy-wasm's pairs encoding, not protobuf or
+//! JSON: a little-endian u32 count, then `count` pairs of (key length, value
+//! length) u32s, then each key and value followed by a NUL byte. Nested maps
+//! are encoded the same way inside a value; strings are raw bytes; numbers are
+//! 8-byte little-endian doubles.
+
+/// Splits one level of the pairs encoding. `None` when `bytes` is not one.
+pub fn decode(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let word = |at: usize| -> Option<usize> {
+        let b = bytes.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let count = word(0)?;
+    if count > 4096 {
+        return None;
+    }
+    let mut sizes = Vec::with_capacity(count);
+    for i in 0..count {
+        let at = 4usize.checked_add(i.checked_mul(8)?)?;
+        sizes.push((word(at)?, word(at.checked_add(4)?)?));
+    }
+    let mut pos = 4usize.checked_add(count.checked_mul(8)?)?;
+    let mut out = Vec::with_capacity(count);
+    for (k, v) in sizes {
+        let key = bytes.get(pos..pos.checked_add(k)?)?;
+        pos = pos.checked_add(k)?;
+        if bytes.get(pos) != Some(&0) {
+            return None;
+        }
+        pos += 1;
+        let value = bytes.get(pos..pos.checked_add(v)?)?;
+        pos = pos.checked_add(v)?;
+        if bytes.get(pos) != Some(&0) {
+            return None;
+        }
+        pos += 1;
+        out.push((key, value));
+    }
+    (pos == bytes.len()).then_some(out)
+}
+
+/// The value at a dotted `path` (a key equal to the whole remaining path wins
+/// over the dotted reading), rendered as a string: text as is, an 8-byte
+/// non-text value as the number it encodes.
+pub fn lookup(bytes: &[u8], path: &str) -> Option<String> {
+    let pairs = decode(bytes)?;
+    if let Some((_, v)) = pairs.iter().find(|(k, _)| *k == path.as_bytes()) {
+        return render(v);
+    }
+    let (head, rest) = path.split_once('.')?;
+    let (_, v) = pairs.iter().find(|(k, _)| *k == head.as_bytes())?;
+    lookup(v, rest)
+}
+
+fn render(v: &[u8]) -> Option<String> {
+    if let Ok(s) = std::str::from_utf8(v) {
+        if !s.is_empty() && !s.chars().any(|c| c.is_control()) {
+            return Some(s.to_string());
+        }
+    }
+    if let Ok(b) = <[u8; 8]>::try_from(v) {
+        let n = f64::from_le_bytes(b);
+        if n.is_finite() && n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 {
+            return Some(format!("{}", n as i64));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            out.extend((k.len() as u32).to_le_bytes());
+            out.extend((v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            out.extend(*k);
+            out.push(0);
+            out.extend(*v);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn nested_claims_as_envoy_sends_them() {
+        let inner = encode(&[(b"tenant_id", b"acme")]);
+        let iat = 1.7e9f64.to_le_bytes();
+        let org = 42f64.to_le_bytes();
+        let outer = encode(&[
+            (b"iat", &iat),
+            (b"app_metadata", &inner),
+            (b"sub", b"user-42"),
+            (b"https://x.com/org", &org),
+        ]);
+        assert_eq!(lookup(&outer, "app_metadata.tenant_id").as_deref(), Some("acme"));
+        assert_eq!(lookup(&outer, "sub").as_deref(), Some("user-42"));
+        assert_eq!(lookup(&outer, "https://x.com/org").as_deref(), Some("42"));
+        assert_eq!(lookup(&outer, "app_metadata.missing"), None);
+        assert_eq!(lookup(&outer, "nope"), None);
+    }
+
+    #[test]
+    fn garbage_is_not_pairs() {
+        assert!(decode(b"").is_none());
+        assert!(decode(b"\xff\xff\xff\xff").is_none());
+        assert!(decode(b"{\"a\":1}").is_none());
+        let mut truncated = encode(&[(b"a", b"b")]);
+        truncated.pop();
+        assert!(decode(&truncated).is_none());
+    }
+}
