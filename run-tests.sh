@@ -8,4 +8,5 @@ scripts/setup.sh
 ./wasm-build.sh
 cargo build --release -p tollgate-ratelimit
 cargo test --workspace
+cargo build --bin tollgate-config-check
 .venv/bin/python -m pytest integration-tests -q -p no:cacheprovider "$@"

@@ -27,3 +27,22 @@ if ! command -v redis-server >/dev/null 2>&1; then
     exit 1
   fi
 fi
+
+# PyYAML for the shipping tests (integration-tests/test_shipping.py parses the
+# Envoy, Istio and Prometheus YAML in envoy/).
+if ! .venv/bin/python -c "import yaml" 2>/dev/null; then
+  echo "setup: adding PyYAML to .venv" >&2
+  .venv/bin/pip install --quiet --disable-pip-version-check pyyaml
+fi
+
+# promtool (Debian package prometheus) checks envoy/observability/alerts.yaml.
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing promtool (prometheus)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends prometheus
+  else
+    echo "setup: promtool is missing; the alert rule tests will be skipped (Debian: apt-get install prometheus)" >&2
+  fi
+fi
