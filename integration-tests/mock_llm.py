@@ -15,6 +15,9 @@ Per-request behaviour is steered by request headers (they pass through Envoy):
   x-mock-fail: cut            stop a stream half-way and close the connection
   x-mock-fail: no-usage       send the response without any usage
   x-mock-gzip: 1              gzip the response if the request allows gzip
+  x-mock-first-byte-ms: N     wait N ms before answering (a provider's think time)
+  x-mock-bulk-bytes: N        an OpenAI chat stream of about N bytes, written in
+                              64 KiB pieces as fast as possible (benchmarks)
 
 Control endpoints (not provider APIs):
   GET    /__mock/requests    JSON list of recorded requests
@@ -290,6 +293,33 @@ async def write_chunk(writer, data):
     await writer.drain()
 
 
+def bulk_stream(req, total):
+    """An OpenAI chat stream of about `total` bytes, in 64 KiB writes."""
+    text = "x" * 200
+    chunk = sse({"id": "chatcmpl-bulk", "object": "chat.completion.chunk", "created": 1, "model": "bulk",
+                 "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
+    per_write = max(1, 65536 // len(chunk))
+    writes = []
+    sent = 0
+    while sent < total:
+        piece = chunk * per_write
+        writes.append(piece)
+        sent += len(piece)
+    n = sent // len(chunk)
+    usage = {"prompt_tokens": OPENAI_PROMPT, "completion_tokens": n, "total_tokens": OPENAI_PROMPT + n}
+    writes.append(sse({"id": "chatcmpl-bulk", "object": "chat.completion.chunk", "created": 1, "model": "bulk",
+                       "choices": [], "usage": usage}) + sse("[DONE]"))
+    return writes
+
+
+async def send_bulk(writer, writes):
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    for w in writes:
+        await write_chunk(writer, w)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+
+
 async def send_reply(writer, reply, headers, delay):
     gz = headers.get("x-mock-gzip") == "1" and "gzip" in headers.get("accept-encoding", "")
     head = ["HTTP/1.1 %d %s" % (reply.status, "OK" if reply.status == 200 else "Error"),
@@ -378,6 +408,11 @@ async def handle(reader, writer):
                 continue
             RECORDS.append({"method": method, "path": target, "headers": raw_headers,
                             "body": body.decode("utf-8", "replace"), "time": time.time()})
+            if "x-mock-first-byte-ms" in headers:
+                await asyncio.sleep(int(headers["x-mock-first-byte-ms"]) / 1000.0)
+            if "x-mock-bulk-bytes" in headers:
+                await send_bulk(writer, bulk_stream({}, int(headers["x-mock-bulk-bytes"])))
+                continue
             reply = dispatch(method, target, headers, body)
             delay = int(headers.get("x-mock-chunk-delay-ms", "0")) / 1000.0
             if not await send_reply(writer, reply, headers, delay):

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every benchmark, each side by side with its baseline in the same run, and
+# prints `RESULT <name>=<value>` lines: the filter (bench/run.py) and the
+# rate-limit service against the raw Redis ceiling (ratelimit-service/bench).
+# Not part of the test command. Needs wrk (Debian) and redis-benchmark.
+set -euo pipefail
+cd "$(dirname "$0")"
+scripts/setup.sh
+if ! command -v wrk >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+fi
+./wasm-build.sh
+cargo build --release -p tollgate-ratelimit
+.venv/bin/python bench/run.py
+if [ "${1:-}" != "--filter-only" ]; then
+  bash ratelimit-service/bench/bench.sh
+fi

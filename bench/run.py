@@ -1,0 +1,313 @@
+"""tollgate benchmarks: every figure side by side with its baseline in the same run.
+
+Prints `RESULT <name>=<value>` lines. Run with ./bench.sh (builds first).
+
+- Throughput and added latency (wrk, POST chat completions, 1 Envoy worker):
+  bare Envoy; Envoy's native C++ ratelimit filter calling our service (request
+  count only); Envoy + tollgate doing everything (API-key identity, an atomic
+  reserve of five limits, response metering, settle).
+- Identity cost: tollgate with API keys vs JWTs (RS256, ES256; cache hit and
+  cache miss), no limits, so only identity differs.
+- Streaming: time to first byte of a streamed completion with and without the
+  filter (the mock waits like a provider before its first byte), and the
+  throughput of a ~20 MB SSE stream.
+
+The upstream for throughput runs is a second Envoy answering a fixed OpenAI
+completion (direct_response), so the Python mock is not the bottleneck; the
+streaming runs use the mock, which speaks SSE.
+"""
+
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "integration-tests"))
+
+import harness  # noqa: E402
+
+DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+KEY = "sk-bench-tenant"
+LOGDIR = tempfile.mkdtemp(prefix="tollgate-bench-")
+COMPLETION = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024-07-18",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there."}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15,
+              "prompt_tokens_details": {"cached_tokens": 0}},
+})
+BODY = json.dumps({"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def result(name, value):
+    print("RESULT %s=%s" % (name, value), flush=True)
+
+
+def fast_upstream():
+    port, admin = harness.free_port(), harness.free_port()
+    cfg = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": [{
+            "name": "upstream", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "up",
+                    "route_config": {"virtual_hosts": [{"name": "up", "domains": ["*"], "routes": [{
+                        "match": {"prefix": "/"},
+                        "direct_response": {"status": 200, "body": {"inline_string": COMPLETION}},
+                        "response_headers_to_add": [{"header": {"key": "content-type",
+                                                                "value": "application/json"}}]}]}]},
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                }}]}]}],
+            "clusters": []},
+    }
+    return harness.Envoy(cfg, logdir=tempfile.mkdtemp(dir=LOGDIR), concurrency=1), port
+
+
+def tenant_config(limits, extra=None):
+    tier = {"models": ["*"], "max_request_bytes": 65536}
+    if limits:
+        tier.update({"requests_per_minute": 1_000_000_000, "tokens_per_minute": 1_000_000_000,
+                     "tokens_per_day": 100_000_000_000, "usd_per_day": 1_000_000, "usd_per_month": 10_000_000})
+    cfg = {
+        "providers": {"openai": {"credential_header": "authorization"}},
+        "routes": [{"path": "/v1/chat/completions", "api": "openai_chat", "provider": "openai"}],
+        "tiers": {"bench": tier},
+        "tenants": [{"id": "bench", "tier": "bench", "api_key_sha256": [harness.sha256_hex(KEY)],
+                     "provider_key_env": {"openai": "BENCH_OPENAI_KEY"}}],
+        "pricing": {"models": {"gpt-4o-mini": {"input": 0.15, "output": 0.6}}, "default": {"input": 1, "output": 1}},
+    }
+    if limits:
+        cfg["rate_limit"] = {"cluster": "tollgate_rls", "timeout_ms": 500}
+    cfg.update(extra or {})
+    return cfg
+
+
+def proxy(upstream_port, filters, rls_port=None, routes=None, env=None):
+    port, admin = harness.free_port(), harness.free_port()
+    clusters = [harness.grpc_cluster("tollgate_rls", rls_port)] if rls_port else []
+    cfg = harness.envoy_config(port, admin, upstream_port, filters, extra_clusters=clusters, routes=routes,
+                               stats_tags=harness.STATS_TAGS)
+    e = harness.Envoy(cfg, env=dict(env or {}, BENCH_OPENAI_KEY="sk-upstream"),
+                      logdir=tempfile.mkdtemp(dir=LOGDIR), concurrency=1)
+    return e, port
+
+
+def lua_script(headers, tokens_file=None):
+    lines = ['wrk.method = "POST"', "wrk.body = %s" % json.dumps(BODY),
+             'wrk.headers["content-type"] = "application/json"']
+    for k, v in headers.items():
+        lines.append('wrk.headers["%s"] = "%s"' % (k, v))
+    if tokens_file:
+        lines += ['local tokens = {}', 'for line in io.lines("%s") do tokens[#tokens + 1] = line end' % tokens_file,
+                  'local i = 0',
+                  'request = function()',
+                  '  i = i %% #tokens + 1',
+                  '  wrk.headers["authorization"] = "Bearer " .. tokens[i]',
+                  '  return wrk.format()',
+                  'end']
+    path = tempfile.mktemp(suffix=".lua", dir=LOGDIR)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def to_ms(s):
+    m = re.match(r"([\d.]+)(us|ms|s)", s)
+    if not m:
+        return float("nan")
+    v = float(m.group(1))
+    return {"us": v / 1000, "ms": v, "s": v * 1000}[m.group(2)]
+
+
+def wrk(port, script, connections, seconds):
+    out = subprocess.run(["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds, "--latency", "-s", script,
+                          "http://127.0.0.1:%d/v1/chat/completions" % port],
+                         capture_output=True, timeout=seconds + 60).stdout.decode()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    return {"rps": rps, "p50": to_ms(lat.get("50", "nan")), "p99": to_ms(lat.get("99", "nan")), "non2xx": errors,
+            "raw": out}
+
+
+def measure(name, port, headers, tokens_file=None):
+    script = lua_script(headers, tokens_file)
+    wrk(port, script, 4, 2)  # warm up connections, VMs, caches
+    load = wrk(port, script, CONNECTIONS, DURATION)
+    single = wrk(port, script, 1, max(3, DURATION // 2))
+    if load["non2xx"] or single["non2xx"]:
+        print("# %s: %d non-2xx responses under load:\n%s" % (name, load["non2xx"], load["raw"]), file=sys.stderr)
+    result("%s_rps" % name, "%.0f" % load["rps"])
+    result("%s_p50_ms" % name, "%.3f" % single["p50"])
+    result("%s_p99_ms" % name, "%.3f" % single["p99"])
+    result("%s_non2xx" % name, load["non2xx"] + single["non2xx"])
+    return load, single
+
+
+def native_filter():
+    return {"name": "envoy.filters.http.ratelimit", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+        "domain": "tollgate_native", "failure_mode_deny": True, "timeout": "0.5s",
+        "rate_limit_service": {"transport_api_version": "V3",
+                               "grpc_service": {"envoy_grpc": {"cluster_name": "tollgate_rls"}}}}}
+
+
+def mint_tokens(alg, n):
+    import jwt as pyjwt
+    fix = os.path.join(ROOT, "tests", "fixtures", "jwt")
+    keyfile, kid = {"RS256": ("rsa1.key.pem", "rsa-1"), "ES256": ("ec256.key.pem", "ec256-1")}[alg]
+    key = open(os.path.join(fix, keyfile), "rb").read()
+    now = int(time.time())
+    toks = [pyjwt.encode({"iss": "https://bench/", "aud": "tollgate", "sub": "u%d" % i, "exp": now + 3600,
+                          "iat": now, "tenant": "bench"}, key, algorithm=alg, headers={"kid": kid})
+            for i in range(n)]
+    path = tempfile.mktemp(suffix=".tokens", dir=LOGDIR)
+    with open(path, "w") as f:
+        f.write("\n".join(toks) + "\n")
+    return toks, path
+
+
+def ttfb_ms(port, body, headers, n=30):
+    samples = []
+    payload = json.dumps(body).encode()
+    head = "".join("%s: %s\r\n" % kv for kv in headers.items())
+    for _ in range(n):
+        c = socket.create_connection(("127.0.0.1", port), timeout=30)
+        t0 = time.perf_counter()
+        c.sendall(("POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+                   "%scontent-length: %d\r\n\r\n" % (head, len(payload))).encode() + payload)
+        c.recv(1)
+        samples.append((time.perf_counter() - t0) * 1000)
+        while c.recv(65536):
+            pass
+        c.close()
+    return statistics.median(samples)
+
+
+def stream_seconds(port, headers, size):
+    payload = json.dumps(dict(json.loads(BODY), stream=True)).encode()
+    head = "".join("%s: %s\r\n" % kv for kv in headers.items())
+    c = socket.create_connection(("127.0.0.1", port), timeout=120)
+    t0 = time.perf_counter()
+    c.sendall(("POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+               "x-mock-bulk-bytes: %d\r\n%sconnection: close\r\ncontent-length: %d\r\n\r\n"
+               % (size, head, len(payload))).encode() + payload)
+    got = 0
+    while True:
+        piece = c.recv(1 << 20)
+        if not piece:
+            break
+        got += len(piece)
+    c.close()
+    return time.perf_counter() - t0, got
+
+
+def main():
+    procs = []
+    try:
+        up, up_port = fast_upstream()
+        procs.append(up)
+        redis = harness.Redis(logdir=LOGDIR)
+        procs.append(redis)
+        limits = os.path.join(LOGDIR, "limits.yaml")
+        with open(limits, "w") as f:
+            f.write("domains:\n- domain: tollgate_native\n  descriptors:\n  - key: generic_key\n"
+                    "    value: bench\n    rate_limit: {unit: minute, requests_per_unit: 1000000000}\n")
+        rls_port = harness.free_port()
+        rls = harness.Proc("rls", [harness.RLS_BIN, "--grpc-addr", "127.0.0.1:%d" % rls_port, "--metrics-addr",
+                                   "127.0.0.1:%d" % harness.free_port(), "--redis-url",
+                                   "redis://127.0.0.1:%d" % redis.port, "--config", limits], logdir=LOGDIR)
+        procs.append(rls)
+        harness.wait_port(rls_port, proc=rls.proc)
+        auth = {"authorization": "Bearer " + KEY}
+
+        # 1. bare Envoy
+        e, p = proxy(up_port, [])
+        bare, bare1 = measure("bare_envoy", p, auth)
+        e.stop()
+        # 2. native ratelimit filter, request count only
+        routes = [{"match": {"prefix": "/"}, "route": {"cluster": "llm_upstream", "rate_limits": [
+            {"actions": [{"generic_key": {"descriptor_value": "bench"}}]}]}}]
+        e, p = proxy(up_port, [native_filter()], rls_port=rls_port, routes=routes)
+        native, native1 = measure("native_ratelimit", p, auth)
+        e.stop()
+        # 3. tollgate doing everything
+        filt = harness.wasm_filter(tenant_config(limits=True), env_keys=["BENCH_OPENAI_KEY"])
+        e, p = proxy(up_port, [filt], rls_port=rls_port)
+        tg, tg1 = measure("tollgate", p, auth)
+        dropped = e.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0)
+        result("tollgate_settles_dropped", dropped)
+        e.stop()
+        result("tollgate_vs_bare_envoy_rps", "%.3f" % (tg["rps"] / bare["rps"]))
+        result("tollgate_vs_native_ratelimit_rps", "%.3f" % (tg["rps"] / native["rps"]))
+        result("native_ratelimit_vs_bare_envoy_rps", "%.3f" % (native["rps"] / bare["rps"]))
+        result("tollgate_added_p50_ms", "%.3f" % (tg1["p50"] - bare1["p50"]))
+        result("tollgate_added_p99_ms", "%.3f" % (tg1["p99"] - bare1["p99"]))
+        result("native_ratelimit_added_p50_ms", "%.3f" % (native1["p50"] - bare1["p50"]))
+        result("native_ratelimit_added_p99_ms", "%.3f" % (native1["p99"] - bare1["p99"]))
+
+        # 4. identity: API key vs JWT (no limits, so only identity differs)
+        jwks = json.load(open(os.path.join(ROOT, "tests", "fixtures", "jwt", "jwks.json")))
+        jwt_cfg = {"providers": [{"name": "bench", "issuers": ["https://bench/"], "audiences": ["tollgate"],
+                                  "algorithms": ["RS256", "ES256"], "jwks": {"inline": jwks},
+                                  "tenant_claim": "tenant"}], "cache_max_entries": 4096}
+        filt = harness.wasm_filter(tenant_config(limits=False, extra={"jwt": jwt_cfg}), env_keys=["BENCH_OPENAI_KEY"])
+        e, p = proxy(up_port, [filt])
+        key_run, _ = measure("identity_api_key", p, auth)
+        for alg in ("RS256", "ES256"):
+            toks, _ = mint_tokens(alg, 1)
+            hit, _ = measure("identity_jwt_%s_cache_hit" % alg.lower(), p, {"authorization": "Bearer " + toks[0]})
+            # Far more distinct tokens than the cache holds: every request verifies.
+            _, path = mint_tokens(alg, 20000)
+            miss, _ = measure("identity_jwt_%s_cache_miss" % alg.lower(), p, {}, tokens_file=path)
+            result("jwt_%s_cache_hit_vs_api_key_rps" % alg.lower(), "%.3f" % (hit["rps"] / key_run["rps"]))
+            result("jwt_%s_cache_miss_vs_api_key_rps" % alg.lower(), "%.3f" % (miss["rps"] / key_run["rps"]))
+        e.stop()
+
+        # 5. streaming through the mock: TTFB and throughput, with and without tollgate
+        mock = harness.MockLLM(logdir=LOGDIR)
+        procs.append(mock)
+        e_bare, p_bare = proxy(mock.port, [])
+        filt = harness.wasm_filter(tenant_config(limits=True), env_keys=["BENCH_OPENAI_KEY"])
+        e_tg, p_tg = proxy(mock.port, [filt], rls_port=rls_port)
+        body = dict(json.loads(BODY), stream=True)
+        think = {"x-mock-first-byte-ms": "150"}
+        t_bare = ttfb_ms(p_bare, body, dict(auth, **think))
+        t_tg = ttfb_ms(p_tg, body, dict(auth, **think))
+        result("stream_ttfb_bare_ms", "%.1f" % t_bare)
+        result("stream_ttfb_tollgate_ms", "%.1f" % t_tg)
+        result("stream_ttfb_ratio", "%.3f" % (t_tg / t_bare))
+        t0_bare = ttfb_ms(p_bare, body, auth)
+        t0_tg = ttfb_ms(p_tg, body, auth)
+        result("stream_ttfb_added_ms_instant_provider", "%.2f" % (t0_tg - t0_bare))
+        size = 20_000_000
+        rates = {}
+        for name, port in (("bare", p_bare), ("tollgate", p_tg)):
+            best = 0
+            for _ in range(3):
+                secs, got = stream_seconds(port, auth, size)
+                best = max(best, got / secs)
+            rates[name] = best
+            result("stream_%s_mb_per_s" % name, "%.1f" % (rates[name] / 1e6))
+        result("stream_throughput_ratio", "%.3f" % (rates["tollgate"] / rates["bare"]))
+        e_bare.stop()
+        e_tg.stop()
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+if __name__ == "__main__":
+    main()
