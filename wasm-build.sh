@@ -31,7 +31,8 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
   echo "wasm-build: installing the wasm32-wasip1 target" >&2
   rustup target add wasm32-wasip1
 fi
-cargo build --release --target wasm32-wasip1 --lib -p tollgate
+# SIMD (wasm simd128, supported by V8) speeds up the byte scanning of streams.
+RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+simd128" cargo build --release --target wasm32-wasip1 --lib -p tollgate
 mkdir -p build
 cp "${CARGO_TARGET_DIR:-target}/wasm32-wasip1/release/tollgate.wasm" build/tollgate.wasm
 size=$(stat -c %s build/tollgate.wasm)

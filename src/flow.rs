@@ -694,13 +694,16 @@ impl RequestFlow {
         if let Some(m) = self.meter.as_mut() {
             m.push(chunk);
         }
-        let mut replace = self.stripper.as_mut().map(|s| s.push(chunk));
+        // Only a chunk the stripper changed is written back (most pass as is).
+        let mut replace = self.stripper.as_mut().map(|s| s.push(chunk)).filter(|out| out.as_slice() != chunk);
         if !end_of_stream {
             return (replace, None);
         }
         if let Some(s) = self.stripper.as_mut() {
             let rest = s.finish();
-            replace.get_or_insert_with(Vec::new).extend_from_slice(&rest);
+            if !rest.is_empty() {
+                replace.get_or_insert_with(|| chunk.to_vec()).extend_from_slice(&rest);
+            }
         }
         let finish = self.finish(now_ms, true);
         if !finish.append.is_empty() {

@@ -26,10 +26,12 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-/// How often the root context sends queued settles.
-const TICK: Duration = Duration::from_millis(200);
-/// Settles in flight at once per worker.
-const MAX_SETTLES_IN_FLIGHT: usize = 64;
+/// How often the root context sends queued settles. Short, so each tick sends
+/// a small batch (a long tick makes a burst that stalls this worker's requests).
+const TICK: Duration = Duration::from_millis(50);
+/// Settles in flight at once per worker. Must exceed (requests/s per worker x
+/// settle round trip) or the journal backs up; it bounds memory, not rate.
+const MAX_SETTLES_IN_FLIGHT: usize = 4096;
 
 /// Metric ids by name, defined on first use.
 #[derive(Default)]

@@ -187,7 +187,7 @@ impl SseParser {
                     continue;
                 }
             }
-            match rest.iter().position(|&b| b == b'\r' || b == b'\n') {
+            match memchr::memchr2(b'\r', b'\n', rest) {
                 None => {
                     let n = rest.len();
                     self.append_to_line(n);

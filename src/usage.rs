@@ -322,6 +322,61 @@ fn text_len(v: Option<&Value>) -> u64 {
     }
 }
 
+/// Text bytes of an OpenAI chat chunk that carries nothing but deltas: no
+/// usage, no error. `None` sends the chunk down the full path (a usage chunk,
+/// an error, or a shape this reader does not know).
+fn chat_delta_text_len(data: &str) -> Option<u64> {
+    use serde::de::IgnoredAny;
+    use serde::Deserialize;
+    use std::borrow::Cow;
+
+    #[derive(Deserialize)]
+    struct Chunk<'a> {
+        #[serde(default)]
+        usage: Option<IgnoredAny>,
+        #[serde(default)]
+        error: Option<IgnoredAny>,
+        #[serde(default, borrow)]
+        choices: Vec<Choice<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow)]
+        delta: Delta<'a>,
+    }
+    #[derive(Deserialize)]
+    struct Delta<'a> {
+        #[serde(default, borrow)]
+        content: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        reasoning_content: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        reasoning: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        refusal: Option<Cow<'a, str>>,
+        #[serde(default)]
+        tool_calls: Option<IgnoredAny>,
+    }
+
+    let chunk: Chunk<'_> = serde_json::from_str(data).ok()?;
+    if chunk.usage.is_some() || chunk.error.is_some() {
+        return None;
+    }
+    let len = |s: &Option<Cow<'_, str>>| s.as_ref().map_or(0, |s| s.len() as u64);
+    let mut n = 0u64;
+    for c in &chunk.choices {
+        if c.delta.tool_calls.is_some() {
+            return None;
+        }
+        n = n
+            .saturating_add(len(&c.delta.content))
+            .saturating_add(len(&c.delta.reasoning_content))
+            .saturating_add(len(&c.delta.reasoning))
+            .saturating_add(len(&c.delta.refusal));
+    }
+    Some(n)
+}
+
 /// Approximate size of a tool-call argument that is a JSON object, not text.
 fn json_len(v: Option<&Value>) -> u64 {
     match v {
@@ -434,6 +489,14 @@ impl Accum {
         }
         if !self.wanted(&ev.event) {
             return;
+        }
+        if self.format == UsageFormat::OpenAiChat && self.model.is_some() {
+            // Most chunks of a chat stream carry only a text delta: read them
+            // without building a JSON tree (the stream's throughput depends on it).
+            if let Some(n) = chat_delta_text_len(data) {
+                self.add_text(n);
+                return;
+            }
         }
         match serde_json::from_str::<Value>(data) {
             Ok(doc) => {
