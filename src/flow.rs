@@ -1183,6 +1183,37 @@ mod tests {
     }
 
     #[test]
+    fn fallback_model_past_the_budget_share() {
+        let mut plugin = sample();
+        let idx = plugin.tenants.iter().position(|t| t.id == "acme").unwrap();
+        plugin.tenants[idx].policy.fallback_model = Some("gpt-4o-mini".into());
+        plugin.tenants[idx].policy.fallback_at_permille = Some(800);
+        let plugin = Rc::new(plugin);
+        let shared = Rc::new(RefCell::new(Shared::new(10)));
+        let body = br#"{"model":"gpt-4o","max_tokens":10}"#;
+        // 90% of the monthly dollar budget used, as the service reports.
+        let limit = plugin.tenants[idx].policy.usd_micros_per_month.unwrap();
+        let remaining = u32::try_from(limit / 10).unwrap();
+        let first_reply = reply(rls::Code::Ok, vec![(rls::Code::Ok, remaining, 60)]);
+        let mut first = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        start(&mut first, KEY_A, "/v1/chat/completions");
+        let _ = first.on_request_body(body, 0);
+        let BodyStep::Forward { body: None, .. } = first.on_rls_reply(Ok(&first_reply), 1) else {
+            panic!("the first request is served as asked")
+        };
+        let mut second = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        start(&mut second, KEY_A, "/v1/chat/completions");
+        let _ = second.on_request_body(body, 2);
+        let BodyStep::Forward { body: Some(b), .. } = second.on_rls_reply(Ok(&first_reply), 3) else {
+            panic!("the second request is rewritten")
+        };
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["model"], "gpt-4o-mini");
+        let hs = second.on_response_headers(200);
+        assert!(hs.set.contains(&("x-tollgate-model-served".into(), "gpt-4o-mini".into())));
+    }
+
+    #[test]
     fn usd_formatting() {
         assert_eq!(format_usd(1_234_567), "1.234567");
         assert_eq!(format_usd(5), "0.000005");
