@@ -83,28 +83,9 @@ def test_client_tenant_header_alone_is_not_identity(stack, mock):
 def test_tier_header_routes_to_dedicated_cluster(stack, mock):
     stack.post(CHAT, APIS["openai"][3], {"authorization": "Bearer " + KEY_A, "x-request-id": "route-acme"})
     stack.post(CHAT, APIS["openai"][3], {"authorization": "Bearer " + KEY_B, "x-request-id": "route-globex"})
-    lines = read_access_log(stack, {"route-acme", "route-globex"})
+    lines = stack.access_log_lines({"route-acme", "route-globex"})
     assert lines["route-acme"]["upstream_cluster"] == "llm_dedicated"
     assert lines["route-globex"]["upstream_cluster"] == "llm_upstream"
-
-
-def read_access_log(stack, ids, timeout=5.0):
-    deadline = time.time() + timeout
-    found = {}
-    while time.time() < deadline:
-        if os.path.exists(stack.access_log):
-            with open(stack.access_log) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        continue
-                    if rec.get("request_id") in ids:
-                        found[rec["request_id"]] = rec
-        if len(found) == len(ids):
-            return found
-        time.sleep(0.1)
-    raise AssertionError("access log lines missing: %s" % (set(ids) - set(found)))
 
 
 def test_request_id_is_kept_and_echoed(stack, mock):
