@@ -869,7 +869,15 @@ impl RequestFlow {
         };
         let entry = journal::Entry {
             message: req.encode_to_vec(),
-            idempotency_key: format!("{}:settle", self.request_id),
+            // The service takes 1-256 visible ASCII characters.
+            idempotency_key: format!(
+                "{}:settle",
+                self.request_id
+                    .chars()
+                    .take(200)
+                    .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+                    .collect::<String>()
+            ),
             settle_mode,
             attempts: 0,
             next_attempt_ms: now_ms,

@@ -151,8 +151,19 @@ impl Context for Root {
                 Err(_) => false,
             };
         let mut m = self.metrics.borrow_mut();
-        if shared.borrow_mut().journal.answered(token_id, ok, now_ms()) {
-            m.count(if ok { "tollgate.settle.ok" } else { "tollgate.settle.retried" }, 1);
+        // INVALID_ARGUMENT will never succeed: drop it (counted) rather than
+        // retry it until the journal overflows.
+        let rejected = status_code == 3;
+        if shared.borrow_mut().journal.answered(token_id, ok || rejected, now_ms()) {
+            let name = if rejected {
+                log::error!("tollgate: the rate-limit service rejected a settle as invalid");
+                "tollgate.settle.rejected"
+            } else if ok {
+                "tollgate.settle.ok"
+            } else {
+                "tollgate.settle.retried"
+            };
+            m.count(name, 1);
         }
     }
 }
@@ -208,7 +219,7 @@ impl RootContext for Root {
         let due = {
             let mut s = shared.borrow_mut();
             let room = MAX_SETTLES_IN_FLIGHT.saturating_sub(s.journal.in_flight());
-            s.journal.due(now, room)
+            crate::journal::merge(s.journal.due(now, room))
         };
         for entry in due {
             let meta = flow::journal_metadata(&entry);

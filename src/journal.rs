@@ -107,6 +107,99 @@ impl Journal {
     }
 }
 
+/// Folds first-attempt settles of the same tenant into one call: per limit,
+/// the net of the charges and refunds. One RLS call then settles a whole
+/// tick's worth of a tenant's requests. Retried entries keep their own
+/// identity (and idempotency key), so a retry is never applied twice; a
+/// merged entry gets a key of its own (`<first key>+<count>`), unique because
+/// each request's settle joins exactly one batch, and kept across its retries.
+pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
+    use crate::rls::{Descriptor, RateLimitRequest, UInt64Value};
+    use prost::Message;
+
+    struct Group {
+        first_key: String,
+        count: usize,
+        domain: String,
+        /// (descriptor without hits, net hits)
+        nets: Vec<(Descriptor, i128)>,
+        next_attempt_ms: u64,
+    }
+    let mut out = Vec::new();
+    let mut groups: Vec<(String, Group)> = Vec::new();
+    for e in entries {
+        let decoded = if e.attempts == 0 && e.settle_mode {
+            RateLimitRequest::decode(e.message.as_slice()).ok()
+        } else {
+            None
+        };
+        let Some(req) = decoded else {
+            out.push(e);
+            continue;
+        };
+        let tenant = req
+            .descriptors
+            .first()
+            .and_then(|d| d.entries.first())
+            .map(|x| x.value.clone())
+            .unwrap_or_default();
+        let gkey = format!("{}\u{0}{}", req.domain, tenant);
+        let pos = match groups.iter().position(|(k, _)| *k == gkey) {
+            Some(p) => p,
+            None => {
+                groups.push((
+                    gkey,
+                    Group {
+                        first_key: e.idempotency_key.clone(),
+                        count: 0,
+                        domain: req.domain.clone(),
+                        nets: Vec::new(),
+                        next_attempt_ms: e.next_attempt_ms,
+                    },
+                ));
+                groups.len() - 1
+            }
+        };
+        let Some((_, g)) = groups.get_mut(pos) else { continue };
+        g.count += 1;
+        for d in req.descriptors {
+            let hits = i128::from(d.hits_addend.as_ref().map_or(1, |h| h.value));
+            let signed = if d.is_negative_hits { -hits } else { hits };
+            let mut bare = d;
+            bare.hits_addend = None;
+            bare.is_negative_hits = false;
+            match g.nets.iter_mut().find(|(k, _)| *k == bare) {
+                Some((_, n)) => *n += signed,
+                None => g.nets.push((bare, signed)),
+            }
+        }
+    }
+    for (_, g) in groups {
+        let descriptors: Vec<Descriptor> = g
+            .nets
+            .into_iter()
+            .filter(|(_, n)| *n != 0)
+            .map(|(mut d, n)| {
+                d.is_negative_hits = n < 0;
+                d.hits_addend = Some(UInt64Value { value: u64::try_from(n.unsigned_abs()).unwrap_or(u64::MAX) });
+                d
+            })
+            .collect();
+        if descriptors.is_empty() {
+            continue;
+        }
+        let key = if g.count == 1 { g.first_key } else { format!("{}+{}", g.first_key, g.count) };
+        out.push(Entry {
+            message: RateLimitRequest { domain: g.domain, descriptors, hits_addend: 0 }.encode_to_vec(),
+            idempotency_key: key,
+            settle_mode: true,
+            attempts: 0,
+            next_attempt_ms: g.next_attempt_ms,
+        });
+    }
+    out
+}
+
 pub fn backoff_ms(attempts: u32) -> u64 {
     let shift = attempts.saturating_sub(1).min(16);
     BASE_BACKOFF_MS.saturating_mul(1u64 << shift).min(MAX_BACKOFF_MS)
@@ -146,6 +239,43 @@ mod tests {
         assert_eq!(j.dropped, 1);
         let keys: Vec<String> = j.due(0, 10).into_iter().map(|x| x.idempotency_key).collect();
         assert_eq!(keys, vec!["b", "c"]);
+    }
+
+    fn settle(key: &str, tenant: &str, tokens: (u64, bool), micros: (u64, bool)) -> Entry {
+        use crate::rls::{Descriptor, Entry as E, RateLimitRequest, UInt64Value};
+        use prost::Message;
+        let d = |limit: &str, (v, neg): (u64, bool)| Descriptor {
+            entries: vec![E { key: "tenant".into(), value: tenant.into() }, E { key: "limit".into(), value: limit.into() }],
+            limit: None,
+            hits_addend: Some(UInt64Value { value: v }),
+            is_negative_hits: neg,
+        };
+        let req = RateLimitRequest { domain: "tg".into(), descriptors: vec![d("tpm", tokens), d("usd", micros)], hits_addend: 0 };
+        Entry { message: req.encode_to_vec(), idempotency_key: key.into(), settle_mode: true, attempts: 0, next_attempt_ms: 0 }
+    }
+
+    #[test]
+    fn merge_nets_a_tenants_settles_into_one_call() {
+        use crate::rls::RateLimitRequest;
+        use prost::Message;
+        let mut retried = settle("r0", "a", (1, false), (1, false));
+        retried.attempts = 2;
+        let out = merge(vec![
+            settle("r1", "a", (100, true), (50, false)),
+            settle("r2", "a", (30, false), (50, true)),
+            settle("r3", "b", (7, false), (1, false)),
+            retried.clone(),
+        ]);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0], retried, "a retry keeps its identity");
+        let a = out.iter().find(|e| e.idempotency_key == "r1+2").unwrap();
+        let req = RateLimitRequest::decode(a.message.as_slice()).unwrap();
+        // tokens: -100 + 30 = -70; dollars: +50 - 50 = 0 (dropped).
+        assert_eq!(req.descriptors.len(), 1);
+        assert!(req.descriptors[0].is_negative_hits);
+        assert_eq!(req.descriptors[0].hits_addend.as_ref().unwrap().value, 70);
+        let b = out.iter().find(|e| e.idempotency_key == "r3").unwrap();
+        assert_eq!(RateLimitRequest::decode(b.message.as_slice()).unwrap().descriptors.len(), 2);
     }
 
     #[test]
