@@ -67,6 +67,26 @@ impl Report {
         });
     }
 
+    /// Compiles a plugin configuration given as a JSON value, counting it or
+    /// reporting its error at `location`.
+    fn compile_value(&mut self, location: &str, value: &Value, env: EnvMode) -> Option<Compiled> {
+        let compiled = serde_json::to_vec(value)
+            .map_err(|e| e.to_string())
+            .and_then(|raw| compile_plugin(&raw, env));
+        match compiled {
+            Ok(c) => {
+                self.configs += 1;
+                self.tenants += c.tenants;
+                self.routes += c.routes;
+                Some(c)
+            }
+            Err(e) => {
+                self.error(location, e);
+                None
+            }
+        }
+    }
+
     fn warn(&mut self, location: &str, message: impl Into<String>) {
         self.findings.push(Finding {
             location: location.to_string(),
@@ -367,18 +387,8 @@ fn check_k8s(doc: &Value, location: &str, env: EnvMode, report: &mut Report) {
                 return;
             };
             // Istio turns pluginConfig into JSON text in a StringValue.
-            let raw = match serde_json::to_vec(plugin_config) {
-                Ok(raw) => raw,
-                Err(e) => {
-                    report.error(&at, e.to_string());
-                    return;
-                }
-            };
-            match compile_plugin(&raw, env) {
-                Ok(c) => {
-                    report.configs += 1;
-                    report.tenants += c.tenants;
-                    report.routes += c.routes;
+            match report.compile_value(&at, plugin_config, env) {
+                Some(c) => {
                     let vm_env = if kind == "WasmPlugin" {
                         spec.and_then(|s| s.pointer("/vmConfig/env"))
                     } else {
@@ -411,7 +421,7 @@ fn check_k8s(doc: &Value, location: &str, env: EnvMode, report: &mut Report) {
                         ),
                     );
                 }
-                Err(e) => report.error(&at, e),
+                None => {}
             }
         }
         "EnvoyFilter" => {
@@ -442,21 +452,7 @@ fn check_document(doc: &Value, location: &str, env: EnvMode, report: &mut Report
         walk(doc, location, env, report);
     } else {
         // A plugin configuration on its own.
-        let raw = match serde_json::to_vec(doc) {
-            Ok(raw) => raw,
-            Err(e) => {
-                report.error(location, e.to_string());
-                return;
-            }
-        };
-        match compile_plugin(&raw, env) {
-            Ok(c) => {
-                report.configs += 1;
-                report.tenants += c.tenants;
-                report.routes += c.routes;
-            }
-            Err(e) => report.error(location, e),
-        }
+        report.compile_value(location, doc, env);
     }
 }
 
