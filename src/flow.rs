@@ -22,6 +22,7 @@ use serde_json::Value;
 use crate::api::{self, Api, Family, LocalReply, Refusal};
 use crate::config::{FailureMode, Plugin, RlsMode, UnmatchedRoutes};
 use crate::identity::{self, Headers};
+use crate::inflight::{self, Acquire, LocalStore, SlotStore};
 use crate::journal::{self, Journal};
 use crate::limits::{self, Amounts, LimitKind, LimitState, Verdict};
 use crate::metrics;
@@ -103,8 +104,17 @@ pub struct Shared {
     /// used, as of the last answer seen.
     budget_used: HashMap<usize, u64>,
     model_labels: HashSet<String>,
-    /// Requests in flight per tenant on this worker.
+    /// Requests in flight per tenant on this worker (slots taken in the
+    /// shared table, or locally when it was unavailable).
     pub inflight: HashMap<usize, u64>,
+    /// The table of in-flight counts across workers (see [`crate::inflight`]);
+    /// the filter installs Envoy's shared data here.
+    pub slots: Box<dyn SlotStore>,
+    /// This VM's identity in the shared tables.
+    pub vm_id: u64,
+    /// Shared-table keys of the tenants this VM holds slots for.
+    held: HashMap<usize, (String, u64)>,
+    last_heartbeat_ms: u64,
     pub counter: u64,
 }
 
@@ -116,7 +126,64 @@ impl Shared {
             budget_used: HashMap::new(),
             model_labels: HashSet::new(),
             inflight: HashMap::new(),
+            slots: Box::new(LocalStore::default()),
+            vm_id: 0,
+            held: HashMap::new(),
+            last_heartbeat_ms: 0,
             counter: 0,
+        }
+    }
+
+    /// Takes an in-flight slot for a tenant, across workers when the shared
+    /// table works, on this worker alone when it does not.
+    fn acquire_slot(&mut self, idx: usize, tenant_id: &str, cap: u64, now_ms: u64) -> Result<Slot, u64> {
+        let key = inflight::key(tenant_id);
+        match inflight::acquire(self.slots.as_ref(), &key, self.vm_id, cap, now_ms) {
+            Acquire::Granted => {
+                self.held.entry(idx).or_insert_with(|| (key, 0)).1 += 1;
+                *self.inflight.entry(idx).or_insert(0) += 1;
+                Ok(Slot::Shared)
+            }
+            Acquire::Full(n) => Err(n),
+            Acquire::Unavailable => {
+                let n = self.inflight.get(&idx).copied().unwrap_or(0);
+                if n >= cap {
+                    return Err(n);
+                }
+                log::warn!("tollgate: shared in-flight table unavailable; counting tenant {tenant_id} on this worker");
+                *self.inflight.entry(idx).or_insert(0) += 1;
+                Ok(Slot::Local)
+            }
+        }
+    }
+
+    fn release_slot(&mut self, idx: usize, slot: Slot, now_ms: u64) {
+        if let Some(n) = self.inflight.get_mut(&idx) {
+            *n = n.saturating_sub(1);
+        }
+        if slot == Slot::Shared {
+            if let Some((key, n)) = self.held.get_mut(&idx) {
+                *n = n.saturating_sub(1);
+                if let Err(e) = inflight::release(self.slots.as_ref(), key, self.vm_id, now_ms) {
+                    // The entry stops counting once its heartbeat goes stale.
+                    log::warn!("tollgate: releasing an in-flight slot failed: {e:?}");
+                }
+                if *n == 0 {
+                    self.held.remove(&idx);
+                }
+            }
+        }
+    }
+
+    /// Refreshes this VM's entries in the shared in-flight tables; called
+    /// from the root context's tick.
+    pub fn heartbeat(&mut self, now_ms: u64) {
+        if now_ms.saturating_sub(self.last_heartbeat_ms) < inflight::HEARTBEAT_MS {
+            return;
+        }
+        self.last_heartbeat_ms = now_ms;
+        for (key, _) in self.held.values() {
+            let _ = inflight::heartbeat(self.slots.as_ref(), key, self.vm_id, now_ms);
         }
     }
 
@@ -132,6 +199,13 @@ impl Shared {
         self.model_labels.insert(l.clone());
         l
     }
+}
+
+/// Where a request's in-flight slot was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Shared,
+    Local,
 }
 
 #[derive(Debug, Clone)]
@@ -182,7 +256,7 @@ pub struct RequestFlow {
     clamped_to: Option<u64>,
     fallback_used: bool,
     reservation: Option<Reservation>,
-    counted_inflight: bool,
+    slot: Option<Slot>,
     // Response.
     meter: Option<ResponseMeter>,
     stripper: Option<UsageChunkStripper>,
@@ -216,7 +290,7 @@ impl RequestFlow {
             clamped_to: None,
             fallback_used: false,
             reservation: None,
-            counted_inflight: false,
+            slot: None,
             meter: None,
             stripper: None,
             strip_usage: false,
@@ -394,23 +468,27 @@ impl RequestFlow {
             self.body_dirty = true;
         }
 
-        // In-flight cap, counted per worker: the count lives in this VM, so
-        // a VM restart cannot leak it, and every stream (reset or not) ends in
-        // `on_stream_done`, which releases its slot.
+        // In-flight cap across the Envoy's workers (see `inflight`). The slot
+        // is taken now, before the reserve call, so concurrent requests cannot
+        // all pass the check; every stream (reset or not) ends in
+        // `on_stream_done`, which gives it back.
         if let Some(cap) = policy.max_concurrent_requests {
-            let now_inflight = self.shared.borrow().inflight.get(&tenant_idx).copied().unwrap_or(0);
-            if now_inflight >= cap {
-                let refusal = Refusal::Custom {
-                    status: 429,
-                    code: "concurrency_limited".into(),
-                    message: format!("This account already has {cap} requests in flight; retry when one completes."),
-                };
-                self.phase = Phase::Refused;
-                let mut reply = api::render(api.family(), &refusal, &self.request_id, Some("requests"));
-                reply.headers.push(("retry-after".into(), "1".into()));
-                reply.headers.push(("retry-after-ms".into(), "1000".into()));
-                reply.headers.push(("x-should-retry".into(), "true".into()));
-                return BodyStep::Reply(reply);
+            let taken = self.shared.borrow_mut().acquire_slot(tenant_idx, &tenant.id, cap, now_ms);
+            match taken {
+                Ok(slot) => self.slot = Some(slot),
+                Err(_) => {
+                    let refusal = Refusal::Custom {
+                        status: 429,
+                        code: "concurrency_limited".into(),
+                        message: format!("This account already has {cap} requests in flight; retry when one completes."),
+                    };
+                    self.phase = Phase::Refused;
+                    let mut reply = api::render(api.family(), &refusal, &self.request_id, Some("requests"));
+                    reply.headers.push(("retry-after".into(), "1".into()));
+                    reply.headers.push(("retry-after-ms".into(), "1000".into()));
+                    reply.headers.push(("x-should-retry".into(), "true".into()));
+                    return BodyStep::Reply(reply);
+                }
             }
         }
 
@@ -433,7 +511,6 @@ impl RequestFlow {
         if !policy.has_limits() {
             return self.forward();
         }
-        let _ = now_ms;
         let output = self.output_requested;
         self.reserve_call(rl.mode == RlsMode::CheckThenCharge, output)
     }
@@ -471,10 +548,6 @@ impl RequestFlow {
 
     fn forward(&mut self) -> BodyStep {
         self.phase = Phase::Upstream;
-        if let Some(idx) = self.tenant {
-            *self.shared.borrow_mut().inflight.entry(idx).or_insert(0) += 1;
-            self.counted_inflight = true;
-        }
         let body = if self.body_dirty {
             self.body.as_ref().and_then(|v| serde_json::to_vec(v).ok())
         } else {
@@ -722,13 +795,8 @@ impl RequestFlow {
     /// e.g. after a client disconnect or an upstream reset.
     pub fn on_stream_done(&mut self, now_ms: u64) -> Option<Finish> {
         let out = (self.phase == Phase::Upstream).then(|| self.finish(now_ms, false));
-        if self.counted_inflight {
-            self.counted_inflight = false;
-            if let Some(idx) = self.tenant {
-                if let Some(n) = self.shared.borrow_mut().inflight.get_mut(&idx) {
-                    *n = n.saturating_sub(1);
-                }
-            }
+        if let (Some(slot), Some(idx)) = (self.slot.take(), self.tenant) {
+            self.shared.borrow_mut().release_slot(idx, slot, now_ms);
         }
         out
     }
@@ -1188,6 +1256,71 @@ mod tests {
         let mut third = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
         start(&mut third, KEY_B, "/v1/chat/completions");
         assert!(matches!(third.on_request_body(body, 5), BodyStep::Call(_)));
+    }
+
+    #[test]
+    fn requests_waiting_for_the_limiter_hold_their_slot() {
+        // The slot is taken before the reserve call: two requests that both
+        // wait for the service cannot both pass a cap of one.
+        let mut plugin = sample();
+        let idx = plugin.tenants.iter().position(|t| t.id == "globex").unwrap();
+        plugin.tenants[idx].policy.max_concurrent_requests = Some(1);
+        let plugin = Rc::new(plugin);
+        let shared = Rc::new(RefCell::new(Shared::new(10)));
+        let body = br#"{"model":"gpt-4o-mini"}"#;
+        let mut first = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        start(&mut first, KEY_B, "/v1/chat/completions");
+        assert!(matches!(first.on_request_body(body, 0), BodyStep::Call(_)));
+        let mut second = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        start(&mut second, KEY_B, "/v1/chat/completions");
+        let BodyStep::Reply(r) = second.on_request_body(body, 1) else { panic!() };
+        assert_eq!(r.header("x-tollgate-error"), Some("concurrency_limited"));
+        // The first is refused by the limiter: its slot comes back at the end.
+        let limited = reply(rls::Code::OverLimit, vec![(rls::Code::OverLimit, 10, 0)]);
+        assert!(matches!(first.on_rls_reply(Ok(&limited), 2), BodyStep::Reply(_)));
+        first.on_stream_done(3);
+        second.on_stream_done(3);
+        let mut third = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        start(&mut third, KEY_B, "/v1/chat/completions");
+        assert!(matches!(third.on_request_body(body, 4), BodyStep::Call(_)));
+    }
+
+    #[test]
+    fn workers_share_the_cap_through_one_table() {
+        // Two VMs (workers) with their own `Shared` but one slot table.
+        struct Both(Rc<crate::inflight::LocalStore>);
+        impl SlotStore for Both {
+            fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), crate::inflight::StoreError> {
+                self.0.get(key)
+            }
+            fn set(&self, key: &str, v: &[u8], cas: Option<u32>) -> Result<(), crate::inflight::StoreError> {
+                self.0.set(key, v, cas)
+            }
+        }
+        let mut plugin = sample();
+        let idx = plugin.tenants.iter().position(|t| t.id == "globex").unwrap();
+        plugin.tenants[idx].policy.max_concurrent_requests = Some(1);
+        let plugin = Rc::new(plugin);
+        let table = Rc::new(crate::inflight::LocalStore::default());
+        let worker = |vm| {
+            let mut s = Shared::new(10);
+            s.slots = Box::new(Both(Rc::clone(&table)));
+            s.vm_id = vm;
+            Rc::new(RefCell::new(s))
+        };
+        let (w1, w2) = (worker(1), worker(2));
+        let body = br#"{"model":"gpt-4o-mini"}"#;
+        let mut first = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&w1));
+        start(&mut first, KEY_B, "/v1/chat/completions");
+        assert!(matches!(first.on_request_body(body, 0), BodyStep::Call(_)));
+        let mut second = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&w2));
+        start(&mut second, KEY_B, "/v1/chat/completions");
+        let BodyStep::Reply(r) = second.on_request_body(body, 1) else { panic!() };
+        assert_eq!(r.header("x-tollgate-error"), Some("concurrency_limited"));
+        first.on_stream_done(2);
+        let mut third = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&w2));
+        start(&mut third, KEY_B, "/v1/chat/completions");
+        assert!(matches!(third.on_request_body(body, 3), BodyStep::Call(_)));
     }
 
     #[test]

@@ -13,11 +13,12 @@ use std::time::{Duration, UNIX_EPOCH};
 use hashbrown::HashMap;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::api::LocalReply;
 use crate::config::{self, Plugin};
 use crate::flow::{self, BodyStep, Finish, HeadersStep, RequestFlow, RlsCall, Shared};
+use crate::inflight::{self, SlotStore, StoreError};
 use crate::plan::HeaderPlan;
 use crate::rls;
 
@@ -70,6 +71,44 @@ impl Metrics {
             let _ = hostcalls::record_metric(id, value);
         }
     }
+}
+
+/// Envoy's shared data: one table per `vm_id` for the whole process, so the
+/// in-flight cap counts every worker (see [`crate::inflight`]).
+struct EnvoySharedData;
+
+impl SlotStore for EnvoySharedData {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+        hostcalls::get_shared_data(key).map_err(|_| StoreError::Unavailable)
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(_) => Err(StoreError::Unavailable),
+        }
+    }
+}
+
+/// A number no other VM of this Envoy process has: a counter in shared data,
+/// incremented under compare-and-swap.
+fn new_vm_id() -> u64 {
+    const KEY: &str = "tollgate.vm_seq";
+    for _ in 0..64 {
+        let Ok((value, cas)) = hostcalls::get_shared_data(KEY) else { break };
+        let current = value
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_le_bytes);
+        let next = current.wrapping_add(1).max(1);
+        match hostcalls::set_shared_data(KEY, Some(&next.to_le_bytes()), cas) {
+            Ok(()) => return next,
+            Err(Status::CasMismatch) => continue,
+            Err(_) => break,
+        }
+    }
+    // No shared data: the time is unique enough among a process's workers.
+    now_ms() ^ 0x5eed_0000_0000_0000
 }
 
 fn now_ms() -> u64 {
@@ -191,7 +230,18 @@ impl RootContext for Root {
                     .jwt
                     .as_ref()
                     .is_some_and(|j| j.0.try_borrow().is_ok_and(|v| v.has_remote_jwks()));
-                if plugin.rate_limit.is_some() || remote_jwks {
+                let capped: Vec<&str> = plugin
+                    .tenants
+                    .iter()
+                    .filter(|t| t.policy.max_concurrent_requests.is_some())
+                    .map(|t| t.id.as_str())
+                    .collect();
+                for id in &capped {
+                    if let Err(e) = inflight::create(&EnvoySharedData, &inflight::key(id)) {
+                        log::warn!("tollgate: cannot create the in-flight table of tenant {id}: {e:?}");
+                    }
+                }
+                if plugin.rate_limit.is_some() || remote_jwks || !capped.is_empty() {
                     if let Err(s) = hostcalls::set_tick_period(TICK) {
                         log::error!("tollgate: cannot set the tick period: {s:?}");
                         return false;
@@ -199,7 +249,10 @@ impl RootContext for Root {
                 }
                 // A reconfiguration keeps the journal: queued settles survive.
                 if self.shared.is_none() {
-                    self.shared = Some(Rc::new(RefCell::new(Shared::new(capacity))));
+                    let mut shared = Shared::new(capacity);
+                    shared.slots = Box::new(EnvoySharedData);
+                    shared.vm_id = new_vm_id();
+                    self.shared = Some(Rc::new(RefCell::new(shared)));
                 }
                 self.plugin = Some(Rc::new(plugin));
                 true
@@ -214,8 +267,9 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         self.refresh_jwks();
         let (Some(plugin), Some(shared)) = (&self.plugin, &self.shared) else { return };
-        let Some(rl) = &plugin.rate_limit else { return };
         let now = now_ms();
+        shared.borrow_mut().heartbeat(now);
+        let Some(rl) = &plugin.rate_limit else { return };
         let due = {
             let mut s = shared.borrow_mut();
             let room = MAX_SETTLES_IN_FLIGHT.saturating_sub(s.journal.in_flight());

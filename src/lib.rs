@@ -9,6 +9,7 @@ pub mod api;
 pub mod config;
 pub mod flow;
 pub mod identity;
+pub mod inflight;
 pub mod journal;
 pub mod jwt;
 pub mod limits;
