@@ -249,6 +249,11 @@ pub struct ProviderSpec {
     /// `authorization` and to nothing for every other header.
     #[serde(default)]
     pub credential_prefix: Option<String>,
+    /// Overrides `metering.inject_stream_usage` for this provider: for
+    /// example `false` for an Azure OpenAI API version that rejects
+    /// `stream_options` (those before 2024-09-01-preview) while OpenAI keeps it.
+    #[serde(default)]
+    pub inject_stream_usage: Option<bool>,
 }
 
 /// A route: requests whose path (without query) matches go to `provider`
@@ -644,6 +649,9 @@ pub struct Provider {
     pub name: String,
     pub credential_header: String,
     pub credential_prefix: String,
+    /// Whether OpenAI chat streams through this provider get
+    /// `stream_options.include_usage` added when the client left it out.
+    pub inject_stream_usage: bool,
 }
 
 /// How a route matches a path.
@@ -872,6 +880,7 @@ pub fn compile(
             name: name.clone(),
             credential_header: header,
             credential_prefix: prefix,
+            inject_stream_usage: p.inject_stream_usage.unwrap_or(config.metering.inject_stream_usage),
         });
     }
     let provider_index = |name: &str| providers.iter().position(|p| p.name == name);

@@ -261,6 +261,8 @@ pub struct RequestFlow {
     meter: Option<ResponseMeter>,
     stripper: Option<UsageChunkStripper>,
     strip_usage: bool,
+    /// The route's provider takes `stream_options.include_usage`.
+    inject_usage: bool,
     hold_body: bool,
     upstream_status: u16,
     start_ms: u64,
@@ -294,6 +296,7 @@ impl RequestFlow {
             meter: None,
             stripper: None,
             strip_usage: false,
+            inject_usage: false,
             hold_body: false,
             upstream_status: 0,
             start_ms: 0,
@@ -382,6 +385,7 @@ impl RequestFlow {
         if end_of_stream {
             return HeadersStep::Reply(self.refuse(&Refusal::BodyRequired));
         }
+        self.inject_usage = provider.inject_stream_usage;
         let limit = tenant.policy.max_request_bytes;
         if let Some(len) = identity::header(headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok()) {
             if len > limit {
@@ -461,7 +465,7 @@ impl RequestFlow {
         }
 
         // Usage for streams the client did not ask it for.
-        if api == Api::OpenaiChat && info.stream && !info.include_usage && plugin.metering.inject_stream_usage
+        if api == Api::OpenaiChat && info.stream && !info.include_usage && self.inject_usage
             && usage::inject_include_usage(&mut json)
         {
             self.strip_usage = true;
@@ -1139,6 +1143,26 @@ mod tests {
                 .collect(),
         }
         .encode_to_vec()
+    }
+
+    #[test]
+    fn a_provider_can_turn_off_usage_injection() {
+        let mut plugin = sample();
+        for p in &mut plugin.providers {
+            p.inject_stream_usage = false;
+        }
+        let mut f = flow_with(plugin);
+        start(&mut f, KEY_A, "/v1/chat/completions");
+        let body = br#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#;
+        match f.on_request_body(body, 0) {
+            BodyStep::Forward { body, .. } => assert!(body.is_none(), "body must be left alone"),
+            BodyStep::Call(_) => {
+                let ok = reply(rls::Code::Ok, vec![(rls::Code::Ok, 10, 1)]);
+                let BodyStep::Forward { body, .. } = f.on_rls_reply(Ok(&ok), 1) else { panic!() };
+                assert!(body.is_none(), "body must be left alone");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
