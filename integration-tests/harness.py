@@ -160,7 +160,8 @@ RLS_BIN = os.path.join(ROOT, "target", "release", "tollgate-ratelimit")
 class RateLimitService:
     """The real tollgate-ratelimit binary (built by run-tests.sh)."""
 
-    def __init__(self, redis_port, logdir=None, port=None, metrics_port=None):
+    def __init__(self, redis_port, logdir=None, port=None, metrics_port=None, redis_timeout_ms=200):
+        self.redis_timeout_ms = redis_timeout_ms
         if not os.path.exists(RLS_BIN):
             raise RuntimeError("%s is missing: cargo build --release -p tollgate-ratelimit" % RLS_BIN)
         self.port = port or free_port()
@@ -173,7 +174,7 @@ class RateLimitService:
         self.proc = Proc("rls-%d" % self.port, [RLS_BIN, "--grpc-addr", "127.0.0.1:%d" % self.port,
                                                 "--metrics-addr", "127.0.0.1:%d" % self.metrics_port,
                                                 "--redis-url", "redis://127.0.0.1:%d" % self.redis_port,
-                                                "--redis-timeout-ms", "200"],
+                                                "--redis-timeout-ms", str(self.redis_timeout_ms)],
                          logdir=self.logdir)
         wait_port(self.port, proc=self.proc.proc)
 

@@ -37,6 +37,7 @@ TENANTS = {
     "open": ("open", {}),
     "settle": ("budget", {"tokens_per_day": 1_000_000}),
     "conc": ("rate", {"requests_per_minute": 1000, "max_concurrent_requests": 2}),
+    "lost": ("rate", {"requests_per_minute": 1000, "requests_per_day": 1000, "tokens_per_day": 1_000_000}),
 }
 
 
@@ -305,6 +306,40 @@ def test_limiter_failure_fail_closed_and_fail_open(lstack, redis):
         time.sleep(0.2)
     assert got - before == expected, (before, got, expected)
     assert lstack.envoy.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0) == 0
+
+
+def test_a_reserve_whose_answer_is_lost_is_refunded(mock, redis, tmp_path):
+    # Redis stalls and the filter gives up on its reserve (fail-closed: 503)
+    # without knowing whether it was applied. It sends the same reserve again
+    # under its idempotency key: the service either replays the stored
+    # decision or (as here, where the cancelled call never reached Redis)
+    # decides it now; either way the reservation then stands once, and the
+    # filter refunds its tokens. End state: the request counted once, no
+    # tokens charged for a request that never went upstream.
+    rls = harness.RateLimitService(redis.port, logdir=str(tmp_path), redis_timeout_ms=5000)
+    stack = Stack(mock, str(tmp_path), plugin=limits_config(),
+                  extra_clusters=[harness.grpc_cluster("tollgate_rls", rls.port)])
+    try:
+        os.kill(redis.proc.proc.pid, signal.SIGSTOP)
+        try:
+            r = chat(stack, "lost", {"model": "gpt-4o-mini", "max_tokens": 50, "messages": []})
+            assert r.status == 503 and r.header("x-tollgate-error") == "rate_limiter_unavailable", r.body
+            time.sleep(0.3)
+        finally:
+            os.kill(redis.proc.proc.pid, signal.SIGCONT)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            state = (counter(redis, tid("lost"), "requests_per_day"), counter(redis, tid("lost"), "tokens_per_day"))
+            if state == (1, 0):
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # a late double refund would land now
+        state = (counter(redis, tid("lost"), "requests_per_day"), counter(redis, tid("lost"), "tokens_per_day"))
+        assert state == (1, 0), "(requests, tokens) after the refund: %r" % (state,)
+        assert stack.envoy.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0) == 0
+    finally:
+        stack.stop()
+        rls.stop()
 
 
 def test_settles_retried_after_a_hiccup_are_not_double_charged(lstack, redis):

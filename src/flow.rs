@@ -216,12 +216,23 @@ struct Reservation {
     charged: bool,
     /// Admitted locally while the service was unreachable: charge in full later.
     fail_open: bool,
+    /// The reserve whose answer was lost (fail-open admissions).
+    replay: Option<Replay>,
 }
 
 #[derive(Debug, Clone)]
 struct Pending {
     kinds: Vec<LimitKind>,
     estimate: Amounts,
+    /// The reserve as sent, for a replay if its answer is lost.
+    replay: Option<Replay>,
+}
+
+/// A reserve call that can be sent again under its idempotency key.
+#[derive(Debug, Clone)]
+struct Replay {
+    message: Vec<u8>,
+    key: String,
 }
 
 /// Where the request is.
@@ -253,6 +264,7 @@ pub struct RequestFlow {
     output_requested: u64,
     pending: Option<Pending>,
     clamp_tried: bool,
+    reserve_attempts: u32,
     clamped_to: Option<u64>,
     fallback_used: bool,
     reservation: Option<Reservation>,
@@ -289,6 +301,7 @@ impl RequestFlow {
             output_requested: 0,
             pending: None,
             clamp_tried: false,
+            reserve_attempts: 0,
             clamped_to: None,
             fallback_used: false,
             reservation: None,
@@ -540,14 +553,23 @@ impl RequestFlow {
         };
         let estimate = self.estimate_for(output);
         let (req, kinds) = limits::build_reserve(&rl.domain, &tenant.id, &tenant.policy, estimate, check_only);
-        self.pending = Some(Pending { kinds, estimate });
+        let message = req.encode_to_vec();
+        // A reservation carries an idempotency key (one per attempt: a clamp
+        // retry is a new reservation), so that a reserve whose answer is lost
+        // can be resolved later by sending it again.
+        let (metadata, replay) = if check_only {
+            (Vec::new(), None)
+        } else {
+            self.reserve_attempts += 1;
+            let key = format!("{}:r{}", self.idempotency_base(), self.reserve_attempts);
+            (
+                vec![(rls::META_IDEMPOTENCY_KEY.to_string(), key.clone())],
+                Some(Replay { message: message.clone(), key }),
+            )
+        };
+        self.pending = Some(Pending { kinds, estimate, replay });
         self.phase = Phase::Waiting;
-        BodyStep::Call(RlsCall {
-            cluster: rl.cluster.clone(),
-            message: req.encode_to_vec(),
-            metadata: Vec::new(),
-            timeout_ms: rl.timeout_ms,
-        })
+        BodyStep::Call(RlsCall { cluster: rl.cluster.clone(), message, metadata, timeout_ms: rl.timeout_ms })
     }
 
     fn forward(&mut self) -> BodyStep {
@@ -622,6 +644,7 @@ impl RequestFlow {
                     states,
                     charged: rl.mode == RlsMode::Reserve,
                     fail_open: false,
+                    replay: None,
                 });
                 self.forward()
             }
@@ -655,19 +678,24 @@ impl RequestFlow {
             Verdict::Unreadable(why) => {
                 log::warn!("tollgate: rate-limit service unavailable ({why}); tenant {}", tenant.id);
                 match policy.failure_mode {
-                    FailureMode::Closed => BodyStep::Reply(self.refuse(&Refusal::Custom {
-                        status: 503,
-                        code: "rate_limiter_unavailable".into(),
-                        message: "The rate limiter is unavailable; the request was not sent. Retry shortly.".into(),
-                    })),
-                    FailureMode::Open => self.fail_open(tenant_idx, pending.estimate, now_ms),
+                    FailureMode::Closed => {
+                        self.cancel_reservation(&pending, now_ms);
+                        BodyStep::Reply(self.refuse(&Refusal::Custom {
+                            status: 503,
+                            code: "rate_limiter_unavailable".into(),
+                            message: "The rate limiter is unavailable; the request was not sent. Retry shortly."
+                                .into(),
+                        }))
+                    }
+                    FailureMode::Open => self.fail_open(tenant_idx, pending, now_ms),
                 }
             }
         }
     }
 
     /// Admits within this worker's local allowance while the service is down.
-    fn fail_open(&mut self, tenant_idx: usize, estimate: Amounts, now_ms: u64) -> BodyStep {
+    fn fail_open(&mut self, tenant_idx: usize, pending: Pending, now_ms: u64) -> BodyStep {
+        let estimate = pending.estimate;
         let plugin = Rc::clone(&self.plugin);
         let (Some(rl), Some(tenant)) = (plugin.rate_limit.as_ref(), plugin.tenants.get(tenant_idx)) else {
             return self.forward();
@@ -692,6 +720,7 @@ impl RequestFlow {
             }
         };
         if !admitted {
+            self.cancel_reservation(&pending, now_ms);
             let reset_ms = 60_000 - now_ms % 60_000;
             self.phase = Phase::Refused;
             let refusal = Refusal::Custom {
@@ -705,7 +734,13 @@ impl RequestFlow {
             reply.headers.push(("x-should-retry".into(), "true".into()));
             return BodyStep::Reply(reply);
         }
-        self.reservation = Some(Reservation { estimate, states: Vec::new(), charged: false, fail_open: true });
+        self.reservation = Some(Reservation {
+            estimate,
+            states: Vec::new(),
+            charged: false,
+            fail_open: true,
+            replay: pending.replay,
+        });
         self.forward()
     }
 
@@ -799,6 +834,14 @@ impl RequestFlow {
     /// e.g. after a client disconnect or an upstream reset.
     pub fn on_stream_done(&mut self, now_ms: u64) -> Option<Finish> {
         let out = (self.phase == Phase::Upstream).then(|| self.finish(now_ms, false));
+        if self.phase == Phase::Waiting {
+            // Gone while its reserve was in flight (client disconnect): the
+            // answer will never be read, so the reservation is resolved later.
+            self.phase = Phase::Done;
+            if let Some(pending) = self.pending.take() {
+                self.cancel_reservation(&pending, now_ms);
+            }
+        }
         if let (Some(slot), Some(idx)) = (self.slot.take(), self.tenant) {
             self.shared.borrow_mut().release_slot(idx, slot, now_ms);
         }
@@ -927,37 +970,67 @@ impl RequestFlow {
         let Some(rl) = self.plugin.rate_limit.as_ref() else { return };
         let Some(r) = self.reservation.take() else { return };
         let actual = Amounts { tokens: usage.total.max(usage.sum()), micros };
-        let (reserved, count_request, settle_mode) = if r.charged {
-            (r.estimate, false, true)
+        let base = self.idempotency_base();
+        let settle = |reserved: Amounts, count_request: bool, settle_mode: bool| {
+            limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, count_request)
+                .map(|req| journal::Entry::new(req.encode_to_vec(), format!("{base}:settle"), settle_mode, now_ms))
+        };
+        let entry = if r.charged {
+            settle(r.estimate, false, true)
+        } else if let (true, Some(replay)) = (r.fail_open, r.replay) {
+            // The reserve's answer was lost: send it again; if the
+            // reservation stands, settle the difference, else charge in full.
+            let mut e = journal::Entry::new(replay.message, replay.key, false, now_ms);
+            e.then = Some(Box::new(journal::Resolution {
+                if_applied: settle(r.estimate, false, true),
+                if_refused: settle(Amounts::default(), true, true),
+            }));
+            Some(e)
         } else if r.fail_open {
-            (Amounts::default(), true, true)
+            settle(Amounts::default(), true, true)
         } else {
             // check_then_charge: stock servers know no settle mode.
-            (Amounts::default(), true, false)
+            settle(Amounts::default(), true, false)
         };
-        let Some(req) = limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, count_request)
-        else {
-            return;
-        };
-        let entry = journal::Entry {
-            message: req.encode_to_vec(),
-            // The service takes 1-256 visible ASCII characters.
-            idempotency_key: format!(
-                "{}:settle",
-                self.request_id
-                    .chars()
-                    .take(200)
-                    .map(|c| if c.is_ascii_graphic() { c } else { '_' })
-                    .collect::<String>()
-            ),
-            settle_mode,
-            attempts: 0,
-            next_attempt_ms: now_ms,
-        };
+        if let Some(entry) = entry {
+            self.journal_push(entry);
+        }
+    }
+
+    fn journal_push(&self, entry: journal::Entry) {
         let dropped = self.shared.borrow_mut().journal.push(entry);
         if dropped > 0 {
             log::warn!("tollgate: settle journal full; dropped {dropped} settles");
         }
+    }
+
+    /// A reservation whose answer was lost and whose request will not go
+    /// upstream: send the reserve again (same idempotency key) and, if it
+    /// stands, refund its tokens and dollars. Its request still counts.
+    fn cancel_reservation(&mut self, pending: &Pending, now_ms: u64) {
+        let (Some(replay), Some(rl), Some(tenant)) = (&pending.replay, self.plugin.rate_limit.as_ref(), self.tenant())
+        else {
+            return;
+        };
+        let refund =
+            limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, pending.estimate, Amounts::default(), false)
+                .map(|req| {
+                    journal::Entry::new(req.encode_to_vec(), format!("{}:cancel", self.idempotency_base()), true, now_ms)
+                });
+        let Some(refund) = refund else { return };
+        let mut e = journal::Entry::new(replay.message.clone(), replay.key.clone(), false, now_ms);
+        e.then = Some(Box::new(journal::Resolution { if_applied: Some(refund), if_refused: None }));
+        self.journal_push(e);
+    }
+
+    /// The request id as an idempotency-key stem: the service takes 1-256
+    /// visible ASCII characters.
+    fn idempotency_base(&self) -> String {
+        self.request_id
+            .chars()
+            .take(200)
+            .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+            .collect()
     }
 }
 
@@ -1237,7 +1310,46 @@ mod tests {
             }
         }
         assert_eq!(admitted, 10, "a tenant without requests_per_minute gets the default 10 per worker");
-        assert_eq!(shared.borrow().journal.pending(), 10);
+        // Every lost reserve is sent again under its key: the admitted ones
+        // then settle (difference, or everything if the replay is refused);
+        // the refused ones get their estimate refunded if it was charged.
+        let due = shared.borrow_mut().journal.due(2000, 100);
+        assert_eq!(due.len(), 15);
+        assert!(due.iter().all(|e| !e.settle_mode && e.idempotency_key.ends_with(":r1")));
+        let admitted_replays = due.iter().filter(|e| e.then.as_ref().unwrap().if_refused.is_some()).count();
+        assert_eq!(admitted_replays, 10);
+        for e in &due {
+            let then = e.then.as_ref().unwrap();
+            let applied = then.if_applied.as_ref().unwrap();
+            assert!(applied.settle_mode);
+            let req = rls::RateLimitRequest::decode(applied.message.as_slice()).unwrap();
+            if then.if_refused.is_some() {
+                // Actual 7 tokens against the reserved estimate: a refund.
+                assert!(applied.idempotency_key.ends_with(":settle"));
+                assert!(req.descriptors.iter().all(|d| d.is_negative_hits));
+            } else {
+                assert!(applied.idempotency_key.ends_with(":cancel"));
+                assert!(req.descriptors.iter().all(|d| d.is_negative_hits));
+            }
+        }
+    }
+
+    #[test]
+    fn a_reserve_in_flight_when_the_client_leaves_is_resolved_later() {
+        let mut f = flow();
+        start(&mut f, KEY_A, "/v1/chat/completions");
+        let BodyStep::Call(call) = f.on_request_body(br#"{"model":"gpt-4o","max_tokens":10}"#, 0) else { panic!() };
+        let key = call.metadata.iter().find(|(k, _)| k == rls::META_IDEMPOTENCY_KEY).unwrap().1.clone();
+        assert!(f.on_stream_done(5).is_none());
+        let due = f.shared.borrow_mut().journal.due(5, 10);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].idempotency_key.as_str(), due[0].settle_mode), (key.as_str(), false));
+        assert_eq!(due[0].message, call.message, "the same reserve, sent again");
+        let then = due[0].then.as_ref().unwrap();
+        assert!(then.if_refused.is_none(), "a refused reservation charged nothing");
+        assert!(then.if_applied.as_ref().unwrap().idempotency_key.ends_with(":cancel"));
+        assert!(f.on_stream_done(6).is_none());
+        assert_eq!(f.shared.borrow().journal.pending(), 0, "resolved once");
     }
 
     #[test]

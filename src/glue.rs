@@ -19,6 +19,7 @@ use crate::api::LocalReply;
 use crate::config::{self, Plugin};
 use crate::flow::{self, BodyStep, Finish, HeadersStep, RequestFlow, RlsCall, Shared};
 use crate::inflight::{self, SlotStore, StoreError};
+use crate::journal::Answer;
 use crate::plan::HeaderPlan;
 use crate::rls;
 
@@ -181,26 +182,28 @@ impl Context for Root {
 
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         let Some(shared) = &self.shared else { return };
-        let ok = status_code == 0
-            && match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
-                Ok(Some(bytes)) => {
-                    <rls::RateLimitResponse as prost::Message>::decode(bytes.as_slice()).is_ok()
-                }
-                Ok(None) => response_size == 0,
-                Err(_) => false,
-            };
-        let mut m = self.metrics.borrow_mut();
+        let reply = (status_code == 0).then(|| match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size) {
+            Ok(Some(bytes)) => <rls::RateLimitResponse as prost::Message>::decode(bytes.as_slice()).ok(),
+            Ok(None) => Some(rls::RateLimitResponse::default()),
+            Err(_) => None,
+        });
         // INVALID_ARGUMENT will never succeed: drop it (counted) rather than
         // retry it until the journal overflows.
-        let rejected = status_code == 3;
-        if shared.borrow_mut().journal.answered(token_id, ok || rejected, now_ms()) {
-            let name = if rejected {
-                log::error!("tollgate: the rate-limit service rejected a settle as invalid");
-                "tollgate.settle.rejected"
-            } else if ok {
-                "tollgate.settle.ok"
-            } else {
-                "tollgate.settle.retried"
+        let answer = match reply {
+            _ if status_code == 3 => Answer::Rejected,
+            Some(Some(r)) if r.overall_code == rls::Code::OverLimit as i32 => Answer::Refused,
+            Some(Some(_)) => Answer::Applied,
+            _ => Answer::Failed,
+        };
+        let mut m = self.metrics.borrow_mut();
+        if shared.borrow_mut().journal.answered(token_id, answer, now_ms()) {
+            let name = match answer {
+                Answer::Rejected => {
+                    log::error!("tollgate: the rate-limit service rejected a settle as invalid");
+                    "tollgate.settle.rejected"
+                }
+                Answer::Applied | Answer::Refused => "tollgate.settle.ok",
+                Answer::Failed => "tollgate.settle.retried",
             };
             m.count(name, 1);
         }

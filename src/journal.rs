@@ -19,6 +19,40 @@ pub struct Entry {
     pub settle_mode: bool,
     pub attempts: u32,
     pub next_attempt_ms: u64,
+    /// For a replayed reserve: what to queue once its outcome is known.
+    pub then: Option<Box<Resolution>>,
+}
+
+/// A reserve whose answer was lost (timeout, service down, client gone) is
+/// sent again with the same idempotency key: the service either replays the
+/// stored decision or decides it now, so its answer says whether the
+/// reservation stands, and the follow-up fits that.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    /// Queued when the reservation stands (the service answered OK).
+    pub if_applied: Option<Entry>,
+    /// Queued when it was refused (OVER_LIMIT: nothing was charged).
+    pub if_refused: Option<Entry>,
+}
+
+impl Entry {
+    /// A first-attempt entry, due now.
+    pub fn new(message: Vec<u8>, idempotency_key: String, settle_mode: bool, now_ms: u64) -> Self {
+        Entry { message, idempotency_key, settle_mode, attempts: 0, next_attempt_ms: now_ms, then: None }
+    }
+}
+
+/// How the service answered a journal call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Applied (or, for a replayed reserve, the reservation stands).
+    Applied,
+    /// A replayed reserve the service refused: nothing is charged.
+    Refused,
+    /// No usable answer: send again later.
+    Failed,
+    /// The service calls the request invalid: it never will succeed; drop it.
+    Rejected,
 }
 
 /// First retry delay; doubles per attempt up to [`MAX_BACKOFF_MS`].
@@ -85,15 +119,25 @@ impl Journal {
         self.queue.push_back(entry);
     }
 
-    /// The answer to call `token` arrived. `ok` means the service applied it.
-    /// Returns whether the token was one of the journal's.
-    pub fn answered(&mut self, token: u32, ok: bool, now_ms: u64) -> bool {
+    /// The answer to call `token` arrived. Returns whether the token was one
+    /// of the journal's.
+    pub fn answered(&mut self, token: u32, answer: Answer, now_ms: u64) -> bool {
         let Some(pos) = self.in_flight.iter().position(|(t, _)| *t == token) else {
             return false;
         };
         let (_, entry) = self.in_flight.swap_remove(pos);
-        if !ok {
-            self.retry_later(entry, now_ms);
+        let follow = match answer {
+            Answer::Failed => {
+                self.retry_later(entry, now_ms);
+                None
+            }
+            Answer::Rejected => None,
+            Answer::Applied => entry.then.and_then(|r| r.if_applied),
+            Answer::Refused => entry.then.and_then(|r| r.if_refused),
+        };
+        if let Some(mut next) = follow {
+            next.next_attempt_ms = now_ms;
+            self.push(next);
         }
         true
     }
@@ -195,6 +239,7 @@ pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
             settle_mode: true,
             attempts: 0,
             next_attempt_ms: g.next_attempt_ms,
+            then: None,
         });
     }
     out
@@ -210,7 +255,7 @@ mod tests {
     use super::*;
 
     fn e(key: &str) -> Entry {
-        Entry { message: vec![1], idempotency_key: key.into(), settle_mode: true, attempts: 0, next_attempt_ms: 0 }
+        Entry::new(vec![1], key.into(), true, 0)
     }
 
     #[test]
@@ -220,14 +265,14 @@ mod tests {
         let due = j.due(0, 10);
         assert_eq!(due.len(), 1);
         j.sent(7, due[0].clone());
-        assert!(j.answered(7, false, 1000));
+        assert!(j.answered(7, Answer::Failed, 1000));
         assert!(j.due(1100, 10).is_empty());
         let again = j.due(1200, 10);
         assert_eq!(again[0].attempts, 1);
         j.sent(8, again[0].clone());
-        assert!(j.answered(8, true, 1300));
+        assert!(j.answered(8, Answer::Applied, 1300));
         assert_eq!(j.pending(), 0);
-        assert!(!j.answered(99, true, 0));
+        assert!(!j.answered(99, Answer::Applied, 0));
     }
 
     #[test]
@@ -251,7 +296,7 @@ mod tests {
             is_negative_hits: neg,
         };
         let req = RateLimitRequest { domain: "tg".into(), descriptors: vec![d("tpm", tokens), d("usd", micros)], hits_addend: 0 };
-        Entry { message: req.encode_to_vec(), idempotency_key: key.into(), settle_mode: true, attempts: 0, next_attempt_ms: 0 }
+        Entry::new(req.encode_to_vec(), key.into(), true, 0)
     }
 
     #[test]
@@ -283,5 +328,32 @@ mod tests {
         assert_eq!(backoff_ms(1), 200);
         assert_eq!(backoff_ms(2), 400);
         assert_eq!(backoff_ms(30), MAX_BACKOFF_MS);
+    }
+
+    #[test]
+    fn a_replayed_reserve_queues_the_follow_up_that_fits_its_outcome() {
+        let replay = |key: &str| {
+            let mut r = Entry::new(vec![9], key.into(), false, 0);
+            r.then = Some(Box::new(Resolution { if_applied: Some(e("refund")), if_refused: Some(e("charge")) }));
+            r
+        };
+        let mut j = Journal::new(10);
+        j.push(replay("a:r1"));
+        j.push(replay("b:r1"));
+        let due = j.due(0, 10);
+        assert!(merge(due.clone()).iter().all(|x| !x.settle_mode), "replays are never merged");
+        let mut due = due.into_iter();
+        j.sent(1, due.next().unwrap());
+        j.sent(2, due.next().unwrap());
+        // A lost answer: the replay itself is retried, follow-ups untouched.
+        assert!(j.answered(1, Answer::Failed, 10));
+        assert_eq!(j.pending(), 2);
+        let again = j.due(10_000, 10);
+        assert_eq!(again[0].idempotency_key, "a:r1");
+        j.sent(3, again.into_iter().next().unwrap());
+        assert!(j.answered(3, Answer::Applied, 20_000));
+        assert!(j.answered(2, Answer::Refused, 20_000));
+        let keys: Vec<String> = j.due(20_000, 10).into_iter().map(|x| x.idempotency_key).collect();
+        assert_eq!(keys, vec!["refund".to_string(), "charge".to_string()]);
     }
 }

@@ -38,6 +38,11 @@ struct Args {
     #[arg(long, env = "TOLLGATE_RLS_IDEMPOTENCY_TTL_S", default_value_t = 86_400,
           value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     idempotency_ttl_s: u64,
+    /// How long a reservation's idempotency key is remembered, in seconds:
+    /// the window in which a caller can resolve a reserve whose answer it lost.
+    #[arg(long, env = "TOLLGATE_RLS_RESERVE_IDEMPOTENCY_TTL_S", default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    reserve_idempotency_ttl_s: u64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "TOLLGATE_RLS_LOG_JSON")]
     log_json: bool,
@@ -68,6 +73,7 @@ fn settings(args: Args) -> Result<Settings, String> {
         redis_timeout: Duration::from_millis(args.redis_timeout_ms),
         limits: Arc::new(limits),
         idempotency_ttl: Duration::from_secs(args.idempotency_ttl_s),
+        reserve_idempotency_ttl: Duration::from_secs(args.reserve_idempotency_ttl_s),
     })
 }
 

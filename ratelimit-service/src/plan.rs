@@ -190,7 +190,12 @@ impl Plan {
 /// Settings that shape plans.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanSettings {
+    /// How long a settle's idempotency key is remembered.
     pub idempotency_ttl_ms: u64,
+    /// How long a reservation's key is remembered: only long enough for a
+    /// caller to resolve a reserve whose answer it lost, and short because a
+    /// filter keys every reservation.
+    pub reserve_idempotency_ttl_ms: u64,
 }
 
 /// Parse the tollgate metadata values (already extracted from gRPC metadata).
@@ -356,7 +361,11 @@ pub fn build(
     let idempotency = match (&meta.idempotency_key, counters.first()) {
         (Some(k), Some(first)) => Some(Idempotency {
             key: keys::idempotency_key(&first.hash_tag, meta.mode, k),
-            ttl_ms: settings.idempotency_ttl_ms.max(1),
+            ttl_ms: match meta.mode {
+                Mode::Reserve => settings.reserve_idempotency_ttl_ms,
+                Mode::Settle => settings.idempotency_ttl_ms,
+            }
+            .max(1),
         }),
         _ => None,
     };
@@ -395,7 +404,7 @@ mod tests {
         RateLimitRequest { domain: "tollgate".into(), descriptors: ds, hits_addend: hits }
     }
 
-    const S: PlanSettings = PlanSettings { idempotency_ttl_ms: 1000 };
+    const S: PlanSettings = PlanSettings { idempotency_ttl_ms: 1000, reserve_idempotency_ttl_ms: 1000 };
 
     #[test]
     fn reserved_entries_are_parameters() {
@@ -486,5 +495,15 @@ mod tests {
         let i = p.batch.idempotency.unwrap();
         assert_eq!(i.key, "tg:{tollgate|acme}:idem:settle:r1");
         assert!(p.batch.settle);
+    }
+
+    #[test]
+    fn reservation_keys_live_shorter_than_settle_keys() {
+        let r = req(vec![desc(&[("tenant", "acme")], Some((10, 4)))], 1);
+        let s = PlanSettings { idempotency_ttl_ms: 86_400_000, reserve_idempotency_ttl_ms: 900_000 };
+        let reserve = RequestMeta { mode: Mode::Reserve, idempotency_key: Some("r1".into()) };
+        let settle = RequestMeta { mode: Mode::Settle, idempotency_key: Some("r1".into()) };
+        let ttl = |m: &RequestMeta| build(&r, m, &StaticLimits::default(), s, 0).unwrap().batch.idempotency.unwrap().ttl_ms;
+        assert_eq!((ttl(&reserve), ttl(&settle)), (900_000, 86_400_000));
     }
 }

@@ -26,6 +26,7 @@ pub struct Settings {
     pub redis_timeout: Duration,
     pub limits: Arc<StaticLimits>,
     pub idempotency_ttl: Duration,
+    pub reserve_idempotency_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +53,10 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         settings.limits.clone(),
         Arc::new(SystemClock),
         metrics.clone(),
-        PlanSettings { idempotency_ttl_ms: settings.idempotency_ttl.as_millis() as u64 },
+        PlanSettings {
+            idempotency_ttl_ms: settings.idempotency_ttl.as_millis() as u64,
+            reserve_idempotency_ttl_ms: settings.reserve_idempotency_ttl.as_millis() as u64,
+        },
     );
 
     let incoming = TcpIncoming::bind(settings.grpc_addr)

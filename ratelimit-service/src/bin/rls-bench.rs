@@ -149,7 +149,7 @@ async fn run(grpc_addr: String, concurrency: usize, connections: usize, duration
 fn evalsha_args() -> Result<Vec<String>, String> {
     let r = typical("tenant-0", 2_000, 3_000, false);
     let now = chrono::Utc::now().timestamp_millis();
-    let p = plan::build(&r, &RequestMeta::default(), &StaticLimits::default(), PlanSettings { idempotency_ttl_ms: 1 }, now)
+    let p = plan::build(&r, &RequestMeta::default(), &StaticLimits::default(), PlanSettings { idempotency_ttl_ms: 1, reserve_idempotency_ttl_ms: 1 }, now)
         .map_err(|e| e.to_string())?;
     let (keys, argv) = script_args(&p.batch);
     let mut out = vec![redis::Script::new(scripts::DECIDE).get_hash().to_owned(), keys.len().to_string()];

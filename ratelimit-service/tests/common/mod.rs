@@ -184,7 +184,7 @@ pub fn limiter_with(target: RedisTarget, limits: StaticLimits, now_ms: i64) -> (
         Arc::new(limits),
         clock.clone(),
         metrics.clone(),
-        PlanSettings { idempotency_ttl_ms: 60_000 },
+        PlanSettings { idempotency_ttl_ms: 60_000, reserve_idempotency_ttl_ms: 60_000 },
     );
     (l, clock, metrics)
 }
