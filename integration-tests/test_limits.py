@@ -38,6 +38,8 @@ TENANTS = {
     "settle": ("budget", {"tokens_per_day": 1_000_000}),
     "conc": ("rate", {"requests_per_minute": 1000, "max_concurrent_requests": 2}),
     "lost": ("rate", {"requests_per_minute": 1000, "requests_per_day": 1000, "tokens_per_day": 1_000_000}),
+    "leased": ("rate", {"requests_per_minute": 100_000, "requests_per_day": 200, "tokens_per_day": 10_000_000,
+                        "lease_requests": 10}),
 }
 
 
@@ -340,6 +342,27 @@ def test_a_reserve_whose_answer_is_lost_is_refunded(mock, redis, tmp_path):
     finally:
         stack.stop()
         rls.stop()
+
+
+def test_quota_leases_admit_exactly_the_limit_with_fewer_calls(lstack, redis):
+    # With lease_requests 10, most requests are admitted from a worker's
+    # lease, without a call. Leases stop when less than four leases' worth
+    # is left, unused lease quota is given back when the lease expires
+    # (1 s), and the total admitted is still exactly the daily limit.
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        first = list(ex.map(lambda _: chat(lstack, "leased").status, range(260)))
+    time.sleep(1.5)  # leases expire; their unused quota goes back
+    second = [chat(lstack, "leased").status for _ in range(30)]
+    codes = first + second
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(200) == 200, (first.count(200), second.count(200))
+    stats = lstack.envoy.stats("tollgate.tenant.%s" % tid("leased"))
+    leased = sum(v for k, v in stats.items() if k.endswith(".leased"))
+    assert leased >= 100, sorted(k for k in stats if "model" not in k)  # most requests drew from a lease
+    deadline = time.time() + 10
+    while counter(redis, tid("leased"), "requests_per_day") != 200 and time.time() < deadline:
+        time.sleep(0.2)
+    assert counter(redis, tid("leased"), "requests_per_day") == 200
 
 
 def test_settles_retried_after_a_hiccup_are_not_double_charged(lstack, redis):

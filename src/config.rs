@@ -152,6 +152,10 @@ pub struct RateLimitSpec {
     /// it the oldest is dropped and counted in `tollgate.settle.dropped`.
     #[serde(default = "default_journal_capacity")]
     pub journal_capacity: usize,
+    /// How long a worker may admit from a quota lease (`lease_requests`)
+    /// before the unused rest is refunded, in milliseconds.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
 }
 
 fn default_domain() -> String {
@@ -168,6 +172,9 @@ fn default_fail_open_rpm() -> u64 {
 }
 fn default_journal_capacity() -> usize {
     10_000
+}
+fn default_lease_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -342,6 +349,13 @@ pub struct TierSpec {
     /// `fallback_at_budget_share` of a budget is used.
     #[serde(default)]
     pub fallback_model: Option<String>,
+    /// Quota leasing: when the last answer showed ample room, one reserve
+    /// call also reserves this many more requests' worth (requests, tokens and
+    /// dollars, sized by the current request's estimate) for this worker to
+    /// admit locally, without a call, for up to `rate_limit.lease_ms`.
+    /// Unused quota is refunded. Off by default (one call per request).
+    #[serde(default)]
+    pub lease_requests: Option<u64>,
     /// Share of a budget (0 < share < 1) past which `fallback_model` is used.
     #[serde(default)]
     pub fallback_at_budget_share: Option<f64>,
@@ -465,7 +479,12 @@ pub struct Policy {
     pub fallback_model: Option<String>,
     /// Per-mille of a budget past which the fallback model is used.
     pub fallback_at_permille: Option<u16>,
+    /// Requests' worth of quota a reserve may lease for local admission.
+    pub lease_requests: Option<u64>,
 }
+
+/// The largest lease: each lease is quota one worker holds back from others.
+pub const MAX_LEASE_REQUESTS: u64 = 1000;
 
 /// Default output tokens assumed when neither the request nor the tier says.
 pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
@@ -497,6 +516,7 @@ fn merge_tier(base: &TierSpec, over: &TierSpec) -> TierSpec {
         clamp_max_output_tokens,
         fallback_model,
         fallback_at_budget_share,
+        lease_requests,
     )
 }
 
@@ -639,6 +659,16 @@ impl TierSpec {
             clamp_max_output_tokens: self.clamp_max_output_tokens.unwrap_or(false),
             fallback_model: self.fallback_model.clone(),
             fallback_at_permille,
+            lease_requests: match self.lease_requests {
+                None => None,
+                Some(n @ 1..=MAX_LEASE_REQUESTS) => Some(n),
+                Some(_) => {
+                    return Err(invalid(
+                        format!("{path}.lease_requests"),
+                        format!("must be between 1 and {MAX_LEASE_REQUESTS}"),
+                    ))
+                }
+            },
         })
     }
 }
@@ -726,6 +756,7 @@ pub struct RateLimit {
     pub fail_open_permille: u64,
     pub fail_open_default_rpm: u64,
     pub journal_capacity: usize,
+    pub lease_ms: u64,
 }
 
 impl Policy {
@@ -1010,6 +1041,17 @@ pub fn compile(
             if r.journal_capacity == 0 || r.journal_capacity > 1_000_000 {
                 return Err(invalid("rate_limit.journal_capacity", "must be between 1 and 1000000"));
             }
+            if !(10..=60_000).contains(&r.lease_ms) {
+                return Err(invalid("rate_limit.lease_ms", "must be between 10 and 60000"));
+            }
+            if r.mode == RlsMode::CheckThenCharge {
+                if let Some(t) = tenants.iter().find(|t| t.policy.lease_requests.is_some()) {
+                    return Err(invalid(
+                        format!("tenants.{}.lease_requests", t.id),
+                        "quota leases need the reserve mode; check_then_charge cannot lease",
+                    ));
+                }
+            }
             Some(RateLimit {
                 cluster: r.cluster.clone(),
                 domain: r.domain.clone(),
@@ -1018,6 +1060,7 @@ pub fn compile(
                 fail_open_permille: ((r.fail_open_share * 1000.0).round() as u64).max(1),
                 fail_open_default_rpm: r.fail_open_default_requests_per_minute,
                 journal_capacity: r.journal_capacity,
+                lease_ms: r.lease_ms,
             })
         }
     };
@@ -1232,6 +1275,18 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn leases_need_the_reserve_mode() {
+        let mut v = sample_json();
+        v["tiers"]["pro"]["lease_requests"] = 20.into();
+        assert_eq!(load(v.to_string().as_bytes(), &env).unwrap().rate_limit.unwrap().lease_ms, 1000);
+        v["rate_limit"]["mode"] = "check_then_charge".into();
+        assert!(load_err(v.clone()).contains("lease_requests: quota leases need the reserve mode"));
+        v["rate_limit"]["mode"] = "reserve".into();
+        v["rate_limit"]["lease_ms"] = 5.into();
+        assert!(load_err(v).starts_with("rate_limit.lease_ms"));
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for (field, value, needle) in [
             ("usd_per_day", serde_json::json!(-1.0), "usd_per_day"),
@@ -1240,6 +1295,8 @@ pub(crate) mod tests {
             ("max_request_bytes", serde_json::json!(1u64 << 40), "max_request_bytes"),
             ("time_zone", serde_json::json!("Not a zone!"), "time_zone"),
             ("failure_mode", serde_json::json!("sometimes"), "unknown variant"),
+            ("lease_requests", serde_json::json!(0), "lease_requests: must be between 1 and 1000"),
+            ("lease_requests", serde_json::json!(5000), "lease_requests: must be between 1 and 1000"),
         ] {
             let mut v = sample_json();
             v["tiers"]["pro"][field] = value;

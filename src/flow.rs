@@ -115,8 +115,28 @@ pub struct Shared {
     /// Shared-table keys of the tenants this VM holds slots for.
     held: HashMap<usize, (String, u64)>,
     last_heartbeat_ms: u64,
+    /// Quota leases by tenant (see `lease_requests`).
+    leases: HashMap<usize, Lease>,
+    /// Per tenant, the limit states of the last answer: whether a lease fits.
+    last_states: HashMap<usize, Vec<LimitState>>,
     pub counter: u64,
 }
+
+/// Quota this worker reserved ahead for one tenant and admits from locally.
+#[derive(Debug, Clone)]
+struct Lease {
+    requests: u64,
+    amounts: Amounts,
+    expires_ms: u64,
+    /// The limit states when the lease was granted, less what was drawn
+    /// since (for the `x-ratelimit-*` headers).
+    states: Vec<LimitState>,
+    /// Idempotency stem of the reserve that granted it.
+    key: String,
+}
+
+/// A lease is only taken while every limit has room for this many leases.
+const LEASE_HEADROOM: u64 = 4;
 
 impl Shared {
     pub fn new(journal_capacity: usize) -> Self {
@@ -130,6 +150,8 @@ impl Shared {
             vm_id: 0,
             held: HashMap::new(),
             last_heartbeat_ms: 0,
+            leases: HashMap::new(),
+            last_states: HashMap::new(),
             counter: 0,
         }
     }
@@ -170,6 +192,67 @@ impl Shared {
                 }
                 if *n == 0 {
                     self.held.remove(&idx);
+                }
+            }
+        }
+    }
+
+    /// Admits one request of `estimate` from the tenant's lease, if it holds
+    /// enough; answers the limit states to report.
+    fn draw(&mut self, idx: usize, estimate: Amounts, now_ms: u64) -> Option<Vec<LimitState>> {
+        let lease = self.leases.get_mut(&idx)?;
+        if now_ms >= lease.expires_ms
+            || lease.requests == 0
+            || lease.amounts.tokens < estimate.tokens
+            || lease.amounts.micros < estimate.micros
+        {
+            return None;
+        }
+        lease.requests -= 1;
+        lease.amounts.tokens -= estimate.tokens;
+        lease.amounts.micros -= estimate.micros;
+        for st in &mut lease.states {
+            let used = match st.kind.measure() {
+                limits::Measure::Requests => 1,
+                limits::Measure::Tokens => estimate.tokens,
+                limits::Measure::Micros => estimate.micros,
+            };
+            st.remaining = st.remaining.saturating_sub(used);
+        }
+        Some(lease.states.clone())
+    }
+
+    /// Whether the last answer for the tenant left room for a lease of `n`
+    /// requests of `estimate` on every limit, [`LEASE_HEADROOM`] times over.
+    fn room_for_lease(&self, idx: usize, n: u64, estimate: Amounts) -> bool {
+        let Some(states) = self.last_states.get(&idx) else { return false };
+        !states.is_empty()
+            && states.iter().all(|st| {
+                let need = match st.kind.measure() {
+                    limits::Measure::Requests => n,
+                    limits::Measure::Tokens => estimate.tokens.saturating_mul(n),
+                    limits::Measure::Micros => estimate.micros.saturating_mul(n),
+                };
+                !st.over && st.remaining >= need.saturating_mul(LEASE_HEADROOM)
+            })
+    }
+
+    /// Takes the leases that expired by `now_ms` (all of them with `all`),
+    /// for their unused quota to be given back.
+    fn take_leases(&mut self, now_ms: u64, all: bool) -> Vec<(usize, Lease)> {
+        let done: Vec<usize> =
+            self.leases.iter().filter(|(_, l)| all || now_ms >= l.expires_ms).map(|(i, _)| *i).collect();
+        done.into_iter().filter_map(|i| self.leases.remove(&i).map(|l| (i, l))).collect()
+    }
+
+    /// Queues the refund of every expired lease's unused quota; called from
+    /// the root context's tick.
+    pub fn expire_leases(&mut self, plugin: &Plugin, now_ms: u64) {
+        let Some(rl) = plugin.rate_limit.as_ref() else { return };
+        for (idx, lease) in self.take_leases(now_ms, false) {
+            if let Some(tenant) = plugin.tenants.get(idx) {
+                if let Some(e) = lease_refund(rl, tenant, &lease, now_ms) {
+                    self.journal.push(e);
                 }
             }
         }
@@ -218,12 +301,17 @@ struct Reservation {
     fail_open: bool,
     /// The reserve whose answer was lost (fail-open admissions).
     replay: Option<Replay>,
+    /// Extra requests' worth that reserve asked for as a lease.
+    lease: u64,
 }
 
 #[derive(Debug, Clone)]
 struct Pending {
     kinds: Vec<LimitKind>,
+    /// This request's estimate.
     estimate: Amounts,
+    /// Extra requests' worth reserved as a lease (0: none).
+    lease: u64,
     /// The reserve as sent, for a replay if its answer is lost.
     replay: Option<Replay>,
 }
@@ -265,6 +353,8 @@ pub struct RequestFlow {
     pending: Option<Pending>,
     clamp_tried: bool,
     reserve_attempts: u32,
+    /// Admitted from this worker's quota lease, without a call.
+    leased: bool,
     clamped_to: Option<u64>,
     fallback_used: bool,
     reservation: Option<Reservation>,
@@ -302,6 +392,7 @@ impl RequestFlow {
             pending: None,
             clamp_tried: false,
             reserve_attempts: 0,
+            leased: false,
             clamped_to: None,
             fallback_used: false,
             reservation: None,
@@ -529,7 +620,7 @@ impl RequestFlow {
             return self.forward();
         }
         let output = self.output_requested;
-        self.reserve_call(rl.mode == RlsMode::CheckThenCharge, output)
+        self.reserve_call(rl.mode == RlsMode::CheckThenCharge, output, now_ms)
     }
 
     fn estimate_for(&self, output: u64) -> Amounts {
@@ -547,12 +638,33 @@ impl RequestFlow {
         Amounts { tokens: usage.total, micros }
     }
 
-    fn reserve_call(&mut self, check_only: bool, output: u64) -> BodyStep {
-        let (Some(rl), Some(tenant)) = (self.plugin.rate_limit.clone(), self.tenant().cloned()) else {
+    fn reserve_call(&mut self, check_only: bool, output: u64, now_ms: u64) -> BodyStep {
+        let plugin = Rc::clone(&self.plugin);
+        let (Some(rl), Some(idx)) = (plugin.rate_limit.as_ref(), self.tenant) else {
+            return self.forward();
+        };
+        let Some(tenant) = plugin.tenants.get(idx) else {
             return self.forward();
         };
         let estimate = self.estimate_for(output);
-        let (req, kinds) = limits::build_reserve(&rl.domain, &tenant.id, &tenant.policy, estimate, check_only);
+        // Quota leasing: admit from this worker's lease without a call, or
+        // reserve a new lease along with this request while there is ample
+        // room. A clamp retry (a tight budget) never leases.
+        let mut lease = 0;
+        if let (Some(n), false, 0) = (tenant.policy.lease_requests, check_only, self.reserve_attempts) {
+            let drawn = self.shared.borrow_mut().draw(idx, estimate, now_ms);
+            if let Some(states) = drawn {
+                self.reservation =
+                    Some(Reservation { estimate, states, charged: true, fail_open: false, replay: None, lease: 0 });
+                self.leased = true;
+                return self.forward();
+            }
+            if self.shared.borrow().room_for_lease(idx, n, estimate) {
+                lease = n;
+            }
+        }
+        let total = times(estimate, 1 + lease);
+        let (req, kinds) = limits::build_reserve(&rl.domain, &tenant.id, &tenant.policy, 1 + lease, total, check_only);
         let message = req.encode_to_vec();
         // A reservation carries an idempotency key (one per attempt: a clamp
         // retry is a new reservation), so that a reserve whose answer is lost
@@ -567,7 +679,7 @@ impl RequestFlow {
                 Some(Replay { message: message.clone(), key }),
             )
         };
-        self.pending = Some(Pending { kinds, estimate, replay });
+        self.pending = Some(Pending { kinds, estimate, lease, replay });
         self.phase = Phase::Waiting;
         BodyStep::Call(RlsCall { cluster: rl.cluster.clone(), message, metadata, timeout_ms: rl.timeout_ms })
     }
@@ -639,17 +751,26 @@ impl RequestFlow {
         match verdict {
             Verdict::Admit(states) => {
                 self.note_budget(tenant_idx, &states);
+                if pending.lease > 0 {
+                    self.grant_lease(tenant_idx, &pending, &states, now_ms);
+                }
                 self.reservation = Some(Reservation {
                     estimate: pending.estimate,
                     states,
                     charged: rl.mode == RlsMode::Reserve,
                     fail_open: false,
                     replay: None,
+                    lease: 0,
                 });
                 self.forward()
             }
             Verdict::Refuse { states, hit } => {
                 self.note_budget(tenant_idx, &states);
+                if pending.lease > 0 {
+                    // The lease did not fit; this request alone may.
+                    let output = self.output_requested;
+                    return self.reserve_call(false, output, now_ms);
+                }
                 if policy.clamp_max_output_tokens && !self.clamp_tried && rl.mode == RlsMode::Reserve {
                     self.clamp_tried = true;
                     let input_micros = self.estimate_for(0).micros;
@@ -667,7 +788,7 @@ impl RequestFlow {
                             self.clamp_output(n);
                             if self.clamped_to.is_some() {
                                 self.output_requested = n;
-                                return self.reserve_call(false, n);
+                                return self.reserve_call(false, n, now_ms);
                             }
                         }
                     }
@@ -740,6 +861,7 @@ impl RequestFlow {
             charged: false,
             fail_open: true,
             replay: pending.replay,
+            lease: pending.lease,
         });
         self.forward()
     }
@@ -751,7 +873,28 @@ impl RequestFlow {
             .map(|s| s.limit.saturating_sub(s.remaining).saturating_mul(1000) / s.limit)
             .max()
             .unwrap_or(0);
-        self.shared.borrow_mut().budget_used.insert(tenant_idx, used);
+        let mut shared = self.shared.borrow_mut();
+        shared.budget_used.insert(tenant_idx, used);
+        shared.last_states.insert(tenant_idx, states.to_vec());
+    }
+
+    /// Keeps the extra quota a reserve took as this worker's lease; the rest
+    /// of an older lease is given back.
+    fn grant_lease(&mut self, idx: usize, pending: &Pending, states: &[LimitState], now_ms: u64) {
+        let Some(rl) = self.plugin.rate_limit.as_ref() else { return };
+        let lease = Lease {
+            requests: pending.lease,
+            amounts: times(pending.estimate, pending.lease),
+            expires_ms: now_ms.saturating_add(rl.lease_ms),
+            states: states.to_vec(),
+            key: pending.replay.as_ref().map_or_else(|| self.idempotency_base(), |r| r.key.clone()),
+        };
+        let old = self.shared.borrow_mut().leases.insert(idx, lease);
+        if let (Some(old), Some(tenant)) = (old, self.tenant()) {
+            if let Some(e) = lease_refund(rl, tenant, &old, now_ms) {
+                self.journal_push(e);
+            }
+        }
     }
 
     /// Response headers arrived.
@@ -935,6 +1078,9 @@ impl RequestFlow {
         if estimated {
             c.push((metrics::tenant(&tenant.id, "usage_estimated"), 1));
         }
+        if self.leased {
+            c.push((metrics::tenant(&tenant.id, "leased"), 1));
+        }
         if unpriced {
             c.push((metrics::global(&format!("model.{model_label}.unpriced")), 1));
         }
@@ -971,26 +1117,27 @@ impl RequestFlow {
         let Some(r) = self.reservation.take() else { return };
         let actual = Amounts { tokens: usage.total.max(usage.sum()), micros };
         let base = self.idempotency_base();
-        let settle = |reserved: Amounts, count_request: bool, settle_mode: bool| {
-            limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, count_request)
+        let settle = |reserved: Amounts, requests: (u64, u64), settle_mode: bool| {
+            limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, requests)
                 .map(|req| journal::Entry::new(req.encode_to_vec(), format!("{base}:settle"), settle_mode, now_ms))
         };
         let entry = if r.charged {
-            settle(r.estimate, false, true)
+            settle(r.estimate, (1, 1), true)
         } else if let (true, Some(replay)) = (r.fail_open, r.replay) {
             // The reserve's answer was lost: send it again; if the
-            // reservation stands, settle the difference, else charge in full.
+            // reservation stands, settle the difference (and give back a
+            // lease it took), else charge in full.
             let mut e = journal::Entry::new(replay.message, replay.key, false, now_ms);
             e.then = Some(Box::new(journal::Resolution {
-                if_applied: settle(r.estimate, false, true),
-                if_refused: settle(Amounts::default(), true, true),
+                if_applied: settle(times(r.estimate, 1 + r.lease), (1 + r.lease, 1), true),
+                if_refused: settle(Amounts::default(), (0, 1), true),
             }));
             Some(e)
         } else if r.fail_open {
-            settle(Amounts::default(), true, true)
+            settle(Amounts::default(), (0, 1), true)
         } else {
             // check_then_charge: stock servers know no settle mode.
-            settle(Amounts::default(), true, false)
+            settle(Amounts::default(), (0, 1), false)
         };
         if let Some(entry) = entry {
             self.journal_push(entry);
@@ -1012,8 +1159,10 @@ impl RequestFlow {
         else {
             return;
         };
+        let reserved = times(pending.estimate, 1 + pending.lease);
+        let requests = (1 + pending.lease, 1);
         let refund =
-            limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, pending.estimate, Amounts::default(), false)
+            limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, Amounts::default(), requests)
                 .map(|req| {
                     journal::Entry::new(req.encode_to_vec(), format!("{}:cancel", self.idempotency_base()), true, now_ms)
                 });
@@ -1032,6 +1181,22 @@ impl RequestFlow {
             .map(|c| if c.is_ascii_graphic() { c } else { '_' })
             .collect()
     }
+}
+
+/// `n` requests' worth of one estimate.
+fn times(a: Amounts, n: u64) -> Amounts {
+    Amounts { tokens: a.tokens.saturating_mul(n), micros: a.micros.saturating_mul(n) }
+}
+
+/// The settle that gives back a lease's unused quota.
+fn lease_refund(
+    rl: &crate::config::RateLimit,
+    tenant: &crate::config::Tenant,
+    lease: &Lease,
+    now_ms: u64,
+) -> Option<journal::Entry> {
+    limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, lease.amounts, Amounts::default(), (lease.requests, 0))
+        .map(|req| journal::Entry::new(req.encode_to_vec(), format!("{}:lease", lease.key), true, now_ms))
 }
 
 fn jwt_refusal(e: &crate::jwt::JwtError) -> Refusal {
@@ -1216,6 +1381,99 @@ mod tests {
                 .collect(),
         }
         .encode_to_vec()
+    }
+
+    fn leasing_plugin() -> Rc<Plugin> {
+        let mut plugin = sample();
+        let idx = plugin.tenants.iter().position(|t| t.id == "globex").unwrap();
+        let p = &mut plugin.tenants[idx].policy;
+        p.requests_per_minute = Some(1000);
+        p.lease_requests = Some(5);
+        Rc::new(plugin)
+    }
+
+    /// One request through reserve (if asked) to the end; answers the
+    /// requests hits of its reserve call, or None when it drew from a lease.
+    fn leased_request(plugin: &Rc<Plugin>, shared: &Rc<RefCell<Shared>>, answer: Option<Vec<u8>>, now: u64) -> Option<u64> {
+        let mut f = RequestFlow::new(Rc::clone(plugin), Rc::clone(shared));
+        start(&mut f, KEY_B, "/v1/chat/completions");
+        let hits = match f.on_request_body(br#"{"model":"gpt-4o-mini","max_tokens":10}"#, now) {
+            BodyStep::Call(call) => {
+                let req = rls::RateLimitRequest::decode(call.message.as_slice()).unwrap();
+                let hits = req.descriptors[0].hits_addend.as_ref().unwrap().value;
+                let step = f.on_rls_reply(Ok(&answer.expect("a reserve call was not expected")), now);
+                assert!(matches!(step, BodyStep::Forward { .. }), "{step:?}");
+                Some(hits)
+            }
+            BodyStep::Forward { .. } => None,
+            other => panic!("{other:?}"),
+        };
+        f.on_response_headers(200);
+        let usage = br#"{"model":"gpt-4o-mini","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        assert!(f.on_response_body(usage, true, now + 1).1.is_some());
+        hits
+    }
+
+    #[test]
+    fn a_lease_is_taken_only_with_room_and_draws_need_no_call() {
+        let plugin = leasing_plugin();
+        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let ok = |rem| Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, rem, 60)]));
+        // Nothing known yet: one request's worth.
+        assert_eq!(leased_request(&plugin, &shared, ok(999), 0), Some(1));
+        // Ample room: this request plus a lease of five.
+        assert_eq!(leased_request(&plugin, &shared, ok(993), 10), Some(6));
+        for i in 0..5 {
+            assert_eq!(leased_request(&plugin, &shared, None, 20 + i), None, "draw {i} needs no call");
+        }
+        // The lease is used up: the next request reserves again.
+        assert_eq!(leased_request(&plugin, &shared, ok(5), 30), Some(6));
+        // Little room left (5 < 4 x 5): no more leases.
+        assert_eq!(leased_request(&plugin, &shared, None, 40), None);
+        for _ in 0..4 {
+            leased_request(&plugin, &shared, None, 41);
+        }
+        assert_eq!(leased_request(&plugin, &shared, ok(4), 50), Some(1));
+    }
+
+    #[test]
+    fn an_unused_lease_is_given_back_when_it_expires() {
+        let plugin = leasing_plugin();
+        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let ok = |rem| Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, rem, 60)]));
+        leased_request(&plugin, &shared, ok(999), 0);
+        assert_eq!(leased_request(&plugin, &shared, ok(993), 10), Some(6));
+        assert_eq!(leased_request(&plugin, &shared, None, 20), None);
+        let _ = shared.borrow_mut().journal.due(u64::MAX, 1000); // the requests' own settles
+        shared.borrow_mut().expire_leases(&plugin, 10 + 999);
+        assert_eq!(shared.borrow().journal.pending(), 0, "not expired yet");
+        shared.borrow_mut().expire_leases(&plugin, 10 + 1000);
+        let due = shared.borrow_mut().journal.due(u64::MAX, 10);
+        assert_eq!(due.len(), 1);
+        assert!(due[0].settle_mode && due[0].idempotency_key.ends_with(":r1:lease"), "{:?}", due[0].idempotency_key);
+        let req = rls::RateLimitRequest::decode(due[0].message.as_slice()).unwrap();
+        let d = &req.descriptors[0];
+        assert!(d.is_negative_hits);
+        assert_eq!(d.hits_addend.as_ref().unwrap().value, 4, "four of five leased requests unused");
+        // Once given back, the next request reserves again.
+        assert_eq!(leased_request(&plugin, &shared, ok(990), 2000), Some(6));
+    }
+
+    #[test]
+    fn a_lease_that_does_not_fit_falls_back_to_this_request_alone() {
+        let plugin = leasing_plugin();
+        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        leased_request(&plugin, &shared, Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, 999, 60)])), 0);
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        start(&mut f, KEY_B, "/v1/chat/completions");
+        let BodyStep::Call(call) = f.on_request_body(br#"{"model":"gpt-4o-mini","max_tokens":10}"#, 5) else { panic!() };
+        let hits = |c: &RlsCall| rls::RateLimitRequest::decode(c.message.as_slice()).unwrap().descriptors[0].hits_addend.as_ref().unwrap().value;
+        assert_eq!(hits(&call), 6);
+        let over = reply(rls::Code::OverLimit, vec![(rls::Code::OverLimit, 3, 60)]);
+        let BodyStep::Call(single) = f.on_rls_reply(Ok(&over), 6) else { panic!("expected a retry without the lease") };
+        assert_eq!(hits(&single), 1);
+        let ok = reply(rls::Code::Ok, vec![(rls::Code::Ok, 2, 60)]);
+        assert!(matches!(f.on_rls_reply(Ok(&ok), 7), BodyStep::Forward { .. }));
     }
 
     #[test]

@@ -273,6 +273,7 @@ impl RootContext for Root {
         let now = now_ms();
         shared.borrow_mut().heartbeat(now);
         let Some(rl) = &plugin.rate_limit else { return };
+        shared.borrow_mut().expire_leases(plugin, now);
         let due = {
             let mut s = shared.borrow_mut();
             let room = MAX_SETTLES_IN_FLIGHT.saturating_sub(s.journal.in_flight());

@@ -150,12 +150,14 @@ fn descriptor(tenant: &str, kind: LimitKind, limit: u64, policy: &Policy) -> Des
     }
 }
 
-/// The reserve call: one request charged, plus the estimated tokens and cost.
-/// `hits` of 0 for every descriptor makes it a pure check (compatibility mode).
+/// The reserve call: `requests` requests charged (1, or more with a quota
+/// lease), plus the estimated tokens and cost. `hits` of 0 for every
+/// descriptor makes it a pure check (compatibility mode).
 pub fn build_reserve(
     domain: &str,
     tenant: &str,
     policy: &Policy,
+    requests: u64,
     estimate: Amounts,
     check_only: bool,
 ) -> (RateLimitRequest, Vec<LimitKind>) {
@@ -165,7 +167,7 @@ pub fn build_reserve(
     for (kind, limit) in limits {
         let mut d = descriptor(tenant, kind, limit, policy);
         let hits = match kind.measure() {
-            Measure::Requests => 1,
+            Measure::Requests => requests,
             Measure::Tokens => estimate.tokens,
             Measure::Micros => estimate.micros,
         };
@@ -180,20 +182,21 @@ pub fn build_reserve(
 }
 
 /// The settle call: the difference between what was reserved and what was
-/// used, per token and dollar limit. `None` when there is nothing to change.
+/// used, per limit: requests (`(reserved, used)`: `(0, 1)` charges a request
+/// that was not reserved, `(n + 1, 1)` gives back an unused lease of `n`),
+/// tokens and dollars. `None` when there is nothing to change.
 pub fn build_settle(
     domain: &str,
     tenant: &str,
     policy: &Policy,
     reserved: Amounts,
     actual: Amounts,
-    count_request: bool,
+    requests: (u64, u64),
 ) -> Option<RateLimitRequest> {
     let mut descriptors = Vec::new();
     for (kind, limit) in active_limits(policy) {
         let (from, to) = match kind.measure() {
-            Measure::Requests if count_request => (0, 1),
-            Measure::Requests => continue,
+            Measure::Requests => requests,
             Measure::Tokens => (reserved.tokens, actual.tokens),
             Measure::Micros => (reserved.micros, actual.micros),
         };
@@ -385,7 +388,7 @@ mod tests {
 
     #[test]
     fn reserve_carries_every_limit() {
-        let (req, kinds) = build_reserve("tollgate", "acme", &policy(), Amounts { tokens: 300, micros: 4500 }, false);
+        let (req, kinds) = build_reserve("tollgate", "acme", &policy(), 1, Amounts { tokens: 300, micros: 4500 }, false);
         assert_eq!(
             kinds,
             vec![
@@ -410,13 +413,13 @@ mod tests {
     #[test]
     fn settle_refunds_and_adds() {
         let p = policy();
-        let req = build_settle("d", "acme", &p, Amounts { tokens: 300, micros: 4500 }, Amounts { tokens: 120, micros: 5000 }, false).unwrap();
+        let req = build_settle("d", "acme", &p, Amounts { tokens: 300, micros: 4500 }, Amounts { tokens: 120, micros: 5000 }, (1, 1)).unwrap();
         assert_eq!(req.descriptors.len(), 3);
         assert!(req.descriptors[0].is_negative_hits);
         assert_eq!(req.descriptors[0].hits_addend.as_ref().unwrap().value, 180);
         assert!(!req.descriptors[2].is_negative_hits);
         assert_eq!(req.descriptors[2].hits_addend.as_ref().unwrap().value, 500);
-        assert!(build_settle("d", "acme", &p, Amounts { tokens: 1, micros: 1 }, Amounts { tokens: 1, micros: 1 }, false).is_none());
+        assert!(build_settle("d", "acme", &p, Amounts { tokens: 1, micros: 1 }, Amounts { tokens: 1, micros: 1 }, (1, 1)).is_none());
     }
 
     fn status(code: Code, remaining: u32, reset_s: i64) -> rls::DescriptorStatus {
@@ -431,7 +434,7 @@ mod tests {
     #[test]
     fn refusal_names_the_budget_and_says_do_not_retry() {
         let p = policy();
-        let (_, kinds) = build_reserve("d", "acme", &p, Amounts::default(), false);
+        let (_, kinds) = build_reserve("d", "acme", &p, 1, Amounts::default(), false);
         let resp = RateLimitResponse {
             overall_code: Code::OverLimit as i32,
             statuses: vec![
@@ -457,7 +460,7 @@ mod tests {
     #[test]
     fn rate_refusal_says_retry() {
         let p = policy();
-        let (_, kinds) = build_reserve("d", "acme", &p, Amounts::default(), false);
+        let (_, kinds) = build_reserve("d", "acme", &p, 1, Amounts::default(), false);
         let resp = RateLimitResponse {
             overall_code: Code::OverLimit as i32,
             statuses: vec![status(Code::OverLimit, 0, 6), status(Code::Ok, 1, 1), status(Code::Ok, 1, 1), status(Code::Ok, 1, 1)],

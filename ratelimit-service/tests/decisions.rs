@@ -326,7 +326,8 @@ async fn every_key_expires_and_script_cache_loss_recovers() {
 async fn concurrent_reserves_never_exceed_the_budget() {
     use rand::Rng;
     let redis = RedisServer::start();
-    let (l, _, _) = limiter(&redis, T0);
+    let target = RedisTarget::Single(redis.url());
+    let (l, _, _) = limiter_timeout(target, StaticLimits::default(), T0, std::time::Duration::from_secs(10));
     let l = Arc::new(l);
     const BUDGET: u64 = 1_000;
     // sizes 1: exactly the budget is admitted

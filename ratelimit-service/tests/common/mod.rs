@@ -176,7 +176,19 @@ pub type Limiter = RateLimiter<RedisStorage>;
 
 /// A limiter on `target` with a manual clock at `now_ms`.
 pub fn limiter_with(target: RedisTarget, limits: StaticLimits, now_ms: i64) -> (Limiter, Arc<ManualClock>, Arc<Metrics>) {
-    let storage = Arc::new(RedisStorage::new(&target, Duration::from_millis(1000)).expect("storage"));
+    limiter_timeout(target, limits, now_ms, Duration::from_millis(1000))
+}
+
+/// As [`limiter_with`], with the Redis timeout given: tests that load Redis
+/// with hundreds of concurrent calls on a small, busy machine need more than
+/// the default second.
+pub fn limiter_timeout(
+    target: RedisTarget,
+    limits: StaticLimits,
+    now_ms: i64,
+    timeout: Duration,
+) -> (Limiter, Arc<ManualClock>, Arc<Metrics>) {
+    let storage = Arc::new(RedisStorage::new(&target, timeout).expect("storage"));
     let clock = Arc::new(ManualClock::new(now_ms));
     let metrics = Arc::new(Metrics::new());
     let l = RateLimiter::new(
