@@ -278,8 +278,21 @@ def main():
         dropped = e.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0)
         result("tollgate_settles_dropped", dropped)
         e.stop()
+        # 3b. the same with quota leasing (lease_requests: 100): most requests
+        # are admitted from the worker's lease, without a call.
+        leased_cfg = tenant_config(limits=True)
+        leased_cfg["tiers"]["bench"]["lease_requests"] = 100
+        e, p = proxy(up_port, [harness.wasm_filter(leased_cfg, env_keys=["BENCH_OPENAI_KEY"])], rls_port=rls_port)
+        leased, leased1 = measure("tollgate_leased", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
+        result("tollgate_leased_settles_dropped",
+               e.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0))
+        e.stop()
         result("tollgate_vs_bare_envoy_rps", "%.3f" % (tg["rps"] / bare["rps"]))
         result("tollgate_vs_native_ratelimit_rps", "%.3f" % (tg["rps"] / native["rps"]))
+        result("tollgate_leased_vs_native_ratelimit_rps", "%.3f" % (leased["rps"] / native["rps"]))
+        result("tollgate_leased_vs_bare_envoy_rps", "%.3f" % (leased["rps"] / bare["rps"]))
+        result("tollgate_leased_added_p50_ms", "%.3f" % (leased1["p50"] - bare1["p50"]))
+        result("tollgate_leased_added_p99_ms", "%.3f" % (leased1["p99"] - bare1["p99"]))
         result("native_ratelimit_vs_bare_envoy_rps", "%.3f" % (native["rps"] / bare["rps"]))
         result("wasm_passthrough_vs_bare_envoy_rps", "%.3f" % (floor["rps"] / bare["rps"]))
         result("tollgate_no_limits_vs_bare_envoy_rps", "%.3f" % (metering["rps"] / bare["rps"]))
