@@ -1,0 +1,92 @@
+//! Throughput of the response-body path on a streamed OpenAI chat body, the
+//! shape `integration-tests/mock_llm.py` sends for `x-mock-bulk-bytes`: ~20 MB
+//! of 200-character content deltas in 64 KiB writes, then the usage-only chunk
+//! and `[DONE]`.
+//!
+//!   cargo run --release -p tollgate-stream-bench [MB] [CHUNK_BYTES]
+//!
+//! Also runs as wasm under Node (V8, the engine Envoy uses):
+//!   RUSTFLAGS="-C target-feature=+simd128" cargo build --release -p tollgate-stream-bench --target wasm32-wasip1
+//!   node bench/run-wasi.mjs $CARGO_TARGET_DIR/wasm32-wasip1/release/tollgate-stream-bench.wasm
+//!
+//! Prints MB/s for the meter alone and for the meter plus the usage-chunk
+//! stripper (what the filter runs when it injected `include_usage`), and checks
+//! that the usage was metered exactly and the usage chunk removed.
+
+use std::time::Instant;
+
+use tollgate::usage::{MeterLimits, ResponseMeter, UsageFormat, UsageChunkStripper};
+
+fn sse(json: &str) -> String {
+    format!("data: {json}\n\n")
+}
+
+/// The mock's bulk stream: (body, number of content events, the usage event).
+fn bulk_stream(total: usize) -> (Vec<u8>, u64, String) {
+    let text = "x".repeat(200);
+    let event = sse(&format!(
+        "{{\"id\": \"chatcmpl-bulk\", \"object\": \"chat.completion.chunk\", \"created\": 1, \"model\": \"bulk\", \"choices\": [{{\"index\": 0, \"delta\": {{\"content\": \"{text}\"}}, \"finish_reason\": null}}]}}"
+    ));
+    let per_write = (65536 / event.len()).max(1);
+    let mut body = Vec::with_capacity(total + 65536);
+    let mut n = 0u64;
+    while body.len() < total {
+        for _ in 0..per_write {
+            body.extend_from_slice(event.as_bytes());
+            n += 1;
+        }
+    }
+    let usage = sse(&format!(
+        "{{\"id\": \"chatcmpl-bulk\", \"object\": \"chat.completion.chunk\", \"created\": 1, \"model\": \"bulk\", \"choices\": [], \"usage\": {{\"prompt_tokens\": 12, \"completion_tokens\": {n}, \"total_tokens\": {}}}}}",
+        n + 12
+    ));
+    body.extend_from_slice(usage.as_bytes());
+    body.extend_from_slice(sse("[DONE]").as_bytes());
+    (body, n, usage)
+}
+
+fn run(body: &[u8], chunk: usize, strip: bool) -> (f64, u64, Vec<u8>) {
+    let t0 = Instant::now();
+    let mut meter = ResponseMeter::new(UsageFormat::OpenAiChat, true, MeterLimits::default());
+    let mut stripper = strip.then(|| UsageChunkStripper::new(4 * 1024 * 1024));
+    let mut out = Vec::new();
+    for piece in body.chunks(chunk) {
+        meter.push(piece);
+        match stripper.as_mut().map(|s| s.push(piece)).filter(|o| o.as_slice() != piece) {
+            Some(replaced) => out.extend_from_slice(&replaced),
+            None => out.extend_from_slice(piece),
+        }
+    }
+    if let Some(s) = stripper.as_mut() { out.extend_from_slice(&s.finish()); }
+    let metered = meter.finish();
+    let secs = t0.elapsed().as_secs_f64();
+    let output = metered.usage.map_or(0, |u| u.output);
+    (body.len() as f64 / secs / 1e6, output, out)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mb: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(20);
+    let chunk: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(65536);
+    let (body, n, usage_event) = bulk_stream(mb * 1_000_000);
+    let want: Vec<u8> = {
+        let s = String::from_utf8_lossy(&body);
+        s.replacen(&usage_event, "", 1).into_bytes()
+    };
+    println!("stream: {} bytes, {n} content events, {chunk}-byte chunks", body.len());
+    for strip in [false, true] {
+        let mut best = 0f64;
+        for _ in 0..5 {
+            let (rate, output, out) = run(&body, chunk, strip);
+            assert_eq!(output, n, "completion tokens metered");
+            if strip {
+                assert!(out == want, "the usage chunk is removed, nothing else");
+            } else {
+                assert!(out == body, "the stream passes unchanged");
+            }
+            best = best.max(rate);
+        }
+        let label = if strip { "meter + stripper" } else { "meter only" };
+        println!("{label}: {best:.0} MB/s");
+    }
+}
