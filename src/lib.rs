@@ -19,6 +19,7 @@ pub mod protostruct;
 pub mod pricing;
 pub mod request;
 pub mod rls;
+pub mod scan;
 pub mod sse;
 pub mod usage;
 
