@@ -21,6 +21,7 @@ pub mod request;
 pub mod rls;
 pub mod scan;
 pub mod sse;
+pub mod tap;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
