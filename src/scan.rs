@@ -1,14 +1,15 @@
 //! One SIMD pass over a stream chunk that finds what the SSE fast path needs:
 //! every line terminator (CR, LF) and every place a quoted five-letter word
-//! starts (`"` with another `"` six bytes later), which is where the JSON keys
-//! `"usage"` and `"error"` can be. Everything else (the bulk of a stream:
+//! starting with `u` or `e` starts (`"u`/`"e` with another `"` six bytes
+//! later), which is where the JSON keys `"usage"` and `"error"` can be. Everything else (the bulk of a stream:
 //! content text and the envelope around it) is skipped 32 bytes at a time.
 //!
 //! wasm32 with `simd128` (how `wasm-build.sh` builds the filter) and x86_64
 //! (SSE2, always present) use vector code; other targets a scalar loop. All
 //! of them produce the same positions (tested against the scalar reference).
 
-/// Positions of CR, LF and `"`-pair starts in a slice, in increasing order.
+/// Positions of CR, LF and `"u....."`/`"e....."` starts in a slice, in
+/// increasing order.
 #[derive(Debug, Clone)]
 pub struct Hits<'a> {
     hay: &'a [u8],
@@ -63,7 +64,10 @@ impl Iterator for Hits<'_> {
 fn is_hit(hay: &[u8], i: usize) -> bool {
     match hay.get(i) {
         Some(b'\n' | b'\r') => true,
-        Some(b'"') => hay.get(i.saturating_add(PAIR)) == Some(&b'"'),
+        Some(b'"') => {
+            matches!(hay.get(i.saturating_add(1)), Some(b'u' | b'e'))
+                && hay.get(i.saturating_add(PAIR)) == Some(&b'"')
+        }
         _ => false,
     }
 }
@@ -78,63 +82,83 @@ fn scalar_mask(hay: &[u8], block: usize) -> u32 {
     m
 }
 
+/// The bytes one vector step reads: a block and the pair test's look-ahead.
+type Window = [u8; BLOCK + PAIR];
+
 #[inline]
 fn block_mask(hay: &[u8], block: usize) -> u32 {
-    if block.saturating_add(BLOCK + PAIR) <= hay.len() {
-        simd_mask(hay, block)
-    } else {
-        scalar_mask(hay, block)
+    let window = hay
+        .get(block..block.saturating_add(BLOCK + PAIR))
+        .and_then(|w| <&Window>::try_from(w).ok());
+    match window {
+        Some(w) => simd_mask(w),
+        None => scalar_mask(hay, block),
     }
 }
 
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 #[inline]
-fn simd_mask(hay: &[u8], block: usize) -> u32 {
+fn simd_mask(w: &Window) -> u32 {
     use core::arch::wasm32::*;
-    let lf = u8x16_splat(b'\n');
-    let cr = u8x16_splat(b'\r');
-    let q = u8x16_splat(b'"');
+    let p = w.as_ptr();
     let half = |at: usize| -> u32 {
-        // In bounds: the caller checked block + 32 + 6 <= len.
-        let (Some(a), Some(b)) = (hay.get(at..at + 16), hay.get(at + PAIR..at + PAIR + 16)) else {
-            return 0;
+        // SAFETY: at <= 16, so every 16-byte load below ends within the
+        // 38-byte window (at + PAIR + 16 <= 38); v128_load allows unaligned loads.
+        let (v, x, y) = unsafe {
+            (
+                v128_load(p.add(at).cast()),
+                v128_load(p.add(at + 1).cast()),
+                v128_load(p.add(at + PAIR).cast()),
+            )
         };
-        // SAFETY: both slices are 16 bytes long; v128_load allows unaligned loads.
-        let (v, w) = unsafe { (v128_load(a.as_ptr().cast()), v128_load(b.as_ptr().cast())) };
+        let q = u8x16_splat(b'"');
+        let letter = v128_or(
+            u8x16_eq(x, u8x16_splat(b'u')),
+            u8x16_eq(x, u8x16_splat(b'e')),
+        );
         let t = v128_or(
-            v128_or(u8x16_eq(v, lf), u8x16_eq(v, cr)),
-            v128_and(u8x16_eq(v, q), u8x16_eq(w, q)),
+            v128_or(
+                u8x16_eq(v, u8x16_splat(b'\n')),
+                u8x16_eq(v, u8x16_splat(b'\r')),
+            ),
+            v128_and(v128_and(u8x16_eq(v, q), u8x16_eq(y, q)), letter),
         );
         u32::from(u8x16_bitmask(t))
     };
-    half(block) | (half(block + 16) << 16)
+    half(0) | (half(16) << 16)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn simd_mask(hay: &[u8], block: usize) -> u32 {
+fn simd_mask(w: &Window) -> u32 {
     use core::arch::x86_64::*;
+    let p = w.as_ptr();
     let half = |at: usize| -> u32 {
-        let (Some(a), Some(b)) = (hay.get(at..at + 16), hay.get(at + PAIR..at + PAIR + 16)) else {
-            return 0;
-        };
-        // SAFETY: SSE2 is part of x86_64; both slices are 16 bytes long and
-        // _mm_loadu_si128 allows unaligned loads.
+        // SAFETY: SSE2 is part of x86_64. at <= 16, so every 16-byte load
+        // ends within the 38-byte window; _mm_loadu_si128 allows unaligned loads.
         unsafe {
-            let v = _mm_loadu_si128(a.as_ptr().cast());
-            let w = _mm_loadu_si128(b.as_ptr().cast());
+            let v = _mm_loadu_si128(p.add(at).cast());
+            let x = _mm_loadu_si128(p.add(at + 1).cast());
+            let y = _mm_loadu_si128(p.add(at + PAIR).cast());
             let q = _mm_set1_epi8(b'"' as i8);
+            let letter = _mm_or_si128(
+                _mm_cmpeq_epi8(x, _mm_set1_epi8(b'u' as i8)),
+                _mm_cmpeq_epi8(x, _mm_set1_epi8(b'e' as i8)),
+            );
             let t = _mm_or_si128(
                 _mm_or_si128(
                     _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\n' as i8)),
                     _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\r' as i8)),
                 ),
-                _mm_and_si128(_mm_cmpeq_epi8(v, q), _mm_cmpeq_epi8(w, q)),
+                _mm_and_si128(
+                    _mm_and_si128(_mm_cmpeq_epi8(v, q), _mm_cmpeq_epi8(y, q)),
+                    letter,
+                ),
             );
             (_mm_movemask_epi8(t) as u32) & 0xFFFF
         }
     };
-    half(block) | (half(block + 16) << 16)
+    half(0) | (half(16) << 16)
 }
 
 #[cfg(not(any(
@@ -142,8 +166,8 @@ fn simd_mask(hay: &[u8], block: usize) -> u32 {
     target_arch = "x86_64"
 )))]
 #[inline]
-fn simd_mask(hay: &[u8], block: usize) -> u32 {
-    scalar_mask(hay, block)
+fn simd_mask(w: &Window) -> u32 {
+    scalar_mask(w, 0)
 }
 
 #[cfg(test)]
@@ -156,17 +180,17 @@ mod tests {
 
     #[test]
     fn finds_terminators_and_quoted_words() {
-        let hay = b"data: {\"usage\":null,\"x\":\"ab\"}\r\n\n";
+        let hay = b"data: {\"usage\":null,\"x\":\"ab\",\"model\":1}\r\n\n";
         let got: Vec<usize> = Hits::new(hay, 0).collect();
         assert_eq!(got, reference(hay, 0));
-        assert_eq!(got, vec![7, 29, 30, 31]);
+        assert_eq!(got, vec![7, 39, 40, 41]);
     }
 
     #[test]
     fn matches_the_scalar_definition_everywhere() {
         // A pseudo-random mix rich in quotes and line ends, every length and start.
         let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let alphabet = b"\"\"\r\n ab{}:,";
+        let alphabet = b"\"\"\r\n uexb{}:,";
         let hay: Vec<u8> = (0..300)
             .map(|_| {
                 x ^= x << 13;
