@@ -1806,16 +1806,30 @@ mod tests {
     fn stripper_holds_only_what_may_be_the_usage_chunk() {
         use crate::tap::ChunkEdit;
         let mut t = tap(true);
-        let first: &[u8] = b"data: {\"id\":\"a\",\"choices\":[{\"delta\":{}}]}\n\ndata: {\"id\":\"b\",";
+        let first: &[u8] =
+            b"data: {\"id\":\"a\",\"choices\":[{\"delta\":{}}]}\n\ndata: {\"id\":\"b\",";
         // The second event cannot be told from the usage chunk yet: held.
-        assert_eq!(t.push(first), ChunkEdit::Splice { prefix: Vec::new(), from: 0, to: 43 });
+        assert_eq!(
+            t.push(first),
+            ChunkEdit::Splice {
+                prefix: Vec::new(),
+                from: 0,
+                to: 43
+            }
+        );
         let second: &[u8] = b"\"choices\":[{\"delta\":{}}]}\n\n: keep-alive\n";
         // Its choices are not empty: released. The comment may still be anything.
         let edit = t.push(second);
-        assert_eq!(edit.apply(second), b"data: {\"id\":\"b\",\"choices\":[{\"delta\":{}}]}\n\n".to_vec());
+        assert_eq!(
+            edit.apply(second),
+            b"data: {\"id\":\"b\",\"choices\":[{\"delta\":{}}]}\n\n".to_vec()
+        );
         // A partial event whose choices are visibly non-empty is not held.
         let third: &[u8] = b"\ndata: {\"choices\":[{\"delta\":{\"content\":\"x";
-        assert_eq!(t.push(third).apply(third), b": keep-alive\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"x".to_vec());
+        assert_eq!(
+            t.push(third).apply(third),
+            b": keep-alive\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"x".to_vec()
+        );
         assert_eq!(t.push(b"\"}}]}\n\n"), ChunkEdit::Unchanged);
         assert_eq!(t.end_stream(), b"");
         assert_eq!(t.stripped(), 0);
@@ -1834,7 +1848,8 @@ mod tests {
         let mut out = Vec::new();
         let mut held_max = 0usize;
         let mut sent = 0usize;
-        for piece in std::iter::once(&b": "[..]).chain(std::iter::repeat_n(&[b'x'; 1000][..], 100)) {
+        for piece in std::iter::once(&b": "[..]).chain(std::iter::repeat_n(&[b'x'; 1000][..], 100))
+        {
             let edit = t.push(piece);
             out.extend(edit.apply(piece));
             sent += piece.len();
