@@ -3,7 +3,10 @@
 //! of 200-character content deltas in 64 KiB writes, then the usage-only chunk
 //! and `[DONE]`.
 //!
-//!   cargo run --release -p tollgate-stream-bench [MB] [CHUNK_BYTES]
+//!   cargo run --release -p tollgate-stream-bench [MB] [CHUNK_BYTES] [openai]
+//!
+//! (`openai`: OpenAI's compact chunk shape with `"usage":null` on every chunk
+//! instead of the mock's 200-character deltas.)
 //!
 //! Also runs as wasm under Node (V8, the engine Envoy uses):
 //!   RUSTFLAGS="-C target-feature=+simd128" cargo build --release -p tollgate-stream-bench --target wasm32-wasip1
@@ -23,11 +26,17 @@ fn sse(json: &str) -> String {
 }
 
 /// The mock's bulk stream: (body, number of content events, the usage event).
-fn bulk_stream(total: usize) -> (Vec<u8>, u64, String) {
+/// `openai` instead gives OpenAI's own shape: compact JSON, one word per
+/// chunk and `"usage":null` on every chunk (as with `include_usage`).
+fn bulk_stream(total: usize, openai: bool) -> (Vec<u8>, u64, String) {
     let text = "x".repeat(200);
-    let event = sse(&format!(
-        "{{\"id\": \"chatcmpl-bulk\", \"object\": \"chat.completion.chunk\", \"created\": 1, \"model\": \"bulk\", \"choices\": [{{\"index\": 0, \"delta\": {{\"content\": \"{text}\"}}, \"finish_reason\": null}}]}}"
-    ));
+    let event = if openai {
+        sse("{\"id\":\"chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT\",\"object\":\"chat.completion.chunk\",\"created\":1727000000,\"model\":\"gpt-4o-2024-08-06\",\"system_fingerprint\":\"fp_44709d6fcb\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" word\"},\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}")
+    } else {
+        sse(&format!(
+            "{{\"id\": \"chatcmpl-bulk\", \"object\": \"chat.completion.chunk\", \"created\": 1, \"model\": \"bulk\", \"choices\": [{{\"index\": 0, \"delta\": {{\"content\": \"{text}\"}}, \"finish_reason\": null}}]}}"
+        ))
+    };
     let per_write = (65536 / event.len()).max(1);
     let mut body = Vec::with_capacity(total + 65536);
     let mut n = 0u64;
@@ -76,7 +85,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mb: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(20);
     let chunk: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(65536);
-    let (body, n, usage_event) = bulk_stream(mb * 1_000_000);
+    let openai = args.get(3).map(String::as_str) == Some("openai");
+    let (body, n, usage_event) = bulk_stream(mb * 1_000_000, openai);
     let want: Vec<u8> = {
         let s = String::from_utf8_lossy(&body);
         s.replacen(&usage_event, "", 1).into_bytes()
