@@ -1,6 +1,7 @@
 """tollgate benchmarks: every figure side by side with its baseline in the same run.
 
 Prints `RESULT <name>=<value>` lines. Run with ./bench.sh (builds first).
+BENCH_ONLY=stream runs only the streaming section (TTFB and throughput).
 
 - Throughput and added latency (wrk, POST chat completions, 1 Envoy worker):
   bare Envoy; Envoy's native C++ ratelimit filter calling our service (request
@@ -36,6 +37,10 @@ import harness  # noqa: E402
 DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 KEY = "sk-bench-tenant"
+# BENCH_ONLY=stream runs only the streaming section (5); empty or "all" runs everything.
+ONLY = os.environ.get("BENCH_ONLY", "")
+if ONLY not in ("", "all", "stream"):
+    sys.exit("bench: BENCH_ONLY must be empty, all or stream, not %r" % ONLY)
 LOGDIR = tempfile.mkdtemp(prefix="tollgate-bench-")
 COMPLETION = json.dumps({
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024-07-18",
@@ -229,6 +234,78 @@ def stream_seconds(port, headers, size):
     return time.perf_counter() - t0, got
 
 
+def sections_1_to_4(up_port, rls_port, auth, limiter):
+    # 1. bare Envoy
+    e, p = proxy(up_port, [])
+    bare, bare1 = measure("bare_envoy", p, auth, cpu={"envoy": e.proc.pid})
+    e.stop()
+    # 1b. the floor of any wasm filter: tollgate loaded, but the path is
+    # not one of its routes and is passed through untouched.
+    passthrough = tenant_config(limits=False, extra={"unmatched_routes": "pass"})
+    passthrough["routes"][0]["path"] = "/elsewhere"
+    e, p = proxy(up_port, [harness.wasm_filter(passthrough, env_keys=["BENCH_OPENAI_KEY"])])
+    floor, _ = measure("wasm_passthrough", p, auth, cpu={"envoy": e.proc.pid})
+    e.stop()
+    # 2. native ratelimit filter, request count only
+    routes = [{"match": {"prefix": "/"}, "route": {"cluster": "llm_upstream", "rate_limits": [
+        {"actions": [{"generic_key": {"descriptor_value": "bench"}}]}]}}]
+    e, p = proxy(up_port, [native_filter()], rls_port=rls_port, routes=routes)
+    native, native1 = measure("native_ratelimit", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
+    e.stop()
+    # 2b. tollgate metering only (identity, credentials, usage), no limits
+    filt = harness.wasm_filter(tenant_config(limits=False), env_keys=["BENCH_OPENAI_KEY"])
+    e, p = proxy(up_port, [filt])
+    metering, _ = measure("tollgate_no_limits", p, auth, cpu={"envoy": e.proc.pid})
+    e.stop()
+    # 3. tollgate doing everything
+    filt = harness.wasm_filter(tenant_config(limits=True), env_keys=["BENCH_OPENAI_KEY"])
+    e, p = proxy(up_port, [filt], rls_port=rls_port)
+    tg, tg1 = measure("tollgate", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
+    dropped = e.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0)
+    result("tollgate_settles_dropped", dropped)
+    e.stop()
+    # 3b. the same with quota leasing (lease_requests: 100): most requests
+    # are admitted from the worker's lease, without a call.
+    leased_cfg = tenant_config(limits=True)
+    leased_cfg["tiers"]["bench"]["lease_requests"] = 100
+    e, p = proxy(up_port, [harness.wasm_filter(leased_cfg, env_keys=["BENCH_OPENAI_KEY"])], rls_port=rls_port)
+    leased, leased1 = measure("tollgate_leased", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
+    result("tollgate_leased_settles_dropped",
+           e.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0))
+    e.stop()
+    result("tollgate_vs_bare_envoy_rps", "%.3f" % (tg["rps"] / bare["rps"]))
+    result("tollgate_vs_native_ratelimit_rps", "%.3f" % (tg["rps"] / native["rps"]))
+    result("tollgate_leased_vs_native_ratelimit_rps", "%.3f" % (leased["rps"] / native["rps"]))
+    result("tollgate_leased_vs_bare_envoy_rps", "%.3f" % (leased["rps"] / bare["rps"]))
+    result("tollgate_leased_added_p50_ms", "%.3f" % (leased1["p50"] - bare1["p50"]))
+    result("tollgate_leased_added_p99_ms", "%.3f" % (leased1["p99"] - bare1["p99"]))
+    result("native_ratelimit_vs_bare_envoy_rps", "%.3f" % (native["rps"] / bare["rps"]))
+    result("wasm_passthrough_vs_bare_envoy_rps", "%.3f" % (floor["rps"] / bare["rps"]))
+    result("tollgate_no_limits_vs_bare_envoy_rps", "%.3f" % (metering["rps"] / bare["rps"]))
+    result("tollgate_added_p50_ms", "%.3f" % (tg1["p50"] - bare1["p50"]))
+    result("tollgate_added_p99_ms", "%.3f" % (tg1["p99"] - bare1["p99"]))
+    result("native_ratelimit_added_p50_ms", "%.3f" % (native1["p50"] - bare1["p50"]))
+    result("native_ratelimit_added_p99_ms", "%.3f" % (native1["p99"] - bare1["p99"]))
+
+    # 4. identity: API key vs JWT (no limits, so only identity differs)
+    jwks = json.load(open(os.path.join(ROOT, "tests", "fixtures", "jwt", "jwks.json")))
+    jwt_cfg = {"providers": [{"name": "bench", "issuers": ["https://bench/"], "audiences": ["tollgate"],
+                              "algorithms": ["RS256", "ES256"], "jwks": {"inline": jwks},
+                              "tenant_claim": "tenant"}], "cache_max_entries": 1024}
+    filt = harness.wasm_filter(tenant_config(limits=False, extra={"jwt": jwt_cfg}), env_keys=["BENCH_OPENAI_KEY"])
+    e, p = proxy(up_port, [filt])
+    key_run, _ = measure("identity_api_key", p, auth)
+    for alg in ("RS256", "ES256"):
+        toks, _ = mint_tokens(alg, 1)
+        hit, _ = measure("identity_jwt_%s_cache_hit" % alg.lower(), p, {"authorization": "Bearer " + toks[0]})
+        # Far more distinct tokens than the cache holds: every request verifies.
+        _, path = mint_tokens(alg, 6000)
+        miss, _ = measure("identity_jwt_%s_cache_miss" % alg.lower(), p, {}, tokens_file=path)
+        result("jwt_%s_cache_hit_vs_api_key_rps" % alg.lower(), "%.3f" % (hit["rps"] / key_run["rps"]))
+        result("jwt_%s_cache_miss_vs_api_key_rps" % alg.lower(), "%.3f" % (miss["rps"] / key_run["rps"]))
+    e.stop()
+
+
 def main():
     procs = []
     try:
@@ -248,76 +325,8 @@ def main():
         harness.wait_port(rls_port, proc=rls.proc)
         auth = {"authorization": "Bearer " + KEY}
 
-        limiter = {"rls": rls.proc.pid, "redis": redis.proc.pid}
-        # 1. bare Envoy
-        e, p = proxy(up_port, [])
-        bare, bare1 = measure("bare_envoy", p, auth, cpu={"envoy": e.proc.pid})
-        e.stop()
-        # 1b. the floor of any wasm filter: tollgate loaded, but the path is
-        # not one of its routes and is passed through untouched.
-        passthrough = tenant_config(limits=False, extra={"unmatched_routes": "pass"})
-        passthrough["routes"][0]["path"] = "/elsewhere"
-        e, p = proxy(up_port, [harness.wasm_filter(passthrough, env_keys=["BENCH_OPENAI_KEY"])])
-        floor, _ = measure("wasm_passthrough", p, auth, cpu={"envoy": e.proc.pid})
-        e.stop()
-        # 2. native ratelimit filter, request count only
-        routes = [{"match": {"prefix": "/"}, "route": {"cluster": "llm_upstream", "rate_limits": [
-            {"actions": [{"generic_key": {"descriptor_value": "bench"}}]}]}}]
-        e, p = proxy(up_port, [native_filter()], rls_port=rls_port, routes=routes)
-        native, native1 = measure("native_ratelimit", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
-        e.stop()
-        # 2b. tollgate metering only (identity, credentials, usage), no limits
-        filt = harness.wasm_filter(tenant_config(limits=False), env_keys=["BENCH_OPENAI_KEY"])
-        e, p = proxy(up_port, [filt])
-        metering, _ = measure("tollgate_no_limits", p, auth, cpu={"envoy": e.proc.pid})
-        e.stop()
-        # 3. tollgate doing everything
-        filt = harness.wasm_filter(tenant_config(limits=True), env_keys=["BENCH_OPENAI_KEY"])
-        e, p = proxy(up_port, [filt], rls_port=rls_port)
-        tg, tg1 = measure("tollgate", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
-        dropped = e.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0)
-        result("tollgate_settles_dropped", dropped)
-        e.stop()
-        # 3b. the same with quota leasing (lease_requests: 100): most requests
-        # are admitted from the worker's lease, without a call.
-        leased_cfg = tenant_config(limits=True)
-        leased_cfg["tiers"]["bench"]["lease_requests"] = 100
-        e, p = proxy(up_port, [harness.wasm_filter(leased_cfg, env_keys=["BENCH_OPENAI_KEY"])], rls_port=rls_port)
-        leased, leased1 = measure("tollgate_leased", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
-        result("tollgate_leased_settles_dropped",
-               e.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0))
-        e.stop()
-        result("tollgate_vs_bare_envoy_rps", "%.3f" % (tg["rps"] / bare["rps"]))
-        result("tollgate_vs_native_ratelimit_rps", "%.3f" % (tg["rps"] / native["rps"]))
-        result("tollgate_leased_vs_native_ratelimit_rps", "%.3f" % (leased["rps"] / native["rps"]))
-        result("tollgate_leased_vs_bare_envoy_rps", "%.3f" % (leased["rps"] / bare["rps"]))
-        result("tollgate_leased_added_p50_ms", "%.3f" % (leased1["p50"] - bare1["p50"]))
-        result("tollgate_leased_added_p99_ms", "%.3f" % (leased1["p99"] - bare1["p99"]))
-        result("native_ratelimit_vs_bare_envoy_rps", "%.3f" % (native["rps"] / bare["rps"]))
-        result("wasm_passthrough_vs_bare_envoy_rps", "%.3f" % (floor["rps"] / bare["rps"]))
-        result("tollgate_no_limits_vs_bare_envoy_rps", "%.3f" % (metering["rps"] / bare["rps"]))
-        result("tollgate_added_p50_ms", "%.3f" % (tg1["p50"] - bare1["p50"]))
-        result("tollgate_added_p99_ms", "%.3f" % (tg1["p99"] - bare1["p99"]))
-        result("native_ratelimit_added_p50_ms", "%.3f" % (native1["p50"] - bare1["p50"]))
-        result("native_ratelimit_added_p99_ms", "%.3f" % (native1["p99"] - bare1["p99"]))
-
-        # 4. identity: API key vs JWT (no limits, so only identity differs)
-        jwks = json.load(open(os.path.join(ROOT, "tests", "fixtures", "jwt", "jwks.json")))
-        jwt_cfg = {"providers": [{"name": "bench", "issuers": ["https://bench/"], "audiences": ["tollgate"],
-                                  "algorithms": ["RS256", "ES256"], "jwks": {"inline": jwks},
-                                  "tenant_claim": "tenant"}], "cache_max_entries": 1024}
-        filt = harness.wasm_filter(tenant_config(limits=False, extra={"jwt": jwt_cfg}), env_keys=["BENCH_OPENAI_KEY"])
-        e, p = proxy(up_port, [filt])
-        key_run, _ = measure("identity_api_key", p, auth)
-        for alg in ("RS256", "ES256"):
-            toks, _ = mint_tokens(alg, 1)
-            hit, _ = measure("identity_jwt_%s_cache_hit" % alg.lower(), p, {"authorization": "Bearer " + toks[0]})
-            # Far more distinct tokens than the cache holds: every request verifies.
-            _, path = mint_tokens(alg, 6000)
-            miss, _ = measure("identity_jwt_%s_cache_miss" % alg.lower(), p, {}, tokens_file=path)
-            result("jwt_%s_cache_hit_vs_api_key_rps" % alg.lower(), "%.3f" % (hit["rps"] / key_run["rps"]))
-            result("jwt_%s_cache_miss_vs_api_key_rps" % alg.lower(), "%.3f" % (miss["rps"] / key_run["rps"]))
-        e.stop()
+        if ONLY in ("", "all"):
+            sections_1_to_4(up_port, rls_port, auth, {"rls": rls.proc.pid, "redis": redis.proc.pid})
 
         # 5. streaming through the mock: TTFB and throughput, with and without tollgate
         mock = harness.MockLLM(logdir=LOGDIR)

@@ -29,7 +29,8 @@ use crate::metrics;
 use crate::plan::{self, HeaderPlan};
 use crate::request::{self, RequestInfo};
 use crate::rls;
-use crate::usage::{self, MeterLimits, ResponseMeter, Usage, UsageChunkStripper, UsageFormat};
+use crate::tap::{ChunkEdit, StreamTap};
+use crate::usage::{self, MeterLimits, ResponseMeter, Usage, UsageFormat};
 
 /// What the glue does after the request headers.
 #[derive(Debug, PartialEq)]
@@ -73,6 +74,37 @@ pub struct ResponseHeadersStep {
 }
 
 /// Everything to emit when a request ends.
+/// What to forward in place of a response body chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyOut {
+    /// The chunk itself, or how it changed.
+    pub edit: ChunkEdit,
+    /// Bytes to add after it (held bytes at the end of a stream, the usage
+    /// comment).
+    pub append: Vec<u8>,
+}
+
+impl Default for BodyOut {
+    fn default() -> Self {
+        BodyOut { edit: ChunkEdit::Unchanged, append: Vec::new() }
+    }
+}
+
+impl BodyOut {
+    /// Whether the chunk goes out exactly as it came.
+    pub fn is_unchanged(&self) -> bool {
+        self.edit == ChunkEdit::Unchanged && self.append.is_empty()
+    }
+
+    /// The bytes forwarded for `chunk` (for tests and tools; the filter
+    /// applies the edit in place).
+    pub fn bytes(&self, chunk: &[u8]) -> Vec<u8> {
+        let mut out = self.edit.apply(chunk);
+        out.extend_from_slice(&self.append);
+        out
+    }
+}
+
 #[derive(Debug, Default, PartialEq)]
 pub struct Finish {
     /// Filter-state properties (`wasm.<name>`), read by the access log.
@@ -360,8 +392,8 @@ pub struct RequestFlow {
     reservation: Option<Reservation>,
     slot: Option<Slot>,
     // Response.
-    meter: Option<ResponseMeter>,
-    stripper: Option<UsageChunkStripper>,
+    /// Meters the response body (and strips the usage chunk when asked).
+    tap: Option<StreamTap>,
     strip_usage: bool,
     /// The route's provider takes `stream_options.include_usage`.
     inject_usage: bool,
@@ -397,8 +429,7 @@ impl RequestFlow {
             fallback_used: false,
             reservation: None,
             slot: None,
-            meter: None,
-            stripper: None,
+            tap: None,
             strip_usage: false,
             inject_usage: false,
             hold_body: false,
@@ -927,45 +958,36 @@ impl RequestFlow {
             Api::AnthropicMessages => UsageFormat::AnthropicMessages,
             Api::Gemini => UsageFormat::Gemini,
         };
-        self.meter = Some(ResponseMeter::new(format, info.stream, MeterLimits::default()));
-        if self.strip_usage && (200..300).contains(&status) {
-            self.stripper = Some(UsageChunkStripper::new(crate::sse::DEFAULT_MAX_EVENT_BYTES));
-        }
+        let meter = ResponseMeter::new(format, info.stream, MeterLimits::default());
+        self.tap = Some(StreamTap::new(meter, self.strip_usage && (200..300).contains(&status)));
         self.hold_body = !info.stream && self.plugin.metering.usage_headers;
         step.hold_body = self.hold_body;
         step
     }
 
     /// A response body chunk passed (streams), or the whole body (held
-    /// responses, at end of stream). Returns replacement bytes for the chunk
-    /// when the filter changes what the client sees.
-    pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool, now_ms: u64) -> (Option<Vec<u8>>, Option<Finish>) {
+    /// responses, at end of stream). Says what to forward in place of the
+    /// chunk: almost always the chunk unchanged, so nothing is written back.
+    pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool, now_ms: u64) -> (BodyOut, Option<Finish>) {
+        let mut out = BodyOut::default();
         if self.phase != Phase::Upstream {
-            return (None, None);
+            return (out, None);
         }
         if self.first_byte_ms.is_none() && !chunk.is_empty() {
             self.first_byte_ms = Some(now_ms);
         }
-        if let Some(m) = self.meter.as_mut() {
-            m.push(chunk);
+        if let Some(t) = self.tap.as_mut() {
+            out.edit = t.push(chunk);
         }
-        // Only a chunk the stripper changed is written back (most pass as is).
-        let mut replace = self.stripper.as_mut().map(|s| s.push(chunk)).filter(|out| out.as_slice() != chunk);
         if !end_of_stream {
-            return (replace, None);
+            return (out, None);
         }
-        if let Some(s) = self.stripper.as_mut() {
-            let rest = s.finish();
-            if !rest.is_empty() {
-                replace.get_or_insert_with(|| chunk.to_vec()).extend_from_slice(&rest);
-            }
+        if let Some(t) = self.tap.as_mut() {
+            out.append = t.end_stream();
         }
         let finish = self.finish(now_ms, true);
-        if !finish.append.is_empty() {
-            let out = replace.get_or_insert_with(|| chunk.to_vec());
-            out.extend_from_slice(&finish.append);
-        }
-        (replace, Some(finish))
+        out.append.extend_from_slice(&finish.append);
+        (out, Some(finish))
     }
 
     /// The response ended without a body (headers-only end of stream).
@@ -998,7 +1020,7 @@ impl RequestFlow {
         let Some(tenant) = self.tenant.and_then(|i| plugin.tenants.get(i)) else {
             return out;
         };
-        let metered = self.meter.take().map(ResponseMeter::finish).unwrap_or_default();
+        let metered = self.tap.take().map(StreamTap::finish).unwrap_or_default();
         let ok_status = (200..300).contains(&self.upstream_status);
         let (usage, estimated) = match metered.usage {
             Some(u) if metered.complete || !ok_status => (u, false),
@@ -1519,7 +1541,8 @@ mod tests {
             "data: [DONE]\n\n"
         );
         let (out, fin) = f.on_response_body(stream.as_bytes(), true, 50);
-        let out = String::from_utf8(out.unwrap()).unwrap();
+        assert!(!out.is_unchanged());
+        let out = String::from_utf8(out.bytes(stream.as_bytes())).unwrap();
         assert!(!out.contains("prompt_tokens"), "usage chunk must be hidden: {out}");
         assert!(out.contains("[DONE]"));
         let fin = fin.unwrap();

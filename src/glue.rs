@@ -17,9 +17,10 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 
 use crate::api::LocalReply;
 use crate::config::{self, Plugin};
-use crate::flow::{self, BodyStep, Finish, HeadersStep, RequestFlow, RlsCall, Shared};
+use crate::flow::{self, BodyOut, BodyStep, Finish, HeadersStep, RequestFlow, RlsCall, Shared};
 use crate::inflight::{self, SlotStore, StoreError};
 use crate::journal::Answer;
+use crate::tap::ChunkEdit;
 use crate::plan::HeaderPlan;
 use crate::rls;
 
@@ -319,6 +320,7 @@ impl RootContext for Root {
             rls_token: None,
             rls_sent_ms: 0,
             hold_body: false,
+            body_started: false,
         }))
     }
 
@@ -336,6 +338,49 @@ struct Http {
     rls_token: Option<u32>,
     rls_sent_ms: u64,
     hold_body: bool,
+    /// A response body chunk has been seen (its time is the first byte's).
+    body_started: bool,
+}
+
+/// Write a changed response chunk back with the host's buffer operations:
+/// `set_buffer(0, n, data)` replaces the first `n` bytes with `data` (so
+/// `n = 0` prepends), and a start at or past the end appends. Only the bytes
+/// that change cross into the host: a released hold is prepended, a new hold
+/// cuts the chunk's tail, a removed leading event is drained.
+fn apply_body_out(chunk: &[u8], body_size: usize, out: &BodyOut) {
+    let set = |start: usize, len: usize, data: &[u8]| {
+        if let Err(s) = hostcalls::set_buffer(BufferType::HttpResponseBody, start, len, data) {
+            log::warn!("tollgate: rewriting a response chunk failed: {s:?}");
+        }
+    };
+    let size = chunk.len();
+    let mut len = size;
+    match &out.edit {
+        // The chunk could not be read: leave it be.
+        _ if size != body_size => len = body_size,
+        ChunkEdit::Unchanged => {}
+        ChunkEdit::Splice { prefix, from, to } => {
+            let (from, to) = ((*from).min(size), (*to).min(size));
+            if to < size {
+                set(0, size, chunk.get(from..to).unwrap_or(&[]));
+                len = to.saturating_sub(from);
+            } else if from > 0 {
+                set(0, from, &[]);
+                len = size.saturating_sub(from);
+            }
+            if !prefix.is_empty() {
+                set(0, 0, prefix);
+                len = len.saturating_add(prefix.len());
+            }
+        }
+        ChunkEdit::Replace(bytes) => {
+            set(0, size, bytes);
+            len = bytes.len();
+        }
+    }
+    if !out.append.is_empty() {
+        set(len, 0, &out.append);
+    }
 }
 
 fn apply_plan(plan: &HeaderPlan) {
@@ -600,11 +645,17 @@ impl HttpContext for Http {
                 Vec::new()
             }
         };
-        let (replace, finish) = self.flow.on_response_body(&chunk, end_of_stream, now_ms());
-        if let Some(bytes) = replace {
-            if let Err(s) = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &bytes) {
-                log::warn!("tollgate: rewriting a response chunk failed: {s:?}");
-            }
+        // The clock is a host call: only read it when the flow uses it (the
+        // first byte's time, the end of the response).
+        let now = if end_of_stream || (!self.body_started && !chunk.is_empty()) {
+            now_ms()
+        } else {
+            0
+        };
+        self.body_started |= !chunk.is_empty();
+        let (out, finish) = self.flow.on_response_body(&chunk, end_of_stream, now);
+        if !out.is_unchanged() {
+            apply_body_out(&chunk, body_size, &out);
         }
         if let Some(fin) = finish {
             if self.hold_body {

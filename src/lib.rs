@@ -20,7 +20,9 @@ pub mod protostruct;
 pub mod pricing;
 pub mod request;
 pub mod rls;
+pub mod scan;
 pub mod sse;
+pub mod tap;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]

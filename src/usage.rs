@@ -5,9 +5,10 @@
 //! answered, mid-stream errors and enough counters to estimate when the
 //! provider sent no usage at all.
 //!
-//! [`UsageChunkStripper`] and [`inject_include_usage`] let the filter ask an
+//! [`inject_include_usage`] and [`is_usage_only_chunk`] let the filter ask an
 //! OpenAI chat stream for usage on the client's behalf and hide the extra
-//! usage chunk from a client that did not ask for it.
+//! usage chunk (with [`crate::tap::StreamTap`]) from a client that did not ask
+//! for it.
 //!
 //! Everything here is pure: no host calls, no clocks, no panics.
 
@@ -131,6 +132,10 @@ pub struct Metered {
     /// Approximate bytes of generated text (content, reasoning, tool
     /// arguments) seen, for estimating output tokens when usage is missing.
     pub output_text_bytes: u64,
+    /// Content events counted without being parsed (the SSE fast path of an
+    /// OpenAI chat stream: single-line `data: {...}` events with no usage and
+    /// no error). Each counts as one output token in the estimate.
+    pub skimmed_events: u64,
     /// Errors reported inside the body (mid-stream error events, error bodies).
     pub errors: Vec<String>,
     /// SSE events, JSON-array elements or whole JSON bodies parsed.
@@ -151,8 +156,14 @@ pub struct Metered {
 impl Metered {
     /// Output tokens estimated from the generated text seen, for when `usage`
     /// is `None` (or cut short). Always an estimate: flag it as one.
+    ///
+    /// Parsed events contribute their text at [`DEFAULT_BYTES_PER_TOKEN`];
+    /// skimmed content events one token each (OpenAI-compatible chat servers
+    /// stream about one token per chunk, and the JSON envelope around the text
+    /// is far bigger than the text, so raw bytes would overcharge).
     pub fn estimated_output_tokens(&self) -> u64 {
         estimate_tokens_from_bytes(self.output_text_bytes, DEFAULT_BYTES_PER_TOKEN)
+            .saturating_add(self.skimmed_events)
     }
 }
 
@@ -431,6 +442,7 @@ struct Accum {
     raw: RawCounts,
     model: Option<String>,
     text_bytes: u64,
+    skimmed: u64,
     errors: Vec<String>,
     events: u64,
     oversized: u64,
@@ -446,6 +458,7 @@ impl Accum {
             raw: RawCounts::default(),
             model: None,
             text_bytes: 0,
+            skimmed: 0,
             errors: Vec::new(),
             events: 0,
             oversized: 0,
@@ -749,6 +762,7 @@ impl Accum {
             model_answered: self.model,
             bytes_seen,
             output_text_bytes: self.text_bytes,
+            skimmed_events: self.skimmed,
             errors: self.errors,
             events: self.events,
             oversized: self.oversized,
@@ -998,6 +1012,39 @@ impl ResponseMeter {
         }
     }
 
+    /// The bounds this meter was made with.
+    pub fn limits(&self) -> MeterLimits {
+        self.limits
+    }
+
+    /// The API whose response this meter reads.
+    pub fn format(&self) -> UsageFormat {
+        self.acc.format
+    }
+
+    /// Whether the model that answered is known yet (the chat fast path
+    /// parses events fully until it is).
+    pub(crate) fn model_known(&self) -> bool {
+        self.acc.model.is_some()
+    }
+
+    /// Count body bytes framed by someone else ([`crate::tap::StreamTap`]).
+    pub(crate) fn add_bytes(&mut self, n: usize) {
+        self.bytes_seen = self.bytes_seen.saturating_add(n as u64);
+    }
+
+    /// One SSE item framed by someone else.
+    pub(crate) fn sse_item(&mut self, item: Result<SseEvent, SseError>) {
+        sse_item(&mut self.acc, item);
+    }
+
+    /// One content event counted without parsing it (see
+    /// [`Metered::skimmed_events`]).
+    pub(crate) fn skimmed_event(&mut self) {
+        self.acc.events = self.acc.events.saturating_add(1);
+        self.acc.skimmed = self.acc.skimmed.saturating_add(1);
+    }
+
     /// End of body: parse what is left and report.
     pub fn finish(mut self) -> Metered {
         match &mut self.framing {
@@ -1025,13 +1072,17 @@ impl ResponseMeter {
 
 fn drain_sse(parser: &mut SseParser, acc: &mut Accum) {
     while let Some(item) = parser.next_event() {
-        match item {
-            Ok(ev) => acc.sse_event(&ev),
-            Err(SseError::Oversized { tail, .. }) => {
-                acc.events = acc.events.saturating_add(1);
-                acc.oversized = acc.oversized.saturating_add(1);
-                acc.salvage(&tail);
-            }
+        sse_item(acc, item);
+    }
+}
+
+fn sse_item(acc: &mut Accum, item: Result<SseEvent, SseError>) {
+    match item {
+        Ok(ev) => acc.sse_event(&ev),
+        Err(SseError::Oversized { tail, .. }) => {
+            acc.events = acc.events.saturating_add(1);
+            acc.oversized = acc.oversized.saturating_add(1);
+            acc.salvage(&tail);
         }
     }
 }
@@ -1057,7 +1108,7 @@ fn drain_pieces(pieces: &mut Vec<Piece>, acc: &mut Accum) {
 ///
 /// Returns `true` when the body was changed, i.e. when the client will not
 /// expect the extra usage chunk and the response must go through a
-/// [`UsageChunkStripper`]. Returns `false` (body untouched) when the request
+/// [`crate::tap::StreamTap`] that strips it. Returns `false` (body untouched) when the request
 /// is not a stream (`"stream": true`; OpenAI rejects `stream_options`
 /// otherwise), is not a JSON object, or already has `include_usage: true`.
 ///
@@ -1104,128 +1155,6 @@ pub fn is_usage_only_chunk(data: &str) -> bool {
         .and_then(Value::as_array)
         .is_some_and(Vec::is_empty);
     empty_choices && doc.get("usage").is_some_and(Value::is_object)
-}
-
-/// Removes the usage-only chunk from an OpenAI chat stream whose
-/// `include_usage` the filter turned on, leaving every other byte as it was.
-///
-/// Feed it the same chunks as the meter; forward what `push` returns. Complete
-/// events pass through at once; only an unfinished trailing event is held
-/// until its blank line arrives (and never more than the parser's bound).
-#[derive(Debug)]
-pub struct UsageChunkStripper {
-    parser: SseParser,
-    max_held: usize,
-    /// Bytes from `held_start` on, neither forwarded nor dropped yet.
-    held: Vec<u8>,
-    held_start: u64,
-    /// A dropped event ended in a CR at the end of a chunk: an LF right after
-    /// it belongs to that event and must be dropped too.
-    drop_lf_at: Option<u64>,
-    stripped: u64,
-}
-
-impl UsageChunkStripper {
-    /// A stripper that holds back at most about `max_held_bytes` of an
-    /// unfinished event (bigger events cannot be the usage chunk and are
-    /// passed through as they arrive).
-    pub fn new(max_held_bytes: usize) -> Self {
-        UsageChunkStripper {
-            parser: SseParser::new(max_held_bytes),
-            max_held: max_held_bytes,
-            held: Vec::new(),
-            held_start: 0,
-            drop_lf_at: None,
-            stripped: 0,
-        }
-    }
-
-    /// Take the next response chunk; returns the bytes to forward now.
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
-        self.held.extend_from_slice(chunk);
-        self.parser.push(chunk);
-        let mut out = Vec::with_capacity(chunk.len());
-        self.drain(&mut out);
-        let consumed = self.parser.consumed();
-        let pending = consumed.saturating_sub(self.held_start);
-        let safe = if self.parser.is_skipping() || pending > self.max_held as u64 {
-            consumed
-        } else {
-            self.parser.pending_block_start()
-        };
-        self.release(safe, true, &mut out);
-        out
-    }
-
-    /// End of stream: returns everything still held (an unterminated final
-    /// usage-only event is dropped like a terminated one).
-    pub fn finish(&mut self) -> Vec<u8> {
-        self.parser.finish();
-        let mut out = Vec::new();
-        self.drain(&mut out);
-        let end = self.held_start.saturating_add(self.held.len() as u64);
-        self.release(end, true, &mut out);
-        out
-    }
-
-    /// Usage chunks removed so far.
-    pub fn stripped(&self) -> u64 {
-        self.stripped
-    }
-
-    /// True when everything forwarded so far ends at an event boundary, so a
-    /// trailer such as [`render_usage_comment`] can be appended safely.
-    pub fn at_block_boundary(&self) -> bool {
-        self.held.is_empty() && self.parser.pending_block_start() >= self.parser.consumed()
-    }
-
-    fn drain(&mut self, out: &mut Vec<u8>) {
-        while let Some(item) = self.parser.next_event() {
-            let Ok(ev) = item else { continue };
-            let span = self.parser.last_span();
-            // An event partly forwarded already (it outgrew the hold bound)
-            // cannot be removed any more.
-            if span.start < self.held_start || !is_usage_only_chunk(&ev.data) {
-                continue;
-            }
-            self.release(span.start, true, out);
-            let ends_in_cr = span
-                .end
-                .checked_sub(1)
-                .and_then(|last| last.checked_sub(self.held_start))
-                .and_then(|i| usize::try_from(i).ok())
-                .and_then(|i| self.held.get(i))
-                == Some(&b'\r');
-            self.release(span.end, false, out);
-            self.drop_lf_at = ends_in_cr.then_some(span.end);
-            self.stripped = self.stripped.saturating_add(1);
-        }
-    }
-
-    /// Forward (or drop) held bytes up to absolute offset `upto`.
-    fn release(&mut self, upto: u64, forward: bool, out: &mut Vec<u8>) {
-        if let Some(at) = self.drop_lf_at {
-            if at == self.held_start && !self.held.is_empty() {
-                if self.held.first() == Some(&b'\n') {
-                    self.held.drain(..1);
-                    self.held_start = self.held_start.saturating_add(1);
-                }
-                self.drop_lf_at = None;
-            } else if at != self.held_start {
-                self.drop_lf_at = None;
-            }
-        }
-        let n = upto.saturating_sub(self.held_start);
-        let n = usize::try_from(n)
-            .unwrap_or(usize::MAX)
-            .min(self.held.len());
-        if forward {
-            out.extend(self.held.drain(..n));
-        } else {
-            self.held.drain(..n);
-        }
-        self.held_start = self.held_start.saturating_add(n as u64);
-    }
 }
 
 /// An SSE comment line carrying `value` as JSON, to append at the end of a
@@ -1783,14 +1712,21 @@ mod tests {
         assert!(!is_usage_only_chunk("[DONE]"));
     }
 
+    fn tap(strip: bool) -> crate::tap::StreamTap {
+        crate::tap::StreamTap::new(
+            ResponseMeter::new(UsageFormat::OpenAiChat, true, MeterLimits::default()),
+            strip,
+        )
+    }
+
     fn strip_all(chunks: &[&[u8]]) -> (Vec<u8>, u64) {
-        let mut s = UsageChunkStripper::new(64 * 1024);
+        let mut t = tap(true);
         let mut out = Vec::new();
         for c in chunks {
-            out.extend(s.push(c));
+            out.extend(t.push(c).apply(c));
         }
-        out.extend(s.finish());
-        (out, s.stripped())
+        out.extend(t.end_stream());
+        (out, t.stripped())
     }
 
     /// The stream with the usage-only event's block removed.
@@ -1867,14 +1803,36 @@ mod tests {
     }
 
     #[test]
-    fn stripper_forwards_complete_events_at_once() {
-        let mut s = UsageChunkStripper::new(1024);
-        assert_eq!(s.push(b"data: 1\n\ndata: 2"), b"data: 1\n\n");
-        assert!(!s.at_block_boundary());
-        assert_eq!(s.push(b"\n\n: keep-alive\n"), b"data: 2\n\n");
-        assert_eq!(s.push(b"\n"), b": keep-alive\n\n");
-        assert!(s.at_block_boundary());
-        assert_eq!(s.finish(), b"");
+    fn stripper_holds_only_what_may_be_the_usage_chunk() {
+        use crate::tap::ChunkEdit;
+        let mut t = tap(true);
+        let first: &[u8] =
+            b"data: {\"id\":\"a\",\"choices\":[{\"delta\":{}}]}\n\ndata: {\"id\":\"b\",";
+        // The second event cannot be told from the usage chunk yet: held.
+        assert_eq!(
+            t.push(first),
+            ChunkEdit::Splice {
+                prefix: Vec::new(),
+                from: 0,
+                to: 43
+            }
+        );
+        let second: &[u8] = b"\"choices\":[{\"delta\":{}}]}\n\n: keep-alive\n";
+        // Its choices are not empty: released. The comment may still be anything.
+        let edit = t.push(second);
+        assert_eq!(
+            edit.apply(second),
+            b"data: {\"id\":\"b\",\"choices\":[{\"delta\":{}}]}\n\n".to_vec()
+        );
+        // A partial event whose choices are visibly non-empty is not held.
+        let third: &[u8] = b"\ndata: {\"choices\":[{\"delta\":{\"content\":\"x";
+        assert_eq!(
+            t.push(third).apply(third),
+            b": keep-alive\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"x".to_vec()
+        );
+        assert_eq!(t.push(b"\"}}]}\n\n"), ChunkEdit::Unchanged);
+        assert_eq!(t.end_stream(), b"");
+        assert_eq!(t.stripped(), 0);
     }
 
     #[test]
@@ -1886,16 +1844,23 @@ mod tests {
 
     #[test]
     fn stripper_hold_is_bounded() {
-        let mut s = UsageChunkStripper::new(64);
-        let mut out = s.push(b": ");
-        for _ in 0..100 {
-            out.extend(s.push(&[b'x'; 100]));
+        let mut t = tap(true);
+        let mut out = Vec::new();
+        let mut held_max = 0usize;
+        let mut sent = 0usize;
+        for piece in std::iter::once(&b": "[..]).chain(std::iter::repeat_n(&[b'x'; 1000][..], 100))
+        {
+            let edit = t.push(piece);
+            out.extend(edit.apply(piece));
+            sent += piece.len();
+            held_max = held_max.max(sent - out.len());
         }
-        assert!(s.held.len() <= 200, "held {}", s.held.len());
-        out.extend(s.push(b"\n\ndata: {\"choices\":[],\"usage\":{}}\n\n"));
-        out.extend(s.finish());
-        assert_eq!(out.len(), 2 + 100 * 100 + 2);
-        assert_eq!(s.stripped(), 1);
+        assert!(held_max <= crate::tap::MAX_HOLD_BYTES, "held {held_max}");
+        let last: &[u8] = b"\n\ndata: {\"choices\":[],\"usage\":{}}\n\n";
+        out.extend(t.push(last).apply(last));
+        out.extend(t.end_stream());
+        assert_eq!(out.len(), 2 + 100 * 1000 + 2);
+        assert_eq!(t.stripped(), 1);
     }
 
     #[test]

@@ -1,13 +1,16 @@
-//! Fuzz the metering core: SSE parser, response meter, usage-chunk stripper
-//! and pricing, with the body cut into chunks chosen by the input itself.
+//! Fuzz the metering core: SSE parser, response meter, the stream tap (fast
+//! path and usage-chunk stripping) and pricing, with the body cut into chunks
+//! chosen by the input itself.
 //!
 //! Input layout: byte 0 picks the format and flags, byte 1 seeds the chunk
 //! sizes, the rest is the response body.
 //!
 //! Properties checked, besides "never panics":
 //! - metering gives the same result however the body is chunked;
-//! - the stripper's output is the same however the body is chunked, and is
-//!   the input unchanged when it stripped nothing.
+//! - the tap meters usage, errors and completion exactly like the
+//!   meter alone, however the body is chunked;
+//! - the tap's output is the same however the body is chunked, and is the
+//!   input unchanged when it stripped nothing.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,13 +21,20 @@ use libfuzzer_sys::fuzz_target;
 #[path = "../../src/pricing.rs"]
 mod pricing;
 #[allow(dead_code)]
+#[path = "../../src/scan.rs"]
+mod scan;
+#[allow(dead_code)]
 #[path = "../../src/sse.rs"]
 mod sse;
+#[allow(dead_code)]
+#[path = "../../src/tap.rs"]
+mod tap;
 #[allow(dead_code)]
 #[path = "../../src/usage.rs"]
 mod usage;
 
-use usage::{MeterLimits, ResponseMeter, UsageChunkStripper, UsageFormat};
+use tap::StreamTap;
+use usage::{MeterLimits, ResponseMeter, UsageFormat};
 
 /// Chunk `body` into pieces of 1..=max bytes from a tiny xorshift stream.
 fn chunks(body: &[u8], seed: u8) -> Vec<&[u8]> {
@@ -57,14 +67,33 @@ fn meter(
     m.finish()
 }
 
-fn strip(max_held: usize, parts: &[&[u8]]) -> (Vec<u8>, u64) {
-    let mut s = UsageChunkStripper::new(max_held);
+fn tap(
+    format: UsageFormat,
+    limits: MeterLimits,
+    parts: &[&[u8]],
+) -> (Vec<u8>, u64, usage::Metered) {
+    let mut t = StreamTap::new(ResponseMeter::new(format, true, limits), true);
     let mut out = Vec::new();
     for p in parts {
-        out.extend(s.push(p));
+        out.extend(t.push(p).apply(p));
     }
-    out.extend(s.finish());
-    (out, s.stripped())
+    out.extend(t.end_stream());
+    let n = t.stripped();
+    (out, n, t.finish())
+}
+
+/// What the tap reports exactly like the meter (its estimate may differ, and
+/// a skimmed event does not update the answering model: when a stream names
+/// different models, the latest *parsed* event's wins).
+fn exact(m: &usage::Metered) -> impl PartialEq + std::fmt::Debug {
+    (
+        m.usage,
+        m.errors.clone(),
+        m.complete,
+        m.events,
+        m.oversized,
+        m.bytes_seen,
+    )
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -96,15 +125,31 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(whole, split, "metering depends on chunking");
     assert_eq!(whole.bytes_seen, body.len() as u64);
 
-    let max_held = if flags & 0x20 != 0 { 64 } else { 1 << 16 };
-    let (out_whole, n_whole) = strip(max_held, &[body]);
-    let (out_split, n_split) = strip(max_held, &parts);
-    if flags & 0x20 == 0 {
-        // With a small hold bound, a long event may be forwarded before it is
-        // known to be the usage chunk, which depends on chunking.
-        assert_eq!(out_whole, out_split, "stripping depends on chunking");
-        assert_eq!(n_whole, n_split);
-    }
+    let reference = meter(format, true, limits, &[body]);
+    let (out_whole, n_whole, m_whole) = tap(format, limits, &[body]);
+    let (out_split, n_split, m_split) = tap(format, limits, &parts);
+    assert_eq!(
+        exact(&m_whole),
+        exact(&reference),
+        "the tap meters differently"
+    );
+    assert_eq!(
+        exact(&m_split),
+        exact(&reference),
+        "the tap depends on chunking"
+    );
+    assert_eq!(
+        m_split.model_answered, m_whole.model_answered,
+        "the model depends on chunking"
+    );
+    assert_eq!(
+        m_split.skimmed_events, m_whole.skimmed_events,
+        "skimming depends on chunking"
+    );
+    // Bodies here are far below the tap's hold bound, so stripping never
+    // depends on chunking.
+    assert_eq!(out_whole, out_split, "stripping depends on chunking");
+    assert_eq!(n_whole, n_split);
     assert!(out_split.len() <= body.len());
     if n_split == 0 {
         assert_eq!(out_split, body, "nothing stripped but output differs");
