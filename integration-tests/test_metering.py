@@ -248,3 +248,27 @@ def test_settles_reach_redis(mstack, redis):
     keys = redis.cli("--scan", "--pattern", "*acme*").split()
     assert keys, "no counter keys for acme in Redis"
     assert mstack.envoy.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0) == 0
+
+
+def test_a_provider_can_turn_off_usage_injection(mock, wasm, tmp_path):
+    # For an Azure API version that rejects stream_options: the body reaches
+    # the provider untouched, the client's stream is the provider's, and the
+    # usage is a flagged estimate instead.
+    from conftest import Stack, plugin_config
+    cfg = plugin_config()
+    cfg["providers"]["openai"]["inject_stream_usage"] = False
+    stack = Stack(mock, str(tmp_path), plugin=cfg)
+    try:
+        mock.clear()
+        rid = "no-inject-1"
+        r = stack.post("/v1/chat/completions", dict(CHAT, stream=True),
+                       {"authorization": "Bearer " + KEY_A, "x-request-id": rid})
+        assert r.status == 200
+        sent = json.loads(mock.requests()[-1]["body"])
+        assert "stream_options" not in sent
+        assert r.body.decode().endswith("data: [DONE]\n\n")
+        log = stack.access_log_lines({rid})[rid]
+        assert log["tg_estimated"] == "true", log
+        assert int(log["tg_tokens_output"]) > 0, log
+    finally:
+        stack.stop()
