@@ -1651,12 +1651,17 @@ mod tests {
         assert!(f.on_stream_done(30).is_none(), "finishes once");
     }
 
-    #[test]
-    fn concurrency_cap_is_released_when_streams_end() {
+    /// The sample configuration with globex capped at `cap` requests in flight.
+    fn capped_plugin(cap: u64) -> Rc<Plugin> {
         let mut plugin = sample();
         let idx = plugin.tenants.iter().position(|t| t.id == "globex").unwrap();
-        plugin.tenants[idx].policy.max_concurrent_requests = Some(1);
-        let plugin = Rc::new(plugin);
+        plugin.tenants[idx].policy.max_concurrent_requests = Some(cap);
+        Rc::new(plugin)
+    }
+
+    #[test]
+    fn concurrency_cap_is_released_when_streams_end() {
+        let plugin = capped_plugin(1);
         let shared = Rc::new(RefCell::new(Shared::new(10)));
         let body = br#"{"model":"gpt-4o-mini"}"#;
         let ok = reply(rls::Code::Ok, vec![(rls::Code::Ok, 10, 1)]);
@@ -1679,10 +1684,7 @@ mod tests {
     fn requests_waiting_for_the_limiter_hold_their_slot() {
         // The slot is taken before the reserve call: two requests that both
         // wait for the service cannot both pass a cap of one.
-        let mut plugin = sample();
-        let idx = plugin.tenants.iter().position(|t| t.id == "globex").unwrap();
-        plugin.tenants[idx].policy.max_concurrent_requests = Some(1);
-        let plugin = Rc::new(plugin);
+        let plugin = capped_plugin(1);
         let shared = Rc::new(RefCell::new(Shared::new(10)));
         let body = br#"{"model":"gpt-4o-mini"}"#;
         let mut first = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
@@ -1714,10 +1716,7 @@ mod tests {
                 self.0.set(key, v, cas)
             }
         }
-        let mut plugin = sample();
-        let idx = plugin.tenants.iter().position(|t| t.id == "globex").unwrap();
-        plugin.tenants[idx].policy.max_concurrent_requests = Some(1);
-        let plugin = Rc::new(plugin);
+        let plugin = capped_plugin(1);
         let table = Rc::new(crate::inflight::LocalStore::default());
         let worker = |vm| {
             let mut s = Shared::new(10);

@@ -221,21 +221,11 @@ impl StreamTap {
         let carry = mem::take(&mut self.carry);
         let held = self.held;
         self.held = false;
-        let mut removed = false;
         if !self.streaming && !carry.is_empty() {
             self.parser.push(&carry);
         }
         self.parser.finish();
-        while let Some(item) = self.parser.next_event() {
-            if held && self.strip {
-                if let Ok(ev) = &item {
-                    removed |= is_usage_only_chunk(&ev.data);
-                }
-            }
-            self.meter.sse_item(item);
-        }
-        if removed {
-            self.stripped = self.stripped.saturating_add(1);
+        if self.drain(held) {
             return Vec::new();
         }
         if held {
