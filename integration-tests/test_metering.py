@@ -131,8 +131,11 @@ def test_injected_include_usage_is_invisible(mstack, mock):
     mock.clear()
     r = mstack.post("/v1/chat/completions", dict(CHAT, stream=True), {"authorization": "Bearer " + KEY_A})
     assert r.status == 200
-    sent = json.loads(mock.requests()[-1]["body"])
+    rec = mock.requests()[-1]
+    sent = json.loads(rec["body"])
     assert sent["stream_options"] == {"include_usage": True}, "tollgate asks the provider for usage"
+    # The rewritten body goes up with its own length, not the client's.
+    assert rec["header_map"].get("content-length") == str(len(rec["body"].encode())), rec["header_map"]
     # What the client receives equals the provider's stream minus the usage chunk,
     # byte for byte, as if it had asked without include_usage.
     text = r.body.decode()
@@ -141,10 +144,15 @@ def test_injected_include_usage_is_invisible(mstack, mock):
     events = [e for e in text.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
     assert len(events) == N + 3  # role chunk, N deltas, finish chunk, [DONE]
-    # A client that asked for usage gets it unchanged.
-    r = mstack.post("/v1/chat/completions", dict(CHAT, stream=True, stream_options={"include_usage": True}),
-                    {"authorization": "Bearer " + KEY_A})
+    # A client that asked for usage gets it unchanged, and its body goes up
+    # untouched, with the client's own length (no chunked re-framing).
+    asked = dict(CHAT, stream=True, stream_options={"include_usage": True})
+    r = mstack.post("/v1/chat/completions", asked, {"authorization": "Bearer " + KEY_A})
     assert '"prompt_tokens":12' in r.body.decode()
+    rec = mock.requests()[-1]
+    assert json.loads(rec["body"]) == asked
+    assert rec["header_map"].get("content-length") == str(len(json.dumps(asked).encode())), rec["header_map"]
+    assert "transfer-encoding" not in rec["header_map"]
 
 
 def test_stream_is_not_buffered(mstack):

@@ -108,7 +108,7 @@ impl BodyOut {
 #[derive(Debug, Default, PartialEq)]
 pub struct Finish {
     /// Filter-state properties (`wasm.<name>`), read by the access log.
-    pub properties: Vec<(String, String)>,
+    pub properties: Vec<(&'static str, String)>,
     /// Counter increments by metric name.
     pub counters: Vec<(String, u64)>,
     /// Histogram samples by metric name.
@@ -535,9 +535,6 @@ impl RequestFlow {
             self.path = p.clone();
         }
         let mut header_plan = plan::build(&plugin, tenant, provider, provider_key, headers, new_path.as_deref());
-        // The body may be rewritten (usage injection, output clamp), so the
-        // client's length cannot be trusted upstream; Envoy recomputes it.
-        header_plan.remove.push("content-length".into());
         header_plan
             .set
             .push((plugin.request_id_header.clone(), self.request_id.clone()));
@@ -722,7 +719,14 @@ impl RequestFlow {
         } else {
             None
         };
-        BodyStep::Forward { body, set_headers: std::mem::take(&mut self.extra_headers) }
+        let mut set_headers = std::mem::take(&mut self.extra_headers);
+        if let Some(b) = &body {
+            // The request headers are still held: the client's length (if
+            // any) is replaced before they go upstream. An untouched body
+            // keeps the client's framing.
+            set_headers.push(("content-length".into(), b.len().to_string()));
+        }
+        BodyStep::Forward { body, set_headers }
     }
 
     /// Rewrites the request's max-output field to `n`.
@@ -1059,27 +1063,27 @@ impl RequestFlow {
         let model_requested = info.as_ref().map_or_else(String::new, |i| i.model.clone());
 
         let p = &mut out.properties;
-        let mut prop = |k: &str, v: String| p.push((format!("tollgate_{k}"), v));
-        prop("tenant", tenant.id.clone());
-        prop("tier", tenant.tier.clone());
-        prop("user", self.user.clone().unwrap_or_default());
-        prop("request_id", self.request_id.clone());
-        prop("api", self.api.map_or("", Api::as_str).to_string());
-        prop("model_requested", model_requested.clone());
-        prop("model_served", self.model_served.clone());
-        prop("model_answered", model_answered.clone());
-        prop("tokens_input", usage.input_uncached.to_string());
-        prop("tokens_cache_read", usage.cache_read.to_string());
-        prop("tokens_cache_write", usage.cache_write.to_string());
-        prop("tokens_output", usage.output.to_string());
-        prop("tokens_reasoning", usage.reasoning.to_string());
-        prop("tokens_total", usage.total.to_string());
-        prop("cost_usd", format_usd(micros));
-        prop("ttfb_ms", ttfb.map_or_else(String::new, |t| t.to_string()));
-        prop("duration_ms", duration.to_string());
-        prop("upstream_status", self.upstream_status.to_string());
-        prop("estimated", estimated.to_string());
-        prop("outcome", outcome.to_string());
+        let mut prop = |k: &'static str, v: String| p.push((k, v));
+        prop("tollgate_tenant", tenant.id.clone());
+        prop("tollgate_tier", tenant.tier.clone());
+        prop("tollgate_user", self.user.clone().unwrap_or_default());
+        prop("tollgate_request_id", self.request_id.clone());
+        prop("tollgate_api", self.api.map_or("", Api::as_str).to_string());
+        prop("tollgate_model_requested", model_requested.clone());
+        prop("tollgate_model_served", self.model_served.clone());
+        prop("tollgate_model_answered", model_answered.clone());
+        prop("tollgate_tokens_input", usage.input_uncached.to_string());
+        prop("tollgate_tokens_cache_read", usage.cache_read.to_string());
+        prop("tollgate_tokens_cache_write", usage.cache_write.to_string());
+        prop("tollgate_tokens_output", usage.output.to_string());
+        prop("tollgate_tokens_reasoning", usage.reasoning.to_string());
+        prop("tollgate_tokens_total", usage.total.to_string());
+        prop("tollgate_cost_usd", format_usd(micros));
+        prop("tollgate_ttfb_ms", ttfb.map_or_else(String::new, |t| t.to_string()));
+        prop("tollgate_duration_ms", duration.to_string());
+        prop("tollgate_upstream_status", self.upstream_status.to_string());
+        prop("tollgate_estimated", estimated.to_string());
+        prop("tollgate_outcome", outcome.to_string());
 
         let model_label = self.shared.borrow_mut().model_label(&self.model_served);
         let c = &mut out.counters;
@@ -1347,7 +1351,7 @@ mod tests {
         };
         assert_eq!(f.request_id, "abc");
         assert!(plan.set.contains(&("authorization".into(), "Bearer provider-key-for-ACME_OPENAI".into())));
-        assert!(plan.remove.contains(&"content-length".to_string()));
+        assert!(!plan.remove.contains(&"content-length".to_string()), "an untouched body keeps its length");
     }
 
     #[test]
@@ -1529,9 +1533,11 @@ mod tests {
         let req = rls::RateLimitRequest::decode(call.message.as_slice()).unwrap();
         assert_eq!(req.descriptors.len(), 1);
         let step = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 19, 3)])), 5);
-        let BodyStep::Forward { body: Some(new_body), .. } = step else { panic!("expected a rewritten body") };
+        let BodyStep::Forward { body: Some(new_body), set_headers } = step else { panic!("expected a rewritten body") };
         let v: Value = serde_json::from_slice(&new_body).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
+        // The rewritten body's own length goes upstream.
+        assert!(set_headers.contains(&("content-length".into(), new_body.len().to_string())));
         let hs = f.on_response_headers(200);
         assert!(hs.set.contains(&("x-ratelimit-remaining-requests".into(), "19".into())));
         assert!(!hs.hold_body);
@@ -1546,7 +1552,7 @@ mod tests {
         assert!(!out.contains("prompt_tokens"), "usage chunk must be hidden: {out}");
         assert!(out.contains("[DONE]"));
         let fin = fin.unwrap();
-        let prop = |k: &str| fin.properties.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
+        let prop = |k: &str| fin.properties.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
         assert_eq!(prop("tollgate_tokens_output"), "5");
         assert_eq!(prop("tollgate_estimated"), "false");
         // Only a request-count limit: nothing to settle.
@@ -1643,7 +1649,7 @@ mod tests {
         let (_, fin) = f.on_response_body(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"hello world, this is text\"}}\n\n", false, 10);
         assert!(fin.is_none());
         let fin = f.on_stream_done(20).unwrap();
-        let prop = |k: &str| fin.properties.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap();
+        let prop = |k: &str| fin.properties.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
         assert_eq!(prop("tollgate_estimated"), "true");
         assert_eq!(prop("tollgate_outcome"), "incomplete");
         assert!(prop("tollgate_tokens_output").parse::<u64>().unwrap() > 0);

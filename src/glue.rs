@@ -420,7 +420,7 @@ fn send_reply(reply: &LocalReply) {
 impl Http {
     fn emit(&self, finish: &Finish) {
         for (name, value) in &finish.properties {
-            if let Err(s) = hostcalls::set_property(vec![name.as_str()], Some(value.as_bytes())) {
+            if let Err(s) = hostcalls::set_property(vec![*name], Some(value.as_bytes())) {
                 log::debug!("tollgate: setting filter state {name} failed: {s:?}");
             }
         }
