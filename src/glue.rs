@@ -95,6 +95,15 @@ impl SlotStore for EnvoySharedData {
 
 /// A number no other VM of this Envoy process has: a counter in shared data,
 /// incremented under compare-and-swap.
+/// Log at the level the host logs wasm code at (Envoy's `wasm` component,
+/// which `POST /logging?wasm=debug` changes at run time), so debug lines such
+/// as edge scanning's cost nothing unless asked for.
+fn follow_host_log_level() {
+    if let Ok(level) = hostcalls::get_log_level() {
+        proxy_wasm::set_log_level(level);
+    }
+}
+
 fn new_vm_id() -> u64 {
     const KEY: &str = "tollgate.vm_seq";
     for _ in 0..64 {
@@ -213,6 +222,7 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
+        follow_host_log_level();
         let raw = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(Some(bytes)) => bytes,
             Ok(None) => Vec::new(),
@@ -269,6 +279,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        follow_host_log_level();
         self.refresh_jwks();
         let (Some(plugin), Some(shared)) = (&self.plugin, &self.shared) else { return };
         let now = now_ms();
