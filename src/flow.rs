@@ -984,7 +984,7 @@ impl RequestFlow {
 
     /// Edge scanning of a large streamed chunk of `chunk_len` bytes: the
     /// offset from which the glue may read it and call
-    /// [`Flow::on_response_window`]; `None`: read it all
+    /// [`RequestFlow::on_response_window`]; `None`: read it all
     /// ([`crate::tap::StreamTap::window`]).
     pub fn response_window(&self, chunk_len: usize) -> Option<usize> {
         if self.phase != Phase::Upstream {
@@ -993,10 +993,10 @@ impl RequestFlow {
         self.tap.as_ref()?.window(chunk_len)
     }
 
-    /// [`Flow::on_response_body`] for a chunk of `chunk_len` bytes of which
+    /// [`RequestFlow::on_response_body`] for a chunk of `chunk_len` bytes of which
     /// only `tail == chunk[from..]` was read, `from` as
-    /// [`Flow::response_window`] gave it. `None`: nothing was taken; read the
-    /// whole chunk and call [`Flow::on_response_body`]. The edit's offsets
+    /// [`RequestFlow::response_window`] gave it. `None`: nothing was taken; read the
+    /// whole chunk and call [`RequestFlow::on_response_body`]. The edit's offsets
     /// are the whole chunk's, and when
     /// [`ChunkEdit::needs_chunk_bytes`] says so, writing it back needs the
     /// whole chunk.

@@ -23,6 +23,37 @@
 //!   once its top-level `"choices"` array is seen to be non-empty, or its data
 //!   is not a JSON object, it is forwarded at once. A chunk is rewritten only
 //!   when something is actually held, released or removed.
+//! - Edge scanning of large chunks ([`StreamTap::window`],
+//!   [`StreamTap::push_window`]). Once the stream is past its first
+//!   [`EDGE_HEAD_BYTES`] and the answering model is known, a chunk of at least
+//!   [`EDGE_MIN_CHUNK_BYTES`] may be handed over as only its last
+//!   `EDGE_TAIL_BYTES + EDGE_SEARCH_BYTES` bytes. The tap looks in them for
+//!   the last event boundary (the end of a blank line; CR, LF and CRLF each
+//!   end a line, a CRLF is one line end, and a line end the window's bytes do
+//!   not prove, such as an LF at its first byte, is not used) at or before
+//!   `chunk_len - EDGE_TAIL_BYTES`. Every event that ends at or before it, and
+//!   the rest of the event carried from the last chunk, is *passed over*: its
+//!   bytes are counted ([`Metered::passed_over_bytes`]) and forwarded as they
+//!   are, and it is neither framed nor parsed nor stripped (a held event is
+//!   released). Framing resumes at the boundary in a clean start-of-event
+//!   state, so every event that ends in the last `EDGE_TAIL_BYTES` of the
+//!   chunk, and the one that straddles that point whatever its size, is
+//!   skimmed, parsed, stripped or held exactly as above. With no boundary in
+//!   the window the chunk is read and framed in full, as it is while an
+//!   oversized event is streamed to the parser, or right after a removed
+//!   event's closing CR (its LF may start the chunk).
+//!
+//!   Usage stays exact for OpenAI chat streams (and Azure OpenAI and vLLM,
+//!   which stream the same way): the model is named by the first events,
+//!   which are framed in full, and the usage chunk, an error (after which
+//!   providers end the stream) and `[DONE]` are the last events, so they are
+//!   in a chunk's tail; vLLM's cumulative usage on every chunk is
+//!   latest-wins, and the latest is in the last chunk's tail. What is given
+//!   up: a usage or error event followed, in the same chunk of at least
+//!   `EDGE_MIN_CHUNK_BYTES`, by `EDGE_TAIL_BYTES` or more of other events is
+//!   not read (nor, if it is the usage-only chunk, stripped). Passed-over
+//!   events count in the estimate used when usage is missing, at the average
+//!   size of the events framed ([`Metered::passed_over_events`]).
 //!
 //! Other APIs and non-SSE bodies go to [`ResponseMeter`] unchanged.
 //!
