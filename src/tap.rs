@@ -1350,7 +1350,7 @@ mod tests {
         // The usage chunk held across a windowed chunk and the (small) last
         // one: still stripped and metered.
         for cut in usage_at + 1..usage_at + 60 {
-            let chunks = vec![&s[..1200], &s[1200..cut], &s[cut..]];
+            let chunks = [&s[..1200], &s[1200..cut], &s[cut..]];
             let mut t = StreamTap::new(chat_meter(MeterLimits::default()), true).with_edge(256, 64, 400);
             let mut out = t.push(chunks[0]).apply(chunks[0]);
             let c = chunks[1];
