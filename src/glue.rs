@@ -96,8 +96,9 @@ impl SlotStore for EnvoySharedData {
 /// A number no other VM of this Envoy process has: a counter in shared data,
 /// incremented under compare-and-swap.
 /// Log at the level the host logs wasm code at (Envoy's `wasm` component,
-/// which `POST /logging?wasm=debug` changes at run time), so debug lines such
-/// as edge scanning's cost nothing unless asked for.
+/// which `POST /logging?wasm=debug` changes at run time; read at configuration
+/// and on each tick), so debug lines such as edge scanning's cost nothing
+/// unless asked for.
 fn follow_host_log_level() {
     if let Ok(level) = hostcalls::get_log_level() {
         proxy_wasm::set_log_level(level);
