@@ -983,6 +983,47 @@ impl RequestFlow {
         if let Some(t) = self.tap.as_mut() {
             out.edit = t.push(chunk);
         }
+        self.after_chunk(out, end_of_stream, now_ms)
+    }
+
+    /// Edge scanning of a large streamed chunk of `chunk_len` bytes: the
+    /// offset from which the glue may read it and call
+    /// [`RequestFlow::on_response_window`]; `None`: read it all
+    /// ([`crate::tap::StreamTap::window`]).
+    pub fn response_window(&self, chunk_len: usize) -> Option<usize> {
+        if self.phase != Phase::Upstream {
+            return None;
+        }
+        self.tap.as_ref()?.window(chunk_len)
+    }
+
+    /// [`RequestFlow::on_response_body`] for a chunk of `chunk_len` bytes of which
+    /// only `tail == chunk[from..]` was read, `from` as
+    /// [`RequestFlow::response_window`] gave it. `None`: nothing was taken; read the
+    /// whole chunk and call [`RequestFlow::on_response_body`]. The edit's offsets
+    /// are the whole chunk's, and when
+    /// [`ChunkEdit::needs_chunk_bytes`] says so, writing it back needs the
+    /// whole chunk.
+    pub fn on_response_window(
+        &mut self,
+        chunk_len: usize,
+        from: usize,
+        tail: &[u8],
+        end_of_stream: bool,
+        now_ms: u64,
+    ) -> Option<(BodyOut, Option<Finish>)> {
+        if self.phase != Phase::Upstream {
+            return None;
+        }
+        let edit = self.tap.as_mut()?.push_window(chunk_len, from, tail)?;
+        if self.first_byte_ms.is_none() {
+            self.first_byte_ms = Some(now_ms);
+        }
+        Some(self.after_chunk(BodyOut { edit, append: Vec::new() }, end_of_stream, now_ms))
+    }
+
+    /// After a chunk went through the tap: settle at the end of the stream.
+    fn after_chunk(&mut self, mut out: BodyOut, end_of_stream: bool, now_ms: u64) -> (BodyOut, Option<Finish>) {
         if !end_of_stream {
             return (out, None);
         }

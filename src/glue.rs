@@ -95,6 +95,16 @@ impl SlotStore for EnvoySharedData {
 
 /// A number no other VM of this Envoy process has: a counter in shared data,
 /// incremented under compare-and-swap.
+/// Log at the level the host logs wasm code at (Envoy's `wasm` component,
+/// which `POST /logging?wasm=debug` changes at run time; read at configuration
+/// and on each tick), so debug lines such as edge scanning's cost nothing
+/// unless asked for.
+fn follow_host_log_level() {
+    if let Ok(level) = hostcalls::get_log_level() {
+        proxy_wasm::set_log_level(level);
+    }
+}
+
 fn new_vm_id() -> u64 {
     const KEY: &str = "tollgate.vm_seq";
     for _ in 0..64 {
@@ -213,6 +223,7 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
+        follow_host_log_level();
         let raw = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(Some(bytes)) => bytes,
             Ok(None) => Vec::new(),
@@ -269,6 +280,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        follow_host_log_level();
         self.refresh_jwks();
         let (Some(plugin), Some(shared)) = (&self.plugin, &self.shared) else { return };
         let now = now_ms();
@@ -346,23 +358,27 @@ struct Http {
 /// `set_buffer(0, n, data)` replaces the first `n` bytes with `data` (so
 /// `n = 0` prepends), and a start at or past the end appends. Only the bytes
 /// that change cross into the host: a released hold is prepended, a new hold
-/// cuts the chunk's tail, a removed leading event is drained.
-fn apply_body_out(chunk: &[u8], body_size: usize, out: &BodyOut) {
+/// cuts the chunk's tail, a removed leading event is drained. `chunk` is the
+/// whole chunk, or `None` when only a window of it was read and the edit
+/// does not need its bytes ([`ChunkEdit::needs_chunk_bytes`]).
+fn apply_body_out(chunk: Option<&[u8]>, body_size: usize, out: &BodyOut) {
     let set = |start: usize, len: usize, data: &[u8]| {
         if let Err(s) = hostcalls::set_buffer(BufferType::HttpResponseBody, start, len, data) {
             log::warn!("tollgate: rewriting a response chunk failed: {s:?}");
         }
     };
-    let size = chunk.len();
+    let size = body_size;
     let mut len = size;
-    match &out.edit {
+    match (&out.edit, chunk) {
+        (ChunkEdit::Unchanged, _) => {}
         // The chunk could not be read: leave it be.
-        _ if size != body_size => len = body_size,
-        ChunkEdit::Unchanged => {}
-        ChunkEdit::Splice { prefix, from, to } => {
+        (edit, Some(c)) if c.len() != size && edit.needs_chunk_bytes(size) => {}
+        (edit, None) if edit.needs_chunk_bytes(size) => {}
+        (ChunkEdit::Splice { prefix, from, to }, chunk) => {
             let (from, to) = ((*from).min(size), (*to).min(size));
             if to < size {
-                set(0, size, chunk.get(from..to).unwrap_or(&[]));
+                let kept = chunk.and_then(|c| c.get(from..to)).unwrap_or(&[]);
+                set(0, size, kept);
                 len = to.saturating_sub(from);
             } else if from > 0 {
                 set(0, from, &[]);
@@ -373,13 +389,29 @@ fn apply_body_out(chunk: &[u8], body_size: usize, out: &BodyOut) {
                 len = len.saturating_add(prefix.len());
             }
         }
-        ChunkEdit::Replace(bytes) => {
+        (ChunkEdit::Replace(bytes), _) => {
             set(0, size, bytes);
+            len = bytes.len();
+        }
+        (edit @ ChunkEdit::Ranges { .. }, chunk) => {
+            let bytes = edit.apply(chunk.unwrap_or(&[]));
+            set(0, size, &bytes);
             len = bytes.len();
         }
     }
     if !out.append.is_empty() {
         set(len, 0, &out.append);
+    }
+}
+
+/// Read `len` bytes of the response chunk from `from`.
+fn read_response(from: usize, len: usize) -> Vec<u8> {
+    match hostcalls::get_buffer(BufferType::HttpResponseBody, from, len) {
+        Ok(b) => b.unwrap_or_default(),
+        Err(s) => {
+            log::warn!("tollgate: cannot read a response chunk: {s:?}");
+            Vec::new()
+        }
     }
 }
 
@@ -638,24 +670,36 @@ impl HttpContext for Http {
             // Envoy buffers; the whole body is read once it is complete.
             return Action::Pause;
         }
-        let chunk = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
-            Ok(b) => b.unwrap_or_default(),
-            Err(s) => {
-                log::warn!("tollgate: cannot read a response chunk: {s:?}");
-                Vec::new()
-            }
-        };
         // The clock is a host call: only read it when the flow uses it (the
         // first byte's time, the end of the response).
-        let now = if end_of_stream || (!self.body_started && !chunk.is_empty()) {
+        let now = if end_of_stream || (!self.body_started && body_size > 0) {
             now_ms()
         } else {
             0
         };
-        self.body_started |= !chunk.is_empty();
-        let (out, finish) = self.flow.on_response_body(&chunk, end_of_stream, now);
+        // Edge scanning: a large chunk of a chat stream is read from near its
+        // end only, unless the tap finds no event boundary there.
+        let window = self.flow.response_window(body_size).and_then(|from| {
+            let tail = read_response(from, body_size.saturating_sub(from));
+            let (out, finish) = self.flow.on_response_window(body_size, from, &tail, end_of_stream, now)?;
+            log::debug!("tollgate: response chunk of {body_size} bytes read from {from}");
+            Some((out, finish))
+        });
+        let (out, finish, chunk) = match window {
+            Some((out, finish)) => {
+                // Writing the edit back may need the bytes before the window.
+                let chunk = out.edit.needs_chunk_bytes(body_size).then(|| read_response(0, body_size));
+                (out, finish, chunk)
+            }
+            None => {
+                let chunk = read_response(0, body_size);
+                self.body_started |= !chunk.is_empty();
+                let (out, finish) = self.flow.on_response_body(&chunk, end_of_stream, now);
+                (out, finish, Some(chunk))
+            }
+        };
         if !out.is_unchanged() {
-            apply_body_out(&chunk, body_size, &out);
+            apply_body_out(chunk.as_deref(), body_size, &out);
         }
         if let Some(fin) = finish {
             if self.hold_body {

@@ -23,6 +23,37 @@
 //!   once its top-level `"choices"` array is seen to be non-empty, or its data
 //!   is not a JSON object, it is forwarded at once. A chunk is rewritten only
 //!   when something is actually held, released or removed.
+//! - Edge scanning of large chunks ([`StreamTap::window`],
+//!   [`StreamTap::push_window`]). Once the stream is past its first
+//!   [`EDGE_HEAD_BYTES`] and the answering model is known, a chunk of at least
+//!   [`EDGE_MIN_CHUNK_BYTES`] may be handed over as only its last
+//!   `EDGE_TAIL_BYTES + EDGE_SEARCH_BYTES` bytes. The tap looks in them for
+//!   the last event boundary (the end of a blank line; CR, LF and CRLF each
+//!   end a line, a CRLF is one line end, and a line end the window's bytes do
+//!   not prove, such as an LF at its first byte, is not used) at or before
+//!   `chunk_len - EDGE_TAIL_BYTES`. Every event that ends at or before it, and
+//!   the rest of the event carried from the last chunk, is *passed over*: its
+//!   bytes are counted ([`Metered::passed_over_bytes`]) and forwarded as they
+//!   are, and it is neither framed nor parsed nor stripped (a held event is
+//!   released). Framing resumes at the boundary in a clean start-of-event
+//!   state, so every event that ends in the last `EDGE_TAIL_BYTES` of the
+//!   chunk, and the one that straddles that point whatever its size, is
+//!   skimmed, parsed, stripped or held exactly as above. With no boundary in
+//!   the window the chunk is read and framed in full, as it is while an
+//!   oversized event is streamed to the parser, or right after a removed
+//!   event's closing CR (its LF may start the chunk).
+//!
+//!   Usage stays exact for OpenAI chat streams (and Azure OpenAI and vLLM,
+//!   which stream the same way): the model is named by the first events,
+//!   which are framed in full, and the usage chunk, an error (after which
+//!   providers end the stream) and `[DONE]` are the last events, so they are
+//!   in a chunk's tail; vLLM's cumulative usage on every chunk is
+//!   latest-wins, and the latest is in the last chunk's tail. What is given
+//!   up: a usage or error event followed, in the same chunk of at least
+//!   `EDGE_MIN_CHUNK_BYTES`, by `EDGE_TAIL_BYTES` or more of other events is
+//!   not read (nor, if it is the usage-only chunk, stripped). Passed-over
+//!   events count in the estimate used when usage is missing, at the average
+//!   size of the events framed ([`Metered::passed_over_events`]).
 //!
 //! Other APIs and non-SSE bodies go to [`ResponseMeter`] unchanged.
 //!
@@ -43,6 +74,20 @@ use crate::usage::{is_usage_only_chunk, Metered, ResponseMeter, UsageFormat};
 /// it might be the usage-only chunk (which is a few hundred bytes).
 pub const MAX_HOLD_BYTES: usize = 64 * 1024;
 
+/// Edge scanning: the first this many bytes of a stream are always framed in
+/// full (they name the model and carry the first events).
+pub const EDGE_HEAD_BYTES: usize = 16 * 1024;
+/// Edge scanning: every event that ends less than this many bytes before the
+/// end of a chunk is parsed (or skimmed) as on the full path.
+pub const EDGE_TAIL_BYTES: usize = 8 * 1024;
+/// Edge scanning: how far before the tail the boundary of the event that
+/// straddles it is looked for; the glue reads
+/// `EDGE_TAIL_BYTES + EDGE_SEARCH_BYTES` bytes of a large chunk.
+pub const EDGE_SEARCH_BYTES: usize = 8 * 1024;
+/// Edge scanning: chunks shorter than this are framed in full (so at most
+/// half of a chunk is read).
+pub const EDGE_MIN_CHUNK_BYTES: usize = 2 * (EDGE_TAIL_BYTES + EDGE_SEARCH_BYTES);
+
 /// What to forward in place of a chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChunkEdit {
@@ -60,6 +105,15 @@ pub enum ChunkEdit {
     /// Forward these bytes instead (a usage-only event was removed from the
     /// middle of the chunk).
     Replace(Vec<u8>),
+    /// Forward `prefix`, then each range `chunk[a..b]` in order. What
+    /// [`StreamTap::push_window`] gives where the full path gives `Replace`:
+    /// it did not see the whole chunk, so it names the parts kept.
+    Ranges {
+        /// Bytes held back from earlier chunks, released now.
+        prefix: Vec<u8>,
+        /// Parts of the chunk kept, in order, not overlapping.
+        keep: Vec<(usize, usize)>,
+    },
 }
 
 impl ChunkEdit {
@@ -73,8 +127,37 @@ impl ChunkEdit {
                 out
             }
             ChunkEdit::Replace(bytes) => bytes.clone(),
+            ChunkEdit::Ranges { prefix, keep } => {
+                let mut out = prefix.clone();
+                for &(a, b) in keep {
+                    out.extend_from_slice(chunk.get(a..b).unwrap_or(&[]));
+                }
+                out
+            }
         }
     }
+
+    /// Whether writing this edit back over a chunk of `chunk_len` bytes needs
+    /// the chunk's own bytes. The host can only drain the front of a chunk,
+    /// prepend and append, so an edit that keeps anything other than a suffix
+    /// of the chunk rewrites it from its first byte: a glue that read only a
+    /// window of the chunk must then read all of it.
+    pub fn needs_chunk_bytes(&self, chunk_len: usize) -> bool {
+        match self {
+            ChunkEdit::Unchanged | ChunkEdit::Replace(_) => false,
+            ChunkEdit::Splice { to, .. } => *to < chunk_len,
+            ChunkEdit::Ranges { .. } => true,
+        }
+    }
+}
+
+/// Where edge scanning applies; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Edge {
+    head: usize,
+    tail: usize,
+    search: usize,
+    min_chunk: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +216,7 @@ pub struct StreamTap {
     cr_closed: Option<bool>,
     ended: bool,
     stripped: u64,
+    edge: Edge,
 }
 
 impl StreamTap {
@@ -160,7 +244,90 @@ impl StreamTap {
             cr_closed: None,
             ended: false,
             stripped: 0,
+            edge: Edge {
+                head: EDGE_HEAD_BYTES,
+                tail: EDGE_TAIL_BYTES,
+                search: EDGE_SEARCH_BYTES,
+                min_chunk: EDGE_MIN_CHUNK_BYTES,
+            },
         }
+    }
+
+    /// Edge scanning with other bounds than the `EDGE_*` constants (for
+    /// tests, fuzzing and benchmarks): a stream head of `head` bytes, a tail
+    /// of `tail` bytes, a boundary search of `search` bytes before it (each
+    /// at least 1), chunks of at least `2 * (tail + search)` bytes.
+    /// `usize::MAX` as `head` turns edge scanning off.
+    pub fn with_edge(mut self, head: usize, tail: usize, search: usize) -> Self {
+        let (tail, search) = (tail.max(1), search.max(1));
+        self.edge = Edge {
+            head,
+            tail,
+            search,
+            min_chunk: tail.saturating_add(search).saturating_mul(2),
+        };
+        self
+    }
+
+    /// Edge scanning: for a chunk of `chunk_len` bytes, the offset from which
+    /// the caller may read it and hand it to [`StreamTap::push_window`]
+    /// instead of [`StreamTap::push`]; `None` when the whole chunk must be
+    /// read. See the module documentation.
+    pub fn window(&self, chunk_len: usize) -> Option<usize> {
+        let e = &self.edge;
+        let usable = self.mode == Mode::Fast
+            && !self.ended
+            // An oversized event's bytes go to the parser as they come.
+            && !self.streaming
+            && chunk_len >= e.min_chunk
+            && self.pos >= e.head as u64
+            && self.meter.model_known()
+            // The chunk's first byte may be the LF of a removed block's CRLF.
+            && !(self.after_cr && self.cr_closed == Some(true));
+        let from = chunk_len.checked_sub(e.tail.saturating_add(e.search))?;
+        (usable && from > 0).then_some(from)
+    }
+
+    /// Edge scanning: take a chunk of `chunk_len` bytes of which the caller
+    /// read only `tail == chunk[from..]`, `from` as [`StreamTap::window`]
+    /// gave it. Events that end at least `EDGE_TAIL_BYTES` before the chunk's
+    /// end (and the event carried from the last chunk) are passed over: counted
+    /// but neither framed nor parsed, and forwarded as they are. Framing
+    /// resumes at the last event boundary at or before that point and goes on
+    /// exactly as [`StreamTap::push`] would. The edit's offsets are the full
+    /// chunk's; it may need the chunk's bytes ([`ChunkEdit::needs_chunk_bytes`]).
+    ///
+    /// `None` (nothing taken) when no event boundary is found in `tail` before
+    /// the last `EDGE_TAIL_BYTES`, or edge scanning does not apply: call
+    /// [`StreamTap::push`] with the whole chunk.
+    pub fn push_window(&mut self, chunk_len: usize, from: usize, tail: &[u8]) -> Option<ChunkEdit> {
+        if self.window(chunk_len) != Some(from) || from.checked_add(tail.len()) != Some(chunk_len) {
+            return None;
+        }
+        let limit = chunk_len.saturating_sub(self.edge.tail).saturating_sub(from);
+        let b = last_boundary(tail, limit)?;
+        let base = self.pos;
+        self.pos = base.saturating_add(chunk_len as u64);
+        self.meter.add_bytes(chunk_len);
+        self.meter.passed_over(from.saturating_add(b));
+        let mut out = Out::default();
+        // The event carried over is forwarded unparsed: release what was held.
+        if mem::replace(&mut self.held, false) {
+            out.prefix = mem::take(&mut self.carry);
+        } else {
+            self.carry.clear();
+        }
+        let wbase = base.saturating_add(from as u64);
+        let start = wbase.saturating_add(b as u64);
+        self.block_start = start;
+        self.line_start = start;
+        self.lines = 0;
+        self.marked = false;
+        self.after_cr = false;
+        self.cr_closed = None;
+        self.frame(tail, wbase, b, &mut out);
+        self.unfinished(tail, wbase, true, &mut out);
+        Some(window_edit(chunk_len, from, out))
     }
 
     /// Take the next response chunk; says what to forward in its place.
@@ -275,6 +442,18 @@ impl StreamTap {
                 }
             }
         }
+        self.frame(chunk, base, skip_to, &mut out);
+        self.unfinished(chunk, base, emit, &mut out);
+        if !emit {
+            return ChunkEdit::Unchanged;
+        }
+        build_edit(chunk, out)
+    }
+
+    /// Frame `chunk` (whose first byte is at absolute offset `base`) from
+    /// index `skip_to` on, closing every block that ends in it.
+    fn frame(&mut self, chunk: &[u8], base: u64, skip_to: usize, out: &mut Out) {
+        let mut skip_to = skip_to;
         for p in Hits::new(chunk, skip_to) {
             if p < skip_to {
                 continue;
@@ -305,16 +484,11 @@ impl StreamTap {
                 self.lines = self.lines.saturating_add(1);
                 continue;
             }
-            let removed = self.end_block(chunk, base, end, &mut out);
+            let removed = self.end_block(chunk, base, end, out);
             if cr_at_end {
                 self.cr_closed = Some(removed);
             }
         }
-        self.unfinished(chunk, base, emit, &mut out);
-        if !emit {
-            return ChunkEdit::Unchanged;
-        }
-        build_edit(chunk, out)
     }
 
     /// A blank line ending at `end` (chunk index) closed the unfinished block.
@@ -457,6 +631,71 @@ fn build_edit(chunk: &[u8], out: Out) -> ChunkEdit {
             bytes.extend_from_slice(chunk.get(at.min(to)..to).unwrap_or(&[]));
             ChunkEdit::Replace(bytes)
         }
+    }
+}
+
+/// [`build_edit`] for a window starting at `from` of a chunk of `len` bytes:
+/// the edits' offsets are the window's; the result's are the chunk's.
+fn window_edit(len: usize, from: usize, out: Out) -> ChunkEdit {
+    let to = out.cut.map_or(len, |c| c.saturating_add(from));
+    if out.removed.is_empty() {
+        if out.prefix.is_empty() && to == len {
+            return ChunkEdit::Unchanged;
+        }
+        return ChunkEdit::Splice {
+            prefix: out.prefix,
+            from: 0,
+            to,
+        };
+    }
+    let mut keep = Vec::with_capacity(out.removed.len().saturating_add(1));
+    let mut at = 0usize;
+    for (a, b) in out.removed {
+        let a = a.saturating_add(from).min(to);
+        if a > at {
+            keep.push((at, a));
+        }
+        at = b.saturating_add(from);
+    }
+    if to > at {
+        keep.push((at, to));
+    }
+    ChunkEdit::Ranges {
+        prefix: out.prefix,
+        keep,
+    }
+}
+
+/// The end of the last blank line (an SSE event boundary) in `hay` that ends
+/// at or before `limit`, among those the bytes of `hay` alone prove to be one:
+/// a CR, an LF and a CRLF each end a line, a CR followed by LF is one line end
+/// (so a CR right before `hay`'s end, or an LF at its start, is not trusted).
+fn last_boundary(hay: &[u8], limit: usize) -> Option<usize> {
+    let mut end = limit.min(hay.len());
+    while let Some(i) = memchr::memrchr2(b'\r', b'\n', hay.get(..end)?) {
+        let b = i.saturating_add(1);
+        if is_boundary(hay, b) {
+            return Some(b);
+        }
+        end = i;
+    }
+    None
+}
+
+/// Whether a blank line ends right before `hay[b]` (see [`last_boundary`]).
+fn is_boundary(hay: &[u8], b: usize) -> bool {
+    let at = |back: usize| b.checked_sub(back).and_then(|i| hay.get(i)).copied();
+    let eol = |c: Option<u8>| matches!(c, Some(b'\r' | b'\n'));
+    match at(1) {
+        // LF after LF (alone or ending a CRLF); CRLF after any line end.
+        Some(b'\n') => match at(2) {
+            Some(b'\n') => true,
+            Some(b'\r') => eol(at(3)),
+            _ => false,
+        },
+        // A CR not followed by LF, after any line end.
+        Some(b'\r') => matches!(hay.get(b), Some(&c) if c != b'\n') && eol(at(2)),
+        _ => false,
     }
 }
 
@@ -844,6 +1083,351 @@ mod tests {
             assert_eq!(exact(&got), exact(&want), "split at {i}");
             assert_eq!(out, without_usage_only(&with_ws), "split at {i}");
         }
+    }
+
+    /// The tap over `chunks` the way the glue drives it: each chunk the
+    /// window allows goes through `push_window` (falling back to `push`).
+    /// Returns what it forwarded, what it metered, the chunks taken by
+    /// `push_window`, and those of them that released a held event.
+    fn run_edge(
+        chunks: &[&[u8]],
+        strip: bool,
+        limits: MeterLimits,
+        head: usize,
+        tail: usize,
+    ) -> (Vec<u8>, Metered, usize, usize) {
+        let mut t = StreamTap::new(chat_meter(limits), strip).with_edge(head, tail, tail);
+        let mut out = Vec::new();
+        let (mut windowed, mut released) = (0, 0);
+        for c in chunks {
+            if let Some(from) = t.window(c.len()) {
+                let was_held = t.held;
+                if let Some(edit) = t.push_window(c.len(), from, &c[from..]) {
+                    windowed += 1;
+                    released += usize::from(was_held);
+                    // An edit that does not say it needs the chunk's bytes
+                    // only drains its front and prepends.
+                    if !edit.needs_chunk_bytes(c.len()) {
+                        assert!(matches!(
+                            edit,
+                            ChunkEdit::Unchanged | ChunkEdit::Splice { .. }
+                        ));
+                    }
+                    out.extend(edit.apply(c));
+                    continue;
+                }
+            }
+            out.extend(t.push(c).apply(c));
+        }
+        out.extend(t.end_stream());
+        (out, t.finish(), windowed, released)
+    }
+
+    /// What edge scanning reports exactly like the full path.
+    fn edge_exact(m: &Metered) -> impl PartialEq + std::fmt::Debug {
+        (
+            m.usage,
+            m.model_answered.clone(),
+            m.errors.clone(),
+            m.complete,
+            m.oversized,
+            m.usage_salvaged,
+            m.bytes_seen,
+        )
+    }
+
+    /// An OpenAI chat stream of `n` content events of varied sizes (the usage
+    /// key as `null`, absent or, vLLM style, cumulative on every chunk), the
+    /// usage-only chunk and `[DONE]`, with `eol` line ends.
+    fn bulk(n: usize, usage: &str, eol: &str) -> Vec<u8> {
+        let mut s = String::new();
+        for i in 0..n {
+            let extra = match usage {
+                "null" => ",\"usage\":null".to_string(),
+                "vllm" => format!(",\"usage\":{{\"prompt_tokens\":7,\"completion_tokens\":{i}}}"),
+                _ => String::new(),
+            };
+            let text = "t".repeat(1 + (i * 37) % 90);
+            s += &format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"m-1\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}},\"finish_reason\":null}}]{extra}}}\n\n");
+        }
+        s += &format!("data: {{\"id\":\"c\",\"model\":\"m-1\",\"choices\":[],\"usage\":{{\"prompt_tokens\":7,\"completion_tokens\":{n},\"total_tokens\":{}}}}}\n\n", n + 7);
+        s += "data: [DONE]\n\n";
+        s.replace('\n', eol).into_bytes()
+    }
+
+    /// `first` bytes, then pieces of `size`.
+    fn split(s: &[u8], first: usize, size: usize) -> Vec<&[u8]> {
+        let (a, rest) = s.split_at(first.min(s.len()));
+        let mut v = vec![a];
+        v.extend(rest.chunks(size));
+        v
+    }
+
+    /// Edge scanning against the full path, for `stream` cut every way in
+    /// `cuts`; returns how many chunks were windowed in all.
+    fn check_edge(stream: &[u8], cuts: &[(usize, usize)], head: usize, tail: usize) -> usize {
+        let limits = MeterLimits::default();
+        let mut windowed_all = 0;
+        for &(first, size) in cuts {
+            let chunks = split(stream, first, size);
+            for strip in [false, true] {
+                let (want_out, want, _) = run(&chunks, strip, limits);
+                let (out, got, windowed, _) = run_edge(&chunks, strip, limits, head, tail);
+                let what = format!("first {first} size {size} strip {strip}");
+                assert_eq!(edge_exact(&got), edge_exact(&want), "{what}");
+                assert_eq!(
+                    String::from_utf8_lossy(&out),
+                    String::from_utf8_lossy(&want_out),
+                    "{what}"
+                );
+                assert_eq!(got.passed_over_bytes > 0, windowed > 0, "{what}");
+                windowed_all += windowed;
+            }
+        }
+        windowed_all
+    }
+
+    fn cuts(len: usize, sizes: &[usize]) -> Vec<(usize, usize)> {
+        let mut v = Vec::new();
+        for &size in sizes {
+            for first in (0..size.min(len)).step_by(size / 13 + 1) {
+                v.push((first, size));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn edge_scanning_meters_and_strips_like_the_full_path() {
+        for eol in ["\n", "\r\n", "\r"] {
+            for usage in ["", "null", "vllm"] {
+                let s = bulk(120, usage, eol);
+                let want = reference(&s, MeterLimits::default());
+                assert!(want.usage.is_some());
+                let windowed = check_edge(&s, &cuts(s.len(), &[256, 301, 700, 1500, 4096]), 512, 64);
+                assert!(windowed > 0, "{eol:?} {usage}");
+                // Usage exact, with the middle of the stream passed over.
+                let chunks = split(&s, 600, 2000);
+                let (_, got, windowed, _) = run_edge(&chunks, true, MeterLimits::default(), 512, 400);
+                assert_eq!(got.usage, want.usage, "{eol:?} {usage}");
+                assert!(windowed > 0 && got.passed_over_bytes > s.len() as u64 / 2);
+            }
+        }
+    }
+
+    #[test]
+    fn edge_scanning_at_the_real_bounds() {
+        let s = bulk(12_000, "null", "\n");
+        let want = reference(&s, MeterLimits::default());
+        let chunks = split(&s, 20_000, 300_000);
+        let (want_out, full, _) = run(&chunks, true, MeterLimits::default());
+        let mut t = StreamTap::new(chat_meter(MeterLimits::default()), true);
+        let mut out = Vec::new();
+        let mut read = 0;
+        for c in &chunks {
+            if let Some(from) = t.window(c.len()) {
+                assert_eq!(from, c.len() - EDGE_TAIL_BYTES - EDGE_SEARCH_BYTES);
+                if let Some(edit) = t.push_window(c.len(), from, &c[from..]) {
+                    read += c.len() - from;
+                    out.extend(edit.apply(c));
+                    continue;
+                }
+            }
+            read += c.len();
+            out.extend(t.push(c).apply(c));
+        }
+        out.extend(t.end_stream());
+        let got = t.finish();
+        assert_eq!(edge_exact(&got), edge_exact(&want));
+        assert_eq!(out, want_out);
+        assert!(read < s.len() / 8, "read {read} of {}", s.len());
+        assert!(got.passed_over_bytes > s.len() as u64 * 3 / 4);
+        // The estimate for a stream without usage stays near the full path's.
+        let (est, full_est) = (got.estimated_output_tokens(), full.estimated_output_tokens());
+        assert!(est.abs_diff(full_est) < full_est / 20, "{est} vs {full_est}");
+    }
+
+    #[test]
+    fn a_final_usage_event_larger_than_the_tail_is_parsed() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let mut s = String::from_utf8(bulk(60, "", "\n")).expect("utf8");
+            let done = "data: [DONE]\n\n";
+            s.truncate(s.rfind("data: {\"id\":\"c\",\"model\"").expect("usage chunk"));
+            // 400 bytes of padding: larger than tail and search together.
+            s += &format!("data: {{\"id\":\"c\",\"model\":\"m-1\",\"system_fingerprint\":\"{}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":60,\"total_tokens\":63}}}}\n\n{done}", "p".repeat(400));
+            let s = s.replace('\n', eol).into_bytes();
+            let want = reference(&s, MeterLimits::default());
+            assert_eq!(want.usage.map(|u| u.output), Some(60));
+            let windowed = check_edge(&s, &cuts(s.len(), &[512, 1024, 3000]), 256, 64);
+            assert!(windowed > 0);
+            // The last chunk holds the whole usage event and more: no
+            // boundary in the window, so it is read in full.
+            let last = s.len() - 1000;
+            let chunks = split(&s, last, 1000);
+            let (out, got, _, _) = run_edge(&chunks, true, MeterLimits::default(), 256, 64);
+            assert_eq!(got.usage, want.usage, "{eol:?}");
+            assert!(!String::from_utf8_lossy(&out).contains("pppp"));
+        }
+    }
+
+    #[test]
+    fn an_error_at_a_chunk_end_is_read() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let mut s = String::from_utf8(bulk(60, "null", "\n")).expect("utf8");
+            s.truncate(s.rfind("data: {\"id\":\"c\",\"model\"").expect("usage chunk"));
+            s += "data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n";
+            let s = s.replace('\n', eol).into_bytes();
+            let want = reference(&s, MeterLimits::default());
+            assert_eq!(want.errors.len(), 1);
+            assert!(check_edge(&s, &cuts(s.len(), &[512, 2000, 5000]), 256, 64) > 0);
+            let chunks = split(&s, 1000, s.len());
+            let (_, got, windowed, _) = run_edge(&chunks, true, MeterLimits::default(), 256, 64);
+            assert_eq!((windowed, got.errors.clone()), (1, want.errors.clone()));
+            assert!(got.usage.is_none());
+        }
+    }
+
+    #[test]
+    fn a_blank_line_split_between_cr_and_lf() {
+        let s = bulk(80, "null", "\r\n");
+        let seps: Vec<usize> = s
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| w == b"\r\n\r\n")
+            .map(|(i, _)| i + 3)
+            .collect();
+        let mut split_then_windowed = 0;
+        for &at in seps.iter().filter(|&&at| at > 1000).step_by(7) {
+            // The chunk before ends with "\r\n\r", the next starts with "\n".
+            for size in [300, 999, 2500] {
+                let chunks = split(&s, at, size);
+                for strip in [false, true] {
+                    let (want_out, want, _) = run(&chunks, strip, MeterLimits::default());
+                    let (out, got, _, _) = run_edge(&chunks, strip, MeterLimits::default(), 256, 64);
+                    assert_eq!(edge_exact(&got), edge_exact(&want), "at {at} size {size}");
+                    assert_eq!(out, want_out, "at {at} size {size}");
+                }
+                let mut t = StreamTap::new(chat_meter(MeterLimits::default()), true).with_edge(256, 64, 64);
+                t.push(chunks[0]);
+                assert!(t.after_cr);
+                let c = chunks[1];
+                if let Some(from) = t.window(c.len()) {
+                    split_then_windowed += usize::from(t.push_window(c.len(), from, &c[from..]).is_some());
+                }
+            }
+        }
+        assert!(split_then_windowed > 0);
+        // The boundary search trusts only what the bytes show.
+        assert_eq!(last_boundary(b"ab\r\n\r\ncd", 9), Some(6));
+        assert_eq!(last_boundary(b"ab\r\n\r\ncd", 5), None);
+        assert_eq!(last_boundary(b"\r\ncd", 4), None);
+        assert_eq!(last_boundary(b"\n\r\ncd", 5), Some(3));
+        assert_eq!(last_boundary(b"ab\r\r", 4), None);
+        assert_eq!(last_boundary(b"ab\r\rc", 5), Some(4));
+        assert_eq!(last_boundary(b"ab\r\r\nc", 6), Some(5));
+        assert_eq!(last_boundary(b"ab\n\rc\n\nd", 5), Some(4));
+        assert_eq!(last_boundary(b"ab\n\nc\n\nd", 8), Some(7));
+        assert_eq!(last_boundary(b"a\nb\nc\r\nd", 8), None);
+    }
+
+    #[test]
+    fn held_events_in_edge_mode() {
+        let s = bulk(100, "", "\n");
+        let text = String::from_utf8(s.clone()).expect("utf8");
+        let usage_at = text.rfind("data: {\"id\":\"c\",\"model\"").expect("usage chunk");
+        let want_stripped = without_usage_only(&s);
+        // A chunk ending early in a content event holds it; the next, large
+        // chunk releases it (edge mode) and passes it over.
+        let mut released = 0;
+        for at in (2000..2600).step_by(3) {
+            let chunks = split(&s, at, 1500);
+            let (out, got, _, r) = run_edge(&chunks, true, MeterLimits::default(), 256, 64);
+            assert_eq!(out, want_stripped, "at {at}");
+            assert_eq!(got.usage.map(|u| u.output), Some(100));
+            released += r;
+        }
+        assert!(released > 0);
+        // The usage chunk held across a windowed chunk and the (small) last
+        // one: still stripped and metered.
+        for cut in usage_at + 1..usage_at + 60 {
+            let chunks = [&s[..1200], &s[1200..cut], &s[cut..]];
+            let mut t = StreamTap::new(chat_meter(MeterLimits::default()), true).with_edge(256, 64, 400);
+            let mut out = t.push(chunks[0]).apply(chunks[0]);
+            let c = chunks[1];
+            let from = t.window(c.len()).expect("windowed");
+            let edit = t.push_window(c.len(), from, &c[from..]).expect("boundary");
+            assert!(t.held && edit.needs_chunk_bytes(c.len()), "cut {cut}");
+            out.extend(edit.apply(c));
+            out.extend(t.push(chunks[2]).apply(chunks[2]));
+            out.extend(t.end_stream());
+            assert_eq!(t.stripped(), 1);
+            let got = t.finish();
+            assert_eq!(out, want_stripped, "cut {cut}");
+            assert_eq!(got.usage.map(|u| u.output), Some(100));
+        }
+        // The usage chunk removed from a windowed chunk: the edit names ranges.
+        let chunks = split(&s, 1000, s.len());
+        let mut t = StreamTap::new(chat_meter(MeterLimits::default()), true).with_edge(256, 64, 400);
+        let mut out = t.push(chunks[0]).apply(chunks[0]);
+        let c = chunks[1];
+        let from = t.window(c.len()).expect("windowed");
+        let edit = t.push_window(c.len(), from, &c[from..]).expect("boundary");
+        assert!(matches!(edit, ChunkEdit::Ranges { .. }) && edit.needs_chunk_bytes(c.len()));
+        out.extend(edit.apply(c));
+        out.extend(t.end_stream());
+        assert_eq!(out, want_stripped);
+    }
+
+    #[test]
+    fn small_chunks_and_the_stream_head_are_framed_in_full() {
+        let s = bulk(200, "null", "\n");
+        let want = reference(&s, MeterLimits::default());
+        let chunks: Vec<&[u8]> = s.chunks(255).collect();
+        let (_, got, windowed, _) = run_edge(&chunks, true, MeterLimits::default(), 256, 64);
+        assert_eq!((windowed, got.passed_over_bytes), (0, 0));
+        assert_eq!(exact(&got), exact(&want));
+        // The head is framed in full even in one large chunk, and the model
+        // must be known.
+        let t = StreamTap::new(chat_meter(MeterLimits::default()), true).with_edge(256, 64, 64);
+        assert_eq!(t.window(s.len()), None);
+        let (_, got, windowed, _) = run_edge(&[&s], true, MeterLimits::default(), 256, 64);
+        assert_eq!((windowed, got.passed_over_bytes), (0, 0));
+        let chunks = split(&s, 1000, s.len());
+        let (_, got, windowed, _) = run_edge(&chunks, true, MeterLimits::default(), 2000, 64);
+        assert_eq!((windowed, got.passed_over_bytes), (0, 0));
+        // At the real bounds, a stream of chunks below the threshold.
+        let chunks: Vec<&[u8]> = s.chunks(EDGE_MIN_CHUNK_BYTES - 1).collect();
+        let mut t = StreamTap::new(chat_meter(MeterLimits::default()), true);
+        for c in &chunks {
+            assert_eq!(t.window(c.len()), None);
+            t.push(c);
+        }
+        assert!(t.window(EDGE_MIN_CHUNK_BYTES).is_some());
+        // Not in a non-chat or non-SSE body.
+        let json = br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let mut t = StreamTap::new(chat_meter(MeterLimits::default()), true).with_edge(0, 1, 1);
+        t.push(json);
+        assert_eq!(t.window(1 << 20), None);
+    }
+
+    #[test]
+    fn passed_over_events_are_estimated() {
+        let m = Metered {
+            bytes_seen: 1000,
+            passed_over_bytes: 600,
+            events: 4,
+            skimmed_events: 3,
+            ..Metered::default()
+        };
+        // 400 bytes framed in 4 events: 600 bytes are 6 events more.
+        assert_eq!(m.passed_over_events(), 6);
+        assert_eq!(m.estimated_output_tokens(), 3 + 6);
+        let none_framed = Metered {
+            bytes_seen: 600,
+            passed_over_bytes: 600,
+            ..Metered::default()
+        };
+        assert_eq!(none_framed.passed_over_events(), 150);
     }
 
     #[test]

@@ -136,6 +136,11 @@ pub struct Metered {
     /// OpenAI chat stream: single-line `data: {...}` events with no usage and
     /// no error). Each counts as one output token in the estimate.
     pub skimmed_events: u64,
+    /// Bytes of the body passed over without being framed or parsed (edge
+    /// scanning of large chunks of an OpenAI chat stream, see
+    /// [`crate::tap`]). Included in `bytes_seen`; their events are in neither
+    /// `events` nor `skimmed_events`.
+    pub passed_over_bytes: u64,
     /// Errors reported inside the body (mid-stream error events, error bodies).
     pub errors: Vec<String>,
     /// SSE events, JSON-array elements or whole JSON bodies parsed.
@@ -160,10 +165,31 @@ impl Metered {
     /// Parsed events contribute their text at [`DEFAULT_BYTES_PER_TOKEN`];
     /// skimmed content events one token each (OpenAI-compatible chat servers
     /// stream about one token per chunk, and the JSON envelope around the text
-    /// is far bigger than the text, so raw bytes would overcharge).
+    /// is far bigger than the text, so raw bytes would overcharge). Passed-over
+    /// bytes count as content events of the average size of the events framed
+    /// ([`Metered::passed_over_events`]), one token each.
     pub fn estimated_output_tokens(&self) -> u64 {
         estimate_tokens_from_bytes(self.output_text_bytes, DEFAULT_BYTES_PER_TOKEN)
             .saturating_add(self.skimmed_events)
+            .saturating_add(self.passed_over_events())
+    }
+
+    /// Events estimated in the passed-over bytes: those bytes divided by the
+    /// average size of the events that were framed (rounded up), or, with no
+    /// event framed, [`estimate_tokens_from_bytes`] of them. An estimate.
+    pub fn passed_over_events(&self) -> u64 {
+        let passed = self.passed_over_bytes;
+        if passed == 0 {
+            return 0;
+        }
+        let framed = self.bytes_seen.saturating_sub(passed);
+        if self.events == 0 || framed == 0 {
+            return estimate_tokens_from_bytes(passed, DEFAULT_BYTES_PER_TOKEN);
+        }
+        let n = u128::from(passed)
+            .saturating_mul(u128::from(self.events))
+            .div_ceil(u128::from(framed));
+        u64::try_from(n).unwrap_or(u64::MAX)
     }
 }
 
@@ -443,6 +469,7 @@ struct Accum {
     model: Option<String>,
     text_bytes: u64,
     skimmed: u64,
+    passed_over: u64,
     errors: Vec<String>,
     events: u64,
     oversized: u64,
@@ -459,6 +486,7 @@ impl Accum {
             model: None,
             text_bytes: 0,
             skimmed: 0,
+            passed_over: 0,
             errors: Vec::new(),
             events: 0,
             oversized: 0,
@@ -763,6 +791,7 @@ impl Accum {
             bytes_seen,
             output_text_bytes: self.text_bytes,
             skimmed_events: self.skimmed,
+            passed_over_bytes: self.passed_over,
             errors: self.errors,
             events: self.events,
             oversized: self.oversized,
@@ -1043,6 +1072,12 @@ impl ResponseMeter {
     pub(crate) fn skimmed_event(&mut self) {
         self.acc.events = self.acc.events.saturating_add(1);
         self.acc.skimmed = self.acc.skimmed.saturating_add(1);
+    }
+
+    /// Body bytes passed over without framing (already counted by
+    /// [`ResponseMeter::add_bytes`]; see [`Metered::passed_over_bytes`]).
+    pub(crate) fn passed_over(&mut self, n: usize) {
+        self.acc.passed_over = self.acc.passed_over.saturating_add(n as u64);
     }
 
     /// End of body: parse what is left and report.

@@ -10,7 +10,12 @@
 //! - the tap meters usage, errors and completion exactly like the
 //!   meter alone, however the body is chunked;
 //! - the tap's output is the same however the body is chunked, and is the
-//!   input unchanged when it stripped nothing.
+//!   input unchanged when it stripped nothing;
+//! - edge scanning (the window API, with small bounds) on an OpenAI chat
+//!   stream made of a head event naming the model, the body, and a final
+//!   usage chunk and `[DONE]`: usage output and total, completion and bytes
+//!   the same as the full path; when nothing was passed over, everything the
+//!   same, output included.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -82,6 +87,27 @@ fn tap(
     (out, n, t.finish())
 }
 
+/// The tap driven as the glue drives it: each chunk the window allows is
+/// handed over from its window on (tiny edge bounds, so small chunks qualify;
+/// a tail of 16 bytes is still more than the `[DONE]` event after the usage
+/// chunk, as the real 8 KiB tail is).
+fn tap_edge(limits: MeterLimits, parts: &[&[u8]]) -> (Vec<u8>, usage::Metered) {
+    let meter = ResponseMeter::new(UsageFormat::OpenAiChat, true, limits);
+    let mut t = StreamTap::new(meter, true).with_edge(24, 16, 16);
+    let mut out = Vec::new();
+    for p in parts {
+        if let Some(from) = t.window(p.len()) {
+            if let Some(edit) = t.push_window(p.len(), from, &p[from..]) {
+                out.extend(edit.apply(p));
+                continue;
+            }
+        }
+        out.extend(t.push(p).apply(p));
+    }
+    out.extend(t.end_stream());
+    (out, t.finish())
+}
+
 /// What the tap reports exactly like the meter (its estimate may differ, and
 /// a skimmed event does not update the answering model: when a stream names
 /// different models, the latest *parsed* event's wins).
@@ -119,6 +145,22 @@ fuzz_target!(|data: &[u8]| {
         MeterLimits::default()
     };
     let parts = chunks(body, *seed);
+
+    if format == UsageFormat::OpenAiChat {
+        let mut stream = b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{}}]}\n\n".to_vec();
+        stream.extend_from_slice(body);
+        stream.extend_from_slice(b"\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":9,\"total_tokens\":14}}\n\ndata: [DONE]\n\n");
+        let max = usize::from(*seed % 64) + 32;
+        let parts: Vec<&[u8]> = stream.chunks(max).collect();
+        let (full_out, _, full) = tap(format, limits, &parts);
+        let (edge_out, edge) = tap_edge(limits, &parts);
+        let key = |m: &usage::Metered| (m.usage.map(|u| (u.output, u.total)), m.complete, m.bytes_seen);
+        assert_eq!(key(&edge), key(&full), "edge scanning meters differently");
+        if edge.passed_over_bytes == 0 {
+            assert_eq!(exact(&edge), exact(&full), "edge scanning without passing over");
+            assert_eq!(edge_out, full_out, "edge scanning without passing over");
+        }
+    }
 
     let whole = meter(format, streaming, limits, &[body]);
     let split = meter(format, streaming, limits, &parts);
