@@ -93,8 +93,6 @@ impl SlotStore for EnvoySharedData {
     }
 }
 
-/// A number no other VM of this Envoy process has: a counter in shared data,
-/// incremented under compare-and-swap.
 /// Log at the level the host logs wasm code at (Envoy's `wasm` component,
 /// which `POST /logging?wasm=debug` changes at run time; read at configuration
 /// and on each tick), so debug lines such as edge scanning's cost nothing
@@ -105,6 +103,8 @@ fn follow_host_log_level() {
     }
 }
 
+/// A number no other VM of this Envoy process has: a counter in shared data,
+/// incremented under compare-and-swap.
 fn new_vm_id() -> u64 {
     const KEY: &str = "tollgate.vm_seq";
     for _ in 0..64 {

@@ -110,14 +110,16 @@ fn tap_edge(limits: MeterLimits, parts: &[&[u8]]) -> (Vec<u8>, usage::Metered) {
 
 /// What the tap reports exactly like the meter (its estimate may differ, and
 /// a skimmed event does not update the answering model: when a stream names
-/// different models, the latest *parsed* event's wins).
+/// different models, the latest *parsed* event's wins). `oversized` is left
+/// out: it counts events whose parse was cut at the size bound, and an event
+/// the tap skims whole inside one chunk is neither buffered nor parsed, so the
+/// tap can report fewer (checked as `<=`).
 fn exact(m: &usage::Metered) -> impl PartialEq + std::fmt::Debug {
     (
         m.usage,
         m.errors.clone(),
         m.complete,
         m.events,
-        m.oversized,
         m.bytes_seen,
     )
 }
@@ -184,10 +186,16 @@ fuzz_target!(|data: &[u8]| {
         m_split.model_answered, m_whole.model_answered,
         "the model depends on chunking"
     );
-    assert_eq!(
-        m_split.skimmed_events, m_whole.skimmed_events,
-        "skimming depends on chunking"
-    );
+    assert!(m_whole.oversized <= reference.oversized && m_split.oversized <= reference.oversized);
+    // An event over the size bound is skimmed when it arrives in one chunk
+    // and parsed (cut, counted oversized) when split, so skimming is only
+    // chunk-independent when no event exceeds the bound.
+    if reference.oversized == 0 {
+        assert_eq!(
+            m_split.skimmed_events, m_whole.skimmed_events,
+            "skimming depends on chunking"
+        );
+    }
     // Bodies here are far below the tap's hold bound, so stripping never
     // depends on chunking.
     assert_eq!(out_whole, out_split, "stripping depends on chunking");
