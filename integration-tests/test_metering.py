@@ -158,9 +158,12 @@ def test_injected_include_usage_is_invisible(mstack, mock):
 
 def test_bulk_stream_is_metered_exactly_from_chunk_edges(mstack):
     # A ~4 MB stream from a fast upstream: Envoy hands the filter large
-    # chunks, which it reads only near their ends (edge scanning, logged at
-    # debug level). Usage is still the provider's, exactly, and the client
-    # gets the stream minus the injected usage chunk, byte for byte.
+    # chunks (how large depends on the machine's timing: 64 KiB pieces, or
+    # the whole stream in one chunk when Envoy gets to it late), which the
+    # filter reads only near their edges (edge scanning, logged at debug
+    # level; the first chunk's head is read in full). Usage is still the
+    # provider's, exactly, and the client gets the stream minus the injected
+    # usage chunk, byte for byte.
     rid = "meter-bulk"
     writes = M.bulk_stream({}, 4_000_000)
     usage_event = writes[-1][:writes[-1].index(b"data: [DONE]")]
@@ -169,7 +172,7 @@ def test_bulk_stream_is_metered_exactly_from_chunk_edges(mstack):
     admin.request("POST", "/logging?wasm=debug")
     assert admin.getresponse().status == 200
     admin.close()
-    time.sleep(0.2)  # the filter follows the host's log level on its next tick
+    time.sleep(1.0)  # the filter follows the host's log level on its next tick (50 ms)
     try:
         r = mstack.post("/v1/chat/completions", dict(CHAT, stream=True),
                         {"authorization": "Bearer " + KEY_A, "x-request-id": rid, "x-mock-bulk-bytes": "4000000"},
@@ -186,7 +189,7 @@ def test_bulk_stream_is_metered_exactly_from_chunk_edges(mstack):
     assert log["tg_outcome"] == "ok"
     assert int(log["tg_tokens_output"]) == n
     assert int(log["tg_tokens_input"]) + int(log["tg_tokens_cache_read"]) == M.OPENAI_PROMPT
-    assert "response chunk of" in mstack.envoy.proc.output(), "no chunk was read from its edge"
+    assert "read at its edges" in mstack.envoy.proc.output(), "no chunk was read from its edges"
 
 
 def test_stream_is_not_buffered(mstack):

@@ -73,7 +73,6 @@ pub struct ResponseHeadersStep {
     pub hold_body: bool,
 }
 
-/// Everything to emit when a request ends.
 /// What to forward in place of a response body chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyOut {
@@ -82,6 +81,20 @@ pub struct BodyOut {
     /// Bytes to add after it (held bytes at the end of a stream, the usage
     /// comment).
     pub append: Vec<u8>,
+}
+
+/// What [`RequestFlow::on_response_chunk`] did with a chunk.
+#[derive(Debug, Default)]
+pub struct ResponseChunk {
+    /// What to forward in its place.
+    pub out: BodyOut,
+    /// Set at the end of the response.
+    pub finish: Option<Finish>,
+    /// The whole chunk, when it was read in full.
+    pub chunk: Option<Vec<u8>>,
+    /// How many of its bytes were read (fewer than its length: it was
+    /// edge-scanned).
+    pub read: usize,
 }
 
 impl Default for BodyOut {
@@ -973,53 +986,44 @@ impl RequestFlow {
     /// responses, at end of stream). Says what to forward in place of the
     /// chunk: almost always the chunk unchanged, so nothing is written back.
     pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool, now_ms: u64) -> (BodyOut, Option<Finish>) {
-        let mut out = BodyOut::default();
-        if self.phase != Phase::Upstream {
-            return (out, None);
-        }
-        if self.first_byte_ms.is_none() && !chunk.is_empty() {
-            self.first_byte_ms = Some(now_ms);
-        }
-        if let Some(t) = self.tap.as_mut() {
-            out.edit = t.push(chunk);
-        }
-        self.after_chunk(out, end_of_stream, now_ms)
+        let mut read = |from: usize, len: usize| {
+            let end = from.saturating_add(len).min(chunk.len());
+            chunk.get(from..end).map(<[u8]>::to_vec).unwrap_or_default()
+        };
+        let r = self.on_response_chunk(chunk.len(), end_of_stream, now_ms, &mut read);
+        (r.out, r.finish)
     }
 
-    /// Edge scanning of a large streamed chunk of `chunk_len` bytes: the
-    /// offset from which the glue may read it and call
-    /// [`RequestFlow::on_response_window`]; `None`: read it all
-    /// ([`crate::tap::StreamTap::window`]).
-    pub fn response_window(&self, chunk_len: usize) -> Option<usize> {
-        if self.phase != Phase::Upstream {
-            return None;
-        }
-        self.tap.as_ref()?.window(chunk_len)
-    }
-
-    /// [`RequestFlow::on_response_body`] for a chunk of `chunk_len` bytes of which
-    /// only `tail == chunk[from..]` was read, `from` as
-    /// [`RequestFlow::response_window`] gave it. `None`: nothing was taken; read the
-    /// whole chunk and call [`RequestFlow::on_response_body`]. The edit's offsets
-    /// are the whole chunk's, and when
-    /// [`ChunkEdit::needs_chunk_bytes`] says so, writing it back needs the
-    /// whole chunk.
-    pub fn on_response_window(
+    /// [`RequestFlow::on_response_body`] for a chunk of `chunk_len` bytes
+    /// held by the host, read through `read(from, len)` only as far as the
+    /// tap needs ([`StreamTap::push_read`]: a large chunk of a chat stream
+    /// is read near its edges). Nothing is read when the response is not
+    /// metered. When [`ChunkEdit::needs_chunk_bytes`] says so and the
+    /// chunk was not read in full, writing the edit back needs it whole.
+    pub fn on_response_chunk(
         &mut self,
         chunk_len: usize,
-        from: usize,
-        tail: &[u8],
         end_of_stream: bool,
         now_ms: u64,
-    ) -> Option<(BodyOut, Option<Finish>)> {
+        read: &mut dyn FnMut(usize, usize) -> Vec<u8>,
+    ) -> ResponseChunk {
         if self.phase != Phase::Upstream {
-            return None;
+            return ResponseChunk::default();
         }
-        let edit = self.tap.as_mut()?.push_window(chunk_len, from, tail)?;
-        if self.first_byte_ms.is_none() {
+        if self.first_byte_ms.is_none() && chunk_len > 0 {
             self.first_byte_ms = Some(now_ms);
         }
-        Some(self.after_chunk(BodyOut { edit, append: Vec::new() }, end_of_stream, now_ms))
+        let mut taken = ResponseChunk::default();
+        if let Some(t) = self.tap.as_mut() {
+            let pushed = t.push_read(chunk_len, read);
+            taken.out.edit = pushed.edit;
+            taken.chunk = pushed.chunk;
+            taken.read = pushed.read;
+        }
+        let (out, finish) = self.after_chunk(taken.out, end_of_stream, now_ms);
+        taken.out = out;
+        taken.finish = finish;
+        taken
     }
 
     /// After a chunk went through the tap: settle at the end of the stream.
@@ -1598,6 +1602,40 @@ mod tests {
         assert_eq!(prop("tollgate_estimated"), "false");
         // Only a request-count limit: nothing to settle.
         assert_eq!(f.shared.borrow().journal.pending(), 0);
+    }
+
+    #[test]
+    fn a_large_stream_chunk_is_read_near_its_edges() {
+        // The whole stream in one chunk (Envoy read the upstream late): the
+        // flow reads the head and the tail, and meters and strips exactly.
+        let mut f = flow();
+        start(&mut f, KEY_B, "/v1/chat/completions");
+        let body = br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let BodyStep::Call(_) = f.on_request_body(body, 0) else { panic!("expected a reserve call") };
+        let step = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 19, 3)])), 5);
+        assert!(matches!(step, BodyStep::Forward { .. }));
+        f.on_response_headers(200);
+        let event = "data: {\"id\":\"c\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hello\"}}],\"usage\":null}\n\n";
+        let usage = "data: {\"id\":\"c\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3000,\"total_tokens\":3012}}\n\n";
+        let content = event.repeat(3000);
+        let stream = format!("{content}{usage}data: [DONE]\n\n");
+        let bytes = stream.as_bytes();
+        let mut read = 0usize;
+        let mut reader = |from: usize, len: usize| {
+            read += len;
+            bytes[from..from + len].to_vec()
+        };
+        let taken = f.on_response_chunk(bytes.len(), true, 50, &mut reader);
+        assert!(read <= 4 * 16 * 1024, "read {read} of {}", bytes.len());
+        assert_eq!(taken.read, read);
+        assert!(taken.chunk.is_none());
+        // Writing the removal back needs the chunk (the glue reads it then).
+        assert!(taken.out.edit.needs_chunk_bytes(bytes.len()));
+        assert_eq!(taken.out.bytes(bytes), format!("{content}data: [DONE]\n\n").into_bytes());
+        let fin = taken.finish.expect("end of stream");
+        let prop = |k: &str| fin.properties.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
+        assert_eq!(prop("tollgate_tokens_output"), "3000");
+        assert_eq!(prop("tollgate_estimated"), "false");
     }
 
     #[test]

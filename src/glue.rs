@@ -677,31 +677,25 @@ impl HttpContext for Http {
         } else {
             0
         };
-        // Edge scanning: a large chunk of a chat stream is read from near its
-        // end only, unless the tap finds no event boundary there.
-        let window = self.flow.response_window(body_size).and_then(|from| {
-            let tail = read_response(from, body_size.saturating_sub(from));
-            let (out, finish) = self.flow.on_response_window(body_size, from, &tail, end_of_stream, now)?;
-            log::debug!("tollgate: response chunk of {body_size} bytes read from {from}");
-            Some((out, finish))
-        });
-        let (out, finish, chunk) = match window {
-            Some((out, finish)) => {
-                // Writing the edit back may need the bytes before the window.
-                let chunk = out.edit.needs_chunk_bytes(body_size).then(|| read_response(0, body_size));
-                (out, finish, chunk)
-            }
-            None => {
-                let chunk = read_response(0, body_size);
-                self.body_started |= !chunk.is_empty();
-                let (out, finish) = self.flow.on_response_body(&chunk, end_of_stream, now);
-                (out, finish, Some(chunk))
-            }
-        };
-        if !out.is_unchanged() {
-            apply_body_out(chunk.as_deref(), body_size, &out);
+        // Edge scanning: a large chunk of a chat stream is read only near
+        // its edges (the tap says which bytes it needs).
+        let taken = self.flow.on_response_chunk(body_size, end_of_stream, now, &mut read_response);
+        self.body_started |= body_size > 0;
+        if taken.read > 0 && taken.read < body_size {
+            log::debug!(
+                "tollgate: response chunk of {body_size} bytes read at its edges ({} bytes)",
+                taken.read
+            );
         }
-        if let Some(fin) = finish {
+        if !taken.out.is_unchanged() {
+            // Writing the edit back may need the bytes that were not read.
+            let chunk = match taken.chunk {
+                None if taken.out.edit.needs_chunk_bytes(body_size) => Some(read_response(0, body_size)),
+                chunk => chunk,
+            };
+            apply_body_out(chunk.as_deref(), body_size, &taken.out);
+        }
+        if let Some(fin) = taken.finish {
             if self.hold_body {
                 set_headers(MapType::HttpResponseHeaders, &fin.headers);
             }

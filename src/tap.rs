@@ -43,6 +43,14 @@
 //!   oversized event is streamed to the parser, or right after a removed
 //!   event's closing CR (its LF may start the chunk).
 //!
+//!   [`StreamTap::push_read`] drives this for the glue, through a reader of
+//!   the chunk: it reads the window when one applies, and a large chunk that
+//!   starts before the end of the head (the whole stream can arrive as one
+//!   chunk when Envoy reads the upstream late) is taken as two: its first
+//!   bytes up to the end of the head, read and framed in full, then the rest,
+//!   from its window if the head named the model. The two edits are joined
+//!   into one over the chunk.
+//!
 //!   Usage stays exact for OpenAI chat streams (and Azure OpenAI and vLLM,
 //!   which stream the same way): the model is named by the first events,
 //!   which are framed in full, and the usage chunk, an error (after which
@@ -149,6 +157,68 @@ impl ChunkEdit {
             ChunkEdit::Ranges { .. } => true,
         }
     }
+}
+
+/// What [`StreamTap::push_read`] did with a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// What to forward in place of the chunk (offsets are the chunk's).
+    pub edit: ChunkEdit,
+    /// The whole chunk, when it was read in full (to write `edit` back
+    /// without reading it again).
+    pub chunk: Option<Vec<u8>>,
+    /// How many bytes of the chunk were read: fewer than its length when it
+    /// was edge-scanned.
+    pub read: usize,
+}
+
+impl ChunkEdit {
+    /// `(prefix, kept ranges)` of this edit over a chunk of `len` bytes.
+    fn into_parts(self, len: usize) -> (Vec<u8>, Vec<(usize, usize)>) {
+        match self {
+            ChunkEdit::Unchanged => (Vec::new(), vec![(0, len)]),
+            ChunkEdit::Splice { prefix, from, to } => (prefix, if from < to { vec![(from, to)] } else { Vec::new() }),
+            ChunkEdit::Replace(bytes) => (bytes, Vec::new()),
+            ChunkEdit::Ranges { prefix, keep } => (prefix, keep),
+        }
+    }
+
+    /// The simplest edit that forwards `prefix`, then the `keep` ranges of a
+    /// chunk of `len` bytes.
+    fn from_parts(prefix: Vec<u8>, keep: Vec<(usize, usize)>, len: usize) -> ChunkEdit {
+        match keep.as_slice() {
+            [] => ChunkEdit::Replace(prefix),
+            [(0, to)] if prefix.is_empty() && *to == len => ChunkEdit::Unchanged,
+            &[(from, to)] => ChunkEdit::Splice { prefix, from, to },
+            _ => ChunkEdit::Ranges { prefix, keep },
+        }
+    }
+}
+
+/// One edit for a chunk of `len` bytes taken as two: `first` over its first
+/// `head.len()` bytes (`head`), then `second` over the rest. Bytes cannot be
+/// forwarded between two kept ranges, so when the second part releases held
+/// bytes, or the first part is edited, the first part's output is spelled
+/// out (it is the stream's head, a few KiB).
+fn join_edits(first: ChunkEdit, head: &[u8], second: ChunkEdit, len: usize) -> ChunkEdit {
+    let h = head.len();
+    let (p2, k2) = second.into_parts(len.saturating_sub(h));
+    let (prefix, mut keep) = if first == ChunkEdit::Unchanged && p2.is_empty() {
+        (Vec::new(), vec![(0, h)])
+    } else {
+        let mut p = first.apply(head);
+        p.extend_from_slice(&p2);
+        (p, Vec::new())
+    };
+    for (a, b) in k2 {
+        let (a, b) = (a.saturating_add(h), b.saturating_add(h));
+        match keep.last_mut() {
+            Some(last) if last.1 == a => last.1 = b,
+            _ if a < b => keep.push((a, b)),
+            _ => {}
+        }
+    }
+    ChunkEdit::from_parts(prefix, keep, len)
 }
 
 /// Where edge scanning applies; see the module documentation.
@@ -328,6 +398,76 @@ impl StreamTap {
         self.frame(tail, wbase, b, &mut out);
         self.unfinished(tail, wbase, true, &mut out);
         Some(window_edit(chunk_len, from, out))
+    }
+
+    /// Take the next response chunk of `chunk_len` bytes, reading through
+    /// `read(from, len)` only what is needed: the last bytes of a large chunk
+    /// ([`StreamTap::window`]), the stream's head and the last bytes of a
+    /// large chunk that starts the stream, or else the whole chunk. The
+    /// outcome is what [`StreamTap::push`] of the whole chunk would give
+    /// with edge scanning; a read that comes back short of `len` (the host
+    /// could not read) falls back to reading the whole chunk.
+    pub fn push_read(&mut self, chunk_len: usize, read: &mut dyn FnMut(usize, usize) -> Vec<u8>) -> Pushed {
+        if let Some(from) = self.window(chunk_len) {
+            let tail = read(from, chunk_len.saturating_sub(from));
+            if let Some(edit) = self.push_window(chunk_len, from, &tail) {
+                return Pushed {
+                    edit,
+                    chunk: None,
+                    read: tail.len(),
+                };
+            }
+        }
+        if let Some(h) = self.head_split(chunk_len) {
+            let head = read(0, h);
+            if head.len() == h {
+                // The head as a chunk of its own, then the rest (which is
+                // past the head, so it is not split again).
+                let first = self.push(&head);
+                let rest_len = chunk_len.saturating_sub(h);
+                let rest = self.push_read(rest_len, &mut |from, len| read(h.saturating_add(from), len));
+                let edit = join_edits(first, &head, rest.edit, chunk_len);
+                let chunk = match rest.chunk {
+                    Some(r) if edit.needs_chunk_bytes(chunk_len) => {
+                        let mut c = head;
+                        c.extend_from_slice(&r);
+                        Some(c)
+                    }
+                    _ => None,
+                };
+                return Pushed {
+                    edit,
+                    chunk,
+                    read: h.saturating_add(rest.read),
+                };
+            }
+        }
+        let chunk = read(0, chunk_len);
+        let edit = self.push(&chunk);
+        Pushed {
+            edit,
+            read: chunk.len(),
+            chunk: Some(chunk),
+        }
+    }
+
+    /// Edge scanning of a large chunk that starts before the end of the
+    /// stream's head: how many of its first bytes are the rest of the head,
+    /// when what follows them is large enough for [`StreamTap::window`].
+    /// Only for OpenAI chat streams (a JSON body is never edge-scanned, so
+    /// it is read in one piece).
+    fn head_split(&self, chunk_len: usize) -> Option<usize> {
+        let e = &self.edge;
+        if self.ended
+            || self.mode == Mode::Delegate
+            || self.streaming
+            || self.meter.format() != UsageFormat::OpenAiChat
+            || !self.meter.is_streaming()
+        {
+            return None;
+        }
+        let h = usize::try_from((e.head as u64).checked_sub(self.pos)?).ok()?;
+        (h > 0 && chunk_len.checked_sub(h)? >= e.min_chunk).then_some(h)
     }
 
     /// Take the next response chunk; says what to forward in its place.
@@ -1085,10 +1225,10 @@ mod tests {
         }
     }
 
-    /// The tap over `chunks` the way the glue drives it: each chunk the
-    /// window allows goes through `push_window` (falling back to `push`).
-    /// Returns what it forwarded, what it metered, the chunks taken by
-    /// `push_window`, and those of them that released a held event.
+    /// The tap over `chunks` the way the glue drives it: each chunk through
+    /// `push_read`, from a reader that checks every read is inside the chunk.
+    /// Returns what it forwarded, what it metered, the chunks edge-scanned
+    /// (read only in part), and those of them that released a held event.
     fn run_edge(
         chunks: &[&[u8]],
         strip: bool,
@@ -1100,24 +1240,28 @@ mod tests {
         let mut out = Vec::new();
         let (mut windowed, mut released) = (0, 0);
         for c in chunks {
-            if let Some(from) = t.window(c.len()) {
-                let was_held = t.held;
-                if let Some(edit) = t.push_window(c.len(), from, &c[from..]) {
-                    windowed += 1;
-                    released += usize::from(was_held);
-                    // An edit that does not say it needs the chunk's bytes
-                    // only drains its front and prepends.
-                    if !edit.needs_chunk_bytes(c.len()) {
-                        assert!(matches!(
-                            edit,
-                            ChunkEdit::Unchanged | ChunkEdit::Splice { .. }
-                        ));
-                    }
-                    out.extend(edit.apply(c));
-                    continue;
-                }
+            let was_held = t.held;
+            let mut read = |from: usize, len: usize| {
+                let end = from.checked_add(len).expect("read range");
+                c.get(from..end).expect("read inside the chunk").to_vec()
+            };
+            let pushed = t.push_read(c.len(), &mut read);
+            if let Some(whole) = &pushed.chunk {
+                assert_eq!(whole.as_slice(), *c);
             }
-            out.extend(t.push(c).apply(c));
+            if pushed.read < c.len() {
+                windowed += 1;
+                released += usize::from(was_held);
+            }
+            // An edit that does not say it needs the chunk's bytes only
+            // drains its front and prepends.
+            if !pushed.edit.needs_chunk_bytes(c.len()) {
+                assert!(matches!(
+                    pushed.edit,
+                    ChunkEdit::Unchanged | ChunkEdit::Splice { .. } | ChunkEdit::Replace(_)
+                ));
+            }
+            out.extend(pushed.edit.apply(c));
         }
         out.extend(t.end_stream());
         (out, t.finish(), windowed, released)
@@ -1282,7 +1426,8 @@ mod tests {
             assert!(check_edge(&s, &cuts(s.len(), &[512, 2000, 5000]), 256, 64) > 0);
             let chunks = split(&s, 1000, s.len());
             let (_, got, windowed, _) = run_edge(&chunks, true, MeterLimits::default(), 256, 64);
-            assert_eq!((windowed, got.errors.clone()), (1, want.errors.clone()));
+            // The first chunk past the head, and the second.
+            assert_eq!((windowed, got.errors.clone()), (2, want.errors.clone()));
             assert!(got.usage.is_none());
         }
     }
@@ -1386,15 +1531,29 @@ mod tests {
         let (_, got, windowed, _) = run_edge(&chunks, true, MeterLimits::default(), 256, 64);
         assert_eq!((windowed, got.passed_over_bytes), (0, 0));
         assert_eq!(exact(&got), exact(&want));
-        // The head is framed in full even in one large chunk, and the model
-        // must be known.
+        // A large chunk that starts the stream: its head is read and framed
+        // in full (it names the model), then the rest from its edge.
         let t = StreamTap::new(chat_meter(MeterLimits::default()), true).with_edge(256, 64, 64);
         assert_eq!(t.window(s.len()), None);
-        let (_, got, windowed, _) = run_edge(&[&s], true, MeterLimits::default(), 256, 64);
-        assert_eq!((windowed, got.passed_over_bytes), (0, 0));
+        let want_out = without_usage_only(&s);
+        // (A tail of 300 bytes: room for an event boundary in the window.)
+        let (out, got, windowed, _) = run_edge(&[&s], true, MeterLimits::default(), 256, 300);
+        assert_eq!((windowed, edge_exact(&got)), (1, edge_exact(&want)));
+        assert_eq!(out, want_out);
+        assert!(got.passed_over_bytes > s.len() as u64 / 2);
         let chunks = split(&s, 1000, s.len());
-        let (_, got, windowed, _) = run_edge(&chunks, true, MeterLimits::default(), 2000, 64);
+        let (out, got, windowed, _) = run_edge(&chunks, true, MeterLimits::default(), 2000, 300);
+        assert_eq!((windowed, edge_exact(&got)), (1, edge_exact(&want)));
+        assert_eq!(out, want_out);
+        // Not when the rest of the chunk after the head is too small for a
+        // window, nor when the head does not name the model.
+        let (_, got, windowed, _) = run_edge(&[&s[..256 + 1199]], true, MeterLimits::default(), 256, 300);
         assert_eq!((windowed, got.passed_over_bytes), (0, 0));
+        let anon = String::from_utf8(s.clone()).expect("utf8").replace("\"model\":\"m-1\",", "");
+        let (out, got, windowed, _) = run_edge(&[anon.as_bytes()], true, MeterLimits::default(), 256, 300);
+        assert_eq!((windowed, got.passed_over_bytes), (0, 0));
+        assert_eq!(exact(&got), exact(&reference(anon.as_bytes(), MeterLimits::default())));
+        assert_eq!(out, without_usage_only(anon.as_bytes()));
         // At the real bounds, a stream of chunks below the threshold.
         let chunks: Vec<&[u8]> = s.chunks(EDGE_MIN_CHUNK_BYTES - 1).collect();
         let mut t = StreamTap::new(chat_meter(MeterLimits::default()), true);
@@ -1408,6 +1567,49 @@ mod tests {
         let mut t = StreamTap::new(chat_meter(MeterLimits::default()), true).with_edge(0, 1, 1);
         t.push(json);
         assert_eq!(t.window(1 << 20), None);
+    }
+
+    #[test]
+    fn a_chunk_split_after_the_head_is_joined_into_one_edit() {
+        // One chunk holding the whole stream, the head ending at every byte:
+        // the head's edit (a held event, a removed usage chunk) and the
+        // rest's (a released event, the window's ranges) make one edit that
+        // forwards what the full path forwards.
+        for eol in ["\n", "\r\n"] {
+            // A usage-only chunk first as well (removed from the head when
+            // the head holds all of it; before that it would be passed
+            // over, as any usage-only chunk in the middle of a large chunk).
+            let early = format!("data: {{\"id\":\"c\",\"model\":\"m-1\",\"choices\":[],\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}}}{eol}{eol}");
+            for lead in ["", early.as_str()] {
+                let mut s = lead.as_bytes().to_vec();
+                s.extend_from_slice(&bulk(12, "", eol));
+                for strip in [false, true] {
+                    let (want_out, want, _) = run(&[&s], strip, MeterLimits::default());
+                    let mut split_windowed = 0;
+                    for head in lead.len().max(1)..s.len() {
+                        let (out, got, windowed, _) = run_edge(&[&s], strip, MeterLimits::default(), head, 160);
+                        assert_eq!(edge_exact(&got), edge_exact(&want), "head {head} strip {strip}");
+                        assert_eq!(out, want_out, "head {head} strip {strip}");
+                        split_windowed += windowed;
+                    }
+                    assert!(split_windowed > s.len() / 3, "{split_windowed} of {}", s.len());
+                }
+            }
+        }
+        let parts = |e: ChunkEdit| e.into_parts(10);
+        assert_eq!(parts(ChunkEdit::Unchanged), (vec![], vec![(0, 10)]));
+        let j = join_edits(ChunkEdit::Unchanged, b"abc", ChunkEdit::Unchanged, 10);
+        assert_eq!(j, ChunkEdit::Unchanged);
+        let cut = ChunkEdit::Splice { prefix: vec![], from: 0, to: 2 };
+        let rel = ChunkEdit::Splice { prefix: b"c".to_vec(), from: 0, to: 7 };
+        assert_eq!(join_edits(cut, b"abc", rel, 10), ChunkEdit::Splice { prefix: b"abc".to_vec(), from: 3, to: 10 });
+        let gap = ChunkEdit::Ranges { prefix: vec![], keep: vec![(0, 2), (4, 7)] };
+        assert_eq!(
+            join_edits(ChunkEdit::Unchanged, b"abc", gap, 10),
+            ChunkEdit::Ranges { prefix: vec![], keep: vec![(0, 5), (7, 10)] }
+        );
+        let all = ChunkEdit::Replace(b"x".to_vec());
+        assert_eq!(join_edits(ChunkEdit::Unchanged, b"abc", all, 10), ChunkEdit::Replace(b"abcx".to_vec()));
     }
 
     #[test]

@@ -1051,6 +1051,11 @@ impl ResponseMeter {
         self.acc.format
     }
 
+    /// Whether this meter reads a streamed response.
+    pub(crate) fn is_streaming(&self) -> bool {
+        self.streaming
+    }
+
     /// Whether the model that answered is known yet (the chat fast path
     /// parses events fully until it is).
     pub(crate) fn model_known(&self) -> bool {

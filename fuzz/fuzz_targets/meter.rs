@@ -87,22 +87,27 @@ fn tap(
     (out, n, t.finish())
 }
 
-/// The tap driven as the glue drives it: each chunk the window allows is
-/// handed over from its window on (tiny edge bounds, so small chunks qualify;
+/// The tap driven as the glue drives it: each chunk through `push_read`,
+/// which reads only what it needs (tiny edge bounds, so small chunks are
+/// edge-scanned, and a chunk that spans the 24-byte head is split after it;
 /// a tail of 16 bytes is still more than the `[DONE]` event after the usage
-/// chunk, as the real 8 KiB tail is).
+/// chunk, as the real 8 KiB tail is). Every read must be inside the chunk,
+/// and a chunk said to be read whole must be the chunk.
 fn tap_edge(limits: MeterLimits, parts: &[&[u8]]) -> (Vec<u8>, usage::Metered) {
     let meter = ResponseMeter::new(UsageFormat::OpenAiChat, true, limits);
     let mut t = StreamTap::new(meter, true).with_edge(24, 16, 16);
     let mut out = Vec::new();
     for p in parts {
-        if let Some(from) = t.window(p.len()) {
-            if let Some(edit) = t.push_window(p.len(), from, &p[from..]) {
-                out.extend(edit.apply(p));
-                continue;
-            }
+        let mut read = |from: usize, len: usize| {
+            let end = from.checked_add(len).expect("read range");
+            p.get(from..end).expect("read inside the chunk").to_vec()
+        };
+        let pushed = t.push_read(p.len(), &mut read);
+        if let Some(whole) = &pushed.chunk {
+            assert_eq!(whole.as_slice(), *p);
         }
-        out.extend(t.push(p).apply(p));
+        assert!(pushed.read <= p.len());
+        out.extend(pushed.edit.apply(p));
     }
     out.extend(t.end_stream());
     (out, t.finish())

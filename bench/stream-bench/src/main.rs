@@ -59,8 +59,8 @@ fn bulk_stream(total: usize, openai: bool) -> (Vec<u8>, u64, String) {
 
 /// One pass; `collect` also gathers the forwarded bytes (outside the timing's
 /// purpose: the filter forwards in place).
-/// `edge`: chunks the tap allows are handed over from their window on (the
-/// bytes the glue would copy are counted in `read`).
+/// `edge`: each chunk goes through `push_read`, which reads only what edge
+/// scanning needs (the bytes the glue would copy are counted in `read`).
 fn run(body: &[u8], chunk: usize, strip: bool, edge: bool, collect: bool) -> (f64, u64, Vec<u8>, u64, usize) {
     let t0 = Instant::now();
     let mut tap = StreamTap::new(
@@ -74,21 +74,18 @@ fn run(body: &[u8], chunk: usize, strip: bool, edge: bool, collect: bool) -> (f6
     let mut edits = 0u64;
     let mut read = 0usize;
     for piece in body.chunks(chunk) {
-        let windowed = tap
-            .window(piece.len())
-            .and_then(|from| Some((from, tap.push_window(piece.len(), from, &piece[from..])?)));
-        let edit = match windowed {
-            Some((from, edit)) => {
-                read += piece.len() - from;
-                if edit.needs_chunk_bytes(piece.len()) {
-                    read += piece.len();
-                }
-                edit
-            }
-            None => {
+        let edit = if edge {
+            // As the glue: the tap reads what it needs (copies, as the
+            // host's get_buffer does).
+            let pushed = tap.push_read(piece.len(), &mut |from, len| piece[from..from + len].to_vec());
+            read += pushed.read;
+            if pushed.chunk.is_none() && pushed.edit.needs_chunk_bytes(piece.len()) {
                 read += piece.len();
-                tap.push(piece)
             }
+            pushed.edit
+        } else {
+            read += piece.len();
+            tap.push(piece)
         };
         if edit != ChunkEdit::Unchanged {
             edits += 1;
