@@ -332,14 +332,23 @@ def envoy_config(listen_port, admin_port, upstream_port, http_filters, access_lo
 class Envoy:
     """Real Envoy 1.40 with a generated config."""
 
-    def __init__(self, config, env=None, logdir=None, expect_failure=False, concurrency=2):
+    def __init__(self, config, env=None, logdir=None, expect_failure=False, concurrency=2, lds=False):
+        """`lds`: the listeners come from a file (`self.lds_path`) that
+        `update_listeners` replaces, as a control plane's push would."""
         self.logdir = logdir or tempfile.mkdtemp(prefix="tollgate-envoy-")
         self.config_path = os.path.join(self.logdir, "envoy.json")
+        listeners = config["static_resources"]["listeners"]
+        self.port = listeners[0]["address"]["socket_address"]["port_value"] if listeners else None
+        if lds:
+            config = json.loads(json.dumps(config))
+            self.lds_path = os.path.join(self.logdir, "lds.json")
+            self.update_listeners(config["static_resources"].pop("listeners"))
+            config["dynamic_resources"] = {"lds_config": {"resource_api_version": "V3",
+                                                          "path_config_source": {"path": self.lds_path}}}
+            config["node"] = {"id": "tollgate-test", "cluster": "tollgate-test"}
         with open(self.config_path, "w") as f:
             json.dump(config, f, indent=1)
         self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
-        listeners = config["static_resources"]["listeners"]
-        self.port = listeners[0]["address"]["socket_address"]["port_value"] if listeners else None
         self.proc = Proc("envoy", [envoy_bin(), "-c", self.config_path, "--use-dynamic-base-id",
                                    "--concurrency", str(concurrency), "-l", "info",
                                    "--drain-time-s", "1", "--file-flush-interval-msec", "100", "--parent-shutdown-time-s", "2"],
@@ -371,6 +380,14 @@ class Envoy:
                 pass
             time.sleep(0.1)
         raise RuntimeError("timeout")
+
+    def update_listeners(self, listeners):
+        """Replace the LDS file in one rename (Envoy watches for the move)."""
+        typed = [dict(l, **{"@type": "type.googleapis.com/envoy.config.listener.v3.Listener"}) for l in listeners]
+        tmp = self.lds_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"resources": typed}, f, indent=1)
+        os.rename(tmp, self.lds_path)
 
     def wait_exit(self, timeout=20.0):
         try:

@@ -536,7 +536,7 @@ pub fn usd_to_micros(path: &str, usd: f64) -> Result<u64, ConfigError> {
         return Err(invalid(path, "must be a positive number of US dollars"));
     }
     let micros = (usd * 1_000_000.0).round();
-    if micros < 1.0 || micros > 1e15 {
+    if !(1.0..=1e15).contains(&micros) {
         return Err(invalid(path, "must be between 0.000001 and 1000000000 US dollars"));
     }
     if ((micros / 1_000_000.0) - usd).abs() > 1e-9 * usd.max(1.0) {
@@ -790,10 +790,8 @@ impl Plugin {
         for r in &self.routes {
             match &r.path {
                 PathMatch::Exact(p) if p == path => return Some(r),
-                PathMatch::Prefix(p) if path.starts_with(p.as_str()) => {
-                    if best.map_or(true, |(_, len)| p.len() > len) {
-                        best = Some((r, p.len()));
-                    }
+                PathMatch::Prefix(p) if path.starts_with(p.as_str()) && best.is_none_or(|(_, len)| p.len() > len) => {
+                    best = Some((r, p.len()));
                 }
                 _ => {}
             }

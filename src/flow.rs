@@ -303,6 +303,22 @@ impl Shared {
         }
     }
 
+    /// Queues the refund of every lease's unused quota, expired or not; the
+    /// plugin is being removed. Returns how many leases there were.
+    pub fn release_leases(&mut self, plugin: &Plugin, now_ms: u64) -> usize {
+        let Some(rl) = plugin.rate_limit.as_ref() else { return 0 };
+        let leases = self.take_leases(now_ms, true);
+        let n = leases.len();
+        for (idx, lease) in leases {
+            if let Some(tenant) = plugin.tenants.get(idx) {
+                if let Some(e) = lease_refund(rl, tenant, &lease, now_ms) {
+                    self.journal.push(e);
+                }
+            }
+        }
+        n
+    }
+
     /// Refreshes this VM's entries in the shared in-flight tables; called
     /// from the root context's tick.
     pub fn heartbeat(&mut self, now_ms: u64) {
@@ -879,7 +895,7 @@ impl RequestFlow {
             if w.minute != minute {
                 *w = Window { minute, requests: 0, tokens: 0 };
             }
-            let tokens_ok = max_tokens.map_or(true, |m| w.tokens.saturating_add(estimate.tokens) <= m);
+            let tokens_ok = max_tokens.is_none_or(|m| w.tokens.saturating_add(estimate.tokens) <= m);
             if w.requests < max_requests && tokens_ok {
                 w.requests += 1;
                 w.tokens = w.tokens.saturating_add(estimate.tokens);
@@ -1274,10 +1290,10 @@ fn jwt_refusal(e: &crate::jwt::JwtError) -> Refusal {
     Refusal::Custom { status: e.http_status(), code: e.code().to_string(), message: e.to_string() }
 }
 
-fn tenant_for_claims<'p>(
-    plugin: &'p Plugin,
+fn tenant_for_claims(
+    plugin: &Plugin,
     id: crate::jwt::VerifiedIdentity,
-) -> Result<(&'p crate::config::Tenant, Option<String>), Refusal> {
+) -> Result<(&crate::config::Tenant, Option<String>), Refusal> {
     let tenant = plugin.tenant_by_id(&id.tenant_id).ok_or_else(|| Refusal::Custom {
         status: 403,
         code: "unknown_tenant".into(),
@@ -1528,6 +1544,26 @@ mod tests {
         assert_eq!(d.hits_addend.as_ref().unwrap().value, 4, "four of five leased requests unused");
         // Once given back, the next request reserves again.
         assert_eq!(leased_request(&plugin, &shared, ok(990), 2000), Some(6));
+    }
+
+    #[test]
+    fn a_removed_plugin_gives_back_leases_before_they_expire() {
+        let plugin = leasing_plugin();
+        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let ok = |rem| Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, rem, 60)]));
+        leased_request(&plugin, &shared, ok(999), 0);
+        assert_eq!(leased_request(&plugin, &shared, ok(993), 10), Some(6));
+        let _ = shared.borrow_mut().journal.due(u64::MAX, 1000);
+        assert_eq!(shared.borrow_mut().release_leases(&plugin, 20), 1);
+        let due = shared.borrow_mut().journal.due(u64::MAX, 10);
+        assert_eq!(due.len(), 1);
+        let req = rls::RateLimitRequest::decode(due[0].message.as_slice()).unwrap();
+        assert_eq!(req.descriptors[0].hits_addend.as_ref().unwrap().value, 5, "all five leased requests unused");
+        assert_eq!(shared.borrow_mut().release_leases(&plugin, 21), 0, "given back once");
+        // What cannot be sent any more is dropped and counted.
+        let mut j = crate::journal::Journal::new(10);
+        j.push(due[0].clone());
+        assert_eq!((j.drop_queued(), j.pending(), j.dropped), (1, 0, 1));
     }
 
     #[test]

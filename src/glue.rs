@@ -32,6 +32,9 @@ proxy_wasm::main! {{
 /// How often the root context sends queued settles. Short, so each tick sends
 /// a small batch (a long tick makes a burst that stalls this worker's requests).
 const TICK: Duration = Duration::from_millis(50);
+/// How long a removed plugin keeps sending the settles that follow from
+/// answers (see `Root::on_done`).
+const DRAIN_MS: u64 = 5_000;
 /// Settles in flight at once per worker. Must exceed (requests/s per worker x
 /// settle round trip) or the journal backs up; it bounds memory, not rate.
 const MAX_SETTLES_IN_FLIGHT: usize = 4096;
@@ -138,9 +141,78 @@ struct Root {
     dropped_reported: u64,
     /// JWKS fetches in flight: call token -> provider index.
     jwks_calls: HashMap<u32, usize>,
+    /// The plugin is being removed (`on_done`): settles are sent until this
+    /// time (ms), then the context reports itself done.
+    draining_until: Option<u64>,
 }
 
 impl Root {
+    /// Sends the settles that are due (all queued ones with `force`), at
+    /// most `MAX_SETTLES_IN_FLIGHT` at a time, and reports newly dropped ones.
+    fn send_settles(&mut self, now: u64, force: bool) {
+        let (Some(plugin), Some(shared)) = (&self.plugin, &self.shared) else { return };
+        let Some(rl) = &plugin.rate_limit else { return };
+        let due = {
+            let mut s = shared.borrow_mut();
+            let room = MAX_SETTLES_IN_FLIGHT.saturating_sub(s.journal.in_flight());
+            crate::journal::merge(s.journal.due(if force { u64::MAX } else { now }, room))
+        };
+        for entry in due {
+            let meta = flow::journal_metadata(&entry);
+            let meta_ref: Vec<(&str, &[u8])> = meta.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
+            let result = hostcalls::dispatch_grpc_call(
+                &rl.cluster,
+                rls::SERVICE,
+                rls::METHOD,
+                meta_ref,
+                Some(&entry.message),
+                Duration::from_millis(rl.timeout_ms.max(1000)),
+            );
+            let mut s = shared.borrow_mut();
+            match result {
+                Ok(token) => s.journal.sent(token, entry),
+                Err(status) => {
+                    log::warn!("tollgate: cannot dispatch a settle: {status:?}");
+                    s.journal.retry_later(entry, now);
+                }
+            }
+        }
+        self.report_dropped();
+    }
+
+    /// Counts the settles the journal dropped since the last report.
+    fn report_dropped(&mut self) {
+        let Some(shared) = &self.shared else { return };
+        let dropped = shared.borrow().journal.dropped;
+        if dropped > self.dropped_reported {
+            self.metrics
+                .borrow_mut()
+                .count("tollgate.settle.dropped", dropped - self.dropped_reported);
+            self.dropped_reported = dropped;
+        }
+    }
+
+    /// While draining: whether the drain is over (no settle in flight).
+    /// What is still queued then (settles whose call failed) is dropped and
+    /// counted.
+    fn drain_finished(&mut self) -> bool {
+        let (Some(_), Some(shared)) = (self.draining_until, &self.shared) else { return false };
+        let (in_flight, queued) = {
+            let s = shared.borrow();
+            (s.journal.in_flight(), s.journal.pending().saturating_sub(s.journal.in_flight()))
+        };
+        if in_flight > 0 {
+            return false;
+        }
+        if queued > 0 {
+            let lost = shared.borrow_mut().journal.drop_queued();
+            log::warn!("tollgate: plugin removed with {lost} settles unsent (the rate-limit service did not answer)");
+            self.report_dropped();
+        }
+        self.draining_until = None;
+        true
+    }
+
     fn refresh_jwks(&mut self) {
         let Some(plugin) = &self.plugin else { return };
         let Some(slot) = &plugin.jwt else { return };
@@ -176,6 +248,27 @@ impl Root {
 }
 
 impl Context for Root {
+    /// The plugin is removed (a configuration push replaced it, or Envoy
+    /// stops): unused lease quota is given back and every queued settle is
+    /// sent at once, backoff or not, before the context is done. Envoy keeps
+    /// the context while this returns false. Settles that follow from an
+    /// answer (a replay's settle) are sent for up to `DRAIN_MS`; a settle
+    /// whose call fails is not retried. The drain ends when no settle is in
+    /// flight; whatever is left is counted as dropped.
+    fn on_done(&mut self) -> bool {
+        let (Some(plugin), Some(shared)) = (&self.plugin, &self.shared) else { return true };
+        if plugin.rate_limit.is_none() {
+            return true;
+        }
+        let now = now_ms();
+        let leases = shared.borrow_mut().release_leases(plugin, now);
+        let queued = shared.borrow().journal.pending();
+        log::info!("tollgate: plugin removed: giving back {leases} quota leases, sending {queued} queued settles");
+        self.draining_until = Some(now.saturating_add(DRAIN_MS));
+        self.send_settles(now, true);
+        self.drain_finished()
+    }
+
     fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
         let Some(index) = self.jwks_calls.remove(&token_id) else { return };
         let Some(plugin) = &self.plugin else { return };
@@ -217,6 +310,17 @@ impl Context for Root {
                 Answer::Failed => "tollgate.settle.retried",
             };
             m.count(name, 1);
+        }
+        drop(m);
+        if let Some(until) = self.draining_until {
+            let now = now_ms();
+            if now < until {
+                self.send_settles(now, false);
+            }
+            if self.drain_finished() {
+                log::info!("tollgate: removed plugin drained");
+                self.done();
+            }
         }
     }
 }
@@ -285,40 +389,11 @@ impl RootContext for Root {
         let (Some(plugin), Some(shared)) = (&self.plugin, &self.shared) else { return };
         let now = now_ms();
         shared.borrow_mut().heartbeat(now);
-        let Some(rl) = &plugin.rate_limit else { return };
+        if plugin.rate_limit.is_none() {
+            return;
+        }
         shared.borrow_mut().expire_leases(plugin, now);
-        let due = {
-            let mut s = shared.borrow_mut();
-            let room = MAX_SETTLES_IN_FLIGHT.saturating_sub(s.journal.in_flight());
-            crate::journal::merge(s.journal.due(now, room))
-        };
-        for entry in due {
-            let meta = flow::journal_metadata(&entry);
-            let meta_ref: Vec<(&str, &[u8])> = meta.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
-            let result = hostcalls::dispatch_grpc_call(
-                &rl.cluster,
-                rls::SERVICE,
-                rls::METHOD,
-                meta_ref,
-                Some(&entry.message),
-                Duration::from_millis(rl.timeout_ms.max(1000)),
-            );
-            let mut s = shared.borrow_mut();
-            match result {
-                Ok(token) => s.journal.sent(token, entry),
-                Err(status) => {
-                    log::warn!("tollgate: cannot dispatch a settle: {status:?}");
-                    s.journal.retry_later(entry, now);
-                }
-            }
-        }
-        let dropped = shared.borrow().journal.dropped;
-        if dropped > self.dropped_reported {
-            self.metrics
-                .borrow_mut()
-                .count("tollgate.settle.dropped", dropped - self.dropped_reported);
-            self.dropped_reported = dropped;
-        }
+        self.send_settles(now, false);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

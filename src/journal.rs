@@ -142,6 +142,15 @@ impl Journal {
         true
     }
 
+    /// Drops every queued entry (not those in flight), counted in
+    /// `dropped`; returns how many.
+    pub fn drop_queued(&mut self) -> u64 {
+        let n = self.queue.len() as u64;
+        self.queue.clear();
+        self.dropped = self.dropped.saturating_add(n);
+        n
+    }
+
     pub fn pending(&self) -> usize {
         self.queue.len() + self.in_flight.len()
     }

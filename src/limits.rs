@@ -240,7 +240,7 @@ pub fn decide(resp: &RateLimitResponse, kinds: &[LimitKind], policy: &Policy) ->
     for (i, kind) in kinds.iter().enumerate() {
         let limit = kind.limit(policy).unwrap_or(0);
         let st = resp.statuses.get(i);
-        let over = st.map_or(false, |s| s.code == Code::OverLimit as i32);
+        let over = st.is_some_and(|s| s.code == Code::OverLimit as i32);
         let remaining = st.map_or(limit, |s| u64::from(s.limit_remaining)).min(limit);
         let reset_ms = st
             .and_then(|s| s.duration_until_reset.as_ref())

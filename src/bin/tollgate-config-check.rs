@@ -387,41 +387,38 @@ fn check_k8s(doc: &Value, location: &str, env: EnvMode, report: &mut Report) {
                 return;
             };
             // Istio turns pluginConfig into JSON text in a StringValue.
-            match report.compile_value(&at, plugin_config, env) {
-                Some(c) => {
-                    let vm_env = if kind == "WasmPlugin" {
-                        spec.and_then(|s| s.pointer("/vmConfig/env"))
-                    } else {
-                        spec.and_then(|s| s.pointer("/wasm/vmConfig/env"))
-                    };
-                    let passed: BTreeSet<String> = vm_env
-                        .and_then(Value::as_array)
-                        .map(|items| {
-                            items
-                                .iter()
-                                .filter_map(|e| e.get("name").and_then(Value::as_str))
-                                .map(String::from)
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    for name in c.env_names.difference(&passed) {
-                        report.error(
-                            &format!("{at} vmConfig.env"),
-                            format!("does not list {name}, which provider_key_env refers to"),
-                        );
-                    }
-                    // Istio builds the Envoy filter itself and (checked in
-                    // pilot/pkg/model/extensions.go) leaves the flag unset.
-                    report.warn(
-                        &at,
-                        format!(
-                            "Istio's {kind} does not set allow_on_headers_stop_iteration, which \
-                             tollgate requires (requests hang without it); deploy with the \
-                             EnvoyFilter in envoy/istio/ (see envoy/istio/README.md)"
-                        ),
+            if let Some(c) = report.compile_value(&at, plugin_config, env) {
+                let vm_env = if kind == "WasmPlugin" {
+                    spec.and_then(|s| s.pointer("/vmConfig/env"))
+                } else {
+                    spec.and_then(|s| s.pointer("/wasm/vmConfig/env"))
+                };
+                let passed: BTreeSet<String> = vm_env
+                    .and_then(Value::as_array)
+                    .map(|items| {
+                        items
+                            .iter()
+                            .filter_map(|e| e.get("name").and_then(Value::as_str))
+                            .map(String::from)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for name in c.env_names.difference(&passed) {
+                    report.error(
+                        &format!("{at} vmConfig.env"),
+                        format!("does not list {name}, which provider_key_env refers to"),
                     );
                 }
-                None => {}
+                // Istio builds the Envoy filter itself and (checked in
+                // pilot/pkg/model/extensions.go) leaves the flag unset.
+                report.warn(
+                    &at,
+                    format!(
+                        "Istio's {kind} does not set allow_on_headers_stop_iteration, which \
+                         tollgate requires (requests hang without it); deploy with the \
+                         EnvoyFilter in envoy/istio/ (see envoy/istio/README.md)"
+                    ),
+                );
             }
         }
         "EnvoyFilter" => {
