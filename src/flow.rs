@@ -1371,7 +1371,7 @@ pub fn format_usd(micros: u64) -> String {
 pub fn journal_metadata(entry: &journal::Entry) -> Vec<(String, String)> {
     let mut m = vec![(rls::META_IDEMPOTENCY_KEY.to_string(), entry.idempotency_key.clone())];
     if entry.settle_mode {
-        m.push((rls::META_MODE.to_string(), "settle".to_string()));
+        m.push((rls::META_MODE.to_string(), rls::MODE_SETTLE.to_string()));
     }
     m
 }

@@ -14,6 +14,8 @@ pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
 pub const METHOD: &str = "ShouldRateLimit";
 pub const META_MODE: &str = "x-tollgate-mode";
 pub const META_IDEMPOTENCY_KEY: &str = "x-tollgate-idempotency-key";
+/// `META_MODE` of a settle (refunds and extra charges, never refused).
+pub const MODE_SETTLE: &str = "settle";
 pub const KEY_LIMIT: &str = "tollgate.limit";
 pub const KEY_ANCHOR_DAY: &str = "tollgate.anchor_day";
 pub const KEY_TZ: &str = "tollgate.tz";

@@ -407,6 +407,20 @@ mod tests {
     const S: PlanSettings = PlanSettings { idempotency_ttl_ms: 1000, reserve_idempotency_ttl_ms: 1000 };
 
     #[test]
+    fn the_filter_speaks_the_same_contract() {
+        // The filter (src/rls.rs) and this service each name the contract's
+        // keys; a rename on one side only would silently break limits.
+        use tollgate::rls;
+        assert_eq!(rls::KEY_LIMIT, KEY_LIMIT);
+        assert_eq!(rls::KEY_ANCHOR_DAY, KEY_ANCHOR_DAY);
+        assert_eq!(rls::KEY_TZ, KEY_TZ);
+        assert_eq!(rls::META_MODE, META_MODE);
+        assert_eq!(rls::META_IDEMPOTENCY_KEY, META_IDEMPOTENCY_KEY);
+        assert!(rls::KEY_LIMIT.starts_with(RESERVED_PREFIX));
+        assert_eq!(parse_meta(Some(rls::MODE_SETTLE), None).unwrap().mode, Mode::Settle);
+    }
+
+    #[test]
     fn reserved_entries_are_parameters() {
         let r = req(
             vec![desc(
