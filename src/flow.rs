@@ -164,6 +164,11 @@ pub struct Shared {
     leases: HashMap<usize, Lease>,
     /// Per tenant, the limit states of the last answer: whether a lease fits.
     last_states: HashMap<usize, Vec<LimitState>>,
+    /// Per tenant, a lease-sized reserve in flight on this worker, with the
+    /// time (ms) after which it no longer counts (its answer is lost). One
+    /// at a time: requests that find the lease empty meanwhile reserve for
+    /// themselves alone instead of each asking for a lease.
+    lease_refills: HashMap<usize, u64>,
     pub counter: u64,
 }
 
@@ -173,6 +178,9 @@ struct Lease {
     requests: u64,
     amounts: Amounts,
     expires_ms: u64,
+    /// From this time (ms) on, the next request asks for a new lease while
+    /// the others still draw from this one.
+    refill_at_ms: u64,
     /// The limit states when the lease was granted, less what was drawn
     /// since (for the `x-ratelimit-*` headers).
     states: Vec<LimitState>,
@@ -197,6 +205,7 @@ impl Shared {
             last_heartbeat_ms: 0,
             leases: HashMap::new(),
             last_states: HashMap::new(),
+            lease_refills: HashMap::new(),
             counter: 0,
         }
     }
@@ -265,6 +274,20 @@ impl Shared {
             st.remaining = st.remaining.saturating_sub(used);
         }
         Some(lease.states.clone())
+    }
+
+    /// Whether a request should ask for a new lease of `n` now: no
+    /// lease-sized reserve is in flight for the tenant, and its lease is
+    /// missing, expired, down to its last quarter of requests, or in the
+    /// last quarter of its time. Refilling before the lease runs dry keeps
+    /// concurrent requests drawing while the one refill is answered.
+    fn lease_refill_due(&self, idx: usize, n: u64, now_ms: u64) -> bool {
+        if self.lease_refills.get(&idx).is_some_and(|&until| now_ms < until) {
+            return false;
+        }
+        self.leases.get(&idx).is_none_or(|l| {
+            now_ms >= l.expires_ms || now_ms >= l.refill_at_ms || l.requests.saturating_mul(4) <= n
+        })
     }
 
     /// Whether the last answer for the tenant left room for a lease of `n`
@@ -709,15 +732,21 @@ impl RequestFlow {
         // room. A clamp retry (a tight budget) never leases.
         let mut lease = 0;
         if let (Some(n), false, 0) = (tenant.policy.lease_requests, check_only, self.reserve_attempts) {
-            let drawn = self.shared.borrow_mut().draw(idx, estimate, now_ms);
-            if let Some(states) = drawn {
+            let mut shared = self.shared.borrow_mut();
+            let refill = shared.lease_refill_due(idx, n, now_ms) && shared.room_for_lease(idx, n, estimate);
+            if refill {
+                // This request asks for the next lease; until it is
+                // answered, the others draw from what is left, or reserve
+                // for themselves alone.
+                lease = n;
+                let until = now_ms.saturating_add(rl.timeout_ms.saturating_mul(2)).saturating_add(100);
+                shared.lease_refills.insert(idx, until);
+            } else if let Some(states) = shared.draw(idx, estimate, now_ms) {
+                drop(shared);
                 self.reservation =
                     Some(Reservation { estimate, states, charged: true, fail_open: false, replay: None, lease: 0 });
                 self.leased = true;
                 return self.forward();
-            }
-            if self.shared.borrow().room_for_lease(idx, n, estimate) {
-                lease = n;
             }
         }
         let total = times(estimate, 1 + lease);
@@ -805,6 +834,9 @@ impl RequestFlow {
             return self.forward();
         };
         let policy = &tenant.policy;
+        if pending.lease > 0 {
+            self.shared.borrow_mut().lease_refills.remove(&tenant_idx);
+        }
         let verdict = match reply {
             Ok(bytes) => match rls::RateLimitResponse::decode(bytes) {
                 Ok(resp) => limits::decide(&resp, &pending.kinds, policy),
@@ -950,6 +982,7 @@ impl RequestFlow {
             requests: pending.lease,
             amounts: times(pending.estimate, pending.lease),
             expires_ms: now_ms.saturating_add(rl.lease_ms),
+            refill_at_ms: now_ms.saturating_add(rl.lease_ms.saturating_mul(3) / 4),
             states: states.to_vec(),
             key: pending.replay.as_ref().map_or_else(|| self.idempotency_base(), |r| r.key.clone()),
         };
@@ -1242,6 +1275,9 @@ impl RequestFlow {
     /// upstream: send the reserve again (same idempotency key) and, if it
     /// stands, refund its tokens and dollars. Its request still counts.
     fn cancel_reservation(&mut self, pending: &Pending, now_ms: u64) {
+        if let (true, Some(idx)) = (pending.lease > 0, self.tenant) {
+            self.shared.borrow_mut().lease_refills.remove(&idx);
+        }
         let (Some(replay), Some(rl), Some(tenant)) = (&pending.replay, self.plugin.rate_limit.as_ref(), self.tenant())
         else {
             return;
@@ -1510,10 +1546,11 @@ mod tests {
         assert_eq!(leased_request(&plugin, &shared, ok(999), 0), Some(1));
         // Ample room: this request plus a lease of five.
         assert_eq!(leased_request(&plugin, &shared, ok(993), 10), Some(6));
-        for i in 0..5 {
+        for i in 0..4 {
             assert_eq!(leased_request(&plugin, &shared, None, 20 + i), None, "draw {i} needs no call");
         }
-        // The lease is used up: the next request reserves again.
+        // Down to its last quarter (1 of 5): the next request asks for a
+        // new lease; the old one's last request is given back.
         assert_eq!(leased_request(&plugin, &shared, ok(5), 30), Some(6));
         // Little room left (5 < 4 x 5): no more leases.
         assert_eq!(leased_request(&plugin, &shared, None, 40), None);
@@ -1521,6 +1558,71 @@ mod tests {
             leased_request(&plugin, &shared, None, 41);
         }
         assert_eq!(leased_request(&plugin, &shared, ok(4), 50), Some(1));
+    }
+
+    #[test]
+    fn one_lease_refill_at_a_time_while_the_others_draw() {
+        let plugin = leasing_plugin();
+        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let ok = |rem| reply(rls::Code::Ok, vec![(rls::Code::Ok, rem, 60)]);
+        let body = br#"{"model":"gpt-4o-mini","max_tokens":10}"#;
+        let hits = |c: &RlsCall| {
+            rls::RateLimitRequest::decode(c.message.as_slice()).unwrap().descriptors[0]
+                .hits_addend
+                .as_ref()
+                .unwrap()
+                .value
+        };
+        let begin = |now: u64| {
+            let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+            start(&mut f, KEY_B, "/v1/chat/completions");
+            let step = f.on_request_body(body, now);
+            (f, step)
+        };
+        leased_request(&plugin, &shared, Some(ok(999)), 0);
+        assert_eq!(leased_request(&plugin, &shared, Some(ok(993)), 10), Some(6));
+        for i in 0..4 {
+            assert_eq!(leased_request(&plugin, &shared, None, 20 + i), None);
+        }
+        // One left of five: the next request refills while another still
+        // draws the last one.
+        let (mut a, step) = begin(30);
+        let BodyStep::Call(call) = step else { panic!("{step:?}") };
+        assert_eq!(hits(&call), 6, "the refill: this request and a lease of five");
+        assert!(matches!(begin(31).1, BodyStep::Forward { .. }), "drawn from the old lease");
+        // The lease is empty and its refill is in flight: a request alone.
+        let (_, step) = begin(33);
+        let BodyStep::Call(call) = step else { panic!("{step:?}") };
+        assert_eq!(hits(&call), 1, "no second lease while one is asked for");
+        assert!(matches!(a.on_rls_reply(Ok(&ok(980)), 34), BodyStep::Forward { .. }));
+        assert!(matches!(begin(35).1, BodyStep::Forward { .. }), "drawn from the new lease");
+
+        // A refill whose client left gives the turn back at once.
+        for now in 36..39 {
+            assert!(matches!(begin(now).1, BodyStep::Forward { .. }));
+        }
+        let (mut b, step) = begin(40);
+        assert!(matches!(step, BodyStep::Call(ref c) if hits(c) == 6), "{step:?}");
+        assert!(b.on_stream_done(41).is_none());
+        assert!(matches!(begin(42).1, BodyStep::Call(ref c) if hits(c) == 6));
+        // One never answered nor cancelled stops counting after twice the
+        // call timeout.
+        let timeout = plugin.rate_limit.as_ref().unwrap().timeout_ms;
+        assert!(matches!(begin(43).1, BodyStep::Forward { .. }), "the last one of the lease");
+        assert!(matches!(begin(44).1, BodyStep::Call(ref c) if hits(c) == 1));
+        assert!(matches!(begin(42 + 2 * timeout + 100).1, BodyStep::Call(ref c) if hits(c) == 6));
+    }
+
+    #[test]
+    fn a_lease_in_the_last_quarter_of_its_time_is_refilled() {
+        let plugin = leasing_plugin();
+        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let ok = |rem| Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, rem, 60)]));
+        leased_request(&plugin, &shared, ok(999), 0);
+        assert_eq!(leased_request(&plugin, &shared, ok(993), 10), Some(6));
+        let lease_ms = plugin.rate_limit.as_ref().unwrap().lease_ms;
+        assert_eq!(leased_request(&plugin, &shared, None, 10 + lease_ms * 3 / 4 - 1), None);
+        assert_eq!(leased_request(&plugin, &shared, ok(990), 10 + lease_ms * 3 / 4), Some(6));
     }
 
     #[test]
