@@ -216,3 +216,19 @@ def test_repo_envoy_config_validates(wasm, path):
                                            "BETA_OPENAI_KEY")})
     ok, out = harness.validate_envoy_config(path, env=env)
     assert ok, out[-3000:]
+
+
+def test_header_bytes_that_are_not_utf8_do_not_break_the_filter(stack, mock):
+    # HTTP allows obs-text (bytes 0x80-0xFF) in header values and Envoy passes
+    # them on. The proxy-wasm SDK's header reader panics on them, which would
+    # kill the worker's VM with one request; every worker must keep serving.
+    path, _, auth, body = APIS["openai"]
+    for i in range(6):
+        mock.clear()
+        r = stack.post(path, body, dict(auth(KEY_A), **{"x-odd": "caf\xe9 %d" % i}))
+        assert r.status == 200, (i, r.status, r.body[:200])
+        assert last_request(mock)["header_map"]["x-odd"] == "caf\xe9 %d" % i, "passed on untouched"
+    # A key that is not UTF-8 is no tenant's key: refused in the API's envelope.
+    r = stack.post(path, body, {"authorization": "Bearer sk-tg-\xe9"})
+    assert r.status == 401 and json.loads(r.body)["error"]["code"], r.body
+    assert stack.post(path, body, auth(KEY_A)).status == 200

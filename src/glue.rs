@@ -126,6 +126,36 @@ fn new_vm_id() -> u64 {
     now_ms() ^ 0x5eed_0000_0000_0000
 }
 
+/// The raw host call behind `hostcalls::get_map`. The SDK turns every name
+/// and value into a `String` with `unwrap`, so one request header value that
+/// is not UTF-8 (HTTP allows bytes 0x80-0xFF) would panic the VM; this reads
+/// the pairs as bytes and [`crate::pairs::header_map`] decodes them.
+mod raw {
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        pub fn proxy_get_header_map_pairs(map_type: u32, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
+    }
+}
+
+/// All headers of `map`, names and values decoded lossily.
+fn get_headers(map: MapType) -> Result<Vec<(String, String)>, u32> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer it allocated through the SDK's
+    // `proxy_on_memory_allocate` (a `Vec<u8>` of capacity `size`, leaked)
+    // and its length; ownership passes to us, as in `hostcalls::get_map`.
+    let status = unsafe { raw::proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
+    if status != 0 {
+        return Err(status);
+    }
+    if data.is_null() || size == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: see above; the buffer is freed when `bytes` drops.
+    let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
+    crate::pairs::header_map(&bytes).ok_or(u32::MAX)
+}
+
 fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
@@ -650,10 +680,10 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let headers = match hostcalls::get_map(MapType::HttpRequestHeaders) {
+        let headers = match get_headers(MapType::HttpRequestHeaders) {
             Ok(h) => h,
             Err(s) => {
-                log::error!("tollgate: cannot read request headers: {s:?}");
+                log::error!("tollgate: cannot read request headers (status {s})");
                 Vec::new()
             }
         };

@@ -42,6 +42,23 @@ pub fn decode(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     (pos == bytes.len()).then_some(out)
 }
 
+/// A header map in the pairs encoding (`proxy_get_header_map_pairs`), as
+/// text. Header bytes that are not UTF-8 (HTTP allows obs-text, bytes
+/// 0x80-0xFF, in values) become U+FFFD here; the host's copy is untouched.
+/// `None` when `bytes` is not a pairs encoding.
+pub fn header_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let pairs = decode(bytes)?;
+    Some(
+        pairs
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+            .collect(),
+    )
+}
+
 /// The value at a dotted `path` (a key equal to the whole remaining path wins
 /// over the dotted reading), rendered as a string: text as is, an 8-byte
 /// non-text value as the number it encodes.
@@ -87,6 +104,24 @@ mod tests {
             out.push(0);
         }
         out
+    }
+
+    #[test]
+    fn header_maps_keep_every_pair_and_survive_bytes_that_are_not_utf8() {
+        let raw = encode(&[
+            (b":path", b"/v1/chat/completions"),
+            (b"x-odd", b"caf\xe9"),
+            (b"x-odd", b"second"),
+            (b"\xff-name", b""),
+        ]);
+        let map = header_map(&raw).unwrap();
+        assert_eq!(map.len(), 4);
+        assert_eq!(map[0], (":path".to_string(), "/v1/chat/completions".to_string()));
+        assert_eq!(map[1], ("x-odd".to_string(), "caf\u{fffd}".to_string()));
+        assert_eq!(map[2].1, "second");
+        assert_eq!(map[3], ("\u{fffd}-name".to_string(), String::new()));
+        assert_eq!(header_map(&[]), Some(Vec::new()));
+        assert_eq!(header_map(&raw[..raw.len() - 1]), None, "truncated");
     }
 
     #[test]
