@@ -39,10 +39,15 @@ const DRAIN_MS: u64 = 5_000;
 /// settle round trip) or the journal backs up; it bounds memory, not rate.
 const MAX_SETTLES_IN_FLIGHT: usize = 4096;
 
-/// Metric ids by name, defined on first use.
+/// Metric ids by name, defined on first use. Counter increments are summed
+/// here and handed to Envoy once per tick (`flush`): a request's five or so
+/// increments cost no host call of their own, and Envoy sees them at most
+/// one tick (50 ms) later. Histogram values are recorded as they come.
 #[derive(Default)]
 struct Metrics {
     ids: HashMap<String, u32>,
+    /// Counter increments not yet handed to Envoy, by metric id.
+    pending: HashMap<u32, u64>,
 }
 
 impl Metrics {
@@ -67,6 +72,14 @@ impl Metrics {
             return;
         }
         if let Some(id) = self.id(MetricType::Counter, name) {
+            let n = self.pending.entry(id).or_insert(0);
+            *n = n.saturating_add(by);
+        }
+    }
+
+    /// Hands the summed counter increments to Envoy.
+    fn flush(&mut self) {
+        for (id, by) in self.pending.drain() {
             let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
         }
     }
@@ -239,6 +252,7 @@ impl Root {
             log::warn!("tollgate: plugin removed with {lost} settles unsent (the rate-limit service did not answer)");
             self.report_dropped();
         }
+        self.metrics.borrow_mut().flush();
         self.draining_until = None;
         true
     }
@@ -286,6 +300,7 @@ impl Context for Root {
     /// whose call fails is not retried. The drain ends when no settle is in
     /// flight; whatever is left is counted as dropped.
     fn on_done(&mut self) -> bool {
+        self.metrics.borrow_mut().flush();
         let (Some(plugin), Some(shared)) = (&self.plugin, &self.shared) else { return true };
         if plugin.rate_limit.is_none() {
             return true;
@@ -375,10 +390,6 @@ impl RootContext for Root {
                     plugin.providers.len()
                 );
                 let capacity = plugin.rate_limit.as_ref().map_or(1, |r| r.journal_capacity);
-                let remote_jwks = plugin
-                    .jwt
-                    .as_ref()
-                    .is_some_and(|j| j.0.try_borrow().is_ok_and(|v| v.has_remote_jwks()));
                 let capped: Vec<&str> = plugin
                     .tenants
                     .iter()
@@ -390,11 +401,10 @@ impl RootContext for Root {
                         log::warn!("tollgate: cannot create the in-flight table of tenant {id}: {e:?}");
                     }
                 }
-                if plugin.rate_limit.is_some() || remote_jwks || !capped.is_empty() {
-                    if let Err(s) = hostcalls::set_tick_period(TICK) {
-                        log::error!("tollgate: cannot set the tick period: {s:?}");
-                        return false;
-                    }
+                // The tick also hands counters to Envoy: always on.
+                if let Err(s) = hostcalls::set_tick_period(TICK) {
+                    log::error!("tollgate: cannot set the tick period: {s:?}");
+                    return false;
                 }
                 // A reconfiguration keeps the journal: queued settles survive.
                 if self.shared.is_none() {
@@ -414,6 +424,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.metrics.borrow_mut().flush();
         follow_host_log_level();
         self.refresh_jwks();
         let (Some(plugin), Some(shared)) = (&self.plugin, &self.shared) else { return };
