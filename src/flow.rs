@@ -1093,6 +1093,12 @@ impl RequestFlow {
         (self.phase == Phase::Upstream).then(|| self.finish(now_ms, true))
     }
 
+    /// Whether [`RequestFlow::on_stream_done`] has anything left to do (so
+    /// the glue reads the clock only then).
+    pub fn has_work_at_stream_end(&self) -> bool {
+        matches!(self.phase, Phase::Upstream | Phase::Waiting) || self.slot.is_some()
+    }
+
     /// The stream is over (`on_log`): settles what has not been settled,
     /// e.g. after a client disconnect or an upstream reset.
     pub fn on_stream_done(&mut self, now_ms: u64) -> Option<Finish> {
@@ -1896,11 +1902,23 @@ mod tests {
         start(&mut second, KEY_B, "/v1/chat/completions");
         let BodyStep::Reply(r) = second.on_request_body(body, 2) else { panic!() };
         assert_eq!(r.header("x-tollgate-error"), Some("concurrency_limited"));
-        second.on_stream_done(3); // a refused request releases nothing
+        assert!(!second.has_work_at_stream_end(), "a refused request releases nothing");
+        second.on_stream_done(3);
+        assert!(first.has_work_at_stream_end());
         first.on_stream_done(4); // e.g. a reset stream
+        assert!(!first.has_work_at_stream_end());
         let mut third = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
         start(&mut third, KEY_B, "/v1/chat/completions");
         assert!(matches!(third.on_request_body(body, 5), BodyStep::Call(_)));
+        // Finished at the end of its response, it still holds its slot
+        // until the stream is done.
+        assert!(matches!(third.on_rls_reply(Ok(&ok), 6), BodyStep::Forward { .. }));
+        third.on_response_headers(200);
+        let usage = br#"{"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+        assert!(third.on_response_body(usage, true, 7).1.is_some());
+        assert!(third.has_work_at_stream_end(), "the slot is given back in on_log");
+        assert!(third.on_stream_done(8).is_none());
+        assert!(!third.has_work_at_stream_end());
     }
 
     #[test]

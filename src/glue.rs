@@ -821,6 +821,9 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
+        if !self.flow.has_work_at_stream_end() {
+            return;
+        }
         if let Some(fin) = self.flow.on_stream_done(now_ms()) {
             self.emit(&fin);
         }
