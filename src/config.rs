@@ -204,7 +204,37 @@ pub struct MeteringSpec {
     /// when the client did not, and hide the extra chunk from the client.
     #[serde(default = "default_true")]
     pub inject_stream_usage: bool,
+    /// The `tollgate_<field>` filter-state fields set for access logs
+    /// ([`FILTER_STATE_FIELDS`]): absent for all of them, or the listed ones
+    /// (`[]` for none). Each field is a host call, about 2.5 us of Envoy's
+    /// CPU per request.
+    #[serde(default)]
+    pub filter_state: Option<Vec<String>>,
 }
+
+/// The metering fields tollgate sets as filter state, `wasm.tollgate_<field>`.
+pub const FILTER_STATE_FIELDS: &[&str] = &[
+    "tenant",
+    "tier",
+    "user",
+    "request_id",
+    "api",
+    "model_requested",
+    "model_served",
+    "model_answered",
+    "tokens_input",
+    "tokens_cache_read",
+    "tokens_cache_write",
+    "tokens_output",
+    "tokens_reasoning",
+    "tokens_total",
+    "cost_usd",
+    "ttfb_ms",
+    "duration_ms",
+    "upstream_status",
+    "estimated",
+    "outcome",
+];
 
 impl Default for MeteringSpec {
     fn default() -> Self {
@@ -213,6 +243,7 @@ impl Default for MeteringSpec {
             usage_headers: true,
             stream_usage_comment: false,
             inject_stream_usage: true,
+            filter_state: None,
         }
     }
 }
@@ -1069,6 +1100,14 @@ pub fn compile(
     if config.metering.bytes_per_token == 0 || config.metering.bytes_per_token > 64 {
         return Err(invalid("metering.bytes_per_token", "must be between 1 and 64"));
     }
+    for (i, f) in config.metering.filter_state.iter().flatten().enumerate() {
+        if !FILTER_STATE_FIELDS.contains(&f.as_str()) {
+            return Err(invalid(
+                format!("metering.filter_state[{i}]"),
+                format!("unknown field '{f}'; known: {}", FILTER_STATE_FIELDS.join(", ")),
+            ));
+        }
+    }
     for (i, t) in tenants.iter().enumerate() {
         let path = format!("tenants[{i}] (tier '{}')", t.tier);
         if t.policy.has_limits() && rate_limit.is_none() {
@@ -1270,6 +1309,17 @@ pub(crate) mod tests {
         let mut v = sample_json();
         v["tenants"][1]["overrides"]["requests_per_minute"] = 0.into();
         assert!(load_err(v).starts_with("tenants[1].overrides.requests_per_minute"));
+    }
+
+    #[test]
+    fn filter_state_fields_are_checked() {
+        let mut v = sample_json();
+        v["metering"] = serde_json::json!({"filter_state": ["tenant", "cost_usd"]});
+        let p = load(v.to_string().as_bytes(), &env).unwrap();
+        assert_eq!(p.metering.filter_state.as_deref(), Some(&["tenant".to_string(), "cost_usd".to_string()][..]));
+        v["metering"] = serde_json::json!({"filter_state": ["tenant", "cost"]});
+        let e = load_err(v);
+        assert!(e.starts_with("metering.filter_state[1]") && e.contains("unknown field 'cost'"), "{e}");
     }
 
     #[test]

@@ -1184,6 +1184,9 @@ impl RequestFlow {
         prop("tollgate_upstream_status", self.upstream_status.to_string());
         prop("tollgate_estimated", estimated.to_string());
         prop("tollgate_outcome", outcome.to_string());
+        if let Some(keep) = &plugin.metering.filter_state {
+            p.retain(|(k, _)| keep.iter().any(|f| k.strip_prefix("tollgate_") == Some(f.as_str())));
+        }
 
         let model_label = self.shared.borrow_mut().model_label(&self.model_served);
         let c = &mut out.counters;
@@ -1617,6 +1620,28 @@ mod tests {
         assert!(matches!(begin(43).1, BodyStep::Forward { .. }), "the last one of the lease");
         assert!(matches!(begin(44).1, BodyStep::Call(ref c) if hits(c) == 1));
         assert!(matches!(begin(42 + 2 * timeout + 100).1, BodyStep::Call(ref c) if hits(c) == 6));
+    }
+
+    #[test]
+    fn filter_state_fields_are_the_configured_ones() {
+        let run = |fields: Option<Vec<String>>| {
+            let mut plugin = sample();
+            plugin.metering.filter_state = fields;
+            let mut f = flow_with(plugin);
+            start(&mut f, KEY_B, "/v1/chat/completions");
+            let _ = f.on_request_body(br#"{"model":"gpt-4o-mini","max_tokens":10}"#, 0);
+            let _ = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 9, 60)])), 0);
+            f.on_response_headers(200);
+            let usage = br#"{"model":"gpt-4o-mini","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+            let fin = f.on_response_body(usage, true, 1).1.expect("finished");
+            fin.properties
+        };
+        let all = run(None);
+        let names: Vec<&str> = all.iter().map(|(k, _)| k.strip_prefix("tollgate_").unwrap()).collect();
+        assert_eq!(names, crate::config::FILTER_STATE_FIELDS, "every documented field, in order");
+        let some = run(Some(vec!["cost_usd".into(), "tenant".into()]));
+        assert_eq!(some, [("tollgate_tenant", "globex".to_string()), ("tollgate_cost_usd", all[14].1.clone())]);
+        assert!(run(Some(Vec::new())).is_empty());
     }
 
     #[test]
