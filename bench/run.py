@@ -143,8 +143,9 @@ def wrk(port, script, connections, seconds):
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = int(non2xx.group(1)) if non2xx else 0
+    done = re.search(r"(\d+) requests in", out)
     return {"rps": rps, "p50": to_ms(lat.get("50", "nan")), "p99": to_ms(lat.get("99", "nan")), "non2xx": errors,
-            "raw": out}
+            "requests": int(done.group(1)) if done else 0, "raw": out}
 
 
 def cpu_seconds(pid):
@@ -158,7 +159,7 @@ def measure(name, port, headers, tokens_file=None, cpu=None):
     pid) whose CPU time per request under load is reported: on a shared
     machine CPU per request says where the time goes better than rps does."""
     script = lua_script(headers, tokens_file)
-    wrk(port, script, 4, 2)  # warm up connections, VMs, caches
+    warm = wrk(port, script, 4, 2)  # warm up connections, VMs, caches
     before = {k: cpu_seconds(pid) for k, pid in (cpu or {}).items()}
     load = wrk(port, script, CONNECTIONS, DURATION)
     done = max(1.0, load["rps"] * DURATION)
@@ -171,6 +172,7 @@ def measure(name, port, headers, tokens_file=None, cpu=None):
     result("%s_p50_ms" % name, "%.3f" % single["p50"])
     result("%s_p99_ms" % name, "%.3f" % single["p99"])
     result("%s_non2xx" % name, load["non2xx"] + single["non2xx"])
+    load["requests_all"] = warm["requests"] + load["requests"] + single["requests"]
     return load, single
 
 
@@ -272,7 +274,19 @@ def sections_1_to_4(up_port, rls_port, auth, limiter):
     leased, leased1 = measure("tollgate_leased", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
     result("tollgate_leased_settles_dropped",
            e.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0))
+    result("tollgate_leased_rls_calls_per_1000_requests", "%.1f" % (
+        e.stats("cluster.tollgate_rls.upstream_rq_total").get("cluster.tollgate_rls.upstream_rq_total", 0)
+        / max(1, leased["requests_all"]) * 1000))
     e.stop()
+    # 3c. leased, with the four access-log fields most operators log instead
+    # of all twenty (metering.filter_state): everything else the same.
+    lean_cfg = tenant_config(limits=True, extra={"metering": {
+        "filter_state": ["tenant", "model_served", "tokens_total", "cost_usd"]}})
+    lean_cfg["tiers"]["bench"]["lease_requests"] = 100
+    e, p = proxy(up_port, [harness.wasm_filter(lean_cfg, env_keys=["BENCH_OPENAI_KEY"])], rls_port=rls_port)
+    lean, _ = measure("tollgate_leased_lean", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
+    e.stop()
+    result("tollgate_leased_lean_vs_native_ratelimit_rps", "%.3f" % (lean["rps"] / native["rps"]))
     result("tollgate_vs_bare_envoy_rps", "%.3f" % (tg["rps"] / bare["rps"]))
     result("tollgate_vs_native_ratelimit_rps", "%.3f" % (tg["rps"] / native["rps"]))
     result("tollgate_leased_vs_native_ratelimit_rps", "%.3f" % (leased["rps"] / native["rps"]))

@@ -15,6 +15,8 @@ Per-request behaviour is steered by request headers (they pass through Envoy):
   x-mock-fail: cut            stop a stream half-way and close the connection
   x-mock-fail: no-usage       send the response without any usage
   x-mock-gzip: 1              gzip the response if the request allows gzip
+  x-mock-extra-headers: 1     also send two set-cookie headers and a header
+                              value with a byte that is not UTF-8 (Latin-1 é)
   x-mock-first-byte-ms: N     wait N ms before answering (a provider's think time)
   x-mock-bulk-bytes: N        an OpenAI chat stream of about N bytes, written in
                               64 KiB pieces as fast as possible (benchmarks)
@@ -326,18 +328,20 @@ async def send_reply(writer, reply, headers, delay):
             "content-type: " + reply.content_type]
     for k, v in reply.headers.items():
         head.append("%s: %s" % (k, v))
+    if headers.get("x-mock-extra-headers") == "1":
+        head += ["set-cookie: a=1", "set-cookie: b=2", "x-provider-odd: caf\xe9"]
     if reply.events is None:
         body = reply.body or b""
         if gz:
             body = gzip.compress(body)
             head.append("content-encoding: gzip")
         head.append("content-length: %d" % len(body))
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()
         return True
     head.append("transfer-encoding: chunked")
     head.append("cache-control: no-cache")
-    writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
     await writer.drain()
     fail = headers.get("x-mock-fail")
     if gz:

@@ -317,3 +317,34 @@ def test_a_provider_can_turn_off_usage_injection(mock, wasm, tmp_path):
         assert int(log["tg_tokens_output"]) > 0, log
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_provider_headers_survive_tollgates_header_rewrite(mstack, stream):
+    # tollgate writes its headers (request id, x-ratelimit-*, usage) with one
+    # call that replaces the whole response header map: every provider
+    # header must come through with its repeats and its bytes.
+    body = json.dumps(dict(CHAT, stream=stream)).encode()
+    c = socket.create_connection(("127.0.0.1", mstack.port), timeout=10)
+    c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer "
+              + KEY_A.encode() + b"\r\nx-request-id: hdr-rewrite\r\nx-mock-extra-headers: 1\r\ncontent-length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body)
+    got = b""
+    while True:
+        piece = c.recv(65536)
+        if not piece:
+            break
+        got += piece
+    c.close()
+    head = got.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert head[0].startswith(b"HTTP/1.1 200"), head
+    lines = [tuple(h.split(b": ", 1)) for h in head[1:]]
+    names = [k.lower() for k, _ in lines]
+    assert [v for k, v in lines if k.lower() == b"set-cookie"] == [b"a=1", b"b=2"]
+    assert (b"x-provider-odd", b"caf\xe9") in lines
+    assert (b"x-request-id", b"hdr-rewrite") in lines
+    assert b"x-ratelimit-remaining-tokens" in names
+    for name in set(names) - {b"set-cookie"}:
+        assert names.count(name) == 1, (name, head)
+    if not stream:
+        assert b"x-tollgate-usage-total-tokens" in names and b"x-tollgate-cost-usd" in names

@@ -147,11 +147,12 @@ mod raw {
     #[link(wasm_import_module = "env")]
     extern "C" {
         pub fn proxy_get_header_map_pairs(map_type: u32, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
+        pub fn proxy_set_header_map_pairs(map_type: u32, data: *const u8, size: usize) -> u32;
     }
 }
 
-/// All headers of `map`, names and values decoded lossily.
-fn get_headers(map: MapType) -> Result<Vec<(String, String)>, u32> {
+/// All headers of `map` in the pairs encoding, as the host sent them.
+fn get_header_bytes(map: MapType) -> Result<Vec<u8>, u32> {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
     // SAFETY: the host writes a pointer it allocated through the SDK's
@@ -164,9 +165,62 @@ fn get_headers(map: MapType) -> Result<Vec<(String, String)>, u32> {
     if data.is_null() || size == 0 {
         return Ok(Vec::new());
     }
-    // SAFETY: see above; the buffer is freed when `bytes` drops.
-    let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
+    // SAFETY: see above; the buffer is freed when the Vec drops.
+    Ok(unsafe { Vec::from_raw_parts(data, size, size) })
+}
+
+/// All headers of `map`, names and values decoded lossily.
+fn get_headers(map: MapType) -> Result<Vec<(String, String)>, u32> {
+    let bytes = get_header_bytes(map)?;
     crate::pairs::header_map(&bytes).ok_or(u32::MAX)
+}
+
+/// Replaces every header of `map` with `pairs` in one host call.
+fn set_header_bytes(map: MapType, pairs: &[(Vec<u8>, Vec<u8>)]) {
+    let bytes = crate::pairs::encode(pairs);
+    // SAFETY: the host only reads `bytes` during the call.
+    let status = unsafe { raw::proxy_set_header_map_pairs(map as u32, bytes.as_ptr(), bytes.len()) };
+    if status != 0 {
+        log::warn!("tollgate: rewriting the {map:?} failed (status {status})");
+    }
+}
+
+/// The response headers as Envoy holds them, and tollgate's headers for
+/// them, written together (`write`) in one host call: once at once for a
+/// passed-through response, or once its body is complete for a held one.
+struct ResponseHeaders {
+    raw: Vec<u8>,
+    set: Vec<(String, String)>,
+}
+
+impl ResponseHeaders {
+    fn read() -> Self {
+        let raw = get_header_bytes(MapType::HttpResponseHeaders).unwrap_or_else(|s| {
+            log::error!("tollgate: cannot read response headers (status {s})");
+            Vec::new()
+        });
+        ResponseHeaders { raw, set: Vec::new() }
+    }
+
+    fn status(&self) -> u16 {
+        crate::pairs::decode(&self.raw)
+            .and_then(|p| p.into_iter().find(|(k, _)| *k == b":status"))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn write(self) {
+        if self.set.is_empty() {
+            return;
+        }
+        match crate::pairs::decode(&self.raw) {
+            Some(map) if !map.is_empty() => {
+                set_header_bytes(MapType::HttpResponseHeaders, &crate::pairs::with_headers_set(&map, &self.set));
+            }
+            // Not readable: one call per header, as a fallback.
+            _ => set_headers(MapType::HttpResponseHeaders, &self.set),
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -448,6 +502,7 @@ impl RootContext for Root {
             rls_token: None,
             rls_sent_ms: 0,
             hold_body: false,
+            held_headers: None,
             body_started: false,
         }))
     }
@@ -466,6 +521,8 @@ struct Http {
     rls_token: Option<u32>,
     rls_sent_ms: u64,
     hold_body: bool,
+    /// A held response's headers, with tollgate's, until its body is complete.
+    held_headers: Option<ResponseHeaders>,
     /// A response body chunk has been seen (its time is the first byte's).
     body_started: bool,
 }
@@ -757,23 +814,26 @@ impl HttpContext for Http {
         if self.bypass {
             return Action::Continue;
         }
-        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .and_then(|s| s.parse::<u16>().ok())
-            .unwrap_or(0);
-        let step = self.flow.on_response_headers(status);
-        set_headers(MapType::HttpResponseHeaders, &step.set);
+        let mut headers = ResponseHeaders::read();
+        let step = self.flow.on_response_headers(headers.status());
+        headers.set = step.set;
         if end_of_stream {
-            if let Some(fin) = self.flow.on_response_end(now_ms()) {
+            let fin = self.flow.on_response_end(now_ms());
+            if let Some(fin) = &fin {
+                headers.set.extend(fin.headers.iter().cloned());
+            }
+            headers.write();
+            if let Some(fin) = fin {
                 self.emit(&fin);
             }
             return Action::Continue;
         }
         self.hold_body = step.hold_body;
         if self.hold_body {
+            self.held_headers = Some(headers);
             Action::Pause
         } else {
+            headers.write();
             Action::Continue
         }
     }
@@ -811,10 +871,15 @@ impl HttpContext for Http {
             };
             apply_body_out(chunk.as_deref(), body_size, &taken.out);
         }
-        if let Some(fin) = taken.finish {
-            if self.hold_body {
-                set_headers(MapType::HttpResponseHeaders, &fin.headers);
+        if end_of_stream {
+            if let Some(mut headers) = self.held_headers.take() {
+                if let Some(fin) = &taken.finish {
+                    headers.set.extend(fin.headers.iter().cloned());
+                }
+                headers.write();
             }
+        }
+        if let Some(fin) = taken.finish {
             self.emit(&fin);
         }
         Action::Continue

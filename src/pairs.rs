@@ -59,6 +59,39 @@ pub fn header_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
     )
 }
 
+/// Encodes pairs in the same form, for `proxy_set_header_map_pairs`.
+pub fn encode<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Vec<u8> {
+    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    let data: usize = pairs.iter().map(|(k, v)| k.as_ref().len() + v.as_ref().len() + 2).sum();
+    let mut out = Vec::with_capacity(4 + pairs.len() * 8 + data);
+    out.extend(len(pairs.len()));
+    for (k, v) in pairs {
+        out.extend(len(k.as_ref().len()));
+        out.extend(len(v.as_ref().len()));
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_ref());
+        out.push(0);
+        out.extend_from_slice(v.as_ref());
+        out.push(0);
+    }
+    out
+}
+
+/// A header map with `set` applied: every existing value of a header in
+/// `set` (names compared without case) is dropped, the rest keep their
+/// order and bytes, and `set` follows. Writing the result back replaces the
+/// map in one host call instead of one per header.
+pub fn with_headers_set(map: &[(&[u8], &[u8])], set: &[(String, String)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out: Vec<(Vec<u8>, Vec<u8>)> = map
+        .iter()
+        .filter(|(k, _)| !set.iter().any(|(name, _)| name.as_bytes().eq_ignore_ascii_case(k)))
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    out.extend(set.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())));
+    out
+}
+
 /// The value at a dotted `path` (a key equal to the whole remaining path wins
 /// over the dotted reading), rendered as a string: text as is, an 8-byte
 /// non-text value as the number it encodes.
@@ -91,24 +124,42 @@ fn render(v: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
-        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (k, v) in pairs {
-            out.extend((k.len() as u32).to_le_bytes());
-            out.extend((v.len() as u32).to_le_bytes());
-        }
-        for (k, v) in pairs {
-            out.extend(*k);
-            out.push(0);
-            out.extend(*v);
-            out.push(0);
-        }
-        out
+    fn enc(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+        encode(pairs)
+    }
+
+    #[test]
+    fn headers_are_set_over_a_map_without_touching_the_rest() {
+        let raw = enc(&[
+            (&b":status"[..], &b"200"[..]),
+            (b"X-RateLimit-Limit-Requests", b"old"),
+            (b"set-cookie", b"a=1"),
+            (b"x-odd", b"caf\xe9"),
+            (b"x-ratelimit-limit-requests", b"old2"),
+            (b"set-cookie", b"b=2"),
+        ]);
+        assert_eq!(encode(&decode(&raw).unwrap()), raw, "encode is decode's inverse");
+        let set = vec![
+            ("x-ratelimit-limit-requests".to_string(), "60".to_string()),
+            ("x-request-id".to_string(), "r1".to_string()),
+        ];
+        let out = with_headers_set(&decode(&raw).unwrap(), &set);
+        let want: Vec<(&[u8], &[u8])> = vec![
+            (b":status", b"200"),
+            (b"set-cookie", b"a=1"),
+            (b"x-odd", b"caf\xe9"),
+            (b"set-cookie", b"b=2"),
+            (b"x-ratelimit-limit-requests", b"60"),
+            (b"x-request-id", b"r1"),
+        ];
+        let got: Vec<(&[u8], &[u8])> = out.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+        assert_eq!(got, want);
+        assert!(with_headers_set(&[], &[]).is_empty());
     }
 
     #[test]
     fn header_maps_keep_every_pair_and_survive_bytes_that_are_not_utf8() {
-        let raw = encode(&[
+        let raw = enc(&[
             (b":path", b"/v1/chat/completions"),
             (b"x-odd", b"caf\xe9"),
             (b"x-odd", b"second"),
@@ -126,10 +177,10 @@ mod tests {
 
     #[test]
     fn nested_claims_as_envoy_sends_them() {
-        let inner = encode(&[(b"tenant_id", b"acme")]);
+        let inner = enc(&[(b"tenant_id", b"acme")]);
         let iat = 1.7e9f64.to_le_bytes();
         let org = 42f64.to_le_bytes();
-        let outer = encode(&[
+        let outer = enc(&[
             (b"iat", &iat),
             (b"app_metadata", &inner),
             (b"sub", b"user-42"),
@@ -147,7 +198,7 @@ mod tests {
         assert!(decode(b"").is_none());
         assert!(decode(b"\xff\xff\xff\xff").is_none());
         assert!(decode(b"{\"a\":1}").is_none());
-        let mut truncated = encode(&[(b"a", b"b")]);
+        let mut truncated = enc(&[(b"a", b"b")]);
         truncated.pop();
         assert!(decode(&truncated).is_none());
     }
