@@ -190,6 +190,8 @@ fn set_header_bytes(map: MapType, pairs: &[(Vec<u8>, Vec<u8>)]) {
 /// passed-through response, or once its body is complete for a held one.
 struct ResponseHeaders {
     raw: Vec<u8>,
+    /// `:status`, read once with the headers (0 when absent or unreadable).
+    status: u16,
     set: Vec<(String, String)>,
 }
 
@@ -199,14 +201,11 @@ impl ResponseHeaders {
             log::error!("tollgate: cannot read response headers (status {s})");
             Vec::new()
         });
-        ResponseHeaders { raw, set: Vec::new() }
-    }
-
-    fn status(&self) -> u16 {
-        crate::pairs::decode(&self.raw)
+        let status = crate::pairs::decode(&raw)
             .and_then(|p| p.into_iter().find(|(k, _)| *k == b":status"))
             .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
-            .unwrap_or(0)
+            .unwrap_or(0);
+        ResponseHeaders { raw, status, set: Vec::new() }
     }
 
     fn write(self) {
@@ -815,7 +814,7 @@ impl HttpContext for Http {
             return Action::Continue;
         }
         let mut headers = ResponseHeaders::read();
-        let step = self.flow.on_response_headers(headers.status());
+        let step = self.flow.on_response_headers(headers.status);
         headers.set = step.set;
         if end_of_stream {
             let fin = self.flow.on_response_end(now_ms());
