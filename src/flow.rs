@@ -39,7 +39,7 @@ pub enum HeadersStep {
     Reply(LocalReply),
     /// Leave the request alone (unmatched path with `unmatched_routes: pass`).
     PassThrough,
-    /// Apply the plan, clear the route cache, and wait for the whole body.
+    /// Apply the plan (Envoy then re-matches the route) and wait for the whole body.
     ReadBody(HeaderPlan),
 }
 

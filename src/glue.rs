@@ -169,12 +169,6 @@ fn get_header_bytes(map: MapType) -> Result<Vec<u8>, u32> {
     Ok(unsafe { Vec::from_raw_parts(data, size, size) })
 }
 
-/// All headers of `map`, names and values decoded lossily.
-fn get_headers(map: MapType) -> Result<Vec<(String, String)>, u32> {
-    let bytes = get_header_bytes(map)?;
-    crate::pairs::header_map(&bytes).ok_or(u32::MAX)
-}
-
 /// Replaces every header of `map` with `pairs` in one host call.
 fn set_header_bytes(map: MapType, pairs: &[(Vec<u8>, Vec<u8>)]) {
     let bytes = crate::pairs::encode(pairs);
@@ -587,13 +581,26 @@ fn read_response(from: usize, len: usize) -> Vec<u8> {
     }
 }
 
-fn apply_plan(plan: &HeaderPlan) {
-    for name in &plan.remove {
-        if let Err(s) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
-            log::warn!("tollgate: removing header {name} failed: {s:?}");
+/// Carries out the header plan over the request headers as read (`raw`,
+/// the pairs encoding): the whole map is written back in one host call.
+/// Envoy clears the route cache whenever a filter changes request headers,
+/// so routes that match tollgate's headers (`x-tollgate-tier`) see them.
+fn apply_plan(raw: &[u8], plan: &HeaderPlan) {
+    match crate::pairs::decode(raw) {
+        Some(map) if !map.is_empty() => {
+            let pairs = crate::pairs::with_headers_replaced(&map, &plan.remove, &plan.set);
+            set_header_bytes(MapType::HttpRequestHeaders, &pairs);
+        }
+        // Not readable: one call per header, as a fallback.
+        _ => {
+            for name in &plan.remove {
+                if let Err(s) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
+                    log::warn!("tollgate: removing header {name} failed: {s:?}");
+                }
+            }
+            set_headers(MapType::HttpRequestHeaders, &plan.set);
         }
     }
-    set_headers(MapType::HttpRequestHeaders, &plan.set);
 }
 
 fn set_headers(map: MapType, headers: &[(String, String)]) {
@@ -601,12 +608,6 @@ fn set_headers(map: MapType, headers: &[(String, String)]) {
         if let Err(s) = hostcalls::set_map_value(map, name, Some(value)) {
             log::warn!("tollgate: setting header {name} failed: {s:?}");
         }
-    }
-}
-
-fn clear_route_cache() {
-    if let Err(s) = hostcalls::call_foreign_function("clear_route_cache", None) {
-        log::warn!("tollgate: clear_route_cache failed: {s:?}");
     }
 }
 
@@ -676,8 +677,8 @@ impl Http {
                     }
                 }
                 if !hs.is_empty() {
+                    // Envoy clears the route cache itself (see `apply_plan`).
                     set_headers(MapType::HttpRequestHeaders, &hs);
-                    clear_route_cache();
                 }
                 if !in_body_callback {
                     if let Err(s) = hostcalls::resume_http_request() {
@@ -747,13 +748,14 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let headers = match get_headers(MapType::HttpRequestHeaders) {
-            Ok(h) => h,
-            Err(s) => {
-                log::error!("tollgate: cannot read request headers (status {s})");
-                Vec::new()
-            }
-        };
+        let raw = get_header_bytes(MapType::HttpRequestHeaders).unwrap_or_else(|s| {
+            log::error!("tollgate: cannot read request headers (status {s})");
+            Vec::new()
+        });
+        let headers = crate::pairs::header_map(&raw).unwrap_or_else(|| {
+            log::error!("tollgate: the request headers are not in the pairs encoding");
+            Vec::new()
+        });
         let now = now_ms();
         let shared = Rc::clone(&self.shared);
         let payload = self.flow.plugin().identity.jwt_authn.as_ref().and_then(|spec| {
@@ -782,8 +784,7 @@ impl HttpContext for Http {
                 Action::Continue
             }
             HeadersStep::ReadBody(plan) => {
-                apply_plan(&plan);
-                clear_route_cache();
+                apply_plan(&raw, &plan);
                 Action::Pause
             }
         }

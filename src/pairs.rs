@@ -83,9 +83,23 @@ pub fn encode<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Vec<u8> {
 /// order and bytes, and `set` follows. Writing the result back replaces the
 /// map in one host call instead of one per header.
 pub fn with_headers_set(map: &[(&[u8], &[u8])], set: &[(String, String)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    with_headers_replaced(map, &[], set)
+}
+
+/// [`with_headers_set`] that also drops every value of the headers named in
+/// `remove` (names compared without case).
+pub fn with_headers_replaced(
+    map: &[(&[u8], &[u8])],
+    remove: &[String],
+    set: &[(String, String)],
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let named = |k: &[u8]| {
+        remove.iter().any(|name| name.as_bytes().eq_ignore_ascii_case(k))
+            || set.iter().any(|(name, _)| name.as_bytes().eq_ignore_ascii_case(k))
+    };
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = map
         .iter()
-        .filter(|(k, _)| !set.iter().any(|(name, _)| name.as_bytes().eq_ignore_ascii_case(k)))
+        .filter(|(k, _)| !named(k))
         .map(|(k, v)| (k.to_vec(), v.to_vec()))
         .collect();
     out.extend(set.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())));
@@ -155,6 +169,32 @@ mod tests {
         let got: Vec<(&[u8], &[u8])> = out.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
         assert_eq!(got, want);
         assert!(with_headers_set(&[], &[]).is_empty());
+    }
+
+    #[test]
+    fn removed_headers_go_with_every_value_and_set_ones_replace_the_clients() {
+        let raw = enc(&[
+            (&b":path"[..], &b"/v1/chat/completions"[..]),
+            (b"Authorization", b"Bearer client"),
+            (b"x-odd", b"caf\xe9"),
+            (b"x-api-key", b"k1"),
+            (b"X-Tollgate-Tenant", b"forged"),
+            (b"x-api-key", b"k2"),
+        ]);
+        let remove = vec!["x-api-key".to_string(), "x-tollgate-tenant".to_string()];
+        let set = vec![
+            ("authorization".to_string(), "Bearer provider".to_string()),
+            ("x-tollgate-tenant".to_string(), "acme".to_string()),
+        ];
+        let out = with_headers_replaced(&decode(&raw).unwrap(), &remove, &set);
+        let want: Vec<(&[u8], &[u8])> = vec![
+            (b":path", b"/v1/chat/completions"),
+            (b"x-odd", b"caf\xe9"),
+            (b"authorization", b"Bearer provider"),
+            (b"x-tollgate-tenant", b"acme"),
+        ];
+        let got: Vec<(&[u8], &[u8])> = out.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

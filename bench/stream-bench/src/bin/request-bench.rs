@@ -21,6 +21,9 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(200_000);
+    // `leased`: the tier leases quota (lease_requests 100), as in the bench's
+    // tollgate_leased run: most requests make no reserve call.
+    let leased = std::env::args().nth(2).is_some_and(|a| a == "leased");
     let key_sha: String = {
         use sha2::Digest;
         sha2::Sha256::digest(KEY.as_bytes())
@@ -33,11 +36,12 @@ fn main() {
         "routes": [{{"path": "/v1/chat/completions", "api": "openai_chat", "provider": "openai"}}],
         "tiers": {{"bench": {{"models": ["*"], "max_request_bytes": 65536,
             "requests_per_minute": 1000000000, "tokens_per_minute": 1000000000,
-            "tokens_per_day": 100000000000, "usd_per_day": 1000000, "usd_per_month": 10000000}}}},
+            "tokens_per_day": 100000000000, "usd_per_day": 1000000, "usd_per_month": 10000000{lease}}}}},
         "tenants": [{{"id": "bench", "tier": "bench", "api_key_sha256": ["{key_sha}"],
             "provider_key_env": {{"openai": "BENCH_OPENAI_KEY"}}}}],
         "pricing": {{"models": {{"gpt-4o-mini": {{"input": 0.15, "output": 0.6}}}}, "default": {{"input": 1, "output": 1}}}},
-        "rate_limit": {{"cluster": "tollgate_rls", "timeout_ms": 500}}}}"#
+        "rate_limit": {{"cluster": "tollgate_rls", "timeout_ms": 500}}}}"#,
+        lease = if leased { r#", "lease_requests": 100"# } else { "" }
     );
     let env = |k: &str| (k == "BENCH_OPENAI_KEY").then(|| "sk-upstream".to_string());
     let plugin = Rc::new(config::load(cfg.as_bytes(), &env).expect("bench config"));
@@ -86,11 +90,15 @@ fn main() {
         phases[0] += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let step = f.on_request_body(body, now);
-        assert!(matches!(step, BodyStep::Call(_)), "{step:?}");
         phases[1] += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let step = f.on_rls_reply(Ok(&ok), now);
-        assert!(matches!(step, BodyStep::Forward { .. }), "{step:?}");
+        match step {
+            BodyStep::Call(_) => {
+                let step = f.on_rls_reply(Ok(&ok), now);
+                assert!(matches!(step, BodyStep::Forward { .. }), "{step:?}");
+            }
+            step => assert!(leased && matches!(step, BodyStep::Forward { .. }), "{step:?}"),
+        }
         phases[2] += t.elapsed().as_secs_f64();
         let t = Instant::now();
         let _ = f.on_response_headers(200);
