@@ -123,9 +123,9 @@ pub struct Finish {
     /// Filter-state properties (`wasm.<name>`), read by the access log.
     pub properties: Vec<(&'static str, String)>,
     /// Counter increments by metric name.
-    pub counters: Vec<(String, u64)>,
+    pub counters: Vec<(Rc<str>, u64)>,
     /// Histogram samples by metric name.
-    pub histograms: Vec<(String, u64)>,
+    pub histograms: Vec<(Rc<str>, u64)>,
     /// Response headers (non-streamed responses held until complete).
     pub headers: Vec<(String, String)>,
     /// Bytes appended to a stream (the optional usage comment).
@@ -149,6 +149,10 @@ pub struct Shared {
     /// used, as of the last answer seen.
     budget_used: HashMap<usize, u64>,
     model_labels: HashSet<String>,
+    /// Metric names by tenant and model as served (at most
+    /// `metrics::MAX_MODEL_LABELS` models per tenant are kept).
+    /// Keyed by tenant id, not index: a reconfiguration may renumber tenants.
+    metric_names: HashMap<String, HashMap<String, Rc<metrics::TenantModelNames>>>,
     /// Requests in flight per tenant on this worker (slots taken in the
     /// shared table, or locally when it was unavailable).
     pub inflight: HashMap<usize, u64>,
@@ -198,6 +202,7 @@ impl Shared {
             allowance: HashMap::new(),
             budget_used: HashMap::new(),
             model_labels: HashSet::new(),
+            metric_names: HashMap::new(),
             inflight: HashMap::new(),
             slots: Box::new(LocalStore::default()),
             vm_id: 0,
@@ -352,6 +357,20 @@ impl Shared {
         for (key, _) in self.held.values() {
             let _ = inflight::heartbeat(self.slots.as_ref(), key, self.vm_id, now_ms);
         }
+    }
+
+    /// The metric names of a tenant and model, and the model's label.
+    fn metric_names(&mut self, tenant_id: &str, model: &str) -> Rc<metrics::TenantModelNames> {
+        if let Some(n) = self.metric_names.get(tenant_id).and_then(|m| m.get(model)) {
+            return Rc::clone(n);
+        }
+        let label = self.model_label(model);
+        let names = Rc::new(metrics::TenantModelNames::new(tenant_id, &label));
+        let by_model = self.metric_names.entry(tenant_id.to_string()).or_default();
+        if by_model.len() < metrics::MAX_MODEL_LABELS {
+            by_model.insert(model.to_string(), Rc::clone(&names));
+        }
+        names
     }
 
     /// A bounded metric label for a model name.
@@ -1188,38 +1207,38 @@ impl RequestFlow {
             p.retain(|(k, _)| keep.iter().any(|f| k.strip_prefix("tollgate_") == Some(f.as_str())));
         }
 
-        let model_label = self.shared.borrow_mut().model_label(&self.model_served);
+        let names = self.shared.borrow_mut().metric_names(&tenant.id, &self.model_served);
         let c = &mut out.counters;
-        let tm = |name: &str| metrics::tenant_model(&tenant.id, &model_label, name);
-        c.push((metrics::requests(&tenant.id, &model_label, outcome), 1));
-        for (name, v) in [
-            ("tokens_input", usage.input_uncached),
-            ("tokens_cache_read", usage.cache_read),
-            ("tokens_cache_write", usage.cache_write),
-            ("tokens_output", usage.output),
-            ("tokens_reasoning", usage.reasoning),
-            ("cost_micro_usd", micros),
-        ] {
+        c.push((names.requests(outcome), 1));
+        let amounts = [
+            usage.input_uncached,
+            usage.cache_read,
+            usage.cache_write,
+            usage.output,
+            usage.reasoning,
+            micros,
+        ];
+        for (name, v) in names.usage.iter().zip(amounts) {
             if v > 0 {
-                c.push((tm(name), v));
+                c.push((Rc::clone(name), v));
             }
         }
         if estimated {
-            c.push((metrics::tenant(&tenant.id, "usage_estimated"), 1));
+            c.push((Rc::clone(&names.usage_estimated), 1));
         }
         if self.leased {
-            c.push((metrics::tenant(&tenant.id, "leased"), 1));
+            c.push((Rc::clone(&names.leased), 1));
         }
         if unpriced {
-            c.push((metrics::global(&format!("model.{model_label}.unpriced")), 1));
+            c.push((Rc::clone(&names.unpriced), 1));
         }
         if !metered.errors.is_empty() {
-            c.push((metrics::tenant(&tenant.id, "stream_errors"), 1));
+            c.push((Rc::clone(&names.stream_errors), 1));
         }
         if let Some(t) = ttfb {
-            out.histograms.push((tm("ttfb_ms"), t));
+            out.histograms.push((Rc::clone(&names.ttfb_ms), t));
         }
-        out.histograms.push((tm("duration_ms"), duration));
+        out.histograms.push((Rc::clone(&names.duration_ms), duration));
 
         if self.hold_body {
             out.headers = vec![
@@ -1642,6 +1661,39 @@ mod tests {
         let some = run(Some(vec!["cost_usd".into(), "tenant".into()]));
         assert_eq!(some, [("tollgate_tenant", "globex".to_string()), ("tollgate_cost_usd", all[14].1.clone())]);
         assert!(run(Some(Vec::new())).is_empty());
+    }
+
+    #[test]
+    fn finished_requests_count_under_their_tenant_and_model() {
+        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let run = |model: &str| {
+            let mut f = RequestFlow::new(Rc::new(sample()), Rc::clone(&shared));
+            start(&mut f, KEY_A, "/v1/chat/completions");
+            let body = format!(r#"{{"model":"{model}","max_tokens":10}}"#);
+            let _ = f.on_request_body(body.as_bytes(), 0);
+            let _ = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 9, 60)])), 0);
+            f.on_response_headers(200);
+            let usage = br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+            let fin = f.on_response_body(usage, true, 1).1.expect("finished");
+            let names = |v: &[(Rc<str>, u64)]| v.iter().map(|(k, n)| (k.to_string(), *n)).collect::<Vec<_>>();
+            (names(&fin.counters), names(&fin.histograms))
+        };
+        let (counters, histograms) = run("gpt-4o-mini");
+        let m = "tollgate.tenant.acme.model.gpt-4o-mini";
+        assert_eq!(counters[0], (format!("{m}.outcome.ok.requests"), 1));
+        assert!(counters.contains(&(format!("{m}.tokens_input"), 3)), "{counters:?}");
+        assert!(counters.contains(&(format!("{m}.tokens_output"), 4)), "{counters:?}");
+        assert!(!counters.iter().any(|(k, _)| k.ends_with("tokens_reasoning")), "zero counts are not sent");
+        let hist: Vec<&str> = histograms.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(hist, [format!("{m}.ttfb_ms"), format!("{m}.duration_ms")]);
+        // The names are cached per tenant and model; past the cache's bound
+        // they are still right (built per request).
+        assert_eq!(run("gpt-4o-mini").0, counters);
+        for i in 0..crate::metrics::MAX_MODEL_LABELS + 5 {
+            let (c, _) = run(&format!("m{i}"));
+            let want = if i < crate::metrics::MAX_MODEL_LABELS - 1 { format!("m{i}") } else { "other".to_string() };
+            assert_eq!(c[0].0, format!("tollgate.tenant.acme.model.{want}.outcome.ok.requests"), "model {i}");
+        }
     }
 
     #[test]

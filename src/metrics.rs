@@ -37,6 +37,8 @@ pub fn label(value: &str) -> String {
     out
 }
 
+use std::rc::Rc;
+
 /// Per tenant and model: `tollgate.tenant.<t>.model.<m>.<name>`.
 pub fn tenant_model(tenant: &str, model: &str, name: &str) -> String {
     format!("tollgate.tenant.{}.model.{}.{}", label(tenant), label(model), name)
@@ -67,6 +69,66 @@ pub fn global(name: &str) -> String {
     format!("tollgate.{name}")
 }
 
+/// The metric names of one tenant and model, built once per VM and shared
+/// by its requests (a request's metrics otherwise cost a dozen string
+/// formats).
+#[derive(Debug)]
+pub struct TenantModelNames {
+    tenant_id: String,
+    model_label: String,
+    /// `requests` by outcome: ok, incomplete, stream_error, upstream_error.
+    requests: [Rc<str>; 4],
+    /// tokens_input, tokens_cache_read, tokens_cache_write, tokens_output,
+    /// tokens_reasoning, cost_micro_usd (the order of [`USAGE_COUNTERS`]).
+    pub usage: [Rc<str>; 6],
+    pub ttfb_ms: Rc<str>,
+    pub duration_ms: Rc<str>,
+    pub usage_estimated: Rc<str>,
+    pub leased: Rc<str>,
+    pub stream_errors: Rc<str>,
+    pub unpriced: Rc<str>,
+}
+
+/// The usage counters per tenant and model, in [`TenantModelNames::usage`] order.
+pub const USAGE_COUNTERS: [&str; 6] = [
+    "tokens_input",
+    "tokens_cache_read",
+    "tokens_cache_write",
+    "tokens_output",
+    "tokens_reasoning",
+    "cost_micro_usd",
+];
+
+const OUTCOMES: [&str; 4] = ["ok", "incomplete", "stream_error", "upstream_error"];
+
+impl TenantModelNames {
+    /// Names for `tenant` and a model already turned into a bounded label.
+    pub fn new(tenant_id: &str, model_label: &str) -> Self {
+        let tm = |name: &str| Rc::<str>::from(tenant_model(tenant_id, model_label, name));
+        TenantModelNames {
+            tenant_id: tenant_id.to_string(),
+            model_label: model_label.to_string(),
+            requests: OUTCOMES.map(|o| Rc::from(requests(tenant_id, model_label, o))),
+            usage: USAGE_COUNTERS.map(tm),
+            ttfb_ms: tm("ttfb_ms"),
+            duration_ms: tm("duration_ms"),
+            usage_estimated: Rc::from(tenant(tenant_id, "usage_estimated")),
+            leased: Rc::from(tenant(tenant_id, "leased")),
+            stream_errors: Rc::from(tenant(tenant_id, "stream_errors")),
+            unpriced: Rc::from(global(&format!("model.{model_label}.unpriced"))),
+        }
+    }
+
+    /// The `requests` counter of an outcome (one of ok, incomplete,
+    /// stream_error, upstream_error; any other is built on the spot).
+    pub fn requests(&self, outcome: &str) -> Rc<str> {
+        match OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(i) => Rc::clone(&self.requests[i]),
+            None => Rc::from(requests(&self.tenant_id, &self.model_label, outcome)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,5 +142,22 @@ mod tests {
         assert_eq!(label(""), "unknown");
         assert_eq!(label("a/b c"), "a_b_c");
         assert_eq!(refused("t", "tokens_per_minute"), "tollgate.tenant.t.limit.tokens_per_minute.refused");
+    }
+
+    #[test]
+    fn cached_names_are_the_names() {
+        let n = TenantModelNames::new("acme", "gpt-4o");
+        for (i, name) in USAGE_COUNTERS.iter().enumerate() {
+            assert_eq!(&*n.usage[i], tenant_model("acme", "gpt-4o", name));
+        }
+        for o in ["ok", "incomplete", "stream_error", "upstream_error", "other_outcome"] {
+            assert_eq!(&*n.requests(o), requests("acme", "gpt-4o", o));
+        }
+        assert_eq!(&*n.ttfb_ms, "tollgate.tenant.acme.model.gpt-4o.ttfb_ms");
+        assert_eq!(&*n.duration_ms, "tollgate.tenant.acme.model.gpt-4o.duration_ms");
+        assert_eq!(&*n.leased, "tollgate.tenant.acme.leased");
+        assert_eq!(&*n.usage_estimated, "tollgate.tenant.acme.usage_estimated");
+        assert_eq!(&*n.stream_errors, "tollgate.tenant.acme.stream_errors");
+        assert_eq!(&*n.unpriced, "tollgate.model.gpt-4o.unpriced");
     }
 }
