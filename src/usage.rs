@@ -414,6 +414,225 @@ fn chat_delta_text_len(data: &str) -> Option<u64> {
     Some(n)
 }
 
+/// What a whole OpenAI chat (or embeddings) body says, read without building
+/// a JSON tree: the model, the usage object, and the text bytes of the
+/// choices. The body's text and embeddings, usually most of it, are counted
+/// or skipped in place. `None` sends the body down the full path
+/// ([`Accum::openai_chat`]), whose result this matches: an error, tool calls,
+/// or a shape this reader does not take.
+struct ChatBody {
+    model: Option<String>,
+    usage: Option<Value>,
+    text: u64,
+}
+
+fn read_chat_body(bytes: &[u8]) -> Option<ChatBody> {
+    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde::Deserialize;
+    use std::borrow::Cow;
+    use std::fmt;
+
+    /// `text_len` of a value: a string's bytes, or the sum over an array's
+    /// elements of their `text` (recursively); 0 for anything else.
+    struct TextLen(u64);
+    impl<'de> Deserialize<'de> for TextLen {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = TextLen;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<TextLen, E> {
+                    Ok(TextLen(v.len() as u64))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TextLen, A::Error> {
+                    let mut n = 0u64;
+                    while let Some(part) = seq.next_element::<PartText>()? {
+                        n = n.saturating_add(part.0);
+                    }
+                    Ok(TextLen(n))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TextLen, A::Error> {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(TextLen(0))
+                }
+                fn visit_bool<E: de::Error>(self, _: bool) -> Result<TextLen, E> {
+                    Ok(TextLen(0))
+                }
+                fn visit_i64<E: de::Error>(self, _: i64) -> Result<TextLen, E> {
+                    Ok(TextLen(0))
+                }
+                fn visit_u64<E: de::Error>(self, _: u64) -> Result<TextLen, E> {
+                    Ok(TextLen(0))
+                }
+                fn visit_f64<E: de::Error>(self, _: f64) -> Result<TextLen, E> {
+                    Ok(TextLen(0))
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<TextLen, E> {
+                    Ok(TextLen(0))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// An element of a content array: the `text_len` of its `text` when it
+    /// is an object, else 0. A repeated `text` key fails (the full path
+    /// keeps the last one).
+    struct PartText(u64);
+    impl<'de> Deserialize<'de> for PartText {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = PartText;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<PartText, A::Error> {
+                    let mut text = None;
+                    while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                        if key == "text" {
+                            if text.is_some() {
+                                return Err(de::Error::duplicate_field("text"));
+                            }
+                            text = Some(map.next_value::<TextLen>()?.0);
+                        } else {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                    Ok(PartText(text.unwrap_or(0)))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PartText, A::Error> {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(PartText(0))
+                }
+                fn visit_str<E: de::Error>(self, _: &str) -> Result<PartText, E> {
+                    Ok(PartText(0))
+                }
+                fn visit_bool<E: de::Error>(self, _: bool) -> Result<PartText, E> {
+                    Ok(PartText(0))
+                }
+                fn visit_i64<E: de::Error>(self, _: i64) -> Result<PartText, E> {
+                    Ok(PartText(0))
+                }
+                fn visit_u64<E: de::Error>(self, _: u64) -> Result<PartText, E> {
+                    Ok(PartText(0))
+                }
+                fn visit_f64<E: de::Error>(self, _: f64) -> Result<PartText, E> {
+                    Ok(PartText(0))
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<PartText, E> {
+                    Ok(PartText(0))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// An object only: serde's derived structs also take a JSON array
+    /// (fields by position), which the full path reads as no fields.
+    struct Obj<T>(T);
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<T>(std::marker::PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+                type Value = Obj<T>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Obj<T>, A::Error> {
+                    T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Obj)
+                }
+            }
+            d.deserialize_map(V(std::marker::PhantomData))
+        }
+    }
+
+    /// A `message` or `delta` key: absent, `null`, or an object.
+    #[derive(Default)]
+    enum Slot<T> {
+        #[default]
+        Absent,
+        Null,
+        Present(T),
+    }
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Slot<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            Ok(match Option::<T>::deserialize(d)? {
+                Some(t) => Slot::Present(t),
+                None => Slot::Null,
+            })
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct Body<'a> {
+        #[serde(default, borrow)]
+        model: Option<Cow<'a, str>>,
+        #[serde(default)]
+        usage: Option<Value>,
+        #[serde(default)]
+        error: Option<IgnoredAny>,
+        #[serde(default)]
+        choices: Option<Vec<Obj<Choice>>>,
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        delta: Slot<Obj<Message>>,
+        #[serde(default)]
+        message: Slot<Obj<Message>>,
+        #[serde(default)]
+        text: Option<TextLen>,
+    }
+    #[derive(Deserialize)]
+    struct Message {
+        #[serde(default)]
+        content: Option<TextLen>,
+        #[serde(default)]
+        reasoning_content: Option<TextLen>,
+        #[serde(default)]
+        reasoning: Option<TextLen>,
+        #[serde(default)]
+        refusal: Option<TextLen>,
+        #[serde(default)]
+        tool_calls: Option<IgnoredAny>,
+    }
+
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let body: Body<'_> = serde_json::from_slice(bytes).ok()?;
+    if body.error.is_some() {
+        return None;
+    }
+    let len = |t: &Option<TextLen>| t.as_ref().map_or(0, |t| t.0);
+    let mut text = 0u64;
+    for Obj(choice) in body.choices.iter().flatten() {
+        // As the full path: `delta` if the key is there (even null), else `message`.
+        let msg = match (&choice.delta, &choice.message) {
+            (Slot::Absent, Slot::Absent) => {
+                text = text.saturating_add(len(&choice.text));
+                continue;
+            }
+            (Slot::Absent, m) => m,
+            (d, _) => d,
+        };
+        if let Slot::Present(Obj(m)) = msg {
+            if m.tool_calls.is_some() {
+                return None;
+            }
+            text = text
+                .saturating_add(len(&m.content))
+                .saturating_add(len(&m.reasoning_content))
+                .saturating_add(len(&m.reasoning))
+                .saturating_add(len(&m.refusal));
+        }
+    }
+    Some(ChatBody { model: body.model.map(Cow::into_owned), usage: body.usage, text })
+}
+
 /// Approximate size of a tool-call argument that is a JSON object, not text.
 fn json_len(v: Option<&Value>) -> u64 {
     match v {
@@ -600,6 +819,19 @@ impl Accum {
             UsageFormat::Gemini => self.gemini(doc),
         }
         if !streamed && self.errors.is_empty() {
+            self.complete = true;
+        }
+    }
+
+    /// A whole OpenAI chat or embeddings body read by [`read_chat_body`]:
+    /// what [`Accum::document`] does with it, without the tree.
+    fn chat_body(&mut self, body: ChatBody) {
+        if let Some(m) = body.model {
+            self.model(Some(&Value::String(m)));
+        }
+        self.usage(body.usage.as_ref());
+        self.add_text(body.text);
+        if self.errors.is_empty() {
             self.complete = true;
         }
     }
@@ -1131,6 +1363,17 @@ fn drain_pieces(pieces: &mut Vec<Piece>, acc: &mut Accum) {
     for piece in pieces.drain(..) {
         acc.events = acc.events.saturating_add(1);
         match piece {
+            Piece::Element(bytes, false)
+                if matches!(acc.format, UsageFormat::OpenAiChat | UsageFormat::OpenAiEmbeddings) =>
+            {
+                match read_chat_body(&bytes) {
+                    Some(body) => acc.chat_body(body),
+                    None => match serde_json::from_slice::<Value>(&bytes) {
+                        Ok(doc) => acc.document(&doc, false),
+                        Err(_) => acc.malformed = acc.malformed.saturating_add(1),
+                    },
+                }
+            }
             Piece::Element(bytes, in_array) => match serde_json::from_slice::<Value>(&bytes) {
                 Ok(doc) => acc.document(&doc, in_array),
                 Err(_) => acc.malformed = acc.malformed.saturating_add(1),
@@ -1492,6 +1735,54 @@ mod tests {
                 "{} byte by byte",
                 c.name
             );
+        }
+    }
+
+    #[test]
+    fn chat_bodies_read_without_a_tree_meter_as_the_full_path_does() {
+        let full = |format: UsageFormat, body: &str| {
+            let mut acc = Accum::new(format);
+            match serde_json::from_str::<Value>(body) {
+                Ok(doc) => acc.document(&doc, false),
+                Err(_) => acc.malformed += 1,
+            }
+            acc.finish(0)
+        };
+        let fast = |format: UsageFormat, body: &str| {
+            let mut acc = Accum::new(format);
+            acc.chat_body(read_chat_body(body.as_bytes())?);
+            Some(acc.finish(0))
+        };
+        let taken = [
+            r#"{"id":"c","model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"Hello \"there\" \u00e9"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":2}}}"#,
+            r#"{"model":"m","choices":[{"message":{"content":[{"type":"text","text":"ab"},{"type":"image"},"x",7,{"text":["cd",{"text":"e"}]}],"reasoning_content":"rr","reasoning":null,"refusal":"no"}}]}"#,
+            r#"{"model":"m","choices":[{"delta":null,"text":"ignored"},{"delta":null,"message":{"content":"not read"}},{"text":"legacy"},{"message":null},{"message":{"content":{"text":"obj"}}},{}]}"#,
+            r#"{"choices":null,"usage":null,"error":null,"model":""}"#,
+            r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,-0.2,3e-5]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#,
+            r#"  {"model":"m","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3},"choices":[]}"#,
+        ];
+        for body in taken {
+            for format in [UsageFormat::OpenAiChat, UsageFormat::OpenAiEmbeddings] {
+                let got = fast(format, body).unwrap_or_else(|| panic!("not taken: {body}"));
+                assert_eq!(got, full(format, body), "{body}");
+            }
+        }
+        // Bodies the full path reads: an error, tool calls, arrays where
+        // objects belong, duplicate keys, other shapes.
+        let left = [
+            r#"{"error":{"message":"bad","type":"invalid_request_error"}}"#,
+            r#"{"choices":[{"message":{"content":null,"tool_calls":[{"function":{"arguments":"{}"}}]}}]}"#,
+            r#"{"choices":[["x"]]}"#,
+            r#"{"choices":[{"message":["x"]}]}"#,
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"model":7}"#,
+            r#"[{"model":"m"}]"#,
+            r#""text""#,
+            r#"{"model":"m","choices":[{"message":{"content":[{"text":"a","text":"b"}]}}]}"#,
+            r#"{"model":"m""#,
+        ];
+        for body in left {
+            assert!(fast(UsageFormat::OpenAiChat, body).is_none(), "{body}");
         }
     }
 
