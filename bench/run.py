@@ -6,7 +6,11 @@ BENCH_ONLY=stream runs only the streaming section (TTFB and throughput).
 - Throughput and added latency (wrk, POST chat completions, 1 Envoy worker):
   bare Envoy; Envoy's native C++ ratelimit filter calling our service (request
   count only); Envoy + tollgate doing everything (API-key identity, an atomic
-  reserve of five limits, response metering, settle).
+  reserve of five limits, response metering, settle). Every proxy runs at
+  once and they are measured in interleaved slices (BENCH_ROUNDS rounds of
+  BENCH_SECONDS each, the order reversed every other round), so a slow
+  period of the machine hits them all alike; a ratio is the median of the
+  per-round ratios, and `<ratio>_range` gives the lowest and highest.
 - Identity cost: tollgate with API keys vs JWTs (RS256, ES256; cache hit and
   cache miss), no limits, so only identity differs.
 - Streaming: time to first byte of a streamed completion with and without the
@@ -34,10 +38,12 @@ sys.path.insert(0, os.path.join(ROOT, "integration-tests"))
 
 import harness  # noqa: E402
 
-DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
+# Seconds of load per proxy per round, and rounds (throughput section).
+DURATION = int(os.environ.get("BENCH_SECONDS", "2"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "10"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 KEY = "sk-bench-tenant"
-# BENCH_ONLY=stream runs only the streaming section (5); empty or "all" runs everything.
+# BENCH_ONLY=stream runs only the streaming section (6); empty or "all" runs everything.
 ONLY = os.environ.get("BENCH_ONLY", "")
 if ONLY not in ("", "all", "stream"):
     sys.exit("bench: BENCH_ONLY must be empty, all or stream, not %r" % ONLY)
@@ -161,11 +167,11 @@ def measure(name, port, headers, tokens_file=None, cpu=None):
     script = lua_script(headers, tokens_file)
     warm = wrk(port, script, 4, 2)  # warm up connections, VMs, caches
     before = {k: cpu_seconds(pid) for k, pid in (cpu or {}).items()}
-    load = wrk(port, script, CONNECTIONS, DURATION)
-    done = max(1.0, load["rps"] * DURATION)
+    load = wrk(port, script, CONNECTIONS, DURATION * 2)
+    done = max(1, load["requests"])
     for k, pid in (cpu or {}).items():
         result("%s_cpu_us_per_req_%s" % (name, k), "%.1f" % ((cpu_seconds(pid) - before[k]) / done * 1e6))
-    single = wrk(port, script, 1, max(3, DURATION // 2))
+    single = wrk(port, script, 1, 3)
     if load["non2xx"] or single["non2xx"]:
         print("# %s: %d non-2xx responses under load:\n%s" % (name, load["non2xx"], load["raw"]), file=sys.stderr)
     result("%s_rps" % name, "%.0f" % load["rps"])
@@ -174,6 +180,57 @@ def measure(name, port, headers, tokens_file=None, cpu=None):
     result("%s_non2xx" % name, load["non2xx"] + single["non2xx"])
     load["requests_all"] = warm["requests"] + load["requests"] + single["requests"]
     return load, single
+
+
+class Run:
+    """One proxy of the interleaved throughput section."""
+
+    def __init__(self, name, envoy, port, cpu):
+        self.name, self.envoy, self.port, self.cpu = name, envoy, port, cpu
+        self.script = None
+        self.rps, self.cpu_us, self.requests, self.non2xx = [], {k: [] for k in cpu}, 0, 0
+        self.single = None
+
+
+def interleaved(runs, headers):
+    """Measures `runs` (all started) in ROUNDS rounds of one load slice each,
+    the order reversed every other round, then each with one connection for
+    latency. Prints each run's median rps, CPU per request, latency and
+    non-2xx count; returns the runs by name."""
+    for r in runs:
+        r.script = lua_script(headers)
+        r.requests += wrk(r.port, r.script, 4, 2)["requests"]  # warm up connections, VMs, caches
+    for i in range(ROUNDS):
+        for r in (runs if i % 2 == 0 else runs[::-1]):
+            before = {k: cpu_seconds(pid) for k, pid in r.cpu.items()}
+            load = wrk(r.port, r.script, CONNECTIONS, DURATION)
+            done = max(1, load["requests"])
+            for k, pid in r.cpu.items():
+                r.cpu_us[k].append((cpu_seconds(pid) - before[k]) / done * 1e6)
+            r.rps.append(load["rps"])
+            r.requests += load["requests"]
+            r.non2xx += load["non2xx"]
+            if load["non2xx"]:
+                print("# %s: %d non-2xx responses under load:\n%s" % (r.name, load["non2xx"], load["raw"]),
+                      file=sys.stderr)
+    for r in runs:
+        r.single = wrk(r.port, r.script, 1, 3)
+        r.requests += r.single["requests"]
+        r.non2xx += r.single["non2xx"]
+        for k, v in r.cpu_us.items():
+            result("%s_cpu_us_per_req_%s" % (r.name, k), "%.1f" % statistics.median(v))
+        result("%s_rps" % r.name, "%.0f" % statistics.median(r.rps))
+        result("%s_p50_ms" % r.name, "%.3f" % r.single["p50"])
+        result("%s_p99_ms" % r.name, "%.3f" % r.single["p99"])
+        result("%s_non2xx" % r.name, r.non2xx)
+    return {r.name: r for r in runs}
+
+
+def ratio(name, a, b):
+    """The median of the per-round rps ratios of runs a and b, and their range."""
+    per_round = [x / y for x, y in zip(a.rps, b.rps)]
+    result(name, "%.3f" % statistics.median(per_round))
+    result(name + "_range", "%.3f-%.3f" % (min(per_round), max(per_round)))
 
 
 def native_filter():
@@ -237,71 +294,67 @@ def stream_seconds(port, headers, size):
 
 
 def sections_1_to_4(up_port, rls_port, auth, limiter):
-    # 1. bare Envoy
-    e, p = proxy(up_port, [])
-    bare, bare1 = measure("bare_envoy", p, auth, cpu={"envoy": e.proc.pid})
-    e.stop()
-    # 1b. the floor of any wasm filter: tollgate loaded, but the path is
-    # not one of its routes and is passed through untouched.
-    passthrough = tenant_config(limits=False, extra={"unmatched_routes": "pass"})
-    passthrough["routes"][0]["path"] = "/elsewhere"
-    e, p = proxy(up_port, [harness.wasm_filter(passthrough, env_keys=["BENCH_OPENAI_KEY"])])
-    floor, _ = measure("wasm_passthrough", p, auth, cpu={"envoy": e.proc.pid})
-    e.stop()
-    # 2. native ratelimit filter, request count only
-    routes = [{"match": {"prefix": "/"}, "route": {"cluster": "llm_upstream", "rate_limits": [
-        {"actions": [{"generic_key": {"descriptor_value": "bench"}}]}]}}]
-    e, p = proxy(up_port, [native_filter()], rls_port=rls_port, routes=routes)
-    native, native1 = measure("native_ratelimit", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
-    e.stop()
-    # 2b. tollgate metering only (identity, credentials, usage), no limits
-    filt = harness.wasm_filter(tenant_config(limits=False), env_keys=["BENCH_OPENAI_KEY"])
-    e, p = proxy(up_port, [filt])
-    metering, _ = measure("tollgate_no_limits", p, auth, cpu={"envoy": e.proc.pid})
-    e.stop()
-    # 3. tollgate doing everything
-    filt = harness.wasm_filter(tenant_config(limits=True), env_keys=["BENCH_OPENAI_KEY"])
-    e, p = proxy(up_port, [filt], rls_port=rls_port)
-    tg, tg1 = measure("tollgate", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
-    dropped = e.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0)
-    result("tollgate_settles_dropped", dropped)
-    e.stop()
-    # 3b. the same with quota leasing (lease_requests: 100): most requests
-    # are admitted from the worker's lease, without a call.
-    leased_cfg = tenant_config(limits=True)
-    leased_cfg["tiers"]["bench"]["lease_requests"] = 100
-    e, p = proxy(up_port, [harness.wasm_filter(leased_cfg, env_keys=["BENCH_OPENAI_KEY"])], rls_port=rls_port)
-    leased, leased1 = measure("tollgate_leased", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
-    result("tollgate_leased_settles_dropped",
-           e.stats("tollgate.settle").get("wasmcustom.tollgate.settle.dropped", 0))
-    result("tollgate_leased_rls_calls_per_1000_requests", "%.1f" % (
-        e.stats("cluster.tollgate_rls.upstream_rq_total").get("cluster.tollgate_rls.upstream_rq_total", 0)
-        / max(1, leased["requests_all"]) * 1000))
-    e.stop()
-    # 3c. leased, with the four access-log fields most operators log instead
-    # of all twenty (metering.filter_state): everything else the same.
-    lean_cfg = tenant_config(limits=True, extra={"metering": {
-        "filter_state": ["tenant", "model_served", "tokens_total", "cost_usd"]}})
-    lean_cfg["tiers"]["bench"]["lease_requests"] = 100
-    e, p = proxy(up_port, [harness.wasm_filter(lean_cfg, env_keys=["BENCH_OPENAI_KEY"])], rls_port=rls_port)
-    lean, _ = measure("tollgate_leased_lean", p, auth, cpu=dict(limiter, envoy=e.proc.pid))
-    e.stop()
-    result("tollgate_leased_lean_vs_native_ratelimit_rps", "%.3f" % (lean["rps"] / native["rps"]))
-    result("tollgate_vs_bare_envoy_rps", "%.3f" % (tg["rps"] / bare["rps"]))
-    result("tollgate_vs_native_ratelimit_rps", "%.3f" % (tg["rps"] / native["rps"]))
-    result("tollgate_leased_vs_native_ratelimit_rps", "%.3f" % (leased["rps"] / native["rps"]))
-    result("tollgate_leased_vs_bare_envoy_rps", "%.3f" % (leased["rps"] / bare["rps"]))
-    result("tollgate_leased_added_p50_ms", "%.3f" % (leased1["p50"] - bare1["p50"]))
-    result("tollgate_leased_added_p99_ms", "%.3f" % (leased1["p99"] - bare1["p99"]))
-    result("native_ratelimit_vs_bare_envoy_rps", "%.3f" % (native["rps"] / bare["rps"]))
-    result("wasm_passthrough_vs_bare_envoy_rps", "%.3f" % (floor["rps"] / bare["rps"]))
-    result("tollgate_no_limits_vs_bare_envoy_rps", "%.3f" % (metering["rps"] / bare["rps"]))
-    result("tollgate_added_p50_ms", "%.3f" % (tg1["p50"] - bare1["p50"]))
-    result("tollgate_added_p99_ms", "%.3f" % (tg1["p99"] - bare1["p99"]))
-    result("native_ratelimit_added_p50_ms", "%.3f" % (native1["p50"] - bare1["p50"]))
-    result("native_ratelimit_added_p99_ms", "%.3f" % (native1["p99"] - bare1["p99"]))
+    runs = []
 
-    # 4. identity: API key vs JWT (no limits, so only identity differs)
+    def add(name, filters, rls=False, routes=None, cpu_limiter=False):
+        e, p = proxy(up_port, filters, rls_port=rls_port if rls else None, routes=routes)
+        runs.append(Run(name, e, p, dict(limiter if cpu_limiter else {}, envoy=e.proc.pid)))
+
+    def leased(extra=None):
+        cfg = tenant_config(limits=True, extra=extra)
+        cfg["tiers"]["bench"]["lease_requests"] = 100
+        return [harness.wasm_filter(cfg, env_keys=["BENCH_OPENAI_KEY"])]
+
+    try:
+        # 1. bare Envoy
+        add("bare_envoy", [])
+        # 1b. the floor of any wasm filter: tollgate loaded, but the path is
+        # not one of its routes and is passed through untouched.
+        passthrough = tenant_config(limits=False, extra={"unmatched_routes": "pass"})
+        passthrough["routes"][0]["path"] = "/elsewhere"
+        add("wasm_passthrough", [harness.wasm_filter(passthrough, env_keys=["BENCH_OPENAI_KEY"])])
+        # 1c. tollgate metering only (identity, credentials, usage), no limits
+        add("tollgate_no_limits", [harness.wasm_filter(tenant_config(limits=False), env_keys=["BENCH_OPENAI_KEY"])])
+        # 2. tollgate doing everything, a reserve call per request
+        add("tollgate", [harness.wasm_filter(tenant_config(limits=True), env_keys=["BENCH_OPENAI_KEY"])], rls=True,
+            cpu_limiter=True)
+        # 3. native ratelimit filter, request count only (measured between
+        # the two runs compared with it: this order is the measuring order)
+        routes = [{"match": {"prefix": "/"}, "route": {"cluster": "llm_upstream", "rate_limits": [
+            {"actions": [{"generic_key": {"descriptor_value": "bench"}}]}]}}]
+        add("native_ratelimit", [native_filter()], rls=True, routes=routes, cpu_limiter=True)
+        # 4. tollgate doing everything with quota leasing (lease_requests:
+        # 100): most requests are admitted from the worker's lease, no call.
+        add("tollgate_leased", leased(), rls=True, cpu_limiter=True)
+        # 4b. leased, with the four access-log fields most operators log instead
+        # of all twenty (metering.filter_state): everything else the same.
+        add("tollgate_leased_lean", leased({"metering": {
+            "filter_state": ["tenant", "model_served", "tokens_total", "cost_usd"]}}), rls=True, cpu_limiter=True)
+        r = interleaved(runs, auth)
+        for name in ("tollgate", "tollgate_leased"):
+            result("%s_settles_dropped" % name, r[name].envoy.stats("tollgate.settle").get(
+                "wasmcustom.tollgate.settle.dropped", 0))
+        result("tollgate_leased_rls_calls_per_1000_requests", "%.1f" % (
+            r["tollgate_leased"].envoy.stats("cluster.tollgate_rls.upstream_rq_total").get(
+                "cluster.tollgate_rls.upstream_rq_total", 0) / max(1, r["tollgate_leased"].requests) * 1000))
+    finally:
+        for run in runs:
+            run.envoy.stop()
+    bare, native = r["bare_envoy"], r["native_ratelimit"]
+    ratio("tollgate_vs_bare_envoy_rps", r["tollgate"], bare)
+    ratio("tollgate_vs_native_ratelimit_rps", r["tollgate"], native)
+    ratio("tollgate_leased_vs_native_ratelimit_rps", r["tollgate_leased"], native)
+    ratio("tollgate_leased_lean_vs_native_ratelimit_rps", r["tollgate_leased_lean"], native)
+    ratio("tollgate_leased_vs_bare_envoy_rps", r["tollgate_leased"], bare)
+    ratio("native_ratelimit_vs_bare_envoy_rps", native, bare)
+    ratio("wasm_passthrough_vs_bare_envoy_rps", r["wasm_passthrough"], bare)
+    ratio("tollgate_no_limits_vs_bare_envoy_rps", r["tollgate_no_limits"], bare)
+    for name, run in (("tollgate", r["tollgate"]), ("tollgate_leased", r["tollgate_leased"]),
+                      ("native_ratelimit", native)):
+        result("%s_added_p50_ms" % name, "%.3f" % (run.single["p50"] - bare.single["p50"]))
+        result("%s_added_p99_ms" % name, "%.3f" % (run.single["p99"] - bare.single["p99"]))
+
+    # 5. identity: API key vs JWT (no limits, so only identity differs)
     jwks = json.load(open(os.path.join(ROOT, "tests", "fixtures", "jwt", "jwks.json")))
     jwt_cfg = {"providers": [{"name": "bench", "issuers": ["https://bench/"], "audiences": ["tollgate"],
                               "algorithms": ["RS256", "ES256"], "jwks": {"inline": jwks},
@@ -342,7 +395,7 @@ def main():
         if ONLY in ("", "all"):
             sections_1_to_4(up_port, rls_port, auth, {"rls": rls.proc.pid, "redis": redis.proc.pid})
 
-        # 5. streaming through the mock: TTFB and throughput, with and without tollgate
+        # 6. streaming through the mock: TTFB and throughput, with and without tollgate
         mock = harness.MockLLM(logdir=LOGDIR)
         procs.append(mock)
         e_bare, p_bare = proxy(mock.port, [])
