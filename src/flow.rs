@@ -10,7 +10,8 @@
 //!    output clamp, fallback model);
 //! 3. response: every chunk is metered as it passes (streams are never held);
 //! 4. end: usage (or a flagged estimate) is priced, written to filter state
-//!    and metrics, and the settle is queued in the VM's journal.
+//!    and metrics, and the settle is netted with the tenant's others and
+//!    queued in the VM's journal on the next tick.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -173,7 +174,26 @@ pub struct Shared {
     /// at a time: requests that find the lease empty meanwhile reserve for
     /// themselves alone instead of each asking for a lease.
     lease_refills: HashMap<usize, u64>,
+    /// Settles of finished requests not yet in the journal, netted per
+    /// tenant (in order of first use); [`Shared::queue_settle_nets`] turns
+    /// each into one journal entry, once per tick.
+    settle_nets: Vec<PendingNet>,
+    /// Index into `settle_nets` by tenant id.
+    settle_net_of: HashMap<String, usize>,
     pub counter: u64,
+}
+
+/// One tenant's netted settles (see [`Shared::settle_nets`]).
+#[derive(Debug)]
+struct PendingNet {
+    /// The configuration the settles were made under, and the tenant's index in it.
+    plugin: Rc<Plugin>,
+    tenant_idx: usize,
+    net: limits::SettleNet,
+    /// The first settle's idempotency key, and how many were netted.
+    first_key: String,
+    count: usize,
+    first_ms: u64,
 }
 
 /// Quota this worker reserved ahead for one tenant and admits from locally.
@@ -211,6 +231,8 @@ impl Shared {
             leases: HashMap::new(),
             last_states: HashMap::new(),
             lease_refills: HashMap::new(),
+            settle_nets: Vec::new(),
+            settle_net_of: HashMap::new(),
             counter: 0,
         }
     }
@@ -371,6 +393,63 @@ impl Shared {
             by_model.insert(model.to_string(), Rc::clone(&names));
         }
         names
+    }
+
+    /// Adds one request's settle to its tenant's net. `key` makes the
+    /// idempotency key of the first one.
+    fn net_settle(
+        &mut self,
+        plugin: &Rc<Plugin>,
+        tenant_idx: usize,
+        net: limits::SettleNet,
+        key: impl FnOnce() -> String,
+        now_ms: u64,
+    ) {
+        let Some(tenant) = plugin.tenants.get(tenant_idx) else { return };
+        if let Some(p) = self.settle_net_of.get(tenant.id.as_str()).and_then(|&i| self.settle_nets.get_mut(i)) {
+            if Rc::ptr_eq(&p.plugin, plugin) && p.tenant_idx == tenant_idx {
+                p.net.add(net);
+                p.count += 1;
+                return;
+            }
+            // Another configuration of the same tenant: its own settle.
+            self.queue_settle_nets();
+        }
+        self.settle_net_of.insert(tenant.id.clone(), self.settle_nets.len());
+        self.settle_nets.push(PendingNet {
+            plugin: Rc::clone(plugin),
+            tenant_idx,
+            net,
+            first_key: key(),
+            count: 1,
+            first_ms: now_ms,
+        });
+    }
+
+    /// Puts the netted settles in the journal, one entry per tenant (key:
+    /// the first settle's, `+<count>` when several were netted; the same
+    /// keys [`journal::merge`] gives). Returns how many were dropped from a
+    /// full journal.
+    pub fn queue_settle_nets(&mut self) -> u64 {
+        self.settle_net_of.clear();
+        let mut dropped = 0;
+        for p in std::mem::take(&mut self.settle_nets) {
+            let (Some(rl), Some(tenant)) = (p.plugin.rate_limit.as_ref(), p.plugin.tenants.get(p.tenant_idx)) else {
+                continue;
+            };
+            let Some(req) = limits::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, p.net) else { continue };
+            let key = if p.count == 1 { p.first_key } else { format!("{}+{}", p.first_key, p.count) };
+            dropped += self.journal.push(journal::Entry::new(req.encode_to_vec(), key, true, p.first_ms));
+        }
+        if dropped > 0 {
+            log::warn!("tollgate: settle journal full; dropped {dropped} settles");
+        }
+        dropped
+    }
+
+    /// Settles not yet answered: in the journal, or netted and not yet in it.
+    pub fn pending_settles(&self) -> usize {
+        self.journal.pending().saturating_add(self.settle_nets.len())
     }
 
     /// A bounded metric label for a model name.
@@ -1269,8 +1348,18 @@ impl RequestFlow {
             limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, requests)
                 .map(|req| journal::Entry::new(req.encode_to_vec(), format!("{base}:settle"), settle_mode, now_ms))
         };
+        let tenant_idx = self.tenant;
+        let net = |reserved: Amounts, requests: (u64, u64)| {
+            let net = limits::SettleNet::of(reserved, actual, requests);
+            if let Some(idx) = tenant_idx {
+                let mut shared = self.shared.borrow_mut();
+                shared.net_settle(&self.plugin, idx, net, || format!("{base}:settle"), now_ms);
+            }
+        };
         let entry = if r.charged {
-            settle(r.estimate, (1, 1), true)
+            // Netted with the tenant's other settles until the next tick.
+            net(r.estimate, (1, 1));
+            None
         } else if let (true, Some(replay)) = (r.fail_open, r.replay) {
             // The reserve's answer was lost: send it again; if the
             // reservation stands, settle the difference (and give back a
@@ -1282,7 +1371,8 @@ impl RequestFlow {
             }));
             Some(e)
         } else if r.fail_open {
-            settle(Amounts::default(), (0, 1), true)
+            net(Amounts::default(), (0, 1));
+            None
         } else {
             // check_then_charge: stock servers know no settle mode.
             settle(Amounts::default(), (0, 1), false)
@@ -1940,6 +2030,64 @@ mod tests {
     }
 
     #[test]
+    fn settles_are_netted_per_tenant_as_the_journal_merge_would() {
+        use prost::Message;
+        let mut p = sample();
+        let idx = p.tenants.iter().position(|t| t.id == "acme").unwrap();
+        let policy = &mut p.tenants[idx].policy;
+        policy.requests_per_day = Some(1000);
+        policy.tokens_per_minute = Some(10_000);
+        policy.tokens_per_month = Some(1_000_000);
+        let plugin = Rc::new(p);
+        let tenant = &plugin.tenants[idx];
+        let domain = &plugin.rate_limit.as_ref().unwrap().domain;
+        // (reserved, actual, requests) of four requests: over, under, exact,
+        // and a fail-open one charged in full.
+        let a = |tokens, micros| Amounts { tokens, micros };
+        let requests = [
+            (a(100, 5_000), a(40, 2_000), (1, 1)),
+            (a(10, 500), a(90, 4_500), (1, 1)),
+            (a(7, 70), a(7, 70), (1, 1)),
+            (a(0, 0), a(30, 300), (0, 1)),
+        ];
+        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        for (i, (r, u, n)) in requests.iter().enumerate() {
+            let net = limits::SettleNet::of(*r, *u, *n);
+            shared.borrow_mut().net_settle(&plugin, idx, net, || format!("k{i}:settle"), 10 + i as u64);
+        }
+        assert_eq!(shared.borrow().pending_settles(), 1, "one net per tenant");
+        assert_eq!(shared.borrow().journal.pending(), 0, "nothing in the journal before the tick");
+        assert_eq!(shared.borrow_mut().queue_settle_nets(), 0);
+        let got = shared.borrow_mut().journal.due(u64::MAX, 10);
+        let want = journal::merge(
+            requests
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (r, u, n))| {
+                    limits::build_settle(domain, &tenant.id, &tenant.policy, *r, *u, *n)
+                        .map(|req| journal::Entry::new(req.encode_to_vec(), format!("k{i}:settle"), true, 10 + i as u64))
+                })
+                .collect(),
+        );
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].idempotency_key, "k0:settle+4");
+        assert_eq!(got[0].next_attempt_ms, 10);
+        // The same descriptors and hits; their order does not matter.
+        let decode = |e: &journal::Entry| {
+            let mut r = rls::RateLimitRequest::decode(e.message.as_slice()).unwrap();
+            r.descriptors.sort_by(|x, y| x.entries[1].value.cmp(&y.entries[1].value));
+            r
+        };
+        assert_eq!(decode(&got[0]), decode(&want[0]));
+        assert_eq!(decode(&got[0]).descriptors.len(), 4, "requests/day, two token limits, dollars");
+        // A zero net sends nothing.
+        let zero = limits::SettleNet::of(a(5, 5), a(5, 5), (1, 1));
+        shared.borrow_mut().net_settle(&plugin, idx, zero, || "z".into(), 50);
+        shared.borrow_mut().queue_settle_nets();
+        assert_eq!(shared.borrow().pending_settles(), 0);
+    }
+
+    #[test]
     fn client_disconnect_settles_a_flagged_estimate() {
         let mut f = flow();
         start(&mut f, KEY_A, "/v1/messages");
@@ -1953,7 +2101,7 @@ mod tests {
         assert_eq!(prop("tollgate_estimated"), "true");
         assert_eq!(prop("tollgate_outcome"), "incomplete");
         assert!(prop("tollgate_tokens_output").parse::<u64>().unwrap() > 0);
-        assert_eq!(f.shared.borrow().journal.pending(), 1);
+        assert_eq!(f.shared.borrow().pending_settles(), 1);
         assert!(f.on_stream_done(30).is_none(), "finishes once");
     }
 

@@ -244,6 +244,7 @@ impl Root {
         let Some(rl) = &plugin.rate_limit else { return };
         let due = {
             let mut s = shared.borrow_mut();
+            s.queue_settle_nets();
             let room = MAX_SETTLES_IN_FLIGHT.saturating_sub(s.journal.in_flight());
             crate::journal::merge(s.journal.due(if force { u64::MAX } else { now }, room))
         };
@@ -354,7 +355,7 @@ impl Context for Root {
         }
         let now = now_ms();
         let leases = shared.borrow_mut().release_leases(plugin, now);
-        let queued = shared.borrow().journal.pending();
+        let queued = shared.borrow().pending_settles();
         log::info!("tollgate: plugin removed: giving back {leases} quota leases, sending {queued} queued settles");
         self.draining_until = Some(now.saturating_add(DRAIN_MS));
         self.send_settles(now, true);

@@ -193,19 +193,53 @@ pub fn build_settle(
     actual: Amounts,
     requests: (u64, u64),
 ) -> Option<RateLimitRequest> {
+    build_settle_net(domain, tenant, policy, SettleNet::of(reserved, actual, requests))
+}
+
+/// What settles add to each measure (actual less reserved; negative gives
+/// back). Settles are linear, so the settle of a sum of nets is the sum of
+/// their settles: one request can carry many requests' settles.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SettleNet {
+    pub requests: i128,
+    pub tokens: i128,
+    pub micros: i128,
+}
+
+impl SettleNet {
+    /// One request's: `reserved` was charged for `requests.0` requests,
+    /// `actual` was used by `requests.1`.
+    pub fn of(reserved: Amounts, actual: Amounts, requests: (u64, u64)) -> Self {
+        let d = |from: u64, to: u64| i128::from(to) - i128::from(from);
+        SettleNet {
+            requests: d(requests.0, requests.1),
+            tokens: d(reserved.tokens, actual.tokens),
+            micros: d(reserved.micros, actual.micros),
+        }
+    }
+
+    pub fn add(&mut self, other: SettleNet) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.tokens = self.tokens.saturating_add(other.tokens);
+        self.micros = self.micros.saturating_add(other.micros);
+    }
+}
+
+/// The settle request of `net`, `None` when it changes nothing.
+pub fn build_settle_net(domain: &str, tenant: &str, policy: &Policy, net: SettleNet) -> Option<RateLimitRequest> {
     let mut descriptors = Vec::new();
     for (kind, limit) in active_limits(policy) {
-        let (from, to) = match kind.measure() {
-            Measure::Requests => requests,
-            Measure::Tokens => (reserved.tokens, actual.tokens),
-            Measure::Micros => (reserved.micros, actual.micros),
+        let n = match kind.measure() {
+            Measure::Requests => net.requests,
+            Measure::Tokens => net.tokens,
+            Measure::Micros => net.micros,
         };
-        if from == to {
+        if n == 0 {
             continue;
         }
         let mut d = descriptor(tenant, kind, limit, policy);
-        d.is_negative_hits = to < from;
-        d.hits_addend = Some(UInt64Value { value: from.abs_diff(to) });
+        d.is_negative_hits = n < 0;
+        d.hits_addend = Some(UInt64Value { value: u64::try_from(n.unsigned_abs()).unwrap_or(u64::MAX) });
         descriptors.push(d);
     }
     (!descriptors.is_empty()).then(|| RateLimitRequest { domain: domain.into(), descriptors, hits_addend: 0 })

@@ -113,6 +113,7 @@ fn main() {
         if i % 64 == 0 {
             // the root's tick: settles netted and sent
             let mut s = shared.borrow_mut();
+            s.queue_settle_nets();
             let due = tollgate::journal::merge(s.journal.due(now, usize::MAX));
             for (t, entry) in due.into_iter().enumerate() {
                 let _ = tollgate::flow::journal_metadata(&entry);
