@@ -432,6 +432,27 @@ fn read_chat_body(bytes: &[u8]) -> Option<ChatBody> {
     use std::borrow::Cow;
     use std::fmt;
 
+    /// Visitor methods giving 0 for every scalar but a string.
+    macro_rules! zero_for_scalars {
+        ($t:ident) => {
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<$t, E> {
+                Ok($t(0))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<$t, E> {
+                Ok($t(0))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<$t, E> {
+                Ok($t(0))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<$t, E> {
+                Ok($t(0))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<$t, E> {
+                Ok($t(0))
+            }
+        };
+    }
+
     /// `text_len` of a value: a string's bytes, or the sum over an array's
     /// elements of their `text` (recursively); 0 for anything else.
     struct TextLen(u64);
@@ -457,21 +478,7 @@ fn read_chat_body(bytes: &[u8]) -> Option<ChatBody> {
                     while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                     Ok(TextLen(0))
                 }
-                fn visit_bool<E: de::Error>(self, _: bool) -> Result<TextLen, E> {
-                    Ok(TextLen(0))
-                }
-                fn visit_i64<E: de::Error>(self, _: i64) -> Result<TextLen, E> {
-                    Ok(TextLen(0))
-                }
-                fn visit_u64<E: de::Error>(self, _: u64) -> Result<TextLen, E> {
-                    Ok(TextLen(0))
-                }
-                fn visit_f64<E: de::Error>(self, _: f64) -> Result<TextLen, E> {
-                    Ok(TextLen(0))
-                }
-                fn visit_unit<E: de::Error>(self) -> Result<TextLen, E> {
-                    Ok(TextLen(0))
-                }
+                zero_for_scalars!(TextLen);
             }
             d.deserialize_any(V)
         }
@@ -510,21 +517,7 @@ fn read_chat_body(bytes: &[u8]) -> Option<ChatBody> {
                 fn visit_str<E: de::Error>(self, _: &str) -> Result<PartText, E> {
                     Ok(PartText(0))
                 }
-                fn visit_bool<E: de::Error>(self, _: bool) -> Result<PartText, E> {
-                    Ok(PartText(0))
-                }
-                fn visit_i64<E: de::Error>(self, _: i64) -> Result<PartText, E> {
-                    Ok(PartText(0))
-                }
-                fn visit_u64<E: de::Error>(self, _: u64) -> Result<PartText, E> {
-                    Ok(PartText(0))
-                }
-                fn visit_f64<E: de::Error>(self, _: f64) -> Result<PartText, E> {
-                    Ok(PartText(0))
-                }
-                fn visit_unit<E: de::Error>(self) -> Result<PartText, E> {
-                    Ok(PartText(0))
-                }
+                zero_for_scalars!(PartText);
             }
             d.deserialize_any(V)
         }
