@@ -1,29 +1,19 @@
 //! tollgate: per-tenant isolation, rate limits, budgets and token metering for
 //! LLM traffic, as a proxy-wasm filter for Envoy.
 //!
-//! Everything except `glue` is host-free logic that builds and is tested
-//! natively. `glue` is the only module that talks to the proxy-wasm host, and it
-//! only exists in the wasm32 build.
+//! Every folder answers one question; read them top-down. Everything except
+//! `host` is host-free logic that builds and is tested natively; `host` is
+//! the only code that talks to the proxy-wasm host.
 
-pub mod api;
+pub mod admission;
 pub mod config;
-pub mod flow;
+pub mod envoy;
 pub mod identity;
-pub mod inflight;
-pub mod journal;
-pub mod jwt;
-pub mod limits;
-pub mod metrics;
-pub mod pairs;
-pub mod plan;
-pub mod protostruct;
-pub mod pricing;
+pub mod llm;
+pub mod metering;
+pub mod ratelimit;
 pub mod request;
 pub mod rls;
-pub mod scan;
-pub mod sse;
-pub mod tap;
-pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
-mod glue;
+mod host;

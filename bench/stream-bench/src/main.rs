@@ -20,8 +20,8 @@
 
 use std::time::Instant;
 
-use tollgate::tap::{ChunkEdit, StreamTap};
-use tollgate::usage::{MeterLimits, ResponseMeter, UsageFormat};
+use tollgate::metering::tap::{ChunkEdit, StreamTap};
+use tollgate::metering::usage::{MeterLimits, ResponseMeter, UsageFormat};
 
 fn sse(json: &str) -> String {
     format!("data: {json}\n\n")
@@ -123,7 +123,7 @@ fn main() {
             let t0 = Instant::now();
             hits = body
                 .chunks(chunk)
-                .map(|c| tollgate::scan::Hits::new(c, 0).count())
+                .map(|c| tollgate::metering::scan::Hits::new(c, 0).count())
                 .sum();
             best = best.max(body.len() as f64 / t0.elapsed().as_secs_f64() / 1e6);
         }

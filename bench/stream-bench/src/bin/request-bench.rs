@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use tollgate::config;
-use tollgate::flow::{BodyStep, HeadersStep, RequestFlow, Shared};
+use tollgate::request::flow::{BodyStep, HeadersStep, RequestFlow, Shared};
 
 const KEY: &str = "sk-bench-tenant";
 
@@ -114,12 +114,12 @@ fn main() {
             // the root's tick: settles netted and sent
             let mut s = shared.borrow_mut();
             s.queue_settle_nets();
-            let due = tollgate::journal::merge(s.journal.due(now, usize::MAX));
+            let due = tollgate::ratelimit::outbox::merge(s.journal.due(now, usize::MAX));
             for (t, entry) in due.into_iter().enumerate() {
-                let _ = tollgate::flow::journal_metadata(&entry);
+                let _ = tollgate::request::flow::journal_metadata(&entry);
                 s.journal.sent(t as u32, entry);
                 s.journal
-                    .answered(t as u32, tollgate::journal::Answer::Applied, now);
+                    .answered(t as u32, tollgate::ratelimit::outbox::Answer::Applied, now);
             }
         }
     }

@@ -4,6 +4,8 @@
 //! called, so the provider SDKs surface a readable error (and, for 429s, act
 //! on the retry headers) instead of choking on an unfamiliar body.
 
+pub mod inspect;
+
 use serde::Deserialize;
 
 /// An inbound API, as configured on a route.

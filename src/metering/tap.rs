@@ -5,7 +5,7 @@
 //! OpenAI chat streams (the common case, and the only one the filter rewrites)
 //! take a fast path:
 //!
-//! - Events are framed once, by [`crate::scan::Hits`] (a SIMD pass that finds
+//! - Events are framed once, by [`crate::metering::scan::Hits`] (a SIMD pass that finds
 //!   line ends and the places where `"usage"` or `"error"` keys can start).
 //!   Events inside a chunk are never copied; only an event split across
 //!   chunks is carried over.
@@ -14,7 +14,7 @@
 //!   `"error"` key other than `"error": null`, and the model that answered is
 //!   already known. Such an event can carry neither usage nor an error, so the
 //!   provider's usage is still read exactly; it counts as one output token in
-//!   the estimate used when usage is missing ([`crate::usage::Metered`]).
+//!   the estimate used when usage is missing ([`crate::metering::usage::Metered`]).
 //!   Every other event (the first ones, usage chunks, errors, `[DONE]`,
 //!   comments, multi-line or typed events) is parsed fully, as before.
 //! - Stripping: a usage-only event is dropped from the output. An unfinished
@@ -74,9 +74,9 @@
 
 use std::mem;
 
-use crate::scan::Hits;
-use crate::sse::SseParser;
-use crate::usage::{is_usage_only_chunk, Metered, ResponseMeter, UsageFormat};
+use crate::metering::scan::Hits;
+use crate::metering::sse::SseParser;
+use crate::metering::usage::{is_usage_only_chunk, Metered, ResponseMeter, UsageFormat};
 
 /// An unfinished event larger than this is forwarded as it arrives even while
 /// it might be the usage-only chunk (which is a few hundred bytes).
@@ -969,13 +969,13 @@ fn choices_may_be_empty(after: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::{MeterLimits, ResponseMeter, UsageFormat};
+    use crate::metering::usage::{MeterLimits, ResponseMeter, UsageFormat};
 
     const FIXTURES: &[&[u8]] = &[
-        include_bytes!("../tests/fixtures/openai_chat_stream_include_usage.sse"),
-        include_bytes!("../tests/fixtures/openai_chat_stream_azure.sse"),
-        include_bytes!("../tests/fixtures/openai_chat_stream_vllm_continuous.sse"),
-        include_bytes!("../tests/fixtures/openai_chat_stream_error.sse"),
+        include_bytes!("../../tests/fixtures/openai_chat_stream_include_usage.sse"),
+        include_bytes!("../../tests/fixtures/openai_chat_stream_azure.sse"),
+        include_bytes!("../../tests/fixtures/openai_chat_stream_vllm_continuous.sse"),
+        include_bytes!("../../tests/fixtures/openai_chat_stream_error.sse"),
     ];
 
     fn chat_meter(limits: MeterLimits) -> ResponseMeter {
@@ -1070,7 +1070,7 @@ mod tests {
         let mut out = String::new();
         for (i, ev) in text.split_inclusive(sep).enumerate() {
             let data = ev.trim_end().strip_prefix("data: ").unwrap_or("");
-            if crate::usage::is_usage_only_chunk(data) {
+            if crate::metering::usage::is_usage_only_chunk(data) {
                 continue;
             }
             let _ = i;
@@ -1202,7 +1202,7 @@ mod tests {
         assert_eq!(t.push(body), ChunkEdit::Unchanged);
         assert!(!t.is_fast());
         assert_eq!(t.finish().usage.map(|u| u.total), Some(7));
-        let anthropic: &[u8] = include_bytes!("../tests/fixtures/anthropic_stream.sse");
+        let anthropic: &[u8] = include_bytes!("../../tests/fixtures/anthropic_stream.sse");
         let m = ResponseMeter::new(UsageFormat::AnthropicMessages, true, MeterLimits::default());
         let mut t = StreamTap::new(m, false);
         assert_eq!(t.push(anthropic), ChunkEdit::Unchanged);

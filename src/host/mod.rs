@@ -1,7 +1,7 @@
 //! The only code that talks to the proxy-wasm host.
 //!
 //! Every callback reads what the host offers, hands it to the host-free core
-//! ([`crate::flow`]) and carries out the answer. Host calls go through
+//! ([`crate::request::flow`]) and carries out the answer. Host calls go through
 //! `proxy_wasm::hostcalls`, which return `Result`, never through the SDK's
 //! convenience methods, which panic on any unexpected status: a panic would
 //! take down this worker's VM.
@@ -15,13 +15,13 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
-use crate::api::LocalReply;
+use crate::llm::LocalReply;
 use crate::config::{self, Plugin};
-use crate::flow::{self, BodyOut, BodyStep, Finish, HeadersStep, RequestFlow, RlsCall, Shared};
-use crate::inflight::{self, SlotStore, StoreError};
-use crate::journal::Answer;
-use crate::tap::ChunkEdit;
-use crate::plan::HeaderPlan;
+use crate::request::flow::{self, BodyOut, BodyStep, Finish, HeadersStep, RequestFlow, RlsCall, Shared};
+use crate::admission::inflight::{self, SlotStore, StoreError};
+use crate::ratelimit::outbox::Answer;
+use crate::metering::tap::ChunkEdit;
+use crate::request::header_plan::HeaderPlan;
 use crate::rls;
 
 proxy_wasm::main! {{
@@ -92,7 +92,7 @@ impl Metrics {
 }
 
 /// Envoy's shared data: one table per `vm_id` for the whole process, so the
-/// in-flight cap counts every worker (see [`crate::inflight`]).
+/// in-flight cap counts every worker (see [`crate::admission::inflight`]).
 struct EnvoySharedData;
 
 impl SlotStore for EnvoySharedData {
@@ -142,7 +142,7 @@ fn new_vm_id() -> u64 {
 /// The raw host call behind `hostcalls::get_map`. The SDK turns every name
 /// and value into a `String` with `unwrap`, so one request header value that
 /// is not UTF-8 (HTTP allows bytes 0x80-0xFF) would panic the VM; this reads
-/// the pairs as bytes and [`crate::pairs::header_map`] decodes them.
+/// the pairs as bytes and [`crate::envoy::pairs::header_map`] decodes them.
 mod raw {
     #[link(wasm_import_module = "env")]
     extern "C" {
@@ -171,7 +171,7 @@ fn get_header_bytes(map: MapType) -> Result<Vec<u8>, u32> {
 
 /// Replaces every header of `map` with `pairs` in one host call.
 fn set_header_bytes(map: MapType, pairs: &[(Vec<u8>, Vec<u8>)]) {
-    let bytes = crate::pairs::encode(pairs);
+    let bytes = crate::envoy::pairs::encode(pairs);
     // SAFETY: the host only reads `bytes` during the call.
     let status = unsafe { raw::proxy_set_header_map_pairs(map as u32, bytes.as_ptr(), bytes.len()) };
     if status != 0 {
@@ -195,7 +195,7 @@ impl ResponseHeaders {
             log::error!("tollgate: cannot read response headers (status {s})");
             Vec::new()
         });
-        let status = crate::pairs::decode(&raw)
+        let status = crate::envoy::pairs::decode(&raw)
             .and_then(|p| p.into_iter().find(|(k, _)| *k == b":status"))
             .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
             .unwrap_or(0);
@@ -206,9 +206,9 @@ impl ResponseHeaders {
         if self.set.is_empty() {
             return;
         }
-        match crate::pairs::decode(&self.raw) {
+        match crate::envoy::pairs::decode(&self.raw) {
             Some(map) if !map.is_empty() => {
-                set_header_bytes(MapType::HttpResponseHeaders, &crate::pairs::with_headers_set(&map, &self.set));
+                set_header_bytes(MapType::HttpResponseHeaders, &crate::envoy::pairs::with_headers_set(&map, &self.set));
             }
             // Not readable: one call per header, as a fallback.
             _ => set_headers(MapType::HttpResponseHeaders, &self.set),
@@ -246,7 +246,7 @@ impl Root {
             let mut s = shared.borrow_mut();
             s.queue_settle_nets();
             let room = MAX_SETTLES_IN_FLIGHT.saturating_sub(s.journal.in_flight());
-            crate::journal::merge(s.journal.due(if force { u64::MAX } else { now }, room))
+            crate::ratelimit::outbox::merge(s.journal.due(if force { u64::MAX } else { now }, room))
         };
         for entry in due {
             let meta = flow::journal_metadata(&entry);
@@ -587,9 +587,9 @@ fn read_response(from: usize, len: usize) -> Vec<u8> {
 /// Envoy clears the route cache whenever a filter changes request headers,
 /// so routes that match tollgate's headers (`x-tollgate-tier`) see them.
 fn apply_plan(raw: &[u8], plan: &HeaderPlan) {
-    match crate::pairs::decode(raw) {
+    match crate::envoy::pairs::decode(raw) {
         Some(map) if !map.is_empty() => {
-            let pairs = crate::pairs::with_headers_replaced(&map, &plan.remove, &plan.set);
+            let pairs = crate::envoy::pairs::with_headers_replaced(&map, &plan.remove, &plan.set);
             set_header_bytes(MapType::HttpRequestHeaders, &pairs);
         }
         // Not readable: one call per header, as a fallback.
@@ -644,7 +644,7 @@ impl Http {
         let code = reply.header("x-tollgate-error").unwrap_or("unknown").to_string();
         self.metrics
             .borrow_mut()
-            .count(&crate::metrics::refused(&tenant, &code), 1);
+            .count(&crate::metering::metrics::refused(&tenant, &code), 1);
     }
 
     /// Carries out a body step. `in_body_callback` says whether the request
@@ -753,7 +753,7 @@ impl HttpContext for Http {
             log::error!("tollgate: cannot read request headers (status {s})");
             Vec::new()
         });
-        let headers = crate::pairs::header_map(&raw).unwrap_or_else(|| {
+        let headers = crate::envoy::pairs::header_map(&raw).unwrap_or_else(|| {
             log::error!("tollgate: the request headers are not in the pairs encoding");
             Vec::new()
         });

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
-use crate::usage::Usage;
+use crate::metering::usage::Usage;
 
 /// Pico-dollars per micro-dollar.
 const PICO_PER_MICRO: u128 = 1_000_000;

@@ -7,7 +7,7 @@
 //!
 //! [`inject_include_usage`] and [`is_usage_only_chunk`] let the filter ask an
 //! OpenAI chat stream for usage on the client's behalf and hide the extra
-//! usage chunk (with [`crate::tap::StreamTap`]) from a client that did not ask
+//! usage chunk (with [`crate::metering::tap::StreamTap`]) from a client that did not ask
 //! for it.
 //!
 //! Everything here is pure: no host calls, no clocks, no panics.
@@ -17,7 +17,7 @@ use std::mem;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::sse::{SseError, SseEvent, SseParser};
+use crate::metering::sse::{SseError, SseEvent, SseParser};
 
 /// The API whose response is being metered (decides how usage is read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -109,7 +109,7 @@ pub struct MeterLimits {
 impl Default for MeterLimits {
     fn default() -> Self {
         MeterLimits {
-            max_event_bytes: crate::sse::DEFAULT_MAX_EVENT_BYTES,
+            max_event_bytes: crate::metering::sse::DEFAULT_MAX_EVENT_BYTES,
             max_body_bytes: 8 * 1024 * 1024,
             salvage_tail_bytes: 64 * 1024,
         }
@@ -138,7 +138,7 @@ pub struct Metered {
     pub skimmed_events: u64,
     /// Bytes of the body passed over without being framed or parsed (edge
     /// scanning of large chunks of an OpenAI chat stream, see
-    /// [`crate::tap`]). Included in `bytes_seen`; their events are in neither
+    /// [`crate::metering::tap`]). Included in `bytes_seen`; their events are in neither
     /// `events` nor `skimmed_events`.
     pub passed_over_bytes: u64,
     /// Errors reported inside the body (mid-stream error events, error bodies).
@@ -1287,7 +1287,7 @@ impl ResponseMeter {
         self.acc.model.is_some()
     }
 
-    /// Count body bytes framed by someone else ([`crate::tap::StreamTap`]).
+    /// Count body bytes framed by someone else ([`crate::metering::tap::StreamTap`]).
     pub(crate) fn add_bytes(&mut self, n: usize) {
         self.bytes_seen = self.bytes_seen.saturating_add(n as u64);
     }
@@ -1384,7 +1384,7 @@ fn drain_pieces(pieces: &mut Vec<Piece>, acc: &mut Accum) {
 ///
 /// Returns `true` when the body was changed, i.e. when the client will not
 /// expect the extra usage chunk and the response must go through a
-/// [`crate::tap::StreamTap`] that strips it. Returns `false` (body untouched) when the request
+/// [`crate::metering::tap::StreamTap`] that strips it. Returns `false` (body untouched) when the request
 /// is not a stream (`"stream": true`; OpenAI rejects `stream_options`
 /// otherwise), is not a JSON object, or already has `include_usage: true`.
 ///
@@ -1483,7 +1483,7 @@ mod tests {
         ($name:literal) => {
             (
                 $name,
-                include_bytes!(concat!("../tests/fixtures/", $name)) as &'static [u8],
+                include_bytes!(concat!("../../tests/fixtures/", $name)) as &'static [u8],
             )
         };
     }
@@ -2036,8 +2036,8 @@ mod tests {
         assert!(!is_usage_only_chunk("[DONE]"));
     }
 
-    fn tap(strip: bool) -> crate::tap::StreamTap {
-        crate::tap::StreamTap::new(
+    fn tap(strip: bool) -> crate::metering::tap::StreamTap {
+        crate::metering::tap::StreamTap::new(
             ResponseMeter::new(UsageFormat::OpenAiChat, true, MeterLimits::default()),
             strip,
         )
@@ -2128,7 +2128,7 @@ mod tests {
 
     #[test]
     fn stripper_holds_only_what_may_be_the_usage_chunk() {
-        use crate::tap::ChunkEdit;
+        use crate::metering::tap::ChunkEdit;
         let mut t = tap(true);
         let first: &[u8] =
             b"data: {\"id\":\"a\",\"choices\":[{\"delta\":{}}]}\n\ndata: {\"id\":\"b\",";
@@ -2179,7 +2179,7 @@ mod tests {
             sent += piece.len();
             held_max = held_max.max(sent - out.len());
         }
-        assert!(held_max <= crate::tap::MAX_HOLD_BYTES, "held {held_max}");
+        assert!(held_max <= crate::metering::tap::MAX_HOLD_BYTES, "held {held_max}");
         let last: &[u8] = b"\n\ndata: {\"choices\":[],\"usage\":{}}\n\n";
         out.extend(t.push(last).apply(last));
         out.extend(t.end_stream());

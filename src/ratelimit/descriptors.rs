@@ -9,7 +9,7 @@
 //! request's max-output field or the tier default) and settled to the metered
 //! usage afterwards.
 
-use crate::api::{self, Family, LocalReply, Refusal};
+use crate::llm::{self, Family, LocalReply, Refusal};
 use crate::config::Policy;
 use crate::rls::{self, Code, Descriptor, Entry, LimitOverride, RateLimitRequest, RateLimitResponse, UInt64Value, Unit};
 
@@ -354,7 +354,7 @@ pub fn refusal_reply(family: Family, request_id: &str, states: &[LimitState], hi
         (false, Measure::Requests) => "requests",
         (false, _) => "tokens",
     };
-    let mut reply = api::render(family, &refusal, request_id, Some(openai_type));
+    let mut reply = llm::render(family, &refusal, request_id, Some(openai_type));
     let secs = hit.reset_ms.div_ceil(1000).max(1);
     reply.headers.push(("retry-after".into(), secs.to_string()));
     reply.headers.push(("retry-after-ms".into(), hit.reset_ms.max(1).to_string()));

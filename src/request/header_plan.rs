@@ -16,7 +16,7 @@
 //! no second client value can survive next to the one set.
 
 use crate::config::{Plugin, Provider, Tenant};
-use crate::identity::Headers;
+use crate::identity::api_key::Headers;
 
 /// Prefix of the headers tollgate owns. Client-sent copies are always dropped.
 pub const OWN_HEADER_PREFIX: &str = "x-tollgate-";

@@ -1953,25 +1953,25 @@ mod tests {
     const AUD: &str = "tollgate";
     const HMAC_SECRET: &str = "0123456789abcdef0123456789abcdef-test-only";
 
-    const JWKS: &[u8] = include_bytes!("../tests/fixtures/jwt/jwks.json");
-    const JWKS_ROTATED: &[u8] = include_bytes!("../tests/fixtures/jwt/jwks_rotated.json");
-    const JWKS_RSA1_NO_KID: &[u8] = include_bytes!("../tests/fixtures/jwt/jwks_rsa1_no_kid.json");
-    const RSA1_PUB_PEM: &[u8] = include_bytes!("../tests/fixtures/jwt/rsa1.pub.pem");
+    const JWKS: &[u8] = include_bytes!("../../tests/fixtures/jwt/jwks.json");
+    const JWKS_ROTATED: &[u8] = include_bytes!("../../tests/fixtures/jwt/jwks_rotated.json");
+    const JWKS_RSA1_NO_KID: &[u8] = include_bytes!("../../tests/fixtures/jwt/jwks_rsa1_no_kid.json");
+    const RSA1_PUB_PEM: &[u8] = include_bytes!("../../tests/fixtures/jwt/rsa1.pub.pem");
 
     fn rsa1() -> EncodingKey {
-        EncodingKey::from_rsa_der(include_bytes!("../tests/fixtures/jwt/rsa1.key.der"))
+        EncodingKey::from_rsa_der(include_bytes!("../../tests/fixtures/jwt/rsa1.key.der"))
     }
     fn rsa2() -> EncodingKey {
-        EncodingKey::from_rsa_der(include_bytes!("../tests/fixtures/jwt/rsa2.key.der"))
+        EncodingKey::from_rsa_der(include_bytes!("../../tests/fixtures/jwt/rsa2.key.der"))
     }
     fn ec256() -> EncodingKey {
-        EncodingKey::from_ec_der(include_bytes!("../tests/fixtures/jwt/ec256.key.der"))
+        EncodingKey::from_ec_der(include_bytes!("../../tests/fixtures/jwt/ec256.key.der"))
     }
     fn ec384() -> EncodingKey {
-        EncodingKey::from_ec_der(include_bytes!("../tests/fixtures/jwt/ec384.key.der"))
+        EncodingKey::from_ec_der(include_bytes!("../../tests/fixtures/jwt/ec384.key.der"))
     }
     fn ed25519() -> EncodingKey {
-        EncodingKey::from_ed_der(include_bytes!("../tests/fixtures/jwt/ed25519.key.der"))
+        EncodingKey::from_ed_der(include_bytes!("../../tests/fixtures/jwt/ed25519.key.der"))
     }
 
     fn claims() -> Value {

@@ -20,18 +20,18 @@ use hashbrown::{HashMap, HashSet};
 use prost::Message;
 use serde_json::Value;
 
-use crate::api::{self, Api, Family, LocalReply, Refusal};
+use crate::llm::{self, Api, Family, LocalReply, Refusal};
 use crate::config::{FailureMode, Plugin, RlsMode, UnmatchedRoutes};
-use crate::identity::{self, Headers};
-use crate::inflight::{self, Acquire, LocalStore, SlotStore};
-use crate::journal::{self, Journal};
-use crate::limits::{self, Amounts, LimitKind, LimitState, Verdict};
-use crate::metrics;
-use crate::plan::{self, HeaderPlan};
-use crate::request::{self, RequestInfo};
+use crate::identity::api_key::{self, Headers};
+use crate::admission::inflight::{self, Acquire, LocalStore, SlotStore};
+use crate::ratelimit::outbox::{self, Journal};
+use crate::ratelimit::descriptors::{self, Amounts, LimitKind, LimitState, Verdict};
+use crate::metering::metrics;
+use crate::request::header_plan::{self, HeaderPlan};
+use crate::llm::inspect::{self, RequestInfo};
 use crate::rls;
-use crate::tap::{ChunkEdit, StreamTap};
-use crate::usage::{self, MeterLimits, ResponseMeter, Usage, UsageFormat};
+use crate::metering::tap::{ChunkEdit, StreamTap};
+use crate::metering::usage::{self, MeterLimits, ResponseMeter, Usage, UsageFormat};
 
 /// What the glue does after the request headers.
 #[derive(Debug, PartialEq)]
@@ -157,7 +157,7 @@ pub struct Shared {
     /// Requests in flight per tenant on this worker (slots taken in the
     /// shared table, or locally when it was unavailable).
     pub inflight: HashMap<usize, u64>,
-    /// The table of in-flight counts across workers (see [`crate::inflight`]);
+    /// The table of in-flight counts across workers (see [`crate::admission::inflight`]);
     /// the filter installs Envoy's shared data here.
     pub slots: Box<dyn SlotStore>,
     /// This VM's identity in the shared tables.
@@ -189,7 +189,7 @@ struct PendingNet {
     /// The configuration the settles were made under, and the tenant's index in it.
     plugin: Rc<Plugin>,
     tenant_idx: usize,
-    net: limits::SettleNet,
+    net: descriptors::SettleNet,
     /// The first settle's idempotency key, and how many were netted.
     first_key: String,
     count: usize,
@@ -294,9 +294,9 @@ impl Shared {
         lease.amounts.micros -= estimate.micros;
         for st in &mut lease.states {
             let used = match st.kind.measure() {
-                limits::Measure::Requests => 1,
-                limits::Measure::Tokens => estimate.tokens,
-                limits::Measure::Micros => estimate.micros,
+                descriptors::Measure::Requests => 1,
+                descriptors::Measure::Tokens => estimate.tokens,
+                descriptors::Measure::Micros => estimate.micros,
             };
             st.remaining = st.remaining.saturating_sub(used);
         }
@@ -324,9 +324,9 @@ impl Shared {
         !states.is_empty()
             && states.iter().all(|st| {
                 let need = match st.kind.measure() {
-                    limits::Measure::Requests => n,
-                    limits::Measure::Tokens => estimate.tokens.saturating_mul(n),
-                    limits::Measure::Micros => estimate.micros.saturating_mul(n),
+                    descriptors::Measure::Requests => n,
+                    descriptors::Measure::Tokens => estimate.tokens.saturating_mul(n),
+                    descriptors::Measure::Micros => estimate.micros.saturating_mul(n),
                 };
                 !st.over && st.remaining >= need.saturating_mul(LEASE_HEADROOM)
             })
@@ -401,7 +401,7 @@ impl Shared {
         &mut self,
         plugin: &Rc<Plugin>,
         tenant_idx: usize,
-        net: limits::SettleNet,
+        net: descriptors::SettleNet,
         key: impl FnOnce() -> String,
         now_ms: u64,
     ) {
@@ -428,7 +428,7 @@ impl Shared {
 
     /// Puts the netted settles in the journal, one entry per tenant (key:
     /// the first settle's, `+<count>` when several were netted; the same
-    /// keys [`journal::merge`] gives). Returns how many were dropped from a
+    /// keys [`outbox::merge`] gives). Returns how many were dropped from a
     /// full journal.
     pub fn queue_settle_nets(&mut self) -> u64 {
         self.settle_net_of.clear();
@@ -437,9 +437,9 @@ impl Shared {
             let (Some(rl), Some(tenant)) = (p.plugin.rate_limit.as_ref(), p.plugin.tenants.get(p.tenant_idx)) else {
                 continue;
             };
-            let Some(req) = limits::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, p.net) else { continue };
+            let Some(req) = descriptors::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, p.net) else { continue };
             let key = if p.count == 1 { p.first_key } else { format!("{}+{}", p.first_key, p.count) };
-            dropped += self.journal.push(journal::Entry::new(req.encode_to_vec(), key, true, p.first_ms));
+            dropped += self.journal.push(outbox::Entry::new(req.encode_to_vec(), key, true, p.first_ms));
         }
         if dropped > 0 {
             log::warn!("tollgate: settle journal full; dropped {dropped} settles");
@@ -603,7 +603,7 @@ impl RequestFlow {
 
     fn refuse(&mut self, refusal: &Refusal) -> LocalReply {
         self.phase = Phase::Refused;
-        api::render(self.family(), refusal, &self.request_id, None)
+        llm::render(self.family(), refusal, &self.request_id, None)
     }
 
     /// Request headers arrived. `new_request_id` is used when the request
@@ -630,11 +630,11 @@ impl RequestFlow {
     ) -> HeadersStep {
         let plugin = Rc::clone(&self.plugin);
         self.start_ms = now_ms;
-        self.request_id = identity::header(headers, &plugin.request_id_header)
+        self.request_id = api_key::header(headers, &plugin.request_id_header)
             .filter(|v| !v.is_empty() && v.len() <= 200)
             .map(str::to_string)
             .unwrap_or_else(new_request_id);
-        self.path = identity::header(headers, ":path").unwrap_or("/").to_string();
+        self.path = api_key::header(headers, ":path").unwrap_or("/").to_string();
 
         let Some(route) = plugin.route_for(&self.path) else {
             return match plugin.unmatched_routes {
@@ -653,7 +653,7 @@ impl RequestFlow {
         };
         self.tenant = plugin.tenants.iter().position(|t| t.id == tenant.id);
 
-        if identity::header(headers, ":method") != Some("POST") {
+        if api_key::header(headers, ":method") != Some("POST") {
             return HeadersStep::Reply(self.refuse(&Refusal::MethodNotAllowed));
         }
         let Some(provider) = plugin.provider(route.provider) else {
@@ -672,7 +672,7 @@ impl RequestFlow {
         }
         self.inject_usage = provider.inject_stream_usage;
         let limit = tenant.policy.max_request_bytes;
-        if let Some(len) = identity::header(headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok()) {
+        if let Some(len) = api_key::header(headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok()) {
             if len > limit {
                 return HeadersStep::Reply(self.refuse(&Refusal::RequestTooLarge { limit }));
             }
@@ -680,11 +680,11 @@ impl RequestFlow {
         let new_path = plugin
             .client_key_query_param
             .as_deref()
-            .and_then(|param| plan::strip_query_param(&self.path, param));
+            .and_then(|param| header_plan::strip_query_param(&self.path, param));
         if let Some(p) = &new_path {
             self.path = p.clone();
         }
-        let mut header_plan = plan::build(&plugin, tenant, provider, provider_key, headers, new_path.as_deref());
+        let mut header_plan = header_plan::build(&plugin, tenant, provider, provider_key, headers, new_path.as_deref());
         header_plan
             .set
             .push((plugin.request_id_header.clone(), self.request_id.clone()));
@@ -715,11 +715,11 @@ impl RequestFlow {
         if body.len() as u64 > policy.max_request_bytes {
             return BodyStep::Reply(self.refuse(&Refusal::RequestTooLarge { limit: policy.max_request_bytes }));
         }
-        let (info, mut json) = match request::inspect(api, &self.path, body) {
+        let (info, mut json) = match inspect::inspect(api, &self.path, body) {
             Ok(x) => x,
             Err(r) => return BodyStep::Reply(self.refuse(&r)),
         };
-        if let Err(r) = request::check_model(policy, &info.model) {
+        if let Err(r) = inspect::check_model(policy, &info.model) {
             return BodyStep::Reply(self.refuse(&r));
         }
         self.model_served = info.model.clone();
@@ -769,7 +769,7 @@ impl RequestFlow {
                         message: format!("This account already has {cap} requests in flight; retry when one completes."),
                     };
                     self.phase = Phase::Refused;
-                    let mut reply = api::render(api.family(), &refusal, &self.request_id, Some("requests"));
+                    let mut reply = llm::render(api.family(), &refusal, &self.request_id, Some("requests"));
                     reply.headers.push(("retry-after".into(), "1".into()));
                     reply.headers.push(("retry-after-ms".into(), "1000".into()));
                     reply.headers.push(("x-should-retry".into(), "true".into()));
@@ -848,7 +848,7 @@ impl RequestFlow {
             }
         }
         let total = times(estimate, 1 + lease);
-        let (req, kinds) = limits::build_reserve(&rl.domain, &tenant.id, &tenant.policy, 1 + lease, total, check_only);
+        let (req, kinds) = descriptors::build_reserve(&rl.domain, &tenant.id, &tenant.policy, 1 + lease, total, check_only);
         let message = req.encode_to_vec();
         // A reservation carries an idempotency key (one per attempt: a clamp
         // retry is a new reservation), so that a reserve whose answer is lost
@@ -937,7 +937,7 @@ impl RequestFlow {
         }
         let verdict = match reply {
             Ok(bytes) => match rls::RateLimitResponse::decode(bytes) {
-                Ok(resp) => limits::decide(&resp, &pending.kinds, policy),
+                Ok(resp) => descriptors::decide(&resp, &pending.kinds, policy),
                 Err(e) => Verdict::Unreadable(e.to_string()),
             },
             Err(status) => Verdict::Unreadable(format!("grpc status {status}")),
@@ -971,7 +971,7 @@ impl RequestFlow {
                     let base = self.estimate_for(0);
                     let this = &*self;
                     let price = |n: u64| this.estimate_for(n).micros.saturating_sub(base.micros);
-                    if let Some(n) = limits::affordable_output(
+                    if let Some(n) = descriptors::affordable_output(
                         &states,
                         self.input_estimate,
                         input_micros,
@@ -988,7 +988,7 @@ impl RequestFlow {
                     }
                 }
                 self.phase = Phase::Refused;
-                BodyStep::Reply(limits::refusal_reply(self.family(), &self.request_id, &states, &hit))
+                BodyStep::Reply(descriptors::refusal_reply(self.family(), &self.request_id, &states, &hit))
             }
             Verdict::Unreadable(why) => {
                 log::warn!("tollgate: rate-limit service unavailable ({why}); tenant {}", tenant.id);
@@ -1043,7 +1043,7 @@ impl RequestFlow {
                 code: "local_allowance_exhausted".into(),
                 message: "The rate limiter is unavailable and this account's local allowance is used up.".into(),
             };
-            let mut reply = api::render(self.family(), &refusal, &self.request_id, Some("requests"));
+            let mut reply = llm::render(self.family(), &refusal, &self.request_id, Some("requests"));
             reply.headers.push(("retry-after".into(), reset_ms.div_ceil(1000).to_string()));
             reply.headers.push(("retry-after-ms".into(), reset_ms.to_string()));
             reply.headers.push(("x-should-retry".into(), "true".into()));
@@ -1104,7 +1104,7 @@ impl RequestFlow {
         }
         self.upstream_status = status;
         if let Some(r) = &self.reservation {
-            step.set.extend(limits::ratelimit_headers(&r.states));
+            step.set.extend(descriptors::ratelimit_headers(&r.states));
         }
         if let Some(n) = self.clamped_to {
             step.set.push(("x-tollgate-clamped-max-tokens".into(), n.to_string()));
@@ -1247,7 +1247,7 @@ impl RequestFlow {
         let model_answered = metered.model_answered.clone().unwrap_or_else(|| self.model_served.clone());
         let cost = plugin.pricing.as_ref().map(|p| p.cost(&model_answered, &usage));
         let micros = cost.as_ref().map_or(0, |c| c.micros);
-        let unpriced = cost.as_ref().is_some_and(|c| c.priced_by == crate::pricing::PricedBy::Default);
+        let unpriced = cost.as_ref().is_some_and(|c| c.priced_by == crate::metering::pricing::PricedBy::Default);
         let ttfb = self.first_byte_ms.map(|t| t.saturating_sub(self.start_ms));
         let duration = now_ms.saturating_sub(self.start_ms);
         let outcome = if !reached_end {
@@ -1345,12 +1345,12 @@ impl RequestFlow {
         let actual = Amounts { tokens: usage.total.max(usage.sum()), micros };
         let base = self.idempotency_base();
         let settle = |reserved: Amounts, requests: (u64, u64), settle_mode: bool| {
-            limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, requests)
-                .map(|req| journal::Entry::new(req.encode_to_vec(), format!("{base}:settle"), settle_mode, now_ms))
+            descriptors::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, requests)
+                .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("{base}:settle"), settle_mode, now_ms))
         };
         let tenant_idx = self.tenant;
         let net = |reserved: Amounts, requests: (u64, u64)| {
-            let net = limits::SettleNet::of(reserved, actual, requests);
+            let net = descriptors::SettleNet::of(reserved, actual, requests);
             if let Some(idx) = tenant_idx {
                 let mut shared = self.shared.borrow_mut();
                 shared.net_settle(&self.plugin, idx, net, || format!("{base}:settle"), now_ms);
@@ -1364,8 +1364,8 @@ impl RequestFlow {
             // The reserve's answer was lost: send it again; if the
             // reservation stands, settle the difference (and give back a
             // lease it took), else charge in full.
-            let mut e = journal::Entry::new(replay.message, replay.key, false, now_ms);
-            e.then = Some(Box::new(journal::Resolution {
+            let mut e = outbox::Entry::new(replay.message, replay.key, false, now_ms);
+            e.then = Some(Box::new(outbox::Resolution {
                 if_applied: settle(times(r.estimate, 1 + r.lease), (1 + r.lease, 1), true),
                 if_refused: settle(Amounts::default(), (0, 1), true),
             }));
@@ -1382,7 +1382,7 @@ impl RequestFlow {
         }
     }
 
-    fn journal_push(&self, entry: journal::Entry) {
+    fn journal_push(&self, entry: outbox::Entry) {
         let dropped = self.shared.borrow_mut().journal.push(entry);
         if dropped > 0 {
             log::warn!("tollgate: settle journal full; dropped {dropped} settles");
@@ -1403,13 +1403,13 @@ impl RequestFlow {
         let reserved = times(pending.estimate, 1 + pending.lease);
         let requests = (1 + pending.lease, 1);
         let refund =
-            limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, Amounts::default(), requests)
+            descriptors::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, Amounts::default(), requests)
                 .map(|req| {
-                    journal::Entry::new(req.encode_to_vec(), format!("{}:cancel", self.idempotency_base()), true, now_ms)
+                    outbox::Entry::new(req.encode_to_vec(), format!("{}:cancel", self.idempotency_base()), true, now_ms)
                 });
         let Some(refund) = refund else { return };
-        let mut e = journal::Entry::new(replay.message.clone(), replay.key.clone(), false, now_ms);
-        e.then = Some(Box::new(journal::Resolution { if_applied: Some(refund), if_refused: None }));
+        let mut e = outbox::Entry::new(replay.message.clone(), replay.key.clone(), false, now_ms);
+        e.then = Some(Box::new(outbox::Resolution { if_applied: Some(refund), if_refused: None }));
         self.journal_push(e);
     }
 
@@ -1435,18 +1435,18 @@ fn lease_refund(
     tenant: &crate::config::Tenant,
     lease: &Lease,
     now_ms: u64,
-) -> Option<journal::Entry> {
-    limits::build_settle(&rl.domain, &tenant.id, &tenant.policy, lease.amounts, Amounts::default(), (lease.requests, 0))
-        .map(|req| journal::Entry::new(req.encode_to_vec(), format!("{}:lease", lease.key), true, now_ms))
+) -> Option<outbox::Entry> {
+    descriptors::build_settle(&rl.domain, &tenant.id, &tenant.policy, lease.amounts, Amounts::default(), (lease.requests, 0))
+        .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("{}:lease", lease.key), true, now_ms))
 }
 
-fn jwt_refusal(e: &crate::jwt::JwtError) -> Refusal {
+fn jwt_refusal(e: &crate::identity::jwt::JwtError) -> Refusal {
     Refusal::Custom { status: e.http_status(), code: e.code().to_string(), message: e.to_string() }
 }
 
 fn tenant_for_claims(
     plugin: &Plugin,
-    id: crate::jwt::VerifiedIdentity,
+    id: crate::identity::jwt::VerifiedIdentity,
 ) -> Result<(&crate::config::Tenant, Option<String>), Refusal> {
     let tenant = plugin.tenant_by_id(&id.tenant_id).ok_or_else(|| Refusal::Custom {
         status: 403,
@@ -1477,29 +1477,29 @@ fn resolve_identity<'p>(
         if !payload.is_empty() {
             // Envoy hands a metadata map to wasm in its pairs encoding; JSON
             // and protobuf Struct forms are accepted too.
-            let id = match crate::pairs::lookup(payload, &spec.tenant_claim) {
-                Some(tenant_id) => crate::jwt::VerifiedIdentity {
+            let id = match crate::envoy::pairs::lookup(payload, &spec.tenant_claim) {
+                Some(tenant_id) => crate::identity::jwt::VerifiedIdentity {
                     provider: "jwt_authn".into(),
                     tenant_id,
-                    user_id: spec.user_claim.as_deref().and_then(|c| crate::pairs::lookup(payload, c)),
+                    user_id: spec.user_claim.as_deref().and_then(|c| crate::envoy::pairs::lookup(payload, c)),
                     exp: None,
                 },
-                None if crate::pairs::decode(payload).is_some() => {
-                    return Err(jwt_refusal(&crate::jwt::JwtError::MissingTenantClaim(spec.tenant_claim.clone())))
+                None if crate::envoy::pairs::decode(payload).is_some() => {
+                    return Err(jwt_refusal(&crate::identity::jwt::JwtError::MissingTenantClaim(spec.tenant_claim.clone())))
                 }
-                None => crate::jwt::claims_from_jwt_authn_payload(payload, &spec.tenant_claim, spec.user_claim.as_deref())
+                None => crate::identity::jwt::claims_from_jwt_authn_payload(payload, &spec.tenant_claim, spec.user_claim.as_deref())
                     .map_err(|e| jwt_refusal(&e))?,
             };
             return tenant_for_claims(plugin, id);
         }
     }
     if let Some(slot) = &plugin.jwt {
-        let lookup = |name: &str| identity::header(headers, name).map(str::to_string);
+        let lookup = |name: &str| api_key::header(headers, name).map(str::to_string);
         if let Ok(mut verifier) = slot.0.try_borrow_mut() {
-            if let Some(token) = verifier.extract_token(crate::jwt::ProviderSelector::Auto, &lookup) {
+            if let Some(token) = verifier.extract_token(crate::identity::jwt::ProviderSelector::Auto, &lookup) {
                 if looks_like_jwt(&token) || !plugin.identity.api_keys {
                     let id = verifier
-                        .verify(crate::jwt::ProviderSelector::Auto, &token, now_s)
+                        .verify(crate::identity::jwt::ProviderSelector::Auto, &token, now_s)
                         .map_err(|e| jwt_refusal(&e))?;
                     return tenant_for_claims(plugin, id);
                 }
@@ -1513,7 +1513,7 @@ fn resolve_identity<'p>(
             message: "A bearer token is required.".into(),
         });
     }
-    identity::resolve(plugin, headers, path).map(|t| (t, None))
+    api_key::resolve(plugin, headers, path).map(|t| (t, None))
 }
 
 /// Micro-dollars as a decimal dollar string: 1234567 -> "1.234567".
@@ -1522,7 +1522,7 @@ pub fn format_usd(micros: u64) -> String {
 }
 
 /// Metadata for a journal entry's call.
-pub fn journal_metadata(entry: &journal::Entry) -> Vec<(String, String)> {
+pub fn journal_metadata(entry: &outbox::Entry) -> Vec<(String, String)> {
     let mut m = vec![(rls::META_IDEMPOTENCY_KEY.to_string(), entry.idempotency_key.clone())];
     if entry.settle_mode {
         m.push((rls::META_MODE.to_string(), rls::MODE_SETTLE.to_string()));
@@ -1779,9 +1779,9 @@ mod tests {
         // The names are cached per tenant and model; past the cache's bound
         // they are still right (built per request).
         assert_eq!(run("gpt-4o-mini").0, counters);
-        for i in 0..crate::metrics::MAX_MODEL_LABELS + 5 {
+        for i in 0..crate::metering::metrics::MAX_MODEL_LABELS + 5 {
             let (c, _) = run(&format!("m{i}"));
-            let want = if i < crate::metrics::MAX_MODEL_LABELS - 1 { format!("m{i}") } else { "other".to_string() };
+            let want = if i < crate::metering::metrics::MAX_MODEL_LABELS - 1 { format!("m{i}") } else { "other".to_string() };
             assert_eq!(c[0].0, format!("tollgate.tenant.acme.model.{want}.outcome.ok.requests"), "model {i}");
         }
     }
@@ -1836,7 +1836,7 @@ mod tests {
         assert_eq!(req.descriptors[0].hits_addend.as_ref().unwrap().value, 5, "all five leased requests unused");
         assert_eq!(shared.borrow_mut().release_leases(&plugin, 21), 0, "given back once");
         // What cannot be sent any more is dropped and counted.
-        let mut j = crate::journal::Journal::new(10);
+        let mut j = crate::ratelimit::outbox::Journal::new(10);
         j.push(due[0].clone());
         assert_eq!((j.drop_queued(), j.pending(), j.dropped), (1, 0, 1));
     }
@@ -2052,20 +2052,20 @@ mod tests {
         ];
         let shared = Rc::new(RefCell::new(Shared::new(100)));
         for (i, (r, u, n)) in requests.iter().enumerate() {
-            let net = limits::SettleNet::of(*r, *u, *n);
+            let net = descriptors::SettleNet::of(*r, *u, *n);
             shared.borrow_mut().net_settle(&plugin, idx, net, || format!("k{i}:settle"), 10 + i as u64);
         }
         assert_eq!(shared.borrow().pending_settles(), 1, "one net per tenant");
         assert_eq!(shared.borrow().journal.pending(), 0, "nothing in the journal before the tick");
         assert_eq!(shared.borrow_mut().queue_settle_nets(), 0);
         let got = shared.borrow_mut().journal.due(u64::MAX, 10);
-        let want = journal::merge(
+        let want = outbox::merge(
             requests
                 .iter()
                 .enumerate()
                 .filter_map(|(i, (r, u, n))| {
-                    limits::build_settle(domain, &tenant.id, &tenant.policy, *r, *u, *n)
-                        .map(|req| journal::Entry::new(req.encode_to_vec(), format!("k{i}:settle"), true, 10 + i as u64))
+                    descriptors::build_settle(domain, &tenant.id, &tenant.policy, *r, *u, *n)
+                        .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("k{i}:settle"), true, 10 + i as u64))
                 })
                 .collect(),
         );
@@ -2073,7 +2073,7 @@ mod tests {
         assert_eq!(got[0].idempotency_key, "k0:settle+4");
         assert_eq!(got[0].next_attempt_ms, 10);
         // The same descriptors and hits; their order does not matter.
-        let decode = |e: &journal::Entry| {
+        let decode = |e: &outbox::Entry| {
             let mut r = rls::RateLimitRequest::decode(e.message.as_slice()).unwrap();
             r.descriptors.sort_by(|x, y| x.entries[1].value.cmp(&y.entries[1].value));
             r
@@ -2081,7 +2081,7 @@ mod tests {
         assert_eq!(decode(&got[0]), decode(&want[0]));
         assert_eq!(decode(&got[0]).descriptors.len(), 4, "requests/day, two token limits, dollars");
         // A zero net sends nothing.
-        let zero = limits::SettleNet::of(a(5, 5), a(5, 5), (1, 1));
+        let zero = descriptors::SettleNet::of(a(5, 5), a(5, 5), (1, 1));
         shared.borrow_mut().net_settle(&plugin, idx, zero, || "z".into(), 50);
         shared.borrow_mut().queue_settle_nets();
         assert_eq!(shared.borrow().pending_settles(), 0);
@@ -2173,17 +2173,17 @@ mod tests {
     #[test]
     fn workers_share_the_cap_through_one_table() {
         // Two VMs (workers) with their own `Shared` but one slot table.
-        struct Both(Rc<crate::inflight::LocalStore>);
+        struct Both(Rc<crate::admission::inflight::LocalStore>);
         impl SlotStore for Both {
-            fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), crate::inflight::StoreError> {
+            fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), crate::admission::inflight::StoreError> {
                 self.0.get(key)
             }
-            fn set(&self, key: &str, v: &[u8], cas: Option<u32>) -> Result<(), crate::inflight::StoreError> {
+            fn set(&self, key: &str, v: &[u8], cas: Option<u32>) -> Result<(), crate::admission::inflight::StoreError> {
                 self.0.set(key, v, cas)
             }
         }
         let plugin = capped_plugin(1);
-        let table = Rc::new(crate::inflight::LocalStore::default());
+        let table = Rc::new(crate::admission::inflight::LocalStore::default());
         let worker = |vm| {
             let mut s = Shared::new(10);
             s.slots = Box::new(Both(Rc::clone(&table)));

@@ -7,7 +7,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::api::Refusal;
+use crate::llm::Refusal;
 use crate::config::{Plugin, Tenant};
 
 /// Request headers as the host gives them: lower-case names.

@@ -18,7 +18,7 @@ use hashbrown::HashMap;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::api::Api;
+use crate::llm::Api;
 
 /// Largest request body a tier may allow. Envoy buffers the body in memory
 /// while tollgate inspects it, so this is a hard ceiling against mistakes.
@@ -64,13 +64,13 @@ pub struct PluginConfig {
     pub rate_limit: Option<RateLimitSpec>,
     /// Model prices, USD per million tokens. Required for dollar budgets.
     #[serde(default)]
-    pub pricing: Option<crate::pricing::PricingConfig>,
+    pub pricing: Option<crate::metering::pricing::PricingConfig>,
     /// How usage is read, estimated and reported.
     #[serde(default)]
     pub metering: MeteringSpec,
     /// JWT identity verified by tollgate itself (see `src/jwt.rs`).
     #[serde(default)]
-    pub jwt: Option<crate::jwt::JwtConfig>,
+    pub jwt: Option<crate::identity::jwt::JwtConfig>,
     /// Which identities are accepted, and trust in Envoy's `jwt_authn`.
     #[serde(default)]
     pub identity: IdentitySpec,
@@ -743,7 +743,7 @@ pub struct Tenant {
 }
 
 /// The per-worker JWT verifier (it caches verified tokens and keys).
-pub struct JwtSlot(pub std::cell::RefCell<crate::jwt::JwtVerifier>);
+pub struct JwtSlot(pub std::cell::RefCell<crate::identity::jwt::JwtVerifier>);
 
 impl std::fmt::Debug for JwtSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -767,7 +767,7 @@ pub struct Plugin {
     /// Tenant id -> index into `tenants`.
     id_index: HashMap<String, usize>,
     pub rate_limit: Option<RateLimit>,
-    pub pricing: Option<crate::pricing::PriceTable>,
+    pub pricing: Option<crate::metering::pricing::PriceTable>,
     pub metering: MeteringSpec,
     pub jwt: Option<JwtSlot>,
     pub identity: IdentitySpec,
@@ -867,7 +867,7 @@ pub fn decode_plugin_config(raw: &[u8]) -> Result<serde_json::Value, ConfigError
         }
         Some(_) => {}
     }
-    crate::protostruct::struct_to_json(raw).map_err(|e| {
+    crate::envoy::structs::struct_to_json(raw).map_err(|e| {
         ConfigError::Encoding(format!(
             "neither JSON text nor a protobuf Struct ({e}); give the configuration as a \
              google.protobuf.StringValue holding JSON"
@@ -1131,9 +1131,9 @@ pub fn compile(
     if let Some(j) = &config.jwt {
         for p in &j.providers {
             match &p.from {
-                crate::jwt::TokenSource::Authorization => jwt_strip_headers.push("authorization".to_string()),
-                crate::jwt::TokenSource::Header { name, .. } => jwt_strip_headers.push(name.to_ascii_lowercase()),
-                crate::jwt::TokenSource::Cookie { .. } => jwt_strip_headers.push("cookie".to_string()),
+                crate::identity::jwt::TokenSource::Authorization => jwt_strip_headers.push("authorization".to_string()),
+                crate::identity::jwt::TokenSource::Header { name, .. } => jwt_strip_headers.push(name.to_ascii_lowercase()),
+                crate::identity::jwt::TokenSource::Cookie { .. } => jwt_strip_headers.push("cookie".to_string()),
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::api::{Api, Refusal};
+use crate::llm::{Api, Refusal};
 use crate::config::Policy;
 
 /// What tollgate needs to know about a request.
@@ -68,7 +68,7 @@ pub fn inspect(api: Api, path: &str, body: &[u8]) -> Result<(RequestInfo, Value)
                     detail: format!("unsupported Gemini method '{method}'"),
                 });
             }
-            let alt_sse = crate::identity::query_param(path, "alt") == Some("sse");
+            let alt_sse = crate::identity::api_key::query_param(path, "alt") == Some("sse");
             RequestInfo {
                 model: model.to_string(),
                 stream,

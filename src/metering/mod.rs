@@ -1,0 +1,9 @@
+//! What did a response use and cost? SSE framing, byte scanning, the stream
+//! tap, usage, pricing and metric names.
+
+pub mod metrics;
+pub mod pricing;
+pub mod scan;
+pub mod sse;
+pub mod tap;
+pub mod usage;
