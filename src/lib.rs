@@ -13,6 +13,7 @@ pub mod llm;
 pub mod metering;
 pub mod ratelimit;
 pub mod request;
+pub mod worker;
 pub mod rls;
 
 #[cfg(target_arch = "wasm32")]

@@ -17,7 +17,9 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 
 use crate::llm::LocalReply;
 use crate::config::{self, Plugin};
-use crate::request::flow::{self, BodyOut, BodyStep, Finish, HeadersStep, RequestFlow, RlsCall, Shared};
+use crate::request::effect::{BodyOut, BodyStep, Finish, HeadersStep, RlsCall};
+use crate::request::flow::RequestFlow;
+use crate::worker::Worker;
 use crate::admission::inflight::{self, SlotStore, StoreError};
 use crate::ratelimit::outbox::Answer;
 use crate::metering::tap::ChunkEdit;
@@ -226,7 +228,7 @@ fn now_ms() -> u64 {
 #[derive(Default)]
 struct Root {
     plugin: Option<Rc<Plugin>>,
-    shared: Option<Rc<RefCell<Shared>>>,
+    shared: Option<Rc<RefCell<Worker>>>,
     metrics: Rc<RefCell<Metrics>>,
     dropped_reported: u64,
     /// JWKS fetches in flight: call token -> provider index.
@@ -249,7 +251,7 @@ impl Root {
             crate::ratelimit::outbox::merge(s.journal.due(if force { u64::MAX } else { now }, room))
         };
         for entry in due {
-            let meta = flow::journal_metadata(&entry);
+            let meta = entry.metadata();
             let meta_ref: Vec<(&str, &[u8])> = meta.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
             let result = hostcalls::dispatch_grpc_call(
                 &rl.cluster,
@@ -456,7 +458,7 @@ impl RootContext for Root {
                 }
                 // A reconfiguration keeps the journal: queued settles survive.
                 if self.shared.is_none() {
-                    let mut shared = Shared::new(capacity);
+                    let mut shared = Worker::new(capacity);
                     shared.slots = Box::new(EnvoySharedData);
                     shared.vm_id = new_vm_id();
                     self.shared = Some(Rc::new(RefCell::new(shared)));
@@ -508,7 +510,7 @@ impl RootContext for Root {
 
 struct Http {
     flow: RequestFlow,
-    shared: Rc<RefCell<Shared>>,
+    shared: Rc<RefCell<Worker>>,
     metrics: Rc<RefCell<Metrics>>,
     /// Set for unmatched paths passed through untouched.
     bypass: bool,

@@ -4,3 +4,84 @@
 
 pub mod api_key;
 pub mod jwt;
+
+use crate::config::{Plugin, Tenant};
+use crate::identity::api_key::Headers;
+use crate::llm::Refusal;
+
+fn jwt_refusal(e: &jwt::JwtError) -> Refusal {
+    Refusal::Custom { status: e.http_status(), code: e.code().to_string(), message: e.to_string() }
+}
+
+fn tenant_for_claims(
+    plugin: &Plugin,
+    id: jwt::VerifiedIdentity,
+) -> Result<(&Tenant, Option<String>), Refusal> {
+    let tenant = plugin.tenant_by_id(&id.tenant_id).ok_or_else(|| Refusal::Custom {
+        status: 403,
+        code: "unknown_tenant".into(),
+        message: "The token names a tenant this gateway does not know.".into(),
+    })?;
+    if !tenant.enabled {
+        return Err(Refusal::TenantDisabled);
+    }
+    Ok((tenant, id.user_id))
+}
+
+/// A compact JWS: three dot-separated parts, the first a JSON header.
+fn looks_like_jwt(token: &str) -> bool {
+    token.starts_with("eyJ") && token.split('.').count() == 3
+}
+
+/// Resolves the tenant (and user) of a request. Precedence, first match
+/// wins: Envoy `jwt_authn`'s verified payload, a JWT verified here, an API key.
+pub fn resolve_identity<'p>(
+    plugin: &'p Plugin,
+    headers: &Headers,
+    path: &str,
+    jwt_authn_payload: Option<&[u8]>,
+    now_s: u64,
+) -> Result<(&'p Tenant, Option<String>), Refusal> {
+    if let (Some(spec), Some(payload)) = (&plugin.identity.jwt_authn, jwt_authn_payload) {
+        if !payload.is_empty() {
+            // Envoy hands a metadata map to wasm in its pairs encoding; JSON
+            // and protobuf Struct forms are accepted too.
+            let id = match crate::envoy::pairs::lookup(payload, &spec.tenant_claim) {
+                Some(tenant_id) => jwt::VerifiedIdentity {
+                    provider: "jwt_authn".into(),
+                    tenant_id,
+                    user_id: spec.user_claim.as_deref().and_then(|c| crate::envoy::pairs::lookup(payload, c)),
+                    exp: None,
+                },
+                None if crate::envoy::pairs::decode(payload).is_some() => {
+                    return Err(jwt_refusal(&jwt::JwtError::MissingTenantClaim(spec.tenant_claim.clone())))
+                }
+                None => jwt::claims_from_jwt_authn_payload(payload, &spec.tenant_claim, spec.user_claim.as_deref())
+                    .map_err(|e| jwt_refusal(&e))?,
+            };
+            return tenant_for_claims(plugin, id);
+        }
+    }
+    if let Some(slot) = &plugin.jwt {
+        let lookup = |name: &str| api_key::header(headers, name).map(str::to_string);
+        if let Ok(mut verifier) = slot.0.try_borrow_mut() {
+            if let Some(token) = verifier.extract_token(jwt::ProviderSelector::Auto, &lookup) {
+                if looks_like_jwt(&token) || !plugin.identity.api_keys {
+                    let id = verifier
+                        .verify(jwt::ProviderSelector::Auto, &token, now_s)
+                        .map_err(|e| jwt_refusal(&e))?;
+                    return tenant_for_claims(plugin, id);
+                }
+            }
+        }
+    }
+    if !plugin.identity.api_keys {
+        return Err(Refusal::Custom {
+            status: 401,
+            code: "missing_token".into(),
+            message: "A bearer token is required.".into(),
+        });
+    }
+    api_key::resolve(plugin, headers, path).map(|t| (t, None))
+}
+

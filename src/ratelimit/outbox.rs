@@ -9,6 +9,8 @@
 
 use std::collections::VecDeque;
 
+use crate::rls;
+
 /// One call waiting to be made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -257,6 +259,19 @@ pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
 pub fn backoff_ms(attempts: u32) -> u64 {
     let shift = attempts.saturating_sub(1).min(16);
     BASE_BACKOFF_MS.saturating_mul(1u64 << shift).min(MAX_BACKOFF_MS)
+}
+
+
+impl Entry {
+    /// The gRPC metadata of this entry's call: its idempotency key, and the
+    /// settle mode when it is a settle.
+    pub fn metadata(&self) -> Vec<(String, String)> {
+        let mut m = vec![(rls::META_IDEMPOTENCY_KEY.to_string(), self.idempotency_key.clone())];
+        if self.settle_mode {
+            m.push((rls::META_MODE.to_string(), rls::MODE_SETTLE.to_string()));
+        }
+        m
+    }
 }
 
 #[cfg(test)]

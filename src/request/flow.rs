@@ -16,462 +16,23 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use hashbrown::{HashMap, HashSet};
 use prost::Message;
 use serde_json::Value;
+
+use crate::request::effect::{BodyOut, BodyStep, Finish, HeadersStep, ResponseChunk, ResponseHeadersStep, RlsCall};
+use crate::worker::{lease_refund, times, Lease, Slot, Window, Worker};
+use crate::identity::resolve_identity;
 
 use crate::llm::{self, Api, Family, LocalReply, Refusal};
 use crate::config::{FailureMode, Plugin, RlsMode, UnmatchedRoutes};
 use crate::identity::api_key::{self, Headers};
-use crate::admission::inflight::{self, Acquire, LocalStore, SlotStore};
-use crate::ratelimit::outbox::{self, Journal};
+use crate::ratelimit::outbox::{self};
 use crate::ratelimit::descriptors::{self, Amounts, LimitKind, LimitState, Verdict};
-use crate::metering::metrics;
-use crate::request::header_plan::{self, HeaderPlan};
+use crate::request::header_plan::{self};
 use crate::llm::inspect::{self, RequestInfo};
 use crate::rls;
-use crate::metering::tap::{ChunkEdit, StreamTap};
+use crate::metering::tap::StreamTap;
 use crate::metering::usage::{self, MeterLimits, ResponseMeter, Usage, UsageFormat};
-
-/// What the glue does after the request headers.
-#[derive(Debug, PartialEq)]
-pub enum HeadersStep {
-    /// Send this reply and stop the request.
-    Reply(LocalReply),
-    /// Leave the request alone (unmatched path with `unmatched_routes: pass`).
-    PassThrough,
-    /// Apply the plan (Envoy then re-matches the route) and wait for the whole body.
-    ReadBody(HeaderPlan),
-}
-
-/// A call to the rate-limit service.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RlsCall {
-    pub cluster: String,
-    pub message: Vec<u8>,
-    pub metadata: Vec<(String, String)>,
-    pub timeout_ms: u64,
-}
-
-/// What the glue does after the request body (or the reserve answer).
-#[derive(Debug, PartialEq)]
-pub enum BodyStep {
-    /// Keep buffering.
-    NeedMore,
-    /// Send this reply and stop the request.
-    Reply(LocalReply),
-    /// Ask the rate-limit service and wait for the answer.
-    Call(RlsCall),
-    /// Let the request go upstream; `body` replaces the body first.
-    Forward { body: Option<Vec<u8>>, set_headers: Vec<(String, String)> },
-}
-
-/// What the glue does with the response headers.
-#[derive(Debug, Default, PartialEq)]
-pub struct ResponseHeadersStep {
-    pub set: Vec<(String, String)>,
-    /// Hold the (non-streamed) body until complete, to add usage headers.
-    pub hold_body: bool,
-}
-
-/// What to forward in place of a response body chunk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BodyOut {
-    /// The chunk itself, or how it changed.
-    pub edit: ChunkEdit,
-    /// Bytes to add after it (held bytes at the end of a stream, the usage
-    /// comment).
-    pub append: Vec<u8>,
-}
-
-/// What [`RequestFlow::on_response_chunk`] did with a chunk.
-#[derive(Debug, Default)]
-pub struct ResponseChunk {
-    /// What to forward in its place.
-    pub out: BodyOut,
-    /// Set at the end of the response.
-    pub finish: Option<Finish>,
-    /// The whole chunk, when it was read in full.
-    pub chunk: Option<Vec<u8>>,
-    /// How many of its bytes were read (fewer than its length: it was
-    /// edge-scanned).
-    pub read: usize,
-}
-
-impl Default for BodyOut {
-    fn default() -> Self {
-        BodyOut { edit: ChunkEdit::Unchanged, append: Vec::new() }
-    }
-}
-
-impl BodyOut {
-    /// Whether the chunk goes out exactly as it came.
-    pub fn is_unchanged(&self) -> bool {
-        self.edit == ChunkEdit::Unchanged && self.append.is_empty()
-    }
-
-    /// The bytes forwarded for `chunk` (for tests and tools; the filter
-    /// applies the edit in place).
-    pub fn bytes(&self, chunk: &[u8]) -> Vec<u8> {
-        let mut out = self.edit.apply(chunk);
-        out.extend_from_slice(&self.append);
-        out
-    }
-}
-
-#[derive(Debug, Default, PartialEq)]
-pub struct Finish {
-    /// Filter-state properties (`wasm.<name>`), read by the access log.
-    pub properties: Vec<(&'static str, String)>,
-    /// Counter increments by metric name.
-    pub counters: Vec<(Rc<str>, u64)>,
-    /// Histogram samples by metric name.
-    pub histograms: Vec<(Rc<str>, u64)>,
-    /// Response headers (non-streamed responses held until complete).
-    pub headers: Vec<(String, String)>,
-    /// Bytes appended to a stream (the optional usage comment).
-    pub append: Vec<u8>,
-}
-
-/// Per-minute local allowance of one tenant on this worker (fail-open).
-#[derive(Debug, Default, Clone, Copy)]
-struct Window {
-    minute: u64,
-    requests: u64,
-    tokens: u64,
-}
-
-/// State shared by every request of one VM (one Envoy worker).
-#[derive(Debug)]
-pub struct Shared {
-    pub journal: Journal,
-    allowance: HashMap<usize, Window>,
-    /// Per tenant, the highest share (per mille) of a token or dollar budget
-    /// used, as of the last answer seen.
-    budget_used: HashMap<usize, u64>,
-    model_labels: HashSet<String>,
-    /// Metric names by tenant and model as served (at most
-    /// `metrics::MAX_MODEL_LABELS` models per tenant are kept).
-    /// Keyed by tenant id, not index: a reconfiguration may renumber tenants.
-    metric_names: HashMap<String, HashMap<String, Rc<metrics::TenantModelNames>>>,
-    /// Requests in flight per tenant on this worker (slots taken in the
-    /// shared table, or locally when it was unavailable).
-    pub inflight: HashMap<usize, u64>,
-    /// The table of in-flight counts across workers (see [`crate::admission::inflight`]);
-    /// the filter installs Envoy's shared data here.
-    pub slots: Box<dyn SlotStore>,
-    /// This VM's identity in the shared tables.
-    pub vm_id: u64,
-    /// Shared-table keys of the tenants this VM holds slots for.
-    held: HashMap<usize, (String, u64)>,
-    last_heartbeat_ms: u64,
-    /// Quota leases by tenant (see `lease_requests`).
-    leases: HashMap<usize, Lease>,
-    /// Per tenant, the limit states of the last answer: whether a lease fits.
-    last_states: HashMap<usize, Vec<LimitState>>,
-    /// Per tenant, a lease-sized reserve in flight on this worker, with the
-    /// time (ms) after which it no longer counts (its answer is lost). One
-    /// at a time: requests that find the lease empty meanwhile reserve for
-    /// themselves alone instead of each asking for a lease.
-    lease_refills: HashMap<usize, u64>,
-    /// Settles of finished requests not yet in the journal, netted per
-    /// tenant (in order of first use); [`Shared::queue_settle_nets`] turns
-    /// each into one journal entry, once per tick.
-    settle_nets: Vec<PendingNet>,
-    /// Index into `settle_nets` by tenant id.
-    settle_net_of: HashMap<String, usize>,
-    pub counter: u64,
-}
-
-/// One tenant's netted settles (see [`Shared::settle_nets`]).
-#[derive(Debug)]
-struct PendingNet {
-    /// The configuration the settles were made under, and the tenant's index in it.
-    plugin: Rc<Plugin>,
-    tenant_idx: usize,
-    net: descriptors::SettleNet,
-    /// The first settle's idempotency key, and how many were netted.
-    first_key: String,
-    count: usize,
-    first_ms: u64,
-}
-
-/// Quota this worker reserved ahead for one tenant and admits from locally.
-#[derive(Debug, Clone)]
-struct Lease {
-    requests: u64,
-    amounts: Amounts,
-    expires_ms: u64,
-    /// From this time (ms) on, the next request asks for a new lease while
-    /// the others still draw from this one.
-    refill_at_ms: u64,
-    /// The limit states when the lease was granted, less what was drawn
-    /// since (for the `x-ratelimit-*` headers).
-    states: Vec<LimitState>,
-    /// Idempotency stem of the reserve that granted it.
-    key: String,
-}
-
-/// A lease is only taken while every limit has room for this many leases.
-const LEASE_HEADROOM: u64 = 4;
-
-impl Shared {
-    pub fn new(journal_capacity: usize) -> Self {
-        Shared {
-            journal: Journal::new(journal_capacity),
-            allowance: HashMap::new(),
-            budget_used: HashMap::new(),
-            model_labels: HashSet::new(),
-            metric_names: HashMap::new(),
-            inflight: HashMap::new(),
-            slots: Box::new(LocalStore::default()),
-            vm_id: 0,
-            held: HashMap::new(),
-            last_heartbeat_ms: 0,
-            leases: HashMap::new(),
-            last_states: HashMap::new(),
-            lease_refills: HashMap::new(),
-            settle_nets: Vec::new(),
-            settle_net_of: HashMap::new(),
-            counter: 0,
-        }
-    }
-
-    /// Takes an in-flight slot for a tenant, across workers when the shared
-    /// table works, on this worker alone when it does not.
-    fn acquire_slot(&mut self, idx: usize, tenant_id: &str, cap: u64, now_ms: u64) -> Result<Slot, u64> {
-        let key = inflight::key(tenant_id);
-        match inflight::acquire(self.slots.as_ref(), &key, self.vm_id, cap, now_ms) {
-            Acquire::Granted => {
-                self.held.entry(idx).or_insert_with(|| (key, 0)).1 += 1;
-                *self.inflight.entry(idx).or_insert(0) += 1;
-                Ok(Slot::Shared)
-            }
-            Acquire::Full(n) => Err(n),
-            Acquire::Unavailable => {
-                let n = self.inflight.get(&idx).copied().unwrap_or(0);
-                if n >= cap {
-                    return Err(n);
-                }
-                log::warn!("tollgate: shared in-flight table unavailable; counting tenant {tenant_id} on this worker");
-                *self.inflight.entry(idx).or_insert(0) += 1;
-                Ok(Slot::Local)
-            }
-        }
-    }
-
-    fn release_slot(&mut self, idx: usize, slot: Slot, now_ms: u64) {
-        if let Some(n) = self.inflight.get_mut(&idx) {
-            *n = n.saturating_sub(1);
-        }
-        if slot == Slot::Shared {
-            if let Some((key, n)) = self.held.get_mut(&idx) {
-                *n = n.saturating_sub(1);
-                if let Err(e) = inflight::release(self.slots.as_ref(), key, self.vm_id, now_ms) {
-                    // The entry stops counting once its heartbeat goes stale.
-                    log::warn!("tollgate: releasing an in-flight slot failed: {e:?}");
-                }
-                if *n == 0 {
-                    self.held.remove(&idx);
-                }
-            }
-        }
-    }
-
-    /// Admits one request of `estimate` from the tenant's lease, if it holds
-    /// enough; answers the limit states to report.
-    fn draw(&mut self, idx: usize, estimate: Amounts, now_ms: u64) -> Option<Vec<LimitState>> {
-        let lease = self.leases.get_mut(&idx)?;
-        if now_ms >= lease.expires_ms
-            || lease.requests == 0
-            || lease.amounts.tokens < estimate.tokens
-            || lease.amounts.micros < estimate.micros
-        {
-            return None;
-        }
-        lease.requests -= 1;
-        lease.amounts.tokens -= estimate.tokens;
-        lease.amounts.micros -= estimate.micros;
-        for st in &mut lease.states {
-            let used = match st.kind.measure() {
-                descriptors::Measure::Requests => 1,
-                descriptors::Measure::Tokens => estimate.tokens,
-                descriptors::Measure::Micros => estimate.micros,
-            };
-            st.remaining = st.remaining.saturating_sub(used);
-        }
-        Some(lease.states.clone())
-    }
-
-    /// Whether a request should ask for a new lease of `n` now: no
-    /// lease-sized reserve is in flight for the tenant, and its lease is
-    /// missing, expired, down to its last quarter of requests, or in the
-    /// last quarter of its time. Refilling before the lease runs dry keeps
-    /// concurrent requests drawing while the one refill is answered.
-    fn lease_refill_due(&self, idx: usize, n: u64, now_ms: u64) -> bool {
-        if self.lease_refills.get(&idx).is_some_and(|&until| now_ms < until) {
-            return false;
-        }
-        self.leases.get(&idx).is_none_or(|l| {
-            now_ms >= l.expires_ms || now_ms >= l.refill_at_ms || l.requests.saturating_mul(4) <= n
-        })
-    }
-
-    /// Whether the last answer for the tenant left room for a lease of `n`
-    /// requests of `estimate` on every limit, [`LEASE_HEADROOM`] times over.
-    fn room_for_lease(&self, idx: usize, n: u64, estimate: Amounts) -> bool {
-        let Some(states) = self.last_states.get(&idx) else { return false };
-        !states.is_empty()
-            && states.iter().all(|st| {
-                let need = match st.kind.measure() {
-                    descriptors::Measure::Requests => n,
-                    descriptors::Measure::Tokens => estimate.tokens.saturating_mul(n),
-                    descriptors::Measure::Micros => estimate.micros.saturating_mul(n),
-                };
-                !st.over && st.remaining >= need.saturating_mul(LEASE_HEADROOM)
-            })
-    }
-
-    /// Takes the leases that expired by `now_ms` (all of them with `all`),
-    /// for their unused quota to be given back.
-    fn take_leases(&mut self, now_ms: u64, all: bool) -> Vec<(usize, Lease)> {
-        let done: Vec<usize> =
-            self.leases.iter().filter(|(_, l)| all || now_ms >= l.expires_ms).map(|(i, _)| *i).collect();
-        done.into_iter().filter_map(|i| self.leases.remove(&i).map(|l| (i, l))).collect()
-    }
-
-    /// Queues the refund of every expired lease's unused quota; called from
-    /// the root context's tick.
-    pub fn expire_leases(&mut self, plugin: &Plugin, now_ms: u64) {
-        let Some(rl) = plugin.rate_limit.as_ref() else { return };
-        for (idx, lease) in self.take_leases(now_ms, false) {
-            if let Some(tenant) = plugin.tenants.get(idx) {
-                if let Some(e) = lease_refund(rl, tenant, &lease, now_ms) {
-                    self.journal.push(e);
-                }
-            }
-        }
-    }
-
-    /// Queues the refund of every lease's unused quota, expired or not; the
-    /// plugin is being removed. Returns how many leases there were.
-    pub fn release_leases(&mut self, plugin: &Plugin, now_ms: u64) -> usize {
-        let Some(rl) = plugin.rate_limit.as_ref() else { return 0 };
-        let leases = self.take_leases(now_ms, true);
-        let n = leases.len();
-        for (idx, lease) in leases {
-            if let Some(tenant) = plugin.tenants.get(idx) {
-                if let Some(e) = lease_refund(rl, tenant, &lease, now_ms) {
-                    self.journal.push(e);
-                }
-            }
-        }
-        n
-    }
-
-    /// Refreshes this VM's entries in the shared in-flight tables; called
-    /// from the root context's tick.
-    pub fn heartbeat(&mut self, now_ms: u64) {
-        if now_ms.saturating_sub(self.last_heartbeat_ms) < inflight::HEARTBEAT_MS {
-            return;
-        }
-        self.last_heartbeat_ms = now_ms;
-        for (key, _) in self.held.values() {
-            let _ = inflight::heartbeat(self.slots.as_ref(), key, self.vm_id, now_ms);
-        }
-    }
-
-    /// The metric names of a tenant and model, and the model's label.
-    fn metric_names(&mut self, tenant_id: &str, model: &str) -> Rc<metrics::TenantModelNames> {
-        if let Some(n) = self.metric_names.get(tenant_id).and_then(|m| m.get(model)) {
-            return Rc::clone(n);
-        }
-        let label = self.model_label(model);
-        let names = Rc::new(metrics::TenantModelNames::new(tenant_id, &label));
-        let by_model = self.metric_names.entry(tenant_id.to_string()).or_default();
-        if by_model.len() < metrics::MAX_MODEL_LABELS {
-            by_model.insert(model.to_string(), Rc::clone(&names));
-        }
-        names
-    }
-
-    /// Adds one request's settle to its tenant's net. `key` makes the
-    /// idempotency key of the first one.
-    fn net_settle(
-        &mut self,
-        plugin: &Rc<Plugin>,
-        tenant_idx: usize,
-        net: descriptors::SettleNet,
-        key: impl FnOnce() -> String,
-        now_ms: u64,
-    ) {
-        let Some(tenant) = plugin.tenants.get(tenant_idx) else { return };
-        if let Some(p) = self.settle_net_of.get(tenant.id.as_str()).and_then(|&i| self.settle_nets.get_mut(i)) {
-            if Rc::ptr_eq(&p.plugin, plugin) && p.tenant_idx == tenant_idx {
-                p.net.add(net);
-                p.count += 1;
-                return;
-            }
-            // Another configuration of the same tenant: its own settle.
-            self.queue_settle_nets();
-        }
-        self.settle_net_of.insert(tenant.id.clone(), self.settle_nets.len());
-        self.settle_nets.push(PendingNet {
-            plugin: Rc::clone(plugin),
-            tenant_idx,
-            net,
-            first_key: key(),
-            count: 1,
-            first_ms: now_ms,
-        });
-    }
-
-    /// Puts the netted settles in the journal, one entry per tenant (key:
-    /// the first settle's, `+<count>` when several were netted; the same
-    /// keys [`outbox::merge`] gives). Returns how many were dropped from a
-    /// full journal.
-    pub fn queue_settle_nets(&mut self) -> u64 {
-        self.settle_net_of.clear();
-        let mut dropped = 0;
-        for p in std::mem::take(&mut self.settle_nets) {
-            let (Some(rl), Some(tenant)) = (p.plugin.rate_limit.as_ref(), p.plugin.tenants.get(p.tenant_idx)) else {
-                continue;
-            };
-            let Some(req) = descriptors::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, p.net) else { continue };
-            let key = if p.count == 1 { p.first_key } else { format!("{}+{}", p.first_key, p.count) };
-            dropped += self.journal.push(outbox::Entry::new(req.encode_to_vec(), key, true, p.first_ms));
-        }
-        if dropped > 0 {
-            log::warn!("tollgate: settle journal full; dropped {dropped} settles");
-        }
-        dropped
-    }
-
-    /// Settles not yet answered: in the journal, or netted and not yet in it.
-    pub fn pending_settles(&self) -> usize {
-        self.journal.pending().saturating_add(self.settle_nets.len())
-    }
-
-    /// A bounded metric label for a model name.
-    fn model_label(&mut self, model: &str) -> String {
-        let l = metrics::label(model);
-        if self.model_labels.contains(&l) {
-            return l;
-        }
-        if self.model_labels.len() >= metrics::MAX_MODEL_LABELS {
-            return "other".into();
-        }
-        self.model_labels.insert(l.clone());
-        l
-    }
-}
-
-/// Where a request's in-flight slot was taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
-    Shared,
-    Local,
-}
 
 #[derive(Debug, Clone)]
 struct Reservation {
@@ -518,7 +79,7 @@ enum Phase {
 /// State of one request.
 pub struct RequestFlow {
     plugin: Rc<Plugin>,
-    shared: Rc<RefCell<Shared>>,
+    shared: Rc<RefCell<Worker>>,
     phase: Phase,
     pub request_id: String,
     pub api: Option<Api>,
@@ -554,7 +115,7 @@ pub struct RequestFlow {
 }
 
 impl RequestFlow {
-    pub fn new(plugin: Rc<Plugin>, shared: Rc<RefCell<Shared>>) -> Self {
+    pub fn new(plugin: Rc<Plugin>, shared: Rc<RefCell<Worker>>) -> Self {
         RequestFlow {
             plugin,
             shared,
@@ -1424,114 +985,15 @@ impl RequestFlow {
     }
 }
 
-/// `n` requests' worth of one estimate.
-fn times(a: Amounts, n: u64) -> Amounts {
-    Amounts { tokens: a.tokens.saturating_mul(n), micros: a.micros.saturating_mul(n) }
-}
-
-/// The settle that gives back a lease's unused quota.
-fn lease_refund(
-    rl: &crate::config::RateLimit,
-    tenant: &crate::config::Tenant,
-    lease: &Lease,
-    now_ms: u64,
-) -> Option<outbox::Entry> {
-    descriptors::build_settle(&rl.domain, &tenant.id, &tenant.policy, lease.amounts, Amounts::default(), (lease.requests, 0))
-        .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("{}:lease", lease.key), true, now_ms))
-}
-
-fn jwt_refusal(e: &crate::identity::jwt::JwtError) -> Refusal {
-    Refusal::Custom { status: e.http_status(), code: e.code().to_string(), message: e.to_string() }
-}
-
-fn tenant_for_claims(
-    plugin: &Plugin,
-    id: crate::identity::jwt::VerifiedIdentity,
-) -> Result<(&crate::config::Tenant, Option<String>), Refusal> {
-    let tenant = plugin.tenant_by_id(&id.tenant_id).ok_or_else(|| Refusal::Custom {
-        status: 403,
-        code: "unknown_tenant".into(),
-        message: "The token names a tenant this gateway does not know.".into(),
-    })?;
-    if !tenant.enabled {
-        return Err(Refusal::TenantDisabled);
-    }
-    Ok((tenant, id.user_id))
-}
-
-/// A compact JWS: three dot-separated parts, the first a JSON header.
-fn looks_like_jwt(token: &str) -> bool {
-    token.starts_with("eyJ") && token.split('.').count() == 3
-}
-
-/// Resolves the tenant (and user) of a request. Precedence, first match
-/// wins: Envoy `jwt_authn`'s verified payload, a JWT verified here, an API key.
-fn resolve_identity<'p>(
-    plugin: &'p Plugin,
-    headers: &Headers,
-    path: &str,
-    jwt_authn_payload: Option<&[u8]>,
-    now_s: u64,
-) -> Result<(&'p crate::config::Tenant, Option<String>), Refusal> {
-    if let (Some(spec), Some(payload)) = (&plugin.identity.jwt_authn, jwt_authn_payload) {
-        if !payload.is_empty() {
-            // Envoy hands a metadata map to wasm in its pairs encoding; JSON
-            // and protobuf Struct forms are accepted too.
-            let id = match crate::envoy::pairs::lookup(payload, &spec.tenant_claim) {
-                Some(tenant_id) => crate::identity::jwt::VerifiedIdentity {
-                    provider: "jwt_authn".into(),
-                    tenant_id,
-                    user_id: spec.user_claim.as_deref().and_then(|c| crate::envoy::pairs::lookup(payload, c)),
-                    exp: None,
-                },
-                None if crate::envoy::pairs::decode(payload).is_some() => {
-                    return Err(jwt_refusal(&crate::identity::jwt::JwtError::MissingTenantClaim(spec.tenant_claim.clone())))
-                }
-                None => crate::identity::jwt::claims_from_jwt_authn_payload(payload, &spec.tenant_claim, spec.user_claim.as_deref())
-                    .map_err(|e| jwt_refusal(&e))?,
-            };
-            return tenant_for_claims(plugin, id);
-        }
-    }
-    if let Some(slot) = &plugin.jwt {
-        let lookup = |name: &str| api_key::header(headers, name).map(str::to_string);
-        if let Ok(mut verifier) = slot.0.try_borrow_mut() {
-            if let Some(token) = verifier.extract_token(crate::identity::jwt::ProviderSelector::Auto, &lookup) {
-                if looks_like_jwt(&token) || !plugin.identity.api_keys {
-                    let id = verifier
-                        .verify(crate::identity::jwt::ProviderSelector::Auto, &token, now_s)
-                        .map_err(|e| jwt_refusal(&e))?;
-                    return tenant_for_claims(plugin, id);
-                }
-            }
-        }
-    }
-    if !plugin.identity.api_keys {
-        return Err(Refusal::Custom {
-            status: 401,
-            code: "missing_token".into(),
-            message: "A bearer token is required.".into(),
-        });
-    }
-    api_key::resolve(plugin, headers, path).map(|t| (t, None))
-}
-
 /// Micro-dollars as a decimal dollar string: 1234567 -> "1.234567".
 pub fn format_usd(micros: u64) -> String {
     format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
 }
 
-/// Metadata for a journal entry's call.
-pub fn journal_metadata(entry: &outbox::Entry) -> Vec<(String, String)> {
-    let mut m = vec![(rls::META_IDEMPOTENCY_KEY.to_string(), entry.idempotency_key.clone())];
-    if entry.settle_mode {
-        m.push((rls::META_MODE.to_string(), rls::MODE_SETTLE.to_string()));
-    }
-    m
-}
 
 #[cfg(test)]
 mod tests {
+    use crate::admission::inflight::SlotStore;
     use super::*;
     use crate::config::tests::{sample, KEY_A, KEY_B};
 
@@ -1540,7 +1002,7 @@ mod tests {
     }
 
     fn flow_with(plugin: Plugin) -> RequestFlow {
-        RequestFlow::new(Rc::new(plugin), Rc::new(RefCell::new(Shared::new(100))))
+        RequestFlow::new(Rc::new(plugin), Rc::new(RefCell::new(Worker::new(100))))
     }
 
     fn flow() -> RequestFlow {
@@ -1635,7 +1097,7 @@ mod tests {
 
     /// One request through reserve (if asked) to the end; answers the
     /// requests hits of its reserve call, or None when it drew from a lease.
-    fn leased_request(plugin: &Rc<Plugin>, shared: &Rc<RefCell<Shared>>, answer: Option<Vec<u8>>, now: u64) -> Option<u64> {
+    fn leased_request(plugin: &Rc<Plugin>, shared: &Rc<RefCell<Worker>>, answer: Option<Vec<u8>>, now: u64) -> Option<u64> {
         let mut f = RequestFlow::new(Rc::clone(plugin), Rc::clone(shared));
         start(&mut f, KEY_B, "/v1/chat/completions");
         let hits = match f.on_request_body(br#"{"model":"gpt-4o-mini","max_tokens":10}"#, now) {
@@ -1658,7 +1120,7 @@ mod tests {
     #[test]
     fn a_lease_is_taken_only_with_room_and_draws_need_no_call() {
         let plugin = leasing_plugin();
-        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
         let ok = |rem| Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, rem, 60)]));
         // Nothing known yet: one request's worth.
         assert_eq!(leased_request(&plugin, &shared, ok(999), 0), Some(1));
@@ -1681,7 +1143,7 @@ mod tests {
     #[test]
     fn one_lease_refill_at_a_time_while_the_others_draw() {
         let plugin = leasing_plugin();
-        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
         let ok = |rem| reply(rls::Code::Ok, vec![(rls::Code::Ok, rem, 60)]);
         let body = br#"{"model":"gpt-4o-mini","max_tokens":10}"#;
         let hits = |c: &RlsCall| {
@@ -1755,7 +1217,7 @@ mod tests {
 
     #[test]
     fn finished_requests_count_under_their_tenant_and_model() {
-        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
         let run = |model: &str| {
             let mut f = RequestFlow::new(Rc::new(sample()), Rc::clone(&shared));
             start(&mut f, KEY_A, "/v1/chat/completions");
@@ -1789,7 +1251,7 @@ mod tests {
     #[test]
     fn a_lease_in_the_last_quarter_of_its_time_is_refilled() {
         let plugin = leasing_plugin();
-        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
         let ok = |rem| Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, rem, 60)]));
         leased_request(&plugin, &shared, ok(999), 0);
         assert_eq!(leased_request(&plugin, &shared, ok(993), 10), Some(6));
@@ -1801,7 +1263,7 @@ mod tests {
     #[test]
     fn an_unused_lease_is_given_back_when_it_expires() {
         let plugin = leasing_plugin();
-        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
         let ok = |rem| Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, rem, 60)]));
         leased_request(&plugin, &shared, ok(999), 0);
         assert_eq!(leased_request(&plugin, &shared, ok(993), 10), Some(6));
@@ -1824,7 +1286,7 @@ mod tests {
     #[test]
     fn a_removed_plugin_gives_back_leases_before_they_expire() {
         let plugin = leasing_plugin();
-        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
         let ok = |rem| Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, rem, 60)]));
         leased_request(&plugin, &shared, ok(999), 0);
         assert_eq!(leased_request(&plugin, &shared, ok(993), 10), Some(6));
@@ -1844,7 +1306,7 @@ mod tests {
     #[test]
     fn a_lease_that_does_not_fit_falls_back_to_this_request_alone() {
         let plugin = leasing_plugin();
-        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
         leased_request(&plugin, &shared, Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, 999, 60)])), 0);
         let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
         start(&mut f, KEY_B, "/v1/chat/completions");
@@ -1968,7 +1430,7 @@ mod tests {
     #[test]
     fn fail_open_admits_within_local_allowance_and_journals_usage() {
         // acme: failure_mode open, usd_per_month only; default 10 rpm in fail-open.
-        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
         let plugin = Rc::new(sample());
         let mut admitted = 0;
         for _ in 0..15 {
@@ -2050,7 +1512,7 @@ mod tests {
             (a(7, 70), a(7, 70), (1, 1)),
             (a(0, 0), a(30, 300), (0, 1)),
         ];
-        let shared = Rc::new(RefCell::new(Shared::new(100)));
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
         for (i, (r, u, n)) in requests.iter().enumerate() {
             let net = descriptors::SettleNet::of(*r, *u, *n);
             shared.borrow_mut().net_settle(&plugin, idx, net, || format!("k{i}:settle"), 10 + i as u64);
@@ -2116,7 +1578,7 @@ mod tests {
     #[test]
     fn concurrency_cap_is_released_when_streams_end() {
         let plugin = capped_plugin(1);
-        let shared = Rc::new(RefCell::new(Shared::new(10)));
+        let shared = Rc::new(RefCell::new(Worker::new(10)));
         let body = br#"{"model":"gpt-4o-mini"}"#;
         let ok = reply(rls::Code::Ok, vec![(rls::Code::Ok, 10, 1)]);
         let mut first = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
@@ -2151,7 +1613,7 @@ mod tests {
         // The slot is taken before the reserve call: two requests that both
         // wait for the service cannot both pass a cap of one.
         let plugin = capped_plugin(1);
-        let shared = Rc::new(RefCell::new(Shared::new(10)));
+        let shared = Rc::new(RefCell::new(Worker::new(10)));
         let body = br#"{"model":"gpt-4o-mini"}"#;
         let mut first = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
         start(&mut first, KEY_B, "/v1/chat/completions");
@@ -2185,7 +1647,7 @@ mod tests {
         let plugin = capped_plugin(1);
         let table = Rc::new(crate::admission::inflight::LocalStore::default());
         let worker = |vm| {
-            let mut s = Shared::new(10);
+            let mut s = Worker::new(10);
             s.slots = Box::new(Both(Rc::clone(&table)));
             s.vm_id = vm;
             Rc::new(RefCell::new(s))
@@ -2212,7 +1674,7 @@ mod tests {
         plugin.tenants[idx].policy.fallback_model = Some("gpt-4o-mini".into());
         plugin.tenants[idx].policy.fallback_at_permille = Some(800);
         let plugin = Rc::new(plugin);
-        let shared = Rc::new(RefCell::new(Shared::new(10)));
+        let shared = Rc::new(RefCell::new(Worker::new(10)));
         let body = br#"{"model":"gpt-4o","max_tokens":10}"#;
         // 90% of the monthly dollar budget used, as the service reports.
         let limit = plugin.tenants[idx].policy.usd_micros_per_month.unwrap();

@@ -12,7 +12,9 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use tollgate::config;
-use tollgate::request::flow::{BodyStep, HeadersStep, RequestFlow, Shared};
+use tollgate::request::effect::{BodyStep, HeadersStep};
+use tollgate::request::flow::RequestFlow;
+use tollgate::worker::Worker;
 
 const KEY: &str = "sk-bench-tenant";
 
@@ -45,7 +47,7 @@ fn main() {
     );
     let env = |k: &str| (k == "BENCH_OPENAI_KEY").then(|| "sk-upstream".to_string());
     let plugin = Rc::new(config::load(cfg.as_bytes(), &env).expect("bench config"));
-    let shared = Rc::new(RefCell::new(Shared::new(1024)));
+    let shared = Rc::new(RefCell::new(Worker::new(1024)));
     let auth = format!("Bearer {KEY}");
     let headers: Vec<(String, String)> = [
         (":authority", "127.0.0.1:10000"),
@@ -116,7 +118,7 @@ fn main() {
             s.queue_settle_nets();
             let due = tollgate::ratelimit::outbox::merge(s.journal.due(now, usize::MAX));
             for (t, entry) in due.into_iter().enumerate() {
-                let _ = tollgate::request::flow::journal_metadata(&entry);
+                let _ = entry.metadata();
                 s.journal.sent(t as u32, entry);
                 s.journal
                     .answered(t as u32, tollgate::ratelimit::outbox::Answer::Applied, now);
