@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod config;
 pub mod envoy;
+pub mod host;
 pub mod identity;
 pub mod llm;
 pub mod metering;
@@ -16,5 +17,3 @@ pub mod request;
 pub mod worker;
 pub mod rls;
 
-#[cfg(target_arch = "wasm32")]
-mod host;

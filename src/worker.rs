@@ -21,6 +21,17 @@ pub(crate) struct Window {
     pub(crate) tokens: u64,
 }
 
+/// How often the root context sends queued settles (ms). Short, so each tick
+/// sends a small batch (a long tick makes a burst that stalls this worker's
+/// requests).
+pub const TICK_MS: u64 = 50;
+/// How long a removed plugin keeps sending the settles that follow from
+/// answers (see [`Worker::start_drain`]).
+pub const DRAIN_MS: u64 = 5_000;
+/// Settles in flight at once per worker. Must exceed (requests/s per worker x
+/// settle round trip) or the journal backs up; it bounds memory, not rate.
+pub const MAX_SETTLES_IN_FLIGHT: usize = 4096;
+
 /// State shared by every request of one VM (one Envoy worker).
 #[derive(Debug)]
 pub struct Worker {
@@ -61,6 +72,10 @@ pub struct Worker {
     /// Index into `settle_nets` by tenant id.
     pub(crate) settle_net_of: HashMap<String, usize>,
     pub counter: u64,
+    /// Settles dropped as of the last [`Worker::newly_dropped`].
+    pub(crate) dropped_reported: u64,
+    /// The plugin is being removed: settles are sent until this time (ms).
+    pub draining_until: Option<u64>,
 }
 
 /// One tenant's netted settles (see [`Worker::settle_nets`]).
@@ -114,6 +129,8 @@ impl Worker {
             settle_nets: Vec::new(),
             settle_net_of: HashMap::new(),
             counter: 0,
+            dropped_reported: 0,
+            draining_until: None,
         }
     }
 
@@ -325,6 +342,63 @@ impl Worker {
             log::warn!("tollgate: settle journal full; dropped {dropped} settles");
         }
         dropped
+    }
+
+    /// A request id for a request that brought none: unique per VM and
+    /// time-ordered.
+    pub fn new_request_id(&mut self, now_ms: u64) -> String {
+        self.counter = self.counter.wrapping_add(1);
+        format!("tg-{:012x}{:08x}", now_ms, self.counter as u32)
+    }
+
+    /// The settles to send now (every queued one with `force`), merged per
+    /// tenant where they can be, at most [`MAX_SETTLES_IN_FLIGHT`] in flight.
+    /// Settles of finished requests are netted into the outbox first.
+    pub fn settles_due(&mut self, now_ms: u64, force: bool) -> Vec<outbox::Entry> {
+        self.queue_settle_nets();
+        let room = MAX_SETTLES_IN_FLIGHT.saturating_sub(self.journal.in_flight());
+        outbox::merge(self.journal.due(if force { u64::MAX } else { now_ms }, room))
+    }
+
+    /// How many settles the outbox dropped since the last call.
+    pub fn newly_dropped(&mut self) -> u64 {
+        let n = self.journal.dropped.saturating_sub(self.dropped_reported);
+        self.dropped_reported = self.journal.dropped;
+        n
+    }
+
+    /// The plugin is being removed (a configuration push replaced it, or
+    /// Envoy stops): unused lease quota is given back and the drain starts:
+    /// every queued settle is to be sent at once, and settles that follow
+    /// from answers (a replay's settle) for up to [`DRAIN_MS`]. Returns the
+    /// leases given back and the settles pending.
+    pub fn start_drain(&mut self, plugin: &Plugin, now_ms: u64) -> (usize, usize) {
+        let leases = self.release_leases(plugin, now_ms);
+        let queued = self.pending_settles();
+        self.draining_until = Some(now_ms.saturating_add(DRAIN_MS));
+        (leases, queued)
+    }
+
+    /// While draining: whether settles that follow from answers may still
+    /// be sent at `now_ms`.
+    pub fn drain_sends(&self, now_ms: u64) -> bool {
+        self.draining_until.is_some_and(|until| now_ms < until)
+    }
+
+    /// While draining: whether the drain is over (no settle in flight).
+    /// What is still queued then (settles whose call failed) is dropped and
+    /// counted in the outbox.
+    pub fn drain_finished(&mut self) -> bool {
+        if self.draining_until.is_none() || self.journal.in_flight() > 0 {
+            return false;
+        }
+        let queued = self.journal.pending().saturating_sub(self.journal.in_flight());
+        if queued > 0 {
+            let lost = self.journal.drop_queued();
+            log::warn!("tollgate: plugin removed with {lost} settles unsent (the rate-limit service did not answer)");
+        }
+        self.draining_until = None;
+        true
     }
 
     /// Settles not yet answered: in the journal, or netted and not yet in it.

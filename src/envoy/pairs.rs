@@ -42,6 +42,15 @@ pub fn decode(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     (pos == bytes.len()).then_some(out)
 }
 
+/// The `:status` of a response header map in the pairs encoding (0 when
+/// absent or unreadable).
+pub fn status(bytes: &[u8]) -> u16 {
+    decode(bytes)
+        .and_then(|p| p.into_iter().find(|(k, _)| *k == b":status"))
+        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A header map in the pairs encoding (`proxy_get_header_map_pairs`), as
 /// text. Header bytes that are not UTF-8 (HTTP allows obs-text, bytes
 /// 0x80-0xFF, in values) become U+FFFD here; the host's copy is untouched.
@@ -241,5 +250,13 @@ mod tests {
         let mut truncated = enc(&[(b"a", b"b")]);
         truncated.pop();
         assert!(decode(&truncated).is_none());
+    }
+
+    #[test]
+    fn status_is_read_from_the_pairs_or_zero() {
+        assert_eq!(status(&encode(&[(":status", "429"), ("x", "y")])), 429);
+        assert_eq!(status(&encode(&[("x", "y")])), 0);
+        assert_eq!(status(&encode(&[(":status", "abc")])), 0);
+        assert_eq!(status(b"junk"), 0);
     }
 }

@@ -57,6 +57,35 @@ pub enum Answer {
     Rejected,
 }
 
+impl Answer {
+    /// Classifies the service's answer to a journal call: `status` is the
+    /// gRPC status, `body` the response message (`None`: it could not be
+    /// read). INVALID_ARGUMENT will never succeed: it is dropped (counted)
+    /// rather than retried until the journal overflows.
+    pub fn of(status: u32, body: Option<&[u8]>) -> Answer {
+        if status == 3 {
+            return Answer::Rejected;
+        }
+        if status != 0 {
+            return Answer::Failed;
+        }
+        match body.map(<rls::RateLimitResponse as prost::Message>::decode) {
+            Some(Ok(r)) if r.overall_code == rls::Code::OverLimit as i32 => Answer::Refused,
+            Some(Ok(_)) => Answer::Applied,
+            _ => Answer::Failed,
+        }
+    }
+
+    /// The counter a settle's answer increments.
+    pub fn metric(self) -> &'static str {
+        match self {
+            Answer::Rejected => "tollgate.settle.rejected",
+            Answer::Applied | Answer::Refused => "tollgate.settle.ok",
+            Answer::Failed => "tollgate.settle.retried",
+        }
+    }
+}
+
 /// First retry delay; doubles per attempt up to [`MAX_BACKOFF_MS`].
 pub const BASE_BACKOFF_MS: u64 = 200;
 pub const MAX_BACKOFF_MS: u64 = 10_000;
@@ -379,5 +408,24 @@ mod tests {
         assert!(j.answered(2, Answer::Refused, 20_000));
         let keys: Vec<String> = j.due(20_000, 10).into_iter().map(|x| x.idempotency_key).collect();
         assert_eq!(keys, vec!["refund".to_string(), "charge".to_string()]);
+    }
+
+    #[test]
+    fn answers_are_classified_by_status_and_overall_code() {
+        use prost::Message as _;
+        let over = rls::RateLimitResponse { overall_code: rls::Code::OverLimit as i32, ..Default::default() };
+        let ok = rls::RateLimitResponse { overall_code: rls::Code::Ok as i32, ..Default::default() };
+        assert_eq!(Answer::of(0, Some(&over.encode_to_vec())), Answer::Refused);
+        assert_eq!(Answer::of(0, Some(&ok.encode_to_vec())), Answer::Applied);
+        // An empty message is a default response: applied.
+        assert_eq!(Answer::of(0, Some(&[])), Answer::Applied);
+        assert_eq!(Answer::of(0, None), Answer::Failed);
+        assert_eq!(Answer::of(0, Some(&[0xff, 0xff])), Answer::Failed);
+        assert_eq!(Answer::of(3, Some(&ok.encode_to_vec())), Answer::Rejected);
+        assert_eq!(Answer::of(14, None), Answer::Failed);
+        assert_eq!(Answer::of(4, Some(&ok.encode_to_vec())), Answer::Failed);
+        assert_eq!(Answer::Rejected.metric(), "tollgate.settle.rejected");
+        assert_eq!(Answer::Refused.metric(), "tollgate.settle.ok");
+        assert_eq!(Answer::Failed.metric(), "tollgate.settle.retried");
     }
 }

@@ -1,6 +1,7 @@
 //! What does the core ask the host to do? The steps a request's flow answers
 //! each host callback with; `crate::host` carries them out and nothing else.
 
+use std::borrow::Cow;
 use std::rc::Rc;
 
 use crate::llm::LocalReply;
@@ -84,12 +85,84 @@ impl BodyOut {
         self.edit == ChunkEdit::Unchanged && self.append.is_empty()
     }
 
+    /// The host writes that turn a chunk of `size` bytes into what this
+    /// forwards, in order. A write `(start, len, data)` replaces `len` bytes
+    /// at `start` with `data` (`len = 0` inserts; a start at or past the end
+    /// appends), which is what proxy-wasm's `set_buffer` does. Only the bytes
+    /// that change cross into the host: a released hold is prepended, a new
+    /// hold cuts the chunk's tail, a removed leading event is drained.
+    ///
+    /// `chunk` is the whole chunk, or `None` when only a window of it was
+    /// read. An edit that needs the chunk's bytes
+    /// ([`ChunkEdit::needs_chunk_bytes`]) and did not get all of them writes
+    /// nothing to the chunk (it goes out as it came), only the append.
+    pub fn writes<'a>(&'a self, chunk: Option<&'a [u8]>, size: usize) -> Vec<BufferWrite<'a>> {
+        let mut out = Vec::new();
+        let mut len = size;
+        let readable = match chunk {
+            Some(c) => c.len() == size,
+            None => false,
+        };
+        match &self.edit {
+            ChunkEdit::Unchanged => {}
+            edit if edit.needs_chunk_bytes(size) && !readable => {}
+            ChunkEdit::Splice { prefix, from, to } => {
+                let (from, to) = ((*from).min(size), (*to).min(size));
+                if to < size {
+                    let kept = chunk.and_then(|c| c.get(from..to)).unwrap_or(&[]);
+                    out.push(BufferWrite { start: 0, len: size, data: Cow::Borrowed(kept) });
+                    len = to.saturating_sub(from);
+                } else if from > 0 {
+                    out.push(BufferWrite { start: 0, len: from, data: Cow::Borrowed(&[]) });
+                    len = size.saturating_sub(from);
+                }
+                if !prefix.is_empty() {
+                    out.push(BufferWrite { start: 0, len: 0, data: Cow::Borrowed(prefix) });
+                    len = len.saturating_add(prefix.len());
+                }
+            }
+            ChunkEdit::Replace(bytes) => {
+                out.push(BufferWrite { start: 0, len: size, data: Cow::Borrowed(bytes) });
+                len = bytes.len();
+            }
+            edit @ ChunkEdit::Ranges { .. } => {
+                let bytes = edit.apply(chunk.unwrap_or(&[]));
+                len = bytes.len();
+                out.push(BufferWrite { start: 0, len: size, data: Cow::Owned(bytes) });
+            }
+        }
+        if !self.append.is_empty() {
+            out.push(BufferWrite { start: len, len: 0, data: Cow::Borrowed(&self.append) });
+        }
+        out
+    }
+
     /// The bytes forwarded for `chunk` (for tests and tools; the filter
     /// applies the edit in place).
     pub fn bytes(&self, chunk: &[u8]) -> Vec<u8> {
         let mut out = self.edit.apply(chunk);
         out.extend_from_slice(&self.append);
         out
+    }
+}
+
+/// One write into a host buffer: replace `len` bytes at `start` with `data`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BufferWrite<'a> {
+    pub start: usize,
+    pub len: usize,
+    pub data: Cow<'a, [u8]>,
+}
+
+impl BufferWrite<'_> {
+    /// Carries the write out on `buf` as proxy-wasm's `set_buffer` does.
+    pub fn apply_to(&self, buf: &mut Vec<u8>) {
+        if self.start >= buf.len() {
+            buf.extend_from_slice(&self.data);
+        } else {
+            let end = self.start.saturating_add(self.len).min(buf.len());
+            buf.splice(self.start..end, self.data.iter().copied());
+        }
     }
 }
 
@@ -105,4 +178,50 @@ pub struct Finish {
     pub headers: Vec<(String, String)>,
     /// Bytes appended to a stream (the optional usage comment).
     pub append: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_result(out: &BodyOut, chunk: &[u8], give: Option<&[u8]>) -> Vec<u8> {
+        let mut buf = chunk.to_vec();
+        for w in out.writes(give, chunk.len()) {
+            w.apply_to(&mut buf);
+        }
+        buf
+    }
+
+    #[test]
+    fn host_writes_forward_exactly_what_the_edit_says() {
+        let chunk: Vec<u8> = (0u8..40).collect();
+        let n = chunk.len();
+        let mut edits = vec![ChunkEdit::Unchanged, ChunkEdit::Replace(b"new".to_vec()), ChunkEdit::Replace(Vec::new())];
+        for prefix in [Vec::new(), b"held".to_vec()] {
+            for (from, to) in [(0, n), (0, 10), (5, n), (5, 30), (n, n), (0, 0), (7, 7)] {
+                edits.push(ChunkEdit::Splice { prefix: prefix.clone(), from, to });
+            }
+            edits.push(ChunkEdit::Ranges { prefix: prefix.clone(), keep: vec![(0, 3), (10, 20), (35, 40)] });
+            edits.push(ChunkEdit::Ranges { prefix: prefix.clone(), keep: Vec::new() });
+        }
+        for edit in edits {
+            for append in [Vec::new(), b"tail".to_vec()] {
+                let out = BodyOut { edit: edit.clone(), append };
+                assert_eq!(host_result(&out, &chunk, Some(&chunk)), out.bytes(&chunk), "{out:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_edit_that_needs_unread_bytes_leaves_the_chunk_as_it_came() {
+        let chunk: Vec<u8> = (0u8..40).collect();
+        let out = BodyOut { edit: ChunkEdit::Splice { prefix: Vec::new(), from: 0, to: 10 }, append: b"x".to_vec() };
+        let mut expected = chunk.clone();
+        expected.extend_from_slice(b"x");
+        assert_eq!(host_result(&out, &chunk, None), expected);
+        assert_eq!(host_result(&out, &chunk, Some(&chunk[..5])), expected);
+        // A suffix kept needs no bytes: drained at the front without reading.
+        let out = BodyOut { edit: ChunkEdit::Splice { prefix: b"p".to_vec(), from: 30, to: 40 }, append: Vec::new() };
+        assert_eq!(host_result(&out, &chunk, None), out.bytes(&chunk));
+    }
 }

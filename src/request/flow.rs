@@ -30,6 +30,7 @@ use crate::ratelimit::outbox::{self};
 use crate::ratelimit::descriptors::{self, Amounts, LimitKind, LimitState, Verdict};
 use crate::request::header_plan::{self};
 use crate::llm::inspect::{self, RequestInfo};
+use crate::metering::metrics;
 use crate::rls;
 use crate::metering::tap::StreamTap;
 use crate::metering::usage::{self, MeterLimits, ResponseMeter, Usage, UsageFormat};
@@ -156,6 +157,14 @@ impl RequestFlow {
 
     pub fn tenant(&self) -> Option<&crate::config::Tenant> {
         self.tenant.and_then(|i| self.plugin.tenants.get(i))
+    }
+
+    /// The counter a refusal of this request increments: by tenant (or
+    /// `unknown`) and refusal code.
+    pub fn refusal_metric(&self, reply: &LocalReply) -> String {
+        let tenant = self.tenant().map_or("unknown", |t| t.id.as_str());
+        let code = reply.header("x-tollgate-error").unwrap_or("unknown");
+        metrics::refused(tenant, code)
     }
 
     fn family(&self) -> Family {
