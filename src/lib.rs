@@ -15,5 +15,7 @@ pub mod metering;
 pub mod ratelimit;
 pub mod request;
 pub mod worker;
-pub mod rls;
+
+/// The RLS wire contract shared with the rate-limit service.
+pub use rls_contract as rls;
 

@@ -8,13 +8,26 @@
 
 use chrono::{DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, TimeZone};
 use chrono_tz::Tz;
+use rls_contract::Unit;
 
-/// The two kinds of calendar window.
+/// The three kinds of calendar window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CalendarUnit {
     Day,
     Month,
     Year,
+}
+
+impl CalendarUnit {
+    /// The window kind of a calendar unit; `None` for the smooth rates.
+    pub fn of(unit: Unit) -> Option<Self> {
+        match unit {
+            Unit::Day => Some(Self::Day),
+            Unit::Month => Some(Self::Month),
+            Unit::Year => Some(Self::Year),
+            Unit::Second | Unit::Minute | Unit::Hour => None,
+        }
+    }
 }
 
 /// A half-open window `[start_ms, end_ms)` in Unix milliseconds.

@@ -27,7 +27,7 @@ use std::path::Path;
 use chrono_tz::Tz;
 use serde::Deserialize;
 
-use crate::plan::Unit;
+use rls_contract::{is_reserved, Unit, ANCHOR_DAYS, RESERVED_PREFIX};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -205,10 +205,9 @@ fn compile_level(
             path: path.clone(),
             reason,
         };
-        if d.key.starts_with(crate::plan::RESERVED_PREFIX) {
+        if is_reserved(&d.key) {
             return Err(invalid(format!(
-                "keys starting with {:?} are reserved",
-                crate::plan::RESERVED_PREFIX
+                "keys starting with {RESERVED_PREFIX:?} are reserved"
             )));
         }
         let mut child = Node::default();
@@ -230,12 +229,13 @@ fn compile_level(
 fn compile_limit(rl: &RateLimitConfig) -> Result<StaticLimit, String> {
     let unit = Unit::parse_name(&rl.unit).ok_or_else(|| {
         format!(
-            "unknown unit {:?} (second, minute, hour, day, month, year)",
-            rl.unit
+            "unknown unit {:?} ({})",
+            rl.unit,
+            Unit::ALL.map(Unit::name).join(", ")
         )
     })?;
     if let Some(a) = rl.anchor_day {
-        if !(1..=31).contains(&a) {
+        if !ANCHOR_DAYS.contains(&a) {
             return Err(format!("anchor_day {a} is not in 1..=31"));
         }
     }

@@ -2,7 +2,19 @@
 //! `{<domain>|<first entry value>}` hash tag, so one Lua script may touch them
 //! all in Redis Cluster.
 
-use crate::plan::Mode;
+use rls_contract::{Mode, Unit};
+
+/// The unit's part of a counter key (one letter; keep: it is in stored keys).
+pub fn unit_tag(unit: Unit) -> &'static str {
+    match unit {
+        Unit::Second => "s",
+        Unit::Minute => "m",
+        Unit::Hour => "h",
+        Unit::Day => "D",
+        Unit::Month => "M",
+        Unit::Year => "Y",
+    }
+}
 
 /// Escape the characters that structure keys (`{ } | : = %`), so a value
 /// cannot end the hash tag early or collide with another key's layout.
@@ -44,6 +56,8 @@ pub fn counter_key(tag: &str, unit: &str, window_start_ms: Option<i64>, entries:
 }
 
 /// `tg:{tag}:idem:<mode>:<key>`: a reserve and a settle may reuse one request id.
+/// The mode words are spelled here, not taken from the metadata values: they
+/// are part of stored keys.
 pub fn idempotency_key(tag: &str, mode: Mode, key: &str) -> String {
     let mode = match mode {
         Mode::Reserve => "reserve",
@@ -61,5 +75,14 @@ mod tests {
         assert_eq!(hash_tag("d", "a}b{c"), "{d|a%7Db%7Bc}");
         assert_eq!(counter_key("{d|x}", "m", None, &[("tenant", "x"), ("m", "a=b")]), "tg:{d|x}:m:tenant=x|m=a%3Db");
         assert_eq!(counter_key("{d|x}", "D", Some(5), &[("t", "x")]), "tg:{d|x}:D:5:t=x");
+        assert_eq!(Unit::ALL.map(unit_tag), ["s", "m", "h", "D", "M", "Y"]);
+        assert_eq!(
+            idempotency_key("{d|x}", Mode::Reserve, "k"),
+            "tg:{d|x}:idem:reserve:k"
+        );
+        assert_eq!(
+            idempotency_key("{d|x}", Mode::Settle, "k"),
+            "tg:{d|x}:idem:settle:k"
+        );
     }
 }

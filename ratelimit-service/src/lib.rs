@@ -4,6 +4,19 @@
 //! storage behind [`storage::Storage`] (Redis single node or cluster, one Lua
 //! script per request in [`scripts`]), and thin tonic wiring in [`service`] and
 //! [`server`].
+//!
+//! The wire vocabulary (metadata keys and modes, reserved `tollgate.*`
+//! entries, units, bounds) comes from the `rls-contract` crate, shared with
+//! the filter; this crate declares none of it.
+//!
+//! Module dependencies, each on the ones before it only (no cycles):
+//! 1. [`clock`], [`scripts`], [`metrics`]: leaves;
+//! 2. [`calendar`], [`keys`], [`config`]: leaves too, besides `rls-contract`;
+//! 3. [`storage`] (on [`scripts`]);
+//! 4. [`plan`] (on [`calendar`], [`config`], [`keys`], [`storage`]);
+//! 5. [`response`] (on [`plan`], [`storage`]);
+//! 6. [`service`] (on [`clock`], [`config`], [`metrics`], [`plan`],
+//!    [`response`], [`storage`]), then [`server`] (on all the above).
 
 // A panic in the request path would drop a connection mid-decision.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]

@@ -1,7 +1,7 @@
 //! Pure translation of a `RateLimitRequest` (plus gRPC metadata) into a
 //! [`Plan`]: the counters to check and charge, in one batch for one Lua call.
 //!
-//! Conventions (see README.md):
+//! Conventions (see README.md; the names and bounds are `rls-contract`'s):
 //! - entries whose key starts with `tollgate.` are reserved parameters, not part of
 //!   the counter key: `tollgate.limit` (decimal u64, the full limit),
 //!   `tollgate.anchor_day` (1..=31) and `tollgate.tz` (IANA zone);
@@ -14,108 +14,25 @@ use chrono_tz::Tz;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 
+use rls_contract::{
+    is_reserved, is_valid_idempotency_key, Mode, Unit, ANCHOR_DAYS, KEY_ANCHOR_DAY, KEY_LIMIT,
+    KEY_TZ, MAX_DESCRIPTORS, MAX_EXACT, MAX_IDEMPOTENCY_KEY, META_IDEMPOTENCY_KEY, META_MODE,
+    MODE_RESERVE, MODE_SETTLE, RESERVED_PREFIX,
+};
+
 use crate::calendar::{self, CalendarUnit};
 use crate::config::StaticLimits;
 use crate::keys;
 use crate::storage::{Algorithm, Batch, Counter, Idempotency};
 
-pub const RESERVED_PREFIX: &str = "tollgate.";
-pub const KEY_LIMIT: &str = "tollgate.limit";
-pub const KEY_ANCHOR_DAY: &str = "tollgate.anchor_day";
-pub const KEY_TZ: &str = "tollgate.tz";
-
-/// Limits and hits above 2^53 - 1 cannot be counted exactly by Redis Lua
-/// (doubles): larger limits are clamped to it, larger hits are refused.
-pub const MAX_EXACT: u64 = (1 << 53) - 1;
-/// Upper bound on descriptors per request (a defence, far above real use).
-pub const MAX_DESCRIPTORS: usize = 64;
-/// Upper bound on the idempotency key length.
-pub const MAX_IDEMPOTENCY_KEY: usize = 256;
-
-/// gRPC metadata carrying the request mode (`settle`; absent or `reserve` = normal).
-pub const META_MODE: &str = "x-tollgate-mode";
-/// gRPC metadata carrying the idempotency key.
-pub const META_IDEMPOTENCY_KEY: &str = "x-tollgate-idempotency-key";
-
-/// A limit's unit; same numbers as `RateLimitUnit` in the protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unit {
-    Second = 1,
-    Minute = 2,
-    Hour = 3,
-    Day = 4,
-    Month = 5,
-    Year = 6,
-}
-
-impl Unit {
-    pub fn from_proto(v: i32) -> Option<Self> {
-        Some(match v {
-            1 => Self::Second,
-            2 => Self::Minute,
-            3 => Self::Hour,
-            4 => Self::Day,
-            5 => Self::Month,
-            6 => Self::Year,
-            _ => return None,
-        })
+/// A GCRA period for the smooth units (SECOND, MINUTE, HOUR).
+fn period_ms(unit: Unit) -> Option<u64> {
+    match unit {
+        Unit::Second => Some(1_000),
+        Unit::Minute => Some(60_000),
+        Unit::Hour => Some(3_600_000),
+        Unit::Day | Unit::Month | Unit::Year => None,
     }
-
-    pub fn parse_name(s: &str) -> Option<Self> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "second" => Self::Second,
-            "minute" => Self::Minute,
-            "hour" => Self::Hour,
-            "day" => Self::Day,
-            "month" => Self::Month,
-            "year" => Self::Year,
-            _ => return None,
-        })
-    }
-
-    pub fn is_calendar(self) -> bool {
-        matches!(self, Self::Day | Self::Month | Self::Year)
-    }
-
-    /// GCRA period for the smooth units.
-    pub fn period_ms(self) -> Option<u64> {
-        match self {
-            Self::Second => Some(1_000),
-            Self::Minute => Some(60_000),
-            Self::Hour => Some(3_600_000),
-            _ => None,
-        }
-    }
-
-    fn calendar(self) -> Option<CalendarUnit> {
-        match self {
-            Self::Day => Some(CalendarUnit::Day),
-            Self::Month => Some(CalendarUnit::Month),
-            Self::Year => Some(CalendarUnit::Year),
-            _ => None,
-        }
-    }
-
-    fn tag(self) -> &'static str {
-        match self {
-            Self::Second => "s",
-            Self::Minute => "m",
-            Self::Hour => "h",
-            Self::Day => "D",
-            Self::Month => "M",
-            Self::Year => "Y",
-        }
-    }
-}
-
-/// How the charges of a request apply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
-    /// All-or-nothing: refused (and nothing charged) if any descriptor would go over.
-    #[default]
-    Reserve,
-    /// Charges and refunds apply unconditionally; the answer is OK.
-    Settle,
 }
 
 /// What the gRPC metadata of a request says.
@@ -134,7 +51,7 @@ pub enum PlanError {
         value: String,
         reason: &'static str,
     },
-    #[error("descriptor {index}: unknown reserved entry {key:?} (keys starting with \"tollgate.\" are reserved)")]
+    #[error("descriptor {index}: unknown reserved entry {key:?} (keys starting with {RESERVED_PREFIX:?} are reserved)")]
     UnknownReserved { index: usize, key: String },
     #[error("descriptor {index}: reserved entry {key:?} appears twice")]
     DuplicateReserved { index: usize, key: String },
@@ -152,7 +69,7 @@ pub enum PlanError {
     TooManyDescriptors { count: usize },
     #[error("descriptor {index}: {reason}")]
     Calendar { index: usize, reason: String },
-    #[error("invalid {META_MODE} metadata {0:?}: expected \"settle\" or \"reserve\"")]
+    #[error("invalid {META_MODE} metadata {0:?}: expected {MODE_SETTLE:?} or {MODE_RESERVE:?}")]
     BadMode(String),
     #[error("invalid {META_IDEMPOTENCY_KEY} metadata: must be 1..={MAX_IDEMPOTENCY_KEY} bytes of visible ASCII")]
     BadIdempotencyKey,
@@ -200,23 +117,14 @@ pub struct PlanSettings {
 
 /// Parse the tollgate metadata values (already extracted from gRPC metadata).
 pub fn parse_meta(mode: Option<&str>, idempotency_key: Option<&str>) -> Result<RequestMeta, PlanError> {
-    let mode = match mode.map(str::trim) {
+    let mode = match mode {
         None => Mode::Reserve,
-        Some(m) if m.eq_ignore_ascii_case("settle") => Mode::Settle,
-        Some(m) if m.eq_ignore_ascii_case("reserve") || m.is_empty() => Mode::Reserve,
-        Some(m) => return Err(PlanError::BadMode(m.to_owned())),
+        Some(m) => Mode::parse(m).ok_or_else(|| PlanError::BadMode(m.trim().to_owned()))?,
     };
     let idempotency_key = match idempotency_key {
         None => None,
-        Some(k) => {
-            let ok = !k.is_empty()
-                && k.len() <= MAX_IDEMPOTENCY_KEY
-                && k.bytes().all(|b| b.is_ascii_graphic());
-            if !ok {
-                return Err(PlanError::BadIdempotencyKey);
-            }
-            Some(k.to_owned())
-        }
+        Some(k) if is_valid_idempotency_key(k) => Some(k.to_owned()),
+        Some(_) => return Err(PlanError::BadIdempotencyKey),
     };
     Ok(RequestMeta { mode, idempotency_key })
 }
@@ -231,7 +139,7 @@ struct Reserved<'a> {
 
 fn parse_reserved<'a>(index: usize, d: &'a RateLimitDescriptor) -> Result<Reserved<'a>, PlanError> {
     let mut r = Reserved::default();
-    for e in d.entries.iter().filter(|e| e.key.starts_with(RESERVED_PREFIX)) {
+    for e in d.entries.iter().filter(|e| is_reserved(&e.key)) {
         if r.seen.contains(&e.key.as_str()) {
             return Err(PlanError::DuplicateReserved { index, key: e.key.clone() });
         }
@@ -255,7 +163,7 @@ fn parse_reserved<'a>(index: usize, d: &'a RateLimitDescriptor) -> Result<Reserv
                     .value
                     .parse::<u32>()
                     .map_err(|_| invalid("expected a day of month 1..=31"))?;
-                if !(1..=31).contains(&a) {
+                if !ANCHOR_DAYS.contains(&a) {
                     return Err(invalid("expected a day of month 1..=31"));
                 }
                 r.anchor_day = Some(a);
@@ -292,7 +200,7 @@ pub fn build(
         let entries: Vec<(&str, &str)> = d
             .entries
             .iter()
-            .filter(|e| !e.key.starts_with(RESERVED_PREFIX))
+            .filter(|e| !is_reserved(&e.key))
             .map(|e| (e.key.as_str(), e.value.as_str()))
             .collect();
         let Some(&(_, first_value)) = entries.first() else {
@@ -333,7 +241,7 @@ pub fn build(
         }
 
         let tag = keys::hash_tag(&req.domain, first_value);
-        let algorithm = match (unit.period_ms(), unit.calendar()) {
+        let algorithm = match (period_ms(unit), CalendarUnit::of(unit)) {
             (Some(period_ms), _) => Algorithm::Gcra { period_ms },
             (None, Some(cu)) => {
                 let w = calendar::window(cu, now_ms, tz.unwrap_or(Tz::UTC), anchor.unwrap_or(1))
@@ -346,7 +254,7 @@ pub fn build(
             Algorithm::Calendar { start_ms, .. } => Some(start_ms),
             Algorithm::Gcra { .. } => None,
         };
-        let key = keys::counter_key(&tag, unit.tag(), window, &entries);
+        let key = keys::counter_key(&tag, keys::unit_tag(unit), window, &entries);
         counters.push(Counter {
             key,
             hash_tag: tag,
@@ -405,20 +313,6 @@ mod tests {
     }
 
     const S: PlanSettings = PlanSettings { idempotency_ttl_ms: 1000, reserve_idempotency_ttl_ms: 1000 };
-
-    #[test]
-    fn the_filter_speaks_the_same_contract() {
-        // The filter (src/rls.rs) and this service each name the contract's
-        // keys; a rename on one side only would silently break limits.
-        use tollgate::rls;
-        assert_eq!(rls::KEY_LIMIT, KEY_LIMIT);
-        assert_eq!(rls::KEY_ANCHOR_DAY, KEY_ANCHOR_DAY);
-        assert_eq!(rls::KEY_TZ, KEY_TZ);
-        assert_eq!(rls::META_MODE, META_MODE);
-        assert_eq!(rls::META_IDEMPOTENCY_KEY, META_IDEMPOTENCY_KEY);
-        assert!(rls::KEY_LIMIT.starts_with(RESERVED_PREFIX));
-        assert_eq!(parse_meta(Some(rls::MODE_SETTLE), None).unwrap().mode, Mode::Settle);
-    }
 
     #[test]
     fn reserved_entries_are_parameters() {
@@ -499,6 +393,14 @@ mod tests {
         assert!(parse_meta(None, Some("")).is_err());
         assert!(parse_meta(None, Some("has space")).is_err());
         assert_eq!(parse_meta(None, Some("req-1")).unwrap().idempotency_key.as_deref(), Some("req-1"));
+        assert_eq!(
+            parse_meta(Some(" yolo "), None).unwrap_err().to_string(),
+            "invalid x-tollgate-mode metadata \"yolo\": expected \"settle\" or \"reserve\""
+        );
+        assert_eq!(
+            PlanError::UnknownReserved { index: 0, key: "tollgate.x".into() }.to_string(),
+            "descriptor 0: unknown reserved entry \"tollgate.x\" (keys starting with \"tollgate.\" are reserved)"
+        );
     }
 
     #[test]

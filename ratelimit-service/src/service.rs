@@ -5,12 +5,13 @@ use std::time::Instant;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use rls_contract::{META_IDEMPOTENCY_KEY, META_MODE};
 use tonic::{Request, Response, Status};
 
 use crate::clock::Clock;
 use crate::config::StaticLimits;
 use crate::metrics::Metrics;
-use crate::plan::{self, PlanError, PlanSettings, RequestMeta, META_IDEMPOTENCY_KEY, META_MODE};
+use crate::plan::{self, PlanError, PlanSettings, RequestMeta};
 use crate::response;
 use crate::storage::{Outcome, Storage, StorageError};
 

@@ -7,8 +7,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use rls_contract::Mode;
 use tollgate_ratelimit::config::StaticLimits;
-use tollgate_ratelimit::plan::{Mode, RequestMeta};
+use tollgate_ratelimit::plan::RequestMeta;
 use tollgate_ratelimit::storage::redis::RedisTarget;
 
 const T0: i64 = 1_750_000_000_000;

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use common::*;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use rls_contract::Mode;
 use tollgate_ratelimit::config::StaticLimits;
-use tollgate_ratelimit::plan::{Mode, RequestMeta};
+use tollgate_ratelimit::plan::RequestMeta;
 use tollgate_ratelimit::storage::redis::RedisTarget;
 
 const T0: i64 = 1_750_000_000_000; // 2025-06-15T15:06:40Z

@@ -21,7 +21,7 @@ pub struct Counter {
     /// The `{...}` hash tag of `key`.
     pub hash_tag: String,
     pub algorithm: Algorithm,
-    /// The full limit, at most [`crate::plan::MAX_EXACT`].
+    /// The full limit, at most [`rls_contract::MAX_EXACT`].
     pub limit: u64,
     /// Hits to charge (or refund); 0 = pure check.
     pub hits: u64,

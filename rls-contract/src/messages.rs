@@ -1,37 +1,17 @@
-//! The Envoy RLS v3 wire messages the filter sends and reads.
+//! Which RLS v3 messages, with which field numbers, go between filter and service?
 //!
-//! `envoy-types` cannot build for wasm32, so the few messages tollgate needs
-//! are declared here with their field numbers (checked against `envoy-types`
-//! in a native test). tollgate's conventions on top of RLS v3 (see
-//! `ratelimit-service/README.md`):
-//! - entries whose key starts with `tollgate.` are parameters, not part of the
-//!   counter key: `tollgate.limit` (full u64 limit), `tollgate.anchor_day`,
-//!   `tollgate.tz`;
-//! - gRPC metadata `x-tollgate-mode: settle` applies charges unconditionally,
-//!   and `x-tollgate-idempotency-key` makes a call apply at most once.
+//! `envoy-types` cannot build for wasm32, so the few messages the filter needs
+//! are declared here by hand, with their field numbers; a native test checks
+//! them against `envoy-types`. The service itself decodes with `envoy-types`
+//! (it needs the tonic server), so these declarations are what the filter puts
+//! on the wire and reads back.
 
+/// The gRPC service the filter calls.
 pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+/// Its one method.
 pub const METHOD: &str = "ShouldRateLimit";
-pub const META_MODE: &str = "x-tollgate-mode";
-pub const META_IDEMPOTENCY_KEY: &str = "x-tollgate-idempotency-key";
-/// `META_MODE` of a settle (refunds and extra charges, never refused).
-pub const MODE_SETTLE: &str = "settle";
-pub const KEY_LIMIT: &str = "tollgate.limit";
-pub const KEY_ANCHOR_DAY: &str = "tollgate.anchor_day";
-pub const KEY_TZ: &str = "tollgate.tz";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
-#[repr(i32)]
-pub enum Unit {
-    Unknown = 0,
-    Second = 1,
-    Minute = 2,
-    Hour = 3,
-    Day = 4,
-    Month = 5,
-    Year = 6,
-}
-
+/// `RateLimitResponse.Code`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]
 pub enum Code {
@@ -40,6 +20,7 @@ pub enum Code {
     OverLimit = 2,
 }
 
+/// `RateLimitDescriptor.Entry`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Entry {
     #[prost(string, tag = "1")]
@@ -48,20 +29,25 @@ pub struct Entry {
     pub value: String,
 }
 
+/// `RateLimitDescriptor.RateLimitOverride`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct LimitOverride {
     #[prost(uint32, tag = "1")]
     pub requests_per_unit: u32,
-    #[prost(enumeration = "Unit", tag = "2")]
+    /// A [`crate::Unit`] by its RLS v3 number (`RateLimitUnit`; an enum is
+    /// an int32 on the wire).
+    #[prost(int32, tag = "2")]
     pub unit: i32,
 }
 
+/// `google.protobuf.UInt64Value`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct UInt64Value {
     #[prost(uint64, tag = "1")]
     pub value: u64,
 }
 
+/// `RateLimitDescriptor`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Descriptor {
     #[prost(message, repeated, tag = "1")]
@@ -74,6 +60,7 @@ pub struct Descriptor {
     pub is_negative_hits: bool,
 }
 
+/// `RateLimitRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RateLimitRequest {
     #[prost(string, tag = "1")]
@@ -84,6 +71,7 @@ pub struct RateLimitRequest {
     pub hits_addend: u32,
 }
 
+/// `RateLimitResponse.RateLimit`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RateLimit {
     #[prost(uint32, tag = "1")]
@@ -94,6 +82,7 @@ pub struct RateLimit {
     pub name: String,
 }
 
+/// `google.protobuf.Duration`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Duration {
     #[prost(int64, tag = "1")]
@@ -103,6 +92,7 @@ pub struct Duration {
 }
 
 impl Duration {
+    /// Whole milliseconds, rounded up; negative parts count as zero.
     pub fn as_millis(&self) -> u64 {
         let s = u64::try_from(self.seconds).unwrap_or(0);
         let n = u64::try_from(self.nanos).unwrap_or(0);
@@ -110,6 +100,7 @@ impl Duration {
     }
 }
 
+/// `RateLimitResponse.DescriptorStatus`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct DescriptorStatus {
     #[prost(enumeration = "Code", tag = "1")]
@@ -122,6 +113,7 @@ pub struct DescriptorStatus {
     pub duration_until_reset: Option<Duration>,
 }
 
+/// `RateLimitResponse`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RateLimitResponse {
     #[prost(enumeration = "Code", tag = "1")]
@@ -133,6 +125,7 @@ pub struct RateLimitResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Unit;
     use prost::Message;
 
     #[test]
@@ -141,8 +134,14 @@ mod tests {
         let ours = RateLimitRequest {
             domain: "tollgate".into(),
             descriptors: vec![Descriptor {
-                entries: vec![Entry { key: "tenant".into(), value: "acme".into() }],
-                limit: Some(LimitOverride { requests_per_unit: 7, unit: Unit::Minute as i32 }),
+                entries: vec![Entry {
+                    key: "tenant".into(),
+                    value: "acme".into(),
+                }],
+                limit: Some(LimitOverride {
+                    requests_per_unit: 7,
+                    unit: Unit::Minute as i32,
+                }),
                 hits_addend: Some(UInt64Value { value: 42 }),
                 is_negative_hits: true,
             }],
@@ -158,6 +157,8 @@ mod tests {
         assert_eq!((limit.requests_per_unit, limit.unit), (7, 2));
         assert_eq!(d.hits_addend.as_ref().map(|v| v.value), Some(42));
         assert!(d.is_negative_hits);
+        // Same bytes both ways: nothing of ours is lost or added.
+        assert_eq!(theirs.encode_to_vec(), ours.encode_to_vec());
     }
 
     #[test]
@@ -173,7 +174,10 @@ mod tests {
                     unit: 2,
                 }),
                 limit_remaining: 4,
-                duration_until_reset: Some(envoy_types::pb::google::protobuf::Duration { seconds: 6, nanos: 500_000_000 }),
+                duration_until_reset: Some(envoy_types::pb::google::protobuf::Duration {
+                    seconds: 6,
+                    nanos: 500_000_000,
+                }),
                 ..Default::default()
             }],
             ..Default::default()
@@ -182,7 +186,34 @@ mod tests {
         assert_eq!(ours.overall_code, Code::OverLimit as i32);
         let s = &ours.statuses[0];
         assert_eq!(s.limit_remaining, 4);
-        assert_eq!(s.current_limit.as_ref().unwrap().requests_per_unit, 10);
+        let current = s.current_limit.as_ref().unwrap();
+        assert_eq!(
+            (
+                current.requests_per_unit,
+                current.unit,
+                current.name.as_str()
+            ),
+            (10, Unit::Minute as i32, "rpm")
+        );
         assert_eq!(s.duration_until_reset.as_ref().unwrap().as_millis(), 6500);
+    }
+
+    #[test]
+    fn codes_and_units_have_the_protocol_numbers() {
+        use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit as PbUnit;
+        use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code as PbCode;
+        assert_eq!(Code::Ok as i32, PbCode::Ok as i32);
+        assert_eq!(Code::OverLimit as i32, PbCode::OverLimit as i32);
+        for (ours, theirs) in [
+            (Unit::Second, PbUnit::Second),
+            (Unit::Minute, PbUnit::Minute),
+            (Unit::Hour, PbUnit::Hour),
+            (Unit::Day, PbUnit::Day),
+            (Unit::Month, PbUnit::Month),
+            (Unit::Year, PbUnit::Year),
+        ] {
+            assert_eq!(ours as i32, theirs as i32, "{ours:?}");
+        }
+        assert_eq!(Unit::from_proto(PbUnit::Unknown as i32), None);
     }
 }

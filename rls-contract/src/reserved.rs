@@ -1,0 +1,45 @@
+//! Which descriptor entries are parameters rather than part of the counter key?
+//!
+//! An entry whose key starts with [`RESERVED_PREFIX`] tunes how its descriptor
+//! is counted; the service leaves it out of the counter key and refuses any
+//! reserved key it does not know. A caller never uses the prefix for its own
+//! entries.
+
+use std::ops::RangeInclusive;
+
+/// Keys with this prefix are reserved.
+pub const RESERVED_PREFIX: &str = "tollgate.";
+/// The full limit as a decimal u64 (the `limit` override, a u32, carries
+/// `min(limit, u32::MAX)` and the unit).
+pub const KEY_LIMIT: &str = "tollgate.limit";
+/// The day of the month a MONTH window renews, in [`ANCHOR_DAYS`] (clamped to
+/// the month's last day).
+pub const KEY_ANCHOR_DAY: &str = "tollgate.anchor_day";
+/// The IANA time zone of DAY, MONTH and YEAR windows (default UTC).
+pub const KEY_TZ: &str = "tollgate.tz";
+
+/// Every reserved key the service knows.
+pub const RESERVED_KEYS: [&str; 3] = [KEY_LIMIT, KEY_ANCHOR_DAY, KEY_TZ];
+
+/// The days of the month a `tollgate.anchor_day` may name.
+pub const ANCHOR_DAYS: RangeInclusive<u32> = 1..=31;
+
+/// Whether an entry with this key is a parameter, not part of the counter key.
+pub fn is_reserved(key: &str) -> bool {
+    key.starts_with(RESERVED_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reserved_key_has_the_prefix() {
+        for k in RESERVED_KEYS {
+            assert!(is_reserved(k), "{k}");
+        }
+        assert!(!is_reserved("tenant"));
+        assert!(!is_reserved("tollgate"));
+        assert_eq!((*ANCHOR_DAYS.start(), *ANCHOR_DAYS.end()), (1, 31));
+    }
+}
