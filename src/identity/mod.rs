@@ -4,3 +4,4 @@
 
 pub mod api_key;
 pub mod jwt;
+pub mod jwt_authn;
