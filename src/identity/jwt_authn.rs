@@ -31,10 +31,8 @@ pub fn claims_from_jwt_authn_payload(
         serde_json::from_slice(payload)
             .map_err(|_| JwtError::Malformed("jwt_authn payload is not a JSON object"))?
     } else {
-        use prost::Message as _;
-        let st = prost_types::Struct::decode(payload)
-            .map_err(|_| JwtError::Malformed("jwt_authn payload is not a protobuf Struct"))?;
-        struct_to_map(st)
+        crate::envoy::structs::struct_to_claims(payload)
+            .map_err(|_| JwtError::Malformed("jwt_authn payload is not a protobuf Struct"))?
     };
     if claims.is_empty() {
         return Err(JwtError::MissingToken);
@@ -57,29 +55,6 @@ pub fn claims_from_jwt_authn_payload(
         user_id,
         exp,
     })
-}
-
-fn struct_to_map(st: prost_types::Struct) -> Map<String, Value> {
-    st.fields
-        .into_iter()
-        .map(|(k, v)| (k, proto_value_to_json(v)))
-        .collect()
-}
-
-fn proto_value_to_json(v: prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match v.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::NumberValue(n)) => {
-            serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
-        }
-        Some(Kind::StringValue(s)) => Value::String(s),
-        Some(Kind::BoolValue(b)) => Value::Bool(b),
-        Some(Kind::StructValue(s)) => Value::Object(struct_to_map(s)),
-        Some(Kind::ListValue(l)) => {
-            Value::Array(l.values.into_iter().map(proto_value_to_json).collect())
-        }
-    }
 }
 
 #[cfg(test)]
