@@ -4,6 +4,7 @@
 
 pub mod api_key;
 pub mod jwt;
+pub mod jwt_authn;
 
 use crate::config::{Plugin, Tenant};
 use crate::identity::api_key::Headers;
