@@ -4,9 +4,24 @@
 //! called, so the provider SDKs surface a readable error (and, for 429s, act
 //! on the retry headers) instead of choking on an unfamiliar body.
 
+pub mod anthropic;
+pub mod gemini;
 pub mod inspect;
+pub mod observation;
+pub mod openai_chat;
+pub mod openai_embeddings;
+pub mod openai_responses;
+pub mod refusal;
+
+pub use observation::{Observation, RawCounts};
+pub use refusal::{render, retry_headers, LocalReply, Refusal};
 
 use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::llm::inspect::RequestInfo;
+use crate::llm::openai_chat::ChatBody;
+use crate::metering::usage::Usage;
 
 /// An inbound API, as configured on a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -52,249 +67,146 @@ impl Api {
     }
 }
 
-/// Why tollgate refused a request. Each kind has a stable machine code that
-/// appears in the body and in the `x-tollgate-error` response header.
+/// Where a fallback model was written by [`Api::swap_model`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    MissingApiKey,
-    InvalidApiKey,
-    TenantDisabled,
-    ProviderNotConfigured { provider: String },
-    UnknownRoute,
-    MethodNotAllowed,
-    BodyRequired,
-    RequestTooLarge { limit: u64 },
-    InvalidJson { detail: String },
-    InvalidRequest { detail: String },
-    ModelNotAllowed { model: String },
-    /// A refusal produced by another module (JWT, limits) with its own code.
-    Custom {
-        status: u16,
-        code: String,
-        message: String,
-    },
-    Internal { detail: String },
+pub enum ModelSwap {
+    /// In the request path (Gemini): the new `:path`.
+    Path(String),
+    /// In the body's `model` field (the body changed).
+    Body,
+    /// Nowhere: the body is not a JSON object.
+    Unchanged,
 }
 
-impl Refusal {
-    pub fn status(&self) -> u16 {
-        match self {
-            Refusal::MissingApiKey | Refusal::InvalidApiKey => 401,
-            Refusal::TenantDisabled
-            | Refusal::ModelNotAllowed { .. }
-            | Refusal::ProviderNotConfigured { .. } => 403,
-            Refusal::UnknownRoute => 404,
-            Refusal::MethodNotAllowed => 405,
-            Refusal::RequestTooLarge { .. } => 413,
-            Refusal::BodyRequired | Refusal::InvalidJson { .. } | Refusal::InvalidRequest { .. } => {
-                400
+impl ModelSwap {
+    /// Writes `to` into the body's `model` field.
+    pub(crate) fn in_body(body: &mut Value, to: &str) -> ModelSwap {
+        match body.as_object_mut() {
+            Some(obj) => {
+                obj.insert("model".into(), Value::String(to.to_string()));
+                ModelSwap::Body
             }
-            Refusal::Custom { status, .. } => *status,
-            Refusal::Internal { .. } => 500,
-        }
-    }
-
-    pub fn code(&self) -> &str {
-        match self {
-            Refusal::MissingApiKey => "missing_api_key",
-            Refusal::InvalidApiKey => "invalid_api_key",
-            Refusal::TenantDisabled => "tenant_disabled",
-            Refusal::ProviderNotConfigured { .. } => "provider_not_configured",
-            Refusal::UnknownRoute => "unknown_route",
-            Refusal::MethodNotAllowed => "method_not_allowed",
-            Refusal::BodyRequired => "body_required",
-            Refusal::RequestTooLarge { .. } => "request_too_large",
-            Refusal::InvalidJson { .. } => "invalid_json",
-            Refusal::InvalidRequest { .. } => "invalid_request",
-            Refusal::ModelNotAllowed { .. } => "model_not_allowed",
-            Refusal::Custom { code, .. } => code,
-            Refusal::Internal { .. } => "internal_error",
-        }
-    }
-
-    pub fn message(&self) -> String {
-        match self {
-            Refusal::MissingApiKey => "No API key was provided.".into(),
-            Refusal::InvalidApiKey => "The API key provided is not valid.".into(),
-            Refusal::TenantDisabled => "This account is disabled.".into(),
-            Refusal::ProviderNotConfigured { provider } => {
-                format!("This account has no credentials for provider '{provider}'.")
-            }
-            Refusal::UnknownRoute => "No LLM API is served at this path.".into(),
-            Refusal::MethodNotAllowed => "Only POST is accepted on this path.".into(),
-            Refusal::BodyRequired => "A JSON request body is required.".into(),
-            Refusal::RequestTooLarge { limit } => {
-                format!("The request body exceeds this account's limit of {limit} bytes.")
-            }
-            Refusal::InvalidJson { detail } => format!("The request body is not valid JSON: {detail}"),
-            Refusal::InvalidRequest { detail } => detail.clone(),
-            Refusal::ModelNotAllowed { model } => {
-                format!("The model '{model}' is not available to this account.")
-            }
-            Refusal::Custom { message, .. } => message.clone(),
-            Refusal::Internal { detail } => format!("Internal gateway error: {detail}"),
+            None => ModelSwap::Unchanged,
         }
     }
 }
 
-/// A complete local reply: status, headers and body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalReply {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl LocalReply {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+/// Everything that differs between APIs, dispatched to the API's module.
+impl Api {
+    /// The request facts of a parsed body (see [`inspect::inspect`]).
+    pub(crate) fn request_facts(self, path: &str, json: &Value) -> Result<RequestInfo, Refusal> {
+        match self {
+            Api::OpenaiChat => openai_chat::request_facts(json),
+            Api::OpenaiResponses => openai_responses::request_facts(json),
+            Api::OpenaiEmbeddings => openai_embeddings::request_facts(json),
+            Api::AnthropicMessages => anthropic::request_facts(json),
+            Api::Gemini => gemini::request_facts(path, json),
+        }
     }
-}
 
-fn openai_type(status: u16) -> &'static str {
-    match status {
-        401 => "invalid_request_error",
-        403 => "permission_error",
-        404 => "invalid_request_error",
-        429 => "rate_limit_error",
-        500..=599 => "server_error",
-        _ => "invalid_request_error",
+    /// Parses a request body and reads its facts.
+    pub fn inspect(self, path: &str, body: &[u8]) -> Result<(RequestInfo, Value), Refusal> {
+        inspect::inspect(self, path, body)
     }
-}
 
-fn anthropic_type(status: u16) -> &'static str {
-    match status {
-        401 => "authentication_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        413 => "request_too_large",
-        429 => "rate_limit_error",
-        529 | 503 => "overloaded_error",
-        500..=599 => "api_error",
-        _ => "invalid_request_error",
+    /// Writes `n` into the body's max-output field. `false` when the API has
+    /// none (embeddings): the body is unchanged.
+    pub fn clamp_output(self, body: &mut Map<String, Value>, n: u64) -> bool {
+        match self {
+            Api::OpenaiChat => openai_chat::clamp_output(body, n),
+            Api::OpenaiResponses => openai_responses::clamp_output(body, n),
+            Api::AnthropicMessages => anthropic::clamp_output(body, n),
+            Api::Gemini => gemini::clamp_output(body, n),
+            Api::OpenaiEmbeddings => return false,
+        }
+        true
     }
-}
 
-fn gemini_status(status: u16) -> &'static str {
-    match status {
-        400 | 413 => "INVALID_ARGUMENT",
-        401 => "UNAUTHENTICATED",
-        403 => "PERMISSION_DENIED",
-        404 => "NOT_FOUND",
-        405 => "INVALID_ARGUMENT",
-        429 => "RESOURCE_EXHAUSTED",
-        503 => "UNAVAILABLE",
-        504 => "DEADLINE_EXCEEDED",
-        _ => "INTERNAL",
+    /// Makes the request ask for model `to` instead of `from`.
+    pub fn swap_model(self, path: &str, body: &mut Value, from: &str, to: &str) -> ModelSwap {
+        match self {
+            Api::OpenaiChat => openai_chat::swap_model(body, to),
+            Api::OpenaiResponses => openai_responses::swap_model(body, to),
+            Api::OpenaiEmbeddings => openai_embeddings::swap_model(body, to),
+            Api::AnthropicMessages => anthropic::swap_model(body, to),
+            Api::Gemini => gemini::swap_model(path, from, to),
+        }
     }
-}
 
-/// Renders a refusal in the envelope of `family`.
-///
-/// `openai_type` lets the caller pick OpenAI's `error.type` where OpenAI has a
-/// specific one (`requests`, `tokens`, `insufficient_quota` for 429s).
-pub fn render(
-    family: Family,
-    refusal: &Refusal,
-    request_id: &str,
-    openai_type_override: Option<&str>,
-) -> LocalReply {
-    let status = refusal.status();
-    let code = refusal.code();
-    let message = refusal.message();
-    let body = match family {
-        Family::OpenAi => serde_json::json!({
-            "error": {
-                "message": message,
-                "type": openai_type_override.unwrap_or(openai_type(status)),
-                "param": null,
-                "code": code,
+    /// What one JSON object of a response says: a stream chunk (`streamed`)
+    /// or a whole body.
+    #[inline]
+    pub fn observe(self, doc: &Value, streamed: bool) -> Observation<'_> {
+        match self {
+            Api::OpenaiChat => openai_chat::observe(doc),
+            Api::OpenaiResponses => openai_responses::observe(doc, streamed),
+            Api::OpenaiEmbeddings => openai_embeddings::observe(doc),
+            Api::AnthropicMessages => anthropic::observe(doc),
+            Api::Gemini => gemini::observe(doc),
+        }
+    }
+
+    /// The counters of a usage object.
+    pub fn usage_counts(self, usage: &Value) -> RawCounts {
+        match self {
+            Api::OpenaiChat | Api::OpenaiResponses | Api::OpenaiEmbeddings => {
+                openai_chat::usage_counts(usage)
             }
-        }),
-        Family::Anthropic => serde_json::json!({
-            "type": "error",
-            "error": {
-                "type": anthropic_type(status),
-                "message": message,
-                "code": code,
-            },
-            "request_id": request_id,
-        }),
-        Family::Gemini => serde_json::json!({
-            "error": {
-                "code": status,
-                "message": message,
-                "status": gemini_status(status),
-                "details": [{
-                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                    "reason": code.to_ascii_uppercase(),
-                    "domain": "tollgate",
-                    "metadata": {"request_id": request_id},
-                }],
+            Api::AnthropicMessages => anthropic::usage_counts(usage),
+            Api::Gemini => gemini::usage_counts(usage),
+        }
+    }
+
+    /// The counters in the normalised [`Usage`] shape, by the API's convention.
+    pub fn normalise(self, raw: &RawCounts) -> Usage {
+        match self {
+            Api::OpenaiChat | Api::OpenaiResponses | Api::OpenaiEmbeddings => {
+                openai_chat::normalise(raw)
             }
-        }),
-    };
-    LocalReply {
-        status,
-        headers: vec![
-            ("content-type".into(), "application/json".into()),
-            ("x-tollgate-error".into(), code.to_string()),
-            ("x-request-id".into(), request_id.to_string()),
-        ],
-        body: body.to_string().into_bytes(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn json(reply: &LocalReply) -> serde_json::Value {
-        serde_json::from_slice(&reply.body).unwrap()
+            Api::AnthropicMessages => anthropic::normalise(raw),
+            Api::Gemini => gemini::normalise(raw),
+        }
     }
 
-    #[test]
-    fn openai_envelope() {
-        let r = render(Family::OpenAi, &Refusal::InvalidApiKey, "rid", None);
-        assert_eq!(r.status, 401);
-        let v = json(&r);
-        assert_eq!(v["error"]["code"], "invalid_api_key");
-        assert_eq!(v["error"]["type"], "invalid_request_error");
-        assert!(v["error"]["param"].is_null());
-        assert_eq!(r.header("x-tollgate-error"), Some("invalid_api_key"));
+    /// The key of the usage object (to salvage it from a document's tail).
+    pub fn usage_key(self) -> &'static [u8] {
+        match self {
+            Api::Gemini => b"\"usageMetadata\"",
+            _ => b"\"usage\"",
+        }
     }
 
-    #[test]
-    fn anthropic_envelope() {
-        let r = render(Family::Anthropic, &Refusal::TenantDisabled, "rid-1", None);
-        assert_eq!(r.status, 403);
-        let v = json(&r);
-        assert_eq!(v["type"], "error");
-        assert_eq!(v["error"]["type"], "permission_error");
-        assert_eq!(v["request_id"], "rid-1");
+    /// Whether a typed SSE event (not `message` or `error`) can matter.
+    #[inline]
+    pub fn wants_event(self, event: &str) -> bool {
+        match self {
+            Api::AnthropicMessages => anthropic::wants_event(event),
+            Api::OpenaiResponses => openai_responses::wants_event(event),
+            _ => true,
+        }
     }
 
-    #[test]
-    fn gemini_envelope() {
-        let r = render(Family::Gemini, &Refusal::RequestTooLarge { limit: 10 }, "r", None);
-        assert_eq!(r.status, 413);
-        let v = json(&r);
-        assert_eq!(v["error"]["code"], 413);
-        assert_eq!(v["error"]["status"], "INVALID_ARGUMENT");
-        assert_eq!(v["error"]["details"][0]["reason"], "REQUEST_TOO_LARGE");
+    /// Text bytes of a stream event that carries only deltas, read without a
+    /// JSON tree; `None` for a full parse (and for APIs without this path).
+    #[inline]
+    pub(crate) fn delta_text_len(self, data: &str) -> Option<u64> {
+        match self {
+            Api::OpenaiChat => openai_chat::delta_text_len(data),
+            _ => None,
+        }
     }
 
-    #[test]
-    fn openai_type_override_for_quota() {
-        let refusal = Refusal::Custom {
-            status: 429,
-            code: "budget_exceeded".into(),
-            message: "m".into(),
-        };
-        let r = render(Family::OpenAi, &refusal, "r", Some("insufficient_quota"));
-        assert_eq!(json(&r)["error"]["type"], "insufficient_quota");
+    /// A whole body read without a JSON tree (chat and embeddings); `None`
+    /// for a full parse.
+    pub(crate) fn read_whole_body(self, bytes: &[u8]) -> Option<ChatBody> {
+        match self {
+            Api::OpenaiChat | Api::OpenaiEmbeddings => openai_chat::read_chat_body(bytes),
+            _ => None,
+        }
+    }
+
+    /// Whether a response may be a JSON array of chunks (Gemini without `alt=sse`).
+    pub fn streams_json_array(self) -> bool {
+        self == Api::Gemini
     }
 }

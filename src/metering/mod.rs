@@ -1,6 +1,7 @@
 //! What did a response use and cost? SSE framing, byte scanning, the stream
 //! tap, usage, pricing and metric names.
 
+pub mod meter;
 pub mod metrics;
 pub mod pricing;
 pub mod scan;

@@ -76,7 +76,10 @@ use std::mem;
 
 use crate::metering::scan::Hits;
 use crate::metering::sse::SseParser;
-use crate::metering::usage::{is_usage_only_chunk, Metered, ResponseMeter, UsageFormat};
+use crate::llm::openai_chat::is_usage_only_chunk;
+use crate::llm::Api;
+use crate::metering::meter::ResponseMeter;
+use crate::metering::usage::Metered;
 
 /// An unfinished event larger than this is forwarded as it arrives even while
 /// it might be the usage-only chunk (which is a few hundred bytes).
@@ -461,7 +464,7 @@ impl StreamTap {
         if self.ended
             || self.mode == Mode::Delegate
             || self.streaming
-            || self.meter.format() != UsageFormat::OpenAiChat
+            || self.meter.api() != Api::OpenaiChat
             || !self.meter.is_streaming()
         {
             return None;
@@ -496,7 +499,7 @@ impl StreamTap {
                     }
                     return ChunkEdit::Unchanged;
                 };
-                let fast = self.meter.format() == UsageFormat::OpenAiChat
+                let fast = self.meter.api() == Api::OpenaiChat
                     && first != b'{'
                     && first != b'[';
                 if !fast {
@@ -969,7 +972,9 @@ fn choices_may_be_empty(after: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metering::usage::{MeterLimits, ResponseMeter, UsageFormat};
+    use crate::llm::Api;
+    use crate::metering::meter::ResponseMeter;
+    use crate::metering::usage::MeterLimits;
 
     const FIXTURES: &[&[u8]] = &[
         include_bytes!("../../tests/fixtures/openai_chat_stream_include_usage.sse"),
@@ -979,7 +984,7 @@ mod tests {
     ];
 
     fn chat_meter(limits: MeterLimits) -> ResponseMeter {
-        ResponseMeter::new(UsageFormat::OpenAiChat, true, limits)
+        ResponseMeter::new(Api::OpenaiChat, true, limits)
     }
 
     /// The meter alone (its own SSE parser, every event parsed).
@@ -1070,7 +1075,7 @@ mod tests {
         let mut out = String::new();
         for (i, ev) in text.split_inclusive(sep).enumerate() {
             let data = ev.trim_end().strip_prefix("data: ").unwrap_or("");
-            if crate::metering::usage::is_usage_only_chunk(data) {
+            if crate::llm::openai_chat::is_usage_only_chunk(data) {
                 continue;
             }
             let _ = i;
@@ -1203,7 +1208,7 @@ mod tests {
         assert!(!t.is_fast());
         assert_eq!(t.finish().usage.map(|u| u.total), Some(7));
         let anthropic: &[u8] = include_bytes!("../../tests/fixtures/anthropic_stream.sse");
-        let m = ResponseMeter::new(UsageFormat::AnthropicMessages, true, MeterLimits::default());
+        let m = ResponseMeter::new(Api::AnthropicMessages, true, MeterLimits::default());
         let mut t = StreamTap::new(m, false);
         assert_eq!(t.push(anthropic), ChunkEdit::Unchanged);
         assert!(!t.is_fast());

@@ -355,13 +355,7 @@ pub fn refusal_reply(family: Family, request_id: &str, states: &[LimitState], hi
         (false, _) => "tokens",
     };
     let mut reply = llm::render(family, &refusal, request_id, Some(openai_type));
-    let secs = hit.reset_ms.div_ceil(1000).max(1);
-    reply.headers.push(("retry-after".into(), secs.to_string()));
-    reply.headers.push(("retry-after-ms".into(), hit.reset_ms.max(1).to_string()));
-    reply.headers.push((
-        "x-should-retry".into(),
-        if kind.is_budget() { "false" } else { "true" }.into(),
-    ));
+    reply.headers.extend(llm::retry_headers(hit.reset_ms, !kind.is_budget()));
     reply.headers.push(("x-tollgate-limit".into(), kind.name().into()));
     reply.headers.extend(ratelimit_headers(states));
     reply

@@ -33,7 +33,8 @@ use crate::llm::inspect::{self, RequestInfo};
 use crate::metering::metrics;
 use crate::rls;
 use crate::metering::tap::StreamTap;
-use crate::metering::usage::{self, MeterLimits, ResponseMeter, Usage, UsageFormat};
+use crate::metering::meter::ResponseMeter;
+use crate::metering::usage::{self, MeterLimits, Usage};
 
 #[derive(Debug, Clone)]
 struct Reservation {
@@ -299,17 +300,13 @@ impl RequestFlow {
         if let (Some(fallback), Some(at)) = (&policy.fallback_model, policy.fallback_at_permille) {
             let used = self.shared.borrow().budget_used.get(&tenant_idx).copied().unwrap_or(0);
             if used >= u64::from(at) && *fallback != info.model {
-                if api == Api::Gemini {
-                    let new_path = self.path.replacen(
-                        &format!("/models/{}:", info.model),
-                        &format!("/models/{fallback}:"),
-                        1,
-                    );
-                    self.extra_headers.push((":path".into(), new_path.clone()));
-                    self.path = new_path;
-                } else if let Some(obj) = json.as_object_mut() {
-                    obj.insert("model".into(), Value::String(fallback.clone()));
-                    self.body_dirty = true;
+                match api.swap_model(&self.path, &mut json, &info.model, fallback) {
+                    llm::ModelSwap::Path(new_path) => {
+                        self.extra_headers.push((":path".into(), new_path.clone()));
+                        self.path = new_path;
+                    }
+                    llm::ModelSwap::Body => self.body_dirty = true,
+                    llm::ModelSwap::Unchanged => {}
                 }
                 self.model_served = fallback.clone();
                 self.fallback_used = true;
@@ -318,7 +315,7 @@ impl RequestFlow {
 
         // Usage for streams the client did not ask it for.
         if api == Api::OpenaiChat && info.stream && !info.include_usage && self.inject_usage
-            && usage::inject_include_usage(&mut json)
+            && llm::openai_chat::inject_include_usage(&mut json)
         {
             self.strip_usage = true;
             self.body_dirty = true;
@@ -340,9 +337,7 @@ impl RequestFlow {
                     };
                     self.phase = Phase::Refused;
                     let mut reply = llm::render(api.family(), &refusal, &self.request_id, Some("requests"));
-                    reply.headers.push(("retry-after".into(), "1".into()));
-                    reply.headers.push(("retry-after-ms".into(), "1000".into()));
-                    reply.headers.push(("x-should-retry".into(), "true".into()));
+                    reply.headers.extend(llm::retry_headers(1000, true));
                     return BodyStep::Reply(reply);
                 }
             }
@@ -459,30 +454,8 @@ impl RequestFlow {
     fn clamp_output(&mut self, n: u64) {
         let Some(api) = self.api else { return };
         let Some(obj) = self.body.as_mut().and_then(Value::as_object_mut) else { return };
-        match api {
-            Api::OpenaiChat => {
-                // Keep the client's choice of field; newer models accept only
-                // max_completion_tokens.
-                let field = if obj.contains_key("max_tokens") && !obj.contains_key("max_completion_tokens") {
-                    "max_tokens"
-                } else {
-                    "max_completion_tokens"
-                };
-                obj.insert(field.into(), n.into());
-            }
-            Api::OpenaiResponses => {
-                obj.insert("max_output_tokens".into(), n.into());
-            }
-            Api::AnthropicMessages => {
-                obj.insert("max_tokens".into(), n.into());
-            }
-            Api::Gemini => {
-                let gc = obj.entry("generationConfig").or_insert_with(|| Value::Object(Default::default()));
-                if let Some(gc) = gc.as_object_mut() {
-                    gc.insert("maxOutputTokens".into(), n.into());
-                }
-            }
-            Api::OpenaiEmbeddings => return,
+        if !api.clamp_output(obj, n) {
+            return;
         }
         self.body_dirty = true;
         self.clamped_to = Some(n);
@@ -614,9 +587,7 @@ impl RequestFlow {
                 message: "The rate limiter is unavailable and this account's local allowance is used up.".into(),
             };
             let mut reply = llm::render(self.family(), &refusal, &self.request_id, Some("requests"));
-            reply.headers.push(("retry-after".into(), reset_ms.div_ceil(1000).to_string()));
-            reply.headers.push(("retry-after-ms".into(), reset_ms.to_string()));
-            reply.headers.push(("x-should-retry".into(), "true".into()));
+            reply.headers.extend(llm::retry_headers(reset_ms, true));
             return BodyStep::Reply(reply);
         }
         self.reservation = Some(Reservation {
@@ -685,14 +656,7 @@ impl RequestFlow {
         let (Some(api), Some(info)) = (self.api, self.info.as_ref()) else {
             return step;
         };
-        let format = match api {
-            Api::OpenaiChat => UsageFormat::OpenAiChat,
-            Api::OpenaiResponses => UsageFormat::OpenAiResponses,
-            Api::OpenaiEmbeddings => UsageFormat::OpenAiEmbeddings,
-            Api::AnthropicMessages => UsageFormat::AnthropicMessages,
-            Api::Gemini => UsageFormat::Gemini,
-        };
-        let meter = ResponseMeter::new(format, info.stream, MeterLimits::default());
+        let meter = ResponseMeter::new(api, info.stream, MeterLimits::default());
         self.tap = Some(StreamTap::new(meter, self.strip_usage && (200..300).contains(&status)));
         self.hold_body = !info.stream && self.plugin.metering.usage_headers;
         step.hold_body = self.hold_body;

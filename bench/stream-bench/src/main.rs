@@ -21,7 +21,9 @@
 use std::time::Instant;
 
 use tollgate::metering::tap::{ChunkEdit, StreamTap};
-use tollgate::metering::usage::{MeterLimits, ResponseMeter, UsageFormat};
+use tollgate::llm::Api;
+use tollgate::metering::meter::ResponseMeter;
+use tollgate::metering::usage::MeterLimits;
 
 fn sse(json: &str) -> String {
     format!("data: {json}\n\n")
@@ -64,7 +66,7 @@ fn bulk_stream(total: usize, openai: bool) -> (Vec<u8>, u64, String) {
 fn run(body: &[u8], chunk: usize, strip: bool, edge: bool, collect: bool) -> (f64, u64, Vec<u8>, u64, usize) {
     let t0 = Instant::now();
     let mut tap = StreamTap::new(
-        ResponseMeter::new(UsageFormat::OpenAiChat, true, MeterLimits::default()),
+        ResponseMeter::new(Api::OpenaiChat, true, MeterLimits::default()),
         strip,
     );
     if !edge {

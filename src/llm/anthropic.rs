@@ -1,0 +1,177 @@
+//! What is specific to Anthropic Messages (`/v1/messages`): the request's
+//! fields, its max-output field, which stream events matter, how its usage
+//! adds up, and what each response document says.
+
+use serde_json::{Map, Value};
+
+use crate::llm::inspect::{body_model, body_stream, u64_at, RequestInfo};
+use crate::llm::observation::{count, counts_of, json_len, text_len, Observation, RawCounts};
+use crate::llm::{ModelSwap, Refusal};
+use crate::metering::usage::Usage;
+
+/// The request facts of a Messages body; usage always comes.
+pub(crate) fn request_facts(json: &Value) -> Result<RequestInfo, Refusal> {
+    let model = body_model(json)?;
+    let stream = body_stream(json)?;
+    Ok(RequestInfo {
+        model,
+        stream,
+        json_array_stream: false,
+        max_output_tokens: u64_at(json, &["max_tokens"]),
+        include_usage: true,
+    })
+}
+
+/// Writes the max-output cap: `max_tokens`.
+pub(crate) fn clamp_output(obj: &mut Map<String, Value>, n: u64) {
+    obj.insert("max_tokens".into(), n.into());
+}
+
+/// The model is the body's `model` field.
+pub(crate) fn swap_model(body: &mut Value, to: &str) -> ModelSwap {
+    ModelSwap::in_body(body, to)
+}
+
+/// Whether a typed stream event can matter (pings and block starts/stops do not).
+pub(crate) fn wants_event(event: &str) -> bool {
+    matches!(
+        event,
+        "message_start" | "message_delta" | "content_block_delta" | "message_stop"
+    )
+}
+
+/// What a Messages document says: a stream event or a whole body. Stream
+/// usage is cumulative: `message_delta` repeats the counts so far.
+pub(crate) fn observe(doc: &Value) -> Observation<'_> {
+    let kind = doc.get("type").and_then(Value::as_str).unwrap_or("");
+    match kind {
+        "message_start" => match doc.get("message") {
+            Some(msg) => Observation {
+                counts: counts_of(msg.get("usage"), usage_counts),
+                model: Observation::model_at(msg.get("model")),
+                ..Observation::default()
+            },
+            None => Observation::default(),
+        },
+        "message_delta" => Observation {
+            counts: counts_of(doc.get("usage"), usage_counts),
+            ..Observation::default()
+        },
+        "message_stop" => Observation {
+            complete: true,
+            ..Observation::default()
+        },
+        "content_block_delta" => Observation {
+            text_bytes: doc.get("delta").map_or(0, |d| {
+                text_len(d.get("text"))
+                    .saturating_add(text_len(d.get("partial_json")))
+                    .saturating_add(text_len(d.get("thinking")))
+            }),
+            ..Observation::default()
+        },
+        "error" => Observation {
+            error: Some(doc.get("error").unwrap_or(doc)),
+            ..Observation::default()
+        },
+        // A non-streamed body (`"type": "message"`) or an unknown shape.
+        _ => {
+            let mut text = 0u64;
+            if let Some(Value::Array(blocks)) = doc.get("content") {
+                for b in blocks {
+                    let n = text_len(b.get("text"))
+                        .saturating_add(text_len(b.get("thinking")))
+                        .saturating_add(json_len(b.get("input")));
+                    text = text.saturating_add(n);
+                }
+            }
+            Observation {
+                counts: counts_of(doc.get("usage"), usage_counts),
+                model: Observation::model_at(doc.get("model")),
+                error: Observation::error_at(doc.get("error")),
+                text_bytes: text,
+                complete: false,
+            }
+        }
+    }
+}
+
+pub(crate) fn usage_counts(u: &Value) -> RawCounts {
+    RawCounts {
+        input: count(u.get("input_tokens")),
+        cache_read: count(u.get("cache_read_input_tokens")),
+        cache_write: count(u.get("cache_creation_input_tokens")),
+        output: count(u.get("output_tokens")),
+        reasoning: None,
+        tool_prompt: None,
+        total: None,
+    }
+}
+
+/// Anthropic's additive convention: `input_tokens` excludes cache reads and
+/// writes, which are billed on top.
+pub(crate) fn normalise(raw: &RawCounts) -> Usage {
+    let v = |x: Option<u64>| x.unwrap_or(0);
+    raw.usage(
+        v(raw.input),
+        v(raw.cache_read),
+        v(raw.cache_write),
+        v(raw.output),
+        v(raw.reasoning),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::inspect::inspect;
+    use crate::llm::Api;
+    use serde_json::json;
+
+    #[test]
+    fn anthropic_max_tokens() {
+        let (i, _) = inspect(
+            Api::AnthropicMessages,
+            "/v1/messages",
+            br#"{"model":"claude","max_tokens":7}"#,
+        )
+        .unwrap();
+        assert_eq!(i.max_output_tokens, Some(7));
+    }
+
+    #[test]
+    fn stream_events_observe_counts_text_and_end() {
+        let start = json!({"type": "message_start", "message": {"model": "claude-x", "usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 1}}});
+        let o = observe(&start);
+        assert_eq!(o.model, Some("claude-x"));
+        assert_eq!(
+            o.counts.map(|c| (c.input, c.cache_read, c.output)),
+            Some((Some(10), Some(5), Some(1)))
+        );
+        let delta = json!({"type": "message_delta", "usage": {"output_tokens": 30}});
+        assert_eq!(observe(&delta).counts.and_then(|c| c.output), Some(30));
+        let text =
+            json!({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "hey"}});
+        assert_eq!(observe(&text).text_bytes, 3);
+        assert!(observe(&json!({"type": "message_stop"})).complete);
+        let err = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
+        assert_eq!(observe(&err).error, Some(&err["error"]));
+    }
+
+    #[test]
+    fn cache_counts_are_added_to_input() {
+        let raw = usage_counts(
+            &json!({"input_tokens": 25, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 7, "output_tokens": 3}),
+        );
+        let u = normalise(&raw);
+        assert_eq!(
+            (
+                u.input_uncached,
+                u.cache_read,
+                u.cache_write,
+                u.output,
+                u.total
+            ),
+            (25, 100, 7, 3, 135)
+        );
+    }
+}
