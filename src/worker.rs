@@ -209,9 +209,9 @@ impl Worker {
         if self.lease_refills.get(&idx).is_some_and(|&until| now_ms < until) {
             return false;
         }
-        self.leases.get(&idx).is_none_or(|l| {
-            now_ms >= l.expires_ms || now_ms >= l.refill_at_ms || l.requests.saturating_mul(4) <= n
-        })
+        self.leases
+            .get(&idx)
+            .is_none_or(|l| now_ms >= l.expires_ms || now_ms >= l.refill_at_ms || l.requests.saturating_mul(4) <= n)
     }
 
     /// Whether the last answer for the tenant left room for a lease of `n`
@@ -334,7 +334,9 @@ impl Worker {
             let (Some(rl), Some(tenant)) = (p.plugin.rate_limit.as_ref(), p.plugin.tenants.get(p.tenant_idx)) else {
                 continue;
             };
-            let Some(req) = descriptors::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, p.net) else { continue };
+            let Some(req) = descriptors::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, p.net) else {
+                continue;
+            };
             let key = if p.count == 1 { p.first_key } else { format!("{}+{}", p.first_key, p.count) };
             dropped += self.journal.push(outbox::Entry::new(req.encode_to_vec(), key, true, p.first_ms));
         }
@@ -427,7 +429,6 @@ pub(crate) enum Slot {
     Local,
 }
 
-
 /// `n` requests' worth of one estimate.
 pub(crate) fn times(a: Amounts, n: u64) -> Amounts {
     Amounts { tokens: a.tokens.saturating_mul(n), micros: a.micros.saturating_mul(n) }
@@ -440,6 +441,13 @@ pub(crate) fn lease_refund(
     lease: &Lease,
     now_ms: u64,
 ) -> Option<outbox::Entry> {
-    descriptors::build_settle(&rl.domain, &tenant.id, &tenant.policy, lease.amounts, Amounts::default(), (lease.requests, 0))
-        .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("{}:lease", lease.key), true, now_ms))
+    descriptors::build_settle(
+        &rl.domain,
+        &tenant.id,
+        &tenant.policy,
+        lease.amounts,
+        Amounts::default(),
+        (lease.requests, 0),
+    )
+    .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("{}:lease", lease.key), true, now_ms))
 }

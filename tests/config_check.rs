@@ -1,5 +1,6 @@
 //! Runs the `tollgate-config-check` binary against good and bad fixtures in
 //! `tests/fixtures/config/`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test and bench code: a failure should stop loudly
 
 use std::process::{Command, Output};
 
@@ -71,7 +72,10 @@ fn istio_manifest_checks_every_tollgate_document() {
 
 #[test]
 fn unknown_tier_is_refused_with_its_field_path() {
-    assert_refused("bad-plugin-unknown-tier.json", &["bad-plugin-unknown-tier.json: tenants[1].tier: unknown tier 'gold'"]);
+    assert_refused(
+        "bad-plugin-unknown-tier.json",
+        &["bad-plugin-unknown-tier.json: tenants[1].tier: unknown tier 'gold'"],
+    );
 }
 
 #[test]

@@ -44,15 +44,9 @@ pub enum CalendarError {
 }
 
 /// The window containing `now_ms`. `anchor_day` must be in 1..=31 (checked by the caller).
-pub fn window(
-    unit: CalendarUnit,
-    now_ms: i64,
-    tz: Tz,
-    anchor_day: u32,
-) -> Result<Window, CalendarError> {
-    let now: DateTime<Tz> = DateTime::from_timestamp_millis(now_ms)
-        .ok_or(CalendarError::OutOfRange(now_ms))?
-        .with_timezone(&tz);
+pub fn window(unit: CalendarUnit, now_ms: i64, tz: Tz, anchor_day: u32) -> Result<Window, CalendarError> {
+    let now: DateTime<Tz> =
+        DateTime::from_timestamp_millis(now_ms).ok_or(CalendarError::OutOfRange(now_ms))?.with_timezone(&tz);
     let today = now.date_naive();
     let (start, end) = match unit {
         CalendarUnit::Day => {
@@ -75,8 +69,7 @@ pub fn window(
         CalendarUnit::Year => {
             let y = today.year();
             let start = NaiveDate::from_ymd_opt(y, 1, 1).ok_or(CalendarError::OutOfRange(now_ms))?;
-            let end =
-                NaiveDate::from_ymd_opt(y + 1, 1, 1).ok_or(CalendarError::OutOfRange(now_ms))?;
+            let end = NaiveDate::from_ymd_opt(y + 1, 1, 1).ok_or(CalendarError::OutOfRange(now_ms))?;
             (start, end)
         }
     };

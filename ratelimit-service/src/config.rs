@@ -88,23 +88,13 @@ pub struct RateLimitConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read limits file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("limits file {path} is not valid: {source}")]
-    Parse {
-        path: String,
-        source: serde_yaml::Error,
-    },
+    Parse { path: String, source: serde_yaml::Error },
     #[error("domain {0:?} appears twice")]
     DuplicateDomain(String),
     #[error("domain {domain:?}, descriptor {path}: {reason}")]
-    Invalid {
-        domain: String,
-        path: String,
-        reason: String,
-    },
+    Invalid { domain: String, path: String, reason: String },
 }
 
 /// A compiled static limit.
@@ -133,25 +123,18 @@ pub struct StaticLimits {
 impl StaticLimits {
     /// Read and compile a limits file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
-                path: path.display().to_string(),
-                source,
-            },
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.display().to_string(), source },
             other => other,
         })
     }
 
     /// Parse and compile limits from YAML or JSON text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let file: LimitsFile = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: "<text>".into(),
-            source,
-        })?;
+        let file: LimitsFile =
+            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: "<text>".into(), source })?;
         Self::compile(file)
     }
 
@@ -176,10 +159,7 @@ impl StaticLimits {
     {
         let mut node = self.domains.get(domain)?;
         for (k, v) in entries {
-            node = node
-                .exact
-                .get(&(k.to_owned(), v.to_owned()))
-                .or_else(|| node.any.get(k))?;
+            node = node.exact.get(&(k.to_owned(), v.to_owned())).or_else(|| node.any.get(k))?;
         }
         node.limit.as_ref()
     }
@@ -200,15 +180,9 @@ fn compile_level(
             Some(v) => format!("{parent}/{}={v}", d.key),
             None => format!("{parent}/{}", d.key),
         };
-        let invalid = |reason: String| ConfigError::Invalid {
-            domain: domain.to_owned(),
-            path: path.clone(),
-            reason,
-        };
+        let invalid = |reason: String| ConfigError::Invalid { domain: domain.to_owned(), path: path.clone(), reason };
         if is_reserved(&d.key) {
-            return Err(invalid(format!(
-                "keys starting with {RESERVED_PREFIX:?} are reserved"
-            )));
+            return Err(invalid(format!("keys starting with {RESERVED_PREFIX:?} are reserved")));
         }
         let mut child = Node::default();
         if let Some(rl) = &d.rate_limit {
@@ -227,23 +201,15 @@ fn compile_level(
 }
 
 fn compile_limit(rl: &RateLimitConfig) -> Result<StaticLimit, String> {
-    let unit = Unit::parse_name(&rl.unit).ok_or_else(|| {
-        format!(
-            "unknown unit {:?} ({})",
-            rl.unit,
-            Unit::ALL.map(Unit::name).join(", ")
-        )
-    })?;
+    let unit = Unit::parse_name(&rl.unit)
+        .ok_or_else(|| format!("unknown unit {:?} ({})", rl.unit, Unit::ALL.map(Unit::name).join(", ")))?;
     if let Some(a) = rl.anchor_day {
         if !ANCHOR_DAYS.contains(&a) {
             return Err(format!("anchor_day {a} is not in 1..=31"));
         }
     }
     let tz = match &rl.time_zone {
-        Some(name) => Some(
-            name.parse::<Tz>()
-                .map_err(|_| format!("unknown time zone {name:?}"))?,
-        ),
+        Some(name) => Some(name.parse::<Tz>().map_err(|_| format!("unknown time zone {name:?}"))?),
         None => None,
     };
     if !unit.is_calendar() && (rl.anchor_day.is_some() || tz.is_some()) {
@@ -282,14 +248,10 @@ domains:
     #[test]
     fn matches_exact_then_any() {
         let l = StaticLimits::parse(YAML).unwrap();
-        let rpm = l
-            .lookup("tollgate_native", [("generic_key", "per_tenant_rpm")])
-            .unwrap();
+        let rpm = l.lookup("tollgate_native", [("generic_key", "per_tenant_rpm")]).unwrap();
         assert_eq!((rpm.unit, rpm.limit, rpm.name.as_str()), (Unit::Minute, 60, "rpm"));
         assert!(l.lookup("tollgate_native", [("generic_key", "other")]).is_none());
-        let daily = l
-            .lookup("tollgate_native", [("tenant", "acme"), ("budget", "daily")])
-            .unwrap();
+        let daily = l.lookup("tollgate_native", [("tenant", "acme"), ("budget", "daily")]).unwrap();
         assert_eq!(daily.limit, 5_000_000_000);
         assert_eq!(daily.tz, Some(chrono_tz::Europe::Paris));
         // a node without a limit

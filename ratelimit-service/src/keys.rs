@@ -76,13 +76,7 @@ mod tests {
         assert_eq!(counter_key("{d|x}", "m", None, &[("tenant", "x"), ("m", "a=b")]), "tg:{d|x}:m:tenant=x|m=a%3Db");
         assert_eq!(counter_key("{d|x}", "D", Some(5), &[("t", "x")]), "tg:{d|x}:D:5:t=x");
         assert_eq!(Unit::ALL.map(unit_tag), ["s", "m", "h", "D", "M", "Y"]);
-        assert_eq!(
-            idempotency_key("{d|x}", Mode::Reserve, "k"),
-            "tg:{d|x}:idem:reserve:k"
-        );
-        assert_eq!(
-            idempotency_key("{d|x}", Mode::Settle, "k"),
-            "tg:{d|x}:idem:settle:k"
-        );
+        assert_eq!(idempotency_key("{d|x}", Mode::Reserve, "k"), "tg:{d|x}:idem:reserve:k");
+        assert_eq!(idempotency_key("{d|x}", Mode::Settle, "k"), "tg:{d|x}:idem:settle:k");
     }
 }

@@ -60,15 +60,7 @@ impl Metrics {
             unlimited_descriptors.clone(),
         );
         registry.register("tollgate_rls_settles", "Requests in settle mode", settles.clone());
-        Self {
-            registry,
-            decisions,
-            redis_latency,
-            redis_errors,
-            idempotent_replays,
-            unlimited_descriptors,
-            settles,
-        }
+        Self { registry, decisions, redis_latency, redis_errors, idempotent_replays, unlimited_descriptors, settles }
     }
 
     pub fn decision(&self, code: &str) {
@@ -93,11 +85,7 @@ const MAX_REQUEST_HEAD: usize = 8 * 1024;
 
 /// Serve `GET /metrics` (and `GET /healthz`) until `shutdown` resolves.
 /// A deliberately small HTTP/1.0-style responder: one request per connection.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -113,7 +101,7 @@ pub async fn serve(
                 while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST_HEAD {
                     match stream.read(&mut chunk).await {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        Ok(n) => buf.extend_from_slice(chunk.get(..n).unwrap_or(&[])),
                     }
                 }
             };

@@ -15,9 +15,8 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 
 use rls_contract::{
-    is_reserved, is_valid_idempotency_key, Mode, Unit, ANCHOR_DAYS, KEY_ANCHOR_DAY, KEY_LIMIT,
-    KEY_TZ, MAX_DESCRIPTORS, MAX_EXACT, MAX_IDEMPOTENCY_KEY, META_IDEMPOTENCY_KEY, META_MODE,
-    MODE_RESERVE, MODE_SETTLE, RESERVED_PREFIX,
+    is_reserved, is_valid_idempotency_key, Mode, Unit, ANCHOR_DAYS, KEY_ANCHOR_DAY, KEY_LIMIT, KEY_TZ, MAX_DESCRIPTORS,
+    MAX_EXACT, MAX_IDEMPOTENCY_KEY, META_IDEMPOTENCY_KEY, META_MODE, MODE_RESERVE, MODE_SETTLE, RESERVED_PREFIX,
 };
 
 use crate::calendar::{self, CalendarUnit};
@@ -45,13 +44,10 @@ pub struct RequestMeta {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
     #[error("descriptor {index}: invalid {key} value {value:?}: {reason}")]
-    InvalidReserved {
-        index: usize,
-        key: String,
-        value: String,
-        reason: &'static str,
-    },
-    #[error("descriptor {index}: unknown reserved entry {key:?} (keys starting with {RESERVED_PREFIX:?} are reserved)")]
+    InvalidReserved { index: usize, key: String, value: String, reason: &'static str },
+    #[error(
+        "descriptor {index}: unknown reserved entry {key:?} (keys starting with {RESERVED_PREFIX:?} are reserved)"
+    )]
     UnknownReserved { index: usize, key: String },
     #[error("descriptor {index}: reserved entry {key:?} appears twice")]
     DuplicateReserved { index: usize, key: String },
@@ -81,11 +77,7 @@ pub enum DescriptorPlan {
     /// No override and no static limit: always OK.
     Unlimited,
     /// Decided by `batch.counters[counter]`.
-    Limited {
-        counter: usize,
-        unit: Unit,
-        name: String,
-    },
+    Limited { counter: usize, unit: Unit, name: String },
 }
 
 /// A request, ready for storage.
@@ -97,10 +89,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn unlimited_count(&self) -> usize {
-        self.descriptors
-            .iter()
-            .filter(|d| matches!(d, DescriptorPlan::Unlimited))
-            .count()
+        self.descriptors.iter().filter(|d| matches!(d, DescriptorPlan::Unlimited)).count()
     }
 }
 
@@ -144,36 +133,20 @@ fn parse_reserved<'a>(index: usize, d: &'a RateLimitDescriptor) -> Result<Reserv
             return Err(PlanError::DuplicateReserved { index, key: e.key.clone() });
         }
         r.seen.push(&e.key);
-        let invalid = |reason| PlanError::InvalidReserved {
-            index,
-            key: e.key.clone(),
-            value: e.value.clone(),
-            reason,
-        };
+        let invalid = |reason| PlanError::InvalidReserved { index, key: e.key.clone(), value: e.value.clone(), reason };
         match e.key.as_str() {
             KEY_LIMIT => {
-                r.limit = Some(
-                    e.value
-                        .parse::<u64>()
-                        .map_err(|_| invalid("expected a decimal u64"))?,
-                );
+                r.limit = Some(e.value.parse::<u64>().map_err(|_| invalid("expected a decimal u64"))?);
             }
             KEY_ANCHOR_DAY => {
-                let a = e
-                    .value
-                    .parse::<u32>()
-                    .map_err(|_| invalid("expected a day of month 1..=31"))?;
+                let a = e.value.parse::<u32>().map_err(|_| invalid("expected a day of month 1..=31"))?;
                 if !ANCHOR_DAYS.contains(&a) {
                     return Err(invalid("expected a day of month 1..=31"));
                 }
                 r.anchor_day = Some(a);
             }
             KEY_TZ => {
-                r.tz = Some(
-                    e.value
-                        .parse::<Tz>()
-                        .map_err(|_| invalid("expected an IANA time zone name"))?,
-                );
+                r.tz = Some(e.value.parse::<Tz>().map_err(|_| invalid("expected an IANA time zone name"))?);
             }
             _ => return Err(PlanError::UnknownReserved { index, key: e.key.clone() }),
         }
@@ -197,12 +170,8 @@ pub fn build(
     let mut counters = Vec::new();
     for (index, d) in req.descriptors.iter().enumerate() {
         let reserved = parse_reserved(index, d)?;
-        let entries: Vec<(&str, &str)> = d
-            .entries
-            .iter()
-            .filter(|e| !is_reserved(&e.key))
-            .map(|e| (e.key.as_str(), e.value.as_str()))
-            .collect();
+        let entries: Vec<(&str, &str)> =
+            d.entries.iter().filter(|e| !is_reserved(&e.key)).map(|e| (e.key.as_str(), e.value.as_str())).collect();
         let Some(&(_, first_value)) = entries.first() else {
             return Err(PlanError::NoEntries { index });
         };
@@ -277,31 +246,18 @@ pub fn build(
         }),
         _ => None,
     };
-    Ok(Plan {
-        descriptors,
-        batch: Batch {
-            now_ms,
-            settle: meta.mode == Mode::Settle,
-            counters,
-            idempotency,
-        },
-    })
+    Ok(Plan { descriptors, batch: Batch { now_ms, settle: meta.mode == Mode::Settle, counters, idempotency } })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
-        Entry, RateLimitOverride,
-    };
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{Entry, RateLimitOverride};
     use envoy_types::pb::google::protobuf::UInt64Value;
 
     fn desc(entries: &[(&str, &str)], limit: Option<(u32, i32)>) -> RateLimitDescriptor {
         RateLimitDescriptor {
-            entries: entries
-                .iter()
-                .map(|(k, v)| Entry { key: (*k).into(), value: (*v).into() })
-                .collect(),
+            entries: entries.iter().map(|(k, v)| Entry { key: (*k).into(), value: (*v).into() }).collect(),
             limit: limit.map(|(r, u)| RateLimitOverride { requests_per_unit: r, unit: u }),
             hits_addend: None,
             is_negative_hits: false,
@@ -318,7 +274,13 @@ mod tests {
     fn reserved_entries_are_parameters() {
         let r = req(
             vec![desc(
-                &[("tenant", "acme"), (KEY_LIMIT, "5000000000"), ("budget", "usd"), (KEY_TZ, "Europe/Paris"), (KEY_ANCHOR_DAY, "15")],
+                &[
+                    ("tenant", "acme"),
+                    (KEY_LIMIT, "5000000000"),
+                    ("budget", "usd"),
+                    (KEY_TZ, "Europe/Paris"),
+                    (KEY_ANCHOR_DAY, "15"),
+                ],
                 Some((u32::MAX, 5)),
             )],
             0,
@@ -340,7 +302,9 @@ mod tests {
         d1.hits_addend = Some(UInt64Value { value: 7 });
         d1.is_negative_hits = true;
         let d2 = desc(&[("tenant", "a")], Some((10, 3)));
-        let p = build(&req(vec![d0.clone(), d1, d2.clone()], 3), &RequestMeta::default(), &StaticLimits::default(), S, 0).unwrap();
+        let p =
+            build(&req(vec![d0.clone(), d1, d2.clone()], 3), &RequestMeta::default(), &StaticLimits::default(), S, 0)
+                .unwrap();
         let hits: Vec<_> = p.batch.counters.iter().map(|c| (c.hits, c.refund)).collect();
         assert_eq!(hits, vec![(0, false), (7, true), (3, false)]);
         let p = build(&req(vec![d2], 0), &RequestMeta::default(), &StaticLimits::default(), S, 0).unwrap();
@@ -382,7 +346,10 @@ mod tests {
             Err(PlanError::NoEntries { index: 0 })
         );
         let r = req(vec![desc(&[("t", "a")], Some((1, 0)))], 1);
-        assert!(matches!(build(&r, &RequestMeta::default(), &StaticLimits::default(), S, 0), Err(PlanError::BadUnit { .. })));
+        assert!(matches!(
+            build(&r, &RequestMeta::default(), &StaticLimits::default(), S, 0),
+            Err(PlanError::BadUnit { .. })
+        ));
     }
 
     #[test]
@@ -419,7 +386,8 @@ mod tests {
         let s = PlanSettings { idempotency_ttl_ms: 86_400_000, reserve_idempotency_ttl_ms: 900_000 };
         let reserve = RequestMeta { mode: Mode::Reserve, idempotency_key: Some("r1".into()) };
         let settle = RequestMeta { mode: Mode::Settle, idempotency_key: Some("r1".into()) };
-        let ttl = |m: &RequestMeta| build(&r, m, &StaticLimits::default(), s, 0).unwrap().batch.idempotency.unwrap().ttl_ms;
+        let ttl =
+            |m: &RequestMeta| build(&r, m, &StaticLimits::default(), s, 0).unwrap().batch.idempotency.unwrap().ttl_ms;
         assert_eq!((ttl(&reserve), ttl(&settle)), (900_000, 86_400_000));
     }
 }

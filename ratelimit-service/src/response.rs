@@ -11,9 +11,7 @@
 //!   until the request's hits would fit (a retry-after). If the hits exceed the
 //!   whole limit they never fit; the full-refill time is given.
 
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
-    Code, DescriptorStatus, RateLimit,
-};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus, RateLimit};
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
 use envoy_types::pb::google::protobuf::Duration;
 
@@ -25,10 +23,7 @@ fn sat32(v: u64) -> u32 {
 }
 
 fn duration_ms(ms: u64) -> Duration {
-    Duration {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
+    Duration { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 }
 }
 
 fn ceil_div(a: u128, b: u128) -> u128 {
@@ -58,11 +53,7 @@ pub fn counter_status(c: &Counter, s: &CounterState, refused_here: bool, now_ms:
             } else {
                 full_refill
             };
-            (
-                u64::try_from(remaining).unwrap_or(u64::MAX),
-                u64::try_from(reset).unwrap_or(u64::MAX),
-                level > cap,
-            )
+            (u64::try_from(remaining).unwrap_or(u64::MAX), u64::try_from(reset).unwrap_or(u64::MAX), level > cap)
         }
     }
 }
@@ -74,17 +65,14 @@ pub fn build(plan: &Plan, outcome: &Outcome, now_ms: i64) -> RateLimitResponse {
         .descriptors
         .iter()
         .map(|d| match d {
-            DescriptorPlan::Unlimited => DescriptorStatus {
-                code: Code::Ok as i32,
-                ..Default::default()
-            },
+            DescriptorPlan::Unlimited => DescriptorStatus { code: Code::Ok as i32, ..Default::default() },
             DescriptorPlan::Limited { counter, unit, name } => {
-                let c = &plan.batch.counters[*counter];
-                let s = outcome
-                    .counters
-                    .get(*counter)
-                    .copied()
-                    .unwrap_or(CounterState { fits: true, used: 0 });
+                // A plan only names its own counters; a missing one answers
+                // as unlimited rather than panic.
+                let Some(c) = plan.batch.counters.get(*counter) else {
+                    return DescriptorStatus { code: Code::Ok as i32, ..Default::default() };
+                };
+                let s = outcome.counters.get(*counter).copied().unwrap_or(CounterState { fits: true, used: 0 });
                 let refused_here = !outcome.allowed && !outcome.replay && !s.fits;
                 let (remaining, reset_ms, above) = counter_status(c, &s, refused_here, now_ms);
                 let code = if refused_here || above { Code::OverLimit } else { Code::Ok };
@@ -102,11 +90,7 @@ pub fn build(plan: &Plan, outcome: &Outcome, now_ms: i64) -> RateLimitResponse {
             }
         })
         .collect();
-    RateLimitResponse {
-        overall_code: overall as i32,
-        statuses,
-        ..Default::default()
-    }
+    RateLimitResponse { overall_code: overall as i32, statuses, ..Default::default() }
 }
 
 #[cfg(test)]

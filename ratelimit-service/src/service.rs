@@ -113,16 +113,18 @@ impl<S: Storage> RateLimiter<S> {
 fn metadata_str<'a>(req: &'a Request<RateLimitRequest>, key: &str) -> Result<Option<&'a str>, Status> {
     match req.metadata().get(key) {
         None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .map(Some)
-            .map_err(|_| Status::invalid_argument(format!("{key} metadata is not visible ASCII"))),
+        Some(v) => {
+            v.to_str().map(Some).map_err(|_| Status::invalid_argument(format!("{key} metadata is not visible ASCII")))
+        }
     }
 }
 
 #[tonic::async_trait]
 impl<S: Storage> RateLimitService for RateLimiter<S> {
-    async fn should_rate_limit(&self, request: Request<RateLimitRequest>) -> Result<Response<RateLimitResponse>, Status> {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
         let meta = plan::parse_meta(metadata_str(&request, META_MODE)?, metadata_str(&request, META_IDEMPOTENCY_KEY)?)
             .map_err(|e| {
                 self.metrics.decision("invalid_argument");

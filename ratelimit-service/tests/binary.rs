@@ -1,6 +1,6 @@
 //! The real `tollgate-ratelimit` binary: gRPC wiring, metadata, health, metrics,
 //! startup errors and graceful shutdown.
-
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test and bench code: a failure should stop loudly
 #![allow(clippy::cloned_ref_to_slice_refs)] // &[d.clone()] reads better in tests
 
 mod common;
@@ -228,8 +228,11 @@ fn startup_errors_are_clear() {
     let dir = std::env::temp_dir().join(format!("tollgate-rls-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let bad = dir.join("bad.yaml");
-    std::fs::write(&bad, "domains: [{domain: d, descriptors: [{key: k, rate_limit: {unit: fortnight, requests_per_unit: 1}}]}]")
-        .expect("write");
+    std::fs::write(
+        &bad,
+        "domains: [{domain: d, descriptors: [{key: k, rate_limit: {unit: fortnight, requests_per_unit: 1}}]}]",
+    )
+    .expect("write");
     let out = Command::new(BIN).arg("--config").arg(&bad).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);

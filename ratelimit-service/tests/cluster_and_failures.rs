@@ -1,5 +1,5 @@
 //! Redis Cluster (three masters on loopback) and Redis outages.
-
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test and bench code: a failure should stop loudly
 #![allow(clippy::cloned_ref_to_slice_refs)] // &[d.clone()] reads better in tests
 
 mod common;
@@ -27,21 +27,30 @@ async fn cluster_decides_per_tenant_in_one_slot() {
             D::new(&[("tenant", &tenant), ("b", "usd")]).limit(50, MONTH),
         ];
         let meta = RequestMeta { mode: Mode::Reserve, idempotency_key: Some(format!("r-{t}")) };
-        let r = l.decide(&req("tollgate", &[ds[0].clone().hits(1), ds[1].clone().hits(60), ds[2].clone().hits(50)]), &meta).await.expect("ok");
+        let r = l
+            .decide(&req("tollgate", &[ds[0].clone().hits(1), ds[1].clone().hits(60), ds[2].clone().hits(50)]), &meta)
+            .await
+            .expect("ok");
         assert_eq!(r.overall_code, OK);
         // the idempotent retry replays
-        let r = l.decide(&req("tollgate", &[ds[0].clone().hits(1), ds[1].clone().hits(60), ds[2].clone().hits(50)]), &meta).await.expect("ok");
+        let r = l
+            .decide(&req("tollgate", &[ds[0].clone().hits(1), ds[1].clone().hits(60), ds[2].clone().hits(50)]), &meta)
+            .await
+            .expect("ok");
         assert_eq!(r.overall_code, OK);
-        let r = l.decide(&req("tollgate", &[ds[0].clone().hits(1), ds[1].clone().hits(60), ds[2].clone().hits(0)]), &RequestMeta::default()).await.expect("ok");
+        let r = l
+            .decide(
+                &req("tollgate", &[ds[0].clone().hits(1), ds[1].clone().hits(60), ds[2].clone().hits(0)]),
+                &RequestMeta::default(),
+            )
+            .await
+            .expect("ok");
         assert_eq!(r.overall_code, OVER);
         assert_eq!(r.statuses.iter().map(|s| s.limit_remaining).collect::<Vec<_>>(), vec![9, 40, 0]);
     }
     // keys are spread over the masters
-    let with_keys = cluster
-        .nodes
-        .iter()
-        .filter(|n| n.cli(&["DBSIZE"]).map(|s| s.trim() != "0").unwrap_or(false))
-        .count();
+    let with_keys =
+        cluster.nodes.iter().filter(|n| n.cli(&["DBSIZE"]).map(|s| s.trim() != "0").unwrap_or(false)).count();
     assert_eq!(with_keys, 3);
 
     // descriptors of two tenants in one request cannot be one script in a cluster

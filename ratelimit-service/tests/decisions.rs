@@ -1,5 +1,5 @@
 //! Decision logic against a real redis-server, with a manual clock.
-
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test and bench code: a failure should stop loudly
 #![allow(clippy::cloned_ref_to_slice_refs)] // &[d.clone()] reads better in tests
 
 mod common;
@@ -64,9 +64,11 @@ async fn all_or_nothing() {
     let big = D::new(&[("tenant", "acme"), ("b", "big")]).limit(100, DAY);
     let small = D::new(&[("tenant", "acme"), ("b", "small")]).limit(5, MONTH);
     let rpm = D::new(&[("tenant", "acme"), ("b", "rpm")]).limit(100, MINUTE);
-    let r = run(&l, &req("tollgate", &[big.clone().hits(4), small.clone().hits(4), rpm.clone().hits(4)]), &reserve()).await;
+    let r =
+        run(&l, &req("tollgate", &[big.clone().hits(4), small.clone().hits(4), rpm.clone().hits(4)]), &reserve()).await;
     assert_eq!((r.overall_code, remaining(&r)), (OK, vec![96, 1, 96]));
-    let r = run(&l, &req("tollgate", &[big.clone().hits(2), small.clone().hits(2), rpm.clone().hits(2)]), &reserve()).await;
+    let r =
+        run(&l, &req("tollgate", &[big.clone().hits(2), small.clone().hits(2), rpm.clone().hits(2)]), &reserve()).await;
     assert_eq!(r.overall_code, OVER);
     assert_eq!(r.statuses.iter().map(|s| s.code).collect::<Vec<_>>(), vec![OK, OVER, OK]);
     // nothing was charged
@@ -125,7 +127,12 @@ async fn settle_retried_charges_once() {
         assert_eq!(remaining(&r), vec![800]);
     }
     // the same key in reserve mode is a different operation
-    let r = run(&l, &req("tollgate", &[d.clone().hits(100)]), &RequestMeta { mode: Mode::Reserve, idempotency_key: Some("req-42".into()) }).await;
+    let r = run(
+        &l,
+        &req("tollgate", &[d.clone().hits(100)]),
+        &RequestMeta { mode: Mode::Reserve, idempotency_key: Some("req-42".into()) },
+    )
+    .await;
     assert_eq!(remaining(&r), vec![700]);
     assert!(metrics.encode().contains("tollgate_rls_idempotent_replays_total 6"), "{}", metrics.encode());
 }
@@ -189,7 +196,7 @@ async fn gcra_smooth_rate_without_double_burst() {
     let r = run(&l, &one, &reserve()).await;
     assert_eq!(r.overall_code, OVER);
     assert_eq!(reset_ms(&r, 0), 1_000); // one hit drains every second
-    // crossing the minute edge gives no new burst
+                                        // crossing the minute edge gives no new burst
     clock.advance(1_500);
     assert_eq!(run(&l, &one, &reserve()).await.overall_code, OK);
     assert_eq!(run(&l, &one, &reserve()).await.overall_code, OVER);

@@ -134,14 +134,8 @@ mod tests {
         let ours = RateLimitRequest {
             domain: "tollgate".into(),
             descriptors: vec![Descriptor {
-                entries: vec![Entry {
-                    key: "tenant".into(),
-                    value: "acme".into(),
-                }],
-                limit: Some(LimitOverride {
-                    requests_per_unit: 7,
-                    unit: Unit::Minute as i32,
-                }),
+                entries: vec![Entry { key: "tenant".into(), value: "acme".into() }],
+                limit: Some(LimitOverride { requests_per_unit: 7, unit: Unit::Minute as i32 }),
                 hits_addend: Some(UInt64Value { value: 42 }),
                 is_negative_hits: true,
             }],
@@ -187,14 +181,7 @@ mod tests {
         let s = &ours.statuses[0];
         assert_eq!(s.limit_remaining, 4);
         let current = s.current_limit.as_ref().unwrap();
-        assert_eq!(
-            (
-                current.requests_per_unit,
-                current.unit,
-                current.name.as_str()
-            ),
-            (10, Unit::Minute as i32, "rpm")
-        );
+        assert_eq!((current.requests_per_unit, current.unit, current.name.as_str()), (10, Unit::Minute as i32, "rpm"));
         assert_eq!(s.duration_until_reset.as_ref().unwrap().as_millis(), 6500);
     }
 

@@ -76,9 +76,7 @@ mod tests {
     fn idempotency_keys_are_short_visible_ascii() {
         assert!(is_valid_idempotency_key("req-1"));
         assert!(is_valid_idempotency_key(&"k".repeat(MAX_IDEMPOTENCY_KEY)));
-        assert!(!is_valid_idempotency_key(
-            &"k".repeat(MAX_IDEMPOTENCY_KEY + 1)
-        ));
+        assert!(!is_valid_idempotency_key(&"k".repeat(MAX_IDEMPOTENCY_KEY + 1)));
         assert!(!is_valid_idempotency_key(""));
         assert!(!is_valid_idempotency_key("has space"));
         assert!(!is_valid_idempotency_key("caf\u{e9}"));

@@ -19,14 +19,7 @@ pub enum Unit {
 
 impl Unit {
     /// Every unit, shortest first.
-    pub const ALL: [Unit; 6] = [
-        Unit::Second,
-        Unit::Minute,
-        Unit::Hour,
-        Unit::Day,
-        Unit::Month,
-        Unit::Year,
-    ];
+    pub const ALL: [Unit; 6] = [Unit::Second, Unit::Minute, Unit::Hour, Unit::Day, Unit::Month, Unit::Year];
 
     /// The unit with this RLS v3 number, if it is one of ours.
     pub fn from_proto(v: i32) -> Option<Self> {
@@ -47,9 +40,7 @@ impl Unit {
 
     /// The unit of a name, in any case (`minute`, `MINUTE`).
     pub fn parse_name(s: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|u| s.eq_ignore_ascii_case(u.name()))
+        Self::ALL.into_iter().find(|u| s.eq_ignore_ascii_case(u.name()))
     }
 
     /// A calendar window (DAY, MONTH, YEAR: a budget, renewed at a date) rather

@@ -70,14 +70,16 @@ pub fn key(tenant: &str) -> String {
 fn decode(bytes: &[u8]) -> Vec<Entry> {
     bytes
         .chunks_exact(ENTRY_LEN)
-        .map(|c| {
-            let mut vm = [0u8; 8];
-            let mut count = [0u8; 4];
-            let mut hb = [0u8; 8];
-            vm.copy_from_slice(&c[..8]);
-            count.copy_from_slice(&c[8..12]);
-            hb.copy_from_slice(&c[12..]);
-            Entry { vm: u64::from_le_bytes(vm), count: u32::from_le_bytes(count), heartbeat_ms: u64::from_le_bytes(hb) }
+        .filter_map(|c| {
+            // `chunks_exact` gives ENTRY_LEN bytes: every conversion holds.
+            let vm: [u8; 8] = c.get(..8)?.try_into().ok()?;
+            let count: [u8; 4] = c.get(8..12)?.try_into().ok()?;
+            let hb: [u8; 8] = c.get(12..)?.try_into().ok()?;
+            Some(Entry {
+                vm: u64::from_le_bytes(vm),
+                count: u32::from_le_bytes(count),
+                heartbeat_ms: u64::from_le_bytes(hb),
+            })
         })
         .collect()
 }

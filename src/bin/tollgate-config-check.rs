@@ -60,19 +60,13 @@ struct Report {
 
 impl Report {
     fn error(&mut self, location: &str, message: impl Into<String>) {
-        self.findings.push(Finding {
-            location: location.to_string(),
-            message: message.into(),
-            warning: false,
-        });
+        self.findings.push(Finding { location: location.to_string(), message: message.into(), warning: false });
     }
 
     /// Compiles a plugin configuration given as a JSON value, counting it or
     /// reporting its error at `location`.
     fn compile_value(&mut self, location: &str, value: &Value, env: EnvMode) -> Option<Compiled> {
-        let compiled = serde_json::to_vec(value)
-            .map_err(|e| e.to_string())
-            .and_then(|raw| compile_plugin(&raw, env));
+        let compiled = serde_json::to_vec(value).map_err(|e| e.to_string()).and_then(|raw| compile_plugin(&raw, env));
         match compiled {
             Ok(c) => {
                 self.configs += 1;
@@ -88,11 +82,7 @@ impl Report {
     }
 
     fn warn(&mut self, location: &str, message: impl Into<String>) {
-        self.findings.push(Finding {
-            location: location.to_string(),
-            message: message.into(),
-            warning: true,
-        });
+        self.findings.push(Finding { location: location.to_string(), message: message.into(), warning: true });
     }
 
     fn has_errors(&self) -> bool {
@@ -161,23 +151,16 @@ fn as_u64(v: &Value) -> Option<u64> {
 
 /// The raw plugin configuration bytes of an Envoy wasm `configuration` Any.
 fn configuration_bytes(configuration: &Value) -> Result<Vec<u8>, String> {
-    let type_url = configuration
-        .get("@type")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let type_url = configuration.get("@type").and_then(Value::as_str).unwrap_or("");
     let value = configuration.get("value");
     match (type_url, value) {
         (STRING_VALUE, Some(Value::String(text))) => Ok(text.clone().into_bytes()),
         (STRUCT, Some(v @ Value::Object(_))) => serde_json::to_vec(v).map_err(|e| e.to_string()),
         (BYTES_VALUE, Some(Value::String(b64))) => {
             use base64::Engine;
-            base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .map_err(|e| format!("BytesValue is not base64: {e}"))
+            base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("BytesValue is not base64: {e}"))
         }
-        (STRING_VALUE | STRUCT | BYTES_VALUE, _) => {
-            Err(format!("{type_url} without a usable `value`"))
-        }
+        (STRING_VALUE | STRUCT | BYTES_VALUE, _) => Err(format!("{type_url} without a usable `value`")),
         _ => Err(format!(
             "unsupported configuration type {type_url:?}; give the plugin configuration as a \
              google.protobuf.StringValue holding JSON"
@@ -187,10 +170,7 @@ fn configuration_bytes(configuration: &Value) -> Result<Vec<u8>, String> {
 
 /// Whether a wasm filter config is another plugin, not tollgate.
 fn is_other_plugin(config: &Value) -> bool {
-    let mentions = |v: Option<&Value>| {
-        v.and_then(Value::as_str)
-            .is_some_and(|s| s.contains("tollgate"))
-    };
+    let mentions = |v: Option<&Value>| v.and_then(Value::as_str).is_some_and(|s| s.contains("tollgate"));
     let root_id = config.get("root_id");
     let code = config.pointer("/vm_config/code").map(Value::to_string);
     let named = mentions(root_id)
@@ -202,12 +182,7 @@ fn is_other_plugin(config: &Value) -> bool {
 
 /// Checks one wasm filter (`typed_config` of type Wasm). Returns the largest
 /// `max_request_bytes`, for the listener buffer check.
-fn check_wasm_filter(
-    typed_config: &Value,
-    location: &str,
-    env: EnvMode,
-    report: &mut Report,
-) -> Option<u64> {
+fn check_wasm_filter(typed_config: &Value, location: &str, env: EnvMode, report: &mut Report) -> Option<u64> {
     let Some(config) = typed_config.get("config") else {
         report.error(location, "wasm filter without `config`");
         return None;
@@ -216,10 +191,7 @@ fn check_wasm_filter(
         return None;
     }
     let Some(configuration) = config.get("configuration") else {
-        report.error(
-            &join(location, "config.configuration"),
-            "missing: tollgate needs its plugin configuration",
-        );
+        report.error(&join(location, "config.configuration"), "missing: tollgate needs its plugin configuration");
         return None;
     };
     let raw = match configuration_bytes(configuration) {
@@ -257,16 +229,10 @@ fn check_wasm_filter(
     // refuses its configuration when Envoy loads it.
     let env_vars = config.pointer("/vm_config/environment_variables");
     let mut passed: BTreeSet<String> = BTreeSet::new();
-    if let Some(keys) = env_vars
-        .and_then(|e| e.get("host_env_keys"))
-        .and_then(Value::as_array)
-    {
+    if let Some(keys) = env_vars.and_then(|e| e.get("host_env_keys")).and_then(Value::as_array) {
         passed.extend(keys.iter().filter_map(Value::as_str).map(String::from));
     }
-    if let Some(kv) = env_vars
-        .and_then(|e| e.get("key_values"))
-        .and_then(Value::as_object)
-    {
+    if let Some(kv) = env_vars.and_then(|e| e.get("key_values")).and_then(Value::as_object) {
         passed.extend(kv.keys().cloned());
     }
     for name in compiled.env_names.difference(&passed) {
@@ -307,9 +273,7 @@ fn walk(value: &Value, location: &str, env: EnvMode, report: &mut Report) -> Opt
 /// An Envoy bootstrap: checks wasm filters listener by listener so the
 /// listener's buffer limit can be compared with the tiers' body limit.
 fn check_envoy(doc: &Value, location: &str, env: EnvMode, report: &mut Report) {
-    let listeners = doc
-        .pointer("/static_resources/listeners")
-        .and_then(Value::as_array);
+    let listeners = doc.pointer("/static_resources/listeners").and_then(Value::as_array);
     let mut checked_listeners = false;
     if let Some(listeners) = listeners {
         checked_listeners = true;
@@ -318,9 +282,7 @@ fn check_envoy(doc: &Value, location: &str, env: EnvMode, report: &mut Report) {
             let Some(largest) = walk(listener, &at, env, report) else {
                 continue;
             };
-            let limit = listener
-                .get("per_connection_buffer_limit_bytes")
-                .and_then(as_u64);
+            let limit = listener.get("per_connection_buffer_limit_bytes").and_then(as_u64);
             let effective = limit.unwrap_or(ENVOY_DEFAULT_BUFFER_LIMIT);
             if effective < largest {
                 let what = match limit {
@@ -358,25 +320,15 @@ fn check_envoy(doc: &Value, location: &str, env: EnvMode, report: &mut Report) {
 /// A Kubernetes object: WasmPlugin, TrafficExtension or EnvoyFilter.
 fn check_k8s(doc: &Value, location: &str, env: EnvMode, report: &mut Report) {
     let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
-    let name = doc
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("?");
-    let at = if location.is_empty() {
-        format!("{kind}/{name}")
-    } else {
-        format!("{location} {kind}/{name}")
-    };
+    let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?");
+    let at = if location.is_empty() { format!("{kind}/{name}") } else { format!("{location} {kind}/{name}") };
     match kind {
         "WasmPlugin" | "TrafficExtension" => {
             let spec = doc.get("spec");
             let (config_path, plugin_config) = if kind == "WasmPlugin" {
                 ("spec.pluginConfig", spec.and_then(|s| s.get("pluginConfig")))
             } else {
-                (
-                    "spec.wasm.pluginConfig",
-                    spec.and_then(|s| s.pointer("/wasm/pluginConfig")),
-                )
+                ("spec.wasm.pluginConfig", spec.and_then(|s| s.pointer("/wasm/pluginConfig")))
             };
             if kind == "TrafficExtension" && spec.and_then(|s| s.get("wasm")).is_none() {
                 return; // a Lua extension
@@ -396,11 +348,7 @@ fn check_k8s(doc: &Value, location: &str, env: EnvMode, report: &mut Report) {
                 let passed: BTreeSet<String> = vm_env
                     .and_then(Value::as_array)
                     .map(|items| {
-                        items
-                            .iter()
-                            .filter_map(|e| e.get("name").and_then(Value::as_str))
-                            .map(String::from)
-                            .collect()
+                        items.iter().filter_map(|e| e.get("name").and_then(Value::as_str)).map(String::from).collect()
                     })
                     .unwrap_or_default();
                 for name in c.env_names.difference(&passed) {
@@ -483,17 +431,11 @@ fn check_file(path: &str, env: EnvMode) -> Result<Report, String> {
     }
     let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
         .enumerate()
-        .map(|(i, d)| {
-            Value::deserialize(d).map_err(|e| format!("document {}: not valid YAML: {e}", i + 1))
-        })
+        .map(|(i, d)| Value::deserialize(d).map_err(|e| format!("document {}: not valid YAML: {e}", i + 1)))
         .collect::<Result<_, _>>()?;
     let multi = docs.iter().filter(|d| !d.is_null()).count() > 1;
     for (i, doc) in docs.iter().enumerate() {
-        let location = if multi {
-            format!("doc {}", i + 1)
-        } else {
-            String::new()
-        };
+        let location = if multi { format!("doc {}", i + 1) } else { String::new() };
         check_document(doc, &location, env, &mut report);
     }
     Ok(report)
@@ -531,11 +473,7 @@ fn main() -> ExitCode {
             }
         };
         for f in &report.findings {
-            let prefix = if f.location.is_empty() {
-                path.clone()
-            } else {
-                format!("{path}[{}]", f.location)
-            };
+            let prefix = if f.location.is_empty() { path.clone() } else { format!("{path}[{}]", f.location) };
             if f.warning {
                 println!("{prefix}: warning: {}", f.message);
             } else {
@@ -547,10 +485,7 @@ fn main() -> ExitCode {
         } else if report.configs == 0 {
             println!("{path}: OK (no tollgate configuration found)");
         } else if report.configs == 1 {
-            println!(
-                "{path}: OK ({} tenants, {} routes)",
-                report.tenants, report.routes
-            );
+            println!("{path}: OK ({} tenants, {} routes)", report.tenants, report.routes);
         } else {
             println!(
                 "{path}: OK ({} configurations: {} tenants, {} routes)",

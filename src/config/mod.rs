@@ -253,10 +253,7 @@ fn default_bytes_per_token() -> u64 {
 }
 
 fn default_client_key_headers() -> Vec<String> {
-    ["authorization", "x-api-key", "api-key", "x-goog-api-key"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    ["authorization", "x-api-key", "api-key", "x-goog-api-key"].iter().map(|s| s.to_string()).collect()
 }
 
 fn default_client_key_query_param() -> String {
@@ -435,10 +432,7 @@ pub enum ConfigError {
 }
 
 fn invalid(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        path: path.into(),
-        message: message.into(),
-    }
+    ConfigError::Invalid { path: path.into(), message: message.into() }
 }
 
 /// A compiled model allowlist.
@@ -454,11 +448,7 @@ impl ModelAllowlist {
         if models.is_empty() {
             return Err(invalid(path, "the model list is empty, so nothing could be called"));
         }
-        let mut list = ModelAllowlist {
-            any: false,
-            exact: Vec::new(),
-            prefixes: Vec::new(),
-        };
+        let mut list = ModelAllowlist { any: false, exact: Vec::new(), prefixes: Vec::new() };
         for (i, m) in models.iter().enumerate() {
             let m = m.trim();
             if m.is_empty() {
@@ -481,9 +471,7 @@ impl ModelAllowlist {
     }
 
     pub fn allows(&self, model: &str) -> bool {
-        self.any
-            || self.exact.iter().any(|m| m == model)
-            || self.prefixes.iter().any(|p| model.starts_with(p.as_str()))
+        self.any || self.exact.iter().any(|m| m == model) || self.prefixes.iter().any(|p| model.starts_with(p.as_str()))
     }
 }
 
@@ -579,17 +567,13 @@ pub fn usd_to_micros(path: &str, usd: f64) -> Result<u64, ConfigError> {
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 fn valid_header_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with(':')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 impl TierSpec {
@@ -620,16 +604,12 @@ impl TierSpec {
         let billing_anchor_day = match self.billing_anchor_day {
             None => 1,
             Some(d @ 1..=31) => d,
-            Some(_) => {
-                return Err(invalid(format!("{path}.billing_anchor_day"), "must be between 1 and 31"))
-            }
+            Some(_) => return Err(invalid(format!("{path}.billing_anchor_day"), "must be between 1 and 31")),
         };
         if let Some(tz) = &self.time_zone {
             let ok = !tz.is_empty()
                 && tz.len() <= 64
-                && tz
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"/_-+".contains(&b));
+                && tz.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-+".contains(&b));
             if !ok {
                 return Err(invalid(
                     format!("{path}.time_zone"),
@@ -638,9 +618,7 @@ impl TierSpec {
             }
         }
         let default_max_output_tokens = match self.default_max_output_tokens {
-            Some(0) => {
-                return Err(invalid(format!("{path}.default_max_output_tokens"), "must be at least 1"))
-            }
+            Some(0) => return Err(invalid(format!("{path}.default_max_output_tokens"), "must be at least 1")),
             Some(n) => n,
             None => DEFAULT_MAX_OUTPUT_TOKENS,
         };
@@ -655,10 +633,7 @@ impl TierSpec {
             }
         };
         if fallback_at_permille.is_some() != self.fallback_model.is_some() {
-            return Err(invalid(
-                path,
-                "fallback_model and fallback_at_budget_share must be given together",
-            ));
+            return Err(invalid(path, "fallback_model and fallback_at_budget_share must be given together"));
         }
         if let Some(fb) = &self.fallback_model {
             if !models.allows(fb) {
@@ -678,11 +653,7 @@ impl TierSpec {
             tokens_per_month: positive(path, "tokens_per_month", self.tokens_per_month)?,
             usd_micros_per_day,
             usd_micros_per_month,
-            max_concurrent_requests: positive(
-                path,
-                "max_concurrent_requests",
-                self.max_concurrent_requests,
-            )?,
+            max_concurrent_requests: positive(path, "max_concurrent_requests", self.max_concurrent_requests)?,
             failure_mode: self.failure_mode.unwrap_or(FailureMode::Closed),
             billing_anchor_day,
             time_zone: self.time_zone.clone(),
@@ -857,11 +828,7 @@ fn parse_digest(path: &str, hex_digest: &str) -> Result<[u8; 32], ConfigError> {
 pub fn decode_plugin_config(raw: &[u8]) -> Result<serde_json::Value, ConfigError> {
     let text_start = raw.iter().position(|b| !b.is_ascii_whitespace());
     match text_start.and_then(|i| raw.get(i)) {
-        None => {
-            return Err(ConfigError::Encoding(
-                "an empty value; tollgate needs a JSON configuration".into(),
-            ))
-        }
+        None => return Err(ConfigError::Encoding("an empty value; tollgate needs a JSON configuration".into())),
         Some(b'{') => {
             return serde_json::from_slice(raw).map_err(|e| ConfigError::Shape(e.to_string()));
         }
@@ -879,22 +846,15 @@ pub fn decode_plugin_config(raw: &[u8]) -> Result<serde_json::Value, ConfigError
 /// names (the host's `host_env_keys` in Envoy).
 pub fn load(raw: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Plugin, ConfigError> {
     let value = decode_plugin_config(raw)?;
-    let config: PluginConfig =
-        serde_json::from_value(value).map_err(|e| ConfigError::Shape(e.to_string()))?;
+    let config: PluginConfig = serde_json::from_value(value).map_err(|e| ConfigError::Shape(e.to_string()))?;
     compile(&config, env)
 }
 
 /// Checks the meaning of a parsed configuration and builds the lookup tables.
-pub fn compile(
-    config: &PluginConfig,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Plugin, ConfigError> {
+pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Plugin, ConfigError> {
     // Headers.
     if config.client_key_headers.is_empty() && config.client_key_query_param.is_empty() {
-        return Err(invalid(
-            "client_key_headers",
-            "no header or query parameter to read client keys from",
-        ));
+        return Err(invalid("client_key_headers", "no header or query parameter to read client keys from"));
     }
     let mut client_key_headers = Vec::new();
     for (i, h) in config.client_key_headers.iter().enumerate() {
@@ -966,14 +926,9 @@ pub fn compile(
         if routes.iter().any(|other: &Route| other.path == matcher) {
             return Err(invalid(path, "the same path is routed twice"));
         }
-        let provider = provider_index(&r.provider).ok_or_else(|| {
-            invalid(format!("{path}.provider"), format!("unknown provider '{}'", r.provider))
-        })?;
-        routes.push(Route {
-            path: matcher,
-            api: r.api,
-            provider,
-        });
+        let provider = provider_index(&r.provider)
+            .ok_or_else(|| invalid(format!("{path}.provider"), format!("unknown provider '{}'", r.provider)))?;
+        routes.push(Route { path: matcher, api: r.api, provider });
     }
 
     // Tiers: each must compile on its own, so a mistake in an unused tier is
@@ -992,17 +947,15 @@ pub fn compile(
     for (i, t) in config.tenants.iter().enumerate() {
         let path = format!("tenants[{i}]");
         if !valid_id(&t.id) {
-            return Err(invalid(
-                format!("{path}.id"),
-                "tenant ids use 1-128 letters, digits, - _ . only",
-            ));
+            return Err(invalid(format!("{path}.id"), "tenant ids use 1-128 letters, digits, - _ . only"));
         }
         if id_index.insert(t.id.clone(), i).is_some() {
             return Err(invalid(format!("{path}.id"), format!("duplicate tenant id '{}'", t.id)));
         }
-        let tier = config.tiers.get(&t.tier).ok_or_else(|| {
-            invalid(format!("{path}.tier"), format!("unknown tier '{}'", t.tier))
-        })?;
+        let tier = config
+            .tiers
+            .get(&t.tier)
+            .ok_or_else(|| invalid(format!("{path}.tier"), format!("unknown tier '{}'", t.tier)))?;
         let effective = match &t.overrides {
             Some(over) => merge_tier(tier, over),
             None => tier.clone(),
@@ -1013,17 +966,13 @@ pub fn compile(
             let bytes = parse_digest(&kpath, digest)?;
             if let Some(prev) = key_index.insert(bytes, i) {
                 let owner = config.tenants.get(prev).map(|p| p.id.as_str()).unwrap_or("?");
-                return Err(invalid(
-                    kpath,
-                    format!("duplicate key digest (also a key of tenant '{owner}')"),
-                ));
+                return Err(invalid(kpath, format!("duplicate key digest (also a key of tenant '{owner}')")));
             }
         }
         let mut provider_keys = vec![None; providers.len()];
         for (pname, var) in &t.provider_key_env {
             let ppath = format!("{path}.provider_key_env.{pname}");
-            let idx = provider_index(pname)
-                .ok_or_else(|| invalid(&ppath, format!("unknown provider '{pname}'")))?;
+            let idx = provider_index(pname).ok_or_else(|| invalid(&ppath, format!("unknown provider '{pname}'")))?;
             let value = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
                 invalid(
                     &ppath,
@@ -1040,13 +989,7 @@ pub fn compile(
                 *slot = Some(value);
             }
         }
-        tenants.push(Tenant {
-            id: t.id.clone(),
-            tier: t.tier.clone(),
-            enabled: t.enabled,
-            policy,
-            provider_keys,
-        });
+        tenants.push(Tenant { id: t.id.clone(), tier: t.tier.clone(), enabled: t.enabled, policy, provider_keys });
     }
 
     let rate_limit = match &config.rate_limit {
@@ -1111,10 +1054,7 @@ pub fn compile(
     for (i, t) in tenants.iter().enumerate() {
         let path = format!("tenants[{i}] (tier '{}')", t.tier);
         if t.policy.has_limits() && rate_limit.is_none() {
-            return Err(invalid(
-                path,
-                "has limits, but no rate_limit section names the rate-limit service cluster",
-            ));
+            return Err(invalid(path, "has limits, but no rate_limit section names the rate-limit service cluster"));
         }
         if (t.policy.usd_micros_per_day.is_some() || t.policy.usd_micros_per_month.is_some()) && pricing.is_none() {
             return Err(invalid(path, "has dollar budgets, but there is no pricing table"));
@@ -1123,16 +1063,16 @@ pub fn compile(
 
     let jwt = match &config.jwt {
         None => None,
-        Some(j) => Some(JwtSlot(std::cell::RefCell::new(
-            j.compile(env).map_err(|e| invalid("jwt", e.to_string()))?,
-        ))),
+        Some(j) => Some(JwtSlot(std::cell::RefCell::new(j.compile(env).map_err(|e| invalid("jwt", e.to_string()))?))),
     };
     let mut jwt_strip_headers = Vec::new();
     if let Some(j) = &config.jwt {
         for p in &j.providers {
             match &p.from {
                 crate::identity::jwt::TokenSource::Authorization => jwt_strip_headers.push("authorization".to_string()),
-                crate::identity::jwt::TokenSource::Header { name, .. } => jwt_strip_headers.push(name.to_ascii_lowercase()),
+                crate::identity::jwt::TokenSource::Header { name, .. } => {
+                    jwt_strip_headers.push(name.to_ascii_lowercase())
+                }
                 crate::identity::jwt::TokenSource::Cookie { .. } => jwt_strip_headers.push("cookie".to_string()),
             }
         }
@@ -1290,11 +1230,9 @@ pub(crate) mod tests {
     #[test]
     fn missing_env_var_is_refused() {
         let v = sample_json();
-        let e = load(v.to_string().as_bytes(), &|name| {
-            (name != "GLOBEX_OPENAI").then(|| "k".to_string())
-        })
-        .unwrap_err()
-        .to_string();
+        let e = load(v.to_string().as_bytes(), &|name| (name != "GLOBEX_OPENAI").then(|| "k".to_string()))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("tenants[1].provider_key_env.openai: environment variable 'GLOBEX_OPENAI'"), "{e}");
     }
 

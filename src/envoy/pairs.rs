@@ -10,8 +10,8 @@
 /// Splits one level of the pairs encoding. `None` when `bytes` is not one.
 pub fn decode(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     let word = |at: usize| -> Option<usize> {
-        let b = bytes.get(at..at.checked_add(4)?)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        Some(u32::from_le_bytes(b) as usize)
     };
     let count = word(0)?;
     if count > 4096 {
@@ -106,11 +106,8 @@ pub fn with_headers_replaced(
         remove.iter().any(|name| name.as_bytes().eq_ignore_ascii_case(k))
             || set.iter().any(|(name, _)| name.as_bytes().eq_ignore_ascii_case(k))
     };
-    let mut out: Vec<(Vec<u8>, Vec<u8>)> = map
-        .iter()
-        .filter(|(k, _)| !named(k))
-        .map(|(k, v)| (k.to_vec(), v.to_vec()))
-        .collect();
+    let mut out: Vec<(Vec<u8>, Vec<u8>)> =
+        map.iter().filter(|(k, _)| !named(k)).map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
     out.extend(set.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())));
     out
 }
@@ -229,12 +226,8 @@ mod tests {
         let inner = enc(&[(b"tenant_id", b"acme")]);
         let iat = 1.7e9f64.to_le_bytes();
         let org = 42f64.to_le_bytes();
-        let outer = enc(&[
-            (b"iat", &iat),
-            (b"app_metadata", &inner),
-            (b"sub", b"user-42"),
-            (b"https://x.com/org", &org),
-        ]);
+        let outer =
+            enc(&[(b"iat", &iat), (b"app_metadata", &inner), (b"sub", b"user-42"), (b"https://x.com/org", &org)]);
         assert_eq!(lookup(&outer, "app_metadata.tenant_id").as_deref(), Some("acme"));
         assert_eq!(lookup(&outer, "sub").as_deref(), Some("user-42"));
         assert_eq!(lookup(&outer, "https://x.com/org").as_deref(), Some("42"));

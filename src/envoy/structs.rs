@@ -25,10 +25,7 @@ pub fn struct_to_json(bytes: &[u8]) -> Result<serde_json::Value, StructError> {
     if s.fields.is_empty() {
         return Err(StructError::Empty);
     }
-    Ok(serde_json::Value::Object(fields_to_json(
-        &s,
-        Numbers::Config,
-    )?))
+    Ok(serde_json::Value::Object(fields_to_json(&s, Numbers::Config)?))
 }
 
 /// Decodes `bytes` as a `google.protobuf.Struct` of JWT claims (the payload
@@ -36,9 +33,7 @@ pub fn struct_to_json(bytes: &[u8]) -> Result<serde_json::Value, StructError> {
 /// Lenient, as a claim the filter never reads must not spoil the others: an
 /// empty Struct is an empty map and a non-finite number is `null`. Only bytes
 /// that are not a Struct at all are an error.
-pub fn struct_to_claims(
-    bytes: &[u8],
-) -> Result<serde_json::Map<String, serde_json::Value>, StructError> {
+pub fn struct_to_claims(bytes: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, StructError> {
     let s = prost_types::Struct::decode(bytes).map_err(|e| StructError::Decode(e.to_string()))?;
     fields_to_json(&s, Numbers::Claims)
 }
@@ -65,22 +60,16 @@ fn fields_to_json(
     Ok(map)
 }
 
-fn value_to_json(
-    v: &prost_types::Value,
-    numbers: Numbers,
-) -> Result<serde_json::Value, StructError> {
+fn value_to_json(v: &prost_types::Value, numbers: Numbers) -> Result<serde_json::Value, StructError> {
     Ok(match &v.kind {
         None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
         Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
         Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
         Some(Kind::NumberValue(n)) => number_to_json(*n, numbers)?,
         Some(Kind::StructValue(s)) => serde_json::Value::Object(fields_to_json(s, numbers)?),
-        Some(Kind::ListValue(l)) => serde_json::Value::Array(
-            l.values
-                .iter()
-                .map(|v| value_to_json(v, numbers))
-                .collect::<Result<_, _>>()?,
-        ),
+        Some(Kind::ListValue(l)) => {
+            serde_json::Value::Array(l.values.iter().map(|v| value_to_json(v, numbers)).collect::<Result<_, _>>()?)
+        }
     })
 }
 
@@ -94,15 +83,10 @@ fn number_to_json(n: f64, numbers: Numbers) -> Result<serde_json::Value, StructE
     let negative_zero = n == 0.0 && n.is_sign_negative();
     // Struct numbers are doubles; integral values become JSON integers so
     // fields typed as integers deserialize.
-    if n.fract() == 0.0
-        && n.abs() < 9.007_199_254_740_992e15
-        && !(negative_zero && numbers == Numbers::Claims)
-    {
+    if n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 && !(negative_zero && numbers == Numbers::Claims) {
         Ok(serde_json::Value::from(n as i64))
     } else {
-        serde_json::Number::from_f64(n)
-            .map(serde_json::Value::Number)
-            .ok_or(StructError::NonFinite)
+        serde_json::Number::from_f64(n).map(serde_json::Value::Number).ok_or(StructError::NonFinite)
     }
 }
 
@@ -124,15 +108,10 @@ mod tests {
         s.fields.insert("a".into(), v(Kind::StructValue(inner)));
         s.fields.insert(
             "l".into(),
-            v(Kind::ListValue(ListValue {
-                values: vec![v(Kind::StringValue("x".into())), v(Kind::BoolValue(true))],
-            })),
+            v(Kind::ListValue(ListValue { values: vec![v(Kind::StringValue("x".into())), v(Kind::BoolValue(true))] })),
         );
         let json = struct_to_json(&s.encode_to_vec()).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({"a": {"n": 3, "f": 0.5}, "l": ["x", true]})
-        );
+        assert_eq!(json, serde_json::json!({"a": {"n": 3, "f": 0.5}, "l": ["x", true]}));
     }
 
     #[test]
@@ -145,23 +124,17 @@ mod tests {
     fn claims_are_decoded_leniently_with_the_same_number_rules() {
         let mut inner = Struct::default();
         inner.fields.insert("n".into(), v(Kind::NumberValue(42.0)));
-        inner
-            .fields
-            .insert("inf".into(), v(Kind::NumberValue(f64::INFINITY)));
+        inner.fields.insert("inf".into(), v(Kind::NumberValue(f64::INFINITY)));
         let mut s = Struct::default();
         s.fields.insert("a".into(), v(Kind::StructValue(inner)));
-        s.fields
-            .insert("nan".into(), v(Kind::NumberValue(f64::NAN)));
+        s.fields.insert("nan".into(), v(Kind::NumberValue(f64::NAN)));
         s.fields.insert("neg0".into(), v(Kind::NumberValue(-0.0)));
         s.fields.insert("half".into(), v(Kind::NumberValue(-0.5)));
         s.fields.insert("big".into(), v(Kind::NumberValue(1e300)));
         s.fields.insert(
             "l".into(),
             v(Kind::ListValue(ListValue {
-                values: vec![
-                    v(Kind::NumberValue(f64::NEG_INFINITY)),
-                    Value { kind: None },
-                ],
+                values: vec![v(Kind::NumberValue(f64::NEG_INFINITY)), Value { kind: None }],
             })),
         );
         let bytes = s.encode_to_vec();
@@ -177,23 +150,14 @@ mod tests {
                 "l": [null, null],
             })
         );
-        assert!(struct_to_claims(&bytes).unwrap()["neg0"]
-            .as_f64()
-            .unwrap()
-            .is_sign_negative());
+        assert!(struct_to_claims(&bytes).unwrap()["neg0"].as_f64().unwrap().is_sign_negative());
         // The same Struct is refused as configuration.
         assert_eq!(struct_to_json(&bytes), Err(StructError::NonFinite));
         let mut zero = Struct::default();
         zero.fields.insert("z".into(), v(Kind::NumberValue(-0.0)));
-        assert_eq!(
-            struct_to_json(&zero.encode_to_vec()).unwrap(),
-            serde_json::json!({"z": 0})
-        );
+        assert_eq!(struct_to_json(&zero.encode_to_vec()).unwrap(), serde_json::json!({"z": 0}));
         // Empty is fine for claims, not for configuration; garbage is neither.
         assert_eq!(struct_to_claims(b""), Ok(serde_json::Map::new()));
-        assert!(matches!(
-            struct_to_claims(b"\xff\xff\xff"),
-            Err(StructError::Decode(_))
-        ));
+        assert!(matches!(struct_to_claims(b"\xff\xff\xff"), Err(StructError::Decode(_))));
     }
 }

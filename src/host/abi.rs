@@ -243,7 +243,8 @@ impl Host for Envoy {
     }
 
     fn dispatch_get(&mut self, cluster: &str, path: &str, authority: &str, timeout_ms: u64) -> Result<u32, String> {
-        let headers = vec![(":method", "GET"), (":path", path), (":authority", authority), ("accept", "application/json")];
+        let headers =
+            vec![(":method", "GET"), (":path", path), (":authority", authority), ("accept", "application/json")];
         hostcalls::dispatch_http_call(cluster, headers, None, vec![], Duration::from_millis(timeout_ms))
             .map_err(|s| format!("{s:?}"))
     }

@@ -359,7 +359,13 @@ impl Http {
     /// Carries out a body step. `in_body_callback` says whether the request
     /// is paused inside `on_http_request_body` (return the action) or
     /// waiting for a gRPC answer (resume it).
-    fn run_body_step<H: Host>(&mut self, host: &mut H, step: BodyStep, body_size: usize, in_body_callback: bool) -> Action {
+    fn run_body_step<H: Host>(
+        &mut self,
+        host: &mut H,
+        step: BodyStep,
+        body_size: usize,
+        in_body_callback: bool,
+    ) -> Action {
         match step {
             BodyStep::NeedMore => Action::Pause,
             BodyStep::Reply(reply) => {
@@ -524,9 +530,8 @@ impl Http {
         let now = if end_of_stream || (!self.body_started && body_size > 0) { host.now_ms() } else { 0 };
         // Edge scanning: a large chunk of a chat stream is read only near
         // its edges (the tap says which bytes it needs).
-        let taken = self
-            .flow
-            .on_response_chunk(body_size, end_of_stream, now, &mut |from, len| host.response_body(from, len));
+        let taken =
+            self.flow.on_response_chunk(body_size, end_of_stream, now, &mut |from, len| host.response_body(from, len));
         self.body_started |= body_size > 0;
         if taken.read > 0 && taken.read < body_size {
             log::debug!("tollgate: response chunk of {body_size} bytes read at its edges ({} bytes)", taken.read);

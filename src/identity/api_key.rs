@@ -7,18 +7,15 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::llm::Refusal;
 use crate::config::{Plugin, Tenant};
+use crate::llm::Refusal;
 
 /// Request headers as the host gives them: lower-case names.
 pub type Headers = [(String, String)];
 
 /// Returns the first value of header `name` (case-insensitive).
 pub fn header<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
+    headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
 }
 
 /// Value of query parameter `name` in `path`, percent-decoding not applied
@@ -66,9 +63,7 @@ pub fn digest(key: &str) -> [u8; 32] {
 /// Resolves the tenant of a request from its API key.
 pub fn resolve<'p>(plugin: &'p Plugin, headers: &Headers, path: &str) -> Result<&'p Tenant, Refusal> {
     let key = client_key(plugin, headers, path).ok_or(Refusal::MissingApiKey)?;
-    let tenant = plugin
-        .tenant_by_key_digest(&digest(key))
-        .ok_or(Refusal::InvalidApiKey)?;
+    let tenant = plugin.tenant_by_key_digest(&digest(key)).ok_or(Refusal::InvalidApiKey)?;
     if !tenant.enabled {
         return Err(Refusal::TenantDisabled);
     }

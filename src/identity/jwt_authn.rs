@@ -28,8 +28,7 @@ pub fn claims_from_jwt_authn_payload(
 ) -> Result<VerifiedIdentity, JwtError> {
     let first = payload.iter().find(|b| !b.is_ascii_whitespace());
     let claims: Map<String, Value> = if first == Some(&b'{') {
-        serde_json::from_slice(payload)
-            .map_err(|_| JwtError::Malformed("jwt_authn payload is not a JSON object"))?
+        serde_json::from_slice(payload).map_err(|_| JwtError::Malformed("jwt_authn payload is not a JSON object"))?
     } else {
         crate::envoy::structs::struct_to_claims(payload)
             .map_err(|_| JwtError::Malformed("jwt_authn payload is not a protobuf Struct"))?
@@ -37,24 +36,15 @@ pub fn claims_from_jwt_authn_payload(
     if claims.is_empty() {
         return Err(JwtError::MissingToken);
     }
-    let tenant_path = ClaimPath::parse(tenant_claim)
-        .ok_or_else(|| JwtError::MissingTenantClaim(tenant_claim.to_string()))?;
+    let tenant_path =
+        ClaimPath::parse(tenant_claim).ok_or_else(|| JwtError::MissingTenantClaim(tenant_claim.to_string()))?;
     let tenant_id = tenant_path
         .lookup(&claims)
         .and_then(claim_as_id)
         .ok_or_else(|| JwtError::MissingTenantClaim(tenant_claim.to_string()))?;
-    let user_id = user_claim
-        .and_then(ClaimPath::parse)
-        .and_then(|p| p.lookup(&claims).and_then(claim_as_id));
-    let exp = numeric_date(&claims, "exp", "`exp` is not a number")
-        .ok()
-        .flatten();
-    Ok(VerifiedIdentity {
-        provider: JWT_AUTHN_PROVIDER.to_string(),
-        tenant_id,
-        user_id,
-        exp,
-    })
+    let user_id = user_claim.and_then(ClaimPath::parse).and_then(|p| p.lookup(&claims).and_then(claim_as_id));
+    let exp = numeric_date(&claims, "exp", "`exp` is not a number").ok().flatten();
+    Ok(VerifiedIdentity { provider: JWT_AUTHN_PROVIDER.to_string(), tenant_id, user_id, exp })
 }
 
 #[cfg(test)]
@@ -80,28 +70,18 @@ mod tests {
         use prost::Message as _;
         use prost_types::value::Kind;
         let mut app = prost_types::Struct::default();
-        app.fields
-            .insert("tenant_id".to_string(), pv(Kind::NumberValue(42.0)));
+        app.fields.insert("tenant_id".to_string(), pv(Kind::NumberValue(42.0)));
         let mut st = prost_types::Struct::default();
-        st.fields
-            .insert("iss".to_string(), pv(Kind::StringValue(ISS.to_string())));
-        st.fields.insert(
-            "sub".to_string(),
-            pv(Kind::StringValue("user-7".to_string())),
-        );
-        st.fields
-            .insert("exp".to_string(), pv(Kind::NumberValue((NOW + 60) as f64)));
-        st.fields
-            .insert("app_metadata".to_string(), pv(Kind::StructValue(app)));
+        st.fields.insert("iss".to_string(), pv(Kind::StringValue(ISS.to_string())));
+        st.fields.insert("sub".to_string(), pv(Kind::StringValue("user-7".to_string())));
+        st.fields.insert("exp".to_string(), pv(Kind::NumberValue((NOW + 60) as f64)));
+        st.fields.insert("app_metadata".to_string(), pv(Kind::StructValue(app)));
         st.fields.insert(
             "roles".to_string(),
-            pv(Kind::ListValue(prost_types::ListValue {
-                values: vec![pv(Kind::NullValue(0))],
-            })),
+            pv(Kind::ListValue(prost_types::ListValue { values: vec![pv(Kind::NullValue(0))] })),
         );
         let bytes = st.encode_to_vec();
-        let id = claims_from_jwt_authn_payload(&bytes, "app_metadata.tenant_id", Some("sub"))
-            .expect("claims");
+        let id = claims_from_jwt_authn_payload(&bytes, "app_metadata.tenant_id", Some("sub")).expect("claims");
         assert_eq!(
             id,
             VerifiedIdentity {
@@ -115,18 +95,8 @@ mod tests {
             claims_from_jwt_authn_payload(&bytes, "tenant", None),
             Err(JwtError::MissingTenantClaim("tenant".to_string()))
         );
-        assert_eq!(
-            code(claims_from_jwt_authn_payload(
-                &[0xff, 0xff, 0xff],
-                "tenant",
-                None
-            )),
-            "malformed"
-        );
-        assert_eq!(
-            code(claims_from_jwt_authn_payload(&[], "tenant", None)),
-            "missing_token"
-        );
+        assert_eq!(code(claims_from_jwt_authn_payload(&[0xff, 0xff, 0xff], "tenant", None)), "malformed");
+        assert_eq!(code(claims_from_jwt_authn_payload(&[], "tenant", None)), "missing_token");
     }
 
     /// A `jwt_authn` payload `Struct` with `tenant` (and any other fields)
@@ -144,8 +114,7 @@ mod tests {
     fn jwt_authn_struct_numbers_and_values_as_tenant_ids() {
         use prost_types::value::Kind;
         let tenant = |kind: Kind| {
-            claims_from_jwt_authn_payload(&authn_struct(vec![("tenant", kind)]), "tenant", None)
-                .map(|id| id.tenant_id)
+            claims_from_jwt_authn_payload(&authn_struct(vec![("tenant", kind)]), "tenant", None).map(|id| id.tenant_id)
         };
         let missing = Err(JwtError::MissingTenantClaim("tenant".to_string()));
         // Struct numbers are doubles: integral ones are integer ids.
@@ -153,18 +122,9 @@ mod tests {
         assert_eq!(tenant(Kind::NumberValue(0.0)), Ok("0".to_string()));
         assert_eq!(tenant(Kind::NumberValue(-7.0)), Ok("-7".to_string()));
         assert_eq!(tenant(Kind::NumberValue(-0.0)), Ok("-0".to_string()));
-        assert_eq!(
-            tenant(Kind::NumberValue(9_007_199_254_740_991.0)),
-            Ok("9007199254740991".to_string())
-        );
-        assert_eq!(
-            tenant(Kind::NumberValue(9_007_199_254_740_992.0)),
-            Ok("9007199254740992".to_string())
-        );
-        assert_eq!(
-            tenant(Kind::NumberValue(-9_007_199_254_740_992.0)),
-            Ok("-9007199254740992".to_string())
-        );
+        assert_eq!(tenant(Kind::NumberValue(9_007_199_254_740_991.0)), Ok("9007199254740991".to_string()));
+        assert_eq!(tenant(Kind::NumberValue(9_007_199_254_740_992.0)), Ok("9007199254740992".to_string()));
+        assert_eq!(tenant(Kind::NumberValue(-9_007_199_254_740_992.0)), Ok("-9007199254740992".to_string()));
         // Beyond 2^53 a double does not name one integer.
         assert_eq!(tenant(Kind::NumberValue(9_007_199_254_740_994.0)), missing);
         assert_eq!(tenant(Kind::NumberValue(1e300)), missing);
@@ -174,33 +134,20 @@ mod tests {
         assert_eq!(tenant(Kind::NumberValue(f64::NAN)), missing);
         assert_eq!(tenant(Kind::NumberValue(f64::INFINITY)), missing);
         assert_eq!(tenant(Kind::NumberValue(f64::NEG_INFINITY)), missing);
-        assert_eq!(
-            tenant(Kind::StringValue("acme".to_string())),
-            Ok("acme".to_string())
-        );
-        assert_eq!(
-            tenant(Kind::StringValue(" 7 ".to_string())),
-            Ok(" 7 ".to_string())
-        );
+        assert_eq!(tenant(Kind::StringValue("acme".to_string())), Ok("acme".to_string()));
+        assert_eq!(tenant(Kind::StringValue(" 7 ".to_string())), Ok(" 7 ".to_string()));
         assert_eq!(tenant(Kind::StringValue(String::new())), missing);
         assert_eq!(tenant(Kind::BoolValue(true)), missing);
         assert_eq!(tenant(Kind::BoolValue(false)), missing);
         assert_eq!(tenant(Kind::NullValue(0)), missing);
         let mut inner = prost_types::Struct::default();
-        inner
-            .fields
-            .insert("id".to_string(), pv(Kind::NumberValue(5.0)));
+        inner.fields.insert("id".to_string(), pv(Kind::NumberValue(5.0)));
         assert_eq!(tenant(Kind::StructValue(inner.clone())), missing);
         assert_eq!(
-            tenant(Kind::ListValue(prost_types::ListValue {
-                values: vec![pv(Kind::StringValue("acme".to_string()))],
-            })),
+            tenant(Kind::ListValue(prost_types::ListValue { values: vec![pv(Kind::StringValue("acme".to_string()))] })),
             missing
         );
-        assert_eq!(
-            tenant(Kind::ListValue(prost_types::ListValue::default())),
-            missing
-        );
+        assert_eq!(tenant(Kind::ListValue(prost_types::ListValue::default())), missing);
         // A dotted path reaches into nested Structs; a whole-name key wins.
         let bytes = authn_struct(vec![
             ("org", Kind::StructValue(inner.clone())),
@@ -211,10 +158,7 @@ mod tests {
             Ok("whole".to_string())
         );
         let bytes = authn_struct(vec![("org", Kind::StructValue(inner))]);
-        assert_eq!(
-            claims_from_jwt_authn_payload(&bytes, "org.id", None).map(|id| id.tenant_id),
-            Ok("5".to_string())
-        );
+        assert_eq!(claims_from_jwt_authn_payload(&bytes, "org.id", None).map(|id| id.tenant_id), Ok("5".to_string()));
     }
 
     #[test]
@@ -229,73 +173,35 @@ mod tests {
                 (
                     "weights",
                     Kind::ListValue(prost_types::ListValue {
-                        values: vec![
-                            pv(Kind::NumberValue(f64::INFINITY)),
-                            pv(Kind::NumberValue(0.5)),
-                        ],
+                        values: vec![pv(Kind::NumberValue(f64::INFINITY)), pv(Kind::NumberValue(0.5))],
                     }),
                 ),
             ]);
-            claims_from_jwt_authn_payload(&bytes, "tenant", Some("sub"))
-                .map(|id| (id.tenant_id, id.user_id, id.exp))
+            claims_from_jwt_authn_payload(&bytes, "tenant", Some("sub")).map(|id| (id.tenant_id, id.user_id, id.exp))
         };
         let acme = || "acme".to_string();
         assert_eq!(
-            with(
-                Kind::NumberValue(12.0),
-                Kind::NumberValue((NOW + 60) as f64)
-            ),
+            with(Kind::NumberValue(12.0), Kind::NumberValue((NOW + 60) as f64)),
             Ok((acme(), Some("12".to_string()), Some(NOW + 60)))
         );
         // A fractional `exp` is cut to whole seconds; before 1970 is 0.
-        assert_eq!(
-            with(
-                Kind::NumberValue(12.5),
-                Kind::NumberValue(NOW as f64 + 0.75)
-            ),
-            Ok((acme(), None, Some(NOW)))
-        );
-        assert_eq!(
-            with(Kind::BoolValue(true), Kind::NumberValue(-5.0)),
-            Ok((acme(), None, Some(0)))
-        );
+        assert_eq!(with(Kind::NumberValue(12.5), Kind::NumberValue(NOW as f64 + 0.75)), Ok((acme(), None, Some(NOW))));
+        assert_eq!(with(Kind::BoolValue(true), Kind::NumberValue(-5.0)), Ok((acme(), None, Some(0))));
         // Unusable user and `exp` values are dropped, not errors.
+        assert_eq!(with(Kind::NumberValue(f64::NAN), Kind::NumberValue(f64::INFINITY)), Ok((acme(), None, None)));
         assert_eq!(
-            with(
-                Kind::NumberValue(f64::NAN),
-                Kind::NumberValue(f64::INFINITY)
-            ),
-            Ok((acme(), None, None))
-        );
-        assert_eq!(
-            with(
-                Kind::StringValue(String::new()),
-                Kind::StringValue("soon".to_string())
-            ),
+            with(Kind::StringValue(String::new()), Kind::StringValue("soon".to_string())),
             Ok((acme(), None, None))
         );
         // An empty Struct carries no claims at all.
-        assert_eq!(
-            claims_from_jwt_authn_payload(&authn_struct(vec![]), "tenant", None),
-            Err(JwtError::MissingToken)
-        );
+        assert_eq!(claims_from_jwt_authn_payload(&authn_struct(vec![]), "tenant", None), Err(JwtError::MissingToken));
     }
 
     #[test]
     fn jwt_authn_payload_as_json() {
         let json = br#" {"tenant_id": "acme", "sub": 12}"#;
         let id = claims_from_jwt_authn_payload(json, "tenant_id", Some("sub")).expect("claims");
-        assert_eq!(
-            (id.tenant_id.as_str(), id.user_id.as_deref(), id.exp),
-            ("acme", Some("12"), None)
-        );
-        assert_eq!(
-            code(claims_from_jwt_authn_payload(
-                b"{not json",
-                "tenant_id",
-                None
-            )),
-            "malformed"
-        );
+        assert_eq!((id.tenant_id.as_str(), id.user_id.as_deref(), id.exp), ("acme", Some("12"), None));
+        assert_eq!(code(claims_from_jwt_authn_payload(b"{not json", "tenant_id", None)), "malformed");
     }
 }

@@ -14,10 +14,7 @@ fn jwt_refusal(e: &jwt::JwtError) -> Refusal {
     Refusal::Custom { status: e.http_status(), code: e.code().to_string(), message: e.to_string() }
 }
 
-fn tenant_for_claims(
-    plugin: &Plugin,
-    id: jwt::VerifiedIdentity,
-) -> Result<(&Tenant, Option<String>), Refusal> {
+fn tenant_for_claims(plugin: &Plugin, id: jwt::VerifiedIdentity) -> Result<(&Tenant, Option<String>), Refusal> {
     let tenant = plugin.tenant_by_id(&id.tenant_id).ok_or_else(|| Refusal::Custom {
         status: 403,
         code: "unknown_tenant".into(),
@@ -68,9 +65,8 @@ pub fn resolve_identity<'p>(
         if let Ok(mut verifier) = slot.0.try_borrow_mut() {
             if let Some(token) = verifier.extract_token(jwt::ProviderSelector::Auto, &lookup) {
                 if looks_like_jwt(&token) || !plugin.identity.api_keys {
-                    let id = verifier
-                        .verify(jwt::ProviderSelector::Auto, &token, now_s)
-                        .map_err(|e| jwt_refusal(&e))?;
+                    let id =
+                        verifier.verify(jwt::ProviderSelector::Auto, &token, now_s).map_err(|e| jwt_refusal(&e))?;
                     return tenant_for_claims(plugin, id);
                 }
             }
@@ -85,4 +81,3 @@ pub fn resolve_identity<'p>(
     }
     api_key::resolve(plugin, headers, path).map(|t| (t, None))
 }
-

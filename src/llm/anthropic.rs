@@ -34,10 +34,7 @@ pub(crate) fn swap_model(body: &mut Value, to: &str) -> ModelSwap {
 
 /// Whether a typed stream event can matter (pings and block starts/stops do not).
 pub(crate) fn wants_event(event: &str) -> bool {
-    matches!(
-        event,
-        "message_start" | "message_delta" | "content_block_delta" | "message_stop"
-    )
+    matches!(event, "message_start" | "message_delta" | "content_block_delta" | "message_stop")
 }
 
 /// What a Messages document says: a stream event or a whole body. Stream
@@ -53,14 +50,8 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
             },
             None => Observation::default(),
         },
-        "message_delta" => Observation {
-            counts: counts_of(doc.get("usage"), usage_counts),
-            ..Observation::default()
-        },
-        "message_stop" => Observation {
-            complete: true,
-            ..Observation::default()
-        },
+        "message_delta" => Observation { counts: counts_of(doc.get("usage"), usage_counts), ..Observation::default() },
+        "message_stop" => Observation { complete: true, ..Observation::default() },
         "content_block_delta" => Observation {
             text_bytes: doc.get("delta").map_or(0, |d| {
                 text_len(d.get("text"))
@@ -69,10 +60,7 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
             }),
             ..Observation::default()
         },
-        "error" => Observation {
-            error: Some(doc.get("error").unwrap_or(doc)),
-            ..Observation::default()
-        },
+        "error" => Observation { error: Some(doc.get("error").unwrap_or(doc)), ..Observation::default() },
         // A non-streamed body (`"type": "message"`) or an unknown shape.
         _ => {
             let mut text = 0u64;
@@ -111,13 +99,7 @@ pub(crate) fn usage_counts(u: &Value) -> RawCounts {
 /// writes, which are billed on top.
 pub(crate) fn normalise(raw: &RawCounts) -> Usage {
     let v = |x: Option<u64>| x.unwrap_or(0);
-    raw.usage(
-        v(raw.input),
-        v(raw.cache_read),
-        v(raw.cache_write),
-        v(raw.output),
-        v(raw.reasoning),
-    )
+    raw.usage(v(raw.input), v(raw.cache_read), v(raw.cache_write), v(raw.output), v(raw.reasoning))
 }
 
 #[cfg(test)]
@@ -129,12 +111,7 @@ mod tests {
 
     #[test]
     fn anthropic_max_tokens() {
-        let (i, _) = inspect(
-            Api::AnthropicMessages,
-            "/v1/messages",
-            br#"{"model":"claude","max_tokens":7}"#,
-        )
-        .unwrap();
+        let (i, _) = inspect(Api::AnthropicMessages, "/v1/messages", br#"{"model":"claude","max_tokens":7}"#).unwrap();
         assert_eq!(i.max_output_tokens, Some(7));
     }
 
@@ -143,14 +120,10 @@ mod tests {
         let start = json!({"type": "message_start", "message": {"model": "claude-x", "usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 1}}});
         let o = observe(&start);
         assert_eq!(o.model, Some("claude-x"));
-        assert_eq!(
-            o.counts.map(|c| (c.input, c.cache_read, c.output)),
-            Some((Some(10), Some(5), Some(1)))
-        );
+        assert_eq!(o.counts.map(|c| (c.input, c.cache_read, c.output)), Some((Some(10), Some(5), Some(1))));
         let delta = json!({"type": "message_delta", "usage": {"output_tokens": 30}});
         assert_eq!(observe(&delta).counts.and_then(|c| c.output), Some(30));
-        let text =
-            json!({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "hey"}});
+        let text = json!({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "hey"}});
         assert_eq!(observe(&text).text_bytes, 3);
         assert!(observe(&json!({"type": "message_stop"})).complete);
         let err = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
@@ -163,15 +136,6 @@ mod tests {
             &json!({"input_tokens": 25, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 7, "output_tokens": 3}),
         );
         let u = normalise(&raw);
-        assert_eq!(
-            (
-                u.input_uncached,
-                u.cache_read,
-                u.cache_write,
-                u.output,
-                u.total
-            ),
-            (25, 100, 7, 3, 135)
-        );
+        assert_eq!((u.input_uncached, u.cache_read, u.cache_write, u.output, u.total), (25, 100, 7, 3, 135));
     }
 }

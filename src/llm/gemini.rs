@@ -29,9 +29,7 @@ pub(crate) fn request_facts(path: &str, json: &Value) -> Result<RequestInfo, Ref
     })?;
     let stream = method == "streamGenerateContent";
     if !stream && method != "generateContent" && method != "countTokens" {
-        return Err(Refusal::InvalidRequest {
-            detail: format!("unsupported Gemini method '{method}'"),
-        });
+        return Err(Refusal::InvalidRequest { detail: format!("unsupported Gemini method '{method}'") });
     }
     let alt_sse = crate::identity::api_key::query_param(path, "alt") == Some("sse");
     Ok(RequestInfo {
@@ -45,9 +43,7 @@ pub(crate) fn request_facts(path: &str, json: &Value) -> Result<RequestInfo, Ref
 
 /// Writes the max-output cap: `generationConfig.maxOutputTokens`.
 pub(crate) fn clamp_output(obj: &mut Map<String, Value>, n: u64) {
-    let gc = obj
-        .entry("generationConfig")
-        .or_insert_with(|| Value::Object(Default::default()));
+    let gc = obj.entry("generationConfig").or_insert_with(|| Value::Object(Default::default()));
     if let Some(gc) = gc.as_object_mut() {
         gc.insert("maxOutputTokens".into(), n.into());
     }
@@ -70,8 +66,7 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
             }
             if let Some(Value::Array(parts)) = path(c, &["content", "parts"]) {
                 for p in parts {
-                    let n = text_len(p.get("text"))
-                        .saturating_add(json_len(path(p, &["functionCall", "args"])));
+                    let n = text_len(p.get("text")).saturating_add(json_len(path(p, &["functionCall", "args"])));
                     text = text.saturating_add(n);
                 }
             }
@@ -104,17 +99,9 @@ pub(crate) fn usage_counts(u: &Value) -> RawCounts {
 pub(crate) fn normalise(raw: &RawCounts) -> Usage {
     let v = |x: Option<u64>| x.unwrap_or(0);
     let cr = v(raw.cache_read);
-    let uncached = v(raw.input)
-        .saturating_sub(cr)
-        .saturating_add(v(raw.tool_prompt));
+    let uncached = v(raw.input).saturating_sub(cr).saturating_add(v(raw.tool_prompt));
     let thoughts = v(raw.reasoning);
-    raw.usage(
-        uncached,
-        cr,
-        0,
-        v(raw.output).saturating_add(thoughts),
-        thoughts,
-    )
+    raw.usage(uncached, cr, 0, v(raw.output).saturating_add(thoughts), thoughts)
 }
 
 #[cfg(test)]
@@ -127,28 +114,14 @@ mod tests {
     #[test]
     fn gemini_from_path() {
         let body = br#"{"contents":[],"generationConfig":{"maxOutputTokens":64}}"#;
-        let (i, _) = inspect(
-            Api::Gemini,
-            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
-            body,
-        )
-        .unwrap();
+        let (i, _) =
+            inspect(Api::Gemini, "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", body).unwrap();
         assert_eq!(i.model, "gemini-2.0-flash");
         assert!(i.stream && !i.json_array_stream);
         assert_eq!(i.max_output_tokens, Some(64));
-        let (i, _) = inspect(
-            Api::Gemini,
-            "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
-            body,
-        )
-        .unwrap();
+        let (i, _) = inspect(Api::Gemini, "/v1beta/models/gemini-2.0-flash:streamGenerateContent", body).unwrap();
         assert!(i.json_array_stream);
-        let (i, _) = inspect(
-            Api::Gemini,
-            "/v1beta/models/gemini-2.0-flash:generateContent",
-            body,
-        )
-        .unwrap();
+        let (i, _) = inspect(Api::Gemini, "/v1beta/models/gemini-2.0-flash:generateContent", body).unwrap();
         assert!(!i.stream);
         assert!(inspect(Api::Gemini, "/v1beta/models/:generateContent", body).is_err());
         assert!(inspect(Api::Gemini, "/v1beta/models/x:deleteEverything", body).is_err());
@@ -162,16 +135,7 @@ mod tests {
         assert_eq!(o.model, Some("gemini-2.5-flash"));
         assert_eq!(o.text_bytes, 2 + 7);
         let u = normalise(&o.counts.expect("counts"));
-        assert_eq!(
-            (
-                u.input_uncached,
-                u.cache_read,
-                u.output,
-                u.reasoning,
-                u.total
-            ),
-            (7, 4, 5, 2, 16)
-        );
+        assert_eq!((u.input_uncached, u.cache_read, u.output, u.reasoning, u.total), (7, 4, 5, 2, 16));
         let err = json!({"error": {"code": 503, "status": "UNAVAILABLE"}});
         assert_eq!(observe(&err).error, Some(&err["error"]));
         assert!(!observe(&err).complete);
@@ -180,9 +144,6 @@ mod tests {
     #[test]
     fn model_swap_rewrites_the_path() {
         let swap = swap_model("/v1beta/models/a:generateContent?alt=sse", "a", "b");
-        assert_eq!(
-            swap,
-            ModelSwap::Path("/v1beta/models/b:generateContent?alt=sse".into())
-        );
+        assert_eq!(swap, ModelSwap::Path("/v1beta/models/b:generateContent?alt=sse".into()));
     }
 }

@@ -38,12 +38,8 @@ pub(crate) fn u64_at(v: &Value, path: &[&str]) -> Option<u64> {
 pub(crate) fn body_model(json: &Value) -> Result<String, Refusal> {
     match json.get("model") {
         Some(Value::String(m)) if !m.trim().is_empty() => Ok(m.clone()),
-        Some(_) => Err(Refusal::InvalidRequest {
-            detail: "'model' must be a non-empty string".into(),
-        }),
-        None => Err(Refusal::InvalidRequest {
-            detail: "'model' is required".into(),
-        }),
+        Some(_) => Err(Refusal::InvalidRequest { detail: "'model' must be a non-empty string".into() }),
+        None => Err(Refusal::InvalidRequest { detail: "'model' is required".into() }),
     }
 }
 
@@ -52,9 +48,7 @@ pub(crate) fn body_stream(json: &Value) -> Result<bool, Refusal> {
     match json.get("stream") {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(Refusal::InvalidRequest {
-            detail: "'stream' must be a boolean".into(),
-        }),
+        Some(_) => Err(Refusal::InvalidRequest { detail: "'stream' must be a boolean".into() }),
     }
 }
 
@@ -64,13 +58,9 @@ pub fn inspect(api: Api, path: &str, body: &[u8]) -> Result<(RequestInfo, Value)
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(Refusal::BodyRequired);
     }
-    let json: Value = serde_json::from_slice(body).map_err(|e| Refusal::InvalidJson {
-        detail: e.to_string(),
-    })?;
+    let json: Value = serde_json::from_slice(body).map_err(|e| Refusal::InvalidJson { detail: e.to_string() })?;
     if !json.is_object() {
-        return Err(Refusal::InvalidJson {
-            detail: "the body must be a JSON object".into(),
-        });
+        return Err(Refusal::InvalidJson { detail: "the body must be a JSON object".into() });
     }
     let info = api.request_facts(path, &json)?;
     Ok((info, json))
@@ -81,9 +71,7 @@ pub fn check_model(policy: &Policy, model: &str) -> Result<(), Refusal> {
     if policy.models.allows(model) {
         Ok(())
     } else {
-        Err(Refusal::ModelNotAllowed {
-            model: model.to_string(),
-        })
+        Err(Refusal::ModelNotAllowed { model: model.to_string() })
     }
 }
 
@@ -93,22 +81,10 @@ mod tests {
 
     #[test]
     fn malformed_bodies() {
-        assert!(matches!(
-            inspect(Api::OpenaiChat, "/", b"{"),
-            Err(Refusal::InvalidJson { .. })
-        ));
-        assert!(matches!(
-            inspect(Api::OpenaiChat, "/", b"[1]"),
-            Err(Refusal::InvalidJson { .. })
-        ));
-        assert_eq!(
-            inspect(Api::OpenaiChat, "/", b"  "),
-            Err(Refusal::BodyRequired)
-        );
-        assert!(matches!(
-            inspect(Api::OpenaiChat, "/", b"{}"),
-            Err(Refusal::InvalidRequest { .. })
-        ));
+        assert!(matches!(inspect(Api::OpenaiChat, "/", b"{"), Err(Refusal::InvalidJson { .. })));
+        assert!(matches!(inspect(Api::OpenaiChat, "/", b"[1]"), Err(Refusal::InvalidJson { .. })));
+        assert_eq!(inspect(Api::OpenaiChat, "/", b"  "), Err(Refusal::BodyRequired));
+        assert!(matches!(inspect(Api::OpenaiChat, "/", b"{}"), Err(Refusal::InvalidRequest { .. })));
         assert!(matches!(
             inspect(Api::OpenaiChat, "/", br#"{"model":"m","stream":"yes"}"#),
             Err(Refusal::InvalidRequest { .. })

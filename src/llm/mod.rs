@@ -149,9 +149,7 @@ impl Api {
     /// The counters of a usage object.
     pub fn usage_counts(self, usage: &Value) -> RawCounts {
         match self {
-            Api::OpenaiChat | Api::OpenaiResponses | Api::OpenaiEmbeddings => {
-                openai_chat::usage_counts(usage)
-            }
+            Api::OpenaiChat | Api::OpenaiResponses | Api::OpenaiEmbeddings => openai_chat::usage_counts(usage),
             Api::AnthropicMessages => anthropic::usage_counts(usage),
             Api::Gemini => gemini::usage_counts(usage),
         }
@@ -160,9 +158,7 @@ impl Api {
     /// The counters in the normalised [`Usage`] shape, by the API's convention.
     pub fn normalise(self, raw: &RawCounts) -> Usage {
         match self {
-            Api::OpenaiChat | Api::OpenaiResponses | Api::OpenaiEmbeddings => {
-                openai_chat::normalise(raw)
-            }
+            Api::OpenaiChat | Api::OpenaiResponses | Api::OpenaiEmbeddings => openai_chat::normalise(raw),
             Api::AnthropicMessages => anthropic::normalise(raw),
             Api::Gemini => gemini::normalise(raw),
         }

@@ -52,14 +52,7 @@ impl RawCounts {
         output: u64,
         reasoning: u64,
     ) -> Usage {
-        let mut usage = Usage {
-            input_uncached,
-            cache_read,
-            cache_write,
-            output,
-            reasoning,
-            total: 0,
-        };
+        let mut usage = Usage { input_uncached, cache_read, cache_write, output, reasoning, total: 0 };
         usage.total = self.total.unwrap_or_else(|| usage.sum());
         usage
     }
@@ -126,10 +119,7 @@ pub(crate) fn text_len(v: Option<&Value>) -> u64 {
     match v {
         Some(Value::String(s)) => s.len() as u64,
         // Content given as an array of parts (`[{"type":"text","text":...}]`).
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .map(|p| text_len(p.get("text")))
-            .fold(0, u64::saturating_add),
+        Some(Value::Array(parts)) => parts.iter().map(|p| text_len(p.get("text"))).fold(0, u64::saturating_add),
         _ => 0,
     }
 }
@@ -150,15 +140,8 @@ mod tests {
 
     #[test]
     fn later_reports_overwrite_field_by_field() {
-        let mut raw = RawCounts {
-            input: Some(10),
-            output: Some(1),
-            ..RawCounts::default()
-        };
-        raw.merge(RawCounts {
-            output: Some(9),
-            ..RawCounts::default()
-        });
+        let mut raw = RawCounts { input: Some(10), output: Some(1), ..RawCounts::default() };
+        raw.merge(RawCounts { output: Some(9), ..RawCounts::default() });
         assert_eq!((raw.input, raw.output), (Some(10), Some(9)));
         assert!(!raw.is_empty());
         assert!(RawCounts::default().is_empty());

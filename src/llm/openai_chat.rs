@@ -17,17 +17,12 @@ pub(crate) fn request_facts(json: &Value) -> Result<RequestInfo, Refusal> {
     let model = body_model(json)?;
     let stream = body_stream(json)?;
     let include_usage = !stream
-        || json
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        || json.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
     Ok(RequestInfo {
         model,
         stream,
         json_array_stream: false,
-        max_output_tokens: u64_at(json, &["max_completion_tokens"])
-            .or_else(|| u64_at(json, &["max_tokens"])),
+        max_output_tokens: u64_at(json, &["max_completion_tokens"]).or_else(|| u64_at(json, &["max_tokens"])),
         include_usage,
     })
 }
@@ -82,12 +77,8 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
 /// OpenAI usage, both naming families (chat's `prompt_tokens`, Responses'
 /// `input_tokens`); Responses and embeddings read theirs with this too.
 pub(crate) fn usage_counts(u: &Value) -> RawCounts {
-    let input_details = u
-        .get("prompt_tokens_details")
-        .or_else(|| u.get("input_tokens_details"));
-    let output_details = u
-        .get("completion_tokens_details")
-        .or_else(|| u.get("output_tokens_details"));
+    let input_details = u.get("prompt_tokens_details").or_else(|| u.get("input_tokens_details"));
+    let output_details = u.get("completion_tokens_details").or_else(|| u.get("output_tokens_details"));
     let detail = |d: Option<&Value>, k: &str| d.and_then(|d| count(d.get(k)));
     RawCounts {
         input: count(u.get("prompt_tokens")).or_else(|| count(u.get("input_tokens"))),
@@ -389,11 +380,7 @@ pub(crate) fn read_chat_body(bytes: &[u8]) -> Option<ChatBody> {
                 .saturating_add(len(&m.refusal));
         }
     }
-    Some(ChatBody {
-        model: body.model.map(Cow::into_owned),
-        usage: body.usage,
-        text,
-    })
+    Some(ChatBody { model: body.model.map(Cow::into_owned), usage: body.usage, text })
 }
 
 /// Ask an OpenAI chat stream for usage on the client's behalf: set
@@ -416,9 +403,7 @@ pub fn inject_include_usage(body: &mut Value) -> bool {
     if obj.get("stream").and_then(Value::as_bool) != Some(true) {
         return false;
     }
-    let opts = obj
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Map::new()));
+    let opts = obj.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
     if !opts.is_object() {
         *opts = Value::Object(Map::new());
     }
@@ -443,10 +428,7 @@ pub fn is_usage_only_chunk(data: &str) -> bool {
     let Ok(doc) = serde_json::from_str::<Value>(data) else {
         return false;
     };
-    let empty_choices = doc
-        .get("choices")
-        .and_then(Value::as_array)
-        .is_some_and(Vec::is_empty);
+    let empty_choices = doc.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty);
     empty_choices && doc.get("usage").is_some_and(Value::is_object)
 }
 
@@ -488,10 +470,7 @@ mod tests {
         assert_eq!(o.error, None);
         assert!(!o.complete);
         let u = normalise(&o.counts.expect("counts"));
-        assert_eq!(
-            (u.input_uncached, u.cache_read, u.output, u.total),
-            (5, 2, 3, 10)
-        );
+        assert_eq!((u.input_uncached, u.cache_read, u.output, u.total), (5, 2, 3, 10));
         let err = json!({"error": {"message": "m"}, "usage": null});
         let o = observe(&err);
         assert_eq!((o.error, o.counts), (Some(&err["error"]), None));
@@ -499,18 +478,9 @@ mod tests {
 
     #[test]
     fn delta_text_len_takes_only_plain_deltas() {
-        assert_eq!(
-            delta_text_len(r#"{"choices":[{"delta":{"content":"ab","reasoning":"c"}}]}"#),
-            Some(3)
-        );
-        assert_eq!(
-            delta_text_len(r#"{"choices":[],"usage":{"prompt_tokens":1}}"#),
-            None
-        );
-        assert_eq!(
-            delta_text_len(r#"{"choices":[{"delta":{"tool_calls":[]}}]}"#),
-            None
-        );
+        assert_eq!(delta_text_len(r#"{"choices":[{"delta":{"content":"ab","reasoning":"c"}}]}"#), Some(3));
+        assert_eq!(delta_text_len(r#"{"choices":[],"usage":{"prompt_tokens":1}}"#), None);
+        assert_eq!(delta_text_len(r#"{"choices":[{"delta":{"tool_calls":[]}}]}"#), None);
     }
 
     #[test]
@@ -522,11 +492,7 @@ mod tests {
 
     #[test]
     fn cached_more_than_prompt_saturates() {
-        let raw = RawCounts {
-            input: Some(5),
-            cache_read: Some(9),
-            ..RawCounts::default()
-        };
+        let raw = RawCounts { input: Some(5), cache_read: Some(9), ..RawCounts::default() };
         let got = normalise(&raw);
         assert_eq!(got.input_uncached, 0);
         assert_eq!(got.cache_read, 9);
@@ -549,22 +515,15 @@ mod tests {
 
     #[test]
     fn explicit_false_is_overridden_and_stripped() {
-        let mut body = json!({"stream": true, "stream_options": {"include_usage": false, "continuous_usage_stats": false}});
+        let mut body =
+            json!({"stream": true, "stream_options": {"include_usage": false, "continuous_usage_stats": false}});
         assert!(inject_include_usage(&mut body));
-        assert_eq!(
-            body["stream_options"],
-            json!({"include_usage": true, "continuous_usage_stats": false})
-        );
+        assert_eq!(body["stream_options"], json!({"include_usage": true, "continuous_usage_stats": false}));
     }
 
     #[test]
     fn no_injection_without_stream() {
-        for mut body in [
-            json!({"model": "x"}),
-            json!({"stream": false}),
-            json!([1]),
-            json!("s"),
-        ] {
+        for mut body in [json!({"model": "x"}), json!({"stream": false}), json!([1]), json!("s")] {
             let before = body.clone();
             assert!(!inject_include_usage(&mut body));
             assert_eq!(body, before);
@@ -580,17 +539,11 @@ mod tests {
 
     #[test]
     fn usage_only_chunk_detection() {
-        assert!(is_usage_only_chunk(
-            r#"{"choices":[],"usage":{"prompt_tokens":1}}"#
-        ));
+        assert!(is_usage_only_chunk(r#"{"choices":[],"usage":{"prompt_tokens":1}}"#));
         // Azure's first chunk: empty choices, no usage.
-        assert!(!is_usage_only_chunk(
-            r#"{"choices":[],"prompt_filter_results":[]}"#
-        ));
+        assert!(!is_usage_only_chunk(r#"{"choices":[],"prompt_filter_results":[]}"#));
         // vLLM continuous usage: usage on a content chunk.
-        assert!(!is_usage_only_chunk(
-            r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#
-        ));
+        assert!(!is_usage_only_chunk(r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#));
         assert!(!is_usage_only_chunk(r#"{"choices":[],"usage":null}"#));
         assert!(!is_usage_only_chunk("[DONE]"));
     }

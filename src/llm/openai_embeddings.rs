@@ -12,17 +12,9 @@ pub(crate) fn request_facts(json: &Value) -> Result<RequestInfo, Refusal> {
     let model = body_model(json)?;
     let stream = body_stream(json)?;
     if stream {
-        return Err(Refusal::InvalidRequest {
-            detail: "embeddings cannot be streamed".into(),
-        });
+        return Err(Refusal::InvalidRequest { detail: "embeddings cannot be streamed".into() });
     }
-    Ok(RequestInfo {
-        model,
-        stream,
-        json_array_stream: false,
-        max_output_tokens: None,
-        include_usage: true,
-    })
+    Ok(RequestInfo { model, stream, json_array_stream: false, max_output_tokens: None, include_usage: true })
 }
 
 /// The model is the body's `model` field.
@@ -44,18 +36,9 @@ mod tests {
 
     #[test]
     fn streaming_is_refused() {
-        let r = inspect(
-            Api::OpenaiEmbeddings,
-            "/v1/embeddings",
-            br#"{"model":"e","stream":true}"#,
-        );
+        let r = inspect(Api::OpenaiEmbeddings, "/v1/embeddings", br#"{"model":"e","stream":true}"#);
         assert!(matches!(r, Err(Refusal::InvalidRequest { .. })));
-        let (i, _) = inspect(
-            Api::OpenaiEmbeddings,
-            "/v1/embeddings",
-            br#"{"model":"e","max_tokens":3}"#,
-        )
-        .unwrap();
+        let (i, _) = inspect(Api::OpenaiEmbeddings, "/v1/embeddings", br#"{"model":"e","max_tokens":3}"#).unwrap();
         assert_eq!((i.max_output_tokens, i.include_usage), (None, true));
     }
 

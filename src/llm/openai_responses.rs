@@ -36,10 +36,7 @@ pub(crate) fn swap_model(body: &mut Value, to: &str) -> ModelSwap {
 /// as `response.output_item.done`, which repeats whole outputs).
 pub(crate) fn wants_event(event: &str) -> bool {
     event.starts_with("response.created")
-        || matches!(
-            event,
-            "response.completed" | "response.incomplete" | "response.failed"
-        )
+        || matches!(event, "response.completed" | "response.incomplete" | "response.failed")
         || (event.ends_with(".delta") && !event.starts_with("response.audio"))
 }
 
@@ -54,34 +51,18 @@ pub(crate) fn observe(doc: &Value, streamed: bool) -> Observation<'_> {
     }
     if let Some(resp) = doc.get("response").filter(|r| r.is_object()) {
         // A lifecycle event wrapping the response object.
-        let terminal = matches!(
-            kind,
-            "response.completed" | "response.incomplete" | "response.failed"
-        );
-        return Observation {
-            complete: terminal,
-            ..response_object(resp, false)
-        };
+        let terminal = matches!(kind, "response.completed" | "response.incomplete" | "response.failed");
+        return Observation { complete: terminal, ..response_object(resp, false) };
     }
     if kind.ends_with(".delta") {
-        let text_bytes = if kind.starts_with("response.audio") {
-            0
-        } else {
-            text_len(doc.get("delta"))
-        };
-        return Observation {
-            text_bytes,
-            ..Observation::default()
-        };
+        let text_bytes = if kind.starts_with("response.audio") { 0 } else { text_len(doc.get("delta")) };
+        return Observation { text_bytes, ..Observation::default() };
     }
     if !streamed || doc.get("object").and_then(Value::as_str) == Some("response") {
         // A non-streamed body is the response object itself.
         if let Some(err) = Observation::error_at(doc.get("error")) {
             if doc.get("object").is_none() && doc.get("usage").is_none() {
-                return Observation {
-                    error: Some(err),
-                    ..Observation::default()
-                };
+                return Observation { error: Some(err), ..Observation::default() };
             }
         }
         return response_object(doc, true);
@@ -128,12 +109,8 @@ mod tests {
 
     #[test]
     fn responses_max_tokens() {
-        let (i, _) = inspect(
-            Api::OpenaiResponses,
-            "/v1/responses",
-            br#"{"model":"o3","max_output_tokens":9}"#,
-        )
-        .unwrap();
+        let (i, _) =
+            inspect(Api::OpenaiResponses, "/v1/responses", br#"{"model":"o3","max_output_tokens":9}"#).unwrap();
         assert_eq!(i.max_output_tokens, Some(9));
     }
 
@@ -153,21 +130,11 @@ mod tests {
         let delta = json!({"type": "response.output_text.delta", "delta": "abc"});
         let o = observe(&delta, true);
         assert_eq!((o.text_bytes, o.counts, o.complete), (3, None, false));
-        assert_eq!(
-            observe(
-                &json!({"type": "response.audio.delta", "delta": "abc"}),
-                true
-            )
-            .text_bytes,
-            0
-        );
+        assert_eq!(observe(&json!({"type": "response.audio.delta", "delta": "abc"}), true).text_bytes, 0);
         let err = json!({"type": "error", "code": "x", "message": "m"});
         assert_eq!(observe(&err, true).error, Some(&err));
         let body = json!({"error": {"message": "bad"}});
         assert_eq!(observe(&body, false).error, Some(&body["error"]));
-        assert_eq!(
-            observe(&json!({"type": "response.in_progress"}), true),
-            Observation::default()
-        );
+        assert_eq!(observe(&json!({"type": "response.in_progress"}), true), Observation::default());
     }
 }

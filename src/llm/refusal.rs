@@ -43,15 +43,11 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::MissingApiKey | Refusal::InvalidApiKey => 401,
-            Refusal::TenantDisabled
-            | Refusal::ModelNotAllowed { .. }
-            | Refusal::ProviderNotConfigured { .. } => 403,
+            Refusal::TenantDisabled | Refusal::ModelNotAllowed { .. } | Refusal::ProviderNotConfigured { .. } => 403,
             Refusal::UnknownRoute => 404,
             Refusal::MethodNotAllowed => 405,
             Refusal::RequestTooLarge { .. } => 413,
-            Refusal::BodyRequired
-            | Refusal::InvalidJson { .. }
-            | Refusal::InvalidRequest { .. } => 400,
+            Refusal::BodyRequired | Refusal::InvalidJson { .. } | Refusal::InvalidRequest { .. } => 400,
             Refusal::Custom { status, .. } => *status,
             Refusal::Internal { .. } => 500,
         }
@@ -112,10 +108,7 @@ pub struct LocalReply {
 
 impl LocalReply {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -161,12 +154,7 @@ fn gemini_status(status: u16) -> &'static str {
 ///
 /// `openai_type` lets the caller pick OpenAI's `error.type` where OpenAI has a
 /// specific one (`requests`, `tokens`, `insufficient_quota` for 429s).
-pub fn render(
-    family: Family,
-    refusal: &Refusal,
-    request_id: &str,
-    openai_type_override: Option<&str>,
-) -> LocalReply {
+pub fn render(family: Family, refusal: &Refusal, request_id: &str, openai_type_override: Option<&str>) -> LocalReply {
     let status = refusal.status();
     let code = refusal.code();
     let message = refusal.message();
@@ -222,10 +210,7 @@ pub fn retry_headers(ms: u64, should_retry: bool) -> [(String, String); 3] {
     [
         ("retry-after".into(), ms.div_ceil(1000).to_string()),
         ("retry-after-ms".into(), ms.to_string()),
-        (
-            "x-should-retry".into(),
-            if should_retry { "true" } else { "false" }.into(),
-        ),
+        ("x-should-retry".into(), if should_retry { "true" } else { "false" }.into()),
     ]
 }
 
@@ -260,12 +245,7 @@ mod tests {
 
     #[test]
     fn gemini_envelope() {
-        let r = render(
-            Family::Gemini,
-            &Refusal::RequestTooLarge { limit: 10 },
-            "r",
-            None,
-        );
+        let r = render(Family::Gemini, &Refusal::RequestTooLarge { limit: 10 }, "r", None);
         assert_eq!(r.status, 413);
         let v = json(&r);
         assert_eq!(v["error"]["code"], 413);
@@ -275,11 +255,7 @@ mod tests {
 
     #[test]
     fn openai_type_override_for_quota() {
-        let refusal = Refusal::Custom {
-            status: 429,
-            code: "budget_exceeded".into(),
-            message: "m".into(),
-        };
+        let refusal = Refusal::Custom { status: 429, code: "budget_exceeded".into(), message: "m".into() };
         let r = render(Family::OpenAi, &refusal, "r", Some("insufficient_quota"));
         assert_eq!(json(&r)["error"]["type"], "insufficient_quota");
     }
@@ -287,26 +263,9 @@ mod tests {
     #[test]
     fn retry_headers_round_seconds_up() {
         let h = |ms, retry| retry_headers(ms, retry).map(|(k, v)| format!("{k}={v}"));
-        assert_eq!(
-            h(1000, true),
-            [
-                "retry-after=1",
-                "retry-after-ms=1000",
-                "x-should-retry=true"
-            ]
-        );
-        assert_eq!(
-            h(1001, true),
-            [
-                "retry-after=2",
-                "retry-after-ms=1001",
-                "x-should-retry=true"
-            ]
-        );
-        assert_eq!(
-            h(0, false),
-            ["retry-after=1", "retry-after-ms=1", "x-should-retry=false"]
-        );
+        assert_eq!(h(1000, true), ["retry-after=1", "retry-after-ms=1000", "x-should-retry=true"]);
+        assert_eq!(h(1001, true), ["retry-after=2", "retry-after-ms=1001", "x-should-retry=true"]);
+        assert_eq!(h(0, false), ["retry-after=1", "retry-after-ms=1", "x-should-retry=false"]);
         assert_eq!(h(59_999, true)[0], "retry-after=60");
     }
 }

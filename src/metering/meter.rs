@@ -26,13 +26,11 @@ fn describe_error(v: &Value) -> String {
         Value::Object(o) => {
             // Gemini's `status`, OpenAI/Anthropic's `type`, else `code`; a
             // Responses `error` event's own `"type": "error"` says nothing.
-            let kind = ["status", "type", "code"]
-                .iter()
-                .find_map(|k| match o.get(*k) {
-                    Some(Value::String(s)) if !s.is_empty() && s != "error" => Some(s.clone()),
-                    Some(Value::Number(n)) => Some(n.to_string()),
-                    _ => None,
-                });
+            let kind = ["status", "type", "code"].iter().find_map(|k| match o.get(*k) {
+                Some(Value::String(s)) if !s.is_empty() && s != "error" => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            });
             let message = o.get("message").and_then(Value::as_str);
             match (kind, message) {
                 (Some(k), Some(m)) => format!("{k}: {m}"),
@@ -221,11 +219,7 @@ impl Accum {
     }
 
     fn finish(self, bytes_seen: u64) -> Metered {
-        let usage = if self.raw.is_empty() {
-            None
-        } else {
-            Some(self.api.normalise(&self.raw))
-        };
+        let usage = if self.raw.is_empty() { None } else { Some(self.api.normalise(&self.raw)) };
         Metered {
             usage,
             model_answered: self.model,
@@ -328,8 +322,7 @@ impl JsonSplitter {
             match b {
                 b'"' => self.in_string = true,
                 b'{' | b'[' => {
-                    let starts_elem =
-                        !self.in_elem && ((self.depth == 1) || (self.depth == 0 && b == b'{'));
+                    let starts_elem = !self.in_elem && ((self.depth == 1) || (self.depth == 0 && b == b'{'));
                     if starts_elem {
                         self.in_elem = true;
                         self.elem_depth = self.depth;
@@ -396,10 +389,7 @@ impl JsonSplitter {
         if self.skipping {
             Some(Piece::Oversized(self.take_tail()))
         } else {
-            Some(Piece::Element(
-                mem::take(&mut self.buf),
-                self.elem_depth > 0,
-            ))
+            Some(Piece::Element(mem::take(&mut self.buf), self.elem_depth > 0))
         }
     }
 }
@@ -464,8 +454,7 @@ impl ResponseMeter {
                     Framing::Json(JsonSplitter::new(max, self.limits.salvage_tail_bytes))
                 }
                 _ => Framing::Sse(
-                    SseParser::new(self.limits.max_event_bytes)
-                        .with_oversized_tail(self.limits.salvage_tail_bytes),
+                    SseParser::new(self.limits.max_event_bytes).with_oversized_tail(self.limits.salvage_tail_bytes),
                 ),
             };
         }
@@ -597,22 +586,8 @@ mod tests {
     use crate::llm::openai_chat::read_chat_body;
     use crate::metering::usage::Usage;
 
-    fn u(
-        input_uncached: u64,
-        cache_read: u64,
-        cache_write: u64,
-        output: u64,
-        reasoning: u64,
-        total: u64,
-    ) -> Usage {
-        Usage {
-            input_uncached,
-            cache_read,
-            cache_write,
-            output,
-            reasoning,
-            total,
-        }
+    fn u(input_uncached: u64, cache_read: u64, cache_write: u64, output: u64, reasoning: u64, total: u64) -> Usage {
+        Usage { input_uncached, cache_read, cache_write, output, reasoning, total }
     }
 
     struct Case {
@@ -628,22 +603,13 @@ mod tests {
 
     macro_rules! fixture {
         ($name:literal) => {
-            (
-                $name,
-                include_bytes!(concat!("../../tests/fixtures/", $name)) as &'static [u8],
-            )
+            ($name, include_bytes!(concat!("../../tests/fixtures/", $name)) as &'static [u8])
         };
     }
 
     fn cases() -> Vec<Case> {
         use Api::*;
-        let case = |(name, body): (&'static str, &'static [u8]),
-                    api,
-                    streaming,
-                    usage,
-                    model,
-                    errors,
-                    complete| Case {
+        let case = |(name, body): (&'static str, &'static [u8]), api, streaming, usage, model, errors, complete| Case {
             name,
             body,
             api,
@@ -690,15 +656,7 @@ mod tests {
                 0,
                 true,
             ),
-            case(
-                fixture!("openai_chat_stream_error.sse"),
-                OpenaiChat,
-                true,
-                None,
-                "gpt-4o-2024-08-06",
-                1,
-                false,
-            ),
+            case(fixture!("openai_chat_stream_error.sse"), OpenaiChat, true, None, "gpt-4o-2024-08-06", 1, false),
             case(
                 fixture!("openai_responses_stream.sse"),
                 OpenaiResponses,
@@ -827,19 +785,8 @@ mod tests {
         for c in cases() {
             let m = meter(&c);
             assert_eq!(m.usage, c.usage, "{}: usage", c.name);
-            assert_eq!(
-                m.model_answered.as_deref(),
-                Some(c.model),
-                "{}: model",
-                c.name
-            );
-            assert_eq!(
-                m.errors.len(),
-                c.errors,
-                "{}: errors {:?}",
-                c.name,
-                m.errors
-            );
+            assert_eq!(m.model_answered.as_deref(), Some(c.model), "{}: model", c.name);
+            assert_eq!(m.errors.len(), c.errors, "{}: errors {:?}", c.name, m.errors);
             assert_eq!(m.complete, c.complete, "{}: complete", c.name);
             assert_eq!(m.bytes_seen, c.body.len() as u64, "{}", c.name);
             assert_eq!(m.oversized, 0, "{}", c.name);
@@ -869,12 +816,7 @@ mod tests {
                 }
             }
             let bytes: Vec<&[u8]> = body.chunks(1).collect();
-            assert_eq!(
-                meter_chunks(&c, MeterLimits::default(), &bytes),
-                whole,
-                "{} byte by byte",
-                c.name
-            );
+            assert_eq!(meter_chunks(&c, MeterLimits::default(), &bytes), whole, "{} byte by byte", c.name);
         }
     }
 
@@ -932,10 +874,7 @@ mod tests {
             let c = cases().into_iter().find(|c| c.name == name).expect("case");
             meter(&c).errors
         };
-        assert_eq!(
-            by_name("anthropic_stream_error.sse"),
-            vec!["overloaded_error: Overloaded".to_string()]
-        );
+        assert_eq!(by_name("anthropic_stream_error.sse"), vec!["overloaded_error: Overloaded".to_string()]);
         assert_eq!(
             by_name("gemini_stream_error.sse"),
             vec!["UNAVAILABLE: The model is overloaded. Please try again later.".to_string()]
@@ -960,10 +899,7 @@ mod tests {
 
     #[test]
     fn anthropic_cumulative_output_is_not_summed() {
-        let c = cases()
-            .into_iter()
-            .find(|c| c.name == "anthropic_stream.sse")
-            .expect("case");
+        let c = cases().into_iter().find(|c| c.name == "anthropic_stream.sse").expect("case");
         let usage = meter(&c).usage.expect("usage");
         // message_start says 1, message_delta 9 then 15: the last one wins.
         assert_eq!(usage.output, 15);
@@ -990,10 +926,7 @@ mod tests {
         let mut m = ResponseMeter::new(Api::OpenaiResponses, true, MeterLimits::default());
         m.push(stream);
         let got = m.finish();
-        assert_eq!(
-            got.errors,
-            vec!["ERR_SOMETHING: Something went wrong".to_string()]
-        );
+        assert_eq!(got.errors, vec!["ERR_SOMETHING: Something went wrong".to_string()]);
         assert_eq!(got.usage, None);
     }
 
@@ -1009,14 +942,8 @@ mod tests {
 
     #[test]
     fn oversized_final_event_usage_is_salvaged_from_its_tail() {
-        let c = cases()
-            .into_iter()
-            .find(|c| c.name == "openai_responses_stream.sse")
-            .expect("case");
-        let limits = MeterLimits {
-            max_event_bytes: 700,
-            ..MeterLimits::default()
-        };
+        let c = cases().into_iter().find(|c| c.name == "openai_responses_stream.sse").expect("case");
+        let limits = MeterLimits { max_event_bytes: 700, ..MeterLimits::default() };
         let whole = meter_chunks(&c, limits, &[c.body]);
         assert_eq!(whole.usage, c.usage);
         assert_eq!(whole.oversized, 1);
@@ -1033,11 +960,7 @@ mod tests {
             "{{\"model\":\"gpt-4o\",\"choices\":[{{\"message\":{{\"content\":\"{}\"}}}}],\"usage\":{{\"prompt_tokens\":9,\"completion_tokens\":3000,\"total_tokens\":3009}}}}",
             "a \\\"usage\\\": {}".repeat(1000)
         );
-        let limits = MeterLimits {
-            max_body_bytes: 4096,
-            max_event_bytes: 4096,
-            salvage_tail_bytes: 256,
-        };
+        let limits = MeterLimits { max_body_bytes: 4096, max_event_bytes: 4096, salvage_tail_bytes: 256 };
         let mut m = ResponseMeter::new(Api::OpenaiChat, false, limits);
         for piece in body.as_bytes().chunks(100) {
             m.push(piece);
@@ -1050,10 +973,7 @@ mod tests {
 
     #[test]
     fn truncated_body_is_not_complete() {
-        let c = cases()
-            .into_iter()
-            .find(|c| c.name == "openai_chat.json")
-            .expect("case");
+        let c = cases().into_iter().find(|c| c.name == "openai_chat.json").expect("case");
         let cut = c.body.len() - 10;
         let got = meter_chunks(&c, MeterLimits::default(), &[&c.body[..cut]]);
         assert!(!got.complete);
@@ -1089,10 +1009,7 @@ mod tests {
     }
 
     fn tap(strip: bool) -> crate::metering::tap::StreamTap {
-        crate::metering::tap::StreamTap::new(
-            ResponseMeter::new(Api::OpenaiChat, true, MeterLimits::default()),
-            strip,
-        )
+        crate::metering::tap::StreamTap::new(ResponseMeter::new(Api::OpenaiChat, true, MeterLimits::default()), strip)
     }
 
     fn strip_all(chunks: &[&[u8]]) -> (Vec<u8>, u64) {
@@ -1108,9 +1025,7 @@ mod tests {
     /// The stream with the usage-only event's block removed.
     fn without_usage_block(stream: &[u8]) -> Vec<u8> {
         let text = std::str::from_utf8(stream).expect("utf8");
-        let at = text
-            .find("\"choices\":[],\"usage\":{")
-            .expect("usage chunk");
+        let at = text.find("\"choices\":[],\"usage\":{").expect("usage chunk");
         let start = text[..at].rfind("data: ").expect("data line");
         let rest = &text[start..];
         let end = ["\r\n\r\n", "\n\n", "\r\r"]
@@ -1125,21 +1040,14 @@ mod tests {
 
     #[test]
     fn stripper_removes_exactly_the_usage_event_at_every_split() {
-        for name in [
-            "openai_chat_stream_include_usage.sse",
-            "openai_chat_stream_azure.sse",
-        ] {
+        for name in ["openai_chat_stream_include_usage.sse", "openai_chat_stream_azure.sse"] {
             let c = cases().into_iter().find(|c| c.name == name).expect("case");
             let want = without_usage_block(c.body);
             assert!(want.len() < c.body.len());
             for i in 0..=c.body.len() {
                 let (a, b) = c.body.split_at(i);
                 let (got, stripped) = strip_all(&[a, b]);
-                assert_eq!(
-                    String::from_utf8_lossy(&got),
-                    String::from_utf8_lossy(&want),
-                    "{name} split at {i}"
-                );
+                assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "{name} split at {i}");
                 assert_eq!(stripped, 1);
             }
             let bytes: Vec<&[u8]> = c.body.chunks(1).collect();
@@ -1153,8 +1061,7 @@ mod tests {
     fn stripper_with_lone_cr_line_endings() {
         let stream: &[u8] =
             b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\rdata: {\"choices\":[],\"usage\":{\"total_tokens\":3}}\r\rdata: [DONE]\r\r";
-        let want: &[u8] =
-            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\rdata: [DONE]\r\r";
+        let want: &[u8] = b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\r\rdata: [DONE]\r\r";
         for i in 0..=stream.len() {
             let (a, b) = stream.split_at(i);
             assert_eq!(strip_all(&[a, b]).0, want, "split at {i}");
@@ -1163,11 +1070,7 @@ mod tests {
 
     #[test]
     fn stripper_passes_other_streams_unchanged() {
-        for name in [
-            "openai_chat_stream_vllm_continuous.sse",
-            "openai_chat_stream_error.sse",
-            "anthropic_stream.sse",
-        ] {
+        for name in ["openai_chat_stream_vllm_continuous.sse", "openai_chat_stream_error.sse", "anthropic_stream.sse"] {
             let c = cases().into_iter().find(|c| c.name == name).expect("case");
             for i in (0..=c.body.len()).step_by(7) {
                 let (a, b) = c.body.split_at(i);
@@ -1182,24 +1085,13 @@ mod tests {
     fn stripper_holds_only_what_may_be_the_usage_chunk() {
         use crate::metering::tap::ChunkEdit;
         let mut t = tap(true);
-        let first: &[u8] =
-            b"data: {\"id\":\"a\",\"choices\":[{\"delta\":{}}]}\n\ndata: {\"id\":\"b\",";
+        let first: &[u8] = b"data: {\"id\":\"a\",\"choices\":[{\"delta\":{}}]}\n\ndata: {\"id\":\"b\",";
         // The second event cannot be told from the usage chunk yet: held.
-        assert_eq!(
-            t.push(first),
-            ChunkEdit::Splice {
-                prefix: Vec::new(),
-                from: 0,
-                to: 43
-            }
-        );
+        assert_eq!(t.push(first), ChunkEdit::Splice { prefix: Vec::new(), from: 0, to: 43 });
         let second: &[u8] = b"\"choices\":[{\"delta\":{}}]}\n\n: keep-alive\n";
         // Its choices are not empty: released. The comment may still be anything.
         let edit = t.push(second);
-        assert_eq!(
-            edit.apply(second),
-            b"data: {\"id\":\"b\",\"choices\":[{\"delta\":{}}]}\n\n".to_vec()
-        );
+        assert_eq!(edit.apply(second), b"data: {\"id\":\"b\",\"choices\":[{\"delta\":{}}]}\n\n".to_vec());
         // A partial event whose choices are visibly non-empty is not held.
         let third: &[u8] = b"\ndata: {\"choices\":[{\"delta\":{\"content\":\"x";
         assert_eq!(
@@ -1224,17 +1116,13 @@ mod tests {
         let mut out = Vec::new();
         let mut held_max = 0usize;
         let mut sent = 0usize;
-        for piece in std::iter::once(&b": "[..]).chain(std::iter::repeat_n(&[b'x'; 1000][..], 100))
-        {
+        for piece in std::iter::once(&b": "[..]).chain(std::iter::repeat_n(&[b'x'; 1000][..], 100)) {
             let edit = t.push(piece);
             out.extend(edit.apply(piece));
             sent += piece.len();
             held_max = held_max.max(sent - out.len());
         }
-        assert!(
-            held_max <= crate::metering::tap::MAX_HOLD_BYTES,
-            "held {held_max}"
-        );
+        assert!(held_max <= crate::metering::tap::MAX_HOLD_BYTES, "held {held_max}");
         let last: &[u8] = b"\n\ndata: {\"choices\":[],\"usage\":{}}\n\n";
         out.extend(t.push(last).apply(last));
         out.extend(t.end_stream());

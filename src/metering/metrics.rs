@@ -46,12 +46,7 @@ pub fn tenant_model(tenant: &str, model: &str, name: &str) -> String {
 
 /// Requests by outcome: `tollgate.tenant.<t>.model.<m>.outcome.<o>.requests`.
 pub fn requests(tenant: &str, model: &str, outcome: &str) -> String {
-    format!(
-        "tollgate.tenant.{}.model.{}.outcome.{}.requests",
-        label(tenant),
-        label(model),
-        label(outcome)
-    )
+    format!("tollgate.tenant.{}.model.{}.outcome.{}.requests", label(tenant), label(model), label(outcome))
 }
 
 /// Refusals by limit or reason: `tollgate.tenant.<t>.limit.<code>.refused`.
@@ -90,14 +85,8 @@ pub struct TenantModelNames {
 }
 
 /// The usage counters per tenant and model, in [`TenantModelNames::usage`] order.
-pub const USAGE_COUNTERS: [&str; 6] = [
-    "tokens_input",
-    "tokens_cache_read",
-    "tokens_cache_write",
-    "tokens_output",
-    "tokens_reasoning",
-    "cost_micro_usd",
-];
+pub const USAGE_COUNTERS: [&str; 6] =
+    ["tokens_input", "tokens_cache_read", "tokens_cache_write", "tokens_output", "tokens_reasoning", "cost_micro_usd"];
 
 const OUTCOMES: [&str; 4] = ["ok", "incomplete", "stream_error", "upstream_error"];
 
@@ -122,8 +111,8 @@ impl TenantModelNames {
     /// The `requests` counter of an outcome (one of ok, incomplete,
     /// stream_error, upstream_error; any other is built on the spot).
     pub fn requests(&self, outcome: &str) -> Rc<str> {
-        match OUTCOMES.iter().position(|o| *o == outcome) {
-            Some(i) => Rc::clone(&self.requests[i]),
+        match OUTCOMES.iter().position(|o| *o == outcome).and_then(|i| self.requests.get(i)) {
+            Some(name) => Rc::clone(name),
             None => Rc::from(requests(&self.tenant_id, &self.model_label, outcome)),
         }
     }

@@ -189,30 +189,18 @@ impl PricingConfig {
                 return Err(PricingError::AliasShadowsModel(alias.clone()));
             }
             let Some(prices) = models.get(target) else {
-                return Err(PricingError::UnknownAliasTarget {
-                    alias: alias.clone(),
-                    target: target.clone(),
-                });
+                return Err(PricingError::UnknownAliasTarget { alias: alias.clone(), target: target.clone() });
             };
             aliases.insert(alias.clone(), *prices);
         }
-        Ok(PriceTable {
-            models,
-            aliases,
-            prefix_match: self.prefix_match,
-            default,
-        })
+        Ok(PriceTable { models, aliases, prefix_match: self.prefix_match, default })
     }
 }
 
 fn compile_price(model: &str, p: &ModelPrice) -> Result<UnitPrices, PricingError> {
     let unit = |field: &'static str, usd: f64| -> Result<u64, PricingError> {
         if !usd.is_finite() || !(0.0..=MAX_USD_PER_MTOK).contains(&usd) {
-            return Err(PricingError::InvalidPrice {
-                model: model.to_string(),
-                field,
-                value: usd,
-            });
+            return Err(PricingError::InvalidPrice { model: model.to_string(), field, value: usd });
         }
         // In range by the check above, so the conversion cannot saturate.
         Ok((usd * PICO_PER_USD_PER_MTOK).round() as u64)
@@ -254,11 +242,7 @@ impl PriceTable {
     pub fn cost(&self, model: &str, usage: &Usage) -> Cost {
         let (prices, priced_by) = self.prices(model);
         let pico = prices.cost_pico(usage);
-        Cost {
-            micros: pico_to_micros_ceil(pico),
-            pico,
-            priced_by,
-        }
+        Cost { micros: pico_to_micros_ceil(pico), pico, priced_by }
     }
 }
 
@@ -273,10 +257,7 @@ mod tests {
     use super::*;
 
     fn table(json: &str) -> PriceTable {
-        PricingConfig::from_json(json.as_bytes())
-            .expect("parse")
-            .compile()
-            .expect("compile")
+        PricingConfig::from_json(json.as_bytes()).expect("parse").compile().expect("compile")
     }
 
     fn usage(input_uncached: u64, cache_read: u64, cache_write: u64, output: u64) -> Usage {
@@ -308,12 +289,7 @@ mod tests {
         assert_eq!(by, PricedBy::Exact);
         assert_eq!(
             *p,
-            UnitPrices {
-                input: 2_500_000,
-                cached_input: 1_250_000,
-                cache_write: 2_500_000,
-                output: 10_000_000
-            }
+            UnitPrices { input: 2_500_000, cached_input: 1_250_000, cache_write: 2_500_000, output: 10_000_000 }
         );
         assert_eq!(t.prices("gpt-4o-mini").0.cached_input, 75_000);
     }
@@ -353,14 +329,8 @@ mod tests {
         assert_eq!(t.prices("gpt-4o").1, PricedBy::Exact);
         assert_eq!(t.prices("gpt-4o-2024-08-06").1, PricedBy::Alias);
         assert_eq!(t.prices("sonnet").0.cache_write, 3_750_000);
-        assert_eq!(
-            t.prices("gpt-4o-mini-2024-07-18").1,
-            PricedBy::Prefix("gpt-4o-mini".into())
-        );
-        assert_eq!(
-            t.prices("gpt-4o-2024-11-20").1,
-            PricedBy::Prefix("gpt-4o".into())
-        );
+        assert_eq!(t.prices("gpt-4o-mini-2024-07-18").1, PricedBy::Prefix("gpt-4o-mini".into()));
+        assert_eq!(t.prices("gpt-4o-2024-11-20").1, PricedBy::Prefix("gpt-4o".into()));
         assert_eq!(t.prices("gpt-4").1, PricedBy::Default);
         assert_eq!(t.prices("").1, PricedBy::Default);
         assert_eq!(t.prices("ünïcödé-gpt").1, PricedBy::Default);
@@ -376,9 +346,7 @@ mod tests {
 
     #[test]
     fn prefix_match_is_off_by_default() {
-        let t = table(
-            r#"{"models": {"gpt-4o": {"input": 1, "output": 1}}, "default": {"input": 9, "output": 9}}"#,
-        );
+        let t = table(r#"{"models": {"gpt-4o": {"input": 1, "output": 1}}, "default": {"input": 9, "output": 9}}"#);
         assert_eq!(t.prices("gpt-4o-2024-11-20").1, PricedBy::Default);
     }
 
@@ -400,18 +368,10 @@ mod tests {
             }
         }
         let nan = PricingConfig {
-            default: Some(ModelPrice {
-                input: f64::NAN,
-                cached_input: None,
-                cache_write: None,
-                output: 1.0,
-            }),
+            default: Some(ModelPrice { input: f64::NAN, cached_input: None, cache_write: None, output: 1.0 }),
             ..PricingConfig::default()
         };
-        assert!(matches!(
-            nan.compile(),
-            Err(PricingError::InvalidPrice { field: "input", .. })
-        ));
+        assert!(matches!(nan.compile(), Err(PricingError::InvalidPrice { field: "input", .. })));
     }
 
     #[test]
@@ -422,16 +382,13 @@ mod tests {
             PricingConfig::from_json(bad_target.as_bytes()).and_then(|c| c.compile()),
             Err(PricingError::UnknownAliasTarget { .. })
         ));
-        let shadow = format!(
-            r#"{{"models": {{"m": {{"input": 1, "output": 1}}}}, "aliases": {{"m": "m"}}, {d}}}"#
-        );
+        let shadow = format!(r#"{{"models": {{"m": {{"input": 1, "output": 1}}}}, "aliases": {{"m": "m"}}, {d}}}"#);
         assert!(matches!(
             PricingConfig::from_json(shadow.as_bytes()).and_then(|c| c.compile()),
             Err(PricingError::AliasShadowsModel(_))
         ));
-        let chain = format!(
-            r#"{{"models": {{"m": {{"input": 1, "output": 1}}}}, "aliases": {{"a": "m", "b": "a"}}, {d}}}"#
-        );
+        let chain =
+            format!(r#"{{"models": {{"m": {{"input": 1, "output": 1}}}}, "aliases": {{"a": "m", "b": "a"}}, {d}}}"#);
         assert!(matches!(
             PricingConfig::from_json(chain.as_bytes()).and_then(|c| c.compile()),
             Err(PricingError::UnknownAliasTarget { .. })
@@ -449,10 +406,7 @@ mod tests {
             r#"{"modles": {}, "default": {"input": 1, "output": 1}}"#,
             r#"{"default": {"input": 1, "output": 1, "cached": 0.5}}"#,
         ] {
-            assert!(matches!(
-                PricingConfig::from_json(json.as_bytes()),
-                Err(PricingError::Parse(_))
-            ));
+            assert!(matches!(PricingConfig::from_json(json.as_bytes()), Err(PricingError::Parse(_))));
         }
     }
 
@@ -472,9 +426,7 @@ mod tests {
 
     #[test]
     fn free_model_on_purpose() {
-        let t = table(
-            r#"{"models": {"local": {"input": 0, "output": 0}}, "default": {"input": 1, "output": 1}}"#,
-        );
+        let t = table(r#"{"models": {"local": {"input": 0, "output": 0}}, "default": {"input": 1, "output": 1}}"#);
         assert_eq!(t.cost("local", &usage(100, 0, 0, 100)).micros, 0);
     }
 }

@@ -27,11 +27,7 @@ impl<'a> Hits<'a> {
     /// Hits in `hay` at or after `from`.
     pub fn new(hay: &'a [u8], from: usize) -> Self {
         let block = from - from % BLOCK;
-        let mut hits = Hits {
-            hay,
-            block,
-            mask: 0,
-        };
+        let mut hits = Hits { hay, block, mask: 0 };
         if block < hay.len() {
             hits.mask = block_mask(hay, block) & (u32::MAX << (from - block));
         }
@@ -65,8 +61,7 @@ fn is_hit(hay: &[u8], i: usize) -> bool {
     match hay.get(i) {
         Some(b'\n' | b'\r') => true,
         Some(b'"') => {
-            matches!(hay.get(i.saturating_add(1)), Some(b'u' | b'e'))
-                && hay.get(i.saturating_add(PAIR)) == Some(&b'"')
+            matches!(hay.get(i.saturating_add(1)), Some(b'u' | b'e')) && hay.get(i.saturating_add(PAIR)) == Some(&b'"')
         }
         _ => false,
     }
@@ -87,9 +82,7 @@ type Window = [u8; BLOCK + PAIR];
 
 #[inline]
 fn block_mask(hay: &[u8], block: usize) -> u32 {
-    let window = hay
-        .get(block..block.saturating_add(BLOCK + PAIR))
-        .and_then(|w| <&Window>::try_from(w).ok());
+    let window = hay.get(block..block.saturating_add(BLOCK + PAIR)).and_then(|w| <&Window>::try_from(w).ok());
     match window {
         Some(w) => simd_mask(w),
         None => scalar_mask(hay, block),
@@ -105,22 +98,12 @@ fn simd_mask(w: &Window) -> u32 {
         // SAFETY: at <= 16, so every 16-byte load below ends within the
         // 38-byte window (at + PAIR + 16 <= 38); v128_load allows unaligned loads.
         let (v, x, y) = unsafe {
-            (
-                v128_load(p.add(at).cast()),
-                v128_load(p.add(at + 1).cast()),
-                v128_load(p.add(at + PAIR).cast()),
-            )
+            (v128_load(p.add(at).cast()), v128_load(p.add(at + 1).cast()), v128_load(p.add(at + PAIR).cast()))
         };
         let q = u8x16_splat(b'"');
-        let letter = v128_or(
-            u8x16_eq(x, u8x16_splat(b'u')),
-            u8x16_eq(x, u8x16_splat(b'e')),
-        );
+        let letter = v128_or(u8x16_eq(x, u8x16_splat(b'u')), u8x16_eq(x, u8x16_splat(b'e')));
         let t = v128_or(
-            v128_or(
-                u8x16_eq(v, u8x16_splat(b'\n')),
-                u8x16_eq(v, u8x16_splat(b'\r')),
-            ),
+            v128_or(u8x16_eq(v, u8x16_splat(b'\n')), u8x16_eq(v, u8x16_splat(b'\r'))),
             v128_and(v128_and(u8x16_eq(v, q), u8x16_eq(y, q)), letter),
         );
         u32::from(u8x16_bitmask(t))
@@ -150,10 +133,7 @@ fn simd_mask(w: &Window) -> u32 {
                     _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\n' as i8)),
                     _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\r' as i8)),
                 ),
-                _mm_and_si128(
-                    _mm_and_si128(_mm_cmpeq_epi8(v, q), _mm_cmpeq_epi8(y, q)),
-                    letter,
-                ),
+                _mm_and_si128(_mm_and_si128(_mm_cmpeq_epi8(v, q), _mm_cmpeq_epi8(y, q)), letter),
             );
             (_mm_movemask_epi8(t) as u32) & 0xFFFF
         }
@@ -161,10 +141,7 @@ fn simd_mask(w: &Window) -> u32 {
     half(0) | (half(16) << 16)
 }
 
-#[cfg(not(any(
-    all(target_arch = "wasm32", target_feature = "simd128"),
-    target_arch = "x86_64"
-)))]
+#[cfg(not(any(all(target_arch = "wasm32", target_feature = "simd128"), target_arch = "x86_64")))]
 #[inline]
 fn simd_mask(w: &Window) -> u32 {
     scalar_mask(w, 0)
@@ -205,11 +182,7 @@ mod tests {
                 if from > len {
                     continue;
                 }
-                assert_eq!(
-                    Hits::new(h, from).collect::<Vec<_>>(),
-                    reference(h, from),
-                    "len {len} from {from}"
-                );
+                assert_eq!(Hits::new(h, from).collect::<Vec<_>>(), reference(h, from), "len {len} from {from}");
             }
         }
     }

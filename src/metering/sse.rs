@@ -302,11 +302,7 @@ impl SseParser {
         if self.line_is_comment {
             return;
         }
-        let size = self
-            .ev
-            .raw_bytes
-            .saturating_add(self.line.len())
-            .saturating_add(n);
+        let size = self.ev.raw_bytes.saturating_add(self.line.len()).saturating_add(n);
         if size > self.max_event_bytes {
             self.skipping = true;
             self.skipped_bytes = size as u64;
@@ -352,11 +348,7 @@ impl SseParser {
             content = content.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(content);
         }
         process_line(&mut self.ev, content);
-        self.ev.raw_bytes = self
-            .ev
-            .raw_bytes
-            .saturating_add(len)
-            .saturating_add(term_len);
+        self.ev.raw_bytes = self.ev.raw_bytes.saturating_add(len).saturating_add(term_len);
         // Reuse the allocation for the next line.
         self.line = line;
         self.line.clear();
@@ -366,21 +358,14 @@ impl SseParser {
     fn end_oversized(&mut self, end: u64) -> Result<SseEvent, SseError> {
         self.skipping = false;
         self.oversized = self.oversized.saturating_add(1);
-        self.last_span = Span {
-            start: self.block_start,
-            end,
-        };
+        self.last_span = Span { start: self.block_start, end };
         self.block_start = end;
         let mut tail = mem::take(&mut self.skipped_tail);
         // Exactly the last `tail_bytes`, so the result never depends on how
         // the stream was chunked.
         let excess = tail.len().saturating_sub(self.tail_bytes);
         tail.drain(..excess);
-        Err(SseError::Oversized {
-            bytes: mem::take(&mut self.skipped_bytes),
-            limit: self.max_event_bytes,
-            tail,
-        })
+        Err(SseError::Oversized { bytes: mem::take(&mut self.skipped_bytes), limit: self.max_event_bytes, tail })
     }
 
     fn dispatch(&mut self, end: u64) -> Option<SseEvent> {
@@ -390,17 +375,9 @@ impl SseParser {
             return None;
         }
         self.events = self.events.saturating_add(1);
-        self.last_span = Span {
-            start: self.block_start,
-            end,
-        };
+        self.last_span = Span { start: self.block_start, end };
         self.block_start = end;
-        Some(SseEvent {
-            event: ev.event,
-            data: ev.data,
-            id: ev.id,
-            retry: ev.retry,
-        })
+        Some(SseEvent { event: ev.event, data: ev.data, id: ev.id, retry: ev.retry })
     }
 }
 
@@ -445,9 +422,7 @@ fn process_line(ev: &mut EventBuilder, line: &[u8]) {
             ev.id = Some(String::from_utf8_lossy(value).into_owned());
         }
         b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
-            ev.retry = std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok());
+            ev.retry = std::str::from_utf8(value).ok().and_then(|s| s.parse::<u64>().ok());
         }
         _ => {}
     }
@@ -458,18 +433,11 @@ mod tests {
     use super::*;
 
     fn data(s: &str) -> SseEvent {
-        SseEvent {
-            data: s.to_string(),
-            ..SseEvent::default()
-        }
+        SseEvent { data: s.to_string(), ..SseEvent::default() }
     }
 
     fn typed(event: &str, d: &str) -> SseEvent {
-        SseEvent {
-            event: event.to_string(),
-            data: d.to_string(),
-            ..SseEvent::default()
-        }
+        SseEvent { event: event.to_string(), data: d.to_string(), ..SseEvent::default() }
     }
 
     /// Feed `chunks` one after the other, draining after each; then finish.
@@ -490,10 +458,7 @@ mod tests {
     }
 
     fn events(chunks: &[&[u8]]) -> Vec<SseEvent> {
-        run(1 << 20, chunks)
-            .into_iter()
-            .map(|r| r.expect("no errors expected"))
-            .collect()
+        run(1 << 20, chunks).into_iter().map(|r| r.expect("no errors expected")).collect()
     }
 
     #[test]
@@ -588,12 +553,8 @@ mod tests {
     #[test]
     fn event_id_retry_fields() {
         let got = events(&[b"event: message_start\nid: 7\nretry: 1500\ndata: {}\n\n"]);
-        let want = SseEvent {
-            event: "message_start".into(),
-            data: "{}".into(),
-            id: Some("7".into()),
-            retry: Some(1500),
-        };
+        let want =
+            SseEvent { event: "message_start".into(), data: "{}".into(), id: Some("7".into()), retry: Some(1500) };
         assert_eq!(got, vec![want]);
     }
 
@@ -653,10 +614,7 @@ mod tests {
             assert!(p.line.capacity() <= 4096);
         }
         p.push(b"\n\ndata: ok\n\n");
-        assert!(matches!(
-            p.next_event(),
-            Some(Err(SseError::Oversized { .. }))
-        ));
+        assert!(matches!(p.next_event(), Some(Err(SseError::Oversized { .. }))));
         assert_eq!(p.next_event(), Some(Ok(data("ok"))));
         assert_eq!(p.oversized(), 1);
         assert_eq!(p.events(), 1);

@@ -74,11 +74,11 @@
 
 use std::mem;
 
-use crate::metering::scan::Hits;
-use crate::metering::sse::SseParser;
 use crate::llm::openai_chat::is_usage_only_chunk;
 use crate::llm::Api;
 use crate::metering::meter::ResponseMeter;
+use crate::metering::scan::Hits;
+use crate::metering::sse::SseParser;
 use crate::metering::usage::Metered;
 
 /// An unfinished event larger than this is forwarded as it arrives even while
@@ -333,12 +333,7 @@ impl StreamTap {
     /// `usize::MAX` as `head` turns edge scanning off.
     pub fn with_edge(mut self, head: usize, tail: usize, search: usize) -> Self {
         let (tail, search) = (tail.max(1), search.max(1));
-        self.edge = Edge {
-            head,
-            tail,
-            search,
-            min_chunk: tail.saturating_add(search).saturating_mul(2),
-        };
+        self.edge = Edge { head, tail, search, min_chunk: tail.saturating_add(search).saturating_mul(2) };
         self
     }
 
@@ -414,11 +409,7 @@ impl StreamTap {
         if let Some(from) = self.window(chunk_len) {
             let tail = read(from, chunk_len.saturating_sub(from));
             if let Some(edit) = self.push_window(chunk_len, from, &tail) {
-                return Pushed {
-                    edit,
-                    chunk: None,
-                    read: tail.len(),
-                };
+                return Pushed { edit, chunk: None, read: tail.len() };
             }
         }
         if let Some(h) = self.head_split(chunk_len) {
@@ -438,20 +429,12 @@ impl StreamTap {
                     }
                     _ => None,
                 };
-                return Pushed {
-                    edit,
-                    chunk,
-                    read: h.saturating_add(rest.read),
-                };
+                return Pushed { edit, chunk, read: h.saturating_add(rest.read) };
             }
         }
         let chunk = read(0, chunk_len);
         let edit = self.push(&chunk);
-        Pushed {
-            edit,
-            read: chunk.len(),
-            chunk: Some(chunk),
-        }
+        Pushed { edit, read: chunk.len(), chunk: Some(chunk) }
     }
 
     /// Edge scanning of a large chunk that starts before the end of the
@@ -499,9 +482,7 @@ impl StreamTap {
                     }
                     return ChunkEdit::Unchanged;
                 };
-                let fast = self.meter.api() == Api::OpenaiChat
-                    && first != b'{'
-                    && first != b'[';
+                let fast = self.meter.api() == Api::OpenaiChat && first != b'{' && first != b'[';
                 if !fast {
                     self.mode = Mode::Delegate;
                     self.ws = Vec::new();
@@ -679,8 +660,7 @@ impl StreamTap {
         if removed {
             out.removed.push((0, end));
         } else if held {
-            out.prefix
-                .extend_from_slice(bytes.get(..held_len).unwrap_or(&[]));
+            out.prefix.extend_from_slice(bytes.get(..held_len).unwrap_or(&[]));
         }
         self.carry = bytes;
         self.carry.clear();
@@ -720,8 +700,7 @@ impl StreamTap {
             self.held = true;
             out.cut = Some(from);
         } else if mem::replace(&mut self.held, false) {
-            out.prefix
-                .extend_from_slice(self.carry.get(..held_len).unwrap_or(&[]));
+            out.prefix.extend_from_slice(self.carry.get(..held_len).unwrap_or(&[]));
         }
     }
 
@@ -754,16 +733,8 @@ fn build_edit(chunk: &[u8], out: Out) -> ChunkEdit {
     let to = out.cut.unwrap_or(chunk.len());
     match out.removed.as_slice() {
         [] if out.prefix.is_empty() && to == chunk.len() => ChunkEdit::Unchanged,
-        [] => ChunkEdit::Splice {
-            prefix: out.prefix,
-            from: 0,
-            to,
-        },
-        [(0, end)] => ChunkEdit::Splice {
-            prefix: out.prefix,
-            from: (*end).min(to),
-            to,
-        },
+        [] => ChunkEdit::Splice { prefix: out.prefix, from: 0, to },
+        [(0, end)] => ChunkEdit::Splice { prefix: out.prefix, from: (*end).min(to), to },
         ranges => {
             let mut bytes = out.prefix;
             let mut at = 0usize;
@@ -785,11 +756,7 @@ fn window_edit(len: usize, from: usize, out: Out) -> ChunkEdit {
         if out.prefix.is_empty() && to == len {
             return ChunkEdit::Unchanged;
         }
-        return ChunkEdit::Splice {
-            prefix: out.prefix,
-            from: 0,
-            to,
-        };
+        return ChunkEdit::Splice { prefix: out.prefix, from: 0, to };
     }
     let mut keep = Vec::with_capacity(out.removed.len().saturating_add(1));
     let mut at = 0usize;
@@ -803,10 +770,7 @@ fn window_edit(len: usize, from: usize, out: Out) -> ChunkEdit {
     if to > at {
         keep.push((at, to));
     }
-    ChunkEdit::Ranges {
-        prefix: out.prefix,
-        keep,
-    }
+    ChunkEdit::Ranges { prefix: out.prefix, keep }
 }
 
 /// The end of the last blank line (an SSE event boundary) in `hay` that ends
@@ -882,10 +846,7 @@ fn skimmable(block: &[u8]) -> bool {
         return false;
     };
     let rest = block.get(eol..).unwrap_or(&[]);
-    if !matches!(
-        rest,
-        b"\n\n" | b"\r\r" | b"\r\n\r\n" | b"\n\r\n" | b"\r\n\n" | b"\n\r" | b"\r\n\r"
-    ) {
+    if !matches!(rest, b"\n\n" | b"\r\r" | b"\r\n\r\n" | b"\n\r\n" | b"\r\n\n" | b"\n\r" | b"\r\n\r") {
         return false;
     }
     let line = block.get(..eol).unwrap_or(&[]);
@@ -958,10 +919,7 @@ fn choices_may_be_empty(after: &[u8]) -> bool {
     let after = skip_blanks(after);
     let Some(after) = after.strip_prefix(b"[") else {
         return after.is_empty()
-            || !matches!(
-                after.first(),
-                Some(b'{' | b'"' | b'0'..=b'9' | b't' | b'f' | b'n' | b'-')
-            );
+            || !matches!(after.first(), Some(b'{' | b'"' | b'0'..=b'9' | b't' | b'f' | b'n' | b'-'));
     };
     match skip_blanks(after).first() {
         None | Some(b']' | b'\r' | b'\n') => true,
@@ -1028,11 +986,7 @@ mod tests {
         let usage_only = "data: {\"id\":\"c\",\"model\":\"m-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":4,\"total_tokens\":11}}\n\n";
         let mut out: Vec<Vec<u8>> = FIXTURES.iter().map(|f| f.to_vec()).collect();
         // Plain, with usage null everywhere, with usage on every chunk (vLLM).
-        for extra in [
-            "",
-            ",\"usage\":null",
-            ",\"usage\": {\"prompt_tokens\":7,\"completion_tokens\":1}",
-        ] {
+        for extra in ["", ",\"usage\":null", ",\"usage\": {\"prompt_tokens\":7,\"completion_tokens\":1}"] {
             let mut s = String::new();
             for i in 0..4 {
                 s += &content(i, extra);
@@ -1094,11 +1048,7 @@ mod tests {
                 let (a, b) = s.split_at(i);
                 for strip in [false, true] {
                     let (out, got, stripped) = run(&[a, b], strip, limits);
-                    assert_eq!(
-                        exact(&got),
-                        exact(&want),
-                        "stream {n} split at {i} strip {strip}"
-                    );
+                    assert_eq!(exact(&got), exact(&want), "stream {n} split at {i} strip {strip}");
                     if strip {
                         assert_eq!(
                             String::from_utf8_lossy(&out),
@@ -1157,10 +1107,7 @@ mod tests {
 
     #[test]
     fn oversized_events_are_bounded_and_usage_after_them_counts() {
-        let limits = MeterLimits {
-            max_event_bytes: 256,
-            ..MeterLimits::default()
-        };
+        let limits = MeterLimits { max_event_bytes: 256, ..MeterLimits::default() };
         let big = format!(
             "data: {{\"model\":\"m\",\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
             "x".repeat(2000)
@@ -1176,11 +1123,7 @@ mod tests {
             let (out, got, stripped) = run(&chunks, true, limits);
             assert_eq!(exact(&got), exact(&want), "chunks of {size}");
             assert_eq!(stripped, 1);
-            assert_eq!(
-                out.len(),
-                2 * big.len() + "data: [DONE]\n\n".len(),
-                "chunks of {size}"
-            );
+            assert_eq!(out.len(), 2 * big.len() + "data: [DONE]\n\n".len(), "chunks of {size}");
         }
     }
 
@@ -1200,8 +1143,7 @@ mod tests {
 
     #[test]
     fn other_apis_and_json_bodies_are_delegated() {
-        let body =
-            br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let body = br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
         let mut t = StreamTap::new(chat_meter(MeterLimits::default()), true);
         assert_eq!(t.push(b"  \n"), ChunkEdit::Unchanged);
         assert_eq!(t.push(body), ChunkEdit::Unchanged);
@@ -1261,10 +1203,7 @@ mod tests {
             // An edit that does not say it needs the chunk's bytes only
             // drains its front and prepends.
             if !pushed.edit.needs_chunk_bytes(c.len()) {
-                assert!(matches!(
-                    pushed.edit,
-                    ChunkEdit::Unchanged | ChunkEdit::Splice { .. } | ChunkEdit::Replace(_)
-                ));
+                assert!(matches!(pushed.edit, ChunkEdit::Unchanged | ChunkEdit::Splice { .. } | ChunkEdit::Replace(_)));
             }
             out.extend(pushed.edit.apply(c));
         }
@@ -1274,15 +1213,7 @@ mod tests {
 
     /// What edge scanning reports exactly like the full path.
     fn edge_exact(m: &Metered) -> impl PartialEq + std::fmt::Debug {
-        (
-            m.usage,
-            m.model_answered.clone(),
-            m.errors.clone(),
-            m.complete,
-            m.oversized,
-            m.usage_salvaged,
-            m.bytes_seen,
-        )
+        (m.usage, m.model_answered.clone(), m.errors.clone(), m.complete, m.oversized, m.usage_salvaged, m.bytes_seen)
     }
 
     /// An OpenAI chat stream of `n` content events of varied sizes (the usage
@@ -1324,11 +1255,7 @@ mod tests {
                 let (out, got, windowed, _) = run_edge(&chunks, strip, limits, head, tail);
                 let what = format!("first {first} size {size} strip {strip}");
                 assert_eq!(edge_exact(&got), edge_exact(&want), "{what}");
-                assert_eq!(
-                    String::from_utf8_lossy(&out),
-                    String::from_utf8_lossy(&want_out),
-                    "{what}"
-                );
+                assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want_out), "{what}");
                 assert_eq!(got.passed_over_bytes > 0, windowed > 0, "{what}");
                 windowed_all += windowed;
             }
@@ -1440,12 +1367,7 @@ mod tests {
     #[test]
     fn a_blank_line_split_between_cr_and_lf() {
         let s = bulk(80, "null", "\r\n");
-        let seps: Vec<usize> = s
-            .windows(4)
-            .enumerate()
-            .filter(|(_, w)| w == b"\r\n\r\n")
-            .map(|(i, _)| i + 3)
-            .collect();
+        let seps: Vec<usize> = s.windows(4).enumerate().filter(|(_, w)| w == b"\r\n\r\n").map(|(i, _)| i + 3).collect();
         let mut split_then_windowed = 0;
         for &at in seps.iter().filter(|&&at| at > 1000).step_by(7) {
             // The chunk before ends with "\r\n\r", the next starts with "\n".
@@ -1619,21 +1541,12 @@ mod tests {
 
     #[test]
     fn passed_over_events_are_estimated() {
-        let m = Metered {
-            bytes_seen: 1000,
-            passed_over_bytes: 600,
-            events: 4,
-            skimmed_events: 3,
-            ..Metered::default()
-        };
+        let m =
+            Metered { bytes_seen: 1000, passed_over_bytes: 600, events: 4, skimmed_events: 3, ..Metered::default() };
         // 400 bytes framed in 4 events: 600 bytes are 6 events more.
         assert_eq!(m.passed_over_events(), 6);
         assert_eq!(m.estimated_output_tokens(), 3 + 6);
-        let none_framed = Metered {
-            bytes_seen: 600,
-            passed_over_bytes: 600,
-            ..Metered::default()
-        };
+        let none_framed = Metered { bytes_seen: 600, passed_over_bytes: 600, ..Metered::default() };
         assert_eq!(none_framed.passed_over_events(), 150);
     }
 
@@ -1645,9 +1558,7 @@ mod tests {
         assert!(may_be_usage_only(b"data: {\"id\":\"x\",\"choi"));
         assert!(may_be_usage_only(b"data: {\"id\":\"x\",\"choices\": [ "));
         assert!(may_be_usage_only(b"data: {\"id\":\"x\",\"choices\":[]"));
-        assert!(may_be_usage_only(
-            b"data: {\"a\":{\"choices\":[1]},\"choices\":["
-        ));
+        assert!(may_be_usage_only(b"data: {\"a\":{\"choices\":[1]},\"choices\":["));
         assert!(may_be_usage_only(b"event: x\n"));
         assert!(!may_be_usage_only(b"data: {\"id\":\"x\",\"choices\":[{"));
         assert!(!may_be_usage_only(b"data: {\"id\":\"x\",\"choices\" : [ {"));

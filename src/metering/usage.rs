@@ -45,9 +45,7 @@ pub struct Usage {
 impl Usage {
     /// All input tokens, cached or not.
     pub fn input_total(&self) -> u64 {
-        self.input_uncached
-            .saturating_add(self.cache_read)
-            .saturating_add(self.cache_write)
+        self.input_uncached.saturating_add(self.cache_read).saturating_add(self.cache_write)
     }
 
     /// Input plus output, computed (unlike `total`, which follows the provider).
@@ -157,9 +155,7 @@ impl Metered {
         if self.events == 0 || framed == 0 {
             return estimate_tokens_from_bytes(passed, DEFAULT_BYTES_PER_TOKEN);
         }
-        let n = u128::from(passed)
-            .saturating_mul(u128::from(self.events))
-            .div_ceil(u128::from(framed));
+        let n = u128::from(passed).saturating_mul(u128::from(self.events)).div_ceil(u128::from(framed));
         u64::try_from(n).unwrap_or(u64::MAX)
     }
 }
@@ -180,22 +176,8 @@ pub fn render_usage_comment(value: &Value) -> Vec<u8> {
 mod tests {
     use super::*;
     use serde_json::json;
-    fn u(
-        input_uncached: u64,
-        cache_read: u64,
-        cache_write: u64,
-        output: u64,
-        reasoning: u64,
-        total: u64,
-    ) -> Usage {
-        Usage {
-            input_uncached,
-            cache_read,
-            cache_write,
-            output,
-            reasoning,
-            total,
-        }
+    fn u(input_uncached: u64, cache_read: u64, cache_write: u64, output: u64, reasoning: u64, total: u64) -> Usage {
+        Usage { input_uncached, cache_read, cache_write, output, reasoning, total }
     }
 
     use crate::metering::sse::SseParser;

@@ -9,9 +9,11 @@
 //! request's max-output field or the tier default) and settled to the metered
 //! usage afterwards.
 
-use crate::llm::{self, Family, LocalReply, Refusal};
 use crate::config::Policy;
-use crate::rls::{self, Code, Descriptor, Entry, LimitOverride, RateLimitRequest, RateLimitResponse, UInt64Value, Unit};
+use crate::llm::{self, Family, LocalReply, Refusal};
+use crate::rls::{
+    self, Code, Descriptor, Entry, LimitOverride, RateLimitRequest, RateLimitResponse, UInt64Value, Unit,
+};
 
 /// One limit a tenant may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,10 +109,7 @@ impl LimitKind {
 
 /// The limits of one tenant, in descriptor order.
 pub fn active_limits(p: &Policy) -> Vec<(LimitKind, u64)> {
-    LimitKind::ALL
-        .iter()
-        .filter_map(|k| k.limit(p).map(|l| (*k, l)))
-        .collect()
+    LimitKind::ALL.iter().filter_map(|k| k.limit(p).map(|l| (*k, l))).collect()
 }
 
 /// Amounts of one request.
@@ -133,10 +132,7 @@ fn descriptor(tenant: &str, kind: LimitKind, limit: u64, policy: &Policy) -> Des
             entries.push(Entry { key: rls::KEY_TZ.into(), value: tz.clone() });
         }
         if kind.unit() == Unit::Month && policy.billing_anchor_day != 1 {
-            entries.push(Entry {
-                key: rls::KEY_ANCHOR_DAY.into(),
-                value: policy.billing_anchor_day.to_string(),
-            });
+            entries.push(Entry { key: rls::KEY_ANCHOR_DAY.into(), value: policy.billing_anchor_day.to_string() });
         }
     }
     Descriptor {
@@ -175,10 +171,7 @@ pub fn build_reserve(
         descriptors.push(d);
         kinds.push(kind);
     }
-    (
-        RateLimitRequest { domain: domain.into(), descriptors, hits_addend: 0 },
-        kinds,
-    )
+    (RateLimitRequest { domain: domain.into(), descriptors, hits_addend: 0 }, kinds)
 }
 
 /// The settle call: the difference between what was reserved and what was
@@ -259,7 +252,10 @@ pub struct LimitState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Admit(Vec<LimitState>),
-    Refuse { states: Vec<LimitState>, hit: LimitState },
+    Refuse {
+        states: Vec<LimitState>,
+        hit: LimitState,
+    },
     /// The answer could not be read: treat as the service being unavailable.
     Unreadable(String),
 }
@@ -276,9 +272,7 @@ pub fn decide(resp: &RateLimitResponse, kinds: &[LimitKind], policy: &Policy) ->
         let st = resp.statuses.get(i);
         let over = st.is_some_and(|s| s.code == Code::OverLimit as i32);
         let remaining = st.map_or(limit, |s| u64::from(s.limit_remaining)).min(limit);
-        let reset_ms = st
-            .and_then(|s| s.duration_until_reset.as_ref())
-            .map_or(0, rls::Duration::as_millis);
+        let reset_ms = st.and_then(|s| s.duration_until_reset.as_ref()).map_or(0, rls::Duration::as_millis);
         states.push(LimitState { kind: *kind, limit, remaining, reset_ms, over });
     }
     if overall == Code::Ok as i32 {
@@ -286,11 +280,7 @@ pub fn decide(resp: &RateLimitResponse, kinds: &[LimitKind], policy: &Policy) ->
     }
     // The refusal names the limit that keeps the client waiting longest:
     // a budget beats a rate.
-    let hit = states
-        .iter()
-        .filter(|s| s.over)
-        .max_by_key(|s| (s.kind.is_budget(), s.reset_ms))
-        .copied();
+    let hit = states.iter().filter(|s| s.over).max_by_key(|s| (s.kind.is_budget(), s.reset_ms)).copied();
     match hit {
         Some(hit) => Verdict::Refuse { states, hit },
         None => Verdict::Unreadable("OVER_LIMIT without an over-limit descriptor".into()),
@@ -306,11 +296,7 @@ pub fn openai_duration(ms: u64) -> String {
     let total_s = ms / 1000;
     let frac = ms % 1000;
     let (h, m, s) = (total_s / 3600, (total_s % 3600) / 60, total_s % 60);
-    let sec = if frac == 0 {
-        format!("{s}s")
-    } else {
-        format!("{s}.{}s", format!("{frac:03}").trim_end_matches('0'))
-    };
+    let sec = if frac == 0 { format!("{s}s") } else { format!("{s}.{}s", format!("{frac:03}").trim_end_matches('0')) };
     match (h, m) {
         (0, 0) => sec,
         (0, m) => format!("{m}m{sec}"),
@@ -341,10 +327,7 @@ pub fn refusal_reply(family: Family, request_id: &str, states: &[LimitState], hi
     let kind = hit.kind;
     let when = openai_duration(hit.reset_ms);
     let message = if kind.is_budget() {
-        format!(
-            "This account's {} budget is exhausted; it renews in {when}.",
-            kind.name().replace('_', " ")
-        )
+        format!("This account's {} budget is exhausted; it renews in {when}.", kind.name().replace('_', " "))
     } else {
         format!("Rate limit reached for {}; retry in {when}.", kind.name().replace('_', " "))
     };
@@ -416,7 +399,8 @@ mod tests {
 
     #[test]
     fn reserve_carries_every_limit() {
-        let (req, kinds) = build_reserve("tollgate", "acme", &policy(), 1, Amounts { tokens: 300, micros: 4500 }, false);
+        let (req, kinds) =
+            build_reserve("tollgate", "acme", &policy(), 1, Amounts { tokens: 300, micros: 4500 }, false);
         assert_eq!(
             kinds,
             vec![
@@ -441,13 +425,29 @@ mod tests {
     #[test]
     fn settle_refunds_and_adds() {
         let p = policy();
-        let req = build_settle("d", "acme", &p, Amounts { tokens: 300, micros: 4500 }, Amounts { tokens: 120, micros: 5000 }, (1, 1)).unwrap();
+        let req = build_settle(
+            "d",
+            "acme",
+            &p,
+            Amounts { tokens: 300, micros: 4500 },
+            Amounts { tokens: 120, micros: 5000 },
+            (1, 1),
+        )
+        .unwrap();
         assert_eq!(req.descriptors.len(), 3);
         assert!(req.descriptors[0].is_negative_hits);
         assert_eq!(req.descriptors[0].hits_addend.as_ref().unwrap().value, 180);
         assert!(!req.descriptors[2].is_negative_hits);
         assert_eq!(req.descriptors[2].hits_addend.as_ref().unwrap().value, 500);
-        assert!(build_settle("d", "acme", &p, Amounts { tokens: 1, micros: 1 }, Amounts { tokens: 1, micros: 1 }, (1, 1)).is_none());
+        assert!(build_settle(
+            "d",
+            "acme",
+            &p,
+            Amounts { tokens: 1, micros: 1 },
+            Amounts { tokens: 1, micros: 1 },
+            (1, 1)
+        )
+        .is_none());
     }
 
     fn status(code: Code, remaining: u32, reset_s: i64) -> rls::DescriptorStatus {
@@ -491,7 +491,12 @@ mod tests {
         let (_, kinds) = build_reserve("d", "acme", &p, 1, Amounts::default(), false);
         let resp = RateLimitResponse {
             overall_code: Code::OverLimit as i32,
-            statuses: vec![status(Code::OverLimit, 0, 6), status(Code::Ok, 1, 1), status(Code::Ok, 1, 1), status(Code::Ok, 1, 1)],
+            statuses: vec![
+                status(Code::OverLimit, 0, 6),
+                status(Code::Ok, 1, 1),
+                status(Code::Ok, 1, 1),
+                status(Code::Ok, 1, 1),
+            ],
         };
         let Verdict::Refuse { states, hit } = decide(&resp, &kinds, &p) else { panic!() };
         let r = refusal_reply(Family::Anthropic, "rid", &states, &hit);

@@ -212,21 +212,14 @@ pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
     let mut out = Vec::new();
     let mut groups: Vec<(String, Group)> = Vec::new();
     for e in entries {
-        let decoded = if e.attempts == 0 && e.settle_mode {
-            RateLimitRequest::decode(e.message.as_slice()).ok()
-        } else {
-            None
-        };
+        let decoded =
+            if e.attempts == 0 && e.settle_mode { RateLimitRequest::decode(e.message.as_slice()).ok() } else { None };
         let Some(req) = decoded else {
             out.push(e);
             continue;
         };
-        let tenant = req
-            .descriptors
-            .first()
-            .and_then(|d| d.entries.first())
-            .map(|x| x.value.clone())
-            .unwrap_or_default();
+        let tenant =
+            req.descriptors.first().and_then(|d| d.entries.first()).map(|x| x.value.clone()).unwrap_or_default();
         let gkey = format!("{}\u{0}{}", req.domain, tenant);
         let pos = match groups.iter().position(|(k, _)| *k == gkey) {
             Some(p) => p,
@@ -290,7 +283,6 @@ pub fn backoff_ms(attempts: u32) -> u64 {
     BASE_BACKOFF_MS.saturating_mul(1u64 << shift).min(MAX_BACKOFF_MS)
 }
 
-
 impl Entry {
     /// The gRPC metadata of this entry's call: its idempotency key, and the
     /// settle mode when it is a settle.
@@ -343,12 +335,19 @@ mod tests {
         use crate::rls::{Descriptor, Entry as E, RateLimitRequest, UInt64Value};
         use prost::Message;
         let d = |limit: &str, (v, neg): (u64, bool)| Descriptor {
-            entries: vec![E { key: "tenant".into(), value: tenant.into() }, E { key: "limit".into(), value: limit.into() }],
+            entries: vec![
+                E { key: "tenant".into(), value: tenant.into() },
+                E { key: "limit".into(), value: limit.into() },
+            ],
             limit: None,
             hits_addend: Some(UInt64Value { value: v }),
             is_negative_hits: neg,
         };
-        let req = RateLimitRequest { domain: "tg".into(), descriptors: vec![d("tpm", tokens), d("usd", micros)], hits_addend: 0 };
+        let req = RateLimitRequest {
+            domain: "tg".into(),
+            descriptors: vec![d("tpm", tokens), d("usd", micros)],
+            hits_addend: 0,
+        };
         Entry::new(req.encode_to_vec(), key.into(), true, 0)
     }
 

@@ -19,22 +19,22 @@ use std::rc::Rc;
 use prost::Message;
 use serde_json::Value;
 
+use crate::identity::resolve_identity;
 use crate::request::effect::{BodyOut, BodyStep, Finish, HeadersStep, ResponseChunk, ResponseHeadersStep, RlsCall};
 use crate::worker::{lease_refund, times, Lease, Slot, Window, Worker};
-use crate::identity::resolve_identity;
 
-use crate::llm::{self, Api, Family, LocalReply, Refusal};
 use crate::config::{FailureMode, Plugin, RlsMode, UnmatchedRoutes};
 use crate::identity::api_key::{self, Headers};
-use crate::ratelimit::outbox::{self};
-use crate::ratelimit::descriptors::{self, Amounts, LimitKind, LimitState, Verdict};
-use crate::request::header_plan::{self};
 use crate::llm::inspect::{self, RequestInfo};
-use crate::metering::metrics;
-use crate::rls;
-use crate::metering::tap::StreamTap;
+use crate::llm::{self, Api, Family, LocalReply, Refusal};
 use crate::metering::meter::ResponseMeter;
+use crate::metering::metrics;
+use crate::metering::tap::StreamTap;
 use crate::metering::usage::{self, MeterLimits, Usage};
+use crate::ratelimit::descriptors::{self, Amounts, LimitKind, LimitState, Verdict};
+use crate::ratelimit::outbox::{self};
+use crate::request::header_plan::{self};
+use crate::rls;
 
 #[derive(Debug, Clone)]
 struct Reservation {
@@ -228,15 +228,12 @@ impl RequestFlow {
             return HeadersStep::Reply(self.refuse(&Refusal::MethodNotAllowed));
         }
         let Some(provider) = plugin.provider(route.provider) else {
-            return HeadersStep::Reply(self.refuse(&Refusal::Internal {
-                detail: "route names no provider".into(),
-            }));
+            return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "route names no provider".into() }));
         };
-        let Some(provider_key) = tenant.provider_keys.get(route.provider).and_then(Option::as_deref)
-        else {
-            return HeadersStep::Reply(self.refuse(&Refusal::ProviderNotConfigured {
-                provider: provider.name.clone(),
-            }));
+        let Some(provider_key) = tenant.provider_keys.get(route.provider).and_then(Option::as_deref) else {
+            return HeadersStep::Reply(
+                self.refuse(&Refusal::ProviderNotConfigured { provider: provider.name.clone() }),
+            );
         };
         if end_of_stream {
             return HeadersStep::Reply(self.refuse(&Refusal::BodyRequired));
@@ -256,9 +253,7 @@ impl RequestFlow {
             self.path = p.clone();
         }
         let mut header_plan = header_plan::build(&plugin, tenant, provider, provider_key, headers, new_path.as_deref());
-        header_plan
-            .set
-            .push((plugin.request_id_header.clone(), self.request_id.clone()));
+        header_plan.set.push((plugin.request_id_header.clone(), self.request_id.clone()));
         HeadersStep::ReadBody(header_plan)
     }
 
@@ -314,7 +309,10 @@ impl RequestFlow {
         }
 
         // Usage for streams the client did not ask it for.
-        if api == Api::OpenaiChat && info.stream && !info.include_usage && self.inject_usage
+        if api == Api::OpenaiChat
+            && info.stream
+            && !info.include_usage
+            && self.inject_usage
             && llm::openai_chat::inject_include_usage(&mut json)
         {
             self.strip_usage = true;
@@ -333,7 +331,9 @@ impl RequestFlow {
                     let refusal = Refusal::Custom {
                         status: 429,
                         code: "concurrency_limited".into(),
-                        message: format!("This account already has {cap} requests in flight; retry when one completes."),
+                        message: format!(
+                            "This account already has {cap} requests in flight; retry when one completes."
+                        ),
                     };
                     self.phase = Phase::Refused;
                     let mut reply = llm::render(api.family(), &refusal, &self.request_id, Some("requests"));
@@ -373,11 +373,7 @@ impl RequestFlow {
             total: self.input_estimate.saturating_add(output),
             ..Usage::default()
         };
-        let micros = self
-            .plugin
-            .pricing
-            .as_ref()
-            .map_or(0, |p| p.cost(&self.model_served, &usage).micros);
+        let micros = self.plugin.pricing.as_ref().map_or(0, |p| p.cost(&self.model_served, &usage).micros);
         Amounts { tokens: usage.total, micros }
     }
 
@@ -413,7 +409,8 @@ impl RequestFlow {
             }
         }
         let total = times(estimate, 1 + lease);
-        let (req, kinds) = descriptors::build_reserve(&rl.domain, &tenant.id, &tenant.policy, 1 + lease, total, check_only);
+        let (req, kinds) =
+            descriptors::build_reserve(&rl.domain, &tenant.id, &tenant.policy, 1 + lease, total, check_only);
         let message = req.encode_to_vec();
         // A reservation carries an idempotency key (one per attempt: a clamp
         // retry is a new reservation), so that a reserve whose answer is lost
@@ -423,10 +420,7 @@ impl RequestFlow {
         } else {
             self.reserve_attempts += 1;
             let key = format!("{}:r{}", self.idempotency_base(), self.reserve_attempts);
-            (
-                vec![(rls::META_IDEMPOTENCY_KEY.to_string(), key.clone())],
-                Some(Replay { message: message.clone(), key }),
-            )
+            (vec![(rls::META_IDEMPOTENCY_KEY.to_string(), key.clone())], Some(Replay { message: message.clone(), key }))
         };
         self.pending = Some(Pending { kinds, estimate, lease, replay });
         self.phase = Phase::Waiting;
@@ -435,11 +429,7 @@ impl RequestFlow {
 
     fn forward(&mut self) -> BodyStep {
         self.phase = Phase::Upstream;
-        let body = if self.body_dirty {
-            self.body.as_ref().and_then(|v| serde_json::to_vec(v).ok())
-        } else {
-            None
-        };
+        let body = if self.body_dirty { self.body.as_ref().and_then(|v| serde_json::to_vec(v).ok()) } else { None };
         let mut set_headers = std::mem::take(&mut self.extra_headers);
         if let Some(b) = &body {
             // The request headers are still held: the client's length (if
@@ -541,8 +531,7 @@ impl RequestFlow {
                         BodyStep::Reply(self.refuse(&Refusal::Custom {
                             status: 503,
                             code: "rate_limiter_unavailable".into(),
-                            message: "The rate limiter is unavailable; the request was not sent. Retry shortly."
-                                .into(),
+                            message: "The rate limiter is unavailable; the request was not sent. Retry shortly.".into(),
                         }))
                     }
                     FailureMode::Open => self.fail_open(tenant_idx, pending, now_ms),
@@ -787,7 +776,11 @@ impl RequestFlow {
         let outcome = if !reached_end {
             "incomplete"
         } else if ok_status {
-            if metered.errors.is_empty() { "ok" } else { "stream_error" }
+            if metered.errors.is_empty() {
+                "ok"
+            } else {
+                "stream_error"
+            }
         } else {
             "upstream_error"
         };
@@ -823,14 +816,8 @@ impl RequestFlow {
         let names = self.shared.borrow_mut().metric_names(&tenant.id, &self.model_served);
         let c = &mut out.counters;
         c.push((names.requests(outcome), 1));
-        let amounts = [
-            usage.input_uncached,
-            usage.cache_read,
-            usage.cache_write,
-            usage.output,
-            usage.reasoning,
-            micros,
-        ];
+        let amounts =
+            [usage.input_uncached, usage.cache_read, usage.cache_write, usage.output, usage.reasoning, micros];
         for (name, v) in names.usage.iter().zip(amounts) {
             if v > 0 {
                 c.push((Rc::clone(name), v));
@@ -950,11 +937,7 @@ impl RequestFlow {
     /// The request id as an idempotency-key stem: the service takes 1-256
     /// visible ASCII characters.
     fn idempotency_base(&self) -> String {
-        self.request_id
-            .chars()
-            .take(200)
-            .map(|c| if c.is_ascii_graphic() { c } else { '_' })
-            .collect()
+        self.request_id.chars().take(200).map(|c| if c.is_ascii_graphic() { c } else { '_' }).collect()
     }
 }
 
@@ -963,11 +946,10 @@ pub fn format_usd(micros: u64) -> String {
     format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
 }
 
-
 #[cfg(test)]
 mod tests {
-    use crate::admission::inflight::SlotStore;
     use super::*;
+    use crate::admission::inflight::SlotStore;
     use crate::config::tests::{sample, KEY_A, KEY_B};
 
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -1070,7 +1052,12 @@ mod tests {
 
     /// One request through reserve (if asked) to the end; answers the
     /// requests hits of its reserve call, or None when it drew from a lease.
-    fn leased_request(plugin: &Rc<Plugin>, shared: &Rc<RefCell<Worker>>, answer: Option<Vec<u8>>, now: u64) -> Option<u64> {
+    fn leased_request(
+        plugin: &Rc<Plugin>,
+        shared: &Rc<RefCell<Worker>>,
+        answer: Option<Vec<u8>>,
+        now: u64,
+    ) -> Option<u64> {
         let mut f = RequestFlow::new(Rc::clone(plugin), Rc::clone(shared));
         start(&mut f, KEY_B, "/v1/chat/completions");
         let hits = match f.on_request_body(br#"{"model":"gpt-4o-mini","max_tokens":10}"#, now) {
@@ -1176,7 +1163,8 @@ mod tests {
             let _ = f.on_request_body(br#"{"model":"gpt-4o-mini","max_tokens":10}"#, 0);
             let _ = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 9, 60)])), 0);
             f.on_response_headers(200);
-            let usage = br#"{"model":"gpt-4o-mini","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+            let usage =
+                br#"{"model":"gpt-4o-mini","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
             let fin = f.on_response_body(usage, true, 1).1.expect("finished");
             fin.properties
         };
@@ -1216,7 +1204,8 @@ mod tests {
         assert_eq!(run("gpt-4o-mini").0, counters);
         for i in 0..crate::metering::metrics::MAX_MODEL_LABELS + 5 {
             let (c, _) = run(&format!("m{i}"));
-            let want = if i < crate::metering::metrics::MAX_MODEL_LABELS - 1 { format!("m{i}") } else { "other".to_string() };
+            let want =
+                if i < crate::metering::metrics::MAX_MODEL_LABELS - 1 { format!("m{i}") } else { "other".to_string() };
             assert_eq!(c[0].0, format!("tollgate.tenant.acme.model.{want}.outcome.ok.requests"), "model {i}");
         }
     }
@@ -1283,8 +1272,16 @@ mod tests {
         leased_request(&plugin, &shared, Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, 999, 60)])), 0);
         let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
         start(&mut f, KEY_B, "/v1/chat/completions");
-        let BodyStep::Call(call) = f.on_request_body(br#"{"model":"gpt-4o-mini","max_tokens":10}"#, 5) else { panic!() };
-        let hits = |c: &RlsCall| rls::RateLimitRequest::decode(c.message.as_slice()).unwrap().descriptors[0].hits_addend.as_ref().unwrap().value;
+        let BodyStep::Call(call) = f.on_request_body(br#"{"model":"gpt-4o-mini","max_tokens":10}"#, 5) else {
+            panic!()
+        };
+        let hits = |c: &RlsCall| {
+            rls::RateLimitRequest::decode(c.message.as_slice()).unwrap().descriptors[0]
+                .hits_addend
+                .as_ref()
+                .unwrap()
+                .value
+        };
         assert_eq!(hits(&call), 6);
         let over = reply(rls::Code::OverLimit, vec![(rls::Code::OverLimit, 3, 60)]);
         let BodyStep::Call(single) = f.on_rls_reply(Ok(&over), 6) else { panic!("expected a retry without the lease") };
@@ -1389,7 +1386,9 @@ mod tests {
         let mut f = flow();
         start(&mut f, KEY_B, "/v1/chat/completions");
         let _ = f.on_request_body(br#"{"model":"gpt-4o-mini"}"#, 0);
-        let BodyStep::Reply(r) = f.on_rls_reply(Ok(&reply(rls::Code::OverLimit, vec![(rls::Code::OverLimit, 0, 7)])), 5) else {
+        let BodyStep::Reply(r) =
+            f.on_rls_reply(Ok(&reply(rls::Code::OverLimit, vec![(rls::Code::OverLimit, 0, 7)])), 5)
+        else {
             panic!()
         };
         assert_eq!((r.status, r.header("retry-after")), (429, Some("7")));
@@ -1414,7 +1413,11 @@ mod tests {
                 BodyStep::Forward { .. } => {
                     admitted += 1;
                     f.on_response_headers(200);
-                    let (_, fin) = f.on_response_body(br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#, true, 1100);
+                    let (_, fin) = f.on_response_body(
+                        br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+                        true,
+                        1100,
+                    );
                     assert!(fin.is_some());
                 }
                 BodyStep::Reply(r) => assert_eq!(r.header("x-tollgate-error"), Some("local_allowance_exhausted")),

@@ -66,10 +66,7 @@ pub fn build(
             plan.remove(&lower);
         }
     }
-    plan.set.push((
-        provider.credential_header.clone(),
-        format!("{}{}", provider.credential_prefix, provider_key),
-    ));
+    plan.set.push((provider.credential_header.clone(), format!("{}{}", provider.credential_prefix, provider_key)));
     plan.set.push((TENANT_HEADER.into(), tenant.id.clone()));
     plan.set.push((TIER_HEADER.into(), tenant.tier.clone()));
     // The response is parsed for usage, so it must arrive uncompressed.

@@ -17,12 +17,13 @@
 //! every byte framed and with edge scanning (the filter's path: a large chunk
 //! is read from `StreamTap::window` on, as the glue does), and checks that the
 //! usage was metered exactly and the usage chunk removed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test and bench code: a failure should stop loudly
 
 use std::time::Instant;
 
-use tollgate::metering::tap::{ChunkEdit, StreamTap};
 use tollgate::llm::Api;
 use tollgate::metering::meter::ResponseMeter;
+use tollgate::metering::tap::{ChunkEdit, StreamTap};
 use tollgate::metering::usage::MeterLimits;
 
 fn sse(json: &str) -> String {
@@ -65,10 +66,7 @@ fn bulk_stream(total: usize, openai: bool) -> (Vec<u8>, u64, String) {
 /// scanning needs (the bytes the glue would copy are counted in `read`).
 fn run(body: &[u8], chunk: usize, strip: bool, edge: bool, collect: bool) -> (f64, u64, Vec<u8>, u64, usize) {
     let t0 = Instant::now();
-    let mut tap = StreamTap::new(
-        ResponseMeter::new(Api::OpenaiChat, true, MeterLimits::default()),
-        strip,
-    );
+    let mut tap = StreamTap::new(ResponseMeter::new(Api::OpenaiChat, true, MeterLimits::default()), strip);
     if !edge {
         tap = tap.with_edge(usize::MAX, 1, 1);
     }
@@ -113,20 +111,14 @@ fn main() {
         let s = String::from_utf8_lossy(&body);
         s.replacen(&usage_event, "", 1).into_bytes()
     };
-    println!(
-        "stream: {} bytes, {n} content events, {chunk}-byte chunks",
-        body.len()
-    );
+    println!("stream: {} bytes, {n} content events, {chunk}-byte chunks", body.len());
     {
         // The scanner alone: the floor of the fast path.
         let mut best = 0f64;
         let mut hits = 0usize;
         for _ in 0..10 {
             let t0 = Instant::now();
-            hits = body
-                .chunks(chunk)
-                .map(|c| tollgate::metering::scan::Hits::new(c, 0).count())
-                .sum();
+            hits = body.chunks(chunk).map(|c| tollgate::metering::scan::Hits::new(c, 0).count()).sum();
             best = best.max(body.len() as f64 / t0.elapsed().as_secs_f64() / 1e6);
         }
         println!("scanner alone: {best:.0} MB/s ({hits} hits)");

@@ -7,15 +7,14 @@
 //! - `rls-bench script`: the Lua decide script (for `SCRIPT LOAD`).
 //! - `rls-bench evalsha-args`: the EVALSHA arguments of the same reserve, one per
 //!   line, for `redis-benchmark`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test and bench code: a failure should stop loudly
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
-    Entry, RateLimitOverride,
-};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{Entry, RateLimitOverride};
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
@@ -84,7 +83,13 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i.min(sorted.len() - 1)]) / 1000.0
 }
 
-async fn run(grpc_addr: String, concurrency: usize, connections: usize, duration_s: u64, tenants: usize) -> Result<(), String> {
+async fn run(
+    grpc_addr: String,
+    concurrency: usize,
+    connections: usize,
+    duration_s: u64,
+    tenants: usize,
+) -> Result<(), String> {
     let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
         let c = Channel::from_shared(format!("http://{grpc_addr}"))
@@ -149,8 +154,14 @@ async fn run(grpc_addr: String, concurrency: usize, connections: usize, duration
 fn evalsha_args() -> Result<Vec<String>, String> {
     let r = typical("tenant-0", 2_000, 3_000, false);
     let now = chrono::Utc::now().timestamp_millis();
-    let p = plan::build(&r, &RequestMeta::default(), &StaticLimits::default(), PlanSettings { idempotency_ttl_ms: 1, reserve_idempotency_ttl_ms: 1 }, now)
-        .map_err(|e| e.to_string())?;
+    let p = plan::build(
+        &r,
+        &RequestMeta::default(),
+        &StaticLimits::default(),
+        PlanSettings { idempotency_ttl_ms: 1, reserve_idempotency_ttl_ms: 1 },
+        now,
+    )
+    .map_err(|e| e.to_string())?;
     let (keys, argv) = script_args(&p.batch);
     let mut out = vec![redis::Script::new(scripts::DECIDE).get_hash().to_owned(), keys.len().to_string()];
     out.extend(keys);

@@ -63,11 +63,7 @@ impl RedisStorage {
                 Backend::Cluster(Box::new(ClusterBackend { client, conn: Mutex::new(None) }))
             }
         };
-        Ok(Self {
-            backend,
-            timeout,
-            sha: redis::Script::new(scripts::DECIDE).get_hash().to_owned(),
-        })
+        Ok(Self { backend, timeout, sha: redis::Script::new(scripts::DECIDE).get_hash().to_owned() })
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -165,14 +161,15 @@ pub fn parse_reply(value: Value, n: usize) -> Result<Outcome, StorageError> {
         Value::Int(i) => Ok(*i),
         other => Err(StorageError::Reply(format!("expected an integer, got {other:?}"))),
     };
-    let overall = int(&items[0])?;
-    let replay = int(&items[1])? == 1;
+    let [overall, replay, rest @ ..] = items.as_slice() else {
+        return Err(StorageError::Reply(format!("expected {} items, got {}", 2 + 2 * n, items.len())));
+    };
+    let overall = int(overall)?;
+    let replay = int(replay)? == 1;
     let mut counters = Vec::with_capacity(n);
-    for pair in items[2..].chunks_exact(2) {
-        counters.push(CounterState {
-            fits: int(&pair[0])? == 1,
-            used: u64::try_from(int(&pair[1])?).unwrap_or(0),
-        });
+    for pair in rest.chunks_exact(2) {
+        let [fits, used] = pair else { continue };
+        counters.push(CounterState { fits: int(fits)? == 1, used: u64::try_from(int(used)?).unwrap_or(0) });
     }
     Ok(Outcome { allowed: overall == 1, replay, counters })
 }
@@ -185,9 +182,10 @@ impl Storage for RedisStorage {
         if self.is_cluster() {
             // One script may only touch keys of one slot; all keys carry the
             // first counter's tag when all descriptors share their first entry.
-            let first = &batch.counters[0].hash_tag;
-            if let Some(other) = batch.counters.iter().find(|c| &c.hash_tag != first) {
-                return Err(StorageError::CrossSlot(first.clone(), other.hash_tag.clone()));
+            if let Some(first) = batch.counters.first().map(|c| &c.hash_tag) {
+                if let Some(other) = batch.counters.iter().find(|c| &c.hash_tag != first) {
+                    return Err(StorageError::CrossSlot(first.clone(), other.hash_tag.clone()));
+                }
             }
         }
         let (keys, argv) = script_args(batch);

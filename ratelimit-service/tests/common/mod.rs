@@ -8,9 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
-    Entry, RateLimitOverride,
-};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{Entry, RateLimitOverride};
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::google::protobuf::UInt64Value;
@@ -32,10 +30,7 @@ pub const MONTH: i32 = 5;
 pub const YEAR: i32 = 6;
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -59,12 +54,7 @@ impl RedisServer {
 
     pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let dir = tmpdir(&format!("redis{port}"));
-        let mut s = Self {
-            port,
-            child: None,
-            dir,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut s = Self { port, child: None, dir, extra: extra.iter().map(|s| s.to_string()).collect() };
         s.spawn();
         s
     }
@@ -138,7 +128,14 @@ impl RedisCluster {
                 let port = free_port();
                 RedisServer::start_on(
                     port,
-                    &["--cluster-enabled", "yes", "--cluster-config-file", &format!("nodes-{port}.conf"), "--cluster-node-timeout", "2000"],
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &format!("nodes-{port}.conf"),
+                        "--cluster-node-timeout",
+                        "2000",
+                    ],
                 )
             })
             .collect();
@@ -155,9 +152,9 @@ impl RedisCluster {
         assert!(out.success(), "redis-cli --cluster create failed");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let ok = nodes.iter().all(|n| {
-                n.cli(&["CLUSTER", "INFO"]).map(|s| s.contains("cluster_state:ok")).unwrap_or(false)
-            });
+            let ok = nodes
+                .iter()
+                .all(|n| n.cli(&["CLUSTER", "INFO"]).map(|s| s.contains("cluster_state:ok")).unwrap_or(false));
             if ok {
                 break;
             }
@@ -175,7 +172,11 @@ impl RedisCluster {
 pub type Limiter = RateLimiter<RedisStorage>;
 
 /// A limiter on `target` with a manual clock at `now_ms`.
-pub fn limiter_with(target: RedisTarget, limits: StaticLimits, now_ms: i64) -> (Limiter, Arc<ManualClock>, Arc<Metrics>) {
+pub fn limiter_with(
+    target: RedisTarget,
+    limits: StaticLimits,
+    now_ms: i64,
+) -> (Limiter, Arc<ManualClock>, Arc<Metrics>) {
     limiter_timeout(target, limits, now_ms, Duration::from_millis(1000))
 }
 

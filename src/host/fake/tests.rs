@@ -50,8 +50,9 @@ fn request_headers(key: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
 }
 
 fn ok_answer(n: usize) -> Vec<u8> {
-    let st = rls::DescriptorStatus { code: 1, current_limit: None, limit_remaining: 1_000_000, duration_until_reset: None };
-    rls::RateLimitResponse { overall_code: 1, statuses: vec![st; n], ..Default::default() }.encode_to_vec()
+    let st =
+        rls::DescriptorStatus { code: 1, current_limit: None, limit_remaining: 1_000_000, duration_until_reset: None };
+    rls::RateLimitResponse { overall_code: 1, statuses: vec![st; n] }.encode_to_vec()
 }
 
 const BODY: &[u8] = br#"{"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}"#;

@@ -28,13 +28,7 @@ pub(super) struct TokenCache {
 
 impl TokenCache {
     pub(super) fn new(max_entries: usize, max_ttl_s: u64) -> Self {
-        Self {
-            max_entries,
-            max_ttl_s,
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            next_seq: 0,
-        }
+        Self { max_entries, max_ttl_s, map: HashMap::new(), order: VecDeque::new(), next_seq: 0 }
     }
 
     pub(super) fn len(&self) -> usize {
@@ -72,15 +66,12 @@ impl TokenCache {
         if self.max_entries == 0 || self.max_ttl_s == 0 {
             return;
         }
-        let valid_until = now
-            .saturating_add(self.max_ttl_s)
-            .min(expires_at.unwrap_or(u64::MAX));
+        let valid_until = now.saturating_add(self.max_ttl_s).min(expires_at.unwrap_or(u64::MAX));
         if valid_until <= now {
             return;
         }
         if !self.map.contains_key(&digest) && self.map.len() >= self.max_entries {
-            self.map
-                .retain(|_, e| now < e.valid_until && e.expires_at.is_none_or(|x| now < x));
+            self.map.retain(|_, e| now < e.valid_until && e.expires_at.is_none_or(|x| now < x));
             while self.map.len() >= self.max_entries {
                 let Some((old, seq)) = self.order.pop_front() else {
                     break;
@@ -92,22 +83,12 @@ impl TokenCache {
         }
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
-        self.map.insert(
-            digest,
-            CacheEntry {
-                provider,
-                identity,
-                valid_until,
-                expires_at,
-                seq,
-            },
-        );
+        self.map.insert(digest, CacheEntry { provider, identity, valid_until, expires_at, seq });
         self.order.push_back((digest, seq));
         // Entries removed other than by eviction leave stale queue slots.
         if self.order.len() > self.max_entries.saturating_mul(2).max(16) {
             let map = &self.map;
-            self.order
-                .retain(|(d, s)| map.get(d).is_some_and(|e| e.seq == *s));
+            self.order.retain(|(d, s)| map.get(d).is_some_and(|e| e.seq == *s));
         }
     }
 

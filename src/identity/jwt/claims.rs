@@ -46,10 +46,7 @@ impl ClaimPath {
             // legitimately contain dots and is then matched whole.
             return None;
         }
-        Some(Self {
-            whole: path.to_string(),
-            segments,
-        })
+        Some(Self { whole: path.to_string(), segments })
     }
 
     pub(crate) fn lookup<'a>(&self, claims: &'a Map<String, Value>) -> Option<&'a Value> {

@@ -96,9 +96,7 @@ pub enum JwksError {
     #[error("JWKS document is not a JSON object with a `keys` array: {0}")]
     NotJwks(String),
     /// The document has no key usable for signature verification.
-    #[error(
-        "JWKS has no usable signing key ({skipped} skipped: unsupported type, curve, size or use)"
-    )]
+    #[error("JWKS has no usable signing key ({skipped} skipped: unsupported type, curve, size or use)")]
     NoUsableKeys {
         /// Keys present but skipped.
         skipped: usize,

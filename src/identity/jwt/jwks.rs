@@ -64,10 +64,7 @@ pub struct KeySet {
 
 impl std::fmt::Debug for KeySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeySet")
-            .field("kids", &self.kids())
-            .field("skipped", &self.skipped)
-            .finish()
+        f.debug_struct("KeySet").field("kids", &self.kids()).field("skipped", &self.skipped).finish()
     }
 }
 
@@ -109,17 +106,12 @@ impl KeySet {
     /// algorithm; if several do, the token is refused rather than tried
     /// against each (which would turn one bad token into many signature
     /// checks and blur key rotation).
-    pub(super) fn select(
-        &self,
-        kid: Option<&str>,
-        alg: JwtAlgorithm,
-    ) -> Result<&DecodingKey, JwtError> {
+    pub(super) fn select(&self, kid: Option<&str>, alg: JwtAlgorithm) -> Result<&DecodingKey, JwtError> {
         let mut candidates = self.keys.iter().filter(|k| k.accepts(alg));
         match kid {
-            Some(kid) => candidates
-                .find(|k| k.kid.as_deref() == Some(kid))
-                .map(|k| &k.key)
-                .ok_or(JwtError::UnknownKeyId),
+            Some(kid) => {
+                candidates.find(|k| k.kid.as_deref() == Some(kid)).map(|k| &k.key).ok_or(JwtError::UnknownKeyId)
+            }
             None => match (candidates.next(), candidates.next()) {
                 (Some(only), None) => Ok(&only.key),
                 _ => Err(JwtError::UnknownKeyId),
@@ -155,11 +147,7 @@ fn build_jwk(raw: &RawJwk, hasher: &mut Sha256) -> Option<JwkKey> {
     if raw.use_.as_deref().is_some_and(|u| u != "sig") {
         return None;
     }
-    if raw
-        .key_ops
-        .as_ref()
-        .is_some_and(|ops| !ops.iter().any(|o| o == "verify"))
-    {
+    if raw.key_ops.as_ref().is_some_and(|ops| !ops.iter().any(|o| o == "verify")) {
         return None;
     }
     let alg = match raw.alg.as_deref() {
@@ -176,21 +164,11 @@ fn build_jwk(raw: &RawJwk, hasher: &mut Sha256) -> Option<JwkKey> {
                 None => return None,
             };
             let leading_zero_bits = n_trimmed.first().map_or(8, |b| b.leading_zeros() as usize);
-            let bits = n_trimmed
-                .len()
-                .saturating_mul(8)
-                .saturating_sub(leading_zero_bits);
-            if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits)
-                || e_bytes.is_empty()
-                || e_bytes.len() > 8
-            {
+            let bits = n_trimmed.len().saturating_mul(8).saturating_sub(leading_zero_bits);
+            if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) || e_bytes.is_empty() || e_bytes.len() > 8 {
                 return None;
             }
-            (
-                KeyKind::Rsa,
-                DecodingKey::from_rsa_raw_components(n_trimmed, &e_bytes),
-                vec!["RSA", n, e],
-            )
+            (KeyKind::Rsa, DecodingKey::from_rsa_raw_components(n_trimmed, &e_bytes), vec!["RSA", n, e])
         }
         "EC" => {
             let (crv, x, y) = (raw.crv.as_deref()?, raw.x.as_deref()?, raw.y.as_deref()?);
@@ -207,11 +185,7 @@ fn build_jwk(raw: &RawJwk, hasher: &mut Sha256) -> Option<JwkKey> {
             point.push(0x04);
             point.extend_from_slice(&xb);
             point.extend_from_slice(&yb);
-            (
-                kind,
-                DecodingKey::from_ec_der(&point),
-                vec!["EC", crv, x, y],
-            )
+            (kind, DecodingKey::from_ec_der(&point), vec!["EC", crv, x, y])
         }
         "OKP" => {
             let (crv, x) = (raw.crv.as_deref()?, raw.x.as_deref()?);
@@ -223,11 +197,7 @@ fn build_jwk(raw: &RawJwk, hasher: &mut Sha256) -> Option<JwkKey> {
             if xb.len() != 32 {
                 return None;
             }
-            (
-                KeyKind::Ed25519,
-                DecodingKey::from_ed_der(&xb),
-                vec!["OKP", crv, x],
-            )
+            (KeyKind::Ed25519, DecodingKey::from_ed_der(&xb), vec!["OKP", crv, x])
         }
         // "oct" (shared secrets) never come from a JWKS here: HMAC secrets
         // are configured through `hmac_secret_env` only.
@@ -246,12 +216,7 @@ fn build_jwk(raw: &RawJwk, hasher: &mut Sha256) -> Option<JwkKey> {
         hasher.update(m.as_bytes());
     }
     hasher.update([0xff]);
-    Some(JwkKey {
-        kid: raw.kid.clone(),
-        kind,
-        alg,
-        key,
-    })
+    Some(JwkKey { kid: raw.kid.clone(), kind, alg, key })
 }
 
 /// Parses a JWKS document (`{"keys": [...]}`) into the keys usable for
@@ -274,10 +239,7 @@ pub(super) fn keyset_from_value(doc: &Value) -> Result<KeySet, JwksError> {
     let mut keys = Vec::new();
     let mut skipped = 0;
     for entry in entries {
-        match serde_json::from_value::<RawJwk>(entry.clone())
-            .ok()
-            .and_then(|raw| build_jwk(&raw, &mut hasher))
-        {
+        match serde_json::from_value::<RawJwk>(entry.clone()).ok().and_then(|raw| build_jwk(&raw, &mut hasher)) {
             Some(k) => keys.push(k),
             None => skipped += 1,
         }
@@ -285,9 +247,5 @@ pub(super) fn keyset_from_value(doc: &Value) -> Result<KeySet, JwksError> {
     if keys.is_empty() {
         return Err(JwksError::NoUsableKeys { skipped });
     }
-    Ok(KeySet {
-        keys,
-        skipped,
-        fingerprint: hasher.finalize().into(),
-    })
+    Ok(KeySet { keys, skipped, fingerprint: hasher.finalize().into() })
 }

@@ -75,11 +75,7 @@ impl KeyStore {
 
     /// Records the outcome of a fetch: the parsed key set, or why there is
     /// none.
-    pub fn complete_refresh(
-        &mut self,
-        result: Result<KeySet, JwksError>,
-        now_unix_s: u64,
-    ) -> RefreshOutcome {
+    pub fn complete_refresh(&mut self, result: Result<KeySet, JwksError>, now_unix_s: u64) -> RefreshOutcome {
         self.in_flight_since = None;
         match result {
             Ok(keys) => {
@@ -92,14 +88,9 @@ impl KeyStore {
             Err(error) => {
                 self.consecutive_failures = self.consecutive_failures.saturating_add(1);
                 let shift = self.consecutive_failures.saturating_sub(1).min(16);
-                let delay = RETRY_BASE_S
-                    .saturating_mul(1u64 << shift)
-                    .min(self.refresh_interval_s);
+                let delay = RETRY_BASE_S.saturating_mul(1u64 << shift).min(self.refresh_interval_s);
                 self.next_attempt_s = now_unix_s.saturating_add(delay);
-                RefreshOutcome::Failed {
-                    error,
-                    kept_last_good: self.keys.is_some(),
-                }
+                RefreshOutcome::Failed { error, kept_last_good: self.keys.is_some() }
             }
         }
     }

@@ -63,14 +63,7 @@ pub struct JwtVerifier {
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtVerifier")
-            .field(
-                "providers",
-                &self
-                    .providers
-                    .iter()
-                    .map(|p| p.name.as_str())
-                    .collect::<Vec<_>>(),
-            )
+            .field("providers", &self.providers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>())
             .field("cached", &self.cache.len())
             .finish()
     }
@@ -78,18 +71,13 @@ impl std::fmt::Debug for JwtVerifier {
 
 fn non_empty(path: &str, value: &str) -> Result<(), JwtConfigError> {
     if value.trim().is_empty() {
-        return Err(JwtConfigError::Empty {
-            path: path.to_string(),
-        });
+        return Err(JwtConfigError::Empty { path: path.to_string() });
     }
     Ok(())
 }
 
 fn invalid(path: String, reason: impl Into<String>) -> JwtConfigError {
-    JwtConfigError::Invalid {
-        path,
-        reason: reason.into(),
-    }
+    JwtConfigError::Invalid { path, reason: reason.into() }
 }
 
 impl JwtConfig {
@@ -97,21 +85,15 @@ impl JwtConfig {
     /// environment variables (in the VM: `std::env::var(..).ok()`), for
     /// `hmac_secret_env`. Errors name the field, e.g.
     /// `jwt.providers[0].algorithms: HS256 requires hmac_secret_env`.
-    pub fn compile(
-        &self,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<JwtVerifier, JwtConfigError> {
+    pub fn compile(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<JwtVerifier, JwtConfigError> {
         // jsonwebtoken picks its crypto backend from crate features and
         // installs a panicking one if both backends end up enabled through
         // feature unification. Pin the pure-Rust one (the only one that
         // builds for wasm); an Err only means a provider is already set.
-        let _ = jsonwebtoken::crypto::CryptoProvider::install_default(
-            &jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER,
-        );
+        let _ =
+            jsonwebtoken::crypto::CryptoProvider::install_default(&jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER);
         if self.providers.is_empty() {
-            return Err(JwtConfigError::Empty {
-                path: "jwt.providers".to_string(),
-            });
+            return Err(JwtConfigError::Empty { path: "jwt.providers".to_string() });
         }
         let mut providers: Vec<CompiledProvider> = Vec::with_capacity(self.providers.len());
         for (i, p) in self.providers.iter().enumerate() {
@@ -125,11 +107,7 @@ impl JwtConfig {
                         other: j,
                     });
                 }
-                if let Some(iss) = compiled
-                    .issuers
-                    .iter()
-                    .find(|iss| earlier.issuers.contains(iss))
-                {
+                if let Some(iss) = compiled.issuers.iter().find(|iss| earlier.issuers.contains(iss)) {
                     return Err(JwtConfigError::Duplicate {
                         path: format!("jwt.providers[{i}].issuers"),
                         what: "issuer",
@@ -140,11 +118,7 @@ impl JwtConfig {
             }
             providers.push(compiled);
         }
-        let max_token_bytes_any = providers
-            .iter()
-            .map(|p| p.max_token_bytes)
-            .max()
-            .unwrap_or(0);
+        let max_token_bytes_any = providers.iter().map(|p| p.max_token_bytes).max().unwrap_or(0);
         Ok(JwtVerifier {
             providers,
             cache: TokenCache::new(self.cache_max_entries, self.cache_max_ttl_s),
@@ -162,18 +136,13 @@ fn compile_provider(
     let at = |field: &str| format!("jwt.providers[{i}].{field}");
     non_empty(&at("name"), &p.name)?;
     if p.issuers.is_empty() {
-        return Err(JwtConfigError::Empty {
-            path: at("issuers"),
-        });
+        return Err(JwtConfigError::Empty { path: at("issuers") });
     }
     for (k, iss) in p.issuers.iter().enumerate() {
         non_empty(&at(&format!("issuers[{k}]")), iss)?;
     }
     if p.audiences.is_empty() && !p.allow_any_audience {
-        return Err(invalid(
-            at("audiences"),
-            "must not be empty unless allow_any_audience is true",
-        ));
+        return Err(invalid(at("audiences"), "must not be empty unless allow_any_audience is true"));
     }
     for (k, aud) in p.audiences.iter().enumerate() {
         non_empty(&at(&format!("audiences[{k}]")), aud)?;
@@ -183,10 +152,7 @@ fn compile_provider(
         TokenSource::Header { name, prefix } => {
             non_empty(&at("from.header.name"), name)?;
             if prefix.as_deref() == Some("") {
-                return Err(invalid(
-                    at("from.header.prefix"),
-                    "must not be empty; omit it instead",
-                ));
+                return Err(invalid(at("from.header.prefix"), "must not be empty; omit it instead"));
             }
         }
         TokenSource::Cookie { name } => non_empty(&at("from.cookie.name"), name)?,
@@ -195,23 +161,17 @@ fn compile_provider(
         return Err(invalid(at("max_token_bytes"), "must be greater than 0"));
     }
     let tenant_claim = ClaimPath::parse(&p.tenant_claim).ok_or_else(|| {
-        invalid(
-            at("tenant_claim"),
-            "must be a dotted claim path like `tenant_id` or `app_metadata.tenant_id`",
-        )
+        invalid(at("tenant_claim"), "must be a dotted claim path like `tenant_id` or `app_metadata.tenant_id`")
     })?;
-    let user_claim =
-        match &p.user_claim {
-            None => None,
-            Some(c) => Some(ClaimPath::parse(c).ok_or_else(|| {
-                invalid(at("user_claim"), "must be a dotted claim path like `sub`")
-            })?),
-        };
+    let user_claim = match &p.user_claim {
+        None => None,
+        Some(c) => Some(
+            ClaimPath::parse(c).ok_or_else(|| invalid(at("user_claim"), "must be a dotted claim path like `sub`"))?,
+        ),
+    };
 
     if p.algorithms.is_empty() {
-        return Err(JwtConfigError::Empty {
-            path: at("algorithms"),
-        });
+        return Err(JwtConfigError::Empty { path: at("algorithms") });
     }
     let mut algorithms: Vec<JwtAlgorithm> = Vec::new();
     for a in &p.algorithms {
@@ -241,62 +201,40 @@ fn compile_provider(
             let var = p
                 .hmac_secret_env
                 .as_deref()
-                .ok_or(JwtConfigError::HmacWithoutSecret {
-                    path: at("algorithms"),
-                    alg: h.as_str(),
-                })?;
+                .ok_or(JwtConfigError::HmacWithoutSecret { path: at("algorithms"), alg: h.as_str() })?;
             non_empty(&at("hmac_secret_env"), var)?;
-            let secret =
-                env(var)
-                    .filter(|s| !s.is_empty())
-                    .ok_or_else(|| JwtConfigError::MissingEnv {
-                        path: at("hmac_secret_env"),
-                        var: var.to_string(),
-                    })?;
-            let needed = algorithms
-                .iter()
-                .map(|a| a.hmac_min_secret_bytes())
-                .max()
-                .unwrap_or(32);
+            let secret = env(var)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| JwtConfigError::MissingEnv { path: at("hmac_secret_env"), var: var.to_string() })?;
+            let needed = algorithms.iter().map(|a| a.hmac_min_secret_bytes()).max().unwrap_or(32);
             if secret.len() < needed {
                 return Err(invalid(
                     at("hmac_secret_env"),
-                    format!("the secret in `{var}` is {} bytes; the allowed algorithms need at least {needed}", secret.len()),
+                    format!(
+                        "the secret in `{var}` is {} bytes; the allowed algorithms need at least {needed}",
+                        secret.len()
+                    ),
                 ));
             }
             ProviderKeys::Hmac(DecodingKey::from_secret(secret.as_bytes()))
         }
         None => {
             if p.hmac_secret_env.is_some() {
-                return Err(invalid(
-                    at("hmac_secret_env"),
-                    "is set but no HS256/HS384/HS512 algorithm is allowed",
-                ));
+                return Err(invalid(at("hmac_secret_env"), "is set but no HS256/HS384/HS512 algorithm is allowed"));
             }
             match &p.jwks {
-                None => {
-                    return Err(invalid(
-                        at("jwks"),
-                        "is required for RS*/PS*/ES*/EdDSA algorithms",
-                    ))
-                }
+                None => return Err(invalid(at("jwks"), "is required for RS*/PS*/ES*/EdDSA algorithms")),
                 Some(JwksSource::Inline(doc)) => {
                     let path = at("jwks.inline");
                     let set = match doc {
                         Value::String(text) => parse_jwks(text.as_bytes()),
                         other => keyset_from_value(other),
                     }
-                    .map_err(|source| JwtConfigError::Jwks {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    .map_err(|source| JwtConfigError::Jwks { path: path.clone(), source })?;
                     if let Some(a) = algorithms.iter().find(|a| !set.supports(**a)) {
                         // Not fatal in the protocol, but an allowed algorithm
                         // that no key can verify is almost surely a mistake.
-                        return Err(invalid(
-                            path,
-                            format!("no key can verify {}, which is in algorithms", a.as_str()),
-                        ));
+                        return Err(invalid(path, format!("no key can verify {}, which is in algorithms", a.as_str())));
                     }
                     ProviderKeys::Static(set)
                 }
@@ -309,21 +247,12 @@ fn compile_provider(
                         non_empty(&at("jwks.remote.authority"), a)?;
                     }
                     if r.refresh_interval_s < 10 {
-                        return Err(invalid(
-                            at("jwks.remote.refresh_interval_s"),
-                            "must be at least 10",
-                        ));
+                        return Err(invalid(at("jwks.remote.refresh_interval_s"), "must be at least 10"));
                     }
                     if r.timeout_ms == 0 || r.timeout_ms > 60_000 {
-                        return Err(invalid(
-                            at("jwks.remote.timeout_ms"),
-                            "must be between 1 and 60000",
-                        ));
+                        return Err(invalid(at("jwks.remote.timeout_ms"), "must be between 1 and 60000"));
                     }
-                    ProviderKeys::Remote {
-                        remote: r.clone(),
-                        store: KeyStore::new(r.refresh_interval_s, r.timeout_ms),
-                    }
+                    ProviderKeys::Remote { remote: r.clone(), store: KeyStore::new(r.refresh_interval_s, r.timeout_ms) }
                 }
             }
         }
@@ -347,10 +276,7 @@ fn compile_provider(
 
 /// Reads the token for `source` through `header` (a lookup of a request
 /// header by lowercase name). `None` when absent or empty.
-pub fn extract_token(
-    source: &TokenSource,
-    header: &dyn Fn(&str) -> Option<String>,
-) -> Option<String> {
+pub fn extract_token(source: &TokenSource, header: &dyn Fn(&str) -> Option<String>) -> Option<String> {
     let token = match source {
         TokenSource::Authorization => {
             let value = header("authorization")?;
@@ -400,32 +326,21 @@ fn is_b64url_char(b: u8) -> bool {
 /// Splits and decodes a compact JWS without verifying it.
 fn parse_unverified(token: &str) -> Result<Parsed<'_>, JwtError> {
     if !token.bytes().all(|b| is_b64url_char(b) || b == b'.') {
-        return Err(JwtError::Malformed(
-            "token contains characters outside base64url",
-        ));
+        return Err(JwtError::Malformed("token contains characters outside base64url"));
     }
     let mut parts = token.split('.');
-    let (header_b64, payload_b64, sig_b64) =
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(h), Some(p), Some(s), None) => (h, p, s),
-            _ => {
-                return Err(JwtError::Malformed(
-                    "token must have three dot-separated parts",
-                ))
-            }
-        };
+    let (header_b64, payload_b64, sig_b64) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(h), Some(p), Some(s), None) => (h, p, s),
+        _ => return Err(JwtError::Malformed("token must have three dot-separated parts")),
+    };
     if header_b64.is_empty() || payload_b64.is_empty() {
         return Err(JwtError::Malformed("empty header or payload"));
     }
-    let header_bytes = URL_SAFE_NO_PAD
-        .decode(header_b64)
-        .map_err(|_| JwtError::Malformed("header is not base64url"))?;
-    let header: Map<String, Value> = serde_json::from_slice(&header_bytes)
-        .map_err(|_| JwtError::Malformed("header is not a JSON object"))?;
-    let alg_name = header
-        .get("alg")
-        .and_then(Value::as_str)
-        .ok_or(JwtError::Malformed("header has no `alg`"))?;
+    let header_bytes =
+        URL_SAFE_NO_PAD.decode(header_b64).map_err(|_| JwtError::Malformed("header is not base64url"))?;
+    let header: Map<String, Value> =
+        serde_json::from_slice(&header_bytes).map_err(|_| JwtError::Malformed("header is not a JSON object"))?;
+    let alg_name = header.get("alg").and_then(Value::as_str).ok_or(JwtError::Malformed("header has no `alg`"))?;
     let alg = JwtAlgorithm::from_name(alg_name)
         .ok_or_else(|| JwtError::DisallowedAlgorithm(alg_name.chars().take(16).collect()))?;
     if sig_b64.is_empty() {
@@ -437,26 +352,18 @@ fn parse_unverified(token: &str) -> Result<Parsed<'_>, JwtError> {
     }
     if header.contains_key("crit") {
         // RFC 7515 4.1.11: extensions we do not understand must be refused.
-        return Err(JwtError::Malformed(
-            "header has unsupported `crit` extensions",
-        ));
+        return Err(JwtError::Malformed("header has unsupported `crit` extensions"));
     }
     let kid = match header.get("kid") {
         None => None,
         Some(Value::String(k)) => Some(k.clone()),
         Some(_) => return Err(JwtError::Malformed("`kid` is not a string")),
     };
-    let payload_bytes = URL_SAFE_NO_PAD
-        .decode(payload_b64)
-        .map_err(|_| JwtError::Malformed("payload is not base64url"))?;
-    let claims: Map<String, Value> = serde_json::from_slice(&payload_bytes)
-        .map_err(|_| JwtError::Malformed("payload is not a JSON object"))?;
-    Ok(Parsed {
-        alg,
-        kid,
-        claims,
-        token,
-    })
+    let payload_bytes =
+        URL_SAFE_NO_PAD.decode(payload_b64).map_err(|_| JwtError::Malformed("payload is not base64url"))?;
+    let claims: Map<String, Value> =
+        serde_json::from_slice(&payload_bytes).map_err(|_| JwtError::Malformed("payload is not a JSON object"))?;
+    Ok(Parsed { alg, kid, claims, token })
 }
 
 fn map_jsonwebtoken_error(e: &jsonwebtoken::errors::Error) -> JwtError {
@@ -465,13 +372,10 @@ fn map_jsonwebtoken_error(e: &jsonwebtoken::errors::Error) -> JwtError {
         ErrorKind::InvalidAlgorithm
         | ErrorKind::MissingAlgorithm
         | ErrorKind::InvalidAlgorithmName
-        | ErrorKind::UnsupportedAlgorithm => {
-            JwtError::DisallowedAlgorithm("(key mismatch)".to_string())
+        | ErrorKind::UnsupportedAlgorithm => JwtError::DisallowedAlgorithm("(key mismatch)".to_string()),
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
+            JwtError::Malformed("token rejected by the JWS decoder")
         }
-        ErrorKind::InvalidToken
-        | ErrorKind::Base64(_)
-        | ErrorKind::Json(_)
-        | ErrorKind::Utf8(_) => JwtError::Malformed("token rejected by the JWS decoder"),
         // Wrong signature, or a key the backend cannot use for it.
         _ => JwtError::BadSignature,
     }
@@ -501,11 +405,7 @@ impl JwtVerifier {
     /// Finds the token in the request: for `Index(i)` where provider `i`
     /// reads it; for `Auto`, the first source (in provider order) that has
     /// one.
-    pub fn extract_token(
-        &self,
-        selector: ProviderSelector,
-        header: &dyn Fn(&str) -> Option<String>,
-    ) -> Option<String> {
+    pub fn extract_token(&self, selector: ProviderSelector, header: &dyn Fn(&str) -> Option<String>) -> Option<String> {
         match selector {
             ProviderSelector::Index(i) => extract_token(&self.providers.get(i)?.source, header),
             ProviderSelector::Auto => {
@@ -532,9 +432,7 @@ impl JwtVerifier {
         header: &dyn Fn(&str) -> Option<String>,
         now_unix_s: u64,
     ) -> Result<VerifiedIdentity, JwtError> {
-        let token = self
-            .extract_token(selector, header)
-            .ok_or(JwtError::MissingToken)?;
+        let token = self.extract_token(selector, header).ok_or(JwtError::MissingToken)?;
         self.verify(selector, &token, now_unix_s)
     }
 
@@ -557,9 +455,7 @@ impl JwtVerifier {
             return Err(JwtError::MissingToken);
         }
         if token.len() > self.max_token_bytes_any {
-            return Err(JwtError::TokenTooLarge {
-                limit: self.max_token_bytes_any,
-            });
+            return Err(JwtError::TokenTooLarge { limit: self.max_token_bytes_any });
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(hit) = self.cache.lookup(&digest, selector, now_unix_s) {
@@ -567,35 +463,22 @@ impl JwtVerifier {
         }
 
         let parsed = parse_unverified(token)?;
-        let iss = parsed
-            .claims
-            .get("iss")
-            .and_then(Value::as_str)
-            .ok_or(JwtError::WrongIssuer)?;
+        let iss = parsed.claims.get("iss").and_then(Value::as_str).ok_or(JwtError::WrongIssuer)?;
         let index = match selector {
             ProviderSelector::Index(i) => i,
-            ProviderSelector::Auto => self
-                .providers
-                .iter()
-                .position(|p| p.issuers.iter().any(|x| x == iss))
-                .ok_or(JwtError::WrongIssuer)?,
+            ProviderSelector::Auto => {
+                self.providers.iter().position(|p| p.issuers.iter().any(|x| x == iss)).ok_or(JwtError::WrongIssuer)?
+            }
         };
-        let provider = self
-            .providers
-            .get(index)
-            .ok_or(JwtError::ProviderNotConfigured(index))?;
+        let provider = self.providers.get(index).ok_or(JwtError::ProviderNotConfigured(index))?;
         if !provider.issuers.iter().any(|x| x == iss) {
             return Err(JwtError::WrongIssuer);
         }
         if token.len() > provider.max_token_bytes {
-            return Err(JwtError::TokenTooLarge {
-                limit: provider.max_token_bytes,
-            });
+            return Err(JwtError::TokenTooLarge { limit: provider.max_token_bytes });
         }
         if !provider.algorithms.contains(&parsed.alg) {
-            return Err(JwtError::DisallowedAlgorithm(
-                parsed.alg.as_str().to_string(),
-            ));
+            return Err(JwtError::DisallowedAlgorithm(parsed.alg.as_str().to_string()));
         }
         let key = match &provider.keys {
             ProviderKeys::Hmac(secret) => secret,
@@ -617,8 +500,7 @@ impl JwtVerifier {
         validation.required_spec_claims.clear();
         validation.leeway = 0;
         self.signature_checks = self.signature_checks.saturating_add(1);
-        jsonwebtoken::decode::<Value>(parsed.token, key, &validation)
-            .map_err(|e| map_jsonwebtoken_error(&e))?;
+        jsonwebtoken::decode::<Value>(parsed.token, key, &validation).map_err(|e| map_jsonwebtoken_error(&e))?;
 
         let claims = &parsed.claims;
         let leeway = provider.leeway_s;
@@ -638,10 +520,9 @@ impl JwtVerifier {
         if !provider.allow_any_audience {
             let ok = match claims.get("aud") {
                 Some(Value::String(a)) => provider.audiences.contains(a),
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .any(|a| provider.audiences.iter().any(|x| x == a)),
+                Some(Value::Array(list)) => {
+                    list.iter().filter_map(Value::as_str).any(|a| provider.audiences.iter().any(|x| x == a))
+                }
                 _ => false,
             };
             if !ok {
@@ -653,29 +534,17 @@ impl JwtVerifier {
             .lookup(claims)
             .and_then(claim_as_id)
             .ok_or_else(|| JwtError::MissingTenantClaim(provider.tenant_claim.whole.clone()))?;
-        let user_id = provider
-            .user_claim
-            .as_ref()
-            .and_then(|c| c.lookup(claims))
-            .and_then(claim_as_id);
-        let identity = VerifiedIdentity {
-            provider: provider.name.clone(),
-            tenant_id,
-            user_id,
-            exp,
-        };
+        let user_id = provider.user_claim.as_ref().and_then(|c| c.lookup(claims)).and_then(claim_as_id);
+        let identity = VerifiedIdentity { provider: provider.name.clone(), tenant_id, user_id, exp };
         let expires_at = exp.map(|e| e.saturating_add(leeway));
-        self.cache
-            .insert(digest, index, identity.clone(), expires_at, now_unix_s);
+        self.cache.insert(digest, index, identity.clone(), expires_at, now_unix_s);
         Ok(identity)
     }
 
     /// Whether any provider fetches its keys remotely, i.e. whether the glue
     /// needs a tick to call [`Self::plan_jwks_fetches`].
     pub fn has_remote_jwks(&self) -> bool {
-        self.providers
-            .iter()
-            .any(|p| matches!(p.keys, ProviderKeys::Remote { .. }))
+        self.providers.iter().any(|p| matches!(p.keys, ProviderKeys::Remote { .. }))
     }
 
     /// Remote JWKS fetches due at `now`, marked as in flight. The glue
@@ -693,10 +562,7 @@ impl JwtVerifier {
                         provider_index,
                         cluster: remote.cluster.clone(),
                         path: remote.path.clone(),
-                        authority: remote
-                            .authority
-                            .clone()
-                            .unwrap_or_else(|| remote.cluster.clone()),
+                        authority: remote.authority.clone().unwrap_or_else(|| remote.cluster.clone()),
                         timeout_ms: remote.timeout_ms,
                     });
                 }

@@ -6,6 +6,7 @@
 //!
 //!   cargo run --release -p tollgate-stream-bench --bin request-bench [N]
 //!   (as wasm under Node: see bench/run-wasi.mjs)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test and bench code: a failure should stop loudly
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -19,19 +20,13 @@ use tollgate::worker::Worker;
 const KEY: &str = "sk-bench-tenant";
 
 fn main() {
-    let n: u64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200_000);
+    let n: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
     // `leased`: the tier leases quota (lease_requests 100), as in the bench's
     // tollgate_leased run: most requests make no reserve call.
     let leased = std::env::args().nth(2).is_some_and(|a| a == "leased");
     let key_sha: String = {
         use sha2::Digest;
-        sha2::Sha256::digest(KEY.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        sha2::Sha256::digest(KEY.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
     };
     let cfg = format!(
         r#"{{"providers": {{"openai": {{"credential_header": "authorization"}}}},
@@ -74,11 +69,7 @@ fn main() {
             limit_remaining: 1_000_000,
             duration_until_reset: None,
         };
-        tollgate::rls::RateLimitResponse {
-            overall_code: 1,
-            statuses: vec![st; 5],
-        }
-        .encode_to_vec()
+        tollgate::rls::RateLimitResponse { overall_code: 1, statuses: vec![st; 5] }.encode_to_vec()
     };
 
     let mut phases = [0f64; 6];
@@ -120,26 +111,14 @@ fn main() {
             for (t, entry) in due.into_iter().enumerate() {
                 let _ = entry.metadata();
                 s.journal.sent(t as u32, entry);
-                s.journal
-                    .answered(t as u32, tollgate::ratelimit::outbox::Answer::Applied, now);
+                s.journal.answered(t as u32, tollgate::ratelimit::outbox::Answer::Applied, now);
             }
         }
     }
     let total = t_all.elapsed().as_secs_f64();
-    let names = [
-        "headers",
-        "body+reserve",
-        "rls_reply",
-        "resp_headers",
-        "resp_body",
-        "done",
-    ];
+    let names = ["headers", "body+reserve", "rls_reply", "resp_headers", "resp_body", "done"];
     for (name, s) in names.iter().zip(phases) {
         println!("{name:>14}: {:7.2} us/req", s / n as f64 * 1e6);
     }
-    println!(
-        "{:>14}: {:7.2} us/req ({n} requests)",
-        "total",
-        total / n as f64 * 1e6
-    );
+    println!("{:>14}: {:7.2} us/req ({n} requests)", "total", total / n as f64 * 1e6);
 }
