@@ -4,6 +4,7 @@
 pub mod meter;
 pub mod metrics;
 pub mod pricing;
+pub mod record;
 pub mod scan;
 pub mod sse;
 pub mod tap;

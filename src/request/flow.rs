@@ -29,6 +29,7 @@ use crate::llm::inspect::{self, RequestInfo};
 use crate::llm::{self, Api, Family, LocalReply, Refusal};
 use crate::metering::meter::ResponseMeter;
 use crate::metering::metrics;
+use crate::metering::record;
 use crate::metering::tap::StreamTap;
 use crate::metering::usage::{self, MeterLimits, Usage};
 use crate::ratelimit::descriptors::{self, Amounts, LimitKind, LimitState, Verdict};
@@ -741,121 +742,28 @@ impl RequestFlow {
     fn finish(&mut self, now_ms: u64, reached_end: bool) -> Finish {
         self.phase = Phase::Done;
         let plugin = Rc::clone(&self.plugin);
-        let mut out = Finish::default();
         let Some(tenant) = self.tenant.and_then(|i| plugin.tenants.get(i)) else {
-            return out;
+            return Finish::default();
         };
         let metered = self.tap.take().map(StreamTap::finish).unwrap_or_default();
-        let ok_status = (200..300).contains(&self.upstream_status);
-        let (usage, estimated) = match metered.usage {
-            Some(u) if metered.complete || !ok_status => (u, false),
-            Some(mut u) => {
-                // Cut off: cumulative counts (Anthropic) stopped early.
-                u.output = u.output.max(metered.estimated_output_tokens());
-                u.total = u.input_total().saturating_add(u.output);
-                (u, true)
-            }
-            None if !ok_status && self.upstream_status != 0 => (Usage::default(), false),
-            None => {
-                let output = metered.estimated_output_tokens();
-                let u = Usage {
-                    input_uncached: self.input_estimate,
-                    output,
-                    total: self.input_estimate.saturating_add(output),
-                    ..Usage::default()
-                };
-                (u, true)
-            }
-        };
-        let model_answered = metered.model_answered.clone().unwrap_or_else(|| self.model_served.clone());
-        let cost = plugin.pricing.as_ref().map(|p| p.cost(&model_answered, &usage));
-        let micros = cost.as_ref().map_or(0, |c| c.micros);
-        let unpriced = cost.as_ref().is_some_and(|c| c.priced_by == crate::metering::pricing::PricedBy::Default);
-        let ttfb = self.first_byte_ms.map(|t| t.saturating_sub(self.start_ms));
-        let duration = now_ms.saturating_sub(self.start_ms);
-        let outcome = if !reached_end {
-            "incomplete"
-        } else if ok_status {
-            if metered.errors.is_empty() {
-                "ok"
-            } else {
-                "stream_error"
-            }
-        } else {
-            "upstream_error"
-        };
-        let info = self.info.clone();
-        let model_requested = info.as_ref().map_or_else(String::new, |i| i.model.clone());
-
-        let p = &mut out.properties;
-        let mut prop = |k: &'static str, v: String| p.push((k, v));
-        prop("tollgate_tenant", tenant.id.clone());
-        prop("tollgate_tier", tenant.tier.clone());
-        prop("tollgate_user", self.user.clone().unwrap_or_default());
-        prop("tollgate_request_id", self.request_id.clone());
-        prop("tollgate_api", self.api.map_or("", Api::as_str).to_string());
-        prop("tollgate_model_requested", model_requested.clone());
-        prop("tollgate_model_served", self.model_served.clone());
-        prop("tollgate_model_answered", model_answered.clone());
-        prop("tollgate_tokens_input", usage.input_uncached.to_string());
-        prop("tollgate_tokens_cache_read", usage.cache_read.to_string());
-        prop("tollgate_tokens_cache_write", usage.cache_write.to_string());
-        prop("tollgate_tokens_output", usage.output.to_string());
-        prop("tollgate_tokens_reasoning", usage.reasoning.to_string());
-        prop("tollgate_tokens_total", usage.total.to_string());
-        prop("tollgate_cost_usd", format_usd(micros));
-        prop("tollgate_ttfb_ms", ttfb.map_or_else(String::new, |t| t.to_string()));
-        prop("tollgate_duration_ms", duration.to_string());
-        prop("tollgate_upstream_status", self.upstream_status.to_string());
-        prop("tollgate_estimated", estimated.to_string());
-        prop("tollgate_outcome", outcome.to_string());
-        if let Some(keep) = &plugin.metering.filter_state {
-            p.retain(|(k, _)| keep.iter().any(|f| k.strip_prefix("tollgate_") == Some(f.as_str())));
-        }
-
         let names = self.shared.borrow_mut().metric_names(&tenant.id, &self.model_served);
-        let c = &mut out.counters;
-        c.push((names.requests(outcome), 1));
-        let amounts =
-            [usage.input_uncached, usage.cache_read, usage.cache_write, usage.output, usage.reasoning, micros];
-        for (name, v) in names.usage.iter().zip(amounts) {
-            if v > 0 {
-                c.push((Rc::clone(name), v));
-            }
-        }
-        if estimated {
-            c.push((Rc::clone(&names.usage_estimated), 1));
-        }
-        if self.leased {
-            c.push((Rc::clone(&names.leased), 1));
-        }
-        if unpriced {
-            c.push((Rc::clone(&names.unpriced), 1));
-        }
-        if !metered.errors.is_empty() {
-            c.push((Rc::clone(&names.stream_errors), 1));
-        }
-        if let Some(t) = ttfb {
-            out.histograms.push((Rc::clone(&names.ttfb_ms), t));
-        }
-        out.histograms.push((Rc::clone(&names.duration_ms), duration));
-
-        if self.hold_body {
-            out.headers = vec![
-                ("x-tollgate-usage-input-tokens".into(), usage.input_total().to_string()),
-                ("x-tollgate-usage-output-tokens".into(), usage.output.to_string()),
-                ("x-tollgate-usage-total-tokens".into(), usage.total.to_string()),
-                ("x-tollgate-cost-usd".into(), format_usd(micros)),
-                ("x-tollgate-usage-estimated".into(), estimated.to_string()),
-            ];
-        } else if plugin.metering.stream_usage_comment && reached_end && ok_status {
-            let v = serde_json::json!({
-                "tenant": tenant.id, "model": model_answered, "usage": usage,
-                "cost_usd": format_usd(micros), "estimated": estimated,
-            });
-            out.append = usage::render_usage_comment(&v);
-        }
-
+        let facts = record::Facts {
+            tenant,
+            user: self.user.as_deref(),
+            request_id: &self.request_id,
+            api: self.api,
+            model_requested: self.info.as_ref().map_or("", |i| i.model.as_str()),
+            model_served: &self.model_served,
+            input_estimate: self.input_estimate,
+            upstream_status: self.upstream_status,
+            start_ms: self.start_ms,
+            first_byte_ms: self.first_byte_ms,
+            now_ms,
+            reached_end,
+            leased: self.leased,
+            usage_headers: self.hold_body,
+        };
+        let (out, usage, micros) = record::report(&plugin, &facts, metered, &names);
         self.queue_settle(tenant, usage, micros, now_ms);
         out
     }
@@ -941,16 +849,12 @@ impl RequestFlow {
     }
 }
 
-/// Micro-dollars as a decimal dollar string: 1234567 -> "1.234567".
-pub fn format_usd(micros: u64) -> String {
-    format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::admission::inflight::SlotStore;
     use crate::config::tests::{sample, KEY_A, KEY_B};
+    use crate::metering::record::format_usd;
 
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
