@@ -1,3 +1,5 @@
+//! How many requests does a tenant have in flight across every worker?
+//!
 //! The per-tenant in-flight cap, counted across every worker of one Envoy.
 //!
 //! Each Envoy worker runs its own VM, so a count kept in VM memory caps a

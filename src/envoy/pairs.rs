@@ -1,3 +1,5 @@
+//! How are header maps and metadata maps encoded between Envoy and wasm?
+//!
 //! Envoy's serialization of map-valued properties to wasm.
 //!
 //! Reading a map (such as a `google.protobuf.Struct` in dynamic metadata)

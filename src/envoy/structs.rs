@@ -1,3 +1,5 @@
+//! What JSON does a binary `google.protobuf.Struct` stand for?
+//!
 //! Decoding of a binary `google.protobuf.Struct` into JSON.
 //!
 //! Envoy 1.40 hands a plugin configuration given as a `Struct` to the filter

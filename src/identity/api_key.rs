@@ -1,3 +1,5 @@
+//! Which tenant does a client API key belong to?
+//!
 //! Tenant identity from a client API key.
 //!
 //! The key is read from the configured headers (or query parameter), hashed

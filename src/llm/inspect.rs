@@ -1,3 +1,5 @@
+//! What does an LLM request ask for?
+//!
 //! Reading an LLM request: which model, streamed or not, and how much output
 //! it may produce. Pure functions over the path and the JSON body; the
 //! fields each API uses are read by its module (see [`crate::llm::Api`]).

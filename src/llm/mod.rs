@@ -1,3 +1,5 @@
+//! Which LLM APIs does tollgate front, and what is specific to each?
+//!
 //! The LLM APIs tollgate fronts, and the error envelopes their clients expect.
 //!
 //! Every refusal tollgate makes is written in the shape of the API the client

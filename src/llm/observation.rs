@@ -1,3 +1,5 @@
+//! What does one response document say about usage?
+//!
 //! What one response document says about usage, as a value: the vocabulary
 //! each API's reader returns and the meter ([`crate::metering::meter`]) folds.
 

@@ -1,3 +1,5 @@
+//! How is a refusal written so that the client's SDK understands it?
+//!
 //! How a refusal is written: the catalogue of refusals, the local reply, the
 //! error envelope of each API family, and the retry headers of a 429.
 

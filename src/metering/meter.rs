@@ -1,3 +1,5 @@
+//! How is one response body metered, whatever its framing?
+//!
 //! Metering one response body: framing it (server-sent events, a JSON array
 //! streamed in pieces, or one JSON document), handing each document to its
 //! API's reader ([`crate::llm::Api::observe`]) and folding what they say into

@@ -1,3 +1,5 @@
+//! Which metric names does tollgate report, and how are their labels bounded?
+//!
 //! Metric names.
 //!
 //! proxy-wasm metrics have no labels, so labels are encoded in the name and

@@ -1,3 +1,5 @@
+//! What does a response cost?
+//!
 //! Model prices and the cost of a response's [`Usage`].
 //!
 //! Operators write prices the way providers publish them, in USD per million

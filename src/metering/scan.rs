@@ -1,3 +1,5 @@
+//! Where in a stream chunk are the bytes the SSE fast path must look at?
+//!
 //! One SIMD pass over a stream chunk that finds what the SSE fast path needs:
 //! every line terminator (CR, LF) and every place a quoted five-letter word
 //! starting with `u` or `e` starts (`"u`/`"e` with another `"` six bytes

@@ -1,3 +1,5 @@
+//! Where are the events in a server-sent event stream?
+//!
 //! Incremental, sans-IO parser for server-sent events (WHATWG HTML §9.2).
 //!
 //! The filter sees a response body as arbitrary network chunks. The parser takes

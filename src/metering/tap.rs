@@ -1,3 +1,5 @@
+//! What happens to each response chunk as it passes: metered, and edited only to hide an injected usage chunk?
+//!
 //! The response-body path of a metered response: one pass over each chunk
 //! that meters it and, when the filter turned on `include_usage` itself,
 //! removes the usage-only chunk the client did not ask for.

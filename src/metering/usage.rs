@@ -1,3 +1,5 @@
+//! What is a response's usage, in one shape for every API?
+//!
 //! Token usage of LLM responses: the normalised [`Usage`] shape, what a
 //! finished meter reports ([`Metered`]) and its bounds ([`MeterLimits`]), the
 //! estimate used when a provider sends no usage, and the usage comment

@@ -1,5 +1,7 @@
-//! The per-request state machine. The glue hands every host callback to a
-//! [`RequestFlow`] and carries out what it answers; all decisions live here,
+//! What happens next for this request?
+//!
+//! The per-request state machine. The host contexts hand every callback to
+//! a [`RequestFlow`] and carry out what it answers; all decisions live here,
 //! where plain `cargo test` reaches them.
 //!
 //! Life of a request:

@@ -1,3 +1,5 @@
+//! Which request headers does tollgate remove and set before a request leaves?
+//!
 //! The header plan: exactly which request headers tollgate removes and sets
 //! before a request leaves for the provider.
 //!
