@@ -1,6 +1,6 @@
 //! What does a parsed configuration compile to, and why is one refused?
 //!
-//! [`load`] decodes the raw bytes, [`compile`] checks meaning (references
+//! [`load`] decodes the raw bytes, [`compile()`] checks meaning (references
 //! between sections, digests, limits, environment variables) and builds the
 //! immutable [`Plugin`] with its lookup tables. Every error names the field.
 

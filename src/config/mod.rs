@@ -1,9 +1,9 @@
 //! What may an operator configure, and what does it compile to?
 //!
-//! Loading has two steps. serde checks the shape ([`spec`]: every struct
+//! Loading has two steps. serde checks the shape (`spec`: every struct
 //! refuses unknown fields, so a typo is an error rather than a silently
-//! ignored setting), then [`compile`] checks meaning: references between
-//! sections, digests, limits ([`tiers`]), environment variables. Any error
+//! ignored setting), then [`compile()`] checks meaning: references between
+//! sections, digests, limits (`tiers`), environment variables. Any error
 //! makes `on_configure` return false, so Envoy refuses the configuration and
 //! logs the message, which names the field.
 //!

@@ -3,7 +3,7 @@
 //! The serde shapes of the JSON an operator writes, their defaults and
 //! documentation. Every struct refuses unknown fields, so a typo is an error
 //! rather than a silently ignored setting. Meaning is checked later, by
-//! [`super::compile`].
+//! [`compile()`](super::compile()).
 
 use std::collections::BTreeMap;
 
@@ -53,7 +53,7 @@ pub struct PluginConfig {
     /// How usage is read, estimated and reported.
     #[serde(default)]
     pub metering: MeteringSpec,
-    /// JWT identity verified by tollgate itself (see `src/jwt.rs`).
+    /// JWT identity verified by tollgate itself (see `src/identity/jwt/`).
     #[serde(default)]
     pub jwt: Option<crate::identity::jwt::JwtConfig>,
     /// Which identities are accepted, and trust in Envoy's `jwt_authn`.
