@@ -20,26 +20,14 @@
 
 use libfuzzer_sys::fuzz_target;
 
-// The core is host-free and self-contained: include its files directly so
-// the fuzzer builds even while the rest of the crate is mid-change.
-#[allow(dead_code)]
-#[path = "../../src/pricing.rs"]
-mod pricing;
-#[allow(dead_code)]
-#[path = "../../src/scan.rs"]
-mod scan;
-#[allow(dead_code)]
-#[path = "../../src/sse.rs"]
-mod sse;
-#[allow(dead_code)]
-#[path = "../../src/tap.rs"]
-mod tap;
-#[allow(dead_code)]
-#[path = "../../src/usage.rs"]
-mod usage;
-
-use tap::StreamTap;
-use usage::{MeterLimits, ResponseMeter, UsageFormat};
+// The metering core is host-free: the fuzzer drives it through the crate's
+// public API, natively, without proxy-wasm.
+use tollgate::llm::openai_chat::inject_include_usage;
+use tollgate::llm::Api;
+use tollgate::metering::meter::ResponseMeter;
+use tollgate::metering::pricing;
+use tollgate::metering::tap::StreamTap;
+use tollgate::metering::usage::{self, MeterLimits};
 
 /// Chunk `body` into pieces of 1..=max bytes from a tiny xorshift stream.
 fn chunks(body: &[u8], seed: u8) -> Vec<&[u8]> {
@@ -60,7 +48,7 @@ fn chunks(body: &[u8], seed: u8) -> Vec<&[u8]> {
 }
 
 fn meter(
-    format: UsageFormat,
+    format: Api,
     streaming: bool,
     limits: MeterLimits,
     parts: &[&[u8]],
@@ -73,7 +61,7 @@ fn meter(
 }
 
 fn tap(
-    format: UsageFormat,
+    format: Api,
     limits: MeterLimits,
     parts: &[&[u8]],
 ) -> (Vec<u8>, u64, usage::Metered) {
@@ -94,7 +82,7 @@ fn tap(
 /// chunk, as the real 8 KiB tail is). Every read must be inside the chunk,
 /// and a chunk said to be read whole must be the chunk.
 fn tap_edge(limits: MeterLimits, parts: &[&[u8]]) -> (Vec<u8>, usage::Metered) {
-    let meter = ResponseMeter::new(UsageFormat::OpenAiChat, true, limits);
+    let meter = ResponseMeter::new(Api::OpenaiChat, true, limits);
     let mut t = StreamTap::new(meter, true).with_edge(24, 16, 16);
     let mut out = Vec::new();
     for p in parts {
@@ -134,11 +122,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let format = match flags % 5 {
-        0 => UsageFormat::OpenAiChat,
-        1 => UsageFormat::OpenAiResponses,
-        2 => UsageFormat::OpenAiEmbeddings,
-        3 => UsageFormat::AnthropicMessages,
-        _ => UsageFormat::Gemini,
+        0 => Api::OpenaiChat,
+        1 => Api::OpenaiResponses,
+        2 => Api::OpenaiEmbeddings,
+        3 => Api::AnthropicMessages,
+        _ => Api::Gemini,
     };
     let streaming = flags & 0x08 != 0;
     // Small bounds so the oversized and salvage paths are reached often.
@@ -153,7 +141,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let parts = chunks(body, *seed);
 
-    if format == UsageFormat::OpenAiChat {
+    if format == Api::OpenaiChat {
         let mut stream = b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{}}]}\n\n".to_vec();
         stream.extend_from_slice(body);
         stream.extend_from_slice(b"\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":9,\"total_tokens\":14}}\n\ndata: [DONE]\n\n");
@@ -223,6 +211,6 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(body) {
-        let _ = usage::inject_include_usage(&mut v);
+        let _ = inject_include_usage(&mut v);
     }
 });

@@ -1,0 +1,461 @@
+//! What does a parsed configuration compile to, and why is one refused?
+//!
+//! [`load`] decodes the raw bytes, [`compile()`] checks meaning (references
+//! between sections, digests, limits, environment variables) and builds the
+//! immutable [`Plugin`] with its lookup tables. Every error names the field.
+
+use hashbrown::HashMap;
+use thiserror::Error;
+
+use super::spec::{IdentitySpec, MeteringSpec, PluginConfig, RlsMode, UnmatchedRoutes, FILTER_STATE_FIELDS};
+use super::tiers::{merge_tier, Policy};
+use crate::llm::Api;
+
+/// Why a configuration was refused. The `path` names the field.
+#[derive(Debug, Error, PartialEq)]
+pub enum ConfigError {
+    #[error("plugin configuration is not valid JSON for tollgate: {0}")]
+    Shape(String),
+    #[error("plugin configuration arrived as {0}")]
+    Encoding(String),
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+pub(super) fn invalid(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { path: path.into(), message: message.into() }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(':')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// A provider, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    pub name: String,
+    pub credential_header: String,
+    pub credential_prefix: String,
+    /// Whether OpenAI chat streams through this provider get
+    /// `stream_options.include_usage` added when the client left it out.
+    pub inject_stream_usage: bool,
+}
+
+/// How a route matches a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+/// A route, compiled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub path: PathMatch,
+    pub api: Api,
+    /// Index into [`Plugin::providers`].
+    pub provider: usize,
+}
+
+/// A tenant, compiled: its effective policy and resolved provider keys.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub id: String,
+    pub tier: String,
+    pub enabled: bool,
+    pub policy: Policy,
+    /// Provider key per provider index; `None` where the tenant has none.
+    pub provider_keys: Vec<Option<String>>,
+}
+
+/// The per-worker JWT verifier (it caches verified tokens and keys).
+pub struct JwtSlot(pub std::cell::RefCell<crate::identity::jwt::JwtVerifier>);
+
+impl std::fmt::Debug for JwtSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JwtVerifier")
+    }
+}
+
+/// The compiled configuration, built once in `on_configure`.
+#[derive(Debug)]
+pub struct Plugin {
+    pub client_key_headers: Vec<String>,
+    pub client_key_query_param: Option<String>,
+    pub strip_request_headers: Vec<String>,
+    pub request_id_header: String,
+    pub unmatched_routes: UnmatchedRoutes,
+    pub providers: Vec<Provider>,
+    pub routes: Vec<Route>,
+    pub tenants: Vec<Tenant>,
+    /// SHA-256 digest of a client key -> index into `tenants`.
+    key_index: HashMap<[u8; 32], usize>,
+    /// Tenant id -> index into `tenants`.
+    id_index: HashMap<String, usize>,
+    pub rate_limit: Option<RateLimit>,
+    pub pricing: Option<crate::metering::pricing::PriceTable>,
+    pub metering: MeteringSpec,
+    pub jwt: Option<JwtSlot>,
+    pub identity: IdentitySpec,
+    /// Headers that carry JWTs or jwt_authn payloads, removed before the
+    /// upstream so a client's token never reaches a provider.
+    pub jwt_strip_headers: Vec<String>,
+}
+
+/// The rate-limit settings, compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    pub cluster: String,
+    pub domain: String,
+    pub timeout_ms: u64,
+    pub mode: RlsMode,
+    /// Per-mille of per-minute limits admitted per worker in fail-open.
+    pub fail_open_permille: u64,
+    pub fail_open_default_rpm: u64,
+    pub journal_capacity: usize,
+    pub lease_ms: u64,
+}
+
+impl Plugin {
+    /// The tenant owning a client key, by its digest.
+    pub fn tenant_by_key_digest(&self, digest: &[u8; 32]) -> Option<&Tenant> {
+        self.key_index.get(digest).and_then(|&i| self.tenants.get(i))
+    }
+
+    pub fn tenant_by_id(&self, id: &str) -> Option<&Tenant> {
+        self.id_index.get(id).and_then(|&i| self.tenants.get(i))
+    }
+
+    /// The route for a path (query string ignored). Exact matches win over
+    /// prefixes; among prefixes the longest wins.
+    pub fn route_for(&self, path: &str) -> Option<&Route> {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        let mut best: Option<(&Route, usize)> = None;
+        for r in &self.routes {
+            match &r.path {
+                PathMatch::Exact(p) if p == path => return Some(r),
+                PathMatch::Prefix(p) if path.starts_with(p.as_str()) && best.is_none_or(|(_, len)| p.len() > len) => {
+                    best = Some((r, p.len()));
+                }
+                _ => {}
+            }
+        }
+        best.map(|(r, _)| r)
+    }
+
+    pub fn provider(&self, index: usize) -> Option<&Provider> {
+        self.providers.get(index)
+    }
+}
+
+fn parse_digest(path: &str, hex_digest: &str) -> Result<[u8; 32], ConfigError> {
+    let trimmed = hex_digest.trim();
+    if trimmed.len() != 64 {
+        return Err(invalid(
+            path,
+            "must be a SHA-256 digest: 64 hex characters (the plain key never belongs in the config)",
+        ));
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(trimmed, &mut out)
+        .map_err(|_| invalid(path, "must be a SHA-256 digest: 64 hex characters"))?;
+    Ok(out)
+}
+
+/// Decodes the raw plugin configuration bytes into JSON.
+///
+/// JSON text (from a `StringValue`, a `BytesValue`, or Istio) is used as is.
+/// A `google.protobuf.Struct` reaches the filter as binary protobuf; it is
+/// decoded into the equivalent JSON.
+pub fn decode_plugin_config(raw: &[u8]) -> Result<serde_json::Value, ConfigError> {
+    let text_start = raw.iter().position(|b| !b.is_ascii_whitespace());
+    match text_start.and_then(|i| raw.get(i)) {
+        None => return Err(ConfigError::Encoding("an empty value; tollgate needs a JSON configuration".into())),
+        Some(b'{') => {
+            return serde_json::from_slice(raw).map_err(|e| ConfigError::Shape(e.to_string()));
+        }
+        Some(_) => {}
+    }
+    crate::envoy::structs::struct_to_json(raw).map_err(|e| {
+        ConfigError::Encoding(format!(
+            "neither JSON text nor a protobuf Struct ({e}); give the configuration as a \
+             google.protobuf.StringValue holding JSON"
+        ))
+    })
+}
+
+/// Parses and compiles a configuration. `env` resolves environment variable
+/// names (the host's `host_env_keys` in Envoy).
+pub fn load(raw: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Plugin, ConfigError> {
+    let value = decode_plugin_config(raw)?;
+    let config: PluginConfig = serde_json::from_value(value).map_err(|e| ConfigError::Shape(e.to_string()))?;
+    compile(&config, env)
+}
+
+/// Checks the meaning of a parsed configuration and builds the lookup tables.
+pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Plugin, ConfigError> {
+    // Headers.
+    if config.client_key_headers.is_empty() && config.client_key_query_param.is_empty() {
+        return Err(invalid("client_key_headers", "no header or query parameter to read client keys from"));
+    }
+    let mut client_key_headers = Vec::new();
+    for (i, h) in config.client_key_headers.iter().enumerate() {
+        let h = h.to_ascii_lowercase();
+        if !valid_header_name(&h) {
+            return Err(invalid(format!("client_key_headers[{i}]"), "not a valid header name"));
+        }
+        client_key_headers.push(h);
+    }
+    let mut strip_request_headers = Vec::new();
+    for (i, h) in config.strip_request_headers.iter().enumerate() {
+        let h = h.to_ascii_lowercase();
+        if !valid_header_name(&h) {
+            return Err(invalid(format!("strip_request_headers[{i}]"), "not a valid header name"));
+        }
+        strip_request_headers.push(h);
+    }
+    let request_id_header = config.request_id_header.to_ascii_lowercase();
+    if !valid_header_name(&request_id_header) {
+        return Err(invalid("request_id_header", "not a valid header name"));
+    }
+
+    // Providers.
+    if config.providers.is_empty() {
+        return Err(invalid("providers", "at least one provider is required"));
+    }
+    let mut providers = Vec::new();
+    for (name, p) in &config.providers {
+        let path = format!("providers.{name}");
+        if !valid_id(name) {
+            return Err(invalid(path, "provider names use letters, digits, - _ . only"));
+        }
+        let header = p.credential_header.to_ascii_lowercase();
+        if !valid_header_name(&header) {
+            return Err(invalid(format!("{path}.credential_header"), "not a valid header name"));
+        }
+        let prefix = match &p.credential_prefix {
+            Some(prefix) => prefix.clone(),
+            None if header == "authorization" => "Bearer ".into(),
+            None => String::new(),
+        };
+        providers.push(Provider {
+            name: name.clone(),
+            credential_header: header,
+            credential_prefix: prefix,
+            inject_stream_usage: p.inject_stream_usage.unwrap_or(config.metering.inject_stream_usage),
+        });
+    }
+    let provider_index = |name: &str| providers.iter().position(|p| p.name == name);
+
+    // Routes.
+    if config.routes.is_empty() {
+        return Err(invalid("routes", "at least one route is required"));
+    }
+    let mut routes = Vec::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let matcher = match (&r.path, &r.path_prefix) {
+            (Some(p), None) => PathMatch::Exact(p.clone()),
+            (None, Some(p)) => PathMatch::Prefix(p.clone()),
+            _ => return Err(invalid(path, "give exactly one of path and path_prefix")),
+        };
+        let p = match &matcher {
+            PathMatch::Exact(p) | PathMatch::Prefix(p) => p,
+        };
+        if !p.starts_with('/') || p.contains('?') {
+            return Err(invalid(path, "paths start with / and carry no query"));
+        }
+        if routes.iter().any(|other: &Route| other.path == matcher) {
+            return Err(invalid(path, "the same path is routed twice"));
+        }
+        let provider = provider_index(&r.provider)
+            .ok_or_else(|| invalid(format!("{path}.provider"), format!("unknown provider '{}'", r.provider)))?;
+        routes.push(Route { path: matcher, api: r.api, provider });
+    }
+
+    // Tiers: each must compile on its own, so a mistake in an unused tier is
+    // still caught.
+    if config.tiers.is_empty() {
+        return Err(invalid("tiers", "at least one tier is required"));
+    }
+    for (name, tier) in &config.tiers {
+        tier.compile(&format!("tiers.{name}"))?;
+    }
+
+    // Tenants.
+    let mut tenants = Vec::new();
+    let mut key_index = HashMap::new();
+    let mut id_index = HashMap::new();
+    for (i, t) in config.tenants.iter().enumerate() {
+        let path = format!("tenants[{i}]");
+        if !valid_id(&t.id) {
+            return Err(invalid(format!("{path}.id"), "tenant ids use 1-128 letters, digits, - _ . only"));
+        }
+        if id_index.insert(t.id.clone(), i).is_some() {
+            return Err(invalid(format!("{path}.id"), format!("duplicate tenant id '{}'", t.id)));
+        }
+        let tier = config
+            .tiers
+            .get(&t.tier)
+            .ok_or_else(|| invalid(format!("{path}.tier"), format!("unknown tier '{}'", t.tier)))?;
+        let effective = match &t.overrides {
+            Some(over) => merge_tier(tier, over),
+            None => tier.clone(),
+        };
+        let policy = effective.compile(&format!("{path}.overrides"))?;
+        for (k, digest) in t.api_key_sha256.iter().enumerate() {
+            let kpath = format!("{path}.api_key_sha256[{k}]");
+            let bytes = parse_digest(&kpath, digest)?;
+            if let Some(prev) = key_index.insert(bytes, i) {
+                let owner = config.tenants.get(prev).map(|p| p.id.as_str()).unwrap_or("?");
+                return Err(invalid(kpath, format!("duplicate key digest (also a key of tenant '{owner}')")));
+            }
+        }
+        let mut provider_keys = vec![None; providers.len()];
+        for (pname, var) in &t.provider_key_env {
+            let ppath = format!("{path}.provider_key_env.{pname}");
+            let idx = provider_index(pname).ok_or_else(|| invalid(&ppath, format!("unknown provider '{pname}'")))?;
+            let value = env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                invalid(
+                    &ppath,
+                    format!(
+                        "environment variable '{var}' is missing or empty in the VM; list it in \
+                         vm_config.environment_variables.host_env_keys"
+                    ),
+                )
+            })?;
+            if value.bytes().any(|b| b.is_ascii_control()) {
+                return Err(invalid(&ppath, format!("environment variable '{var}' holds control characters")));
+            }
+            if let Some(slot) = provider_keys.get_mut(idx) {
+                *slot = Some(value);
+            }
+        }
+        tenants.push(Tenant { id: t.id.clone(), tier: t.tier.clone(), enabled: t.enabled, policy, provider_keys });
+    }
+
+    let rate_limit = match &config.rate_limit {
+        None => None,
+        Some(r) => {
+            if r.cluster.trim().is_empty() {
+                return Err(invalid("rate_limit.cluster", "must name an Envoy cluster"));
+            }
+            if r.domain.trim().is_empty() {
+                return Err(invalid("rate_limit.domain", "must not be empty"));
+            }
+            if !(1..=5000).contains(&r.timeout_ms) {
+                return Err(invalid("rate_limit.timeout_ms", "must be between 1 and 5000"));
+            }
+            if !(r.fail_open_share.is_finite() && r.fail_open_share > 0.0 && r.fail_open_share <= 1.0) {
+                return Err(invalid("rate_limit.fail_open_share", "must be a share in (0, 1]"));
+            }
+            if r.fail_open_default_requests_per_minute == 0 {
+                return Err(invalid("rate_limit.fail_open_default_requests_per_minute", "must be at least 1"));
+            }
+            if r.journal_capacity == 0 || r.journal_capacity > 1_000_000 {
+                return Err(invalid("rate_limit.journal_capacity", "must be between 1 and 1000000"));
+            }
+            if !(10..=60_000).contains(&r.lease_ms) {
+                return Err(invalid("rate_limit.lease_ms", "must be between 10 and 60000"));
+            }
+            if r.mode == RlsMode::CheckThenCharge {
+                if let Some(t) = tenants.iter().find(|t| t.policy.lease_requests.is_some()) {
+                    return Err(invalid(
+                        format!("tenants.{}.lease_requests", t.id),
+                        "quota leases need the reserve mode; check_then_charge cannot lease",
+                    ));
+                }
+            }
+            Some(RateLimit {
+                cluster: r.cluster.clone(),
+                domain: r.domain.clone(),
+                timeout_ms: r.timeout_ms,
+                mode: r.mode,
+                fail_open_permille: ((r.fail_open_share * 1000.0).round() as u64).max(1),
+                fail_open_default_rpm: r.fail_open_default_requests_per_minute,
+                journal_capacity: r.journal_capacity,
+                lease_ms: r.lease_ms,
+            })
+        }
+    };
+    let pricing = match &config.pricing {
+        None => None,
+        Some(p) => Some(p.compile().map_err(|e| invalid("pricing", e.to_string()))?),
+    };
+    if config.metering.bytes_per_token == 0 || config.metering.bytes_per_token > 64 {
+        return Err(invalid("metering.bytes_per_token", "must be between 1 and 64"));
+    }
+    for (i, f) in config.metering.filter_state.iter().flatten().enumerate() {
+        if !FILTER_STATE_FIELDS.contains(&f.as_str()) {
+            return Err(invalid(
+                format!("metering.filter_state[{i}]"),
+                format!("unknown field '{f}'; known: {}", FILTER_STATE_FIELDS.join(", ")),
+            ));
+        }
+    }
+    for (i, t) in tenants.iter().enumerate() {
+        let path = format!("tenants[{i}] (tier '{}')", t.tier);
+        if t.policy.has_limits() && rate_limit.is_none() {
+            return Err(invalid(path, "has limits, but no rate_limit section names the rate-limit service cluster"));
+        }
+        if (t.policy.usd_micros_per_day.is_some() || t.policy.usd_micros_per_month.is_some()) && pricing.is_none() {
+            return Err(invalid(path, "has dollar budgets, but there is no pricing table"));
+        }
+    }
+
+    let jwt = match &config.jwt {
+        None => None,
+        Some(j) => Some(JwtSlot(std::cell::RefCell::new(j.compile(env).map_err(|e| invalid("jwt", e.to_string()))?))),
+    };
+    let mut jwt_strip_headers = Vec::new();
+    if let Some(j) = &config.jwt {
+        for p in &j.providers {
+            match &p.from {
+                crate::identity::jwt::TokenSource::Authorization => jwt_strip_headers.push("authorization".to_string()),
+                crate::identity::jwt::TokenSource::Header { name, .. } => {
+                    jwt_strip_headers.push(name.to_ascii_lowercase())
+                }
+                crate::identity::jwt::TokenSource::Cookie { .. } => jwt_strip_headers.push("cookie".to_string()),
+            }
+        }
+    }
+    if let Some(a) = &config.identity.jwt_authn {
+        if a.payload_in_metadata.trim().is_empty() || a.tenant_claim.trim().is_empty() {
+            return Err(invalid("identity.jwt_authn", "payload_in_metadata and tenant_claim are required"));
+        }
+        if let Some(h) = &a.forward_payload_header {
+            jwt_strip_headers.push(h.to_ascii_lowercase());
+        }
+    }
+    if !config.identity.api_keys && config.jwt.is_none() && config.identity.jwt_authn.is_none() {
+        return Err(invalid("identity.api_keys", "false, but no jwt or jwt_authn identity is configured"));
+    }
+
+    let query = config.client_key_query_param.trim();
+    Ok(Plugin {
+        jwt,
+        identity: config.identity.clone(),
+        jwt_strip_headers,
+        rate_limit,
+        pricing,
+        metering: config.metering.clone(),
+        client_key_headers,
+        client_key_query_param: (!query.is_empty()).then(|| query.to_string()),
+        strip_request_headers,
+        request_id_header,
+        unmatched_routes: config.unmatched_routes,
+        providers,
+        routes,
+        tenants,
+        key_index,
+        id_index,
+    })
+}

@@ -1,0 +1,406 @@
+//! What may an operator write in the plugin configuration?
+//!
+//! The serde shapes of the JSON an operator writes, their defaults and
+//! documentation. Every struct refuses unknown fields, so a typo is an error
+//! rather than a silently ignored setting. Meaning is checked later, by
+//! [`compile()`](super::compile()).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::llm::Api;
+
+/// The plugin configuration as written by the operator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Request headers a client may carry its tollgate API key in, tried in
+    /// order. `authorization` is read as `Bearer <key>`. Every one of them is
+    /// removed before the request goes upstream, whether used or not.
+    #[serde(default = "default_client_key_headers")]
+    pub client_key_headers: Vec<String>,
+    /// Query parameter a client may carry its key in (Gemini clients send
+    /// `?key=`). It is always removed from the upstream path. Empty to disable.
+    #[serde(default = "default_client_key_query_param")]
+    pub client_key_query_param: String,
+    /// Extra client headers that claim an identity and must never reach the
+    /// upstream (for example `x-user-id`). `x-tollgate-*` is always dropped.
+    #[serde(default)]
+    pub strip_request_headers: Vec<String>,
+    /// Header carrying the request id. Kept when the client (or Envoy) set
+    /// it, created otherwise, and echoed on the response.
+    #[serde(default = "default_request_id_header")]
+    pub request_id_header: String,
+    /// What to do with a request whose path matches no route: `deny` (404 in
+    /// OpenAI's envelope) or `pass` (forwarded untouched, without identity).
+    #[serde(default)]
+    pub unmatched_routes: UnmatchedRoutes,
+    /// Upstream LLM providers and how their credential header is written.
+    pub providers: BTreeMap<String, ProviderSpec>,
+    /// Which inbound paths speak which API, and which provider serves them.
+    pub routes: Vec<RouteSpec>,
+    /// Named sets of limits and policies that tenants refer to.
+    pub tiers: BTreeMap<String, TierSpec>,
+    /// The tenants, their client keys (as SHA-256 digests) and provider keys.
+    pub tenants: Vec<TenantSpec>,
+    /// The rate-limit service. Required when any tier sets a limit.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Model prices, USD per million tokens. Required for dollar budgets.
+    #[serde(default)]
+    pub pricing: Option<crate::metering::pricing::PricingConfig>,
+    /// How usage is read, estimated and reported.
+    #[serde(default)]
+    pub metering: MeteringSpec,
+    /// JWT identity verified by tollgate itself (see `src/identity/jwt/`).
+    #[serde(default)]
+    pub jwt: Option<crate::identity::jwt::JwtConfig>,
+    /// Which identities are accepted, and trust in Envoy's `jwt_authn`.
+    #[serde(default)]
+    pub identity: IdentitySpec,
+}
+
+/// Which identities are accepted. Precedence, first match wins:
+/// 1. `jwt_authn`: the payload Envoy's `jwt_authn` filter verified and wrote
+///    to dynamic metadata (never a header a client could send);
+/// 2. a JWT (a credential with three dot-separated parts) in the source of a
+///    `jwt` provider, verified by tollgate;
+/// 3. an API key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySpec {
+    /// Accept API keys (default true). With false, only JWTs identify.
+    #[serde(default = "default_true")]
+    pub api_keys: bool,
+    /// Take identity from Envoy's `jwt_authn` filter running before tollgate.
+    #[serde(default)]
+    pub jwt_authn: Option<JwtAuthnSpec>,
+}
+
+impl Default for IdentitySpec {
+    fn default() -> Self {
+        IdentitySpec { api_keys: true, jwt_authn: None }
+    }
+}
+
+/// Trust in Envoy's `jwt_authn` filter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtAuthnSpec {
+    /// `payload_in_metadata` of the `jwt_authn` provider: the key under
+    /// `envoy.filters.http.jwt_authn` dynamic metadata holding the payload.
+    pub payload_in_metadata: String,
+    /// Dotted path of the tenant id claim.
+    pub tenant_claim: String,
+    /// Dotted path of the user id claim (default `sub`).
+    #[serde(default = "default_sub")]
+    pub user_claim: Option<String>,
+    /// `forward_payload_header` of the `jwt_authn` provider, if set: removed
+    /// before the upstream (tollgate never reads identity from it).
+    #[serde(default)]
+    pub forward_payload_header: Option<String>,
+}
+
+fn default_sub() -> Option<String> {
+    Some("sub".into())
+}
+
+/// Where and how the filter asks the rate-limit service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Envoy cluster of the RLS v3 service (HTTP/2).
+    pub cluster: String,
+    /// RLS domain of tollgate's descriptors.
+    #[serde(default = "default_domain")]
+    pub domain: String,
+    /// How long a request waits for the reserve answer (1-5000 ms). The
+    /// tier's failure mode applies after it.
+    #[serde(default = "default_rls_timeout_ms")]
+    pub timeout_ms: u64,
+    /// `reserve` (tollgate's service: atomic reserve, then settle) or
+    /// `check_then_charge` (stock RLS servers: a pure check before, the full
+    /// charge after; concurrent requests can overshoot).
+    #[serde(default)]
+    pub mode: RlsMode,
+    /// Share (0 < s <= 1) of a tenant's per-minute limits each Envoy worker
+    /// may admit on its own while the service is unreachable, for tiers with
+    /// `failure_mode: open`.
+    #[serde(default = "default_fail_open_share")]
+    pub fail_open_share: f64,
+    /// Requests per minute per worker admitted in fail-open for tenants with
+    /// no `requests_per_minute`.
+    #[serde(default = "default_fail_open_rpm")]
+    pub fail_open_default_requests_per_minute: u64,
+    /// Most settles kept for retry while the service is unreachable; beyond
+    /// it the oldest is dropped and counted in `tollgate.settle.dropped`.
+    #[serde(default = "default_journal_capacity")]
+    pub journal_capacity: usize,
+    /// How long a worker may admit from a quota lease (`lease_requests`)
+    /// before the unused rest is refunded, in milliseconds.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+fn default_domain() -> String {
+    "tollgate".into()
+}
+fn default_rls_timeout_ms() -> u64 {
+    200
+}
+fn default_fail_open_share() -> f64 {
+    0.1
+}
+fn default_fail_open_rpm() -> u64 {
+    10
+}
+fn default_journal_capacity() -> usize {
+    10_000
+}
+fn default_lease_ms() -> u64 {
+    1000
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RlsMode {
+    #[default]
+    Reserve,
+    CheckThenCharge,
+}
+
+/// Metering options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeteringSpec {
+    /// Request body bytes per input token, for the pre-call estimate and for
+    /// responses without usage (default 4).
+    #[serde(default = "default_bytes_per_token")]
+    pub bytes_per_token: u64,
+    /// Add `x-tollgate-usage-*` and `x-tollgate-cost-usd` headers to
+    /// non-streamed responses (the body is held until it is complete).
+    #[serde(default = "default_true")]
+    pub usage_headers: bool,
+    /// End streams with an SSE comment line carrying usage and cost.
+    #[serde(default)]
+    pub stream_usage_comment: bool,
+    /// Ask OpenAI chat streams for usage (`stream_options.include_usage`)
+    /// when the client did not, and hide the extra chunk from the client.
+    #[serde(default = "default_true")]
+    pub inject_stream_usage: bool,
+    /// The `tollgate_<field>` filter-state fields set for access logs
+    /// ([`FILTER_STATE_FIELDS`]): absent for all of them, or the listed ones
+    /// (`[]` for none). Each field is a host call, about 2.5 us of Envoy's
+    /// CPU per request.
+    #[serde(default)]
+    pub filter_state: Option<Vec<String>>,
+}
+
+/// The metering fields tollgate sets as filter state, `wasm.tollgate_<field>`.
+pub const FILTER_STATE_FIELDS: &[&str] = &[
+    "tenant",
+    "tier",
+    "user",
+    "request_id",
+    "api",
+    "model_requested",
+    "model_served",
+    "model_answered",
+    "tokens_input",
+    "tokens_cache_read",
+    "tokens_cache_write",
+    "tokens_output",
+    "tokens_reasoning",
+    "tokens_total",
+    "cost_usd",
+    "ttfb_ms",
+    "duration_ms",
+    "upstream_status",
+    "estimated",
+    "outcome",
+];
+
+impl Default for MeteringSpec {
+    fn default() -> Self {
+        MeteringSpec {
+            bytes_per_token: default_bytes_per_token(),
+            usage_headers: true,
+            stream_usage_comment: false,
+            inject_stream_usage: true,
+            filter_state: None,
+        }
+    }
+}
+
+fn default_bytes_per_token() -> u64 {
+    4
+}
+
+fn default_client_key_headers() -> Vec<String> {
+    ["authorization", "x-api-key", "api-key", "x-goog-api-key"].iter().map(|s| s.to_string()).collect()
+}
+
+fn default_client_key_query_param() -> String {
+    "key".into()
+}
+
+fn default_request_id_header() -> String {
+    "x-request-id".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnmatchedRoutes {
+    #[default]
+    Deny,
+    Pass,
+}
+
+/// An upstream provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSpec {
+    /// Header the provider reads its API key from: `authorization` (OpenAI),
+    /// `api-key` (Azure OpenAI), `x-api-key` (Anthropic), `x-goog-api-key`
+    /// (Gemini).
+    pub credential_header: String,
+    /// Text written before the key. Defaults to `Bearer ` for
+    /// `authorization` and to nothing for every other header.
+    #[serde(default)]
+    pub credential_prefix: Option<String>,
+    /// Overrides `metering.inject_stream_usage` for this provider: for
+    /// example `false` for an Azure OpenAI API version that rejects
+    /// `stream_options` (those before 2024-09-01-preview) while OpenAI keeps it.
+    #[serde(default)]
+    pub inject_stream_usage: Option<bool>,
+}
+
+/// A route: requests whose path (without query) matches go to `provider`
+/// and are read as `api`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Exact path to match. Give this or `path_prefix`.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Path prefix to match. Give this or `path`.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// The API spoken on this path.
+    pub api: Api,
+    /// Name of an entry in `providers`.
+    pub provider: String,
+}
+
+/// What happens when the rate-limit service cannot answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Refuse with 503 in the API's envelope.
+    Closed,
+    /// Admit within a local allowance derived from the tenant's limits, and
+    /// replay the usage to the service when it returns.
+    Open,
+}
+
+/// A tier's limits and policies. Tenants may override any field with the
+/// same structure. Every limit is optional: absent means not limited.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierSpec {
+    /// Models this tier may call: exact ids, or prefixes ending in `*`
+    /// (`gpt-4o*`), or `*` for any model. Must not be empty.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Largest request body accepted, in bytes (default 1 MiB, at most
+    /// 64 MiB). Larger bodies get 413.
+    #[serde(default)]
+    pub max_request_bytes: Option<u64>,
+    /// Requests per minute (smooth rate).
+    #[serde(default)]
+    pub requests_per_minute: Option<u64>,
+    /// Tokens (input + output) per minute (smooth rate).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Requests per calendar day.
+    #[serde(default)]
+    pub requests_per_day: Option<u64>,
+    /// Tokens per calendar day.
+    #[serde(default)]
+    pub tokens_per_day: Option<u64>,
+    /// Tokens per billing month.
+    #[serde(default)]
+    pub tokens_per_month: Option<u64>,
+    /// US dollars per calendar day (up to six decimals).
+    #[serde(default)]
+    pub usd_per_day: Option<f64>,
+    /// US dollars per billing month (up to six decimals).
+    #[serde(default)]
+    pub usd_per_month: Option<f64>,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<u64>,
+    /// `closed` (default) or `open` when the rate-limit service is down.
+    #[serde(default)]
+    pub failure_mode: Option<FailureMode>,
+    /// Day of the month (1-31) the billing month renews. Day 31 renews on the
+    /// last day of shorter months. Default 1.
+    #[serde(default)]
+    pub billing_anchor_day: Option<u8>,
+    /// IANA time zone of days and billing months (default UTC).
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    /// Output tokens assumed when a request sets no maximum.
+    #[serde(default)]
+    pub default_max_output_tokens: Option<u64>,
+    /// Lower a request's max output tokens to what the budget still allows
+    /// instead of refusing it.
+    #[serde(default)]
+    pub clamp_max_output_tokens: Option<bool>,
+    /// Model to serve instead of the requested one once
+    /// `fallback_at_budget_share` of a budget is used.
+    #[serde(default)]
+    pub fallback_model: Option<String>,
+    /// Quota leasing: when the last answer showed ample room, one reserve
+    /// call also reserves this many more requests' worth (requests, tokens and
+    /// dollars, sized by the current request's estimate) for this worker to
+    /// admit locally, without a call, for up to `rate_limit.lease_ms`.
+    /// Unused quota is refunded. Off by default (one call per request).
+    #[serde(default)]
+    pub lease_requests: Option<u64>,
+    /// Share of a budget (0 < share < 1) past which `fallback_model` is used.
+    #[serde(default)]
+    pub fallback_at_budget_share: Option<f64>,
+}
+
+/// A tenant: one customer of the platform.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    /// Stable id, used in metrics, logs, limit keys and `x-tollgate-tenant`.
+    /// Letters, digits, `-`, `_` and `.` only.
+    pub id: String,
+    /// Name of an entry in `tiers`.
+    pub tier: String,
+    /// A disabled tenant's requests get 403.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// SHA-256 digests (hex) of the tenant's client API keys. Plain keys never
+    /// appear in the configuration: `printf %s "$KEY" | sha256sum`.
+    #[serde(default)]
+    pub api_key_sha256: Vec<String>,
+    /// Per provider, the name of the environment variable holding this
+    /// tenant's provider API key. Envoy passes it to the VM through
+    /// `vm_config.environment_variables.host_env_keys`, so the secret never
+    /// appears in the config dump.
+    #[serde(default)]
+    pub provider_key_env: BTreeMap<String, String>,
+    /// Tier fields this tenant overrides.
+    #[serde(default)]
+    pub overrides: Option<TierSpec>,
+}
+
+fn default_true() -> bool {
+    true
+}
