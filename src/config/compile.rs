@@ -134,6 +134,12 @@ impl Plugin {
         self.id_index.get(id).and_then(|&i| self.tenants.get(i))
     }
 
+    /// A tenant's index in `tenants`, by id: one hash lookup, whatever the
+    /// number of tenants.
+    pub fn tenant_index(&self, id: &str) -> Option<usize> {
+        self.id_index.get(id).copied()
+    }
+
     /// The route for a path (query string ignored). Exact matches win over
     /// prefixes; among prefixes the longest wins.
     pub fn route_for(&self, path: &str) -> Option<&Route> {

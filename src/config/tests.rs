@@ -216,3 +216,13 @@ fn empty_and_garbage_configs_are_refused() {
     assert!(matches!(load(b"{not json", &env), Err(ConfigError::Shape(_))));
     assert!(matches!(load(b"\xff\xfe\x00", &env), Err(ConfigError::Encoding(_))));
 }
+
+#[test]
+fn every_tenant_is_found_by_id_and_key_at_its_own_index() {
+    let p = sample();
+    for (i, t) in p.tenants.iter().enumerate() {
+        assert_eq!(p.tenant_index(&t.id), Some(i));
+        assert_eq!(p.tenant_by_id(&t.id).map(|x| &x.id), Some(&t.id));
+    }
+    assert_eq!(p.tenant_index("nobody"), None);
+}

@@ -225,7 +225,7 @@ impl RequestFlow {
             }
             Err(r) => return HeadersStep::Reply(self.refuse(&r)),
         };
-        self.tenant = plugin.tenants.iter().position(|t| t.id == tenant.id);
+        self.tenant = plugin.tenant_index(&tenant.id);
 
         if api_key::header(headers, ":method") != Some("POST") {
             return HeadersStep::Reply(self.refuse(&Refusal::MethodNotAllowed));
