@@ -7,7 +7,10 @@
 use hashbrown::HashMap;
 use thiserror::Error;
 
-use super::spec::{IdentitySpec, MeteringSpec, PluginConfig, RlsMode, UnmatchedRoutes, FILTER_STATE_FIELDS};
+use super::spec::{
+    IdentitySpec, MeteringSpec, PluginConfig, RlsMode, TenantLabelSpec, UnmatchedRoutes, AUTO_TENANT_LABEL_MAX,
+    FILTER_STATE_FIELDS,
+};
 use super::tiers::{merge_tier, Policy};
 use crate::llm::Api;
 
@@ -103,6 +106,9 @@ pub struct Plugin {
     pub rate_limit: Option<RateLimit>,
     pub pricing: Option<crate::metering::pricing::PriceTable>,
     pub metering: MeteringSpec,
+    /// How per-tenant metrics name their tenant (`metering.tenant_label`,
+    /// `auto` resolved).
+    pub tenant_label: TenantLabel,
     pub jwt: Option<JwtSlot>,
     pub identity: IdentitySpec,
     /// Headers that carry JWTs or jwt_authn payloads, removed before the
@@ -124,7 +130,28 @@ pub struct RateLimit {
     pub lease_ms: u64,
 }
 
+/// `metering.tenant_label`, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantLabel {
+    Tenant,
+    Tier,
+    None,
+    Only(hashbrown::HashSet<String>),
+}
+
 impl Plugin {
+    /// The `tenant` label value of a tenant's metrics.
+    pub fn metric_tenant<'a>(&self, tenant: &'a Tenant) -> std::borrow::Cow<'a, str> {
+        use std::borrow::Cow;
+        match &self.tenant_label {
+            TenantLabel::Tenant => Cow::Borrowed(tenant.id.as_str()),
+            TenantLabel::Tier => Cow::Owned(format!("tier-{}", tenant.tier)),
+            TenantLabel::None => Cow::Borrowed("all"),
+            TenantLabel::Only(ids) if ids.contains(&tenant.id) => Cow::Borrowed(tenant.id.as_str()),
+            TenantLabel::Only(_) => Cow::Borrowed("other"),
+        }
+    }
+
     /// The tenant owning a client key, by its digest.
     pub fn tenant_by_key_digest(&self, digest: &[u8; 32]) -> Option<&Tenant> {
         self.key_index.get(digest).and_then(|&i| self.tenants.get(i))
@@ -407,6 +434,20 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
             ));
         }
     }
+    let tenant_label = match &config.metering.tenant_label {
+        TenantLabelSpec::Auto if tenants.len() <= AUTO_TENANT_LABEL_MAX => TenantLabel::Tenant,
+        TenantLabelSpec::Auto | TenantLabelSpec::Tier => TenantLabel::Tier,
+        TenantLabelSpec::Tenant => TenantLabel::Tenant,
+        TenantLabelSpec::None => TenantLabel::None,
+        TenantLabelSpec::Only(ids) => {
+            for (i, id) in ids.iter().enumerate() {
+                if !id_index.contains_key(id.as_str()) {
+                    return Err(invalid(format!("metering.tenant_label.only[{i}]"), format!("no tenant '{id}'")));
+                }
+            }
+            TenantLabel::Only(ids.iter().cloned().collect())
+        }
+    };
     for (i, t) in tenants.iter().enumerate() {
         let path = format!("tenants[{i}] (tier '{}')", t.tier);
         if t.policy.has_limits() && rate_limit.is_none() {
@@ -453,6 +494,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
         rate_limit,
         pricing,
         metering: config.metering.clone(),
+        tenant_label,
         client_key_headers,
         client_key_query_param: (!query.is_empty()).then(|| query.to_string()),
         strip_request_headers,

@@ -21,10 +21,11 @@ pub(crate) mod tests;
 
 pub use compile::{
     compile, decode_plugin_config, load, ConfigError, JwtSlot, PathMatch, Plugin, Provider, RateLimit, Route, Tenant,
+    TenantLabel,
 };
 pub use spec::{
     FailureMode, IdentitySpec, JwtAuthnSpec, MeteringSpec, PluginConfig, ProviderSpec, RateLimitSpec, RlsMode,
-    RouteSpec, TenantSpec, TierSpec, UnmatchedRoutes, FILTER_STATE_FIELDS,
+    RouteSpec, TenantLabelSpec, TenantSpec, TierSpec, UnmatchedRoutes, AUTO_TENANT_LABEL_MAX, FILTER_STATE_FIELDS,
 };
 pub use tiers::{
     usd_to_micros, ModelAllowlist, Policy, DEFAULT_MAX_OUTPUT_TOKENS, DEFAULT_MAX_REQUEST_BYTES, MAX_LEASE_REQUESTS,

@@ -195,6 +195,31 @@ pub struct MeteringSpec {
     /// CPU per request.
     #[serde(default)]
     pub filter_state: Option<Vec<String>>,
+    /// The `tenant` label of per-tenant metrics. Every distinct label value
+    /// is a set of stats Envoy keeps for its lifetime (about 6 series per
+    /// tenant and model), so at many tenants per-tenant series cost memory
+    /// and make scrapes unusable; per-tenant billing truth is the access
+    /// log. `auto` (default): per tenant up to [`AUTO_TENANT_LABEL_MAX`]
+    /// tenants in the configuration, by tier above; `tenant`; `tier`
+    /// (`tier-<name>`); `none` (`all`); or `{"only": [ids]}`: the listed
+    /// tenants by id, every other one as `other`.
+    #[serde(default)]
+    pub tenant_label: TenantLabelSpec,
+}
+
+/// Above this many tenants, `metering.tenant_label: auto` labels by tier.
+pub const AUTO_TENANT_LABEL_MAX: usize = 1000;
+
+/// How per-tenant metrics are labelled (see [`MeteringSpec::tenant_label`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TenantLabelSpec {
+    #[default]
+    Auto,
+    Tenant,
+    Tier,
+    None,
+    Only(Vec<String>),
 }
 
 /// The metering fields tollgate sets as filter state, `wasm.tollgate_<field>`.
@@ -229,6 +254,7 @@ impl Default for MeteringSpec {
             stream_usage_comment: false,
             inject_stream_usage: true,
             filter_state: None,
+            tenant_label: TenantLabelSpec::Auto,
         }
     }
 }

@@ -226,3 +226,40 @@ fn every_tenant_is_found_by_id_and_key_at_its_own_index() {
     }
     assert_eq!(p.tenant_index("nobody"), None);
 }
+
+#[test]
+fn metrics_label_tenants_as_configured() {
+    let with = |label: serde_json::Value| {
+        let mut j = sample_json();
+        j["metering"] = serde_json::json!({ "tenant_label": label });
+        load(j.to_string().as_bytes(), &env)
+    };
+    let p = sample();
+    let t = &p.tenants[0];
+    // A small configuration labels by tenant by default.
+    assert_eq!(p.tenant_label, TenantLabel::Tenant);
+    assert_eq!(p.metric_tenant(t), t.id.as_str());
+    let p = with("tier".into()).unwrap();
+    assert_eq!(p.metric_tenant(&p.tenants[0]), format!("tier-{}", p.tenants[0].tier));
+    let p = with("none".into()).unwrap();
+    assert_eq!(p.metric_tenant(&p.tenants[0]), "all");
+    let first = sample().tenants[0].id.clone();
+    let p = with(serde_json::json!({ "only": [first] })).unwrap();
+    assert_eq!(p.metric_tenant(&p.tenants[0]), first.as_str());
+    assert_eq!(p.metric_tenant(&p.tenants[1]), "other");
+    let e = with(serde_json::json!({ "only": ["ghost"] })).unwrap_err().to_string();
+    assert!(e.contains("metering.tenant_label.only[0]") && e.contains("ghost"), "{e}");
+    assert!(with("everyone".into()).is_err());
+}
+
+#[test]
+fn many_tenants_are_labelled_by_tier_by_default() {
+    let mut j = sample_json();
+    let tier = j["tenants"][0]["tier"].clone();
+    let tenants: Vec<serde_json::Value> = (0..=AUTO_TENANT_LABEL_MAX)
+        .map(|i| serde_json::json!({ "id": format!("t{i}"), "tier": tier, "api_key_sha256": [format!("{i:064x}")] }))
+        .collect();
+    j["tenants"] = serde_json::Value::Array(tenants);
+    let p = load(j.to_string().as_bytes(), &env).unwrap();
+    assert_eq!(p.tenant_label, TenantLabel::Tier);
+}

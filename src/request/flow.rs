@@ -166,9 +166,9 @@ impl RequestFlow {
     /// The counter a refusal of this request increments: by tenant (or
     /// `unknown`) and refusal code.
     pub fn refusal_metric(&self, reply: &LocalReply) -> String {
-        let tenant = self.tenant().map_or("unknown", |t| t.id.as_str());
+        let tenant = self.tenant().map(|t| self.plugin.metric_tenant(t));
         let code = reply.header("x-tollgate-error").unwrap_or("unknown");
-        metrics::refused(tenant, code)
+        metrics::refused(tenant.as_deref().unwrap_or("unknown"), code)
     }
 
     fn family(&self) -> Family {
@@ -748,7 +748,8 @@ impl RequestFlow {
             return Finish::default();
         };
         let metered = self.tap.take().map(StreamTap::finish).unwrap_or_default();
-        let names = self.shared.borrow_mut().metric_names(&tenant.id, &self.model_served);
+        let label = plugin.metric_tenant(tenant);
+        let names = self.shared.borrow_mut().metric_names(&label, &self.model_served);
         let facts = record::Facts {
             tenant,
             user: self.user.as_deref(),

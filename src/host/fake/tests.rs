@@ -254,3 +254,23 @@ fn leased_requests_make_no_call_and_the_lease_is_given_back_on_removal() {
     }
     assert!(done, "the drain ends with the last answer");
 }
+
+#[test]
+fn metrics_carry_the_tier_not_the_tenant_when_so_configured() {
+    let cfg = config(false).replacen('{', r#"{"metering": {"tenant_label": "tier"}, "#, 1);
+    let mut host = FakeHost::with_config(&cfg);
+    host.env.insert("ACME_OPENAI_KEY".into(), "sk-provider-acme".into());
+    let mut root = Root::default();
+    assert!(root.on_configure(&mut host));
+    let mut http = send_request(&root, &mut host, BODY);
+    host.response_headers = headers(&[(":status", "200"), ("content-type", "application/json")]);
+    http.on_response_headers(&mut host, false);
+    host.response_chunk = RESPONSE.to_vec();
+    http.on_response_body(&mut host, RESPONSE.len(), true);
+    root.on_tick(&mut host);
+    let names: Vec<&String> = host.counters.keys().collect();
+    assert!(names.iter().any(|k| k.starts_with("tollgate.tenant.tier-pro.model.")), "{names:?}");
+    assert!(!names.iter().any(|k| k.contains("acme")), "{names:?}");
+    // The access log still names the tenant.
+    assert_eq!(host.properties.get("tollgate_tenant").map(String::as_str), Some("acme"));
+}
