@@ -4,6 +4,8 @@
 //! between sections, digests, limits, environment variables) and builds the
 //! immutable [`Plugin`] with its lookup tables. Every error names the field.
 
+use std::rc::Rc;
+
 use hashbrown::HashMap;
 use thiserror::Error;
 
@@ -72,9 +74,12 @@ pub struct Route {
 #[derive(Debug, Clone)]
 pub struct Tenant {
     pub id: String,
-    pub tier: String,
+    /// The tier's name, shared by its tenants.
+    pub tier: Rc<str>,
     pub enabled: bool,
-    pub policy: Policy,
+    /// The tier's policy, shared by every tenant of the tier without
+    /// overrides (a tenant with overrides has its own).
+    pub policy: Rc<Policy>,
     /// Provider key per provider index; `None` where the tenant has none.
     pub provider_keys: Vec<Option<String>>,
 }
@@ -319,8 +324,10 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
     if config.tiers.is_empty() {
         return Err(invalid("tiers", "at least one tier is required"));
     }
+    let mut tier_policies: HashMap<&str, (Rc<str>, Rc<Policy>)> = HashMap::new();
     for (name, tier) in &config.tiers {
-        tier.compile(&format!("tiers.{name}"))?;
+        let policy = tier.compile(&format!("tiers.{name}"))?;
+        tier_policies.insert(name.as_str(), (Rc::from(name.as_str()), Rc::new(policy)));
     }
 
     // Tenants.
@@ -335,15 +342,15 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
         if id_index.insert(t.id.clone(), i).is_some() {
             return Err(invalid(format!("{path}.id"), format!("duplicate tenant id '{}'", t.id)));
         }
-        let tier = config
+        let (tier, (tier_name, tier_policy)) = config
             .tiers
             .get(&t.tier)
+            .zip(tier_policies.get(t.tier.as_str()))
             .ok_or_else(|| invalid(format!("{path}.tier"), format!("unknown tier '{}'", t.tier)))?;
-        let effective = match &t.overrides {
-            Some(over) => merge_tier(tier, over),
-            None => tier.clone(),
+        let policy = match &t.overrides {
+            Some(over) => Rc::new(merge_tier(tier, over).compile(&format!("{path}.overrides"))?),
+            None => Rc::clone(tier_policy),
         };
-        let policy = effective.compile(&format!("{path}.overrides"))?;
         for (k, digest) in t.api_key_sha256.iter().enumerate() {
             let kpath = format!("{path}.api_key_sha256[{k}]");
             let bytes = parse_digest(&kpath, digest)?;
@@ -372,7 +379,13 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
                 *slot = Some(value);
             }
         }
-        tenants.push(Tenant { id: t.id.clone(), tier: t.tier.clone(), enabled: t.enabled, policy, provider_keys });
+        tenants.push(Tenant {
+            id: t.id.clone(),
+            tier: Rc::clone(tier_name),
+            enabled: t.enabled,
+            policy,
+            provider_keys,
+        });
     }
 
     let rate_limit = match &config.rate_limit {

@@ -102,7 +102,7 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     let p = &mut out.properties;
     let mut prop = |k: &'static str, v: String| p.push((k, v));
     prop("tollgate_tenant", f.tenant.id.clone());
-    prop("tollgate_tier", f.tenant.tier.clone());
+    prop("tollgate_tier", f.tenant.tier.to_string());
     prop("tollgate_user", f.user.unwrap_or_default().to_string());
     prop("tollgate_request_id", f.request_id.to_string());
     prop("tollgate_api", f.api.map_or("", Api::as_str).to_string());

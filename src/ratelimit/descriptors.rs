@@ -387,7 +387,7 @@ mod tests {
     use crate::config::tests::sample;
 
     fn policy() -> Policy {
-        let mut p = sample().tenant_by_id("acme").unwrap().policy.clone();
+        let mut p = Policy::clone(&sample().tenant_by_id("acme").unwrap().policy);
         p.requests_per_minute = Some(10);
         p.tokens_per_minute = Some(1000);
         p.tokens_per_month = Some(5_000_000_000);

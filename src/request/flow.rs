@@ -951,7 +951,7 @@ mod tests {
     fn leasing_plugin() -> Rc<Plugin> {
         let mut plugin = sample();
         let idx = plugin.tenants.iter().position(|t| t.id == "globex").unwrap();
-        let p = &mut plugin.tenants[idx].policy;
+        let p = Rc::make_mut(&mut plugin.tenants[idx].policy);
         p.requests_per_minute = Some(1000);
         p.lease_requests = Some(5);
         Rc::new(plugin)
@@ -1379,7 +1379,7 @@ mod tests {
         use prost::Message;
         let mut p = sample();
         let idx = p.tenants.iter().position(|t| t.id == "acme").unwrap();
-        let policy = &mut p.tenants[idx].policy;
+        let policy = Rc::make_mut(&mut p.tenants[idx].policy);
         policy.requests_per_day = Some(1000);
         policy.tokens_per_minute = Some(10_000);
         policy.tokens_per_month = Some(1_000_000);
@@ -1454,7 +1454,7 @@ mod tests {
     fn capped_plugin(cap: u64) -> Rc<Plugin> {
         let mut plugin = sample();
         let idx = plugin.tenants.iter().position(|t| t.id == "globex").unwrap();
-        plugin.tenants[idx].policy.max_concurrent_requests = Some(cap);
+        Rc::make_mut(&mut plugin.tenants[idx].policy).max_concurrent_requests = Some(cap);
         Rc::new(plugin)
     }
 
@@ -1554,8 +1554,8 @@ mod tests {
     fn fallback_model_past_the_budget_share() {
         let mut plugin = sample();
         let idx = plugin.tenants.iter().position(|t| t.id == "acme").unwrap();
-        plugin.tenants[idx].policy.fallback_model = Some("gpt-4o-mini".into());
-        plugin.tenants[idx].policy.fallback_at_permille = Some(800);
+        Rc::make_mut(&mut plugin.tenants[idx].policy).fallback_model = Some("gpt-4o-mini".into());
+        Rc::make_mut(&mut plugin.tenants[idx].policy).fallback_at_permille = Some(800);
         let plugin = Rc::new(plugin);
         let shared = Rc::new(RefCell::new(Worker::new(10)));
         let body = br#"{"model":"gpt-4o","max_tokens":10}"#;

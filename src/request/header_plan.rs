@@ -70,7 +70,7 @@ pub fn build(
     }
     plan.set.push((provider.credential_header.clone(), format!("{}{}", provider.credential_prefix, provider_key)));
     plan.set.push((TENANT_HEADER.into(), tenant.id.clone()));
-    plan.set.push((TIER_HEADER.into(), tenant.tier.clone()));
+    plan.set.push((TIER_HEADER.into(), tenant.tier.to_string()));
     // The response is parsed for usage, so it must arrive uncompressed.
     plan.set.push(("accept-encoding".into(), "identity".into()));
     if let Some(path) = new_path {
