@@ -4,14 +4,12 @@
 
 use std::rc::Rc;
 
-use hashbrown::{HashMap, HashSet};
-use prost::Message;
-
 use crate::admission::inflight::{self, Acquire, LocalStore, SlotStore};
 use crate::config::Plugin;
 use crate::metering::metrics;
 use crate::ratelimit::descriptors::{self, Amounts, LimitState};
 use crate::ratelimit::outbox::{self, Journal};
+use hashbrown::{HashMap, HashSet};
 
 /// Per-minute local allowance of one tenant on this worker (fail-open).
 #[derive(Debug, Default, Clone, Copy)]
@@ -239,28 +237,28 @@ impl Worker {
 
     /// Queues the refund of every expired lease's unused quota; called from
     /// the root context's tick.
-    pub fn expire_leases(&mut self, plugin: &Plugin, now_ms: u64) {
-        let Some(rl) = plugin.rate_limit.as_ref() else { return };
+    pub fn expire_leases(&mut self, plugin: &Rc<Plugin>, now_ms: u64) {
+        if plugin.rate_limit.is_none() {
+            return;
+        }
         for (idx, lease) in self.take_leases(now_ms, false) {
-            if let Some(tenant) = plugin.tenants.get(idx) {
-                if let Some(e) = lease_refund(rl, tenant, &lease, now_ms) {
-                    self.journal.push(e);
-                }
+            if let Some(e) = lease_refund(plugin, idx, &lease, now_ms) {
+                self.journal.push(e);
             }
         }
     }
 
     /// Queues the refund of every lease's unused quota, expired or not; the
     /// plugin is being removed. Returns how many leases there were.
-    pub fn release_leases(&mut self, plugin: &Plugin, now_ms: u64) -> usize {
-        let Some(rl) = plugin.rate_limit.as_ref() else { return 0 };
+    pub fn release_leases(&mut self, plugin: &Rc<Plugin>, now_ms: u64) -> usize {
+        if plugin.rate_limit.is_none() {
+            return 0;
+        }
         let leases = self.take_leases(now_ms, true);
         let n = leases.len();
         for (idx, lease) in leases {
-            if let Some(tenant) = plugin.tenants.get(idx) {
-                if let Some(e) = lease_refund(rl, tenant, &lease, now_ms) {
-                    self.journal.push(e);
-                }
+            if let Some(e) = lease_refund(plugin, idx, &lease, now_ms) {
+                self.journal.push(e);
             }
         }
         n
@@ -331,14 +329,11 @@ impl Worker {
         self.settle_net_of.clear();
         let mut dropped = 0;
         for p in std::mem::take(&mut self.settle_nets) {
-            let (Some(rl), Some(tenant)) = (p.plugin.rate_limit.as_ref(), p.plugin.tenants.get(p.tenant_idx)) else {
-                continue;
-            };
-            let Some(req) = descriptors::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, p.net) else {
+            let Some(settle) = outbox::Settle::new(&p.plugin, p.tenant_idx, p.net) else {
                 continue;
             };
             let key = if p.count == 1 { p.first_key } else { format!("{}+{}", p.first_key, p.count) };
-            dropped += self.journal.push(outbox::Entry::new(req.encode_to_vec(), key, true, p.first_ms));
+            dropped += self.journal.push(outbox::Entry::settle(settle, key, true, p.first_ms));
         }
         if dropped > 0 {
             log::warn!("tollgate: settle journal full; dropped {dropped} settles");
@@ -374,7 +369,7 @@ impl Worker {
     /// every queued settle is to be sent at once, and settles that follow
     /// from answers (a replay's settle) for up to [`DRAIN_MS`]. Returns the
     /// leases given back and the settles pending.
-    pub fn start_drain(&mut self, plugin: &Plugin, now_ms: u64) -> (usize, usize) {
+    pub fn start_drain(&mut self, plugin: &Rc<Plugin>, now_ms: u64) -> (usize, usize) {
         let leases = self.release_leases(plugin, now_ms);
         let queued = self.pending_settles();
         self.draining_until = Some(now_ms.saturating_add(DRAIN_MS));
@@ -436,18 +431,12 @@ pub(crate) fn times(a: Amounts, n: u64) -> Amounts {
 
 /// The settle that gives back a lease's unused quota.
 pub(crate) fn lease_refund(
-    rl: &crate::config::RateLimit,
-    tenant: &crate::config::Tenant,
+    plugin: &Rc<Plugin>,
+    tenant_idx: usize,
     lease: &Lease,
     now_ms: u64,
 ) -> Option<outbox::Entry> {
-    descriptors::build_settle(
-        &rl.domain,
-        &tenant.id,
-        &tenant.policy,
-        lease.amounts,
-        Amounts::default(),
-        (lease.requests, 0),
-    )
-    .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("{}:lease", lease.key), true, now_ms))
+    let net = descriptors::SettleNet::of(lease.amounts, Amounts::default(), (lease.requests, 0));
+    outbox::Settle::new(plugin, tenant_idx, net)
+        .map(|s| outbox::Entry::settle(s, format!("{}:lease", lease.key), true, now_ms))
 }

@@ -238,6 +238,19 @@ pub fn build_settle_net(domain: &str, tenant: &str, policy: &Policy, net: Settle
     (!descriptors.is_empty()).then(|| RateLimitRequest { domain: domain.into(), descriptors, hits_addend: 0 })
 }
 
+/// Whether a settle of `net` changes anything under `policy`: some limit of
+/// it counts a measure the net moves (else [`build_settle_net`] is `None`).
+pub fn settle_changes(policy: &Policy, net: SettleNet) -> bool {
+    LimitKind::ALL.iter().any(|k| {
+        k.limit(policy).is_some()
+            && match k.measure() {
+                Measure::Requests => net.requests != 0,
+                Measure::Tokens => net.tokens != 0,
+                Measure::Micros => net.micros != 0,
+            }
+    })
+}
+
 /// Remaining capacity reported for one limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitState {

@@ -615,8 +615,8 @@ impl RequestFlow {
             key: pending.replay.as_ref().map_or_else(|| self.idempotency_base(), |r| r.key.clone()),
         };
         let old = self.shared.borrow_mut().leases.insert(idx, lease);
-        if let (Some(old), Some(tenant)) = (old, self.tenant()) {
-            if let Some(e) = lease_refund(rl, tenant, &old, now_ms) {
+        if let Some(old) = old {
+            if let Some(e) = lease_refund(&self.plugin, idx, &old, now_ms) {
                 self.journal_push(e);
             }
         }
@@ -856,20 +856,23 @@ impl RequestFlow {
             out.append = usage::render_usage_comment(&v);
         }
 
-        self.queue_settle(tenant, usage, micros, now_ms);
+        self.queue_settle(usage, micros, now_ms);
         out
     }
 
-    fn queue_settle(&mut self, tenant: &crate::config::Tenant, usage: Usage, micros: u64, now_ms: u64) {
-        let Some(rl) = self.plugin.rate_limit.as_ref() else { return };
+    fn queue_settle(&mut self, usage: Usage, micros: u64, now_ms: u64) {
+        if self.plugin.rate_limit.is_none() {
+            return;
+        }
         let Some(r) = self.reservation.take() else { return };
         let actual = Amounts { tokens: usage.total.max(usage.sum()), micros };
         let base = self.idempotency_base();
-        let settle = |reserved: Amounts, requests: (u64, u64), settle_mode: bool| {
-            descriptors::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, requests)
-                .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("{base}:settle"), settle_mode, now_ms))
-        };
         let tenant_idx = self.tenant;
+        let settle = |reserved: Amounts, requests: (u64, u64), settle_mode: bool| {
+            let net = descriptors::SettleNet::of(reserved, actual, requests);
+            outbox::Settle::new(&self.plugin, tenant_idx?, net)
+                .map(|s| outbox::Entry::settle(s, format!("{base}:settle"), settle_mode, now_ms))
+        };
         let net = |reserved: Amounts, requests: (u64, u64)| {
             let net = descriptors::SettleNet::of(reserved, actual, requests);
             if let Some(idx) = tenant_idx {
@@ -885,7 +888,7 @@ impl RequestFlow {
             // The reserve's answer was lost: send it again; if the
             // reservation stands, settle the difference (and give back a
             // lease it took), else charge in full.
-            let mut e = outbox::Entry::new(replay.message, replay.key, false, now_ms);
+            let mut e = outbox::Entry::new(outbox::Call::Encoded(replay.message), replay.key, false, now_ms);
             e.then = Some(Box::new(outbox::Resolution {
                 if_applied: settle(times(r.estimate, 1 + r.lease), (1 + r.lease, 1), true),
                 if_refused: settle(Amounts::default(), (0, 1), true),
@@ -917,19 +920,17 @@ impl RequestFlow {
         if let (true, Some(idx)) = (pending.lease > 0, self.tenant) {
             self.shared.borrow_mut().lease_refills.remove(&idx);
         }
-        let (Some(replay), Some(rl), Some(tenant)) = (&pending.replay, self.plugin.rate_limit.as_ref(), self.tenant())
-        else {
+        let (Some(replay), true, Some(idx)) = (&pending.replay, self.plugin.rate_limit.is_some(), self.tenant) else {
             return;
         };
         let reserved = times(pending.estimate, 1 + pending.lease);
         let requests = (1 + pending.lease, 1);
-        let refund =
-            descriptors::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, Amounts::default(), requests)
-                .map(|req| {
-                    outbox::Entry::new(req.encode_to_vec(), format!("{}:cancel", self.idempotency_base()), true, now_ms)
-                });
+        let net = descriptors::SettleNet::of(reserved, Amounts::default(), requests);
+        let refund = outbox::Settle::new(&self.plugin, idx, net)
+            .map(|s| outbox::Entry::settle(s, format!("{}:cancel", self.idempotency_base()), true, now_ms));
         let Some(refund) = refund else { return };
-        let mut e = outbox::Entry::new(replay.message.clone(), replay.key.clone(), false, now_ms);
+        let call = outbox::Call::Encoded(replay.message.clone());
+        let mut e = outbox::Entry::new(call, replay.key.clone(), false, now_ms);
         e.then = Some(Box::new(outbox::Resolution { if_applied: Some(refund), if_refused: None }));
         self.journal_push(e);
     }
@@ -1237,7 +1238,7 @@ mod tests {
         let due = shared.borrow_mut().journal.due(u64::MAX, 10);
         assert_eq!(due.len(), 1);
         assert!(due[0].settle_mode && due[0].idempotency_key.ends_with(":r1:lease"), "{:?}", due[0].idempotency_key);
-        let req = rls::RateLimitRequest::decode(due[0].message.as_slice()).unwrap();
+        let req = rls::RateLimitRequest::decode(&*due[0].encode().unwrap()).unwrap();
         let d = &req.descriptors[0];
         assert!(d.is_negative_hits);
         assert_eq!(d.hits_addend.as_ref().unwrap().value, 4, "four of five leased requests unused");
@@ -1256,7 +1257,7 @@ mod tests {
         assert_eq!(shared.borrow_mut().release_leases(&plugin, 20), 1);
         let due = shared.borrow_mut().journal.due(u64::MAX, 10);
         assert_eq!(due.len(), 1);
-        let req = rls::RateLimitRequest::decode(due[0].message.as_slice()).unwrap();
+        let req = rls::RateLimitRequest::decode(&*due[0].encode().unwrap()).unwrap();
         assert_eq!(req.descriptors[0].hits_addend.as_ref().unwrap().value, 5, "all five leased requests unused");
         assert_eq!(shared.borrow_mut().release_leases(&plugin, 21), 0, "given back once");
         // What cannot be sent any more is dropped and counted.
@@ -1437,7 +1438,7 @@ mod tests {
             let then = e.then.as_ref().unwrap();
             let applied = then.if_applied.as_ref().unwrap();
             assert!(applied.settle_mode);
-            let req = rls::RateLimitRequest::decode(applied.message.as_slice()).unwrap();
+            let req = rls::RateLimitRequest::decode(&*applied.encode().unwrap()).unwrap();
             if then.if_refused.is_some() {
                 // Actual 7 tokens against the reserved estimate: a refund.
                 assert!(applied.idempotency_key.ends_with(":settle"));
@@ -1459,7 +1460,7 @@ mod tests {
         let due = f.shared.borrow_mut().journal.due(5, 10);
         assert_eq!(due.len(), 1);
         assert_eq!((due[0].idempotency_key.as_str(), due[0].settle_mode), (key.as_str(), false));
-        assert_eq!(due[0].message, call.message, "the same reserve, sent again");
+        assert_eq!(due[0].call, outbox::Call::Encoded(call.message.clone()), "the same reserve, sent again");
         let then = due[0].then.as_ref().unwrap();
         assert!(then.if_refused.is_none(), "a refused reservation charged nothing");
         assert!(then.if_applied.as_ref().unwrap().idempotency_key.ends_with(":cancel"));
@@ -1502,21 +1503,52 @@ mod tests {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, (r, u, n))| {
-                    descriptors::build_settle(domain, &tenant.id, &tenant.policy, *r, *u, *n)
-                        .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("k{i}:settle"), true, 10 + i as u64))
+                    outbox::Settle::new(&plugin, idx, descriptors::SettleNet::of(*r, *u, *n))
+                        .map(|s| outbox::Entry::settle(s, format!("k{i}:settle"), true, 10 + i as u64))
                 })
                 .collect(),
         );
+        // (The merge counts three settles: the exact one changes nothing.)
+        assert_eq!(want.len(), 1);
+        assert_eq!(got[0].call, want[0].call, "netted at the source as the journal merge nets");
+        assert_eq!(got[0].encode(), want[0].encode());
+        // The per-request settles as they were built one by one, netted by
+        // descriptor: the same descriptors and hits.
+        let mut by_descriptor: Vec<(rls::Descriptor, i128)> = Vec::new();
+        for (r, u, n) in &requests {
+            let Some(req) = descriptors::build_settle(domain, &tenant.id, &tenant.policy, *r, *u, *n) else { continue };
+            for mut d in req.descriptors {
+                let hits = i128::from(d.hits_addend.take().unwrap().value);
+                let signed = if std::mem::take(&mut d.is_negative_hits) { -hits } else { hits };
+                match by_descriptor.iter_mut().find(|(k, _)| *k == d) {
+                    Some((_, h)) => *h += signed,
+                    None => by_descriptor.push((d, signed)),
+                }
+            }
+        }
+        let one_by_one = rls::RateLimitRequest {
+            domain: domain.clone(),
+            descriptors: by_descriptor
+                .into_iter()
+                .filter(|(_, h)| *h != 0)
+                .map(|(mut d, h)| {
+                    d.is_negative_hits = h < 0;
+                    d.hits_addend = Some(rls::UInt64Value { value: h.unsigned_abs() as u64 });
+                    d
+                })
+                .collect(),
+            hits_addend: 0,
+        };
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].idempotency_key, "k0:settle+4");
         assert_eq!(got[0].next_attempt_ms, 10);
         // The same descriptors and hits; their order does not matter.
-        let decode = |e: &outbox::Entry| {
-            let mut r = rls::RateLimitRequest::decode(e.message.as_slice()).unwrap();
+        let sorted = |mut r: rls::RateLimitRequest| {
             r.descriptors.sort_by(|x, y| x.entries[1].value.cmp(&y.entries[1].value));
             r
         };
-        assert_eq!(decode(&got[0]), decode(&want[0]));
+        let decode = |e: &outbox::Entry| sorted(rls::RateLimitRequest::decode(&*e.encode().unwrap()).unwrap());
+        assert_eq!(decode(&got[0]), sorted(one_by_one));
         assert_eq!(decode(&got[0]).descriptors.len(), 4, "requests/day, two token limits, dollars");
         // A zero net sends nothing.
         let zero = descriptors::SettleNet::of(a(5, 5), a(5, 5), (1, 1));
