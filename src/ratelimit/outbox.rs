@@ -9,12 +9,11 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::rc::Rc;
 
 use prost::Message;
 
-use crate::config::Plugin;
-use crate::ratelimit::descriptors::{self, SettleNet};
+use crate::ratelimit::settle;
+pub use crate::ratelimit::settle::Settle;
 use crate::rls;
 
 /// What a journal call sends.
@@ -27,50 +26,6 @@ pub enum Call {
     /// byte.
     Encoded(Vec<u8>),
 }
-
-/// What one tenant owes or gets back, under the configuration it was
-/// incurred under.
-#[derive(Debug, Clone)]
-pub struct Settle {
-    pub plugin: Rc<Plugin>,
-    /// The tenant's index in `plugin`.
-    pub tenant_idx: usize,
-    pub net: SettleNet,
-}
-
-impl Settle {
-    /// `None` when it changes nothing: no configured limit of the tenant
-    /// counts what it nets.
-    pub fn new(plugin: &Rc<Plugin>, tenant_idx: usize, net: SettleNet) -> Option<Settle> {
-        let tenant = plugin.tenants.get(tenant_idx)?;
-        (plugin.rate_limit.is_some() && descriptors::settle_changes(&tenant.policy, net)).then(|| Settle {
-            plugin: Rc::clone(plugin),
-            tenant_idx,
-            net,
-        })
-    }
-
-    /// The `RateLimitRequest` of this settle (`None`: it changes nothing).
-    pub fn request(&self) -> Option<rls::RateLimitRequest> {
-        let rl = self.plugin.rate_limit.as_ref()?;
-        let tenant = self.plugin.tenants.get(self.tenant_idx)?;
-        descriptors::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, self.net)
-    }
-
-    /// Whether `other` settles the same tenant under the same configuration
-    /// (same domain and limits), so the two may be netted.
-    fn same_account(&self, other: &Settle) -> bool {
-        Rc::ptr_eq(&self.plugin, &other.plugin) && self.tenant_idx == other.tenant_idx
-    }
-}
-
-impl PartialEq for Settle {
-    fn eq(&self, other: &Settle) -> bool {
-        self.same_account(other) && self.net == other.net
-    }
-}
-
-impl Eq for Settle {}
 
 impl PartialEq for Call {
     fn eq(&self, other: &Call) -> bool {
@@ -319,7 +274,7 @@ pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
     }
     for g in groups {
         let Some(tenant) = g.settle.plugin.tenants.get(g.settle.tenant_idx) else { continue };
-        if !descriptors::settle_changes(&tenant.policy, g.settle.net) {
+        if !settle::settle_changes(&tenant.policy, g.settle.net) {
             continue;
         }
         let key = if g.count == 1 { g.first_key } else { format!("{}+{}", g.first_key, g.count) };
@@ -348,7 +303,10 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Plugin;
     use crate::ratelimit::descriptors::Amounts;
+    use crate::ratelimit::settle::SettleNet;
+    use std::rc::Rc;
 
     fn e(key: &str) -> Entry {
         Entry::new(Call::Encoded(vec![1]), key.into(), true, 0)
@@ -481,12 +439,12 @@ mod tests {
             (a(60, 600), a(0, 0), (6, 1)),
             (a(u64::MAX, 0), a(0, u64::MAX), (0, 0)),
         ] {
-            let built = descriptors::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, requests)
+            let built = settle::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, requests)
                 .unwrap()
                 .encode_to_vec();
             let net = SettleNet::of(reserved, actual, requests);
             assert_eq!(
-                descriptors::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, net).unwrap().encode_to_vec(),
+                settle::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, net).unwrap().encode_to_vec(),
                 built
             );
             let typed = Entry::settle(Settle::new(&full, 0, net).unwrap(), "k".into(), true, 0);

@@ -19,9 +19,10 @@ use std::rc::Rc;
 use prost::Message;
 use serde_json::Value;
 
+use crate::admission::lease::{lease_refund, times, Lease};
 use crate::identity::resolve_identity;
 use crate::request::effect::{BodyOut, BodyStep, Finish, HeadersStep, ResponseChunk, ResponseHeadersStep, RlsCall};
-use crate::worker::{lease_refund, times, Lease, Slot, Window, Worker};
+use crate::worker::{Slot, Worker};
 
 use crate::config::{FailureMode, Plugin, RlsMode, UnmatchedRoutes};
 use crate::identity::api_key::{self, Headers};
@@ -31,8 +32,10 @@ use crate::metering::meter::ResponseMeter;
 use crate::metering::metrics;
 use crate::metering::tap::StreamTap;
 use crate::metering::usage::{self, MeterLimits, Usage};
-use crate::ratelimit::descriptors::{self, Amounts, LimitKind, LimitState, Verdict};
+use crate::ratelimit::descriptors::{Amounts, LimitKind, LimitState};
 use crate::ratelimit::outbox::{self};
+use crate::ratelimit::reserve::{self, Verdict};
+use crate::ratelimit::{headers, settle};
 use crate::request::header_plan::{self};
 use crate::rls;
 
@@ -392,15 +395,15 @@ impl RequestFlow {
         let mut lease = 0;
         if let (Some(n), false, 0) = (tenant.policy.lease_requests, check_only, self.reserve_attempts) {
             let mut shared = self.shared.borrow_mut();
-            let refill = shared.lease_refill_due(idx, n, now_ms) && shared.room_for_lease(idx, n, estimate);
+            let refill = shared.leases.refill_due(idx, n, now_ms) && shared.leases.room_for(idx, n, estimate);
             if refill {
                 // This request asks for the next lease; until it is
                 // answered, the others draw from what is left, or reserve
                 // for themselves alone.
                 lease = n;
                 let until = now_ms.saturating_add(rl.timeout_ms.saturating_mul(2)).saturating_add(100);
-                shared.lease_refills.insert(idx, until);
-            } else if let Some(states) = shared.draw(idx, estimate, now_ms) {
+                shared.leases.refills.insert(idx, until);
+            } else if let Some(states) = shared.leases.draw(idx, estimate, now_ms) {
                 drop(shared);
                 self.reservation =
                     Some(Reservation { estimate, states, charged: true, fail_open: false, replay: None, lease: 0 });
@@ -409,8 +412,7 @@ impl RequestFlow {
             }
         }
         let total = times(estimate, 1 + lease);
-        let (req, kinds) =
-            descriptors::build_reserve(&rl.domain, &tenant.id, &tenant.policy, 1 + lease, total, check_only);
+        let (req, kinds) = reserve::build_reserve(&rl.domain, &tenant.id, &tenant.policy, 1 + lease, total, check_only);
         let message = req.encode_to_vec();
         // A reservation carries an idempotency key (one per attempt: a clamp
         // retry is a new reservation), so that a reserve whose answer is lost
@@ -466,11 +468,11 @@ impl RequestFlow {
         };
         let policy = &tenant.policy;
         if pending.lease > 0 {
-            self.shared.borrow_mut().lease_refills.remove(&tenant_idx);
+            self.shared.borrow_mut().leases.refills.remove(&tenant_idx);
         }
         let verdict = match reply {
             Ok(bytes) => match rls::RateLimitResponse::decode(bytes) {
-                Ok(resp) => descriptors::decide(&resp, &pending.kinds, policy),
+                Ok(resp) => reserve::decide(&resp, &pending.kinds, policy),
                 Err(e) => Verdict::Unreadable(e.to_string()),
             },
             Err(status) => Verdict::Unreadable(format!("grpc status {status}")),
@@ -504,7 +506,7 @@ impl RequestFlow {
                     let base = self.estimate_for(0);
                     let this = &*self;
                     let price = |n: u64| this.estimate_for(n).micros.saturating_sub(base.micros);
-                    if let Some(n) = descriptors::affordable_output(
+                    if let Some(n) = reserve::affordable_output(
                         &states,
                         self.input_estimate,
                         input_micros,
@@ -521,7 +523,7 @@ impl RequestFlow {
                     }
                 }
                 self.phase = Phase::Refused;
-                BodyStep::Reply(descriptors::refusal_reply(self.family(), &self.request_id, &states, &hit))
+                BodyStep::Reply(headers::refusal_reply(self.family(), &self.request_id, &states, &hit))
             }
             Verdict::Unreadable(why) => {
                 log::warn!("tollgate: rate-limit service unavailable ({why}); tenant {}", tenant.id);
@@ -550,22 +552,8 @@ impl RequestFlow {
         let share = |limit: u64| limit.saturating_mul(rl.fail_open_permille).div_ceil(1000).max(1);
         let max_requests = tenant.policy.requests_per_minute.map_or(rl.fail_open_default_rpm, share);
         let max_tokens = tenant.policy.tokens_per_minute.map(share);
-        let minute = now_ms / 60_000;
-        let admitted = {
-            let mut shared = self.shared.borrow_mut();
-            let w = shared.allowance.entry(tenant_idx).or_default();
-            if w.minute != minute {
-                *w = Window { minute, requests: 0, tokens: 0 };
-            }
-            let tokens_ok = max_tokens.is_none_or(|m| w.tokens.saturating_add(estimate.tokens) <= m);
-            if w.requests < max_requests && tokens_ok {
-                w.requests += 1;
-                w.tokens = w.tokens.saturating_add(estimate.tokens);
-                true
-            } else {
-                false
-            }
-        };
+        let admitted =
+            self.shared.borrow_mut().allowance.admit(tenant_idx, now_ms, max_requests, max_tokens, estimate.tokens);
         if !admitted {
             self.cancel_reservation(&pending, now_ms);
             let reset_ms = 60_000 - now_ms % 60_000;
@@ -599,7 +587,7 @@ impl RequestFlow {
             .unwrap_or(0);
         let mut shared = self.shared.borrow_mut();
         shared.budget_used.insert(tenant_idx, used);
-        shared.last_states.insert(tenant_idx, states.to_vec());
+        shared.leases.last_states.insert(tenant_idx, states.to_vec());
     }
 
     /// Keeps the extra quota a reserve took as this worker's lease; the rest
@@ -614,7 +602,7 @@ impl RequestFlow {
             states: states.to_vec(),
             key: pending.replay.as_ref().map_or_else(|| self.idempotency_base(), |r| r.key.clone()),
         };
-        let old = self.shared.borrow_mut().leases.insert(idx, lease);
+        let old = self.shared.borrow_mut().leases.grant(idx, lease);
         if let Some(old) = old {
             if let Some(e) = lease_refund(&self.plugin, idx, &old, now_ms) {
                 self.journal_push(e);
@@ -634,7 +622,7 @@ impl RequestFlow {
         }
         self.upstream_status = status;
         if let Some(r) = &self.reservation {
-            step.set.extend(descriptors::ratelimit_headers(&r.states));
+            step.set.extend(headers::ratelimit_headers(&r.states));
         }
         if let Some(n) = self.clamped_to {
             step.set.push(("x-tollgate-clamped-max-tokens".into(), n.to_string()));
@@ -869,12 +857,12 @@ impl RequestFlow {
         let base = self.idempotency_base();
         let tenant_idx = self.tenant;
         let settle = |reserved: Amounts, requests: (u64, u64), settle_mode: bool| {
-            let net = descriptors::SettleNet::of(reserved, actual, requests);
+            let net = settle::SettleNet::of(reserved, actual, requests);
             outbox::Settle::new(&self.plugin, tenant_idx?, net)
                 .map(|s| outbox::Entry::settle(s, format!("{base}:settle"), settle_mode, now_ms))
         };
         let net = |reserved: Amounts, requests: (u64, u64)| {
-            let net = descriptors::SettleNet::of(reserved, actual, requests);
+            let net = settle::SettleNet::of(reserved, actual, requests);
             if let Some(idx) = tenant_idx {
                 let mut shared = self.shared.borrow_mut();
                 shared.net_settle(&self.plugin, idx, net, || format!("{base}:settle"), now_ms);
@@ -918,14 +906,14 @@ impl RequestFlow {
     /// stands, refund its tokens and dollars. Its request still counts.
     fn cancel_reservation(&mut self, pending: &Pending, now_ms: u64) {
         if let (true, Some(idx)) = (pending.lease > 0, self.tenant) {
-            self.shared.borrow_mut().lease_refills.remove(&idx);
+            self.shared.borrow_mut().leases.refills.remove(&idx);
         }
         let (Some(replay), true, Some(idx)) = (&pending.replay, self.plugin.rate_limit.is_some(), self.tenant) else {
             return;
         };
         let reserved = times(pending.estimate, 1 + pending.lease);
         let requests = (1 + pending.lease, 1);
-        let net = descriptors::SettleNet::of(reserved, Amounts::default(), requests);
+        let net = settle::SettleNet::of(reserved, Amounts::default(), requests);
         let refund = outbox::Settle::new(&self.plugin, idx, net)
             .map(|s| outbox::Entry::settle(s, format!("{}:cancel", self.idempotency_base()), true, now_ms));
         let Some(refund) = refund else { return };
@@ -1491,7 +1479,7 @@ mod tests {
         ];
         let shared = Rc::new(RefCell::new(Worker::new(100)));
         for (i, (r, u, n)) in requests.iter().enumerate() {
-            let net = descriptors::SettleNet::of(*r, *u, *n);
+            let net = settle::SettleNet::of(*r, *u, *n);
             shared.borrow_mut().net_settle(&plugin, idx, net, || format!("k{i}:settle"), 10 + i as u64);
         }
         assert_eq!(shared.borrow().pending_settles(), 1, "one net per tenant");
@@ -1503,7 +1491,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, (r, u, n))| {
-                    outbox::Settle::new(&plugin, idx, descriptors::SettleNet::of(*r, *u, *n))
+                    outbox::Settle::new(&plugin, idx, settle::SettleNet::of(*r, *u, *n))
                         .map(|s| outbox::Entry::settle(s, format!("k{i}:settle"), true, 10 + i as u64))
                 })
                 .collect(),
@@ -1516,7 +1504,7 @@ mod tests {
         // descriptor: the same descriptors and hits.
         let mut by_descriptor: Vec<(rls::Descriptor, i128)> = Vec::new();
         for (r, u, n) in &requests {
-            let Some(req) = descriptors::build_settle(domain, &tenant.id, &tenant.policy, *r, *u, *n) else { continue };
+            let Some(req) = settle::build_settle(domain, &tenant.id, &tenant.policy, *r, *u, *n) else { continue };
             for mut d in req.descriptors {
                 let hits = i128::from(d.hits_addend.take().unwrap().value);
                 let signed = if std::mem::take(&mut d.is_negative_hits) { -hits } else { hits };
@@ -1551,7 +1539,7 @@ mod tests {
         assert_eq!(decode(&got[0]), sorted(one_by_one));
         assert_eq!(decode(&got[0]).descriptors.len(), 4, "requests/day, two token limits, dollars");
         // A zero net sends nothing.
-        let zero = descriptors::SettleNet::of(a(5, 5), a(5, 5), (1, 1));
+        let zero = settle::SettleNet::of(a(5, 5), a(5, 5), (1, 1));
         shared.borrow_mut().net_settle(&plugin, idx, zero, || "z".into(), 50);
         shared.borrow_mut().queue_settle_nets();
         assert_eq!(shared.borrow().pending_settles(), 0);
