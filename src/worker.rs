@@ -1,25 +1,18 @@
-//! What do one VM's requests share? The state of one Envoy worker: the settle
-//! outbox, quota leases, the fail-open allowance, in-flight slots, budget
-//! shares and metric names.
+//! What do one VM's requests share? The state of one Envoy worker, composed:
+//! the settle outbox and the settles netted for it, quota leases, the
+//! fail-open allowance, in-flight slots, budget shares and metric names; and
+//! when settles are sent (each tick, and the drain when the plugin goes).
 
 use std::rc::Rc;
 
-use hashbrown::{HashMap, HashSet};
-use prost::Message;
-
+use crate::admission::fail_open::Allowance;
 use crate::admission::inflight::{self, Acquire, LocalStore, SlotStore};
+use crate::admission::lease::Leases;
 use crate::config::Plugin;
 use crate::metering::metrics;
-use crate::ratelimit::descriptors::{self, Amounts, LimitState};
 use crate::ratelimit::outbox::{self, Journal};
-
-/// Per-minute local allowance of one tenant on this worker (fail-open).
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Window {
-    pub(crate) minute: u64,
-    pub(crate) requests: u64,
-    pub(crate) tokens: u64,
-}
+use crate::ratelimit::settle::{SettleNet, SettleNets};
+use hashbrown::{HashMap, HashSet};
 
 /// How often the root context sends queued settles (ms). Short, so each tick
 /// sends a small batch (a long tick makes a burst that stalls this worker's
@@ -36,7 +29,8 @@ pub const MAX_SETTLES_IN_FLIGHT: usize = 4096;
 #[derive(Debug)]
 pub struct Worker {
     pub journal: Journal,
-    pub(crate) allowance: HashMap<usize, Window>,
+    /// The fail-open local allowance per tenant.
+    pub(crate) allowance: Allowance,
     /// Per tenant, the highest share (per mille) of a token or dollar budget
     /// used, as of the last answer seen.
     pub(crate) budget_used: HashMap<usize, u64>,
@@ -57,20 +51,10 @@ pub struct Worker {
     pub(crate) held: HashMap<usize, (String, u64)>,
     pub(crate) last_heartbeat_ms: u64,
     /// Quota leases by tenant (see `lease_requests`).
-    pub(crate) leases: HashMap<usize, Lease>,
-    /// Per tenant, the limit states of the last answer: whether a lease fits.
-    pub(crate) last_states: HashMap<usize, Vec<LimitState>>,
-    /// Per tenant, a lease-sized reserve in flight on this worker, with the
-    /// time (ms) after which it no longer counts (its answer is lost). One
-    /// at a time: requests that find the lease empty meanwhile reserve for
-    /// themselves alone instead of each asking for a lease.
-    pub(crate) lease_refills: HashMap<usize, u64>,
+    pub(crate) leases: Leases,
     /// Settles of finished requests not yet in the journal, netted per
-    /// tenant (in order of first use); [`Worker::queue_settle_nets`] turns
-    /// each into one journal entry, once per tick.
-    pub(crate) settle_nets: Vec<PendingNet>,
-    /// Index into `settle_nets` by tenant id.
-    pub(crate) settle_net_of: HashMap<String, usize>,
+    /// tenant; [`Worker::queue_settle_nets`] puts them in it once per tick.
+    pub(crate) settle_nets: SettleNets,
     pub counter: u64,
     /// Settles dropped as of the last [`Worker::newly_dropped`].
     pub(crate) dropped_reported: u64,
@@ -78,43 +62,11 @@ pub struct Worker {
     pub draining_until: Option<u64>,
 }
 
-/// One tenant's netted settles (see [`Worker::settle_nets`]).
-#[derive(Debug)]
-pub(crate) struct PendingNet {
-    /// The configuration the settles were made under, and the tenant's index in it.
-    pub(crate) plugin: Rc<Plugin>,
-    pub(crate) tenant_idx: usize,
-    pub(crate) net: descriptors::SettleNet,
-    /// The first settle's idempotency key, and how many were netted.
-    pub(crate) first_key: String,
-    pub(crate) count: usize,
-    pub(crate) first_ms: u64,
-}
-
-/// Quota this worker reserved ahead for one tenant and admits from locally.
-#[derive(Debug, Clone)]
-pub(crate) struct Lease {
-    pub(crate) requests: u64,
-    pub(crate) amounts: Amounts,
-    pub(crate) expires_ms: u64,
-    /// From this time (ms) on, the next request asks for a new lease while
-    /// the others still draw from this one.
-    pub(crate) refill_at_ms: u64,
-    /// The limit states when the lease was granted, less what was drawn
-    /// since (for the `x-ratelimit-*` headers).
-    pub(crate) states: Vec<LimitState>,
-    /// Idempotency stem of the reserve that granted it.
-    pub(crate) key: String,
-}
-
-/// A lease is only taken while every limit has room for this many leases.
-pub(crate) const LEASE_HEADROOM: u64 = 4;
-
 impl Worker {
     pub fn new(journal_capacity: usize) -> Self {
         Worker {
             journal: Journal::new(journal_capacity),
-            allowance: HashMap::new(),
+            allowance: Allowance::default(),
             budget_used: HashMap::new(),
             model_labels: HashSet::new(),
             metric_names: HashMap::new(),
@@ -123,11 +75,8 @@ impl Worker {
             vm_id: 0,
             held: HashMap::new(),
             last_heartbeat_ms: 0,
-            leases: HashMap::new(),
-            last_states: HashMap::new(),
-            lease_refills: HashMap::new(),
-            settle_nets: Vec::new(),
-            settle_net_of: HashMap::new(),
+            leases: Leases::default(),
+            settle_nets: SettleNets::default(),
             counter: 0,
             dropped_reported: 0,
             draining_until: None,
@@ -175,93 +124,20 @@ impl Worker {
         }
     }
 
-    /// Admits one request of `estimate` from the tenant's lease, if it holds
-    /// enough; answers the limit states to report.
-    pub(crate) fn draw(&mut self, idx: usize, estimate: Amounts, now_ms: u64) -> Option<Vec<LimitState>> {
-        let lease = self.leases.get_mut(&idx)?;
-        if now_ms >= lease.expires_ms
-            || lease.requests == 0
-            || lease.amounts.tokens < estimate.tokens
-            || lease.amounts.micros < estimate.micros
-        {
-            return None;
-        }
-        lease.requests -= 1;
-        lease.amounts.tokens -= estimate.tokens;
-        lease.amounts.micros -= estimate.micros;
-        for st in &mut lease.states {
-            let used = match st.kind.measure() {
-                descriptors::Measure::Requests => 1,
-                descriptors::Measure::Tokens => estimate.tokens,
-                descriptors::Measure::Micros => estimate.micros,
-            };
-            st.remaining = st.remaining.saturating_sub(used);
-        }
-        Some(lease.states.clone())
-    }
-
-    /// Whether a request should ask for a new lease of `n` now: no
-    /// lease-sized reserve is in flight for the tenant, and its lease is
-    /// missing, expired, down to its last quarter of requests, or in the
-    /// last quarter of its time. Refilling before the lease runs dry keeps
-    /// concurrent requests drawing while the one refill is answered.
-    pub(crate) fn lease_refill_due(&self, idx: usize, n: u64, now_ms: u64) -> bool {
-        if self.lease_refills.get(&idx).is_some_and(|&until| now_ms < until) {
-            return false;
-        }
-        self.leases
-            .get(&idx)
-            .is_none_or(|l| now_ms >= l.expires_ms || now_ms >= l.refill_at_ms || l.requests.saturating_mul(4) <= n)
-    }
-
-    /// Whether the last answer for the tenant left room for a lease of `n`
-    /// requests of `estimate` on every limit, [`LEASE_HEADROOM`] times over.
-    pub(crate) fn room_for_lease(&self, idx: usize, n: u64, estimate: Amounts) -> bool {
-        let Some(states) = self.last_states.get(&idx) else { return false };
-        !states.is_empty()
-            && states.iter().all(|st| {
-                let need = match st.kind.measure() {
-                    descriptors::Measure::Requests => n,
-                    descriptors::Measure::Tokens => estimate.tokens.saturating_mul(n),
-                    descriptors::Measure::Micros => estimate.micros.saturating_mul(n),
-                };
-                !st.over && st.remaining >= need.saturating_mul(LEASE_HEADROOM)
-            })
-    }
-
-    /// Takes the leases that expired by `now_ms` (all of them with `all`),
-    /// for their unused quota to be given back.
-    pub(crate) fn take_leases(&mut self, now_ms: u64, all: bool) -> Vec<(usize, Lease)> {
-        let done: Vec<usize> =
-            self.leases.iter().filter(|(_, l)| all || now_ms >= l.expires_ms).map(|(i, _)| *i).collect();
-        done.into_iter().filter_map(|i| self.leases.remove(&i).map(|l| (i, l))).collect()
-    }
-
     /// Queues the refund of every expired lease's unused quota; called from
     /// the root context's tick.
-    pub fn expire_leases(&mut self, plugin: &Plugin, now_ms: u64) {
-        let Some(rl) = plugin.rate_limit.as_ref() else { return };
-        for (idx, lease) in self.take_leases(now_ms, false) {
-            if let Some(tenant) = plugin.tenants.get(idx) {
-                if let Some(e) = lease_refund(rl, tenant, &lease, now_ms) {
-                    self.journal.push(e);
-                }
-            }
+    pub fn expire_leases(&mut self, plugin: &Rc<Plugin>, now_ms: u64) {
+        for e in self.leases.refunds(plugin, now_ms, false).1 {
+            self.journal.push(e);
         }
     }
 
     /// Queues the refund of every lease's unused quota, expired or not; the
     /// plugin is being removed. Returns how many leases there were.
-    pub fn release_leases(&mut self, plugin: &Plugin, now_ms: u64) -> usize {
-        let Some(rl) = plugin.rate_limit.as_ref() else { return 0 };
-        let leases = self.take_leases(now_ms, true);
-        let n = leases.len();
-        for (idx, lease) in leases {
-            if let Some(tenant) = plugin.tenants.get(idx) {
-                if let Some(e) = lease_refund(rl, tenant, &lease, now_ms) {
-                    self.journal.push(e);
-                }
-            }
+    pub fn release_leases(&mut self, plugin: &Rc<Plugin>, now_ms: u64) -> usize {
+        let (n, refunds) = self.leases.refunds(plugin, now_ms, true);
+        for e in refunds {
+            self.journal.push(e);
         }
         n
     }
@@ -292,58 +168,22 @@ impl Worker {
         names
     }
 
-    /// Adds one request's settle to its tenant's net. `key` makes the
-    /// idempotency key of the first one.
+    /// Adds one request's settle to its tenant's net (see [`SettleNets::add`]).
     pub(crate) fn net_settle(
         &mut self,
         plugin: &Rc<Plugin>,
         tenant_idx: usize,
-        net: descriptors::SettleNet,
+        net: SettleNet,
         key: impl FnOnce() -> String,
         now_ms: u64,
     ) {
-        let Some(tenant) = plugin.tenants.get(tenant_idx) else { return };
-        if let Some(p) = self.settle_net_of.get(tenant.id.as_str()).and_then(|&i| self.settle_nets.get_mut(i)) {
-            if Rc::ptr_eq(&p.plugin, plugin) && p.tenant_idx == tenant_idx {
-                p.net.add(net);
-                p.count += 1;
-                return;
-            }
-            // Another configuration of the same tenant: its own settle.
-            self.queue_settle_nets();
-        }
-        self.settle_net_of.insert(tenant.id.clone(), self.settle_nets.len());
-        self.settle_nets.push(PendingNet {
-            plugin: Rc::clone(plugin),
-            tenant_idx,
-            net,
-            first_key: key(),
-            count: 1,
-            first_ms: now_ms,
-        });
+        self.settle_nets.add(&mut self.journal, plugin, tenant_idx, net, key, now_ms);
     }
 
-    /// Puts the netted settles in the journal, one entry per tenant (key:
-    /// the first settle's, `+<count>` when several were netted; the same
-    /// keys [`outbox::merge`] gives). Returns how many were dropped from a
-    /// full journal.
+    /// Puts the netted settles in the journal, one entry per tenant; returns
+    /// how many were dropped from a full journal (see [`SettleNets::queue`]).
     pub fn queue_settle_nets(&mut self) -> u64 {
-        self.settle_net_of.clear();
-        let mut dropped = 0;
-        for p in std::mem::take(&mut self.settle_nets) {
-            let (Some(rl), Some(tenant)) = (p.plugin.rate_limit.as_ref(), p.plugin.tenants.get(p.tenant_idx)) else {
-                continue;
-            };
-            let Some(req) = descriptors::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, p.net) else {
-                continue;
-            };
-            let key = if p.count == 1 { p.first_key } else { format!("{}+{}", p.first_key, p.count) };
-            dropped += self.journal.push(outbox::Entry::new(req.encode_to_vec(), key, true, p.first_ms));
-        }
-        if dropped > 0 {
-            log::warn!("tollgate: settle journal full; dropped {dropped} settles");
-        }
-        dropped
+        self.settle_nets.queue(&mut self.journal)
     }
 
     /// A request id for a request that brought none: unique per VM and
@@ -374,7 +214,7 @@ impl Worker {
     /// every queued settle is to be sent at once, and settles that follow
     /// from answers (a replay's settle) for up to [`DRAIN_MS`]. Returns the
     /// leases given back and the settles pending.
-    pub fn start_drain(&mut self, plugin: &Plugin, now_ms: u64) -> (usize, usize) {
+    pub fn start_drain(&mut self, plugin: &Rc<Plugin>, now_ms: u64) -> (usize, usize) {
         let leases = self.release_leases(plugin, now_ms);
         let queued = self.pending_settles();
         self.draining_until = Some(now_ms.saturating_add(DRAIN_MS));
@@ -427,27 +267,4 @@ impl Worker {
 pub(crate) enum Slot {
     Shared,
     Local,
-}
-
-/// `n` requests' worth of one estimate.
-pub(crate) fn times(a: Amounts, n: u64) -> Amounts {
-    Amounts { tokens: a.tokens.saturating_mul(n), micros: a.micros.saturating_mul(n) }
-}
-
-/// The settle that gives back a lease's unused quota.
-pub(crate) fn lease_refund(
-    rl: &crate::config::RateLimit,
-    tenant: &crate::config::Tenant,
-    lease: &Lease,
-    now_ms: u64,
-) -> Option<outbox::Entry> {
-    descriptors::build_settle(
-        &rl.domain,
-        &tenant.id,
-        &tenant.policy,
-        lease.amounts,
-        Amounts::default(),
-        (lease.requests, 0),
-    )
-    .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("{}:lease", lease.key), true, now_ms))
 }

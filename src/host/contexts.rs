@@ -216,7 +216,11 @@ impl Root {
         let Some(rl) = &plugin.rate_limit else { return };
         let due = worker.borrow_mut().settles_due(now, force);
         for entry in due {
-            let sent = host.dispatch_rls(&rl.cluster, &entry.metadata(), &entry.message, rl.timeout_ms.max(1000));
+            // Settles stay typed until here: built into descriptors and
+            // encoded only as they are sent.
+            let Some(message) = entry.encode() else { continue };
+            let sent = host.dispatch_rls(&rl.cluster, &entry.metadata(), &message, rl.timeout_ms.max(1000));
+            drop(message);
             let mut w = worker.borrow_mut();
             match sent {
                 Ok(token) => w.journal.sent(token, entry),

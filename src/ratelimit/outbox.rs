@@ -7,15 +7,43 @@
 //! idempotency key, so a retry after a lost answer is not charged twice. The
 //! journal is bounded: when full, the oldest entry is dropped and counted.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
+use prost::Message;
+
+use crate::ratelimit::settle;
+pub use crate::ratelimit::settle::Settle;
 use crate::rls;
+
+/// What a journal call sends.
+#[derive(Debug, Clone)]
+pub enum Call {
+    /// A charge or refund, kept typed until it is sent: settles of one
+    /// tenant net without decoding anything.
+    Settle(Settle),
+    /// An encoded `RateLimitRequest`: a replayed reserve, sent again byte for
+    /// byte.
+    Encoded(Vec<u8>),
+}
+
+impl PartialEq for Call {
+    fn eq(&self, other: &Call) -> bool {
+        match (self, other) {
+            (Call::Settle(a), Call::Settle(b)) => a == b,
+            (Call::Encoded(a), Call::Encoded(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Call {}
 
 /// One call waiting to be made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// Serialized `RateLimitRequest`.
-    pub message: Vec<u8>,
+    /// What is sent; encoded by [`Entry::encode`] just before sending.
+    pub call: Call,
     pub idempotency_key: String,
     /// Sent with `x-tollgate-mode: settle` (applied unconditionally).
     pub settle_mode: bool,
@@ -39,8 +67,22 @@ pub struct Resolution {
 
 impl Entry {
     /// A first-attempt entry, due now.
-    pub fn new(message: Vec<u8>, idempotency_key: String, settle_mode: bool, now_ms: u64) -> Self {
-        Entry { message, idempotency_key, settle_mode, attempts: 0, next_attempt_ms: now_ms, then: None }
+    pub fn new(call: Call, idempotency_key: String, settle_mode: bool, now_ms: u64) -> Self {
+        Entry { call, idempotency_key, settle_mode, attempts: 0, next_attempt_ms: now_ms, then: None }
+    }
+
+    /// A first-attempt settle, due now.
+    pub fn settle(settle: Settle, idempotency_key: String, settle_mode: bool, now_ms: u64) -> Self {
+        Entry::new(Call::Settle(settle), idempotency_key, settle_mode, now_ms)
+    }
+
+    /// The serialized `RateLimitRequest` to send; `None` for a settle that
+    /// changes nothing (never queued).
+    pub fn encode(&self) -> Option<Cow<'_, [u8]>> {
+        match &self.call {
+            Call::Encoded(m) => Some(Cow::Borrowed(m.as_slice())),
+            Call::Settle(s) => s.request().map(|r| Cow::Owned(r.encode_to_vec())),
+        }
     }
 }
 
@@ -191,89 +233,52 @@ impl Journal {
     }
 }
 
-/// Folds first-attempt settles of the same tenant into one call: per limit,
-/// the net of the charges and refunds. One RLS call then settles a whole
-/// tick's worth of a tenant's requests. Retried entries keep their own
+/// Folds first-attempt settles of the same tenant into one call: the net of
+/// their charges and refunds. One RLS call then settles a whole tick's worth
+/// of a tenant's requests. Settles stay typed: netting them adds their
+/// [`SettleNet`]s, nothing is decoded. Retried entries keep their own
 /// identity (and idempotency key), so a retry is never applied twice; a
 /// merged entry gets a key of its own (`<first key>+<count>`), unique because
 /// each request's settle joins exactly one batch, and kept across its retries.
+/// Only first-attempt settle-mode settles with no follow-up merge; a group
+/// that nets to nothing is not sent.
 pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
-    use crate::rls::{Descriptor, RateLimitRequest, UInt64Value};
-    use prost::Message;
-
     struct Group {
         first_key: String,
         count: usize,
-        domain: String,
-        /// (descriptor without hits, net hits)
-        nets: Vec<(Descriptor, i128)>,
+        settle: Settle,
         next_attempt_ms: u64,
     }
     let mut out = Vec::new();
-    let mut groups: Vec<(String, Group)> = Vec::new();
+    let mut groups: Vec<Group> = Vec::new();
     for e in entries {
-        let decoded =
-            if e.attempts == 0 && e.settle_mode { RateLimitRequest::decode(e.message.as_slice()).ok() } else { None };
-        let Some(req) = decoded else {
+        let Entry {
+            call: Call::Settle(settle),
+            idempotency_key,
+            settle_mode: true,
+            attempts: 0,
+            next_attempt_ms,
+            then: None,
+        } = e
+        else {
             out.push(e);
             continue;
         };
-        let tenant =
-            req.descriptors.first().and_then(|d| d.entries.first()).map(|x| x.value.clone()).unwrap_or_default();
-        let gkey = format!("{}\u{0}{}", req.domain, tenant);
-        let pos = match groups.iter().position(|(k, _)| *k == gkey) {
-            Some(p) => p,
-            None => {
-                groups.push((
-                    gkey,
-                    Group {
-                        first_key: e.idempotency_key.clone(),
-                        count: 0,
-                        domain: req.domain.clone(),
-                        nets: Vec::new(),
-                        next_attempt_ms: e.next_attempt_ms,
-                    },
-                ));
-                groups.len() - 1
+        match groups.iter_mut().find(|g| g.settle.same_account(&settle)) {
+            Some(g) => {
+                g.count += 1;
+                g.settle.net.add(settle.net);
             }
-        };
-        let Some((_, g)) = groups.get_mut(pos) else { continue };
-        g.count += 1;
-        for d in req.descriptors {
-            let hits = i128::from(d.hits_addend.as_ref().map_or(1, |h| h.value));
-            let signed = if d.is_negative_hits { -hits } else { hits };
-            let mut bare = d;
-            bare.hits_addend = None;
-            bare.is_negative_hits = false;
-            match g.nets.iter_mut().find(|(k, _)| *k == bare) {
-                Some((_, n)) => *n += signed,
-                None => g.nets.push((bare, signed)),
-            }
+            None => groups.push(Group { first_key: idempotency_key, count: 1, settle, next_attempt_ms }),
         }
     }
-    for (_, g) in groups {
-        let descriptors: Vec<Descriptor> = g
-            .nets
-            .into_iter()
-            .filter(|(_, n)| *n != 0)
-            .map(|(mut d, n)| {
-                d.is_negative_hits = n < 0;
-                d.hits_addend = Some(UInt64Value { value: u64::try_from(n.unsigned_abs()).unwrap_or(u64::MAX) });
-                d
-            })
-            .collect();
-        if descriptors.is_empty() {
+    for g in groups {
+        let Some(tenant) = g.settle.plugin.tenants.get(g.settle.tenant_idx) else { continue };
+        if !settle::settle_changes(&tenant.policy, g.settle.net) {
             continue;
         }
         let key = if g.count == 1 { g.first_key } else { format!("{}+{}", g.first_key, g.count) };
-        out.push(Entry {
-            message: RateLimitRequest { domain: g.domain, descriptors, hits_addend: 0 }.encode_to_vec(),
-            idempotency_key: key,
-            settle_mode: true,
-            attempts: 0,
-            next_attempt_ms: g.next_attempt_ms,
-            then: None,
-        });
+        out.push(Entry::settle(g.settle, key, true, g.next_attempt_ms));
     }
     out
 }
@@ -298,9 +303,13 @@ impl Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Plugin;
+    use crate::ratelimit::descriptors::Amounts;
+    use crate::ratelimit::settle::SettleNet;
+    use std::rc::Rc;
 
     fn e(key: &str) -> Entry {
-        Entry::new(vec![1], key.into(), true, 0)
+        Entry::new(Call::Encoded(vec![1]), key.into(), true, 0)
     }
 
     #[test]
@@ -331,48 +340,121 @@ mod tests {
         assert_eq!(keys, vec!["b", "c"]);
     }
 
-    fn settle(key: &str, tenant: &str, tokens: (u64, bool), micros: (u64, bool)) -> Entry {
-        use crate::rls::{Descriptor, Entry as E, RateLimitRequest, UInt64Value};
-        use prost::Message;
-        let d = |limit: &str, (v, neg): (u64, bool)| Descriptor {
-            entries: vec![
-                E { key: "tenant".into(), value: tenant.into() },
-                E { key: "limit".into(), value: limit.into() },
-            ],
-            limit: None,
-            hits_addend: Some(UInt64Value { value: v }),
-            is_negative_hits: neg,
-        };
-        let req = RateLimitRequest {
-            domain: "tg".into(),
-            descriptors: vec![d("tpm", tokens), d("usd", micros)],
-            hits_addend: 0,
-        };
-        Entry::new(req.encode_to_vec(), key.into(), true, 0)
+    /// A plugin with tenants "a" and "b" (acme's policy: tokens and
+    /// dollars per minute and month), and its domain.
+    fn plugin() -> Rc<Plugin> {
+        let mut p = crate::config::tests::sample();
+        let mut policy = crate::config::Policy::clone(&p.tenant_by_id("acme").unwrap().policy);
+        policy.requests_per_minute = None;
+        policy.requests_per_day = None;
+        policy.tokens_per_day = None;
+        policy.usd_micros_per_day = None;
+        policy.tokens_per_minute = Some(10_000);
+        policy.tokens_per_month = None;
+        policy.usd_micros_per_month = Some(1_000_000);
+        let mut a = p.tenants[0].clone();
+        a.id = "a".into();
+        a.policy = Rc::new(policy);
+        let mut b = a.clone();
+        b.id = "b".into();
+        p.tenants = vec![a, b];
+        Rc::new(p)
+    }
+
+    /// A settle of `tokens` and `micros` (value, refund?) for tenant index `t`.
+    fn settle(p: &Rc<Plugin>, key: &str, t: usize, tokens: (u64, bool), micros: (u64, bool)) -> Entry {
+        let signed = |(v, neg): (u64, bool)| if neg { -i128::from(v) } else { i128::from(v) };
+        let net = SettleNet { requests: 0, tokens: signed(tokens), micros: signed(micros) };
+        Entry::settle(Settle::new(p, t, net).unwrap(), key.into(), true, 0)
+    }
+
+    fn request(e: &Entry) -> rls::RateLimitRequest {
+        rls::RateLimitRequest::decode(&*e.encode().unwrap()).unwrap()
     }
 
     #[test]
     fn merge_nets_a_tenants_settles_into_one_call() {
-        use crate::rls::RateLimitRequest;
-        use prost::Message;
-        let mut retried = settle("r0", "a", (1, false), (1, false));
+        let p = plugin();
+        let mut retried = settle(&p, "r0", 0, (1, false), (1, false));
         retried.attempts = 2;
         let out = merge(vec![
-            settle("r1", "a", (100, true), (50, false)),
-            settle("r2", "a", (30, false), (50, true)),
-            settle("r3", "b", (7, false), (1, false)),
+            settle(&p, "r1", 0, (100, true), (50, false)),
+            settle(&p, "r2", 0, (30, false), (50, true)),
+            settle(&p, "r3", 1, (7, false), (1, false)),
             retried.clone(),
         ]);
         assert_eq!(out.len(), 3);
         assert_eq!(out[0], retried, "a retry keeps its identity");
         let a = out.iter().find(|e| e.idempotency_key == "r1+2").unwrap();
-        let req = RateLimitRequest::decode(a.message.as_slice()).unwrap();
+        let req = request(a);
         // tokens: -100 + 30 = -70; dollars: +50 - 50 = 0 (dropped).
         assert_eq!(req.descriptors.len(), 1);
         assert!(req.descriptors[0].is_negative_hits);
         assert_eq!(req.descriptors[0].hits_addend.as_ref().unwrap().value, 70);
         let b = out.iter().find(|e| e.idempotency_key == "r3").unwrap();
-        assert_eq!(RateLimitRequest::decode(b.message.as_slice()).unwrap().descriptors.len(), 2);
+        assert_eq!(request(b).descriptors.len(), 2);
+    }
+
+    #[test]
+    fn merge_leaves_apart_what_may_not_net() {
+        let p = plugin();
+        let mut check_mode = settle(&p, "c", 0, (5, false), (5, false));
+        check_mode.settle_mode = false;
+        let mut with_follow_up = settle(&p, "f", 0, (5, false), (5, false));
+        with_follow_up.then = Some(Box::new(Resolution { if_applied: None, if_refused: None }));
+        // Another configuration of the same tenant: its own call.
+        let other = plugin();
+        let out = merge(vec![
+            check_mode.clone(),
+            settle(&p, "s1", 0, (5, false), (5, false)),
+            with_follow_up.clone(),
+            settle(&other, "o1", 0, (1, false), (1, false)),
+            // Nets to nothing with s1: nothing sent.
+            settle(&p, "s2", 0, (5, true), (5, true)),
+        ]);
+        let keys: Vec<&str> = out.iter().map(|e| e.idempotency_key.as_str()).collect();
+        assert_eq!(keys, vec!["c", "f", "o1"]);
+        assert_eq!(out[0], check_mode);
+        assert_eq!(out[1], with_follow_up);
+    }
+
+    #[test]
+    fn a_typed_settle_encodes_to_the_bytes_build_settle_makes() {
+        let p = plugin();
+        let mut full = crate::config::tests::sample();
+        full.tenants.truncate(1);
+        let mut policy = crate::config::Policy::clone(&p.tenants[0].policy);
+        policy.requests_per_minute = Some(10);
+        policy.tokens_per_month = Some(5_000_000_000);
+        policy.billing_anchor_day = 15;
+        policy.time_zone = Some("Europe/Berlin".into());
+        full.tenants[0].policy = Rc::new(policy);
+        let full = Rc::new(full);
+        let rl = full.rate_limit.as_ref().unwrap();
+        let tenant = &full.tenants[0];
+        let a = |tokens, micros| Amounts { tokens, micros };
+        for (reserved, actual, requests) in [
+            (a(300, 4500), a(120, 5000), (1, 1)),
+            (a(0, 0), a(30, 300), (0, 1)),
+            (a(60, 600), a(0, 0), (6, 1)),
+            (a(u64::MAX, 0), a(0, u64::MAX), (0, 0)),
+        ] {
+            let built = settle::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, requests)
+                .unwrap()
+                .encode_to_vec();
+            let net = SettleNet::of(reserved, actual, requests);
+            assert_eq!(
+                settle::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, net).unwrap().encode_to_vec(),
+                built
+            );
+            let typed = Entry::settle(Settle::new(&full, 0, net).unwrap(), "k".into(), true, 0);
+            assert_eq!(typed.encode().unwrap().as_ref(), built.as_slice());
+            // A netted settle of one is the same call.
+            assert_eq!(merge(vec![typed.clone()])[0].encode(), typed.encode());
+        }
+        // Nothing to change: no settle at all.
+        assert!(Settle::new(&full, 0, SettleNet::of(a(5, 5), a(5, 5), (1, 1))).is_none());
+        assert!(Settle::new(&full, 9, SettleNet::of(a(0, 0), a(5, 5), (1, 1))).is_none());
     }
 
     #[test]
@@ -385,7 +467,7 @@ mod tests {
     #[test]
     fn a_replayed_reserve_queues_the_follow_up_that_fits_its_outcome() {
         let replay = |key: &str| {
-            let mut r = Entry::new(vec![9], key.into(), false, 0);
+            let mut r = Entry::new(Call::Encoded(vec![9]), key.into(), false, 0);
             r.then = Some(Box::new(Resolution { if_applied: Some(e("refund")), if_refused: Some(e("charge")) }));
             r
         };
@@ -411,7 +493,6 @@ mod tests {
 
     #[test]
     fn answers_are_classified_by_status_and_overall_code() {
-        use prost::Message as _;
         let over = rls::RateLimitResponse { overall_code: rls::Code::OverLimit as i32, ..Default::default() };
         let ok = rls::RateLimitResponse { overall_code: rls::Code::Ok as i32, ..Default::default() };
         assert_eq!(Answer::of(0, Some(&over.encode_to_vec())), Answer::Refused);

@@ -21,9 +21,10 @@ use std::rc::Rc;
 use prost::Message;
 use serde_json::Value;
 
+use crate::admission::lease::{lease_refund, times, Lease};
 use crate::identity::resolve_identity;
 use crate::request::effect::{BodyOut, BodyStep, Finish, HeadersStep, ResponseChunk, ResponseHeadersStep, RlsCall};
-use crate::worker::{lease_refund, times, Lease, Slot, Window, Worker};
+use crate::worker::{Slot, Worker};
 
 use crate::config::{FailureMode, Plugin, RlsMode, UnmatchedRoutes};
 use crate::identity::api_key::{self, Headers};
@@ -34,8 +35,10 @@ use crate::metering::metrics;
 use crate::metering::record;
 use crate::metering::tap::StreamTap;
 use crate::metering::usage::{self, MeterLimits, Usage};
-use crate::ratelimit::descriptors::{self, Amounts, LimitKind, LimitState, Verdict};
+use crate::ratelimit::descriptors::{Amounts, LimitKind, LimitState};
 use crate::ratelimit::outbox::{self};
+use crate::ratelimit::reserve::{self, Verdict};
+use crate::ratelimit::{headers, settle};
 use crate::request::header_plan::{self};
 use crate::rls;
 
@@ -395,15 +398,15 @@ impl RequestFlow {
         let mut lease = 0;
         if let (Some(n), false, 0) = (tenant.policy.lease_requests, check_only, self.reserve_attempts) {
             let mut shared = self.shared.borrow_mut();
-            let refill = shared.lease_refill_due(idx, n, now_ms) && shared.room_for_lease(idx, n, estimate);
+            let refill = shared.leases.refill_due(idx, n, now_ms) && shared.leases.room_for(idx, n, estimate);
             if refill {
                 // This request asks for the next lease; until it is
                 // answered, the others draw from what is left, or reserve
                 // for themselves alone.
                 lease = n;
                 let until = now_ms.saturating_add(rl.timeout_ms.saturating_mul(2)).saturating_add(100);
-                shared.lease_refills.insert(idx, until);
-            } else if let Some(states) = shared.draw(idx, estimate, now_ms) {
+                shared.leases.refills.insert(idx, until);
+            } else if let Some(states) = shared.leases.draw(idx, estimate, now_ms) {
                 drop(shared);
                 self.reservation =
                     Some(Reservation { estimate, states, charged: true, fail_open: false, replay: None, lease: 0 });
@@ -412,8 +415,7 @@ impl RequestFlow {
             }
         }
         let total = times(estimate, 1 + lease);
-        let (req, kinds) =
-            descriptors::build_reserve(&rl.domain, &tenant.id, &tenant.policy, 1 + lease, total, check_only);
+        let (req, kinds) = reserve::build_reserve(&rl.domain, &tenant.id, &tenant.policy, 1 + lease, total, check_only);
         let message = req.encode_to_vec();
         // A reservation carries an idempotency key (one per attempt: a clamp
         // retry is a new reservation), so that a reserve whose answer is lost
@@ -469,11 +471,11 @@ impl RequestFlow {
         };
         let policy = &tenant.policy;
         if pending.lease > 0 {
-            self.shared.borrow_mut().lease_refills.remove(&tenant_idx);
+            self.shared.borrow_mut().leases.refills.remove(&tenant_idx);
         }
         let verdict = match reply {
             Ok(bytes) => match rls::RateLimitResponse::decode(bytes) {
-                Ok(resp) => descriptors::decide(&resp, &pending.kinds, policy),
+                Ok(resp) => reserve::decide(&resp, &pending.kinds, policy),
                 Err(e) => Verdict::Unreadable(e.to_string()),
             },
             Err(status) => Verdict::Unreadable(format!("grpc status {status}")),
@@ -507,7 +509,7 @@ impl RequestFlow {
                     let base = self.estimate_for(0);
                     let this = &*self;
                     let price = |n: u64| this.estimate_for(n).micros.saturating_sub(base.micros);
-                    if let Some(n) = descriptors::affordable_output(
+                    if let Some(n) = reserve::affordable_output(
                         &states,
                         self.input_estimate,
                         input_micros,
@@ -524,7 +526,7 @@ impl RequestFlow {
                     }
                 }
                 self.phase = Phase::Refused;
-                BodyStep::Reply(descriptors::refusal_reply(self.family(), &self.request_id, &states, &hit))
+                BodyStep::Reply(headers::refusal_reply(self.family(), &self.request_id, &states, &hit))
             }
             Verdict::Unreadable(why) => {
                 log::warn!("tollgate: rate-limit service unavailable ({why}); tenant {}", tenant.id);
@@ -553,22 +555,8 @@ impl RequestFlow {
         let share = |limit: u64| limit.saturating_mul(rl.fail_open_permille).div_ceil(1000).max(1);
         let max_requests = tenant.policy.requests_per_minute.map_or(rl.fail_open_default_rpm, share);
         let max_tokens = tenant.policy.tokens_per_minute.map(share);
-        let minute = now_ms / 60_000;
-        let admitted = {
-            let mut shared = self.shared.borrow_mut();
-            let w = shared.allowance.entry(tenant_idx).or_default();
-            if w.minute != minute {
-                *w = Window { minute, requests: 0, tokens: 0 };
-            }
-            let tokens_ok = max_tokens.is_none_or(|m| w.tokens.saturating_add(estimate.tokens) <= m);
-            if w.requests < max_requests && tokens_ok {
-                w.requests += 1;
-                w.tokens = w.tokens.saturating_add(estimate.tokens);
-                true
-            } else {
-                false
-            }
-        };
+        let admitted =
+            self.shared.borrow_mut().allowance.admit(tenant_idx, now_ms, max_requests, max_tokens, estimate.tokens);
         if !admitted {
             self.cancel_reservation(&pending, now_ms);
             let reset_ms = 60_000 - now_ms % 60_000;
@@ -602,7 +590,7 @@ impl RequestFlow {
             .unwrap_or(0);
         let mut shared = self.shared.borrow_mut();
         shared.budget_used.insert(tenant_idx, used);
-        shared.last_states.insert(tenant_idx, states.to_vec());
+        shared.leases.last_states.insert(tenant_idx, states.to_vec());
     }
 
     /// Keeps the extra quota a reserve took as this worker's lease; the rest
@@ -617,9 +605,9 @@ impl RequestFlow {
             states: states.to_vec(),
             key: pending.replay.as_ref().map_or_else(|| self.idempotency_base(), |r| r.key.clone()),
         };
-        let old = self.shared.borrow_mut().leases.insert(idx, lease);
-        if let (Some(old), Some(tenant)) = (old, self.tenant()) {
-            if let Some(e) = lease_refund(rl, tenant, &old, now_ms) {
+        let old = self.shared.borrow_mut().leases.grant(idx, lease);
+        if let Some(old) = old {
+            if let Some(e) = lease_refund(&self.plugin, idx, &old, now_ms) {
                 self.journal_push(e);
             }
         }
@@ -637,7 +625,7 @@ impl RequestFlow {
         }
         self.upstream_status = status;
         if let Some(r) = &self.reservation {
-            step.set.extend(descriptors::ratelimit_headers(&r.states));
+            step.set.extend(headers::ratelimit_headers(&r.states));
         }
         if let Some(n) = self.clamped_to {
             step.set.push(("x-tollgate-clamped-max-tokens".into(), n.to_string()));
@@ -767,22 +755,25 @@ impl RequestFlow {
             usage_headers: self.hold_body,
         };
         let (out, usage, micros) = record::report(&plugin, &facts, metered, &names);
-        self.queue_settle(tenant, usage, micros, now_ms);
+        self.queue_settle(usage, micros, now_ms);
         out
     }
 
-    fn queue_settle(&mut self, tenant: &crate::config::Tenant, usage: Usage, micros: u64, now_ms: u64) {
-        let Some(rl) = self.plugin.rate_limit.as_ref() else { return };
+    fn queue_settle(&mut self, usage: Usage, micros: u64, now_ms: u64) {
+        if self.plugin.rate_limit.is_none() {
+            return;
+        }
         let Some(r) = self.reservation.take() else { return };
         let actual = Amounts { tokens: usage.total.max(usage.sum()), micros };
         let base = self.idempotency_base();
-        let settle = |reserved: Amounts, requests: (u64, u64), settle_mode: bool| {
-            descriptors::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, requests)
-                .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("{base}:settle"), settle_mode, now_ms))
-        };
         let tenant_idx = self.tenant;
+        let settle = |reserved: Amounts, requests: (u64, u64), settle_mode: bool| {
+            let net = settle::SettleNet::of(reserved, actual, requests);
+            outbox::Settle::new(&self.plugin, tenant_idx?, net)
+                .map(|s| outbox::Entry::settle(s, format!("{base}:settle"), settle_mode, now_ms))
+        };
         let net = |reserved: Amounts, requests: (u64, u64)| {
-            let net = descriptors::SettleNet::of(reserved, actual, requests);
+            let net = settle::SettleNet::of(reserved, actual, requests);
             if let Some(idx) = tenant_idx {
                 let mut shared = self.shared.borrow_mut();
                 shared.net_settle(&self.plugin, idx, net, || format!("{base}:settle"), now_ms);
@@ -796,7 +787,7 @@ impl RequestFlow {
             // The reserve's answer was lost: send it again; if the
             // reservation stands, settle the difference (and give back a
             // lease it took), else charge in full.
-            let mut e = outbox::Entry::new(replay.message, replay.key, false, now_ms);
+            let mut e = outbox::Entry::new(outbox::Call::Encoded(replay.message), replay.key, false, now_ms);
             e.then = Some(Box::new(outbox::Resolution {
                 if_applied: settle(times(r.estimate, 1 + r.lease), (1 + r.lease, 1), true),
                 if_refused: settle(Amounts::default(), (0, 1), true),
@@ -826,21 +817,19 @@ impl RequestFlow {
     /// stands, refund its tokens and dollars. Its request still counts.
     fn cancel_reservation(&mut self, pending: &Pending, now_ms: u64) {
         if let (true, Some(idx)) = (pending.lease > 0, self.tenant) {
-            self.shared.borrow_mut().lease_refills.remove(&idx);
+            self.shared.borrow_mut().leases.refills.remove(&idx);
         }
-        let (Some(replay), Some(rl), Some(tenant)) = (&pending.replay, self.plugin.rate_limit.as_ref(), self.tenant())
-        else {
+        let (Some(replay), true, Some(idx)) = (&pending.replay, self.plugin.rate_limit.is_some(), self.tenant) else {
             return;
         };
         let reserved = times(pending.estimate, 1 + pending.lease);
         let requests = (1 + pending.lease, 1);
-        let refund =
-            descriptors::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, Amounts::default(), requests)
-                .map(|req| {
-                    outbox::Entry::new(req.encode_to_vec(), format!("{}:cancel", self.idempotency_base()), true, now_ms)
-                });
+        let net = settle::SettleNet::of(reserved, Amounts::default(), requests);
+        let refund = outbox::Settle::new(&self.plugin, idx, net)
+            .map(|s| outbox::Entry::settle(s, format!("{}:cancel", self.idempotency_base()), true, now_ms));
         let Some(refund) = refund else { return };
-        let mut e = outbox::Entry::new(replay.message.clone(), replay.key.clone(), false, now_ms);
+        let call = outbox::Call::Encoded(replay.message.clone());
+        let mut e = outbox::Entry::new(call, replay.key.clone(), false, now_ms);
         e.then = Some(Box::new(outbox::Resolution { if_applied: Some(refund), if_refused: None }));
         self.journal_push(e);
     }
@@ -1144,7 +1133,7 @@ mod tests {
         let due = shared.borrow_mut().journal.due(u64::MAX, 10);
         assert_eq!(due.len(), 1);
         assert!(due[0].settle_mode && due[0].idempotency_key.ends_with(":r1:lease"), "{:?}", due[0].idempotency_key);
-        let req = rls::RateLimitRequest::decode(due[0].message.as_slice()).unwrap();
+        let req = rls::RateLimitRequest::decode(&*due[0].encode().unwrap()).unwrap();
         let d = &req.descriptors[0];
         assert!(d.is_negative_hits);
         assert_eq!(d.hits_addend.as_ref().unwrap().value, 4, "four of five leased requests unused");
@@ -1163,7 +1152,7 @@ mod tests {
         assert_eq!(shared.borrow_mut().release_leases(&plugin, 20), 1);
         let due = shared.borrow_mut().journal.due(u64::MAX, 10);
         assert_eq!(due.len(), 1);
-        let req = rls::RateLimitRequest::decode(due[0].message.as_slice()).unwrap();
+        let req = rls::RateLimitRequest::decode(&*due[0].encode().unwrap()).unwrap();
         assert_eq!(req.descriptors[0].hits_addend.as_ref().unwrap().value, 5, "all five leased requests unused");
         assert_eq!(shared.borrow_mut().release_leases(&plugin, 21), 0, "given back once");
         // What cannot be sent any more is dropped and counted.
@@ -1344,7 +1333,7 @@ mod tests {
             let then = e.then.as_ref().unwrap();
             let applied = then.if_applied.as_ref().unwrap();
             assert!(applied.settle_mode);
-            let req = rls::RateLimitRequest::decode(applied.message.as_slice()).unwrap();
+            let req = rls::RateLimitRequest::decode(&*applied.encode().unwrap()).unwrap();
             if then.if_refused.is_some() {
                 // Actual 7 tokens against the reserved estimate: a refund.
                 assert!(applied.idempotency_key.ends_with(":settle"));
@@ -1366,7 +1355,7 @@ mod tests {
         let due = f.shared.borrow_mut().journal.due(5, 10);
         assert_eq!(due.len(), 1);
         assert_eq!((due[0].idempotency_key.as_str(), due[0].settle_mode), (key.as_str(), false));
-        assert_eq!(due[0].message, call.message, "the same reserve, sent again");
+        assert_eq!(due[0].call, outbox::Call::Encoded(call.message.clone()), "the same reserve, sent again");
         let then = due[0].then.as_ref().unwrap();
         assert!(then.if_refused.is_none(), "a refused reservation charged nothing");
         assert!(then.if_applied.as_ref().unwrap().idempotency_key.ends_with(":cancel"));
@@ -1397,7 +1386,7 @@ mod tests {
         ];
         let shared = Rc::new(RefCell::new(Worker::new(100)));
         for (i, (r, u, n)) in requests.iter().enumerate() {
-            let net = descriptors::SettleNet::of(*r, *u, *n);
+            let net = settle::SettleNet::of(*r, *u, *n);
             shared.borrow_mut().net_settle(&plugin, idx, net, || format!("k{i}:settle"), 10 + i as u64);
         }
         assert_eq!(shared.borrow().pending_settles(), 1, "one net per tenant");
@@ -1409,24 +1398,55 @@ mod tests {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, (r, u, n))| {
-                    descriptors::build_settle(domain, &tenant.id, &tenant.policy, *r, *u, *n)
-                        .map(|req| outbox::Entry::new(req.encode_to_vec(), format!("k{i}:settle"), true, 10 + i as u64))
+                    outbox::Settle::new(&plugin, idx, settle::SettleNet::of(*r, *u, *n))
+                        .map(|s| outbox::Entry::settle(s, format!("k{i}:settle"), true, 10 + i as u64))
                 })
                 .collect(),
         );
+        // (The merge counts three settles: the exact one changes nothing.)
+        assert_eq!(want.len(), 1);
+        assert_eq!(got[0].call, want[0].call, "netted at the source as the journal merge nets");
+        assert_eq!(got[0].encode(), want[0].encode());
+        // The per-request settles as they were built one by one, netted by
+        // descriptor: the same descriptors and hits.
+        let mut by_descriptor: Vec<(rls::Descriptor, i128)> = Vec::new();
+        for (r, u, n) in &requests {
+            let Some(req) = settle::build_settle(domain, &tenant.id, &tenant.policy, *r, *u, *n) else { continue };
+            for mut d in req.descriptors {
+                let hits = i128::from(d.hits_addend.take().unwrap().value);
+                let signed = if std::mem::take(&mut d.is_negative_hits) { -hits } else { hits };
+                match by_descriptor.iter_mut().find(|(k, _)| *k == d) {
+                    Some((_, h)) => *h += signed,
+                    None => by_descriptor.push((d, signed)),
+                }
+            }
+        }
+        let one_by_one = rls::RateLimitRequest {
+            domain: domain.clone(),
+            descriptors: by_descriptor
+                .into_iter()
+                .filter(|(_, h)| *h != 0)
+                .map(|(mut d, h)| {
+                    d.is_negative_hits = h < 0;
+                    d.hits_addend = Some(rls::UInt64Value { value: h.unsigned_abs() as u64 });
+                    d
+                })
+                .collect(),
+            hits_addend: 0,
+        };
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].idempotency_key, "k0:settle+4");
         assert_eq!(got[0].next_attempt_ms, 10);
         // The same descriptors and hits; their order does not matter.
-        let decode = |e: &outbox::Entry| {
-            let mut r = rls::RateLimitRequest::decode(e.message.as_slice()).unwrap();
+        let sorted = |mut r: rls::RateLimitRequest| {
             r.descriptors.sort_by(|x, y| x.entries[1].value.cmp(&y.entries[1].value));
             r
         };
-        assert_eq!(decode(&got[0]), decode(&want[0]));
+        let decode = |e: &outbox::Entry| sorted(rls::RateLimitRequest::decode(&*e.encode().unwrap()).unwrap());
+        assert_eq!(decode(&got[0]), sorted(one_by_one));
         assert_eq!(decode(&got[0]).descriptors.len(), 4, "requests/day, two token limits, dollars");
         // A zero net sends nothing.
-        let zero = descriptors::SettleNet::of(a(5, 5), a(5, 5), (1, 1));
+        let zero = settle::SettleNet::of(a(5, 5), a(5, 5), (1, 1));
         shared.borrow_mut().net_settle(&plugin, idx, zero, || "z".into(), 50);
         shared.borrow_mut().queue_settle_nets();
         assert_eq!(shared.borrow().pending_settles(), 0);

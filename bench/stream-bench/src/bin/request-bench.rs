@@ -110,6 +110,7 @@ fn main() {
             let due = tollgate::ratelimit::outbox::merge(s.journal.due(now, usize::MAX));
             for (t, entry) in due.into_iter().enumerate() {
                 let _ = entry.metadata();
+                let _ = std::hint::black_box(entry.encode());
                 s.journal.sent(t as u32, entry);
                 s.journal.answered(t as u32, tollgate::ratelimit::outbox::Answer::Applied, now);
             }

@@ -1,0 +1,137 @@
+//! What does the client hear about its limits? The `x-ratelimit-*` headers
+//! and the 429 reply to a refused reserve.
+
+use crate::llm::{self, Family, LocalReply, Refusal};
+use crate::ratelimit::descriptors::{LimitState, Measure};
+
+/// Formats a duration the way OpenAI's `x-ratelimit-reset-*` does: `6m0s`,
+/// `1.5s`, `120ms`.
+pub fn openai_duration(ms: u64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let total_s = ms / 1000;
+    let frac = ms % 1000;
+    let (h, m, s) = (total_s / 3600, (total_s % 3600) / 60, total_s % 60);
+    let sec = if frac == 0 { format!("{s}s") } else { format!("{s}.{}s", format!("{frac:03}").trim_end_matches('0')) };
+    match (h, m) {
+        (0, 0) => sec,
+        (0, m) => format!("{m}m{sec}"),
+        (h, m) => format!("{h}h{m}m{sec}"),
+    }
+}
+
+/// OpenAI-style `x-ratelimit-*` headers for the request and token rates (or,
+/// when a tenant has no per-minute limit, its daily limit of that measure).
+pub fn ratelimit_headers(states: &[LimitState]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (suffix, measure) in [("requests", Measure::Requests), ("tokens", Measure::Tokens)] {
+        let pick = states
+            .iter()
+            .filter(|s| s.kind.measure() == measure)
+            .min_by_key(|s| (s.kind.is_budget(), s.kind.unit() as i32));
+        if let Some(s) = pick {
+            out.push((format!("x-ratelimit-limit-{suffix}"), s.limit.to_string()));
+            out.push((format!("x-ratelimit-remaining-{suffix}"), s.remaining.to_string()));
+            out.push((format!("x-ratelimit-reset-{suffix}"), openai_duration(s.reset_ms)));
+        }
+    }
+    out
+}
+
+/// The 429 for a refused reserve, in the client's envelope.
+pub fn refusal_reply(family: Family, request_id: &str, states: &[LimitState], hit: &LimitState) -> LocalReply {
+    let kind = hit.kind;
+    let when = openai_duration(hit.reset_ms);
+    let message = if kind.is_budget() {
+        format!("This account's {} budget is exhausted; it renews in {when}.", kind.name().replace('_', " "))
+    } else {
+        format!("Rate limit reached for {}; retry in {when}.", kind.name().replace('_', " "))
+    };
+    let refusal = Refusal::Custom { status: 429, code: kind.refusal_code().into(), message };
+    let openai_type = match (kind.is_budget(), kind.measure()) {
+        (true, _) => "insufficient_quota",
+        (false, Measure::Requests) => "requests",
+        (false, _) => "tokens",
+    };
+    let mut reply = llm::render(family, &refusal, request_id, Some(openai_type));
+    reply.headers.extend(llm::retry_headers(hit.reset_ms, !kind.is_budget()));
+    reply.headers.push(("x-tollgate-limit".into(), kind.name().into()));
+    reply.headers.extend(ratelimit_headers(states));
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::descriptors::tests::policy;
+    use crate::ratelimit::descriptors::{Amounts, LimitKind};
+    use crate::ratelimit::reserve::{build_reserve, decide, Verdict};
+    use crate::rls::{self, Code, RateLimitResponse};
+
+    fn status(code: Code, remaining: u32, reset_s: i64) -> rls::DescriptorStatus {
+        rls::DescriptorStatus {
+            code: code as i32,
+            current_limit: None,
+            limit_remaining: remaining,
+            duration_until_reset: Some(rls::Duration { seconds: reset_s, nanos: 0 }),
+        }
+    }
+
+    #[test]
+    fn refusal_names_the_budget_and_says_do_not_retry() {
+        let p = policy();
+        let (_, kinds) = build_reserve("d", "acme", &p, 1, Amounts::default(), false);
+        let resp = RateLimitResponse {
+            overall_code: Code::OverLimit as i32,
+            statuses: vec![
+                status(Code::Ok, 9, 6),
+                status(Code::OverLimit, 0, 30),
+                status(Code::Ok, 100, 86400),
+                status(Code::OverLimit, 0, 86400 * 3),
+            ],
+        };
+        let Verdict::Refuse { states, hit } = decide(&resp, &kinds, &p) else { panic!() };
+        assert_eq!(hit.kind, LimitKind::UsdPerMonth);
+        let r = refusal_reply(Family::OpenAi, "rid", &states, &hit);
+        assert_eq!(r.status, 429);
+        assert_eq!(r.header("x-should-retry"), Some("false"));
+        assert_eq!(r.header("retry-after"), Some("259200"));
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("9"));
+        assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("1000"));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], "monthly_spend_budget_exhausted");
+        assert_eq!(v["error"]["type"], "insufficient_quota");
+    }
+
+    #[test]
+    fn rate_refusal_says_retry() {
+        let p = policy();
+        let (_, kinds) = build_reserve("d", "acme", &p, 1, Amounts::default(), false);
+        let resp = RateLimitResponse {
+            overall_code: Code::OverLimit as i32,
+            statuses: vec![
+                status(Code::OverLimit, 0, 6),
+                status(Code::Ok, 1, 1),
+                status(Code::Ok, 1, 1),
+                status(Code::Ok, 1, 1),
+            ],
+        };
+        let Verdict::Refuse { states, hit } = decide(&resp, &kinds, &p) else { panic!() };
+        let r = refusal_reply(Family::Anthropic, "rid", &states, &hit);
+        assert_eq!(r.header("x-should-retry"), Some("true"));
+        assert_eq!(r.header("retry-after-ms"), Some("6000"));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["error"]["code"], "request_rate_limited");
+    }
+
+    #[test]
+    fn durations_like_openai() {
+        assert_eq!(openai_duration(120), "120ms");
+        assert_eq!(openai_duration(6000), "6s");
+        assert_eq!(openai_duration(1500), "1.5s");
+        assert_eq!(openai_duration(360_000), "6m0s");
+        assert_eq!(openai_duration(3_723_000), "1h2m3s");
+    }
+}

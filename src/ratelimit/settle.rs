@@ -1,0 +1,255 @@
+//! What does a tenant owe or get back once its requests are done? The
+//! settle: what was used less what was reserved, netted per tenant and kept
+//! typed until it is sent.
+
+use std::rc::Rc;
+
+use hashbrown::HashMap;
+
+use crate::config::{Plugin, Policy};
+use crate::ratelimit::descriptors::{active_limits, descriptor, Amounts, LimitKind, Measure};
+use crate::ratelimit::outbox::{Entry, Journal};
+use crate::rls::{RateLimitRequest, UInt64Value};
+
+/// The settle call: the difference between what was reserved and what was
+/// used, per limit: requests (`(reserved, used)`: `(0, 1)` charges a request
+/// that was not reserved, `(n + 1, 1)` gives back an unused lease of `n`),
+/// tokens and dollars. `None` when there is nothing to change.
+pub fn build_settle(
+    domain: &str,
+    tenant: &str,
+    policy: &Policy,
+    reserved: Amounts,
+    actual: Amounts,
+    requests: (u64, u64),
+) -> Option<RateLimitRequest> {
+    build_settle_net(domain, tenant, policy, SettleNet::of(reserved, actual, requests))
+}
+
+/// What settles add to each measure (actual less reserved; negative gives
+/// back). Settles are linear, so the settle of a sum of nets is the sum of
+/// their settles: one request can carry many requests' settles.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SettleNet {
+    pub requests: i128,
+    pub tokens: i128,
+    pub micros: i128,
+}
+
+impl SettleNet {
+    /// One request's: `reserved` was charged for `requests.0` requests,
+    /// `actual` was used by `requests.1`.
+    pub fn of(reserved: Amounts, actual: Amounts, requests: (u64, u64)) -> Self {
+        let d = |from: u64, to: u64| i128::from(to) - i128::from(from);
+        SettleNet {
+            requests: d(requests.0, requests.1),
+            tokens: d(reserved.tokens, actual.tokens),
+            micros: d(reserved.micros, actual.micros),
+        }
+    }
+
+    pub fn add(&mut self, other: SettleNet) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.tokens = self.tokens.saturating_add(other.tokens);
+        self.micros = self.micros.saturating_add(other.micros);
+    }
+}
+
+/// The settle request of `net`, `None` when it changes nothing.
+pub fn build_settle_net(domain: &str, tenant: &str, policy: &Policy, net: SettleNet) -> Option<RateLimitRequest> {
+    let mut descriptors = Vec::new();
+    for (kind, limit) in active_limits(policy) {
+        let n = match kind.measure() {
+            Measure::Requests => net.requests,
+            Measure::Tokens => net.tokens,
+            Measure::Micros => net.micros,
+        };
+        if n == 0 {
+            continue;
+        }
+        let mut d = descriptor(tenant, kind, limit, policy);
+        d.is_negative_hits = n < 0;
+        d.hits_addend = Some(UInt64Value { value: u64::try_from(n.unsigned_abs()).unwrap_or(u64::MAX) });
+        descriptors.push(d);
+    }
+    (!descriptors.is_empty()).then(|| RateLimitRequest { domain: domain.into(), descriptors, hits_addend: 0 })
+}
+
+/// Whether a settle of `net` changes anything under `policy`: some limit of
+/// it counts a measure the net moves (else [`build_settle_net`] is `None`).
+pub fn settle_changes(policy: &Policy, net: SettleNet) -> bool {
+    LimitKind::ALL.iter().any(|k| {
+        k.limit(policy).is_some()
+            && match k.measure() {
+                Measure::Requests => net.requests != 0,
+                Measure::Tokens => net.tokens != 0,
+                Measure::Micros => net.micros != 0,
+            }
+    })
+}
+
+/// What one tenant owes or gets back, under the configuration it was
+/// incurred under.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    pub plugin: Rc<Plugin>,
+    /// The tenant's index in `plugin`.
+    pub tenant_idx: usize,
+    pub net: SettleNet,
+}
+
+impl Settle {
+    /// `None` when it changes nothing: no configured limit of the tenant
+    /// counts what it nets.
+    pub fn new(plugin: &Rc<Plugin>, tenant_idx: usize, net: SettleNet) -> Option<Settle> {
+        let tenant = plugin.tenants.get(tenant_idx)?;
+        (plugin.rate_limit.is_some() && settle_changes(&tenant.policy, net)).then(|| Settle {
+            plugin: Rc::clone(plugin),
+            tenant_idx,
+            net,
+        })
+    }
+
+    /// The `RateLimitRequest` of this settle (`None`: it changes nothing).
+    pub fn request(&self) -> Option<RateLimitRequest> {
+        let rl = self.plugin.rate_limit.as_ref()?;
+        let tenant = self.plugin.tenants.get(self.tenant_idx)?;
+        build_settle_net(&rl.domain, &tenant.id, &tenant.policy, self.net)
+    }
+
+    /// Whether `other` settles the same tenant under the same configuration
+    /// (same domain and limits), so the two may be netted.
+    pub(crate) fn same_account(&self, other: &Settle) -> bool {
+        Rc::ptr_eq(&self.plugin, &other.plugin) && self.tenant_idx == other.tenant_idx
+    }
+}
+
+impl PartialEq for Settle {
+    fn eq(&self, other: &Settle) -> bool {
+        self.same_account(other) && self.net == other.net
+    }
+}
+
+impl Eq for Settle {}
+
+/// One tenant's netted settles (see [`SettleNets`]).
+#[derive(Debug)]
+pub(crate) struct PendingNet {
+    /// The configuration the settles were made under, and the tenant's index in it.
+    pub(crate) plugin: Rc<Plugin>,
+    pub(crate) tenant_idx: usize,
+    pub(crate) net: SettleNet,
+    /// The first settle's idempotency key, and how many were netted.
+    pub(crate) first_key: String,
+    pub(crate) count: usize,
+    pub(crate) first_ms: u64,
+}
+
+/// Settles of finished requests not yet in the journal, netted per tenant
+/// (in order of first use); [`SettleNets::queue`] turns each into one journal
+/// entry, once per tick.
+#[derive(Debug, Default)]
+pub struct SettleNets {
+    nets: Vec<PendingNet>,
+    /// Index into `nets` by tenant id.
+    of_tenant: HashMap<String, usize>,
+}
+
+impl SettleNets {
+    /// Adds one request's settle to its tenant's net. `key` makes the
+    /// idempotency key of the first one. A settle made under another
+    /// configuration of the same tenant first queues what is netted into
+    /// `journal`: it is its own settle.
+    pub fn add(
+        &mut self,
+        journal: &mut Journal,
+        plugin: &Rc<Plugin>,
+        tenant_idx: usize,
+        net: SettleNet,
+        key: impl FnOnce() -> String,
+        now_ms: u64,
+    ) {
+        let Some(tenant) = plugin.tenants.get(tenant_idx) else { return };
+        if let Some(p) = self.of_tenant.get(tenant.id.as_str()).and_then(|&i| self.nets.get_mut(i)) {
+            if Rc::ptr_eq(&p.plugin, plugin) && p.tenant_idx == tenant_idx {
+                p.net.add(net);
+                p.count += 1;
+                return;
+            }
+            // Another configuration of the same tenant: its own settle.
+            self.queue(journal);
+        }
+        self.of_tenant.insert(tenant.id.clone(), self.nets.len());
+        self.nets.push(PendingNet {
+            plugin: Rc::clone(plugin),
+            tenant_idx,
+            net,
+            first_key: key(),
+            count: 1,
+            first_ms: now_ms,
+        });
+    }
+
+    /// Puts the netted settles in `journal`, one typed entry per tenant
+    /// (key: the first settle's, `+<count>` when several were netted; the
+    /// same keys [`crate::ratelimit::outbox::merge`] gives). Returns how many
+    /// were dropped from a full journal.
+    pub fn queue(&mut self, journal: &mut Journal) -> u64 {
+        self.of_tenant.clear();
+        let mut dropped = 0;
+        for p in std::mem::take(&mut self.nets) {
+            let Some(settle) = Settle::new(&p.plugin, p.tenant_idx, p.net) else {
+                continue;
+            };
+            let key = if p.count == 1 { p.first_key } else { format!("{}+{}", p.first_key, p.count) };
+            dropped += journal.push(Entry::settle(settle, key, true, p.first_ms));
+        }
+        if dropped > 0 {
+            log::warn!("tollgate: settle journal full; dropped {dropped} settles");
+        }
+        dropped
+    }
+
+    /// Tenants with settles netted and not yet queued.
+    pub fn len(&self) -> usize {
+        self.nets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::descriptors::tests::policy;
+
+    #[test]
+    fn settle_refunds_and_adds() {
+        let p = policy();
+        let req = build_settle(
+            "d",
+            "acme",
+            &p,
+            Amounts { tokens: 300, micros: 4500 },
+            Amounts { tokens: 120, micros: 5000 },
+            (1, 1),
+        )
+        .unwrap();
+        assert_eq!(req.descriptors.len(), 3);
+        assert!(req.descriptors[0].is_negative_hits);
+        assert_eq!(req.descriptors[0].hits_addend.as_ref().unwrap().value, 180);
+        assert!(!req.descriptors[2].is_negative_hits);
+        assert_eq!(req.descriptors[2].hits_addend.as_ref().unwrap().value, 500);
+        assert!(build_settle(
+            "d",
+            "acme",
+            &p,
+            Amounts { tokens: 1, micros: 1 },
+            Amounts { tokens: 1, micros: 1 },
+            (1, 1)
+        )
+        .is_none());
+    }
+}
