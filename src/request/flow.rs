@@ -74,14 +74,37 @@ struct Replay {
     key: String,
 }
 
-/// Where the request is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the request is, with what only that step has.
+// The phase lives inside the request's context, one heap object already:
+// boxing the large `Upstream` would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
 enum Phase {
+    /// Reading the headers and the body.
     Start,
+    /// A reply was sent; nothing more happens.
     Refused,
-    Waiting,
-    Upstream,
+    /// The reserve call is in flight.
+    Waiting(Pending),
+    /// Sent upstream; its response is metered as it passes.
+    Upstream(Upstream),
+    /// Finished: reported and settled.
     Done,
+}
+
+/// A request sent upstream.
+#[derive(Debug, Default)]
+struct Upstream {
+    /// What was reserved for it (none when no limit applies).
+    reservation: Option<Reservation>,
+    /// Meters the response body (and strips the usage chunk when asked),
+    /// from the response headers on.
+    tap: Option<StreamTap>,
+    /// A non-streamed response held until complete, for the usage headers.
+    hold_body: bool,
+    /// The response's status (0 until its headers arrive).
+    status: u16,
+    first_byte_ms: Option<u64>,
 }
 
 /// State of one request.
@@ -101,25 +124,18 @@ pub struct RequestFlow {
     model_served: String,
     input_estimate: u64,
     output_requested: u64,
-    pending: Option<Pending>,
     clamp_tried: bool,
     reserve_attempts: u32,
     /// Admitted from this worker's quota lease, without a call.
     leased: bool,
     clamped_to: Option<u64>,
     fallback_used: bool,
-    reservation: Option<Reservation>,
     slot: Option<Slot>,
-    // Response.
-    /// Meters the response body (and strips the usage chunk when asked).
-    tap: Option<StreamTap>,
+    /// Hide the usage chunk tollgate asked for from the client.
     strip_usage: bool,
     /// The route's provider takes `stream_options.include_usage`.
     inject_usage: bool,
-    hold_body: bool,
-    upstream_status: u16,
     start_ms: u64,
-    first_byte_ms: Option<u64>,
 }
 
 impl RequestFlow {
@@ -140,21 +156,15 @@ impl RequestFlow {
             model_served: String::new(),
             input_estimate: 0,
             output_requested: 0,
-            pending: None,
             clamp_tried: false,
             reserve_attempts: 0,
             leased: false,
             clamped_to: None,
             fallback_used: false,
-            reservation: None,
             slot: None,
-            tap: None,
             strip_usage: false,
             inject_usage: false,
-            hold_body: false,
-            upstream_status: 0,
             start_ms: 0,
-            first_byte_ms: None,
         }
     }
 
@@ -408,10 +418,10 @@ impl RequestFlow {
                 shared.leases.refills.insert(idx, until);
             } else if let Some(states) = shared.leases.draw(idx, estimate, now_ms) {
                 drop(shared);
-                self.reservation =
-                    Some(Reservation { estimate, states, charged: true, fail_open: false, replay: None, lease: 0 });
                 self.leased = true;
-                return self.forward();
+                let reservation =
+                    Reservation { estimate, states, charged: true, fail_open: false, replay: None, lease: 0 };
+                return self.forward_with(Some(reservation));
             }
         }
         let total = times(estimate, 1 + lease);
@@ -427,13 +437,17 @@ impl RequestFlow {
             let key = format!("{}:r{}", self.idempotency_base(), self.reserve_attempts);
             (vec![(rls::META_IDEMPOTENCY_KEY.to_string(), key.clone())], Some(Replay { message: message.clone(), key }))
         };
-        self.pending = Some(Pending { kinds, estimate, lease, replay });
-        self.phase = Phase::Waiting;
+        self.phase = Phase::Waiting(Pending { kinds, estimate, lease, replay });
         BodyStep::Call(RlsCall { cluster: rl.cluster.clone(), message, metadata, timeout_ms: rl.timeout_ms })
     }
 
     fn forward(&mut self) -> BodyStep {
-        self.phase = Phase::Upstream;
+        self.forward_with(None)
+    }
+
+    /// Sends the request upstream under `reservation`.
+    fn forward_with(&mut self, reservation: Option<Reservation>) -> BodyStep {
+        self.phase = Phase::Upstream(Upstream { reservation, ..Upstream::default() });
         let body = if self.body_dirty { self.body.as_ref().and_then(|v| serde_json::to_vec(v).ok()) } else { None };
         let mut set_headers = std::mem::take(&mut self.extra_headers);
         if let Some(b) = &body {
@@ -460,8 +474,12 @@ impl RequestFlow {
     /// the call failed or timed out.
     pub fn on_rls_reply(&mut self, reply: Result<&[u8], u32>, now_ms: u64) -> BodyStep {
         let plugin = Rc::clone(&self.plugin);
-        let Some(pending) = self.pending.take() else {
-            return self.forward();
+        let pending = match std::mem::replace(&mut self.phase, Phase::Start) {
+            Phase::Waiting(pending) => pending,
+            // No reserve in flight: the request goes (keeping a reservation
+            // it already has).
+            Phase::Upstream(up) => return self.forward_with(up.reservation),
+            _ => return self.forward(),
         };
         let (Some(tenant_idx), Some(rl)) = (self.tenant, plugin.rate_limit.as_ref()) else {
             return self.forward();
@@ -486,15 +504,14 @@ impl RequestFlow {
                 if pending.lease > 0 {
                     self.grant_lease(tenant_idx, &pending, &states, now_ms);
                 }
-                self.reservation = Some(Reservation {
+                self.forward_with(Some(Reservation {
                     estimate: pending.estimate,
                     states,
                     charged: rl.mode == RlsMode::Reserve,
                     fail_open: false,
                     replay: None,
                     lease: 0,
-                });
-                self.forward()
+                }))
             }
             Verdict::Refuse { states, hit } => {
                 self.note_budget(tenant_idx, &states);
@@ -570,15 +587,14 @@ impl RequestFlow {
             reply.headers.extend(llm::retry_headers(reset_ms, true));
             return BodyStep::Reply(reply);
         }
-        self.reservation = Some(Reservation {
+        self.forward_with(Some(Reservation {
             estimate,
             states: Vec::new(),
             charged: false,
             fail_open: true,
             replay: pending.replay,
             lease: pending.lease,
-        });
-        self.forward()
+        }))
     }
 
     fn note_budget(&self, tenant_idx: usize, states: &[LimitState]) {
@@ -620,11 +636,11 @@ impl RequestFlow {
             return step;
         }
         step.set.push((self.plugin.request_id_header.clone(), self.request_id.clone()));
-        if self.phase != Phase::Upstream {
+        let Phase::Upstream(up) = &mut self.phase else {
             return step;
-        }
-        self.upstream_status = status;
-        if let Some(r) = &self.reservation {
+        };
+        up.status = status;
+        if let Some(r) = &up.reservation {
             step.set.extend(headers::ratelimit_headers(&r.states));
         }
         if let Some(n) = self.clamped_to {
@@ -637,9 +653,9 @@ impl RequestFlow {
             return step;
         };
         let meter = ResponseMeter::new(api, info.stream, MeterLimits::default());
-        self.tap = Some(StreamTap::new(meter, self.strip_usage && (200..300).contains(&status)));
-        self.hold_body = !info.stream && self.plugin.metering.usage_headers;
-        step.hold_body = self.hold_body;
+        up.tap = Some(StreamTap::new(meter, self.strip_usage && (200..300).contains(&status)));
+        up.hold_body = !info.stream && self.plugin.metering.usage_headers;
+        step.hold_body = up.hold_body;
         step
     }
 
@@ -668,14 +684,14 @@ impl RequestFlow {
         now_ms: u64,
         read: &mut dyn FnMut(usize, usize) -> Vec<u8>,
     ) -> ResponseChunk {
-        if self.phase != Phase::Upstream {
+        let Phase::Upstream(up) = &mut self.phase else {
             return ResponseChunk::default();
-        }
-        if self.first_byte_ms.is_none() && chunk_len > 0 {
-            self.first_byte_ms = Some(now_ms);
+        };
+        if up.first_byte_ms.is_none() && chunk_len > 0 {
+            up.first_byte_ms = Some(now_ms);
         }
         let mut taken = ResponseChunk::default();
-        if let Some(t) = self.tap.as_mut() {
+        if let Some(t) = up.tap.as_mut() {
             let pushed = t.push_read(chunk_len, read);
             taken.out.edit = pushed.edit;
             taken.chunk = pushed.chunk;
@@ -692,7 +708,7 @@ impl RequestFlow {
         if !end_of_stream {
             return (out, None);
         }
-        if let Some(t) = self.tap.as_mut() {
+        if let Phase::Upstream(Upstream { tap: Some(t), .. }) = &mut self.phase {
             out.append = t.end_stream();
         }
         let finish = self.finish(now_ms, true);
@@ -702,24 +718,23 @@ impl RequestFlow {
 
     /// The response ended without a body (headers-only end of stream).
     pub fn on_response_end(&mut self, now_ms: u64) -> Option<Finish> {
-        (self.phase == Phase::Upstream).then(|| self.finish(now_ms, true))
+        matches!(self.phase, Phase::Upstream(_)).then(|| self.finish(now_ms, true))
     }
 
     /// Whether [`RequestFlow::on_stream_done`] has anything left to do (so
     /// the glue reads the clock only then).
     pub fn has_work_at_stream_end(&self) -> bool {
-        matches!(self.phase, Phase::Upstream | Phase::Waiting) || self.slot.is_some()
+        matches!(self.phase, Phase::Upstream(_) | Phase::Waiting(_)) || self.slot.is_some()
     }
 
     /// The stream is over (`on_log`): settles what has not been settled,
     /// e.g. after a client disconnect or an upstream reset.
     pub fn on_stream_done(&mut self, now_ms: u64) -> Option<Finish> {
-        let out = (self.phase == Phase::Upstream).then(|| self.finish(now_ms, false));
-        if self.phase == Phase::Waiting {
+        let out = matches!(self.phase, Phase::Upstream(_)).then(|| self.finish(now_ms, false));
+        if matches!(self.phase, Phase::Waiting(_)) {
             // Gone while its reserve was in flight (client disconnect): the
             // answer will never be read, so the reservation is resolved later.
-            self.phase = Phase::Done;
-            if let Some(pending) = self.pending.take() {
+            if let Phase::Waiting(pending) = std::mem::replace(&mut self.phase, Phase::Done) {
                 self.cancel_reservation(&pending, now_ms);
             }
         }
@@ -730,12 +745,15 @@ impl RequestFlow {
     }
 
     fn finish(&mut self, now_ms: u64, reached_end: bool) -> Finish {
-        self.phase = Phase::Done;
+        let up = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Upstream(up) => up,
+            _ => Upstream::default(),
+        };
         let plugin = Rc::clone(&self.plugin);
         let Some(tenant) = self.tenant.and_then(|i| plugin.tenants.get(i)) else {
             return Finish::default();
         };
-        let metered = self.tap.take().map(StreamTap::finish).unwrap_or_default();
+        let metered = up.tap.map(StreamTap::finish).unwrap_or_default();
         let label = plugin.metric_tenant(tenant);
         let names = self.shared.borrow_mut().metric_names(&label, &self.model_served);
         let facts = record::Facts {
@@ -746,24 +764,24 @@ impl RequestFlow {
             model_requested: self.info.as_ref().map_or("", |i| i.model.as_str()),
             model_served: &self.model_served,
             input_estimate: self.input_estimate,
-            upstream_status: self.upstream_status,
+            upstream_status: up.status,
             start_ms: self.start_ms,
-            first_byte_ms: self.first_byte_ms,
+            first_byte_ms: up.first_byte_ms,
             now_ms,
             reached_end,
             leased: self.leased,
-            usage_headers: self.hold_body,
+            usage_headers: up.hold_body,
         };
         let (out, usage, micros) = record::report(&plugin, &facts, metered, &names);
-        self.queue_settle(usage, micros, now_ms);
+        self.queue_settle(up.reservation, usage, micros, now_ms);
         out
     }
 
-    fn queue_settle(&mut self, usage: Usage, micros: u64, now_ms: u64) {
+    fn queue_settle(&mut self, reservation: Option<Reservation>, usage: Usage, micros: u64, now_ms: u64) {
         if self.plugin.rate_limit.is_none() {
             return;
         }
-        let Some(r) = self.reservation.take() else { return };
+        let Some(r) = reservation else { return };
         let actual = Amounts { tokens: usage.total.max(usage.sum()), micros };
         let base = self.idempotency_base();
         let tenant_idx = self.tenant;
