@@ -396,6 +396,33 @@ impl JsonSplitter {
     }
 }
 
+/// How a response body is framed, told by its first non-blank byte: `{` is
+/// one JSON document, `[` a JSON array of chunks, anything else server-sent
+/// events. The one rule both the meter and the stream tap's fast path go by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyShape {
+    Json,
+    JsonArray,
+    Sse,
+}
+
+impl BodyShape {
+    /// The shape a body starting with `first` (not blank) has.
+    pub fn of(first: u8) -> Self {
+        match first {
+            b'{' => BodyShape::Json,
+            b'[' => BodyShape::JsonArray,
+            _ => BodyShape::Sse,
+        }
+    }
+
+    /// The offset and shape of the first non-blank byte of `chunk`.
+    pub fn sniff(chunk: &[u8]) -> Option<(usize, Self)> {
+        let at = chunk.iter().position(|b| !b.is_ascii_whitespace())?;
+        chunk.get(at).map(|&b| (at, BodyShape::of(b)))
+    }
+}
+
 #[derive(Debug)]
 enum Framing {
     /// Nothing but whitespace seen yet.
@@ -441,21 +468,20 @@ impl ResponseMeter {
         self.bytes_seen = self.bytes_seen.saturating_add(chunk.len() as u64);
         let mut chunk = chunk;
         if let Framing::Sniffing = self.framing {
-            let skip = chunk.iter().take_while(|b| b.is_ascii_whitespace()).count();
-            chunk = chunk.get(skip..).unwrap_or(&[]);
-            let Some(&first) = chunk.first() else {
+            let Some((skip, shape)) = BodyShape::sniff(chunk) else {
                 return;
             };
-            self.framing = match first {
-                b'{' | b'[' => {
-                    let max = if self.streaming && first == b'[' {
+            chunk = chunk.get(skip..).unwrap_or(&[]);
+            self.framing = match shape {
+                BodyShape::Json | BodyShape::JsonArray => {
+                    let max = if self.streaming && shape == BodyShape::JsonArray {
                         self.limits.max_event_bytes
                     } else {
                         self.limits.max_body_bytes
                     };
                     Framing::Json(JsonSplitter::new(max, self.limits.salvage_tail_bytes))
                 }
-                _ => Framing::Sse(
+                BodyShape::Sse => Framing::Sse(
                     SseParser::new(self.limits.max_event_bytes).with_oversized_tail(self.limits.salvage_tail_bytes),
                 ),
             };
@@ -1130,5 +1156,15 @@ mod tests {
         out.extend(t.end_stream());
         assert_eq!(out.len(), 2 + 100 * 1000 + 2);
         assert_eq!(t.stripped(), 1);
+    }
+
+    #[test]
+    fn a_body_is_shaped_by_its_first_non_blank_byte() {
+        assert_eq!(BodyShape::sniff(b" \r\n{\"a\":1}"), Some((3, BodyShape::Json)));
+        assert_eq!(BodyShape::sniff(b"[{}]"), Some((0, BodyShape::JsonArray)));
+        assert_eq!(BodyShape::sniff(b"\ndata: {}"), Some((1, BodyShape::Sse)));
+        assert_eq!(BodyShape::sniff(b": ping\n\n"), Some((0, BodyShape::Sse)));
+        assert_eq!(BodyShape::sniff(b" \t\r\n"), None);
+        assert_eq!(BodyShape::sniff(b""), None);
     }
 }

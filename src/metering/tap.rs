@@ -78,7 +78,7 @@ use std::mem;
 
 use crate::llm::openai_chat::is_usage_only_chunk;
 use crate::llm::Api;
-use crate::metering::meter::ResponseMeter;
+use crate::metering::meter::{BodyShape, ResponseMeter};
 use crate::metering::scan::Hits;
 use crate::metering::sse::SseParser;
 use crate::metering::usage::Metered;
@@ -473,8 +473,7 @@ impl StreamTap {
                 self.push_fast(chunk, true)
             }
             Mode::Sniff => {
-                let first = chunk.iter().find(|b| !b.is_ascii_whitespace()).copied();
-                let Some(first) = first else {
+                let Some((_, shape)) = BodyShape::sniff(chunk) else {
                     self.meter.push(chunk);
                     if self.ws.len().saturating_add(chunk.len()) > MAX_HOLD_BYTES {
                         self.mode = Mode::Delegate;
@@ -484,7 +483,7 @@ impl StreamTap {
                     }
                     return ChunkEdit::Unchanged;
                 };
-                let fast = self.meter.api() == Api::OpenaiChat && first != b'{' && first != b'[';
+                let fast = self.meter.api() == Api::OpenaiChat && shape == BodyShape::Sse;
                 if !fast {
                     self.mode = Mode::Delegate;
                     self.ws = Vec::new();
