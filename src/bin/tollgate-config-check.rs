@@ -1,3 +1,5 @@
+//! Will Envoy accept this configuration?
+//!
 //! `tollgate-config-check`: checks tollgate configurations the way the filter
 //! will, before they reach Envoy or Istio.
 //!

@@ -1,3 +1,5 @@
+//! Which settles are still to reach the rate-limit service, and when is each sent again?
+//!
 //! The settle journal: charges and refunds waiting to reach the rate-limit
 //! service, kept per VM and sent from the root context.
 //!

@@ -1,3 +1,5 @@
+//! Does a whole request come out right through the contexts Envoy calls?
+//!
 //! Whole requests through the contexts Envoy calls, against the recording
 //! host: what reaches the provider, what the client gets, what is metered
 //! and settled.
