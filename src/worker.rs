@@ -35,9 +35,10 @@ pub struct Worker {
     /// used, as of the last answer seen.
     pub(crate) budget_used: HashMap<usize, u64>,
     pub(crate) model_labels: HashSet<String>,
-    /// Metric names by tenant and model as served (at most
-    /// `metrics::MAX_MODEL_LABELS` models per tenant are kept).
-    /// Keyed by tenant id, not index: a reconfiguration may renumber tenants.
+    /// Metric names by the tenant's metric label (`Plugin::metric_tenant`)
+    /// and model as served (at most `metrics::MAX_MODEL_LABELS` models per
+    /// label are kept). Keyed by label, not index: a reconfiguration may
+    /// renumber tenants.
     pub(crate) metric_names: HashMap<String, HashMap<String, Rc<metrics::TenantModelNames>>>,
     /// Requests in flight per tenant on this worker (slots taken in the
     /// shared table, or locally when it was unavailable).
@@ -134,6 +135,19 @@ impl Worker {
 
     /// Queues the refund of every lease's unused quota, expired or not; the
     /// plugin is being removed. Returns how many leases there were.
+    /// A new configuration replaces `old` on this worker. State keyed by
+    /// tenant index belongs to the old numbering: leases are given back under
+    /// the old configuration, budget shares, last answers, lease refills and
+    /// fail-open windows start afresh. Returns the leases given back.
+    pub fn reconfigured(&mut self, old: &Rc<Plugin>, now_ms: u64) -> usize {
+        let n = self.release_leases(old, now_ms);
+        self.leases.last_states.clear();
+        self.leases.refills.clear();
+        self.budget_used.clear();
+        self.allowance = Allowance::default();
+        n
+    }
+
     pub fn release_leases(&mut self, plugin: &Rc<Plugin>, now_ms: u64) -> usize {
         let (n, refunds) = self.leases.refunds(plugin, now_ms, true);
         for e in refunds {

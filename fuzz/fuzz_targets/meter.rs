@@ -75,7 +75,7 @@ fn tap(
     (out, n, t.finish())
 }
 
-/// The tap driven as the glue drives it: each chunk through `push_read`,
+/// The tap driven as the host contexts drives it: each chunk through `push_read`,
 /// which reads only what it needs (tiny edge bounds, so small chunks are
 /// edge-scanned, and a chunk that spans the 24-byte head is split after it;
 /// a tail of 16 bytes is still more than the `[DONE]` event after the usage

@@ -113,8 +113,14 @@ impl Root {
         }
         // The tick also hands counters to the host: always on.
         if !host.set_tick_ms(TICK_MS) {
-            log::error!("tollgate: cannot set the tick period");
             return false;
+        }
+        let now = host.now_ms();
+        if let (Some(old), Some(worker)) = (&self.plugin, &self.worker) {
+            let n = worker.borrow_mut().reconfigured(old, now);
+            if n > 0 {
+                log::info!("tollgate: reconfigured: gave back {n} quota leases of the previous configuration");
+            }
         }
         if self.worker.is_none() {
             let capacity = plugin.rate_limit.as_ref().map_or(1, |r| r.journal_capacity);
@@ -218,7 +224,12 @@ impl Root {
         for entry in due {
             // Settles stay typed until here: built into descriptors and
             // encoded only as they are sent.
-            let Some(message) = entry.encode() else { continue };
+            let Some(message) = entry.encode() else {
+                // Nothing to charge or refund (a settle that nets to zero
+                // is never queued): counted as dropped, never silent.
+                worker.borrow_mut().journal.dropped += 1;
+                continue;
+            };
             let sent = host.dispatch_rls(&rl.cluster, &entry.metadata(), &message, rl.timeout_ms.max(1000));
             drop(message);
             let mut w = worker.borrow_mut();

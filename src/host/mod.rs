@@ -45,9 +45,10 @@ pub enum Map {
     ResponseHeaders,
 }
 
-/// Everything tollgate asks of its host. Reads answer `None`/empty when the
-/// host fails; writes log their own failures: a failed host call never stops
-/// the filter.
+/// Everything tollgate asks of its host. Reads of the stream answer empty or
+/// `None` when the host fails, calls out and the configuration read answer
+/// `Err`; writes log their own failures: a failed host call never stops the
+/// filter.
 pub trait Host {
     /// Milliseconds since the Unix epoch.
     fn now_ms(&mut self) -> u64;

@@ -11,7 +11,7 @@ pub const JWT_AUTHN_PROVIDER: &str = "envoy.filters.http.jwt_authn";
 /// Extracts tenant and user from a payload that Envoy's `jwt_authn` filter
 /// already verified and stored with `payload_in_metadata`.
 ///
-/// The glue reads it with `get_property(["metadata", "filter_metadata",
+/// The host contexts reads it with `get_property(["metadata", "filter_metadata",
 /// "envoy.filters.http.jwt_authn", <payload_in_metadata>])`. Envoy answers a
 /// `Struct` value at the end of a property path with the *binary protobuf*
 /// of a `google.protobuf.Struct` (its `serializeValue` exports CEL maps that

@@ -45,7 +45,7 @@
 //!   oversized event is streamed to the parser, or right after a removed
 //!   event's closing CR (its LF may start the chunk).
 //!
-//!   [`StreamTap::push_read`] drives this for the glue, through a reader of
+//!   [`StreamTap::push_read`] drives this for the host contexts, through a reader of
 //!   the chunk: it reads the window when one applies, and a large chunk that
 //!   starts before the end of the head (the whole stream can arrive as one
 //!   chunk when Envoy reads the upstream late) is taken as two: its first
@@ -94,7 +94,7 @@ pub const EDGE_HEAD_BYTES: usize = 16 * 1024;
 /// end of a chunk is parsed (or skimmed) as on the full path.
 pub const EDGE_TAIL_BYTES: usize = 8 * 1024;
 /// Edge scanning: how far before the tail the boundary of the event that
-/// straddles it is looked for; the glue reads
+/// straddles it is looked for; the host contexts reads
 /// `EDGE_TAIL_BYTES + EDGE_SEARCH_BYTES` bytes of a large chunk.
 pub const EDGE_SEARCH_BYTES: usize = 8 * 1024;
 /// Edge scanning: chunks shorter than this are framed in full (so at most
@@ -153,7 +153,7 @@ impl ChunkEdit {
     /// Whether writing this edit back over a chunk of `chunk_len` bytes needs
     /// the chunk's own bytes. The host can only drain the front of a chunk,
     /// prepend and append, so an edit that keeps anything other than a suffix
-    /// of the chunk rewrites it from its first byte: a glue that read only a
+    /// of the chunk rewrites it from its first byte: a host context that read only a
     /// window of the chunk must then read all of it.
     pub fn needs_chunk_bytes(&self, chunk_len: usize) -> bool {
         match self {
@@ -1173,7 +1173,7 @@ mod tests {
         }
     }
 
-    /// The tap over `chunks` the way the glue drives it: each chunk through
+    /// The tap over `chunks` the way the host contexts drives it: each chunk through
     /// `push_read`, from a reader that checks every read is inside the chunk.
     /// Returns what it forwarded, what it metered, the chunks edge-scanned
     /// (read only in part), and those of them that released a held event.

@@ -1,7 +1,8 @@
 //! Which settles are still to reach the rate-limit service, and when is each sent again?
 //!
-//! The settle journal: charges and refunds waiting to reach the rate-limit
-//! service, kept per VM and sent from the root context.
+//! The outbox (its type is still called `Journal`, as the `journal_capacity`
+//! setting is): charges and refunds waiting to reach the rate-limit service,
+//! kept per VM and sent from the root context.
 //!
 //! Settles are sent from the root context's tick, never from the request's
 //! own context, because a request context is gone by the time the answer to a

@@ -8,7 +8,7 @@ use crate::llm::LocalReply;
 use crate::metering::tap::ChunkEdit;
 use crate::request::header_plan::HeaderPlan;
 
-/// What the glue does after the request headers.
+/// What the host contexts does after the request headers.
 #[derive(Debug, PartialEq)]
 pub enum HeadersStep {
     /// Send this reply and stop the request.
@@ -28,7 +28,7 @@ pub struct RlsCall {
     pub timeout_ms: u64,
 }
 
-/// What the glue does after the request body (or the reserve answer).
+/// What the host contexts does after the request body (or the reserve answer).
 #[derive(Debug, PartialEq)]
 pub enum BodyStep {
     /// Keep buffering.
@@ -41,7 +41,7 @@ pub enum BodyStep {
     Forward { body: Option<Vec<u8>>, set_headers: Vec<(String, String)> },
 }
 
-/// What the glue does with the response headers.
+/// What the host contexts does with the response headers.
 #[derive(Debug, Default, PartialEq)]
 pub struct ResponseHeadersStep {
     pub set: Vec<(String, String)>,

@@ -206,7 +206,7 @@ impl RequestFlow {
     }
 
     /// [`Self::on_request_headers`] with the payload Envoy's `jwt_authn`
-    /// filter left in dynamic metadata, when the glue found one.
+    /// filter left in dynamic metadata, when the host contexts found one.
     pub fn on_request_headers_with(
         &mut self,
         headers: &Headers,
@@ -722,7 +722,7 @@ impl RequestFlow {
     }
 
     /// Whether [`RequestFlow::on_stream_done`] has anything left to do (so
-    /// the glue reads the clock only then).
+    /// the host contexts reads the clock only then).
     pub fn has_work_at_stream_end(&self) -> bool {
         matches!(self.phase, Phase::Upstream(_) | Phase::Waiting(_)) || self.slot.is_some()
     }
@@ -1286,7 +1286,7 @@ mod tests {
         assert!(read <= 4 * 16 * 1024, "read {read} of {}", bytes.len());
         assert_eq!(taken.read, read);
         assert!(taken.chunk.is_none());
-        // Writing the removal back needs the chunk (the glue reads it then).
+        // Writing the removal back needs the chunk (the host contexts reads it then).
         assert!(taken.out.edit.needs_chunk_bytes(bytes.len()));
         assert_eq!(taken.out.bytes(bytes), format!("{content}data: [DONE]\n\n").into_bytes());
         let fin = taken.finish.expect("end of stream");
@@ -1555,7 +1555,7 @@ mod tests {
 
     #[test]
     fn workers_share_the_cap_through_one_table() {
-        // Two VMs (workers) with their own `Shared` but one slot table.
+        // Two VMs (workers) with their own `Worker` but one slot table.
         struct Both(Rc<crate::admission::inflight::LocalStore>);
         impl SlotStore for Both {
             fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), crate::admission::inflight::StoreError> {

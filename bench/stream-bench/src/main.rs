@@ -15,7 +15,7 @@
 //! Prints MB/s for the meter alone and for the meter plus the usage-chunk
 //! stripper (what the filter runs when it injected `include_usage`), each with
 //! every byte framed and with edge scanning (the filter's path: a large chunk
-//! is read from `StreamTap::window` on, as the glue does), and checks that the
+//! is read from `StreamTap::window` on, as the host contexts does), and checks that the
 //! usage was metered exactly and the usage chunk removed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test and bench code: a failure should stop loudly
 
@@ -63,7 +63,7 @@ fn bulk_stream(total: usize, openai: bool) -> (Vec<u8>, u64, String) {
 /// One pass; `collect` also gathers the forwarded bytes (outside the timing's
 /// purpose: the filter forwards in place).
 /// `edge`: each chunk goes through `push_read`, which reads only what edge
-/// scanning needs (the bytes the glue would copy are counted in `read`).
+/// scanning needs (the bytes the host contexts would copy are counted in `read`).
 fn run(body: &[u8], chunk: usize, strip: bool, edge: bool, collect: bool) -> (f64, u64, Vec<u8>, u64, usize) {
     let t0 = Instant::now();
     let mut tap = StreamTap::new(ResponseMeter::new(Api::OpenaiChat, true, MeterLimits::default()), strip);
@@ -75,7 +75,7 @@ fn run(body: &[u8], chunk: usize, strip: bool, edge: bool, collect: bool) -> (f6
     let mut read = 0usize;
     for piece in body.chunks(chunk) {
         let edit = if edge {
-            // As the glue: the tap reads what it needs (copies, as the
+            // As the host contexts: the tap reads what it needs (copies, as the
             // host's get_buffer does).
             let pushed = tap.push_read(piece.len(), &mut |from, len| piece[from..from + len].to_vec());
             read += pushed.read;

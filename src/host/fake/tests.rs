@@ -276,3 +276,36 @@ fn metrics_carry_the_tier_not_the_tenant_when_so_configured() {
     // The access log still names the tenant.
     assert_eq!(host.properties.get("tollgate_tenant").map(String::as_str), Some("acme"));
 }
+
+#[test]
+fn a_reconfiguration_gives_back_leases_under_the_tenants_they_belong_to() {
+    let (mut root, mut host) = configured(true);
+    for _ in 0..3 {
+        let mut http = send_request(&root, &mut host, BODY);
+        http.on_log(&mut host);
+    }
+    // The new configuration puts another tenant first: acme's index changes.
+    let other = format!(
+        r#"{{"id": "globex", "tier": "pro", "api_key_sha256": ["{}"], "provider_key_env": {{"openai": "ACME_OPENAI_KEY"}}}}, "#,
+        sha256_hex("sk-globex")
+    );
+    let cfg = config(true).replacen(r#""tenants": ["#, &format!(r#""tenants": [{other}"#), 1);
+    host.config = cfg.into_bytes();
+    let before = host.rls_calls.len();
+    assert!(root.on_configure(&mut host));
+    // Every settle from now on, the lease's expiry included, names acme:
+    // none is charged or refunded to the tenant that took its index.
+    for _ in 0..3 {
+        host.now_ms += 60_000;
+        root.on_tick(&mut host);
+    }
+    let after = &host.rls_calls[before..];
+    assert!(!after.is_empty(), "the lease is given back");
+    for call in after {
+        let req = rls::RateLimitRequest::decode(call.message.as_slice()).expect("an RLS request");
+        for d in &req.descriptors {
+            let tenant = d.entries.iter().find(|e| e.key == "tenant").map(|e| e.value.as_str());
+            assert_eq!(tenant, Some("acme"), "{:?}", call.meta(rls::META_IDEMPOTENCY_KEY));
+        }
+    }
+}

@@ -6,7 +6,7 @@ use super::jwks::KeySet;
 
 /// Keys of a remote JWKS, with the refresh schedule.
 ///
-/// Pure state machine: the glue asks [`KeyStore::is_refresh_due`], calls
+/// Pure state machine: the host contexts asks [`KeyStore::is_refresh_due`], calls
 /// [`KeyStore::begin_refresh`] when it dispatches the fetch, and reports the
 /// outcome with [`KeyStore::complete_refresh`]. A failed or unparsable fetch
 /// keeps the last good keys and is retried with backoff (5 s, 10 s, 20 s, ...

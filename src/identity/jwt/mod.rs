@@ -1,7 +1,7 @@
 //! How is a bearer JWT verified here? JWT identity: who is calling, and for
 //! which tenant.
 //!
-//! Host-free: nothing here talks to proxy-wasm. The glue hands in the token
+//! Host-free: nothing here talks to proxy-wasm. The host contexts hands in the token
 //! (or a closure that reads request headers), the current time and, for
 //! remote key sets, the bodies of JWKS responses it fetched through an Envoy
 //! cluster. Everything else (config checks, key selection, signature and claim

@@ -36,7 +36,7 @@ struct CompiledProvider {
     require_exp: bool,
 }
 
-/// A JWKS fetch the glue should dispatch (`GET path` to `cluster`).
+/// A JWKS fetch the host contexts should dispatch (`GET path` to `cluster`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwksFetch {
     /// Pass back to [`JwtVerifier::complete_jwks_fetch`].
@@ -541,13 +541,13 @@ impl JwtVerifier {
         Ok(identity)
     }
 
-    /// Whether any provider fetches its keys remotely, i.e. whether the glue
+    /// Whether any provider fetches its keys remotely, i.e. whether the host contexts
     /// needs a tick to call [`Self::plan_jwks_fetches`].
     pub fn has_remote_jwks(&self) -> bool {
         self.providers.iter().any(|p| matches!(p.keys, ProviderKeys::Remote { .. }))
     }
 
-    /// Remote JWKS fetches due at `now`, marked as in flight. The glue
+    /// Remote JWKS fetches due at `now`, marked as in flight. The host contexts
     /// dispatches each (HTTP GET through the cluster) and reports the result
     /// with [`Self::complete_jwks_fetch`], including when dispatching fails.
     /// Call it from a tick (once a second is plenty) and right after
