@@ -420,11 +420,37 @@ pub struct TenantSpec {
     /// tenant's provider API key. Envoy passes it to the VM through
     /// `vm_config.environment_variables.host_env_keys`, so the secret never
     /// appears in the config dump.
+    /// (Read as pairs sorted by provider, not a tree: a tenant's entry costs
+    /// what it holds, which matters at 100k tenants; a provider named twice is
+    /// refused.)
+    #[serde(default, deserialize_with = "provider_pairs")]
+    pub provider_key_env: Vec<(String, String)>,
+    /// Tier fields this tenant overrides (boxed: most tenants have none).
     #[serde(default)]
-    pub provider_key_env: BTreeMap<String, String>,
-    /// Tier fields this tenant overrides.
-    #[serde(default)]
-    pub overrides: Option<TierSpec>,
+    pub overrides: Option<Box<TierSpec>>,
+}
+
+/// A JSON object of provider name to variable name, as sorted pairs.
+fn provider_pairs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+    struct Pairs;
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = Vec<(String, String)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of provider name to environment variable name")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out: Vec<(String, String)> = Vec::with_capacity(map.size_hint().unwrap_or(1).min(16));
+            while let Some((provider, var)) = map.next_entry::<String, String>()? {
+                if out.iter().any(|(p, _)| *p == provider) {
+                    return Err(serde::de::Error::custom(format!("provider '{provider}' is named twice")));
+                }
+                out.push((provider, var));
+            }
+            out.sort();
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Pairs)
 }
 
 fn default_true() -> bool {

@@ -263,3 +263,15 @@ fn many_tenants_are_labelled_by_tier_by_default() {
     let p = load(j.to_string().as_bytes(), &env).unwrap();
     assert_eq!(p.tenant_label, TenantLabel::Tier);
 }
+
+#[test]
+fn a_provider_named_twice_for_a_tenant_is_refused() {
+    let raw = sample_json().to_string().replacen(
+        r#""provider_key_env":{"openai":"GLOBEX_OPENAI"}"#,
+        r#""provider_key_env":{"openai":"GLOBEX_OPENAI","openai":"OTHER"}"#,
+        1,
+    );
+    assert!(raw.contains(r#""openai":"OTHER""#), "{raw}");
+    let e = load(raw.as_bytes(), &env).unwrap_err().to_string();
+    assert!(e.contains("provider 'openai' is named twice"), "{e}");
+}
