@@ -13,7 +13,9 @@ Run with `BENCH_ONLY=scale ./bench.sh` (builds first), or directly with
 - `tenants_last_vs_first_cpu`: at N = 100k, Envoy CPU per request for the
   keys of the last 1,000 tenants over the first 1,000 (interleaved rounds).
 - `tenants_<N>_startup_s`: Envoy start to ready, each started alone.
-- `tenants_100k_push_s`: an LDS push adding one tenant, until its key is served.
+- `tenants_100k_push_s`: an LDS push adding one tenant, until its key is
+  served; `tenants_100k_slowest_request_during_push_ms` (and before it):
+  one client of an existing tenant, request after request, during the push.
 - `tenants_<N>_rss_ready_mb`, `tenants_<N>_rss_mb` and
   `wasm_bytes_per_tenant_rss`: Envoy's resident memory when ready and after
   the load; Envoy has no stat for a wasm VM's memory (V8's linear memory is
@@ -33,6 +35,7 @@ import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -170,6 +173,21 @@ def main():
 
         # A push adding one tenant to the biggest list.
         pushed = e.listeners(extra_tenants=[hi])[1]
+        # One client of an existing tenant, request after request: its slowest
+        # answer during the push is how long the worker stalled.
+        lat, stop = [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                s0 = time.perf_counter()
+                st = harness.request(e.port, "/v1/chat/completions", sc.CHAT,
+                                     {"authorization": "Bearer " + sc.key(hi - 1)}).status
+                lat.append((time.perf_counter() - s0, st))
+
+        th = threading.Thread(target=client)
+        th.start()
+        time.sleep(2)
+        quiet = len(lat)
         t0 = time.perf_counter()
         e.update_listeners(pushed)  # writes the LDS file, then renames it
         deadline = time.time() + 300
@@ -179,6 +197,12 @@ def main():
                 break
             time.sleep(0.05)
         result("tenants_%s_push_s" % big, "%.2f" % (time.perf_counter() - t0) if r.status == 200 else "timeout")
+        time.sleep(2)
+        stop.set()
+        th.join()
+        result("tenants_%s_slowest_request_before_push_ms" % big, "%.0f" % (max(l for l, _ in lat[:quiet]) * 1000))
+        result("tenants_%s_slowest_request_during_push_ms" % big, "%.0f" % (max(l for l, _ in lat[quiet:]) * 1000))
+        result("tenants_%s_non200_during_push" % big, sum(1 for _, st in lat[quiet:] if st != 200))
     finally:
         for p in reversed(procs):
             p.stop()
