@@ -3,6 +3,8 @@
 # prints `RESULT <name>=<value>` lines: the filter (bench/run.py) and the
 # rate-limit service against the raw Redis ceiling (ratelimit-service/bench).
 # Not part of the test command. Needs wrk (Debian) and redis-benchmark.
+# BENCH_ONLY=scale runs only bench/scale.py: 10 to 100k tenants in the
+# filter's configuration (throughput, CPU, memory, startup and push times).
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
@@ -11,6 +13,9 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 ./wasm-build.sh
 cargo build --release -p tollgate-ratelimit
+if [ "${BENCH_ONLY:-}" = scale ]; then
+  exec .venv/bin/python bench/scale.py
+fi
 .venv/bin/python bench/run.py
 if [ "${1:-}" != "--filter-only" ]; then
   bash ratelimit-service/bench/bench.sh

@@ -1,7 +1,8 @@
 """tollgate benchmarks: every figure side by side with its baseline in the same run.
 
 Prints `RESULT <name>=<value>` lines. Run with ./bench.sh (builds first).
-BENCH_ONLY=stream runs only the streaming section (TTFB and throughput).
+BENCH_ONLY=stream runs only the streaming section (TTFB and throughput);
+BENCH_ONLY=scale runs only bench/scale.py (10 to 100k tenants in the config).
 
 - Throughput and added latency (wrk, POST chat completions, 1 Envoy worker):
   bare Envoy; Envoy's native C++ ratelimit filter calling our service (request
@@ -45,8 +46,8 @@ CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 KEY = "sk-bench-tenant"
 # BENCH_ONLY=stream runs only the streaming section (6); empty or "all" runs everything.
 ONLY = os.environ.get("BENCH_ONLY", "")
-if ONLY not in ("", "all", "stream"):
-    sys.exit("bench: BENCH_ONLY must be empty, all or stream, not %r" % ONLY)
+if ONLY not in ("", "all", "stream", "scale"):
+    sys.exit("bench: BENCH_ONLY must be empty, all, stream or scale, not %r" % ONLY)
 LOGDIR = tempfile.mkdtemp(prefix="tollgate-bench-")
 COMPLETION = json.dumps({
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024-07-18",
