@@ -355,3 +355,11 @@ def test_promtool_unit_tests():
     p = subprocess.run([promtool(), "test", "rules", "alerts-test.yaml"], cwd=OBS_DIR, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_the_filter_stays_under_1_5_mb():
+    # Every Envoy worker compiles the module, and Istio pulls it per pod: its
+    # size is a budget (release profile: symbols stripped, the JWT crypto
+    # stack built for size; docs/architecture.md).
+    size = os.path.getsize(os.path.join(ROOT, "build", "tollgate.wasm"))
+    assert size <= 1_500_000, f"build/tollgate.wasm is {size} bytes"

@@ -238,12 +238,17 @@ pub fn decode_plugin_config(raw: &[u8]) -> Result<serde_json::Value, ConfigError
 /// and never shrinks, and a tree costs about ten times the text.
 pub fn load(raw: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Plugin, ConfigError> {
     let is_json = raw.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    let config: PluginConfig = if is_json {
-        serde_json::from_slice(raw).map_err(|e| ConfigError::Shape(e.to_string()))?
+    // The (rare) protobuf Struct form is turned into JSON text first, so the
+    // configuration's deserializer exists once in the wasm, for text.
+    let text;
+    let json = if is_json {
+        raw
     } else {
         let value = decode_plugin_config(raw)?;
-        serde_json::from_value(value).map_err(|e| ConfigError::Shape(e.to_string()))?
+        text = serde_json::to_vec(&value).map_err(|e| ConfigError::Shape(e.to_string()))?;
+        text.as_slice()
     };
+    let config: PluginConfig = serde_json::from_slice(json).map_err(|e| ConfigError::Shape(e.to_string()))?;
     compile(&config, env)
 }
 
