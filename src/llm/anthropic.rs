@@ -72,13 +72,7 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
                     text = text.saturating_add(n);
                 }
             }
-            Observation {
-                counts: counts_of(doc.get("usage"), usage_counts),
-                model: Observation::model_at(doc.get("model")),
-                error: Observation::error_at(doc.get("error")),
-                text_bytes: text,
-                complete: false,
-            }
+            Observation::of_body(doc, usage_counts, text)
         }
     }
 }

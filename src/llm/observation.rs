@@ -87,6 +87,18 @@ impl<'a> Observation<'a> {
     pub(crate) fn error_at(v: Option<&'a Value>) -> Option<&'a Value> {
         v.filter(|e| !e.is_null())
     }
+
+    /// What a whole (non-streamed) body says: its top-level `usage`, read
+    /// by `read`, its `model` and `error`, and `text_bytes` of text.
+    pub(crate) fn of_body(doc: &'a Value, read: fn(&Value) -> RawCounts, text_bytes: u64) -> Self {
+        Observation {
+            counts: counts_of(doc.get("usage"), read),
+            model: Observation::model_at(doc.get("model")),
+            error: Observation::error_at(doc.get("error")),
+            text_bytes,
+            complete: false,
+        }
+    }
 }
 
 /// The counters of `v` when it is a usage object, read by `read`.
