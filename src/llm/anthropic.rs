@@ -4,22 +4,14 @@
 
 use serde_json::{Map, Value};
 
-use crate::llm::inspect::{body_model, body_stream, u64_at, RequestInfo};
+use crate::llm::inspect::{body_facts, RequestInfo};
 use crate::llm::observation::{count, counts_of, json_len, text_len, Observation, RawCounts};
 use crate::llm::{ModelSwap, Refusal};
 use crate::metering::usage::Usage;
 
 /// The request facts of a Messages body; usage always comes.
 pub(crate) fn request_facts(json: &Value) -> Result<RequestInfo, Refusal> {
-    let model = body_model(json)?;
-    let stream = body_stream(json)?;
-    Ok(RequestInfo {
-        model,
-        stream,
-        json_array_stream: false,
-        max_output_tokens: u64_at(json, &["max_tokens"]),
-        include_usage: true,
-    })
+    body_facts(json, "max_tokens")
 }
 
 /// Writes the max-output cap: `max_tokens`.

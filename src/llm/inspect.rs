@@ -54,6 +54,19 @@ pub(crate) fn body_stream(json: &Value) -> Result<bool, Refusal> {
     }
 }
 
+/// The facts of a body whose API always reports usage and caps its output
+/// with one top-level field (`max_output_field`): Anthropic Messages, OpenAI
+/// Responses.
+pub(crate) fn body_facts(json: &Value, max_output_field: &str) -> Result<RequestInfo, Refusal> {
+    Ok(RequestInfo {
+        model: body_model(json)?,
+        stream: body_stream(json)?,
+        json_array_stream: false,
+        max_output_tokens: u64_at(json, &[max_output_field]),
+        include_usage: true,
+    })
+}
+
 /// Parses the body and extracts what tollgate needs, refusing what no
 /// provider would accept anyway. What each API reads is in its module.
 pub fn inspect(api: Api, path: &str, body: &[u8]) -> Result<(RequestInfo, Value), Refusal> {

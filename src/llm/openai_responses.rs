@@ -4,22 +4,14 @@
 
 use serde_json::{Map, Value};
 
-use crate::llm::inspect::{body_model, body_stream, u64_at, RequestInfo};
-use crate::llm::observation::{counts_of, json_len, text_len, Observation};
+use crate::llm::inspect::{body_facts, RequestInfo};
+use crate::llm::observation::{json_len, text_len, Observation};
 use crate::llm::openai_chat::usage_counts;
 use crate::llm::{ModelSwap, Refusal};
 
 /// The request facts of a Responses body; usage always comes.
 pub(crate) fn request_facts(json: &Value) -> Result<RequestInfo, Refusal> {
-    let model = body_model(json)?;
-    let stream = body_stream(json)?;
-    Ok(RequestInfo {
-        model,
-        stream,
-        json_array_stream: false,
-        max_output_tokens: u64_at(json, &["max_output_tokens"]),
-        include_usage: true,
-    })
+    body_facts(json, "max_output_tokens")
 }
 
 /// Writes the max-output cap: `max_output_tokens`.
@@ -91,13 +83,7 @@ fn response_object(resp: &Value, count_text: bool) -> Observation<'_> {
             }
         }
     }
-    Observation {
-        counts: counts_of(resp.get("usage"), usage_counts),
-        model: Observation::model_at(resp.get("model")),
-        error: Observation::error_at(resp.get("error")),
-        text_bytes: text,
-        complete: false,
-    }
+    Observation::of_body(resp, usage_counts, text)
 }
 
 #[cfg(test)]
