@@ -8,13 +8,15 @@
 //! - [`metadata`]: the gRPC metadata keys and the request modes;
 //! - [`reserved`]: the descriptor entries that are parameters, not counter keys;
 //! - [`unit`]: the units of a limit, by number and by name;
-//! - [`bounds`]: the numbers a request must stay within.
+//! - [`bounds`]: the numbers a request must stay within;
+//! - [`registry`]: the tenant registry lookups and change feed (JSON over HTTP).
 //!
 //! See `README.md` next to this crate for the conventions in prose.
 
 pub mod bounds;
 pub mod messages;
 pub mod metadata;
+pub mod registry;
 pub mod reserved;
 pub mod unit;
 

@@ -13,7 +13,7 @@ use super::spec::{
     IdentitySpec, MeteringSpec, PluginConfig, RlsMode, TenantLabelSpec, UnmatchedRoutes, AUTO_TENANT_LABEL_MAX,
     FILTER_STATE_FIELDS,
 };
-use super::tiers::{merge_tier, Policy};
+use super::tiers::{compile_tier, merge_tier, Policy};
 use crate::llm::Api;
 
 /// Why a configuration was refused. The `path` names the field.
@@ -340,7 +340,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
     }
     let mut tier_policies: HashMap<&str, (Rc<str>, Rc<Policy>)> = HashMap::new();
     for (name, tier) in &config.tiers {
-        let policy = tier.compile(&format!("tiers.{name}"))?;
+        let policy = compile_tier(tier, &format!("tiers.{name}"))?;
         tier_policies.insert(name.as_str(), (Rc::from(name.as_str()), Rc::new(policy)));
     }
 
@@ -362,7 +362,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
             .zip(tier_policies.get(t.tier.as_str()))
             .ok_or_else(|| invalid(format!("{path}.tier"), format!("unknown tier '{}'", t.tier)))?;
         let policy = match &t.overrides {
-            Some(over) => Rc::new(merge_tier(tier, over).compile(&format!("{path}.overrides"))?),
+            Some(over) => Rc::new(compile_tier(&merge_tier(tier, over), &format!("{path}.overrides"))?),
             None => Rc::clone(tier_policy),
         };
         for (k, digest) in t.api_key_sha256.iter().enumerate() {

@@ -138,103 +138,92 @@ pub fn usd_to_micros(path: &str, usd: f64) -> Result<u64, ConfigError> {
     Ok(micros as u64)
 }
 
-impl TierSpec {
-    pub(super) fn compile(&self, path: &str) -> Result<Policy, ConfigError> {
-        let models = match &self.models {
-            Some(m) => ModelAllowlist::compile(&format!("{path}.models"), m)?,
-            None => return Err(invalid(format!("{path}.models"), "is required")),
-        };
-        let max_request_bytes = match self.max_request_bytes {
-            None => DEFAULT_MAX_REQUEST_BYTES,
-            Some(0) => return Err(invalid(format!("{path}.max_request_bytes"), "must be at least 1")),
-            Some(n) if n > MAX_REQUEST_BYTES_CEILING => {
-                return Err(invalid(
-                    format!("{path}.max_request_bytes"),
-                    format!("must be at most {MAX_REQUEST_BYTES_CEILING}"),
-                ))
-            }
-            Some(n) => n,
-        };
-        let usd_micros_per_day = match self.usd_per_day {
-            Some(v) => Some(usd_to_micros(&format!("{path}.usd_per_day"), v)?),
-            None => None,
-        };
-        let usd_micros_per_month = match self.usd_per_month {
-            Some(v) => Some(usd_to_micros(&format!("{path}.usd_per_month"), v)?),
-            None => None,
-        };
-        let billing_anchor_day = match self.billing_anchor_day {
-            None => 1,
-            Some(d @ 1..=31) => d,
-            Some(_) => return Err(invalid(format!("{path}.billing_anchor_day"), "must be between 1 and 31")),
-        };
-        if let Some(tz) = &self.time_zone {
-            let ok = !tz.is_empty()
-                && tz.len() <= 64
-                && tz.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-+".contains(&b));
-            if !ok {
-                return Err(invalid(
-                    format!("{path}.time_zone"),
-                    "must be an IANA time zone name such as Europe/Berlin",
-                ));
-            }
+/// What a tier (merged with a tenant's overrides) compiles to.
+pub(super) fn compile_tier(t: &TierSpec, path: &str) -> Result<Policy, ConfigError> {
+    let models = match &t.models {
+        Some(m) => ModelAllowlist::compile(&format!("{path}.models"), m)?,
+        None => return Err(invalid(format!("{path}.models"), "is required")),
+    };
+    let max_request_bytes = match t.max_request_bytes {
+        None => DEFAULT_MAX_REQUEST_BYTES,
+        Some(0) => return Err(invalid(format!("{path}.max_request_bytes"), "must be at least 1")),
+        Some(n) if n > MAX_REQUEST_BYTES_CEILING => {
+            return Err(invalid(
+                format!("{path}.max_request_bytes"),
+                format!("must be at most {MAX_REQUEST_BYTES_CEILING}"),
+            ))
         }
-        let default_max_output_tokens = match self.default_max_output_tokens {
-            Some(0) => return Err(invalid(format!("{path}.default_max_output_tokens"), "must be at least 1")),
-            Some(n) => n,
-            None => DEFAULT_MAX_OUTPUT_TOKENS,
-        };
-        let fallback_at_permille = match self.fallback_at_budget_share {
+        Some(n) => n,
+    };
+    let usd_micros_per_day = match t.usd_per_day {
+        Some(v) => Some(usd_to_micros(&format!("{path}.usd_per_day"), v)?),
+        None => None,
+    };
+    let usd_micros_per_month = match t.usd_per_month {
+        Some(v) => Some(usd_to_micros(&format!("{path}.usd_per_month"), v)?),
+        None => None,
+    };
+    let billing_anchor_day = match t.billing_anchor_day {
+        None => 1,
+        Some(d @ 1..=31) => d,
+        Some(_) => return Err(invalid(format!("{path}.billing_anchor_day"), "must be between 1 and 31")),
+    };
+    if let Some(tz) = &t.time_zone {
+        let ok =
+            !tz.is_empty() && tz.len() <= 64 && tz.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-+".contains(&b));
+        if !ok {
+            return Err(invalid(format!("{path}.time_zone"), "must be an IANA time zone name such as Europe/Berlin"));
+        }
+    }
+    let default_max_output_tokens = match t.default_max_output_tokens {
+        Some(0) => return Err(invalid(format!("{path}.default_max_output_tokens"), "must be at least 1")),
+        Some(n) => n,
+        None => DEFAULT_MAX_OUTPUT_TOKENS,
+    };
+    let fallback_at_permille = match t.fallback_at_budget_share {
+        None => None,
+        Some(s) if s.is_finite() && s > 0.0 && s < 1.0 => Some((s * 1000.0).round() as u16),
+        Some(_) => {
+            return Err(invalid(format!("{path}.fallback_at_budget_share"), "must be a share strictly between 0 and 1"))
+        }
+    };
+    if fallback_at_permille.is_some() != t.fallback_model.is_some() {
+        return Err(invalid(path, "fallback_model and fallback_at_budget_share must be given together"));
+    }
+    if let Some(fb) = &t.fallback_model {
+        if !models.allows(fb) {
+            return Err(invalid(format!("{path}.fallback_model"), format!("'{fb}' is not in this tier's model list")));
+        }
+    }
+    Ok(Policy {
+        models,
+        max_request_bytes,
+        requests_per_minute: positive(path, "requests_per_minute", t.requests_per_minute)?,
+        tokens_per_minute: positive(path, "tokens_per_minute", t.tokens_per_minute)?,
+        requests_per_day: positive(path, "requests_per_day", t.requests_per_day)?,
+        tokens_per_day: positive(path, "tokens_per_day", t.tokens_per_day)?,
+        tokens_per_month: positive(path, "tokens_per_month", t.tokens_per_month)?,
+        usd_micros_per_day,
+        usd_micros_per_month,
+        max_concurrent_requests: positive(path, "max_concurrent_requests", t.max_concurrent_requests)?,
+        failure_mode: t.failure_mode.unwrap_or(FailureMode::Closed),
+        billing_anchor_day,
+        time_zone: t.time_zone.clone(),
+        default_max_output_tokens,
+        clamp_max_output_tokens: t.clamp_max_output_tokens.unwrap_or(false),
+        fallback_model: t.fallback_model.clone(),
+        fallback_at_permille,
+        lease_requests: match t.lease_requests {
             None => None,
-            Some(s) if s.is_finite() && s > 0.0 && s < 1.0 => Some((s * 1000.0).round() as u16),
+            Some(n @ 1..=MAX_LEASE_REQUESTS) => Some(n),
             Some(_) => {
                 return Err(invalid(
-                    format!("{path}.fallback_at_budget_share"),
-                    "must be a share strictly between 0 and 1",
+                    format!("{path}.lease_requests"),
+                    format!("must be between 1 and {MAX_LEASE_REQUESTS}"),
                 ))
             }
-        };
-        if fallback_at_permille.is_some() != self.fallback_model.is_some() {
-            return Err(invalid(path, "fallback_model and fallback_at_budget_share must be given together"));
-        }
-        if let Some(fb) = &self.fallback_model {
-            if !models.allows(fb) {
-                return Err(invalid(
-                    format!("{path}.fallback_model"),
-                    format!("'{fb}' is not in this tier's model list"),
-                ));
-            }
-        }
-        Ok(Policy {
-            models,
-            max_request_bytes,
-            requests_per_minute: positive(path, "requests_per_minute", self.requests_per_minute)?,
-            tokens_per_minute: positive(path, "tokens_per_minute", self.tokens_per_minute)?,
-            requests_per_day: positive(path, "requests_per_day", self.requests_per_day)?,
-            tokens_per_day: positive(path, "tokens_per_day", self.tokens_per_day)?,
-            tokens_per_month: positive(path, "tokens_per_month", self.tokens_per_month)?,
-            usd_micros_per_day,
-            usd_micros_per_month,
-            max_concurrent_requests: positive(path, "max_concurrent_requests", self.max_concurrent_requests)?,
-            failure_mode: self.failure_mode.unwrap_or(FailureMode::Closed),
-            billing_anchor_day,
-            time_zone: self.time_zone.clone(),
-            default_max_output_tokens,
-            clamp_max_output_tokens: self.clamp_max_output_tokens.unwrap_or(false),
-            fallback_model: self.fallback_model.clone(),
-            fallback_at_permille,
-            lease_requests: match self.lease_requests {
-                None => None,
-                Some(n @ 1..=MAX_LEASE_REQUESTS) => Some(n),
-                Some(_) => {
-                    return Err(invalid(
-                        format!("{path}.lease_requests"),
-                        format!("must be between 1 and {MAX_LEASE_REQUESTS}"),
-                    ))
-                }
-            },
-        })
-    }
+        },
+    })
 }
 
 impl Policy {
