@@ -8,7 +8,7 @@ use std::rc::Rc;
 use crate::admission::fail_open::Allowance;
 use crate::admission::inflight::{self, Acquire, LocalStore, SlotStore};
 use crate::admission::lease::Leases;
-use crate::config::Plugin;
+use crate::config::{Plugin, TenantRef};
 use crate::metering::metrics;
 use crate::ratelimit::outbox::{self, Journal};
 use crate::ratelimit::settle::{SettleNet, SettleNets};
@@ -186,12 +186,12 @@ impl Worker {
     pub(crate) fn net_settle(
         &mut self,
         plugin: &Rc<Plugin>,
-        tenant_idx: usize,
+        tenant: &TenantRef,
         net: SettleNet,
         key: impl FnOnce() -> String,
         now_ms: u64,
     ) {
-        self.settle_nets.add(&mut self.journal, plugin, tenant_idx, net, key, now_ms);
+        self.settle_nets.add(&mut self.journal, plugin, tenant, net, key, now_ms);
     }
 
     /// Puts the netted settles in the journal, one entry per tenant; returns

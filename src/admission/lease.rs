@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use hashbrown::HashMap;
 
-use crate::config::Plugin;
+use crate::config::{Plugin, TenantRef};
 use crate::ratelimit::descriptors::{Amounts, LimitState, Measure};
 use crate::ratelimit::outbox;
 use crate::ratelimit::settle::{Settle, SettleNet};
@@ -25,6 +25,8 @@ pub(crate) struct Lease {
     pub(crate) states: Vec<LimitState>,
     /// Idempotency stem of the reserve that granted it.
     pub(crate) key: String,
+    /// Whose quota it is (its unused rest is given back to them).
+    pub(crate) tenant: TenantRef,
 }
 
 /// A lease is only taken while every limit has room for this many leases.
@@ -120,7 +122,7 @@ impl Leases {
         }
         let leases = self.take(now_ms, all);
         let n = leases.len();
-        (n, leases.into_iter().filter_map(|(idx, lease)| lease_refund(plugin, idx, &lease, now_ms)).collect())
+        (n, leases.into_iter().filter_map(|(_, lease)| lease_refund(plugin, &lease, now_ms)).collect())
     }
 }
 
@@ -130,12 +132,8 @@ pub(crate) fn times(a: Amounts, n: u64) -> Amounts {
 }
 
 /// The settle that gives back a lease's unused quota.
-pub(crate) fn lease_refund(
-    plugin: &Rc<Plugin>,
-    tenant_idx: usize,
-    lease: &Lease,
-    now_ms: u64,
-) -> Option<outbox::Entry> {
+pub(crate) fn lease_refund(plugin: &Rc<Plugin>, lease: &Lease, now_ms: u64) -> Option<outbox::Entry> {
     let net = SettleNet::of(lease.amounts, Amounts::default(), (lease.requests, 0));
-    Settle::new(plugin, tenant_idx, net).map(|s| outbox::Entry::settle(s, format!("{}:lease", lease.key), true, now_ms))
+    Settle::new(plugin, &lease.tenant, net)
+        .map(|s| outbox::Entry::settle(s, format!("{}:lease", lease.key), true, now_ms))
 }

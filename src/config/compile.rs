@@ -84,6 +84,49 @@ pub struct Tenant {
     pub provider_keys: Vec<Option<String>>,
 }
 
+/// Which tenant a request is for: one of the configuration's, by index, or
+/// one the tenant registry resolved at runtime. Per-worker state (leases,
+/// in-flight counts, budget shares, the fail-open allowance) is kept under
+/// [`TenantRef::slot`].
+#[derive(Debug, Clone)]
+pub enum TenantRef {
+    Static(usize),
+    /// `slot` is at least [`REGISTRY_SLOT_BASE`] and stays the tenant's for
+    /// the worker's life, across refreshes of its record.
+    Registry {
+        slot: usize,
+        tenant: Rc<Tenant>,
+    },
+}
+
+/// Slots of registry tenants start here (static tenants are their index).
+pub const REGISTRY_SLOT_BASE: usize = 1 << 30;
+
+impl TenantRef {
+    pub fn get<'a>(&'a self, plugin: &'a Plugin) -> Option<&'a Tenant> {
+        match self {
+            TenantRef::Static(i) => plugin.tenants.get(*i),
+            TenantRef::Registry { tenant, .. } => Some(tenant),
+        }
+    }
+
+    pub fn slot(&self) -> usize {
+        match self {
+            TenantRef::Static(i) => *i,
+            TenantRef::Registry { slot, .. } => *slot,
+        }
+    }
+
+    /// The same tenant under the same record (settles may be netted).
+    pub fn same(&self, other: &TenantRef) -> bool {
+        match (self, other) {
+            (TenantRef::Static(a), TenantRef::Static(b)) => a == b,
+            (TenantRef::Registry { tenant: a, .. }, TenantRef::Registry { tenant: b, .. }) => Rc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
 /// The per-worker JWT verifier (it caches verified tokens and keys).
 pub struct JwtSlot(pub std::cell::RefCell<crate::identity::jwt::JwtVerifier>);
 

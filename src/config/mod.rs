@@ -21,7 +21,7 @@ pub(crate) mod tests;
 
 pub use compile::{
     compile, decode_plugin_config, load, ConfigError, JwtSlot, PathMatch, Plugin, Provider, RateLimit, Route, Tenant,
-    TenantLabel,
+    TenantLabel, TenantRef, REGISTRY_SLOT_BASE,
 };
 pub use spec::{
     FailureMode, IdentitySpec, JwtAuthnSpec, MeteringSpec, PluginConfig, ProviderSpec, RateLimitSpec, RlsMode,

@@ -276,7 +276,7 @@ pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
         }
     }
     for g in groups {
-        let Some(tenant) = g.settle.plugin.tenants.get(g.settle.tenant_idx) else { continue };
+        let Some(tenant) = g.settle.tenant.get(&g.settle.plugin) else { continue };
         if !settle::settle_changes(&tenant.policy, g.settle.net) {
             continue;
         }
@@ -368,7 +368,7 @@ mod tests {
     fn settle(p: &Rc<Plugin>, key: &str, t: usize, tokens: (u64, bool), micros: (u64, bool)) -> Entry {
         let signed = |(v, neg): (u64, bool)| if neg { -i128::from(v) } else { i128::from(v) };
         let net = SettleNet { requests: 0, tokens: signed(tokens), micros: signed(micros) };
-        Entry::settle(Settle::new(p, t, net).unwrap(), key.into(), true, 0)
+        Entry::settle(Settle::new(p, &crate::config::TenantRef::Static(t), net).unwrap(), key.into(), true, 0)
     }
 
     fn request(e: &Entry) -> rls::RateLimitRequest {
@@ -450,14 +450,23 @@ mod tests {
                 settle::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, net).unwrap().encode_to_vec(),
                 built
             );
-            let typed = Entry::settle(Settle::new(&full, 0, net).unwrap(), "k".into(), true, 0);
+            let typed = Entry::settle(
+                Settle::new(&full, &crate::config::TenantRef::Static(0), net).unwrap(),
+                "k".into(),
+                true,
+                0,
+            );
             assert_eq!(typed.encode().unwrap().as_ref(), built.as_slice());
             // A netted settle of one is the same call.
             assert_eq!(merge(vec![typed.clone()])[0].encode(), typed.encode());
         }
         // Nothing to change: no settle at all.
-        assert!(Settle::new(&full, 0, SettleNet::of(a(5, 5), a(5, 5), (1, 1))).is_none());
-        assert!(Settle::new(&full, 9, SettleNet::of(a(0, 0), a(5, 5), (1, 1))).is_none());
+        assert!(
+            Settle::new(&full, &crate::config::TenantRef::Static(0), SettleNet::of(a(5, 5), a(5, 5), (1, 1))).is_none()
+        );
+        assert!(
+            Settle::new(&full, &crate::config::TenantRef::Static(9), SettleNet::of(a(0, 0), a(5, 5), (1, 1))).is_none()
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use hashbrown::HashMap;
 
-use crate::config::{Plugin, Policy};
+use crate::config::{Plugin, Policy, TenantRef};
 use crate::ratelimit::descriptors::{active_limits, descriptor, Amounts, LimitKind, Measure};
 use crate::ratelimit::outbox::{Entry, Journal};
 use crate::rls::{RateLimitRequest, UInt64Value};
@@ -93,19 +93,18 @@ pub fn settle_changes(policy: &Policy, net: SettleNet) -> bool {
 #[derive(Debug, Clone)]
 pub struct Settle {
     pub plugin: Rc<Plugin>,
-    /// The tenant's index in `plugin`.
-    pub tenant_idx: usize,
+    pub tenant: TenantRef,
     pub net: SettleNet,
 }
 
 impl Settle {
     /// `None` when it changes nothing: no configured limit of the tenant
     /// counts what it nets.
-    pub fn new(plugin: &Rc<Plugin>, tenant_idx: usize, net: SettleNet) -> Option<Settle> {
-        let tenant = plugin.tenants.get(tenant_idx)?;
-        (plugin.rate_limit.is_some() && settle_changes(&tenant.policy, net)).then(|| Settle {
+    pub fn new(plugin: &Rc<Plugin>, tenant: &TenantRef, net: SettleNet) -> Option<Settle> {
+        let t = tenant.get(plugin)?;
+        (plugin.rate_limit.is_some() && settle_changes(&t.policy, net)).then(|| Settle {
             plugin: Rc::clone(plugin),
-            tenant_idx,
+            tenant: tenant.clone(),
             net,
         })
     }
@@ -113,14 +112,14 @@ impl Settle {
     /// The `RateLimitRequest` of this settle (`None`: it changes nothing).
     pub fn request(&self) -> Option<RateLimitRequest> {
         let rl = self.plugin.rate_limit.as_ref()?;
-        let tenant = self.plugin.tenants.get(self.tenant_idx)?;
+        let tenant = self.tenant.get(&self.plugin)?;
         build_settle_net(&rl.domain, &tenant.id, &tenant.policy, self.net)
     }
 
     /// Whether `other` settles the same tenant under the same configuration
     /// (same domain and limits), so the two may be netted.
     pub(crate) fn same_account(&self, other: &Settle) -> bool {
-        Rc::ptr_eq(&self.plugin, &other.plugin) && self.tenant_idx == other.tenant_idx
+        Rc::ptr_eq(&self.plugin, &other.plugin) && self.tenant.same(&other.tenant)
     }
 }
 
@@ -135,9 +134,9 @@ impl Eq for Settle {}
 /// One tenant's netted settles (see [`SettleNets`]).
 #[derive(Debug)]
 pub(crate) struct PendingNet {
-    /// The configuration the settles were made under, and the tenant's index in it.
+    /// The configuration the settles were made under, and the tenant.
     pub(crate) plugin: Rc<Plugin>,
-    pub(crate) tenant_idx: usize,
+    pub(crate) tenant: TenantRef,
     pub(crate) net: SettleNet,
     /// The first settle's idempotency key, and how many were netted.
     pub(crate) first_key: String,
@@ -164,14 +163,14 @@ impl SettleNets {
         &mut self,
         journal: &mut Journal,
         plugin: &Rc<Plugin>,
-        tenant_idx: usize,
+        tref: &TenantRef,
         net: SettleNet,
         key: impl FnOnce() -> String,
         now_ms: u64,
     ) {
-        let Some(tenant) = plugin.tenants.get(tenant_idx) else { return };
+        let Some(tenant) = tref.get(plugin) else { return };
         if let Some(p) = self.of_tenant.get(tenant.id.as_str()).and_then(|&i| self.nets.get_mut(i)) {
-            if Rc::ptr_eq(&p.plugin, plugin) && p.tenant_idx == tenant_idx {
+            if Rc::ptr_eq(&p.plugin, plugin) && p.tenant.same(tref) {
                 p.net.add(net);
                 p.count += 1;
                 return;
@@ -182,7 +181,7 @@ impl SettleNets {
         self.of_tenant.insert(tenant.id.clone(), self.nets.len());
         self.nets.push(PendingNet {
             plugin: Rc::clone(plugin),
-            tenant_idx,
+            tenant: tref.clone(),
             net,
             first_key: key(),
             count: 1,
@@ -198,7 +197,7 @@ impl SettleNets {
         self.of_tenant.clear();
         let mut dropped = 0;
         for p in std::mem::take(&mut self.nets) {
-            let Some(settle) = Settle::new(&p.plugin, p.tenant_idx, p.net) else {
+            let Some(settle) = Settle::new(&p.plugin, &p.tenant, p.net) else {
                 continue;
             };
             let key = if p.count == 1 { p.first_key } else { format!("{}+{}", p.first_key, p.count) };

@@ -26,7 +26,7 @@ use crate::identity::resolve_identity;
 use crate::request::effect::{BodyOut, BodyStep, Finish, HeadersStep, ResponseChunk, ResponseHeadersStep, RlsCall};
 use crate::worker::{Slot, Worker};
 
-use crate::config::{FailureMode, Plugin, RlsMode, UnmatchedRoutes};
+use crate::config::{FailureMode, Plugin, RlsMode, TenantRef, UnmatchedRoutes};
 use crate::identity::api_key::{self, Headers};
 use crate::llm::inspect::{self, RequestInfo};
 use crate::llm::{self, Api, Family, LocalReply, Refusal};
@@ -114,7 +114,7 @@ pub struct RequestFlow {
     phase: Phase,
     pub request_id: String,
     pub api: Option<Api>,
-    pub tenant: Option<usize>,
+    pub tenant: Option<TenantRef>,
     pub path: String,
     pub info: Option<RequestInfo>,
     pub user: Option<String>,
@@ -173,7 +173,7 @@ impl RequestFlow {
     }
 
     pub fn tenant(&self) -> Option<&crate::config::Tenant> {
-        self.tenant.and_then(|i| self.plugin.tenants.get(i))
+        self.tenant.as_ref().and_then(|t| t.get(&self.plugin))
     }
 
     /// The counter a refusal of this request increments: by tenant (or
@@ -238,7 +238,7 @@ impl RequestFlow {
             }
             Err(r) => return HeadersStep::Reply(self.refuse(&r)),
         };
-        self.tenant = plugin.tenant_index(&tenant.id);
+        self.tenant = plugin.tenant_index(&tenant.id).map(TenantRef::Static);
 
         if api_key::header(headers, ":method") != Some("POST") {
             return HeadersStep::Reply(self.refuse(&Refusal::MethodNotAllowed));
@@ -287,10 +287,11 @@ impl RequestFlow {
     /// The whole body is here.
     pub fn on_request_body(&mut self, body: &[u8], now_ms: u64) -> BodyStep {
         let plugin = Rc::clone(&self.plugin);
-        let (Some(api), Some(tenant_idx)) = (self.api, self.tenant) else {
+        let (Some(api), Some(tref)) = (self.api, self.tenant.clone()) else {
             return BodyStep::Forward { body: None, set_headers: Vec::new() };
         };
-        let Some(tenant) = plugin.tenants.get(tenant_idx) else {
+        let tenant_idx = tref.slot();
+        let Some(tenant) = tref.get(&plugin) else {
             return BodyStep::Forward { body: None, set_headers: Vec::new() };
         };
         let policy = &tenant.policy;
@@ -395,10 +396,11 @@ impl RequestFlow {
 
     fn reserve_call(&mut self, check_only: bool, output: u64, now_ms: u64) -> BodyStep {
         let plugin = Rc::clone(&self.plugin);
-        let (Some(rl), Some(idx)) = (plugin.rate_limit.as_ref(), self.tenant) else {
+        let (Some(rl), Some(tref)) = (plugin.rate_limit.as_ref(), self.tenant.clone()) else {
             return self.forward();
         };
-        let Some(tenant) = plugin.tenants.get(idx) else {
+        let idx = tref.slot();
+        let Some(tenant) = tref.get(&plugin) else {
             return self.forward();
         };
         let estimate = self.estimate_for(output);
@@ -481,10 +483,11 @@ impl RequestFlow {
             Phase::Upstream(up) => return self.forward_with(up.reservation),
             _ => return self.forward(),
         };
-        let (Some(tenant_idx), Some(rl)) = (self.tenant, plugin.rate_limit.as_ref()) else {
+        let (Some(tref), Some(rl)) = (self.tenant.clone(), plugin.rate_limit.as_ref()) else {
             return self.forward();
         };
-        let Some(tenant) = plugin.tenants.get(tenant_idx) else {
+        let tenant_idx = tref.slot();
+        let Some(tenant) = tref.get(&plugin) else {
             return self.forward();
         };
         let policy = &tenant.policy;
@@ -502,7 +505,7 @@ impl RequestFlow {
             Verdict::Admit(states) => {
                 self.note_budget(tenant_idx, &states);
                 if pending.lease > 0 {
-                    self.grant_lease(tenant_idx, &pending, &states, now_ms);
+                    self.grant_lease(&tref, &pending, &states, now_ms);
                 }
                 self.forward_with(Some(Reservation {
                     estimate: pending.estimate,
@@ -556,17 +559,18 @@ impl RequestFlow {
                             message: "The rate limiter is unavailable; the request was not sent. Retry shortly.".into(),
                         }))
                     }
-                    FailureMode::Open => self.fail_open(tenant_idx, pending, now_ms),
+                    FailureMode::Open => self.fail_open(&tref, pending, now_ms),
                 }
             }
         }
     }
 
     /// Admits within this worker's local allowance while the service is down.
-    fn fail_open(&mut self, tenant_idx: usize, pending: Pending, now_ms: u64) -> BodyStep {
+    fn fail_open(&mut self, tref: &TenantRef, pending: Pending, now_ms: u64) -> BodyStep {
         let estimate = pending.estimate;
         let plugin = Rc::clone(&self.plugin);
-        let (Some(rl), Some(tenant)) = (plugin.rate_limit.as_ref(), plugin.tenants.get(tenant_idx)) else {
+        let tenant_idx = tref.slot();
+        let (Some(rl), Some(tenant)) = (plugin.rate_limit.as_ref(), tref.get(&plugin)) else {
             return self.forward();
         };
         let share = |limit: u64| limit.saturating_mul(rl.fail_open_permille).div_ceil(1000).max(1);
@@ -611,7 +615,7 @@ impl RequestFlow {
 
     /// Keeps the extra quota a reserve took as this worker's lease; the rest
     /// of an older lease is given back.
-    fn grant_lease(&mut self, idx: usize, pending: &Pending, states: &[LimitState], now_ms: u64) {
+    fn grant_lease(&mut self, tref: &TenantRef, pending: &Pending, states: &[LimitState], now_ms: u64) {
         let Some(rl) = self.plugin.rate_limit.as_ref() else { return };
         let lease = Lease {
             requests: pending.lease,
@@ -620,10 +624,11 @@ impl RequestFlow {
             refill_at_ms: now_ms.saturating_add(rl.lease_ms.saturating_mul(3) / 4),
             states: states.to_vec(),
             key: pending.replay.as_ref().map_or_else(|| self.idempotency_base(), |r| r.key.clone()),
+            tenant: tref.clone(),
         };
-        let old = self.shared.borrow_mut().leases.grant(idx, lease);
+        let old = self.shared.borrow_mut().leases.grant(tref.slot(), lease);
         if let Some(old) = old {
-            if let Some(e) = lease_refund(&self.plugin, idx, &old, now_ms) {
+            if let Some(e) = lease_refund(&self.plugin, &old, now_ms) {
                 self.journal_push(e);
             }
         }
@@ -738,7 +743,7 @@ impl RequestFlow {
                 self.cancel_reservation(&pending, now_ms);
             }
         }
-        if let (Some(slot), Some(idx)) = (self.slot.take(), self.tenant) {
+        if let (Some(slot), Some(idx)) = (self.slot.take(), self.tenant.as_ref().map(TenantRef::slot)) {
             self.shared.borrow_mut().release_slot(idx, slot, now_ms);
         }
         out
@@ -750,7 +755,10 @@ impl RequestFlow {
             _ => Upstream::default(),
         };
         let plugin = Rc::clone(&self.plugin);
-        let Some(tenant) = self.tenant.and_then(|i| plugin.tenants.get(i)) else {
+        let Some(tref) = self.tenant.clone() else {
+            return Finish::default();
+        };
+        let Some(tenant) = tref.get(&plugin) else {
             return Finish::default();
         };
         let metered = up.tap.map(StreamTap::finish).unwrap_or_default();
@@ -784,17 +792,17 @@ impl RequestFlow {
         let Some(r) = reservation else { return };
         let actual = Amounts { tokens: usage.total.max(usage.sum()), micros };
         let base = self.idempotency_base();
-        let tenant_idx = self.tenant;
+        let tenant_ref = self.tenant.clone();
         let settle = |reserved: Amounts, requests: (u64, u64), settle_mode: bool| {
             let net = settle::SettleNet::of(reserved, actual, requests);
-            outbox::Settle::new(&self.plugin, tenant_idx?, net)
+            outbox::Settle::new(&self.plugin, tenant_ref.as_ref()?, net)
                 .map(|s| outbox::Entry::settle(s, format!("{base}:settle"), settle_mode, now_ms))
         };
         let net = |reserved: Amounts, requests: (u64, u64)| {
             let net = settle::SettleNet::of(reserved, actual, requests);
-            if let Some(idx) = tenant_idx {
+            if let Some(tref) = &tenant_ref {
                 let mut shared = self.shared.borrow_mut();
-                shared.net_settle(&self.plugin, idx, net, || format!("{base}:settle"), now_ms);
+                shared.net_settle(&self.plugin, tref, net, || format!("{base}:settle"), now_ms);
             }
         };
         let entry = if r.charged {
@@ -834,16 +842,16 @@ impl RequestFlow {
     /// upstream: send the reserve again (same idempotency key) and, if it
     /// stands, refund its tokens and dollars. Its request still counts.
     fn cancel_reservation(&mut self, pending: &Pending, now_ms: u64) {
-        if let (true, Some(idx)) = (pending.lease > 0, self.tenant) {
-            self.shared.borrow_mut().leases.refills.remove(&idx);
+        if let (true, Some(t)) = (pending.lease > 0, &self.tenant) {
+            self.shared.borrow_mut().leases.refills.remove(&t.slot());
         }
-        let (Some(replay), true, Some(idx)) = (&pending.replay, self.plugin.rate_limit.is_some(), self.tenant) else {
+        let (Some(replay), true, Some(tref)) = (&pending.replay, self.plugin.rate_limit.is_some(), &self.tenant) else {
             return;
         };
         let reserved = times(pending.estimate, 1 + pending.lease);
         let requests = (1 + pending.lease, 1);
         let net = settle::SettleNet::of(reserved, Amounts::default(), requests);
-        let refund = outbox::Settle::new(&self.plugin, idx, net)
+        let refund = outbox::Settle::new(&self.plugin, tref, net)
             .map(|s| outbox::Entry::settle(s, format!("{}:cancel", self.idempotency_base()), true, now_ms));
         let Some(refund) = refund else { return };
         let call = outbox::Call::Encoded(replay.message.clone());
@@ -1405,7 +1413,13 @@ mod tests {
         let shared = Rc::new(RefCell::new(Worker::new(100)));
         for (i, (r, u, n)) in requests.iter().enumerate() {
             let net = settle::SettleNet::of(*r, *u, *n);
-            shared.borrow_mut().net_settle(&plugin, idx, net, || format!("k{i}:settle"), 10 + i as u64);
+            shared.borrow_mut().net_settle(
+                &plugin,
+                &TenantRef::Static(idx),
+                net,
+                || format!("k{i}:settle"),
+                10 + i as u64,
+            );
         }
         assert_eq!(shared.borrow().pending_settles(), 1, "one net per tenant");
         assert_eq!(shared.borrow().journal.pending(), 0, "nothing in the journal before the tick");
@@ -1416,7 +1430,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, (r, u, n))| {
-                    outbox::Settle::new(&plugin, idx, settle::SettleNet::of(*r, *u, *n))
+                    outbox::Settle::new(&plugin, &TenantRef::Static(idx), settle::SettleNet::of(*r, *u, *n))
                         .map(|s| outbox::Entry::settle(s, format!("k{i}:settle"), true, 10 + i as u64))
                 })
                 .collect(),
@@ -1465,7 +1479,7 @@ mod tests {
         assert_eq!(decode(&got[0]).descriptors.len(), 4, "requests/day, two token limits, dollars");
         // A zero net sends nothing.
         let zero = settle::SettleNet::of(a(5, 5), a(5, 5), (1, 1));
-        shared.borrow_mut().net_settle(&plugin, idx, zero, || "z".into(), 50);
+        shared.borrow_mut().net_settle(&plugin, &TenantRef::Static(idx), zero, || "z".into(), 50);
         shared.borrow_mut().queue_settle_nets();
         assert_eq!(shared.borrow().pending_settles(), 0);
     }
