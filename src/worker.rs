@@ -61,6 +61,8 @@ pub struct Worker {
     pub(crate) dropped_reported: u64,
     /// The plugin is being removed: settles are sent until this time (ms).
     pub draining_until: Option<u64>,
+    /// This worker's cache of the tenant registry.
+    pub registry: crate::identity::registry::RegistryCache,
 }
 
 impl Worker {
@@ -81,6 +83,7 @@ impl Worker {
             counter: 0,
             dropped_reported: 0,
             draining_until: None,
+            registry: Default::default(),
         }
     }
 

@@ -10,8 +10,8 @@ use hashbrown::HashMap;
 use thiserror::Error;
 
 use super::spec::{
-    IdentitySpec, MeteringSpec, PluginConfig, RlsMode, TenantLabelSpec, UnmatchedRoutes, AUTO_TENANT_LABEL_MAX,
-    FILTER_STATE_FIELDS,
+    IdentitySpec, MeteringSpec, PluginConfig, RegistrySpec, RlsMode, TenantLabelSpec, TierSpec, UnmatchedRoutes,
+    AUTO_TENANT_LABEL_MAX, FILTER_STATE_FIELDS,
 };
 use super::tiers::{compile_tier, merge_tier, Policy};
 use crate::llm::Api;
@@ -162,7 +162,31 @@ pub struct Plugin {
     /// Headers that carry JWTs or jwt_authn payloads, removed before the
     /// upstream so a client's token never reaches a provider.
     pub jwt_strip_headers: Vec<String>,
+    /// The tenant registry, when configured.
+    pub registry: Option<Registry>,
+    /// The tiers by name, for tenants the registry resolves: the spec (to
+    /// merge overrides into), the shared name and the compiled policy.
+    tiers: HashMap<String, (TierSpec, Rc<str>, Rc<Policy>)>,
 }
+
+/// The registry settings, compiled (see [`super::spec::RegistrySpec`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registry {
+    pub cluster: String,
+    pub authority: String,
+    pub timeout_ms: u64,
+    pub poll_ms: u64,
+    pub grace_ms: u64,
+    pub negative_ttl_ms: u64,
+    pub max_lookups_in_flight: u64,
+    pub max_cached: usize,
+}
+
+/// Why a registry tenant record cannot serve requests (an operator's
+/// mistake: the record names a tier this gateway does not have, say).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0}")]
+pub struct RecordError(pub String);
 
 /// The rate-limit settings, compiled.
 #[derive(Debug, Clone, PartialEq)]
@@ -213,6 +237,45 @@ impl Plugin {
     /// number of tenants.
     pub fn tenant_index(&self, id: &str) -> Option<usize> {
         self.id_index.get(id).copied()
+    }
+
+    /// Compiles a tenant record of the registry against this configuration's
+    /// tiers and providers. `credentials` are the tenant's provider keys by
+    /// provider name (names this configuration lacks are ignored).
+    pub fn registry_tenant(
+        &self,
+        record: &rls_contract::registry::TenantRecord,
+        credentials: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Tenant, RecordError> {
+        if !valid_id(&record.id) {
+            return Err(RecordError("the tenant id is not valid".into()));
+        }
+        let Some((spec, name, tier_policy)) = self.tiers.get(&record.tier) else {
+            return Err(RecordError(format!("unknown tier '{}'", record.tier)));
+        };
+        let policy = match &record.overrides {
+            Some(over) => {
+                Rc::new(compile_tier(&merge_tier(spec, over), "overrides").map_err(|e| RecordError(e.to_string()))?)
+            }
+            None => Rc::clone(tier_policy),
+        };
+        if policy.has_limits() && self.rate_limit.is_none() {
+            return Err(RecordError("has limits, but no rate_limit section is configured".into()));
+        }
+        if (policy.usd_micros_per_day.is_some() || policy.usd_micros_per_month.is_some()) && self.pricing.is_none() {
+            return Err(RecordError("has dollar budgets, but there is no pricing table".into()));
+        }
+        let mut provider_keys = vec![None; self.providers.len()];
+        for (provider, secret) in credentials {
+            let Some(i) = self.providers.iter().position(|p| p.name == *provider) else { continue };
+            if secret.is_empty() || secret.bytes().any(|b| b.is_ascii_control()) {
+                continue;
+            }
+            if let Some(slot) = provider_keys.get_mut(i) {
+                *slot = Some(secret.clone());
+            }
+        }
+        Ok(Tenant { id: record.id.clone(), tier: Rc::clone(name), enabled: record.enabled, policy, provider_keys })
     }
 
     /// The route for a path (query string ignored). Exact matches win over
@@ -386,6 +449,22 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
         let policy = compile_tier(tier, &format!("tiers.{name}"))?;
         tier_policies.insert(name.as_str(), (Rc::from(name.as_str()), Rc::new(policy)));
     }
+    let registry = match &config.registry {
+        None => None,
+        Some(r) => Some(compile_registry(r)?),
+    };
+    let tiers = if registry.is_some() {
+        config
+            .tiers
+            .iter()
+            .filter_map(|(name, spec)| {
+                let (n, p) = tier_policies.get(name.as_str())?;
+                Some((name.clone(), (spec.clone(), Rc::clone(n), Rc::clone(p))))
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    };
 
     // Tenants.
     let mut tenants = Vec::new();
@@ -505,7 +584,8 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
         }
     }
     let tenant_label = match &config.metering.tenant_label {
-        TenantLabelSpec::Auto if tenants.len() <= AUTO_TENANT_LABEL_MAX => TenantLabel::Tenant,
+        // With a registry the number of tenants has no bound: by tier.
+        TenantLabelSpec::Auto if tenants.len() <= AUTO_TENANT_LABEL_MAX && registry.is_none() => TenantLabel::Tenant,
         TenantLabelSpec::Auto | TenantLabelSpec::Tier => TenantLabel::Tier,
         TenantLabelSpec::Tenant => TenantLabel::Tenant,
         TenantLabelSpec::None => TenantLabel::None,
@@ -575,5 +655,40 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
         tenants,
         key_index,
         id_index,
+        registry,
+        tiers,
+    })
+}
+
+fn compile_registry(r: &RegistrySpec) -> Result<Registry, ConfigError> {
+    if r.cluster.trim().is_empty() {
+        return Err(invalid("registry.cluster", "must name an Envoy cluster"));
+    }
+    let ranges: [(&str, u64, u64, u64); 6] = [
+        ("timeout_ms", r.timeout_ms, 1, 5000),
+        ("poll_ms", r.poll_ms, 100, 10_000),
+        ("grace_s", r.grace_s, 0, 86_400),
+        ("negative_ttl_ms", r.negative_ttl_ms, 0, 600_000),
+        ("max_lookups_in_flight", r.max_lookups_in_flight, 1, 1024),
+        ("max_cached", r.max_cached as u64, 1, 10_000_000),
+    ];
+    for (field, v, lo, hi) in ranges {
+        if !(lo..=hi).contains(&v) {
+            return Err(invalid(format!("registry.{field}"), format!("must be between {lo} and {hi}")));
+        }
+    }
+    let authority = r.authority.clone().unwrap_or_else(|| r.cluster.clone());
+    if authority.is_empty() || authority.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        return Err(invalid("registry.authority", "not a valid authority"));
+    }
+    Ok(Registry {
+        cluster: r.cluster.clone(),
+        authority,
+        timeout_ms: r.timeout_ms,
+        poll_ms: r.poll_ms,
+        grace_ms: r.grace_s.saturating_mul(1000),
+        negative_ttl_ms: r.negative_ttl_ms,
+        max_lookups_in_flight: r.max_lookups_in_flight,
+        max_cached: r.max_cached,
     })
 }

@@ -20,12 +20,13 @@ mod tiers;
 pub(crate) mod tests;
 
 pub use compile::{
-    compile, decode_plugin_config, load, ConfigError, JwtSlot, PathMatch, Plugin, Provider, RateLimit, Route, Tenant,
-    TenantLabel, TenantRef, REGISTRY_SLOT_BASE,
+    compile, decode_plugin_config, load, ConfigError, JwtSlot, PathMatch, Plugin, Provider, RateLimit, RecordError,
+    Registry, Route, Tenant, TenantLabel, TenantRef, REGISTRY_SLOT_BASE,
 };
 pub use spec::{
-    FailureMode, IdentitySpec, JwtAuthnSpec, MeteringSpec, PluginConfig, ProviderSpec, RateLimitSpec, RlsMode,
-    RouteSpec, TenantLabelSpec, TenantSpec, TierSpec, UnmatchedRoutes, AUTO_TENANT_LABEL_MAX, FILTER_STATE_FIELDS,
+    FailureMode, IdentitySpec, JwtAuthnSpec, MeteringSpec, PluginConfig, ProviderSpec, RateLimitSpec, RegistrySpec,
+    RlsMode, RouteSpec, TenantLabelSpec, TenantSpec, TierSpec, UnmatchedRoutes, AUTO_TENANT_LABEL_MAX,
+    FILTER_STATE_FIELDS,
 };
 pub use tiers::{
     usd_to_micros, ModelAllowlist, Policy, DEFAULT_MAX_OUTPUT_TOKENS, DEFAULT_MAX_REQUEST_BYTES, MAX_LEASE_REQUESTS,

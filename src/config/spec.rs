@@ -59,6 +59,69 @@ pub struct PluginConfig {
     /// Which identities are accepted, and trust in Envoy's `jwt_authn`.
     #[serde(default)]
     pub identity: IdentitySpec,
+    /// The tenant registry of the rate-limit service: tenants, keys and
+    /// provider credentials managed at runtime. Asked only for what
+    /// `tenants` does not know (the static configuration wins).
+    #[serde(default)]
+    pub registry: Option<RegistrySpec>,
+}
+
+/// Where and how the filter asks the tenant registry (see `docs/registry.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySpec {
+    /// Envoy cluster of the service's registry port (`--registry-addr`).
+    pub cluster: String,
+    /// `:authority` of the lookups (default: the cluster name).
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// How long a request waits for a lookup, 1-5000 ms (default 500). After
+    /// it the request gets 503 `tenant_lookup_unavailable`.
+    #[serde(default = "default_registry_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How often each worker asks for changes, 100-10000 ms (default 1000).
+    /// A revocation, tier change or credential rotation lands within this
+    /// period plus one round trip.
+    #[serde(default = "default_registry_poll_ms")]
+    pub poll_ms: u64,
+    /// How long cached tenants and keys keep working while the registry
+    /// cannot be reached, 0-86400 s (default 300). Changes made meanwhile
+    /// land when it answers again.
+    #[serde(default = "default_registry_grace_s")]
+    pub grace_s: u64,
+    /// How long a worker remembers that a key or tenant is unknown,
+    /// 0-600000 ms (default 10000). A key issued meanwhile is forgotten from
+    /// this cache by the next poll.
+    #[serde(default = "default_registry_negative_ttl_ms")]
+    pub negative_ttl_ms: u64,
+    /// Lookups in flight at once per worker, 1-1024 (default 32). Requests
+    /// needing a lookup beyond it get 503 `tenant_lookup_unavailable`: a
+    /// flood of random keys cannot flood the service.
+    #[serde(default = "default_registry_max_lookups")]
+    pub max_lookups_in_flight: u64,
+    /// Keys (and, separately, tenants and unknown answers) cached per
+    /// worker, 1-10000000 (default 100000); a full cache is emptied.
+    #[serde(default = "default_registry_max_cached")]
+    pub max_cached: usize,
+}
+
+fn default_registry_timeout_ms() -> u64 {
+    500
+}
+fn default_registry_poll_ms() -> u64 {
+    1000
+}
+fn default_registry_grace_s() -> u64 {
+    300
+}
+fn default_registry_negative_ttl_ms() -> u64 {
+    10_000
+}
+fn default_registry_max_lookups() -> u64 {
+    32
+}
+fn default_registry_max_cached() -> usize {
+    100_000
 }
 
 /// Which identities are accepted. Precedence, first match wins:

@@ -18,7 +18,7 @@ pub struct ModelAllowlist {
 }
 
 impl ModelAllowlist {
-    fn compile(path: &str, models: &[String]) -> Result<Self, ConfigError> {
+    pub(crate) fn compile(path: &str, models: &[String]) -> Result<Self, ConfigError> {
         if models.is_empty() {
             return Err(invalid(path, "the model list is empty, so nothing could be called"));
         }

@@ -73,6 +73,10 @@ pub struct Root {
     metrics: Rc<RefCell<Metrics>>,
     /// JWKS fetches in flight: call token -> provider index.
     jwks_calls: HashMap<u32, usize>,
+    /// The tenant registry change-feed poll in flight.
+    changes_call: Option<u32>,
+    /// The registry cache's counts as last handed to the metrics.
+    registry_reported: crate::identity::registry::RegistryStats,
 }
 
 impl Root {
@@ -137,13 +141,14 @@ impl Root {
         self.metrics.borrow_mut().flush(host);
         host.follow_log_level();
         self.refresh_jwks(host);
-        let (Some(plugin), Some(worker)) = (&self.plugin, &self.worker) else { return };
+        let (Some(plugin), Some(worker)) = (self.plugin.clone(), self.worker.clone()) else { return };
         let now = host.now_ms();
         worker.borrow_mut().heartbeat(now);
+        self.poll_registry(host, now);
         if plugin.rate_limit.is_none() {
             return;
         }
-        worker.borrow_mut().expire_leases(plugin, now);
+        worker.borrow_mut().expire_leases(&plugin, now);
         self.send_settles(host, now, false);
     }
 
@@ -161,6 +166,8 @@ impl Root {
             hold_body: false,
             held_headers: None,
             body_started: false,
+            lookup_token: None,
+            body_done: None,
         })
     }
 
@@ -205,6 +212,17 @@ impl Root {
     }
 
     pub fn on_http_call_response<H: Host>(&mut self, host: &mut H, token: u32, body_len: usize) {
+        if self.changes_call == Some(token) {
+            self.changes_call = None;
+            let (status, body) = host.http_response(body_len);
+            let now = host.now_ms();
+            if let Some(worker) = &self.worker {
+                let mut w = worker.borrow_mut();
+                let w = &mut *w;
+                w.registry.on_changes(status, body.as_deref(), w.slots.as_ref(), now);
+            }
+            return;
+        }
         let Some(index) = self.jwks_calls.remove(&token) else { return };
         let Some(slot) = self.plugin.as_ref().and_then(|p| p.jwt.as_ref()) else { return };
         let (status, body) = host.http_response(body_len);
@@ -213,6 +231,31 @@ impl Root {
             let outcome = verifier.complete_jwks_fetch(index, status, body.as_deref(), now_s);
             log::info!("tollgate: JWKS refresh for provider {index}: status {status:?}, {outcome:?}");
         }
+    }
+
+    /// Asks the tenant registry for changes when a poll is due, and hands
+    /// the registry cache's counts to the metrics.
+    fn poll_registry<H: Host>(&mut self, host: &mut H, now: u64) {
+        let (Some(plugin), Some(worker)) = (&self.plugin, &self.worker) else { return };
+        let Some(reg) = &plugin.registry else { return };
+        let due = worker.borrow_mut().registry.poll_due(reg, now);
+        if let Some(path) = due {
+            match host.dispatch_get(&reg.cluster, &path, &reg.authority, reg.timeout_ms.max(1000)) {
+                Ok(token) => self.changes_call = Some(token),
+                Err(e) => {
+                    log::warn!("tollgate: cannot poll the tenant registry: {e}");
+                    worker.borrow_mut().registry.poll_failed();
+                }
+            }
+        }
+        let stats = worker.borrow().registry.stats;
+        let old = std::mem::replace(&mut self.registry_reported, stats);
+        let mut m = self.metrics.borrow_mut();
+        m.count(host, "tollgate.registry.lookups", stats.lookups.saturating_sub(old.lookups));
+        m.count(host, "tollgate.registry.lookups_refused", stats.lookup_failures.saturating_sub(old.lookup_failures));
+        m.count(host, "tollgate.registry.shared_hits", stats.shared_hits.saturating_sub(old.shared_hits));
+        m.count(host, "tollgate.registry.polls_failed", stats.polls_failed.saturating_sub(old.polls_failed));
+        m.count(host, "tollgate.registry.resets", stats.resets.saturating_sub(old.resets));
     }
 
     /// Sends the settles that are due (all queued ones with `force`) and
@@ -322,6 +365,10 @@ pub struct Http {
     held_headers: Option<ResponseHeaders>,
     /// A response body chunk has been seen (its time is the first byte's).
     body_started: bool,
+    /// The tenant registry lookup in flight.
+    lookup_token: Option<u32>,
+    /// The request body's size once complete, while a lookup holds it.
+    body_done: Option<usize>,
 }
 
 /// Carries out the header plan over the request headers as read (`raw`,
@@ -485,12 +532,70 @@ impl Http {
                 apply_plan(host, &raw, &plan);
                 Action::Pause
             }
+            HeadersStep::Lookup(call) => {
+                match host.dispatch_get(&call.cluster, &call.path, &call.authority, call.timeout_ms) {
+                    Ok(token) => self.lookup_token = Some(token),
+                    Err(e) => {
+                        log::warn!("tollgate: cannot send a tenant registry lookup: {e}");
+                        self.after_lookup(host, None, None);
+                    }
+                }
+                Action::Pause
+            }
+        }
+    }
+
+    /// The tenant registry's answer to this request's lookup.
+    pub fn on_http_call_response<H: Host>(&mut self, host: &mut H, token: u32, body_len: usize) {
+        if self.lookup_token != Some(token) {
+            return;
+        }
+        self.lookup_token = None;
+        let (status, body) = host.http_response(body_len);
+        self.after_lookup(host, status, body.as_deref());
+    }
+
+    /// Continues a request held for a lookup: the rest of its headers'
+    /// step, then its body if it is complete already.
+    fn after_lookup<H: Host>(&mut self, host: &mut H, status: Option<u32>, body: Option<&[u8]>) {
+        let raw = host.header_pairs(Map::RequestHeaders);
+        let headers = pairs::header_map(&raw).unwrap_or_default();
+        let now = host.now_ms();
+        let step = self.flow.on_lookup_answer(&headers, status, body, now);
+        self.metrics.borrow_mut().count(
+            host,
+            if status == Some(200) { "tollgate.registry.lookups_answered" } else { "tollgate.registry.lookups_failed" },
+            1,
+        );
+        match step {
+            HeadersStep::Reply(reply) => self.reply(host, &reply),
+            HeadersStep::ReadBody(plan) => {
+                apply_plan(host, &raw, &plan);
+                if let Some(size) = self.body_done {
+                    let step = match self.flow.on_request_body_size(size as u64, true) {
+                        Some(step) => step,
+                        None => {
+                            let body = host.request_body(size);
+                            self.flow.on_request_body(&body, now)
+                        }
+                    };
+                    let _ = self.run_body_step(host, step, size, false);
+                }
+            }
+            // Not after a lookup; a request that cannot go on is refused.
+            HeadersStep::PassThrough | HeadersStep::Lookup(_) => {
+                let reply = LocalReply { status: 500, headers: Vec::new(), body: Vec::new() };
+                self.reply(host, &reply);
+            }
         }
     }
 
     pub fn on_request_body<H: Host>(&mut self, host: &mut H, body_size: usize, end_of_stream: bool) -> Action {
         if self.bypass {
             return Action::Continue;
+        }
+        if end_of_stream && self.flow.resolving() {
+            self.body_done = Some(body_size);
         }
         let step = match self.flow.on_request_body_size(body_size as u64, end_of_stream) {
             Some(step) => step,

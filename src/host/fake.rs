@@ -55,6 +55,8 @@ pub struct FakeHost {
     pub properties: BTreeMap<String, String>,
     pub rls_calls: Vec<RlsSent>,
     pub get_calls: Vec<(String, String)>,
+    /// The status and body `http_response` answers (none: no answer).
+    pub http_answer: Option<(u32, Vec<u8>)>,
     pub counters: BTreeMap<String, u64>,
     pub histograms: BTreeMap<String, Vec<u64>>,
     /// Host calls that wrote a header map or a body, by kind.
@@ -217,7 +219,10 @@ impl Host for FakeHost {
     }
 
     fn http_response(&mut self, _len: usize) -> (Option<u32>, Option<Vec<u8>>) {
-        (None, None)
+        match &self.http_answer {
+            Some((status, body)) => (Some(*status), Some(body.clone())),
+            None => (None, None),
+        }
     }
 
     fn define_metric(&mut self, kind: MetricKind, name: &str) -> Option<u32> {
@@ -238,5 +243,7 @@ impl Host for FakeHost {
     }
 }
 
+#[cfg(test)]
+mod registry_tests;
 #[cfg(test)]
 mod tests;

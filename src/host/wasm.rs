@@ -62,6 +62,10 @@ impl Context for Http {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         self.0.on_grpc_call_response(&mut Envoy, token_id, status_code, response_size);
     }
+
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, body_size: usize, _num_trailers: usize) {
+        self.0.on_http_call_response(&mut Envoy, token_id, body_size);
+    }
 }
 
 impl HttpContext for Http {

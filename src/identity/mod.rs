@@ -5,6 +5,7 @@
 pub mod api_key;
 pub mod jwt;
 pub mod jwt_authn;
+pub mod registry;
 
 use crate::config::{Plugin, Tenant};
 use crate::identity::api_key::Headers;
@@ -14,16 +15,33 @@ fn jwt_refusal(e: &jwt::JwtError) -> Refusal {
     Refusal::Custom { status: e.http_status(), code: e.code().to_string(), message: e.to_string() }
 }
 
-fn tenant_for_claims(plugin: &Plugin, id: jwt::VerifiedIdentity) -> Result<(&Tenant, Option<String>), Refusal> {
-    let tenant = plugin.tenant_by_id(&id.tenant_id).ok_or_else(|| Refusal::Custom {
+/// Who a request is from: a tenant of the static configuration, or one to
+/// resolve through the tenant registry (see [`registry`]).
+#[derive(Debug)]
+pub enum Who<'p> {
+    Known(&'p Tenant, Option<String>),
+    Registry(registry::Ask, Option<String>),
+}
+
+fn unknown_tenant() -> Refusal {
+    Refusal::Custom {
         status: 403,
         code: "unknown_tenant".into(),
         message: "The token names a tenant this gateway does not know.".into(),
-    })?;
+    }
+}
+
+fn tenant_for_claims(plugin: &Plugin, id: jwt::VerifiedIdentity) -> Result<Who<'_>, Refusal> {
+    let Some(tenant) = plugin.tenant_by_id(&id.tenant_id) else {
+        if plugin.registry.is_some() && rls_contract::registry::valid_tenant_id(&id.tenant_id) {
+            return Ok(Who::Registry(registry::Ask::Tenant(id.tenant_id), id.user_id));
+        }
+        return Err(unknown_tenant());
+    };
     if !tenant.enabled {
         return Err(Refusal::TenantDisabled);
     }
-    Ok((tenant, id.user_id))
+    Ok(Who::Known(tenant, id.user_id))
 }
 
 /// A compact JWS: three dot-separated parts, the first a JSON header.
@@ -32,14 +50,16 @@ fn looks_like_jwt(token: &str) -> bool {
 }
 
 /// Resolves the tenant (and user) of a request. Precedence, first match
-/// wins: Envoy `jwt_authn`'s verified payload, a JWT verified here, an API key.
+/// wins: Envoy `jwt_authn`'s verified payload, a JWT verified here, an API
+/// key. A key or tenant id the static configuration does not know goes to
+/// the registry when one is configured (the static configuration wins).
 pub fn resolve_identity<'p>(
     plugin: &'p Plugin,
     headers: &Headers,
     path: &str,
     jwt_authn_payload: Option<&[u8]>,
     now_s: u64,
-) -> Result<(&'p Tenant, Option<String>), Refusal> {
+) -> Result<Who<'p>, Refusal> {
     if let (Some(spec), Some(payload)) = (&plugin.identity.jwt_authn, jwt_authn_payload) {
         if !payload.is_empty() {
             // Envoy hands a metadata map to wasm in its pairs encoding; JSON
@@ -79,5 +99,12 @@ pub fn resolve_identity<'p>(
             message: "A bearer token is required.".into(),
         });
     }
-    api_key::resolve(plugin, headers, path).map(|t| (t, None))
+    let key = api_key::client_key(plugin, headers, path).ok_or(Refusal::MissingApiKey)?;
+    let digest = api_key::digest(key);
+    match plugin.tenant_by_key_digest(&digest) {
+        Some(t) if t.enabled => Ok(Who::Known(t, None)),
+        Some(_) => Err(Refusal::TenantDisabled),
+        None if plugin.registry.is_some() => Ok(Who::Registry(registry::Ask::Key(digest), None)),
+        None => Err(Refusal::InvalidApiKey),
+    }
 }

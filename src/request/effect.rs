@@ -17,6 +17,18 @@ pub enum HeadersStep {
     PassThrough,
     /// Apply the plan (Envoy then re-matches the route) and wait for the whole body.
     ReadBody(HeaderPlan),
+    /// Ask the tenant registry, hold the request (and its body), and hand
+    /// the answer to `RequestFlow::on_lookup_answer`.
+    Lookup(LookupCall),
+}
+
+/// A lookup in the tenant registry: an HTTP GET.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupCall {
+    pub cluster: String,
+    pub path: String,
+    pub authority: String,
+    pub timeout_ms: u64,
 }
 
 /// A call to the rate-limit service.

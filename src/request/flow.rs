@@ -22,8 +22,11 @@ use prost::Message;
 use serde_json::Value;
 
 use crate::admission::lease::{lease_refund, times, Lease};
-use crate::identity::resolve_identity;
-use crate::request::effect::{BodyOut, BodyStep, Finish, HeadersStep, ResponseChunk, ResponseHeadersStep, RlsCall};
+use crate::identity::registry::{Ask, Cached};
+use crate::identity::{resolve_identity, Who};
+use crate::request::effect::{
+    BodyOut, BodyStep, Finish, HeadersStep, LookupCall, ResponseChunk, ResponseHeadersStep, RlsCall,
+};
 use crate::worker::{Slot, Worker};
 
 use crate::config::{FailureMode, Plugin, RlsMode, TenantRef, UnmatchedRoutes};
@@ -82,6 +85,9 @@ struct Replay {
 enum Phase {
     /// Reading the headers and the body.
     Start,
+    /// Waiting for the tenant registry's answer; the request headers ended
+    /// the stream when `end_of_stream`.
+    Resolving { ask: Ask, end_of_stream: bool },
     /// A reply was sent; nothing more happens.
     Refused,
     /// The reserve call is in flight.
@@ -118,6 +124,10 @@ pub struct RequestFlow {
     pub path: String,
     pub info: Option<RequestInfo>,
     pub user: Option<String>,
+    /// The route's provider (index into the plugin's providers).
+    provider: usize,
+    /// A registry key's own model allowlist.
+    key_models: Option<Rc<crate::config::ModelAllowlist>>,
     body: Option<Value>,
     body_dirty: bool,
     extra_headers: Vec<(String, String)>,
@@ -150,6 +160,8 @@ impl RequestFlow {
             path: String::new(),
             info: None,
             user: None,
+            provider: 0,
+            key_models: None,
             body: None,
             body_dirty: false,
             extra_headers: Vec::new(),
@@ -230,23 +242,92 @@ impl RequestFlow {
             };
         };
         self.api = Some(route.api);
+        self.provider = route.provider;
 
-        let tenant = match resolve_identity(&plugin, headers, &self.path, jwt_authn_payload, now_ms / 1000) {
-            Ok((t, user)) => {
+        match resolve_identity(&plugin, headers, &self.path, jwt_authn_payload, now_ms / 1000) {
+            Ok(Who::Known(t, user)) => {
                 self.user = user;
-                t
+                self.tenant = plugin.tenant_index(&t.id).map(TenantRef::Static);
+            }
+            Ok(Who::Registry(ask, user)) => {
+                self.user = user;
+                let cached = {
+                    let mut w = self.shared.borrow_mut();
+                    let w = &mut *w;
+                    w.registry.resolve(&plugin, &ask, w.slots.as_ref(), now_ms)
+                };
+                match cached {
+                    Cached::Hit(r) => {
+                        self.tenant = Some(r.tenant);
+                        self.key_models = r.key_models;
+                    }
+                    Cached::Refused(r) => return HeadersStep::Reply(self.refuse(&r)),
+                    Cached::Lookup(path) => {
+                        let Some(reg) = plugin.registry.as_ref() else {
+                            return HeadersStep::Reply(self.refuse(&Refusal::InvalidApiKey));
+                        };
+                        self.phase = Phase::Resolving { ask, end_of_stream };
+                        return HeadersStep::Lookup(LookupCall {
+                            cluster: reg.cluster.clone(),
+                            path,
+                            authority: reg.authority.clone(),
+                            timeout_ms: reg.timeout_ms,
+                        });
+                    }
+                }
             }
             Err(r) => return HeadersStep::Reply(self.refuse(&r)),
-        };
-        self.tenant = plugin.tenant_index(&tenant.id).map(TenantRef::Static);
+        }
+        self.after_identity(headers, end_of_stream)
+    }
 
+    /// The registry's answer to the lookup of [`HeadersStep::Lookup`]
+    /// (`status` and `body` `None`: no answer), with the request headers as
+    /// they are now.
+    pub fn on_lookup_answer(
+        &mut self,
+        headers: &Headers,
+        status: Option<u32>,
+        body: Option<&[u8]>,
+        now_ms: u64,
+    ) -> HeadersStep {
+        let Phase::Resolving { ask, end_of_stream } = std::mem::replace(&mut self.phase, Phase::Start) else {
+            return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "unexpected lookup answer".into() }));
+        };
+        let plugin = Rc::clone(&self.plugin);
+        let resolved = {
+            let mut w = self.shared.borrow_mut();
+            let w = &mut *w;
+            w.registry.answered(&plugin, &ask, status, body, w.slots.as_ref(), now_ms)
+        };
+        match resolved {
+            Ok(r) => {
+                self.tenant = Some(r.tenant);
+                self.key_models = r.key_models;
+                self.after_identity(headers, end_of_stream)
+            }
+            Err(r) => HeadersStep::Reply(self.refuse(&r)),
+        }
+    }
+
+    /// Whether the request waits for the registry.
+    pub fn resolving(&self) -> bool {
+        matches!(self.phase, Phase::Resolving { .. })
+    }
+
+    /// The rest of the request headers' step, once the tenant is known.
+    fn after_identity(&mut self, headers: &Headers, end_of_stream: bool) -> HeadersStep {
+        let plugin = Rc::clone(&self.plugin);
+        let Some(tenant) = self.tenant.as_ref().and_then(|t| t.get(&plugin)) else {
+            return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "tenant not resolved".into() }));
+        };
         if api_key::header(headers, ":method") != Some("POST") {
             return HeadersStep::Reply(self.refuse(&Refusal::MethodNotAllowed));
         }
-        let Some(provider) = plugin.provider(route.provider) else {
+        let Some(provider) = plugin.provider(self.provider) else {
             return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "route names no provider".into() }));
         };
-        let Some(provider_key) = tenant.provider_keys.get(route.provider).and_then(Option::as_deref) else {
+        let Some(provider_key) = tenant.provider_keys.get(self.provider).and_then(Option::as_deref) else {
             return HeadersStep::Reply(
                 self.refuse(&Refusal::ProviderNotConfigured { provider: provider.name.clone() }),
             );
@@ -277,6 +358,15 @@ impl RequestFlow {
     /// `None` means the body is complete and within limits: call
     /// [`Self::on_request_body`] with it.
     pub fn on_request_body_size(&mut self, buffered: u64, end_of_stream: bool) -> Option<BodyStep> {
+        if self.resolving() {
+            // Held until the registry answers (the tenant's own limit is
+            // checked then); never beyond the largest a tier may allow.
+            if buffered > crate::config::MAX_REQUEST_BYTES_CEILING {
+                let limit = crate::config::MAX_REQUEST_BYTES_CEILING;
+                return Some(BodyStep::Reply(self.refuse(&Refusal::RequestTooLarge { limit })));
+            }
+            return Some(BodyStep::NeedMore);
+        }
         let limit = self.tenant()?.policy.max_request_bytes;
         if buffered > limit {
             return Some(BodyStep::Reply(self.refuse(&Refusal::RequestTooLarge { limit })));
@@ -304,6 +394,9 @@ impl RequestFlow {
         };
         if let Err(r) = inspect::check_model(policy, &info.model) {
             return BodyStep::Reply(self.refuse(&r));
+        }
+        if self.key_models.as_ref().is_some_and(|m| !m.allows(&info.model)) {
+            return BodyStep::Reply(self.refuse(&Refusal::ModelNotAllowed { model: info.model.clone() }));
         }
         self.model_served = info.model.clone();
 
@@ -729,13 +822,18 @@ impl RequestFlow {
     /// Whether [`RequestFlow::on_stream_done`] has anything left to do (so
     /// the host contexts reads the clock only then).
     pub fn has_work_at_stream_end(&self) -> bool {
-        matches!(self.phase, Phase::Upstream(_) | Phase::Waiting(_)) || self.slot.is_some()
+        matches!(self.phase, Phase::Upstream(_) | Phase::Waiting(_) | Phase::Resolving { .. }) || self.slot.is_some()
     }
 
     /// The stream is over (`on_log`): settles what has not been settled,
     /// e.g. after a client disconnect or an upstream reset.
     pub fn on_stream_done(&mut self, now_ms: u64) -> Option<Finish> {
         let out = matches!(self.phase, Phase::Upstream(_)).then(|| self.finish(now_ms, false));
+        if self.resolving() {
+            // Gone while its lookup was in flight: the answer is never read.
+            self.phase = Phase::Done;
+            self.shared.borrow_mut().registry.abandoned();
+        }
         if matches!(self.phase, Phase::Waiting(_)) {
             // Gone while its reserve was in flight (client disconnect): the
             // answer will never be read, so the reservation is resolved later.
