@@ -200,6 +200,13 @@ impl RegistryCache {
                 (id.clone(), None)
             }
         };
+        if let Some(i) = plugin.tenant_index(&tenant_id) {
+            let tref = TenantRef::Static(i);
+            return match usable(&tref, plugin) {
+                Ok(()) => Cached::Hit(Resolved { tenant: tref, key_models: key.and_then(|k| k.models) }),
+                Err(r) => Cached::Refused(r),
+            };
+        }
         match self.tenants.get(&tenant_id) {
             Some(t) if self.trusted(cfg, t.fetched_ms, now_ms) => match &t.tenant {
                 Ok(tref) => match usable(tref, plugin) {
@@ -331,6 +338,13 @@ impl RegistryCache {
                     return Err(unavailable());
                 }
             }
+        }
+        // A key the registry gives to a tenant of the static configuration
+        // serves that tenant as configured: the static configuration wins.
+        if let Some(i) = plugin.tenant_index(&record.id) {
+            let tref = TenantRef::Static(i);
+            usable(&tref, plugin)?;
+            return Ok(Resolved { tenant: tref, key_models });
         }
         let empty = BTreeMap::new();
         let credentials = answer.credentials.as_ref().unwrap_or(&empty);

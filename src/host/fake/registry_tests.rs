@@ -322,3 +322,28 @@ fn a_key_model_list_narrows_the_tier() {
     http.on_request_body(&mut host, BODY.len(), true);
     assert_eq!(last_reply_code(&host), (403, "model_not_allowed".into()));
 }
+
+#[test]
+fn a_registry_key_of_a_static_tenant_serves_the_static_tenant() {
+    let (root, mut host) = configured("");
+    let (mut http, _) = start(&root, &mut host, REG_KEY);
+    let answer = format!(
+        r#"{{"version": 1, "status": "found", "tenant": {{"id": "acme", "tier": "free", "enabled": true}},
+            "key": {{"sha256": "{}", "tenant": "acme", "revoked": false}},
+            "credentials": {{"openai": "sk-from-registry"}}}}"#,
+        sha256_hex(REG_KEY)
+    );
+    host.http_answer = Some((200, answer.into_bytes()));
+    let before = host.rls_calls.len();
+    {
+        let t = host.next_token;
+        http.on_http_call_response(&mut host, t, 0);
+    }
+    http.on_request_body(&mut host, BODY.len(), true);
+    answer_reserve(&mut http, &mut host, before);
+    assert!(host.replies.is_empty(), "{:?}", host.replies);
+    // The static tenant's credential and tier (pro has limits: a reserve).
+    assert_eq!(host.request_header("authorization").as_deref(), Some("Bearer sk-provider-acme"));
+    assert_eq!(host.request_header("x-tollgate-tier").as_deref(), Some("pro"));
+    assert_eq!(host.rls_calls.len(), before + 1);
+}
