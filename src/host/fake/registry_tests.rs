@@ -347,3 +347,49 @@ fn a_registry_key_of_a_static_tenant_serves_the_static_tenant() {
     assert_eq!(host.request_header("x-tollgate-tier").as_deref(), Some("pro"));
     assert_eq!(host.rls_calls.len(), before + 1);
 }
+
+#[test]
+fn a_jwt_tenant_only_the_registry_knows_is_looked_up_by_id() {
+    let extra = r#"}, "identity": {"jwt_authn": {"payload_in_metadata": "claims", "tenant_claim": "org"}"#;
+    let (root, mut host) = configured(extra);
+    host.readable.insert(
+        "metadata.filter_metadata.envoy.filters.http.jwt_authn.claims".into(),
+        br#"{"org": "initech", "sub": "u-1"}"#.to_vec(),
+    );
+    let mut http = root.new_http().expect("configured");
+    host.request_headers = headers(&[(":path", "/v1/chat/completions"), (":method", "POST")]);
+    assert_eq!(http.on_request_headers(&mut host, false), Action::Pause);
+    let (_, path) = host.get_calls.last().expect("a lookup").clone();
+    assert_eq!(path, "/v1/registry/tenants/initech?credentials=true");
+    let answer = br#"{"version": 3, "status": "found", "tenant": {"id": "initech", "tier": "free", "enabled": true},
+        "credentials": {"openai": "sk-i"}}"#;
+    host.http_answer = Some((200, answer.to_vec()));
+    {
+        let t = host.next_token;
+        http.on_http_call_response(&mut host, t, 0);
+    }
+    host.request_body = BODY.to_vec();
+    http.on_request_body(&mut host, BODY.len(), true);
+    assert!(host.replies.is_empty(), "{:?}", host.replies);
+    assert_eq!(host.request_header("authorization").as_deref(), Some("Bearer sk-i"));
+    assert_eq!(http.flow().user.as_deref(), Some("u-1"));
+
+    // An id the registry does not know: 403 unknown_tenant, remembered.
+    host.readable.insert(
+        "metadata.filter_metadata.envoy.filters.http.jwt_authn.claims".into(),
+        br#"{"org": "nobody", "sub": "u-2"}"#.to_vec(),
+    );
+    let mut http = root.new_http().expect("configured");
+    assert_eq!(http.on_request_headers(&mut host, false), Action::Pause);
+    host.http_answer = Some((200, br#"{"version": 3, "status": "unknown_tenant"}"#.to_vec()));
+    {
+        let t = host.next_token;
+        http.on_http_call_response(&mut host, t, 0);
+    }
+    assert_eq!(last_reply_code(&host), (403, "unknown_tenant".into()));
+    let lookups = host.get_calls.len();
+    let mut http = root.new_http().expect("configured");
+    http.on_request_headers(&mut host, false);
+    assert_eq!(host.get_calls.len(), lookups);
+    assert_eq!(last_reply_code(&host), (403, "unknown_tenant".into()));
+}
