@@ -594,6 +594,11 @@ impl RequestFlow {
             },
             Err(status) => Verdict::Unreadable(format!("grpc status {status}")),
         };
+        if !matches!(verdict, Verdict::Unreadable(_)) {
+            for line in self.shared.borrow_mut().rls_incident.success(now_ms) {
+                log::info!("{line}");
+            }
+        }
         match verdict {
             Verdict::Admit(states) => {
                 self.note_budget(tenant_idx, &states);
@@ -642,7 +647,9 @@ impl RequestFlow {
                 BodyStep::Reply(headers::refusal_reply(self.family(), &self.request_id, &states, &hit))
             }
             Verdict::Unreadable(why) => {
-                log::warn!("tollgate: rate-limit service unavailable ({why}); tenant {}", tenant.id);
+                if let Some(line) = self.shared.borrow_mut().rls_incident.failure(&tenant.id, &why, now_ms) {
+                    log::warn!("{line}");
+                }
                 match policy.failure_mode {
                     FailureMode::Closed => {
                         self.cancel_reservation(&pending, now_ms);
