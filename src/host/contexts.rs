@@ -420,6 +420,9 @@ impl Http {
     fn reply<H: Host>(&self, host: &mut H, reply: &LocalReply) {
         let name = self.flow.refusal_metric(reply);
         self.metrics.borrow_mut().count(host, &name, 1);
+        for (k, v) in self.flow.refusal_properties(reply) {
+            host.set_property(k, &v);
+        }
         host.send_reply(reply);
     }
 

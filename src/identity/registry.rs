@@ -531,10 +531,11 @@ fn key_usable(e: &KeyEntry, now_ms: u64) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Whether the reference holds (a disabled tenant is resolved: the caller
+/// refuses it, naming it).
 fn usable(tref: &TenantRef, plugin: &Plugin) -> Result<(), Refusal> {
     match tref.get(plugin) {
-        Some(t) if t.enabled => Ok(()),
-        Some(_) => Err(Refusal::TenantDisabled),
+        Some(_) => Ok(()),
         None => Err(unavailable()),
     }
 }

@@ -196,6 +196,21 @@ impl RequestFlow {
         metrics::refused(tenant.as_deref().unwrap_or("unknown"), code)
     }
 
+    /// The filter state of a refusal of this request (the access log's
+    /// audit trail of refusals).
+    pub fn refusal_properties(&self, reply: &LocalReply) -> Vec<(&'static str, String)> {
+        record::refusal_properties(
+            &self.plugin,
+            self.tenant(),
+            self.user.as_deref(),
+            &self.request_id,
+            self.api,
+            self.info.as_ref().map_or(self.model_served.as_str(), |i| i.model.as_str()),
+            reply.header("x-tollgate-error").unwrap_or("unknown"),
+            reply.header("x-tollgate-limit"),
+        )
+    }
+
     fn family(&self) -> Family {
         self.api.map_or(Family::OpenAi, Api::family)
     }
@@ -321,6 +336,9 @@ impl RequestFlow {
         let Some(tenant) = self.tenant.as_ref().and_then(|t| t.get(&plugin)) else {
             return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "tenant not resolved".into() }));
         };
+        if !tenant.enabled {
+            return HeadersStep::Reply(self.refuse(&Refusal::TenantDisabled));
+        }
         if api_key::header(headers, ":method") != Some("POST") {
             return HeadersStep::Reply(self.refuse(&Refusal::MethodNotAllowed));
         }
@@ -392,13 +410,13 @@ impl RequestFlow {
             Ok(x) => x,
             Err(r) => return BodyStep::Reply(self.refuse(&r)),
         };
+        self.model_served = info.model.clone();
         if let Err(r) = inspect::check_model(policy, &info.model) {
             return BodyStep::Reply(self.refuse(&r));
         }
         if self.key_models.as_ref().is_some_and(|m| !m.allows(&info.model)) {
             return BodyStep::Reply(self.refuse(&Refusal::ModelNotAllowed { model: info.model.clone() }));
         }
-        self.model_served = info.model.clone();
 
         // Graceful degradation: past the configured share of a budget, serve
         // the tier's fallback model (priced and reserved at its rates).
@@ -1197,7 +1215,10 @@ mod tests {
         };
         let all = run(None);
         let names: Vec<&str> = all.iter().map(|(k, _)| k.strip_prefix("tollgate_").unwrap()).collect();
-        assert_eq!(names, crate::config::FILTER_STATE_FIELDS, "every documented field, in order");
+        // `error` and `limit` are set for refusals only.
+        let finished: Vec<&str> =
+            crate::config::FILTER_STATE_FIELDS.iter().copied().filter(|f| !["error", "limit"].contains(f)).collect();
+        assert_eq!(names, finished, "every documented field, in order");
         let some = run(Some(vec!["cost_usd".into(), "tenant".into()]));
         assert_eq!(some, [("tollgate_tenant", "globex".to_string()), ("tollgate_cost_usd", all[14].1.clone())]);
         assert!(run(Some(Vec::new())).is_empty());

@@ -321,6 +321,11 @@ fn a_key_model_list_narrows_the_tier() {
     }
     http.on_request_body(&mut host, BODY.len(), true);
     assert_eq!(last_reply_code(&host), (403, "model_not_allowed".into()));
+    let prop = |k: &str| host.properties.get(k).cloned().unwrap_or_default();
+    assert_eq!(
+        (prop("tollgate_tenant"), prop("tollgate_model_requested"), prop("tollgate_error")),
+        ("initech".into(), "gpt-4o-mini".into(), "model_not_allowed".into())
+    );
 }
 
 #[test]
