@@ -266,6 +266,10 @@ ACCESS_LOG_FIELDS = {
 ACCESS_LOG_FIELDS.update({"tg_" + f: "%%FILTER_STATE(wasm.tollgate_%s:PLAIN)%%" % f for f in METERING_FIELDS})
 
 
+# The headers tollgate sets for Envoy's routes; never sent to a provider.
+TRUSTED_HEADERS = ("x-tollgate-tenant", "x-tollgate-tier")
+
+
 def envoy_config(listen_port, admin_port, upstream_port, http_filters, access_log_path=None,
                  buffer_limit=16 * 1024 * 1024, extra_clusters=(), stats_tags=(), routes=None):
     log_fields = dict(ACCESS_LOG_FIELDS)
@@ -312,10 +316,13 @@ def envoy_config(listen_port, admin_port, upstream_port, http_filters, access_lo
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "llm_ingress",
                         "access_log": access_log,
-                        "route_config": {"name": "llm", "virtual_hosts": [{
-                            "name": "llm", "domains": ["*"],
-                            "routes": routes,
-                        }]},
+                        "route_config": {
+                            "name": "llm",
+                            # tollgate's trusted headers serve routing only:
+                            # the router drops them before the provider.
+                            "request_headers_to_remove": list(TRUSTED_HEADERS),
+                            "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
+                        },
                         "http_filters": list(http_filters) + [{
                             "name": "envoy.filters.http.router",
                             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},

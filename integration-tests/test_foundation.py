@@ -54,7 +54,8 @@ def test_tenant_key_is_swapped_for_its_provider_key(stack, mock, api, tenant, ke
     for other in ("authorization", "x-api-key", "api-key", "x-goog-api-key"):
         if other != cred_header:
             assert other not in rec["header_map"], other
-    assert rec["header_map"]["x-tollgate-tenant"] == tenant
+    # tollgate's routing headers stay inside the gateway.
+    assert not any(k.startswith("x-tollgate-") for k, _ in rec["headers"])
     assert rec["header_map"]["accept-encoding"] == "identity"
 
 
@@ -65,10 +66,9 @@ def test_client_identity_headers_are_ignored(stack, mock):
                                              "x-user-id": "mallory"})
     assert r.status == 200
     rec = last_request(mock)
-    tenants = [v for k, v in rec["headers"] if k == "x-tollgate-tenant"]
-    assert tenants == ["acme"]
-    assert [v for k, v in rec["headers"] if k == "x-tollgate-tier"] == ["enterprise"]
-    assert "x-tollgate-anything" not in rec["header_map"]
+    # Served as acme (its credential), and no x-tollgate-* header, the
+    # client's or tollgate's, reaches the provider.
+    assert not any(k.startswith("x-tollgate-") for k, _ in rec["headers"])
     assert "x-user-id" not in rec["header_map"]
     assert rec["header_map"]["authorization"] == "Bearer sk-openai-acme"
 
