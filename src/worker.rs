@@ -151,6 +151,8 @@ impl Worker {
         self.leases.refills.clear();
         self.budget_used.clear();
         self.allowance = Allowance::default();
+        // Registry tenants were compiled against the old tiers and providers.
+        self.registry.reconfigured();
         n
     }
 

@@ -184,6 +184,14 @@ impl RegistryCache {
         now_ms.saturating_sub(fetched_ms.max(self.last_poll_ok_ms)) <= cfg.grace_ms
     }
 
+    /// A new plugin configuration: tenants compiled against the old tiers
+    /// and providers (provider keys are by provider index) are dropped and
+    /// fetched again; key records do not depend on the configuration.
+    pub fn reconfigured(&mut self) {
+        self.tenants.clear();
+        self.unknown_tenants.clear();
+    }
+
     /// Lookups in flight on this worker.
     pub fn in_flight(&self) -> u64 {
         self.in_flight
@@ -344,7 +352,7 @@ impl RegistryCache {
             Ask::Key(digest) => match answer.key.as_ref() {
                 // A key lookup answers the key as well.
                 Some(k) => {
-                    if k.tenant != record.id {
+                    if k.tenant != record.id || k.sha256 != hex::encode(digest) {
                         return Err(unavailable());
                     }
                     let Some(entry) = key_entry(k, now_ms) else {
