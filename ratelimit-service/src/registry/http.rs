@@ -120,7 +120,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let named =
             |name: &str| if path == "." || path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
         let between = |s: &str| s.split('`').nth(1).map(str::to_owned);
-        let field = if msg.starts_with("unknown field") {
+        let field = if inner.is_syntax() || inner.is_eof() || path == "?" {
+            None
+        } else if msg.starts_with("unknown field") {
             between(&msg).map(|f| if path.ends_with(&f) { path.clone() } else { named(&f) })
         } else if msg.starts_with("missing field") {
             between(&msg).map(|f| named(&f))

@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 /// Most labels on one tenant.
 pub const MAX_LABELS: usize = 32;
-/// Longest label key / label value / tier name / key label.
+/// Longest label key (bytes) / label value / tier name / key label (characters).
 pub const MAX_LABEL_KEY_LEN: usize = 63;
 pub const MAX_LABEL_VALUE_LEN: usize = 256;
 pub const MAX_TIER_LEN: usize = 128;
@@ -218,7 +218,7 @@ fn printable(s: &str) -> bool {
 }
 
 pub fn check_tier(tier: &str) -> Result<(), FieldError> {
-    if tier.is_empty() || tier.len() > MAX_TIER_LEN || !printable(tier) || tier.trim() != tier {
+    if tier.is_empty() || tier.chars().count() > MAX_TIER_LEN || !printable(tier) || tier.trim() != tier {
         return Err(FieldError::new("tier", "must be 1..=128 characters, no control characters or outer spaces"));
     }
     Ok(())
@@ -235,15 +235,15 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), FieldError>
         if !key_ok {
             return Err(FieldError::new("labels", "keys must be 1..=63 of letters, digits, '-', '_', '.', '/'"));
         }
-        if v.len() > MAX_LABEL_VALUE_LEN || !printable(v) {
-            return Err(FieldError::new("labels", "values must be at most 256 bytes, no control characters"));
+        if v.chars().count() > MAX_LABEL_VALUE_LEN || !printable(v) {
+            return Err(FieldError::new("labels", "values must be at most 256 characters, no control characters"));
         }
     }
     Ok(())
 }
 
 pub fn check_key_label(label: &str) -> Result<(), FieldError> {
-    if label.is_empty() || label.len() > MAX_KEY_LABEL_LEN || !printable(label) {
+    if label.is_empty() || label.chars().count() > MAX_KEY_LABEL_LEN || !printable(label) {
         return Err(FieldError::new("label", "must be 1..=128 characters, no control characters"));
     }
     Ok(())
@@ -262,7 +262,7 @@ pub fn check_models(models: Option<&[String]>) -> Result<(), FieldError> {
     if models.is_empty() || models.len() > MAX_MODELS {
         return Err(FieldError::new("models", "must list 1..=256 models (omit it for all the tier allows)"));
     }
-    if models.iter().any(|m| m.is_empty() || m.len() > MAX_MODEL_LEN || !printable(m)) {
+    if models.iter().any(|m| m.is_empty() || m.chars().count() > MAX_MODEL_LEN || !printable(m)) {
         return Err(FieldError::new("models", "each model must be 1..=256 characters, no control characters"));
     }
     Ok(())
