@@ -412,8 +412,10 @@ pub fn inject_include_usage(body: &mut Value) -> bool {
 }
 
 /// Whether an OpenAI chat SSE `data` payload is the usage-only chunk that
-/// `include_usage` adds: `"choices": []` and a non-null `usage` object. Empty
-/// choices alone are not enough (Azure's first chunk has them too).
+/// `include_usage` adds: a non-null `usage` object and `"choices": []`, or
+/// choices that say nothing (`[{"index":0,"delta":{}}]`, as some servers
+/// send). Empty choices alone are not enough (Azure's first chunk has them
+/// too); a choice with a finish reason, logprobs or any delta is content.
 pub fn is_usage_only_chunk(data: &str) -> bool {
     // Cheap pre-check so ordinary content chunks are not parsed twice.
     if !data.contains("\"usage\"") || !data.contains("\"choices\"") {
@@ -422,8 +424,22 @@ pub fn is_usage_only_chunk(data: &str) -> bool {
     let Ok(doc) = serde_json::from_str::<Value>(data) else {
         return false;
     };
-    let empty_choices = doc.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty);
-    empty_choices && doc.get("usage").is_some_and(Value::is_object)
+    let silent_choices = doc.get("choices").and_then(Value::as_array).is_some_and(|c| c.iter().all(says_nothing));
+    silent_choices && doc.get("usage").is_some_and(Value::is_object)
+}
+
+/// A choice with nothing in it: an index, and an empty (or null) delta,
+/// finish reason and logprobs.
+fn says_nothing(choice: &Value) -> bool {
+    let Some(obj) = choice.as_object() else {
+        return false;
+    };
+    obj.iter().all(|(k, v)| match k.as_str() {
+        "index" => true,
+        "delta" => v.is_null() || v.as_object().is_some_and(Map::is_empty),
+        "finish_reason" | "logprobs" => v.is_null(),
+        _ => false,
+    })
 }
 
 #[cfg(test)]
@@ -536,8 +552,18 @@ mod tests {
         assert!(is_usage_only_chunk(r#"{"choices":[],"usage":{"prompt_tokens":1}}"#));
         // Azure's first chunk: empty choices, no usage.
         assert!(!is_usage_only_chunk(r#"{"choices":[],"prompt_filter_results":[]}"#));
-        // vLLM continuous usage: usage on a content chunk.
-        assert!(!is_usage_only_chunk(r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#));
+        // vLLM continuous usage: usage on a content chunk, or on the last one.
+        assert!(!is_usage_only_chunk(r#"{"choices":[{"delta":{"content":"a"}}],"usage":{"prompt_tokens":1}}"#));
+        assert!(!is_usage_only_chunk(
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(!is_usage_only_chunk(r#"{"choices":[{"index":0,"delta":{},"x":1}],"usage":{"prompt_tokens":1}}"#));
+        assert!(!is_usage_only_chunk(r#"{"choices":[1],"usage":{"prompt_tokens":1}}"#));
+        // A usage chunk whose one choice says nothing is still the usage chunk.
+        assert!(is_usage_only_chunk(r#"{"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":1}}"#));
+        assert!(is_usage_only_chunk(
+            r#"{"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":1}}"#
+        ));
         assert!(!is_usage_only_chunk(r#"{"choices":[],"usage":null}"#));
         assert!(!is_usage_only_chunk("[DONE]"));
     }

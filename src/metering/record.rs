@@ -97,7 +97,11 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     let ttfb = f.first_byte_ms.map(|t| t.saturating_sub(f.start_ms));
     let duration = f.now_ms.saturating_sub(f.start_ms);
     let stream_errors = !metered.errors.is_empty();
-    let outcome = outcome(f.reached_end, f.upstream_status, stream_errors);
+    // A stream whose end marker and usage both arrived is whole even if the
+    // client then hung up before Envoy saw the upstream end (the OpenAI SDK
+    // closes right after `[DONE]`).
+    let whole = f.reached_end || (metered.complete && metered.usage.is_some());
+    let outcome = outcome(whole, f.upstream_status, stream_errors);
 
     let p = &mut out.properties;
     let mut prop = |k: &'static str, v: String| p.push((k, v));

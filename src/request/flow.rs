@@ -1600,6 +1600,47 @@ mod tests {
         assert!(f.on_stream_done(30).is_none(), "finishes once");
     }
 
+    #[test]
+    fn disconnect_after_the_end_marker_and_usage_is_ok() {
+        let anthropic: &[u8] = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":4}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let chat: &[u8] = b"data: {\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4,\"total_tokens\":13}}\n\ndata: [DONE]\n\n";
+        let chat_no_usage: &[u8] =
+            b"data: {\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+        let cases: [(&str, &str, &[u8], &str); 3] = [
+            ("/v1/messages", r#"{"model":"claude-x","max_tokens":100,"stream":true}"#, anthropic, "ok"),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#,
+                chat,
+                "ok",
+            ),
+            // The end marker without usage: still cut short of what it cost.
+            (
+                "/v1/chat/completions",
+                r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#,
+                chat_no_usage,
+                "incomplete",
+            ),
+        ];
+        for (path, body, stream, want) in cases {
+            let mut f = flow();
+            start(&mut f, KEY_A, path);
+            let _ = f.on_request_body(body.as_bytes(), 0);
+            let _ = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 100, 60)])), 1);
+            f.on_response_headers(200);
+            let (_, fin) = f.on_response_body(stream, false, 10);
+            assert!(fin.is_none());
+            // The client hangs up before the upstream's end of stream.
+            let fin = f.on_stream_done(20).unwrap();
+            let prop = |k: &str| fin.properties.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
+            assert_eq!(prop("tollgate_outcome"), want, "{path}");
+            if want == "ok" {
+                assert_eq!(prop("tollgate_estimated"), "false", "{path}");
+                assert_eq!(prop("tollgate_tokens_output"), "4", "{path}");
+            }
+        }
+    }
+
     /// The sample configuration with globex capped at `cap` requests in flight.
     fn capped_plugin(cap: u64) -> Rc<Plugin> {
         let mut plugin = sample();
