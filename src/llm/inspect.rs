@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::config::Policy;
-use crate::llm::{Api, Refusal};
+use crate::llm::{canonical_tier, Api, Refusal};
+use crate::metering::usage::ServedAs;
 
 /// What tollgate needs to know about a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +29,23 @@ pub struct RequestInfo {
     pub max_output_tokens: Option<u64>,
     /// Whether an OpenAI chat stream already asks for usage.
     pub include_usage: bool,
+    /// The service tier, speed and region the body asks for, to price the
+    /// estimate with (the bill follows what the response reports).
+    pub asked: ServedAs,
+}
+
+/// The conditions a body asks for: `service_tier` (canonical, see
+/// [`crate::llm::canonical_tier`]; OpenAI's `fast` is served as `priority`),
+/// `speed` and `inference_geo` (Anthropic). The ordinary tier and speed
+/// (`auto`, `default`, `standard`, ...) are `None`.
+pub(crate) fn asked_conditions(json: &Value) -> ServedAs {
+    let word = |k: &str| json.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+    let tier = word("service_tier").map(|t| if t == "fast" { "priority" } else { canonical_tier(t) });
+    ServedAs {
+        tier: tier.filter(|t| *t != "standard").map(str::to_string),
+        speed: word("speed").filter(|s| *s != "standard").map(str::to_string),
+        geo: word("inference_geo").map(str::to_string),
+    }
 }
 
 pub use crate::llm::gemini::gemini_target;
@@ -68,6 +86,7 @@ pub(crate) fn body_facts(json: &Value, max_output_field: &str) -> Result<Request
         json_array_stream: false,
         max_output_tokens: u64_at(json, &[max_output_field]),
         include_usage: true,
+        asked: asked_conditions(json),
     })
 }
 

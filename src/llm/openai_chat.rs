@@ -5,8 +5,10 @@
 
 use serde_json::{Map, Value};
 
-use crate::llm::inspect::{body_model, body_stream, u64_at, RequestInfo};
-use crate::llm::observation::{count, counts_of, json_len, path, text_len, Observation, RawCounts};
+use crate::llm::inspect::{asked_conditions, body_model, body_stream, u64_at, RequestInfo};
+use crate::llm::observation::{
+    canonical_tier, count, counts_of, json_len, path, text_len, Observation, RawCounts, Served,
+};
 use crate::llm::{ModelSwap, Refusal};
 use crate::metering::usage::Usage;
 
@@ -24,6 +26,7 @@ pub(crate) fn request_facts(json: &Value) -> Result<RequestInfo, Refusal> {
         json_array_stream: false,
         max_output_tokens: u64_at(json, &["max_completion_tokens"]).or_else(|| u64_at(json, &["max_tokens"])),
         include_usage,
+        asked: asked_conditions(json),
     })
 }
 
@@ -82,8 +85,12 @@ pub(crate) fn usage_counts(u: &Value) -> RawCounts {
         cache_write: detail(input_details, "cache_write_tokens"),
         output: count(u.get("completion_tokens")).or_else(|| count(u.get("output_tokens"))),
         reasoning: detail(output_details, "reasoning_tokens"),
-        tool_prompt: None,
         total: count(u.get("total_tokens")),
+        input_audio: detail(input_details, "audio_tokens"),
+        output_audio: detail(output_details, "audio_tokens"),
+        // `accepted_prediction_tokens` and `rejected_prediction_tokens` are
+        // inside `completion_tokens` and billed as output: nothing to add.
+        ..RawCounts::default()
     }
 }
 
@@ -160,6 +167,7 @@ pub(crate) fn delta_text_len(data: &str) -> Option<u64> {
 /// or a shape this reader does not take.
 pub(crate) struct ChatBody {
     model: Option<String>,
+    service_tier: Option<String>,
     usage: Option<Value>,
     text: u64,
 }
@@ -173,6 +181,7 @@ impl ChatBody {
             error: None,
             text_bytes: self.text,
             complete: false,
+            served: Served { tier: self.service_tier.as_deref().map(canonical_tier), ..Served::default() },
         }
     }
 }
@@ -314,6 +323,8 @@ pub(crate) fn read_chat_body(bytes: &[u8]) -> Option<ChatBody> {
     struct Body<'a> {
         #[serde(default, borrow)]
         model: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        service_tier: Option<Cow<'a, str>>,
         #[serde(default)]
         usage: Option<Value>,
         #[serde(default)]
@@ -374,7 +385,12 @@ pub(crate) fn read_chat_body(bytes: &[u8]) -> Option<ChatBody> {
                 .saturating_add(len(&m.refusal));
         }
     }
-    Some(ChatBody { model: body.model.map(Cow::into_owned), usage: body.usage, text })
+    Some(ChatBody {
+        model: body.model.map(Cow::into_owned),
+        service_tier: body.service_tier.filter(|t| !t.is_empty()).map(Cow::into_owned),
+        usage: body.usage,
+        text,
+    })
 }
 
 /// Ask an OpenAI chat stream for usage on the client's behalf: set

@@ -483,7 +483,14 @@ impl RequestFlow {
             total: self.input_estimate.saturating_add(output),
             ..Usage::default()
         };
-        let micros = self.plugin.pricing.as_ref().map_or(0, |p| p.cost(&self.model_served, &usage).micros);
+        // At the rates of the tier and speed asked for, and (by the price
+        // table) of the estimated input's size.
+        let asked = self.info.as_ref().map(|i| &i.asked);
+        let micros = self
+            .plugin
+            .pricing
+            .as_ref()
+            .map_or(0, |p| p.cost_as(&self.model_served, &usage, asked.unwrap_or(&Default::default())).micros);
         Amounts { tokens: usage.total, micros }
     }
 
