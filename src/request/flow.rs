@@ -1648,6 +1648,47 @@ mod tests {
         }
     }
 
+    #[test]
+    fn estimates_price_the_asked_tier_and_input_size_bills_the_served_tier() {
+        let mut json = crate::config::tests::sample_json();
+        json["pricing"]["models"]["gpt-4o"] = serde_json::json!({"input": 2, "output": 10,
+            "long_context": {"above_input_tokens": 1000, "input": 4, "output": 20},
+            "service_tiers": {"priority": {"multiplier": 2}, "flex": {"multiplier": 0.5}}});
+        let plugin = || crate::config::load(json.to_string().as_bytes(), &crate::config::tests::env).unwrap();
+        let estimate = |body: String| {
+            let mut f = flow_with(plugin());
+            start(&mut f, KEY_A, "/v1/chat/completions");
+            let _ = f.on_request_body(body.as_bytes(), 0);
+            (f.input_estimate, f.estimate_for(100).micros)
+        };
+        // About 100 input tokens: short rates; x2 when priority is asked for.
+        let pad = "x".repeat(300);
+        let (input, std) = estimate(format!(r#"{{"model":"gpt-4o","max_tokens":100,"pad":"{pad}"}}"#));
+        assert!(input < 1000);
+        assert_eq!(std, input * 2 + 100 * 10);
+        let (input, prio) =
+            estimate(format!(r#"{{"model":"gpt-4o","max_tokens":100,"service_tier":"priority","pad":"{pad}"}}"#));
+        assert_eq!(prio, 2 * (input * 2 + 100 * 10));
+        // Over 1000 estimated input tokens: never reserved at short rates.
+        let long = format!(r#"{{"model":"gpt-4o","max_tokens":100,"pad":"{}"}}"#, "x".repeat(8000));
+        let (input, long_micros) = estimate(long);
+        assert!(input > 1000);
+        assert_eq!(long_micros, input * 4 + 100 * 20);
+
+        // The bill: the tier the response reports (flex), not the one asked for.
+        let mut f = flow_with(plugin());
+        start(&mut f, KEY_A, "/v1/chat/completions");
+        let _ = f.on_request_body(br#"{"model":"gpt-4o","service_tier":"priority","messages":[]}"#, 0);
+        let _ = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 100, 60)])), 1);
+        f.on_response_headers(200);
+        let body = br#"{"model":"gpt-4o","service_tier":"flex","choices":[],"usage":{"prompt_tokens":100,"completion_tokens":10,"total_tokens":110}}"#;
+        let (_, fin) = f.on_response_body(body, true, 10);
+        let fin = fin.unwrap();
+        let prop = |k: &str| fin.properties.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
+        // (100*2 + 10*10) x 0.5 = 150 µ$.
+        assert_eq!(prop("tollgate_cost_usd"), "0.000150");
+    }
+
     /// The sample configuration with globex capped at `cap` requests in flight.
     fn capped_plugin(cap: u64) -> Rc<Plugin> {
         let mut plugin = sample();
