@@ -122,13 +122,18 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     let ok_status = (200..300).contains(&f.upstream_status);
     let (usage, estimated) = final_usage(&metered, f.upstream_status, f.input_estimate);
     let model_answered = metered.model_answered.clone().unwrap_or_else(|| f.model_served.to_string());
-    let cost = plugin.pricing.as_ref().map(|p| p.cost(&model_answered, &usage));
+    // Billed as served: the tier, speed and region the response reports.
+    let cost = plugin.pricing.as_ref().map(|p| p.cost_as(&model_answered, &usage, &metered.served));
     let micros = cost.as_ref().map_or(0, |c| c.micros);
     let unpriced = cost.as_ref().is_some_and(|c| c.priced_by == PricedBy::Default);
     let ttfb = f.first_byte_ms.map(|t| t.saturating_sub(f.start_ms));
     let duration = f.now_ms.saturating_sub(f.start_ms);
     let stream_errors = !metered.errors.is_empty();
-    let outcome = outcome(f.reached_end, f.upstream_status, stream_errors);
+    // A stream whose end marker and usage both arrived is whole even if the
+    // client then hung up before Envoy saw the upstream end (the OpenAI SDK
+    // closes right after `[DONE]`).
+    let whole = f.reached_end || (metered.complete && metered.usage.is_some());
+    let outcome = outcome(whole, f.upstream_status, stream_errors);
 
     let p = &mut out.properties;
     let mut prop = |k: &'static str, v: String| p.push((k, v));

@@ -501,7 +501,14 @@ impl RequestFlow {
             total: self.input_estimate.saturating_add(output),
             ..Usage::default()
         };
-        let micros = self.plugin.pricing.as_ref().map_or(0, |p| p.cost(&self.model_served, &usage).micros);
+        // At the rates of the tier and speed asked for, and (by the price
+        // table) of the estimated input's size.
+        let asked = self.info.as_ref().map(|i| &i.asked);
+        let micros = self
+            .plugin
+            .pricing
+            .as_ref()
+            .map_or(0, |p| p.cost_as(&self.model_served, &usage, asked.unwrap_or(&Default::default())).micros);
         Amounts { tokens: usage.total, micros }
     }
 
@@ -1626,6 +1633,88 @@ mod tests {
         assert!(prop("tollgate_tokens_output").parse::<u64>().unwrap() > 0);
         assert_eq!(f.shared.borrow().pending_settles(), 1);
         assert!(f.on_stream_done(30).is_none(), "finishes once");
+    }
+
+    #[test]
+    fn disconnect_after_the_end_marker_and_usage_is_ok() {
+        let anthropic: &[u8] = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":4}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let chat: &[u8] = b"data: {\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4,\"total_tokens\":13}}\n\ndata: [DONE]\n\n";
+        let chat_no_usage: &[u8] =
+            b"data: {\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+        let cases: [(&str, &str, &[u8], &str); 3] = [
+            ("/v1/messages", r#"{"model":"claude-x","max_tokens":100,"stream":true}"#, anthropic, "ok"),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#,
+                chat,
+                "ok",
+            ),
+            // The end marker without usage: still cut short of what it cost.
+            (
+                "/v1/chat/completions",
+                r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#,
+                chat_no_usage,
+                "incomplete",
+            ),
+        ];
+        for (path, body, stream, want) in cases {
+            let mut f = flow();
+            start(&mut f, KEY_A, path);
+            let _ = f.on_request_body(body.as_bytes(), 0);
+            let _ = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 100, 60)])), 1);
+            f.on_response_headers(200);
+            let (_, fin) = f.on_response_body(stream, false, 10);
+            assert!(fin.is_none());
+            // The client hangs up before the upstream's end of stream.
+            let fin = f.on_stream_done(20).unwrap();
+            let prop = |k: &str| fin.properties.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
+            assert_eq!(prop("tollgate_outcome"), want, "{path}");
+            if want == "ok" {
+                assert_eq!(prop("tollgate_estimated"), "false", "{path}");
+                assert_eq!(prop("tollgate_tokens_output"), "4", "{path}");
+            }
+        }
+    }
+
+    #[test]
+    fn estimates_price_the_asked_tier_and_input_size_bills_the_served_tier() {
+        let mut json = crate::config::tests::sample_json();
+        json["pricing"]["models"]["gpt-4o"] = serde_json::json!({"input": 2, "output": 10,
+            "long_context": {"above_input_tokens": 1000, "input": 4, "output": 20},
+            "service_tiers": {"priority": {"multiplier": 2}, "flex": {"multiplier": 0.5}}});
+        let plugin = || crate::config::load(json.to_string().as_bytes(), &crate::config::tests::env).unwrap();
+        let estimate = |body: String| {
+            let mut f = flow_with(plugin());
+            start(&mut f, KEY_A, "/v1/chat/completions");
+            let _ = f.on_request_body(body.as_bytes(), 0);
+            (f.input_estimate, f.estimate_for(100).micros)
+        };
+        // About 100 input tokens: short rates; x2 when priority is asked for.
+        let pad = "x".repeat(300);
+        let (input, std) = estimate(format!(r#"{{"model":"gpt-4o","max_tokens":100,"pad":"{pad}"}}"#));
+        assert!(input < 1000);
+        assert_eq!(std, input * 2 + 100 * 10);
+        let (input, prio) =
+            estimate(format!(r#"{{"model":"gpt-4o","max_tokens":100,"service_tier":"priority","pad":"{pad}"}}"#));
+        assert_eq!(prio, 2 * (input * 2 + 100 * 10));
+        // Over 1000 estimated input tokens: never reserved at short rates.
+        let long = format!(r#"{{"model":"gpt-4o","max_tokens":100,"pad":"{}"}}"#, "x".repeat(8000));
+        let (input, long_micros) = estimate(long);
+        assert!(input > 1000);
+        assert_eq!(long_micros, input * 4 + 100 * 20);
+
+        // The bill: the tier the response reports (flex), not the one asked for.
+        let mut f = flow_with(plugin());
+        start(&mut f, KEY_A, "/v1/chat/completions");
+        let _ = f.on_request_body(br#"{"model":"gpt-4o","service_tier":"priority","messages":[]}"#, 0);
+        let _ = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 100, 60)])), 1);
+        f.on_response_headers(200);
+        let body = br#"{"model":"gpt-4o","service_tier":"flex","choices":[],"usage":{"prompt_tokens":100,"completion_tokens":10,"total_tokens":110}}"#;
+        let (_, fin) = f.on_response_body(body, true, 10);
+        let fin = fin.unwrap();
+        let prop = |k: &str| fin.properties.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
+        // (100*2 + 10*10) x 0.5 = 150 µ$.
+        assert_eq!(prop("tollgate_cost_usd"), "0.000150");
     }
 
     /// The sample configuration with globex capped at `cap` requests in flight.
