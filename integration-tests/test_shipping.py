@@ -366,3 +366,394 @@ def test_the_filter_stays_under_1_6_mb():
     # registry client (about 84 KB: its JSON messages and caches).
     size = os.path.getsize(os.path.join(ROOT, "build", "tollgate.wasm"))
     assert size <= 1_600_000, f"build/tollgate.wasm is {size} bytes"
+
+
+# --- plain Kubernetes and Envoy Gateway manifests ----------------------------------------------------
+#
+# Core kinds are validated with kubernetes-validate against the Kubernetes
+# OpenAPI schemas (strict: unknown fields are errors) of the oldest version
+# the manifests need (1.33: image volumes, beta there) and the newest the
+# validator ships. It has no schemas for CRDs (Gateway API, Envoy Gateway):
+# those are checked structurally below, and the core objects they embed
+# (env, volumes, mounts of an EnvoyProxy) are validated as a Pod.
+
+K8S_DIR = os.path.join(ENVOY_DIR, "kubernetes")
+EG_DIR = os.path.join(ENVOY_DIR, "envoy-gateway")
+K8S_VERSIONS = ("1.33.0", "1.37.0")
+CRD_KINDS = {
+    "gateway.networking.k8s.io/v1": {"GatewayClass", "Gateway", "HTTPRoute"},
+    "gateway.envoyproxy.io/v1alpha1": {"EnvoyProxy", "EnvoyPatchPolicy"},
+}
+EG_RESOURCE_TYPES = {"type.googleapis.com/envoy.config.listener.v3.Listener",
+                     "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+                     "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+                     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"}
+IMAGE_USER = 65532
+SERVICE_OCI_DIR = os.path.join(ROOT, "build", "service-oci")
+MUSL_TARGET = "x86_64-unknown-linux-musl"
+
+
+def kv():
+    return pytest.importorskip("kubernetes_validate",
+                               reason="pip install -r integration-tests/requirements.txt (kubernetes-validate)")
+
+
+def k8s_manifest_files():
+    return sorted(glob.glob(os.path.join(K8S_DIR, "*.yaml")) + glob.glob(os.path.join(EG_DIR, "*.yaml")))
+
+
+def objects_in(directory):
+    out = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.yaml"))):
+        for d in load_yaml_docs(path):
+            out[(d["kind"], d["metadata"]["name"])] = d
+    return out
+
+
+def test_kubernetes_manifests_are_there():
+    names = {os.path.relpath(p, ENVOY_DIR) for p in k8s_manifest_files()}
+    assert {"kubernetes/ratelimit.yaml", "kubernetes/redis.yaml", "kubernetes/gateway.yaml",
+            "envoy-gateway/gateway.yaml", "envoy-gateway/patch-policy.yaml"} <= names, names
+
+
+@pytest.mark.parametrize("path", k8s_manifest_files(), ids=lambda p: os.path.relpath(p, ENVOY_DIR))
+def test_manifest_validates_against_kubernetes_schemas(path):
+    k = kv()
+    for doc in load_yaml_docs(path):
+        if doc["kind"] in CRD_KINDS.get(doc["apiVersion"], ()):
+            continue  # no schema: checked structurally (test_envoy_gateway_*)
+        for version in K8S_VERSIONS:
+            try:
+                k.validate(doc, version, strict=True)
+            except k.ValidationError as e:
+                pytest.fail("%s %s/%s on Kubernetes %s: %s" % (os.path.basename(path), doc["kind"],
+                                                              doc["metadata"]["name"], version, e.message))
+
+
+def test_kubernetes_validate_catches_mistakes():
+    # The validator is only worth running if it refuses what a cluster would.
+    k = kv()
+    dep = objects_in(K8S_DIR)[("Deployment", "tollgate-ratelimit")]
+    k.validate(dep, K8S_VERSIONS[0], strict=True)
+    typo = json.loads(json.dumps(dep))
+    typo["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpcc"] = {"port": 8081}
+    wrong_type = json.loads(json.dumps(dep))
+    wrong_type["spec"]["replicas"] = "two"
+    for bad in (typo, wrong_type):
+        with pytest.raises(k.ValidationError):
+            k.validate(bad, K8S_VERSIONS[0], strict=True)
+
+
+def container(deployment):
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_kubernetes_ratelimit_service():
+    objs = objects_in(K8S_DIR)
+    dep = objs[("Deployment", "tollgate-ratelimit")]
+    c = container(dep)
+    args = dict(a.split("=", 1) for a in c["args"] if "=" in a)
+    assert args["--grpc-addr"].endswith(":8081") and args["--metrics-addr"].endswith(":9090")
+    assert args["--registry-addr"].endswith(":8083") and args["--admin-addr"].endswith(":8082")
+    assert "--redis-url" in args or "--redis-cluster-nodes" in args
+    # Admin tokens and key-encryption keys come from a Secret, never inline.
+    env = {e["name"]: e for e in c["env"]}
+    for name in ("TOLLGATE_ADMIN_TOKENS", "TOLLGATE_KEK"):
+        assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"], name
+    assert c["readinessProbe"]["grpc"] == {"port": 8081, "service": "envoy.service.ratelimit.v3.RateLimitService"}
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    pod_sc = dep["spec"]["template"]["spec"]["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] == IMAGE_USER
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    # The filter-facing Service has no admin port; the admin port has its own.
+    ports = {p["name"]: p["port"] for p in objs[("Service", "tollgate-ratelimit")]["spec"]["ports"]}
+    assert sorted(ports.values()) == [8081, 8083, 9090]
+    admin = objs[("Service", "tollgate-ratelimit-admin")]["spec"]["ports"]
+    assert [p["port"] for p in admin] == [8082]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        obj = objs[(kind, "tollgate-ratelimit")]
+        sel = obj["spec"].get("selector", obj["spec"].get("podSelector"))
+        assert sel["matchLabels"].items() <= labels.items(), kind
+    for svc in ("tollgate-ratelimit", "tollgate-ratelimit-admin"):
+        assert objs[("Service", svc)]["spec"]["selector"].items() <= labels.items()
+    hpa = objs[("HorizontalPodAutoscaler", "tollgate-ratelimit")]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "tollgate-ratelimit"}
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert hpa["spec"]["minReplicas"] >= objs[("PodDisruptionBudget", "tollgate-ratelimit")]["spec"]["minAvailable"] + 1
+    redis = objs[("StatefulSet", "tollgate-redis")]
+    assert args["--redis-url"] == "redis://tollgate-redis.%s.svc.cluster.local:6379" % redis["metadata"]["namespace"]
+
+
+def plugin_of(wasm_config):
+    return json.loads(wasm_config["configuration"]["value"])
+
+
+def check_tollgate_clusters(plugin, clusters, ratelimit_objs):
+    """The clusters the plugin names exist, speak the right protocol and
+    reach the rate-limit Service's ports."""
+    svc = ratelimit_objs[("Service", "tollgate-ratelimit")]
+    host = "tollgate-ratelimit.%s.svc.cluster.local" % svc["metadata"]["namespace"]
+    ports = {p["port"] for p in svc["spec"]["ports"]}
+    rls = clusters[plugin["rate_limit"]["cluster"]]
+    assert "http2_protocol_options" in rls["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+    registry = clusters[plugin["registry"]["cluster"]]
+    assert "typed_extension_protocol_options" not in registry, "the registry port speaks HTTP/1.1"
+    for cluster, port in ((rls, 8081), (registry, 8083)):
+        sa = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        assert (sa["address"], sa["port_value"]) == (host, port) and port in ports
+
+
+def standalone_gateway():
+    objs = objects_in(K8S_DIR)
+    envoy = yaml.safe_load(objs[("ConfigMap", "tollgate-envoy")]["data"]["envoy.yaml"])
+    return objs, envoy
+
+
+def test_kubernetes_standalone_gateway():
+    objs, envoy = standalone_gateway()
+    listener = envoy["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm = hcm["http_filters"][0]["typed_config"]["config"]
+    assert hcm["http_filters"][-1]["name"] == "envoy.filters.http.router"
+    assert wasm["allow_on_headers_stop_iteration"] is True and wasm["failure_policy"] == "FAIL_CLOSED"
+    plugin = plugin_of(wasm)
+    assert plugin["registry"]["cluster"] == "tollgate_registry"
+    assert listener["per_connection_buffer_limit_bytes"] > max(t["max_request_bytes"] for t in plugin["tiers"].values())
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    check_tollgate_clusters(plugin, clusters, objs)
+    assert envoy["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    # Provider keys: host_env_keys == the Secret-backed env of the container
+    # == what the tenants refer to.
+    dep = objs[("Deployment", "tollgate-envoy")]
+    c = container(dep)
+    host_keys = set(wasm["vm_config"]["environment_variables"]["host_env_keys"])
+    assert host_keys == {v for t in plugin["tenants"] for v in t.get("provider_key_env", {}).values()}
+    assert host_keys == {e["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    # The module file is in the image volume, pinned by digest; the config in the ConfigMap.
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    wasm_file = wasm["vm_config"]["code"]["local"]["filename"]
+    image = volumes[mounts[os.path.dirname(wasm_file)]]["image"]
+    assert os.path.basename(wasm_file) == "plugin.wasm"  # the file of the wasm-build.sh --oci layer
+    assert re.fullmatch(r"[^@]+@sha256:[0-9a-f]{64}", image["reference"]), image
+    assert volumes[mounts["/etc/envoy"]]["configMap"]["name"] == "tollgate-envoy"
+    assert c["args"][:2] == ["-c", "/etc/envoy/envoy.yaml"]
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    probes = {p["name"]: p["containerPort"] for p in c["ports"]}
+    probe_listener = next(li for li in envoy["static_resources"]["listeners"] if li["name"] == "envoy_probes")
+    assert probe_listener["address"]["socket_address"]["port_value"] == probes["probes"]
+    svc = objs[("Service", "tollgate-envoy")]
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
+    assert probes["http"] == listener["address"]["socket_address"]["port_value"]
+
+
+def test_kubernetes_standalone_gateway_envoy_config_validates(oci, tmp_path):
+    # The ConfigMap's Envoy configuration, with the module path pointed at
+    # the fresh build: envoy --mode validate loads the filter and its config.
+    _, envoy = standalone_gateway()
+    text = yaml.safe_dump(envoy).replace("/etc/tollgate/plugin.wasm", os.path.join(ROOT, "build", "tollgate.wasm"))
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text)
+    env = {k: "sk-test" for k in ("ACME_OPENAI_KEY", "ACME_ANTHROPIC_KEY", "GLOBEX_OPENAI_KEY")}
+    ok, out = harness.validate_envoy_config(str(path), env=env)
+    assert ok, out[-3000:]
+
+
+def test_envoy_gateway_resources_fit_together():
+    objs = objects_in(EG_DIR)
+    for (kind, name), d in objs.items():
+        known = CRD_KINDS.get(d["apiVersion"], set()) | {"Namespace"}
+        assert kind in known, (d["apiVersion"], kind)
+    gc = objs[("GatewayClass", "tollgate")]
+    assert gc["spec"]["controllerName"] == "gateway.envoyproxy.io/gatewayclass-controller"
+    gw = objs[("Gateway", "tollgate")]
+    assert gw["spec"]["gatewayClassName"] == gc["metadata"]["name"]
+    ref = gw["spec"]["infrastructure"]["parametersRef"]
+    proxy = objs[(ref["kind"], ref["name"])]
+    assert ref["group"] == "gateway.envoyproxy.io" and proxy["metadata"]["namespace"] == gw["metadata"]["namespace"]
+    listeners = {li["name"]: li for li in gw["spec"]["listeners"]}
+    route = objs[("HTTPRoute", "llm")]
+    for parent in route["spec"]["parentRefs"]:
+        assert parent["name"] == gw["metadata"]["name"] and parent["sectionName"] in listeners
+
+
+def envoy_patch_policy():
+    objs = objects_in(EG_DIR)
+    return objs, objs[("EnvoyPatchPolicy", "tollgate")]
+
+
+def test_envoy_gateway_patch_policy():
+    objs, epp = envoy_patch_policy()
+    gw = objs[("Gateway", "tollgate")]
+    spec = epp["spec"]
+    assert spec["type"] == "JSONPatch"
+    assert spec["targetRef"] == {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "tollgate"}
+    assert epp["metadata"]["namespace"] == gw["metadata"]["namespace"], "the policy must sit with its Gateway"
+    listener_names = {"%s/%s/%s" % (gw["metadata"]["namespace"], gw["metadata"]["name"], li["name"])
+                      for li in gw["spec"]["listeners"]}
+    clusters, filters = {}, []
+    for p in spec["jsonPatches"]:
+        assert p["type"] in EG_RESOURCE_TYPES and p["operation"]["op"] in {"add", "remove", "replace", "move",
+                                                                            "copy", "test"}
+        path = p["operation"]["path"]
+        assert path == "" or path.startswith("/"), path  # a JSON pointer (RFC 6901)
+        if p["type"].endswith("Cluster"):
+            # `add` with an empty path adds a whole resource (Envoy Gateway
+            # internal/xds/translator/jsonpatch.go).
+            assert p["operation"]["op"] == "add" and path == ""
+            assert p["operation"]["value"]["name"] == p["name"]
+            clusters[p["name"]] = p["operation"]["value"]
+        elif p["type"].endswith("Listener"):
+            assert p["name"] in listener_names, p["name"]
+            value = p["operation"]["value"]
+            if isinstance(value, dict) and value.get("typed_config", {}).get("@type") == WASM_TYPE:
+                assert re.fullmatch(r"/default_filter_chain/filters/0/typed_config/http_filters/\d+", path), path
+                filters.append(value["typed_config"]["config"])
+            elif path == "/per_connection_buffer_limit_bytes":
+                buffer_limit = value
+    (wasm,) = filters
+    assert wasm["allow_on_headers_stop_iteration"] is True and wasm["failure_policy"] == "FAIL_CLOSED"
+    plugin = plugin_of(wasm)
+    assert buffer_limit > max(t["max_request_bytes"] for t in plugin["tiers"].values())
+    check_tollgate_clusters(plugin, clusters, objects_in(K8S_DIR))
+    # Provider keys and the module file come from the EnvoyProxy.
+    proxy = objs[("EnvoyProxy", "tollgate")]["spec"]["provider"]["kubernetes"]["envoyDeployment"]
+    host_keys = set(wasm["vm_config"]["environment_variables"]["host_env_keys"])
+    assert host_keys == {v for t in plugin["tenants"] for v in t.get("provider_key_env", {}).values()}
+    assert host_keys == {e["name"] for e in proxy["container"]["env"] if "secretKeyRef" in e["valueFrom"]}
+    mounts = {m["mountPath"]: m["name"] for m in proxy["container"]["volumeMounts"]}
+    volumes = {v["name"]: v for v in proxy["pod"]["volumes"]}
+    image = volumes[mounts[os.path.dirname(wasm["vm_config"]["code"]["local"]["filename"])]]["image"]
+    assert re.fullmatch(r"[^@]+@sha256:[0-9a-f]{64}", image["reference"]), image
+
+
+def test_envoy_proxy_pod_parts_validate_as_a_pod():
+    # EnvoyProxy embeds core types (EnvVar, VolumeMount, Volume,
+    # ResourceRequirements): validate them where Kubernetes defines them.
+    k = kv()
+    objs, _ = envoy_patch_policy()
+    proxy = objs[("EnvoyProxy", "tollgate")]["spec"]["provider"]["kubernetes"]["envoyDeployment"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "envoy"},
+           "spec": {"containers": [dict(proxy["container"], name="envoy", image="envoyproxy/envoy:distroless-v1.40.0")],
+                    "volumes": proxy["pod"]["volumes"]}}
+    for version in K8S_VERSIONS:
+        k.validate(pod, version, strict=True)
+
+
+def test_config_checker_covers_the_kubernetes_manifests(checker, tmp_path):
+    names = {os.path.relpath(p, ENVOY_DIR) for p in repo_tollgate_configs()}
+    assert {"kubernetes/gateway.yaml", "envoy-gateway/patch-policy.yaml"} <= names, names
+    # And it reads the filter inside them: a broken flag or buffer limit is refused.
+    cases = [
+        ("kubernetes/gateway.yaml", "allow_on_headers_stop_iteration: true", "allow_on_headers_stop_iteration: false",
+         "allow_on_headers_stop_iteration]: must be true"),
+        ("kubernetes/gateway.yaml", "per_connection_buffer_limit_bytes: 9437184\n        filter_chains",
+         "per_connection_buffer_limit_bytes: 1024\n        filter_chains", "below the largest tier max_request_bytes"),
+        ("envoy-gateway/patch-policy.yaml", "allow_on_headers_stop_iteration: true",
+         "allow_on_headers_stop_iteration: false", "allow_on_headers_stop_iteration]: must be true"),
+        ("envoy-gateway/patch-policy.yaml", '"tier": "pro"', '"tier": "gold"', "gold"),
+    ]
+    for i, (name, old, new, needle) in enumerate(cases):
+        with open(os.path.join(ENVOY_DIR, name)) as f:
+            text = f.read()
+        assert old in text, (name, old)
+        broken = tmp_path / ("%d-%s" % (i, os.path.basename(name)))
+        broken.write_text(text.replace(old, new))
+        p = subprocess.run([checker, str(broken)], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and needle in p.stdout, (name, p.stdout)
+
+
+# --- the rate-limit service's container image (service-image.sh) --------------------------------------
+
+def musl_binary():
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    return os.path.join(target, MUSL_TARGET, "release", "tollgate-ratelimit")
+
+
+@pytest.fixture(scope="module")
+def service_image():
+    p = subprocess.run([os.path.join(ROOT, "service-image.sh")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=2400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return SERVICE_OCI_DIR
+
+
+def service_image_parts(oci_dir):
+    with open(os.path.join(oci_dir, "index.json")) as f:
+        index = json.load(f)
+    (mdesc,) = index["manifests"]
+    manifest = json.loads(check_descriptor(oci_dir, mdesc, "application/vnd.oci.image.manifest.v1+json"))
+    config = json.loads(check_descriptor(oci_dir, manifest["config"], "application/vnd.oci.image.config.v1+json"))
+    (ldesc,) = manifest["layers"]
+    raw_tar = gzip.decompress(check_descriptor(oci_dir, ldesc, "application/vnd.oci.image.layer.v1.tar+gzip"))
+    return index, mdesc, manifest, config, raw_tar
+
+
+def is_static_elf(data):
+    import struct
+    assert data[:4] == b"\x7fELF" and data[4] == 2
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))  # PT_INTERP
+
+
+def test_service_image_layout_config_and_binary(service_image, tmp_path):
+    with open(os.path.join(service_image, "oci-layout")) as f:
+        assert json.load(f) == {"imageLayoutVersion": "1.0.0"}
+    index, mdesc, manifest, config, raw_tar = service_image_parts(service_image)
+    assert index["schemaVersion"] == 2 and manifest["schemaVersion"] == 2
+    assert mdesc["annotations"]["org.opencontainers.image.ref.name"]
+    assert mdesc["platform"] == {"architecture": "amd64", "os": "linux"}
+    assert (config["architecture"], config["os"]) == ("amd64", "linux")
+    assert config["rootfs"] == {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(raw_tar).hexdigest()]}
+    cfg = config["config"]
+    assert cfg["Entrypoint"] == ["/usr/local/bin/tollgate-ratelimit"]
+    assert cfg["User"] == "%d:%d" % (IMAGE_USER, IMAGE_USER)
+    assert set(cfg["ExposedPorts"]) == {"8081/tcp", "8082/tcp", "8083/tcp", "9090/tcp"}
+    with tarfile.open(fileobj=io.BytesIO(raw_tar)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {"etc", "etc/group", "etc/passwd", "usr", "usr/local", "usr/local/bin",
+                                "usr/local/bin/tollgate-ratelimit"}
+        assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members.values())
+        entry = members["usr/local/bin/tollgate-ratelimit"]
+        assert entry.mode == 0o755
+        binary = tar.extractfile(entry).read()
+        passwd = tar.extractfile(members["etc/passwd"]).read().decode()
+    assert ":%d:%d:" % (IMAGE_USER, IMAGE_USER) in passwd
+    with open(musl_binary(), "rb") as f:
+        assert binary == f.read(), "the layer holds the binary just built"
+    assert is_static_elf(binary), "the image has no libc: the binary must be static"
+    with open(os.path.join(service_image, "tollgate-ratelimit.sha256")) as f:
+        assert f.read().strip() == mdesc["digest"].split(":", 1)[1]
+    # The binary out of the layer runs on its own.
+    exe = tmp_path / "tollgate-ratelimit"
+    exe.write_bytes(binary)
+    exe.chmod(0o755)
+    p = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=30, env={})
+    assert p.returncode == 0, p.stderr
+    for flag in ("--grpc-addr", "--metrics-addr", "--redis-url"):
+        assert flag in p.stdout, flag
+
+
+def test_service_image_is_reproducible(service_image, tmp_path):
+    with open(os.path.join(service_image, "tollgate-ratelimit.sha256")) as f:
+        first = f.read()
+    subprocess.run([os.path.join(ROOT, "service-image.sh"), "--no-build"], cwd=ROOT, check=True, timeout=300,
+                   capture_output=True)
+    with open(os.path.join(service_image, "tollgate-ratelimit.sha256")) as f:
+        assert f.read() == first
+
+
+def test_service_image_matches_the_manifests(service_image):
+    _, _, _, config, _ = service_image_parts(service_image)
+    ports = {int(p.split("/")[0]) for p in config["config"]["ExposedPorts"]}
+    dep = objects_in(K8S_DIR)[("Deployment", "tollgate-ratelimit")]
+    assert {p["containerPort"] for p in container(dep)["ports"]} == ports
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == IMAGE_USER

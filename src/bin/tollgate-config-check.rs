@@ -13,7 +13,9 @@
 //!   (`envoy.extensions.filters.http.wasm.v3.Wasm`, inline or added as an
 //!   ECDS extension) is checked, with the Envoy settings tollgate depends on;
 //! - Kubernetes manifests (multi-document YAML): every Istio `WasmPlugin`
-//!   (`spec.pluginConfig`) and every wasm filter inside an `EnvoyFilter`.
+//!   (`spec.pluginConfig`), every wasm filter inside an `EnvoyFilter` or an
+//!   Envoy Gateway `EnvoyPatchPolicy`, and Envoy configurations held in a
+//!   `ConfigMap` entry.
 //!
 //! The plugin configuration is compiled by `tollgate::config::load`, the code
 //! the filter runs in `on_configure`, so a file that passes here is one the
@@ -38,8 +40,9 @@ const ENVOY_DEFAULT_BUFFER_LIMIT: u64 = 1024 * 1024;
 const USAGE: &str = "usage: tollgate-config-check [--require-env] FILE...
 
 Checks tollgate plugin configurations (JSON), Envoy configurations (YAML or
-JSON) and Istio manifests (WasmPlugin, EnvoyFilter) with the filter's own
-configuration code.
+JSON) and Kubernetes manifests (Istio WasmPlugin and EnvoyFilter, Envoy
+Gateway EnvoyPatchPolicy, ConfigMaps holding an Envoy configuration) with the
+filter's own configuration code.
 
   --require-env  resolve provider_key_env variables from this process's
                  environment (default: assume every variable is set)";
@@ -319,7 +322,8 @@ fn check_envoy(doc: &Value, location: &str, env: EnvMode, report: &mut Report) {
     }
 }
 
-/// A Kubernetes object: WasmPlugin, TrafficExtension or EnvoyFilter.
+/// A Kubernetes object: WasmPlugin, TrafficExtension, EnvoyFilter,
+/// EnvoyPatchPolicy, or a ConfigMap holding an Envoy configuration.
 fn check_k8s(doc: &Value, location: &str, env: EnvMode, report: &mut Report) {
     let kind = doc.get("kind").and_then(Value::as_str).unwrap_or("");
     let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?");
@@ -371,9 +375,27 @@ fn check_k8s(doc: &Value, location: &str, env: EnvMode, report: &mut Report) {
                 );
             }
         }
-        "EnvoyFilter" => {
+        // Envoy Gateway's EnvoyPatchPolicy carries the filter in a JSON patch
+        // value, like an EnvoyFilter in a configPatch.
+        "EnvoyFilter" | "EnvoyPatchPolicy" => {
             if let Some(spec) = doc.get("spec") {
                 walk(spec, &format!("{at} spec"), env, report);
+            }
+        }
+        // A standalone Envoy's bootstrap, as a ConfigMap entry.
+        "ConfigMap" => {
+            let Some(data) = doc.get("data").and_then(Value::as_object) else {
+                return;
+            };
+            for (key, text) in data {
+                let Some(text) = text.as_str().filter(|t| t.contains(WASM_TYPE)) else {
+                    continue;
+                };
+                let at = format!("{at} data.{key}");
+                match serde_yaml::from_str::<Value>(text) {
+                    Ok(inner) => check_document(&inner, &at, env, report),
+                    Err(e) => report.error(&at, format!("not valid YAML: {e}")),
+                }
             }
         }
         _ => {}
