@@ -156,6 +156,7 @@ class Redis:
 
 # TOLLGATE_RLS_BIN: another build of the service (e.g. under a CARGO_TARGET_DIR).
 RLS_BIN = os.environ.get("TOLLGATE_RLS_BIN") or os.path.join(ROOT, "target", "release", "tollgate-ratelimit")
+ADMIN_BIN = os.path.join(os.path.dirname(RLS_BIN), "tollgate-admin")
 
 
 class RateLimitService:

@@ -6,6 +6,7 @@ Own Redis per module (the registry writes under {tollgate-registry}:* only,
 but a schemathesis run deletes what it finds)."""
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -125,3 +126,38 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(registry,
     assert registry.proc.alive()
     # The fuzzer sent many bodies and tokens: still no secret in the log.
     assert TOKEN not in registry.proc.output()
+
+
+def test_cli_onboards_a_tenant(registry, tmp_path):
+    if not os.path.exists(harness.ADMIN_BIN):
+        pytest.fail("%s is missing: cargo build --release -p tollgate-ratelimit" % harness.ADMIN_BIN)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = dict(os.environ, TOLLGATE_ADMIN_URL="http://127.0.0.1:%d" % registry.admin_port,
+               TOLLGATE_ADMIN_TOKEN_FILE=str(token_file), CLI_SECRET=SECRET)
+
+    def cli(*args, stdin=None):
+        out = subprocess.run([harness.ADMIN_BIN] + list(args), capture_output=True, text=True, env=env,
+                             input=stdin, timeout=30)
+        return out.returncode, (json.loads(out.stdout) if out.stdout.strip() else None), out.stderr
+
+    rc, t, _ = cli("tenant", "create", "cli-co", "--tier", "pro", "--overrides", '{"tokens_per_day": 1000}')
+    assert rc == 0 and t["overrides"] == {"tokens_per_day": 1000}
+    rc, k, _ = cli("key", "issue", "cli-co", "--label", "ci", "--models", "gpt-4o,gpt-4o-mini")
+    assert rc == 0 and k["key"].startswith("tgk_") and k["models"] == ["gpt-4o", "gpt-4o-mini"]
+    rc, c, _ = cli("credential", "set", "cli-co", "openai", "--from-env", "CLI_SECRET")
+    assert rc == 0 and c["provider"] == "openai" and SECRET not in json.dumps(c)
+    rc, c, _ = cli("credential", "set", "cli-co", "anthropic", "--from-stdin", stdin="sk-ant-x\n")
+    assert rc == 0
+    st, a = lookup(registry, "/v1/registry/tenants/cli-co?credentials=true")
+    assert a["credentials"] == {"openai": SECRET, "anthropic": "sk-ant-x"}
+    rc, t, _ = cli("tenant", "disable", "cli-co")
+    assert rc == 0 and t["enabled"] is False
+    rc, r, _ = cli("key", "revoke", k["sha256"])
+    assert rc == 0 and r["revoked"] is True
+    rc, _, err = cli("tenant", "get", "nobody")
+    assert rc == 1 and "not_found" in err
+    rc, page, _ = cli("audit", "--limit", "2")
+    assert rc == 0 and [e["action"] for e in page["entries"]] == ["key.revoke", "tenant.disable"]
+    rc, _, _ = cli("tenant", "delete", "cli-co")
+    assert rc == 0
