@@ -440,3 +440,26 @@ async fn lookup_api_answers_and_fails_closed() {
     assert!(m.contains(r#"tollgate_rls_registry_lookups_total{kind="tenant",status="unavailable"} 1"#), "{m}");
     assert!(m.contains(r#"tollgate_rls_registry_lookups_total{kind="key",status="invalid"} 1"#), "{m}");
 }
+
+#[tokio::test]
+async fn the_registry_works_on_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let storage =
+        Arc::new(RedisStorage::new(&RedisTarget::Cluster(cluster.urls()), Duration::from_millis(2000)).unwrap());
+    let clock = Arc::new(ManualClock::new(T0));
+    let s = Arc::new(RegistryStore::new(storage, Arc::new(kek(&[("k1", 1)])), clock, 100_000, 100_000));
+    s.create_tenant("ops", tenant("acme")).await.unwrap();
+    let v = s.version().await.unwrap();
+    let (_, key) = s.issue_key("ops", "acme", issue("ci")).await.unwrap();
+    s.set_credential("ops", "acme", "openai", SECRET).await.unwrap();
+    let a = s.lookup_key(&key.sha256, true).await.unwrap();
+    assert_eq!((a.status, a.version), (LookupStatus::Found, v + 2));
+    assert_eq!(a.credentials.unwrap()["openai"], SECRET);
+    let c = s.changes(v).await.unwrap();
+    assert_eq!((c.reset, c.tenants.len(), c.keys.len()), (false, 1, 1));
+    assert_eq!(s.list_tenants(10, None).await.unwrap().0.len(), 1);
+    assert_eq!(s.list_keys("acme", 10, None).await.unwrap().0.len(), 1);
+    s.delete_tenant("ops", "acme").await.unwrap();
+    assert_eq!(s.lookup_key(&key.sha256, false).await.unwrap().status, LookupStatus::UnknownKey);
+    assert_eq!(s.audit(10, None).await.unwrap().0.len(), 4);
+}
