@@ -16,6 +16,7 @@ use crate::plan::PlanSettings;
 use crate::registry::admin_api::AdminTokens;
 use crate::registry::crypto::KekRing;
 use crate::registry::lookup_api::LookupLimits;
+use crate::registry::serve::{serve, ServeLimits};
 use crate::registry::store::RegistryStore;
 use crate::service::RateLimiter;
 use crate::storage::redis::{RedisStorage, RedisTarget};
@@ -156,21 +157,15 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
             metrics.clone(),
             settings.registry.lookup_limits,
         );
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
-        http_tasks.push(tokio::spawn(async move {
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "registry listener failed");
-            }
-        }));
+        let limits = ServeLimits {
+            max_connections: settings.registry.lookup_limits.max_concurrent * 4,
+            ..ServeLimits::default()
+        };
+        http_tasks.push(tokio::spawn(serve(listener, app, limits, stopped(stop_rx.clone()))));
     }
     if let Some((listener, tokens)) = admin {
         let app = crate::registry::admin_api::router(registry_store.clone(), tokens);
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
-        http_tasks.push(tokio::spawn(async move {
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "admin listener failed");
-            }
-        }));
+        http_tasks.push(tokio::spawn(serve(listener, app, ServeLimits::default(), stopped(stop_rx.clone()))));
     }
 
     tracing::info!(

@@ -440,3 +440,68 @@ async fn lookup_api_answers_and_fails_closed() {
     assert!(m.contains(r#"tollgate_rls_registry_lookups_total{kind="tenant",status="unavailable"} 1"#), "{m}");
     assert!(m.contains(r#"tollgate_rls_registry_lookups_total{kind="key",status="invalid"} 1"#), "{m}");
 }
+
+#[tokio::test]
+async fn the_registry_works_on_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let storage =
+        Arc::new(RedisStorage::new(&RedisTarget::Cluster(cluster.urls()), Duration::from_millis(2000)).unwrap());
+    let clock = Arc::new(ManualClock::new(T0));
+    let s = Arc::new(RegistryStore::new(storage, Arc::new(kek(&[("k1", 1)])), clock, 100_000, 100_000));
+    s.create_tenant("ops", tenant("acme")).await.unwrap();
+    let v = s.version().await.unwrap();
+    let (_, key) = s.issue_key("ops", "acme", issue("ci")).await.unwrap();
+    s.set_credential("ops", "acme", "openai", SECRET).await.unwrap();
+    let a = s.lookup_key(&key.sha256, true).await.unwrap();
+    assert_eq!((a.status, a.version), (LookupStatus::Found, v + 2));
+    assert_eq!(a.credentials.unwrap()["openai"], SECRET);
+    let c = s.changes(v).await.unwrap();
+    assert_eq!((c.reset, c.tenants.len(), c.keys.len()), (false, 1, 1));
+    assert_eq!(s.list_tenants(10, None).await.unwrap().0.len(), 1);
+    assert_eq!(s.list_keys("acme", 10, None).await.unwrap().0.len(), 1);
+    s.delete_tenant("ops", "acme").await.unwrap();
+    assert_eq!(s.lookup_key(&key.sha256, false).await.unwrap().status, LookupStatus::UnknownKey);
+    assert_eq!(s.audit(10, None).await.unwrap().0.len(), 4);
+}
+
+#[tokio::test]
+async fn listeners_drop_slow_and_excess_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tollgate_ratelimit::registry::serve::{serve, ServeLimits};
+    let redis = RedisServer::start();
+    let (s, _) = store(&redis);
+    let app = lookup_api::router(s, Arc::new(Metrics::new()), LookupLimits::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let limits = ServeLimits {
+        max_connections: 1,
+        header_read_timeout: Duration::from_millis(300),
+        grace: Duration::from_secs(1),
+    };
+    let server = tokio::spawn(serve(listener, app, limits, async move {
+        let _ = stop_rx.await;
+    }));
+    // A client that never finishes its headers holds the only slot...
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /v1/registry/changes?since=0 HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // ...so another connection is closed at once...
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    // ...and the slow one is dropped after the header deadline.
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "the slow client was not cut off");
+    // The slot is free again: a normal request is answered.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+    ok.write_all(b"GET /v1/registry/changes?since=0 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(3), ok.read_to_string(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let _ = stop_tx.send(());
+    tokio::time::timeout(Duration::from_secs(3), server).await.unwrap().unwrap();
+}

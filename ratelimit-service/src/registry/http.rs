@@ -110,38 +110,56 @@ fn sanitize(msg: &str) -> String {
     msg.split(" at line ").next().unwrap_or(msg).to_owned()
 }
 
-/// Parse JSON, naming the field at fault.
+/// JSON numbers with a zero fraction that fit an integer become integers
+/// (`1.0` is the integer 1 in JSON and JSON Schema; serde's u64 would refuse it).
+fn integral(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64() {
+                // 2^64 and -2^63 bound what u64 and i64 hold.
+                if f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+                    *v = serde_json::Value::from(f as u64);
+                } else if f.fract() == 0.0 && (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
+                    *v = serde_json::Value::from(f as i64);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral),
+        serde_json::Value::Object(map) => map.values_mut().for_each(integral),
+        _ => {}
+    }
+}
+
+/// Parse a JSON object, naming the field at fault.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|_| ApiError::invalid("body", "the body is not valid JSON"))?;
+    if !value.is_object() {
+        return Err(ApiError::invalid("body", "the body must be a JSON object"));
+    }
+    integral(&mut value);
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        let msg = inner.to_string();
+        let msg = e.into_inner().to_string();
         let named =
             |name: &str| if path == "." || path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
         let between = |s: &str| s.split('`').nth(1).map(str::to_owned);
-        let field = if inner.is_syntax() || inner.is_eof() || path == "?" {
-            None
-        } else if msg.starts_with("unknown field") {
+        let field = if msg.starts_with("unknown field") {
             between(&msg).map(|f| if path.ends_with(&f) { path.clone() } else { named(&f) })
         } else if msg.starts_with("missing field") {
             between(&msg).map(|f| named(&f))
-        } else if path == "." {
+        } else if path == "." || path == "?" {
             None
         } else {
             Some(path.clone())
         };
-        let message =
-            if inner.is_syntax() || inner.is_eof() { "the body is not valid JSON".to_owned() } else { sanitize(&msg) };
         ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_request",
-            message,
+            message: sanitize(&msg),
             field: Some(field.unwrap_or_else(|| "body".into())),
         }
-    })?;
-    de.end().map_err(|_| ApiError::invalid("body", "trailing characters after the JSON value"))?;
-    Ok(value)
+    })
 }
 
 /// A JSON body: `application/json`, at most [`MAX_BODY_BYTES`], fields checked by serde.
@@ -224,5 +242,11 @@ mod tests {
         let e = parse_json::<CreateTenant>(br#"{"id":"a","tier":"t","enabled":"sk-leak-me"}"#).unwrap_err();
         assert!(!e.message.contains("sk-leak-me"), "{}", e.message);
         assert_eq!(parse_json::<CreateTenant>(b"{").unwrap_err().field.as_deref(), Some("body"));
+        assert_eq!(parse_json::<CreateTenant>(br#"["a","t"]"#).unwrap_err().field.as_deref(), Some("body"));
+        let e = parse_json::<CreateTenant>(br#"{"id":"a","tier":"t","overrides":[null,null]}"#).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("overrides"));
+        let k: crate::registry::model::IssueKey = parse_json(br#"{"label":"a","expires_at":5.0}"#).unwrap();
+        assert_eq!(k.expires_at, Some(5));
+        assert!(parse_json::<crate::registry::model::IssueKey>(br#"{"label":"a","expires_at":5.5}"#).is_err());
     }
 }

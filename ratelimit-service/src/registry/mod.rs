@@ -4,7 +4,7 @@
 //!
 //! Modules, each on the ones before it only: [`model`] and [`crypto`] (pure),
 //! [`store`] (Redis), [`http`] (the JSON error envelope), then [`lookup_api`],
-//! [`admin_api`] and [`openapi`].
+//! [`admin_api`] and [`openapi`]; [`serve`] runs a listener within bounds.
 
 pub mod admin_api;
 pub mod crypto;
@@ -12,6 +12,7 @@ pub mod http;
 pub mod lookup_api;
 pub mod model;
 pub mod openapi;
+pub mod serve;
 pub mod store;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

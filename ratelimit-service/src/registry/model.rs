@@ -111,7 +111,8 @@ pub struct CreateTenant {
     pub tier: String,
     #[serde(default = "yes")]
     pub enabled: bool,
-    #[serde(default)]
+    /// `null` as absent: no overrides.
+    #[serde(default, deserialize_with = "overrides")]
     pub overrides: Option<TierSpec>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -130,15 +131,58 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
+/// A struct read from a JSON object only (serde's derive also takes an array
+/// of the fields in order, which no client means).
+struct Obj<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData)).map(Obj)
+    }
+}
+
+/// Overrides: an object, or `null` / absent for none.
+fn overrides<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TierSpec>, D::Error> {
+    Option::<Obj<TierSpec>>::deserialize(d).map(|o| o.map(|Obj(t)| t))
+}
+
+/// Overrides in a patch: absent → `None`; `null` → `Some(None)` (clear); an object → `Some(Some(_))`.
+fn patch_overrides<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<TierSpec>>, D::Error> {
+    overrides(d).map(Some)
+}
+
+/// Absent → `None`; a value → `Some(v)`; `null` is refused (it is not a value
+/// of this field; only the fields documented as nullable take it).
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
 /// `PATCH /v1/tenants/{id}`: absent fields stay as they are.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatchTenant {
+    #[serde(default, deserialize_with = "present")]
     pub tier: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     pub enabled: Option<bool>,
     /// `null` clears the overrides.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "patch_overrides")]
     pub overrides: Option<Option<TierSpec>>,
+    #[serde(default, deserialize_with = "present")]
     pub labels: Option<BTreeMap<String, String>>,
 }
 
@@ -147,9 +191,9 @@ pub struct PatchTenant {
 #[serde(deny_unknown_fields)]
 pub struct IssueKey {
     pub label: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub expires_at: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub models: Option<Vec<String>>,
 }
 
@@ -158,9 +202,9 @@ pub struct IssueKey {
 pub struct ImportKey {
     pub sha256: String,
     pub label: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub expires_at: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub models: Option<Vec<String>>,
 }
 
@@ -168,6 +212,7 @@ pub struct ImportKey {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatchKey {
+    #[serde(default, deserialize_with = "present")]
     pub label: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
     pub expires_at: Option<Option<u64>>,
@@ -370,6 +415,9 @@ mod tests {
         assert_eq!(p.overrides, Some(None));
         let p: PatchTenant = serde_json::from_str(r#"{}"#).unwrap();
         assert_eq!(p.overrides, None);
+        assert!(serde_json::from_str::<PatchTenant>(r#"{"tier":null}"#).is_err());
+        assert!(serde_json::from_str::<PatchKey>(r#"{"label":null}"#).is_err());
+        assert!(serde_json::from_str::<IssueKey>(r#"{"label":"a","models":null}"#).is_err());
         let p: PatchKey = serde_json::from_str(r#"{"models":null,"expires_at":5}"#).unwrap();
         assert_eq!(p.models, Some(None));
         assert_eq!(p.expires_at, Some(Some(5)));

@@ -856,6 +856,10 @@ impl RegistryStore {
         limit: usize,
         before: Option<&str>,
     ) -> Result<(Vec<AuditEntry>, Option<String>), StoreError> {
+        // Nothing is before the first possible id (and Redis refuses `(0-0`).
+        if before.and_then(stream_id) == Some((0, 0)) {
+            return Ok((vec![], None));
+        }
         let end = before.map_or_else(|| "+".to_owned(), |b| format!("({b}"));
         let raw = stream_entries(
             self.redis
