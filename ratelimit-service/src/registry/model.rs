@@ -320,10 +320,35 @@ pub fn check_secret(secret: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Largest `max_request_bytes` the filter accepts.
+pub const MAX_REQUEST_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Some bounds `TierSpec` documents (the filter's tier semantics stay the
+/// filter's; these are the ones an operator would otherwise only learn from a
+/// refused tenant at the gateway). `fallback_at_budget_share` is left to the
+/// filter: serde_json's default float parsing can round 0.9999999999999999 to
+/// 1.0, so an exclusive bound here would refuse values the schema allows.
+pub fn check_overrides(o: Option<&TierSpec>) -> Result<(), FieldError> {
+    let Some(o) = o else { return Ok(()) };
+    if let Some(models) = &o.models {
+        if models.is_empty() {
+            return Err(FieldError::new("overrides.models", "must not be empty"));
+        }
+    }
+    if o.max_request_bytes.is_some_and(|b| b > MAX_REQUEST_BYTES_LIMIT) {
+        return Err(FieldError::new("overrides.max_request_bytes", "must be at most 64 MiB"));
+    }
+    if o.billing_anchor_day.is_some_and(|d| !(1..=31).contains(&d)) {
+        return Err(FieldError::new("overrides.billing_anchor_day", "must be 1..=31"));
+    }
+    Ok(())
+}
+
 impl CreateTenant {
     pub fn check(&self) -> Result<(), FieldError> {
         check_tenant_id("id", &self.id)?;
         check_tier(&self.tier)?;
+        check_overrides(self.overrides.as_ref())?;
         check_labels(&self.labels)
     }
 }
@@ -336,7 +361,7 @@ impl PatchTenant {
         if let Some(l) = &self.labels {
             check_labels(l)?;
         }
-        Ok(())
+        check_overrides(self.overrides.as_ref().and_then(Option::as_ref))
     }
 
     /// The tenant after this patch, at `now` (unix s).
@@ -441,6 +466,11 @@ mod tests {
         assert!(check_models(Some(&[])).is_err());
         assert!(check_expires_at(Some(0)).is_err());
         assert!(check_tier(" pro").is_err());
+        let bad = |json: &str| check_overrides(Some(&serde_json::from_str(json).unwrap())).unwrap_err().field;
+        assert_eq!(bad(r#"{"models":[]}"#), "overrides.models");
+        assert_eq!(bad(r#"{"billing_anchor_day":0}"#), "overrides.billing_anchor_day");
+        assert_eq!(bad(r#"{"max_request_bytes":67108865}"#), "overrides.max_request_bytes");
+        assert!(check_overrides(Some(&serde_json::from_str(r#"{"billing_anchor_day":31}"#).unwrap())).is_ok());
         let format = format!("{:?}", SetCredential { secret: "sk-very-secret".into() });
         assert!(!format.contains("sk-very-secret"));
     }
