@@ -168,14 +168,14 @@ class RateLimitService:
     environment, never the command line."""
 
     def __init__(self, redis_port, logdir=None, port=None, metrics_port=None, redis_timeout_ms=200,
-                 registry=False, admin_tokens=None, kek=None):
+                 registry=False, admin_tokens=None, kek=None, registry_port=None, admin_port=None):
         self.redis_timeout_ms = redis_timeout_ms
         if not os.path.exists(RLS_BIN):
             raise RuntimeError("%s is missing: cargo build --release -p tollgate-ratelimit" % RLS_BIN)
         self.port = port or free_port()
         self.metrics_port = metrics_port or free_port()
-        self.registry_port = free_port() if registry else None
-        self.admin_port = free_port() if admin_tokens else None
+        self.registry_port = (registry_port or free_port()) if registry else None
+        self.admin_port = (admin_port or free_port()) if admin_tokens else None
         self.admin_tokens = admin_tokens
         self.kek = kek
         self.redis_port = redis_port

@@ -13,3 +13,4 @@ def test_demo_stack_serves_a_completion(wasm):
     out = (p.stdout + p.stderr).decode("utf-8", "replace")
     assert p.returncode == 0, out[-4000:]
     assert "demo check: 200" in out
+    assert "onboarded at runtime through the admin API" in out
