@@ -596,7 +596,7 @@ def test_envoy_gateway_patch_policy():
     assert epp["metadata"]["namespace"] == gw["metadata"]["namespace"], "the policy must sit with its Gateway"
     listener_names = {"%s/%s/%s" % (gw["metadata"]["namespace"], gw["metadata"]["name"], li["name"])
                       for li in gw["spec"]["listeners"]}
-    clusters, filters = {}, []
+    clusters, filters, buffer_limit = {}, [], None
     for p in spec["jsonPatches"]:
         assert p["type"] in EG_RESOURCE_TYPES and p["operation"]["op"] in {"add", "remove", "replace", "move",
                                                                             "copy", "test"}
@@ -619,7 +619,7 @@ def test_envoy_gateway_patch_policy():
     (wasm,) = filters
     assert wasm["allow_on_headers_stop_iteration"] is True and wasm["failure_policy"] == "FAIL_CLOSED"
     plugin = plugin_of(wasm)
-    assert buffer_limit > max(t["max_request_bytes"] for t in plugin["tiers"].values())
+    assert buffer_limit is not None and buffer_limit > max(t["max_request_bytes"] for t in plugin["tiers"].values())
     check_tollgate_clusters(plugin, clusters, objects_in(K8S_DIR))
     # Provider keys and the module file come from the EnvoyProxy.
     proxy = objs[("EnvoyProxy", "tollgate")]["spec"]["provider"]["kubernetes"]["envoyDeployment"]
