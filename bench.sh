@@ -5,6 +5,8 @@
 # Not part of the test command. Needs wrk (Debian) and redis-benchmark.
 # BENCH_ONLY=scale runs only bench/scale.py: 10 to 100k tenants in the
 # filter's configuration (throughput, CPU, memory, startup and push times).
+# BENCH_ONLY=registry runs only bench/registry.py: tenants from the runtime
+# registry against the same tenants in the static configuration.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
@@ -15,6 +17,9 @@ fi
 cargo build --release -p tollgate-ratelimit
 if [ "${BENCH_ONLY:-}" = scale ]; then
   exec .venv/bin/python bench/scale.py
+fi
+if [ "${BENCH_ONLY:-}" = registry ]; then
+  exec .venv/bin/python bench/registry.py
 fi
 .venv/bin/python bench/run.py
 if [ "${1:-}" != "--filter-only" ]; then

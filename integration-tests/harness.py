@@ -154,29 +154,68 @@ class Redis:
         self.proc.stop()
 
 
-RLS_BIN = os.path.join(ROOT, "target", "release", "tollgate-ratelimit")
+# TOLLGATE_RLS_BIN: another build of the service (e.g. under a CARGO_TARGET_DIR).
+RLS_BIN = os.environ.get("TOLLGATE_RLS_BIN") or os.path.join(ROOT, "target", "release", "tollgate-ratelimit")
+ADMIN_BIN = os.path.join(os.path.dirname(RLS_BIN), "tollgate-admin")
 
 
 class RateLimitService:
-    """The real tollgate-ratelimit binary (built by run-tests.sh)."""
+    """The real tollgate-ratelimit binary (built by run-tests.sh).
 
-    def __init__(self, redis_port, logdir=None, port=None, metrics_port=None, redis_timeout_ms=200):
+    registry=True opens the filter-facing registry port (`registry_port`);
+    admin_tokens ("name:token,...") opens the admin API (`admin_port`); kek
+    ("kid:base64,...") enables provider credentials. Secrets go through the
+    environment, never the command line."""
+
+    def __init__(self, redis_port, logdir=None, port=None, metrics_port=None, redis_timeout_ms=200,
+                 registry=False, admin_tokens=None, kek=None):
         self.redis_timeout_ms = redis_timeout_ms
         if not os.path.exists(RLS_BIN):
             raise RuntimeError("%s is missing: cargo build --release -p tollgate-ratelimit" % RLS_BIN)
         self.port = port or free_port()
         self.metrics_port = metrics_port or free_port()
+        self.registry_port = free_port() if registry else None
+        self.admin_port = free_port() if admin_tokens else None
+        self.admin_tokens = admin_tokens
+        self.kek = kek
         self.redis_port = redis_port
         self.logdir = logdir
         self.start()
 
     def start(self):
-        self.proc = Proc("rls-%d" % self.port, [RLS_BIN, "--grpc-addr", "127.0.0.1:%d" % self.port,
-                                                "--metrics-addr", "127.0.0.1:%d" % self.metrics_port,
-                                                "--redis-url", "redis://127.0.0.1:%d" % self.redis_port,
-                                                "--redis-timeout-ms", str(self.redis_timeout_ms)],
-                         logdir=self.logdir)
+        argv = [RLS_BIN, "--grpc-addr", "127.0.0.1:%d" % self.port,
+                "--metrics-addr", "127.0.0.1:%d" % self.metrics_port,
+                "--redis-url", "redis://127.0.0.1:%d" % self.redis_port,
+                "--redis-timeout-ms", str(self.redis_timeout_ms)]
+        env = {}
+        if self.registry_port:
+            argv += ["--registry-addr", "127.0.0.1:%d" % self.registry_port]
+        if self.admin_port:
+            argv += ["--admin-addr", "127.0.0.1:%d" % self.admin_port]
+            env["TOLLGATE_ADMIN_TOKENS"] = self.admin_tokens
+        if self.kek:
+            env["TOLLGATE_KEK"] = self.kek
+        self.proc = Proc("rls-%d" % self.port, argv, env=env, logdir=self.logdir)
         wait_port(self.port, proc=self.proc.proc)
+        for extra in (self.registry_port, self.admin_port):
+            if extra:
+                wait_port(extra, proc=self.proc.proc)
+
+    def http(self, port, method, path, body=None, token=None, headers=None):
+        """(status, parsed JSON or None) of one HTTP call to one of the service's ports."""
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        h = dict(headers or {})
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            h.setdefault("content-type", "application/json")
+        if token:
+            h["authorization"] = "Bearer " + token
+        c.request(method, path, body=data, headers=h)
+        r = c.getresponse()
+        raw = r.read()
+        c.close()
+        return r.status, (json.loads(raw) if raw else None)
 
     def metrics(self):
         c = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=5)
@@ -251,7 +290,7 @@ def wasm_filter(plugin_config, env_keys=(), struct_config=False, failure_policy=
 METERING_FIELDS = ["tenant", "tier", "user", "request_id", "api", "model_requested", "model_served",
                    "model_answered", "tokens_input", "tokens_cache_read", "tokens_cache_write", "tokens_output",
                    "tokens_reasoning", "tokens_total", "cost_usd", "ttfb_ms", "duration_ms", "upstream_status",
-                   "estimated", "outcome"]
+                   "estimated", "outcome", "error", "limit"]
 
 ACCESS_LOG_FIELDS = {
     "start_time": "%START_TIME%",
@@ -264,6 +303,10 @@ ACCESS_LOG_FIELDS = {
     "duration_ms": "%DURATION%",
 }
 ACCESS_LOG_FIELDS.update({"tg_" + f: "%%FILTER_STATE(wasm.tollgate_%s:PLAIN)%%" % f for f in METERING_FIELDS})
+
+
+# The headers tollgate sets for Envoy's routes; never sent to a provider.
+TRUSTED_HEADERS = ("x-tollgate-tenant", "x-tollgate-tier")
 
 
 def envoy_config(listen_port, admin_port, upstream_port, http_filters, access_log_path=None,
@@ -312,10 +355,13 @@ def envoy_config(listen_port, admin_port, upstream_port, http_filters, access_lo
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "llm_ingress",
                         "access_log": access_log,
-                        "route_config": {"name": "llm", "virtual_hosts": [{
-                            "name": "llm", "domains": ["*"],
-                            "routes": routes,
-                        }]},
+                        "route_config": {
+                            "name": "llm",
+                            # tollgate's trusted headers serve routing only:
+                            # the router drops them before the provider.
+                            "request_headers_to_remove": list(TRUSTED_HEADERS),
+                            "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
+                        },
                         "http_filters": list(http_filters) + [{
                             "name": "envoy.filters.http.router",
                             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},

@@ -179,11 +179,11 @@ def test_refusal_shape_for_each_api(lstack):
         check_429(family, lstack.post(path, body, hdr(key("spent"))), "daily_request_budget_exhausted", retry=False)
 
 
-def served_tokens(mock, since, tenant):
-    """Total tokens the mock served to a tenant's requests (prompt + output)."""
+def served_tokens(mock, since, run):
+    """Total tokens the mock served to one run's requests (prompt + output)."""
     total = 0
     for rec in mock.requests():
-        if rec["time"] < since or rec["header_map"].get("x-tollgate-tenant") != tenant:
+        if rec["time"] < since or rec["header_map"].get("x-test-run") != run:
             continue
         body = json.loads(rec["body"])
         asked = M.DEFAULT_OUTPUT if "x-mock-output-tokens" not in rec["header_map"] else \
@@ -198,8 +198,9 @@ def budget_run(lstack, mock, name, n=24):
     since = time.time()
     body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     with ThreadPoolExecutor(max_workers=12) as ex:
-        results = list(ex.map(lambda _: chat(lstack, name, body, {"x-mock-output-tokens": "150"}), range(n)))
-    return results, served_tokens(mock, since, tid(name))
+        results = list(ex.map(lambda _: chat(lstack, name, body, {"x-mock-output-tokens": "150",
+                                                                   "x-test-run": name}), range(n)))
+    return results, served_tokens(mock, since, name)
 
 
 def test_budget_holds_under_concurrency_with_clamp(lstack, mock):

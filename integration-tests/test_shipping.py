@@ -265,6 +265,8 @@ def test_production_envoy_example():
     wasm = hcm["http_filters"][0]["typed_config"]["config"]
     assert wasm["allow_on_headers_stop_iteration"] is True
     assert wasm["failure_policy"] == "FAIL_CLOSED"
+    # Tenant ids serve routing and never reach a provider.
+    assert set(hcm["route_config"]["request_headers_to_remove"]) >= set(harness.TRUSTED_HEADERS)
     plugin = json.loads(wasm["configuration"]["value"])
     largest = max(t["max_request_bytes"] for t in plugin["tiers"].values())
     assert listener["per_connection_buffer_limit_bytes"] > largest

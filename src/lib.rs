@@ -10,6 +10,7 @@ pub mod config;
 pub mod envoy;
 pub mod host;
 pub mod identity;
+pub mod incident;
 pub mod llm;
 pub mod metering;
 pub mod ratelimit;

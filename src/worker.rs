@@ -63,6 +63,8 @@ pub struct Worker {
     pub draining_until: Option<u64>,
     /// This worker's cache of the tenant registry.
     pub registry: crate::identity::registry::RegistryCache,
+    /// Failures to reach the rate-limit service, told once and summarised.
+    pub rls_incident: crate::incident::Incident,
 }
 
 impl Worker {
@@ -84,6 +86,7 @@ impl Worker {
             dropped_reported: 0,
             draining_until: None,
             registry: Default::default(),
+            rls_incident: crate::incident::Incident::new("rate-limit service", crate::incident::SUMMARY_MS),
         }
     }
 
@@ -148,6 +151,8 @@ impl Worker {
         self.leases.refills.clear();
         self.budget_used.clear();
         self.allowance = Allowance::default();
+        // Registry tenants were compiled against the old tiers and providers.
+        self.registry.reconfigured();
         n
     }
 
@@ -183,6 +188,11 @@ impl Worker {
             by_model.insert(model.to_string(), Rc::clone(&names));
         }
         names
+    }
+
+    /// The summaries of failing dependencies that are due.
+    pub fn incident_lines(&mut self, now_ms: u64) -> Vec<String> {
+        self.rls_incident.tick(now_ms).into_iter().chain(self.registry.incident.tick(now_ms)).collect()
     }
 
     /// Adds one request's settle to its tenant's net (see [`SettleNets::add`]).

@@ -207,7 +207,7 @@ fuzz_target!(|data: &[u8]| {
         )
         .and_then(|c| c.compile());
         if let Ok(t) = table {
-            let _ = t.cost(whole.model_answered.as_deref().unwrap_or(""), &u);
+            let _ = t.cost_as(whole.model_answered.as_deref().unwrap_or(""), &u, &whole.served);
         }
     }
     if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(body) {

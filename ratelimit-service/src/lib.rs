@@ -16,7 +16,8 @@
 //! 4. [`plan`] (on [`calendar`], [`config`], [`keys`], [`storage`]);
 //! 5. [`response`] (on [`plan`], [`storage`]);
 //! 6. [`service`] (on [`clock`], [`config`], [`metrics`], [`plan`],
-//!    [`response`], [`storage`]), then [`server`] (on all the above).
+//!    [`response`], [`storage`]) and [`registry`] (the tenant registry: on
+//!    [`clock`], [`metrics`], [`storage`]), then [`server`] (on all the above).
 
 // A panic in the request path would drop a connection mid-decision.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -27,6 +28,7 @@ pub mod config;
 pub mod keys;
 pub mod metrics;
 pub mod plan;
+pub mod registry;
 pub mod response;
 pub mod scripts;
 pub mod server;

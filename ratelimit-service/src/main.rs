@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use tollgate_ratelimit::config::StaticLimits;
-use tollgate_ratelimit::server::{self, Settings};
+use tollgate_ratelimit::registry::admin_api::AdminTokens;
+use tollgate_ratelimit::registry::crypto::KekRing;
+use tollgate_ratelimit::registry::lookup_api::LookupLimits;
+use tollgate_ratelimit::server::{self, RegistrySettings, Settings};
 use tollgate_ratelimit::storage::redis::RedisTarget;
 
 /// Envoy RLS v3 rate-limit service for tollgate, backed by Redis.
@@ -43,12 +46,42 @@ struct Args {
     #[arg(long, env = "TOLLGATE_RLS_RESERVE_IDEMPOTENCY_TTL_S", default_value_t = 900,
           value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     reserve_idempotency_ttl_s: u64,
+    /// Filter-facing registry lookups (HTTP, no auth: expose to the gateways only); off if unset.
+    #[arg(long, env = "TOLLGATE_RLS_REGISTRY_ADDR")]
+    registry_addr: Option<SocketAddr>,
+    /// Admin API (HTTP, bearer tokens); off if unset.
+    #[arg(long, env = "TOLLGATE_RLS_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
+    /// File of admin tokens, `name:token` entries (comma or newline separated).
+    /// Else the env var TOLLGATE_ADMIN_TOKENS holds them.
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKENS_FILE")]
+    admin_tokens_file: Option<PathBuf>,
+    /// File of key-encryption keys, `<kid>:<base64 of 32 bytes>` entries; the first
+    /// encrypts, all decrypt. Else the env var TOLLGATE_KEK holds them.
+    #[arg(long, env = "TOLLGATE_KEK_FILE")]
+    kek_file: Option<PathBuf>,
+    /// A separate single-node Redis for the registry (default: the counters' Redis).
+    #[arg(long, env = "TOLLGATE_RLS_REGISTRY_REDIS_URL")]
+    registry_redis_url: Option<String>,
+    /// Approximate cap of the audit stream (entries).
+    #[arg(long, env = "TOLLGATE_RLS_AUDIT_MAX_LEN", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    audit_max_len: u64,
+    /// Approximate cap of the registry change feed (entries).
+    #[arg(long, env = "TOLLGATE_RLS_CHANGES_MAX_LEN", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1_000..=100_000_000))]
+    changes_max_len: u64,
+    /// Registry lookups served at once (more wait, then 503).
+    #[arg(long, env = "TOLLGATE_RLS_REGISTRY_MAX_CONCURRENT", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    registry_max_concurrent: u64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "TOLLGATE_RLS_LOG_JSON")]
     log_json: bool,
 }
 
 fn settings(args: Args) -> Result<Settings, String> {
+    let registry = registry_settings(&args)?;
     let redis = match (args.redis_url, args.redis_cluster_nodes.is_empty()) {
         (Some(url), true) => RedisTarget::Single(url),
         (None, false) => RedisTarget::Cluster(
@@ -74,6 +107,45 @@ fn settings(args: Args) -> Result<Settings, String> {
         limits: Arc::new(limits),
         idempotency_ttl: Duration::from_secs(args.idempotency_ttl_s),
         reserve_idempotency_ttl: Duration::from_secs(args.reserve_idempotency_ttl_s),
+        registry,
+    })
+}
+
+/// A secret list from `file`, else from the env var `var`; `None` if neither.
+/// Errors name the source, never the content.
+fn secret_text(file: Option<&PathBuf>, var: &str) -> Result<Option<String>, String> {
+    match file {
+        Some(path) => {
+            std::fs::read_to_string(path).map(Some).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        }
+        None => Ok(std::env::var(var).ok().filter(|v| !v.trim().is_empty())),
+    }
+}
+
+fn registry_settings(args: &Args) -> Result<RegistrySettings, String> {
+    let kek = match secret_text(args.kek_file.as_ref(), "TOLLGATE_KEK")? {
+        Some(text) => KekRing::parse(&text).map_err(|e| format!("key-encryption keys: {e}"))?,
+        None => KekRing::default(),
+    };
+    let admin_tokens = match secret_text(args.admin_tokens_file.as_ref(), "TOLLGATE_ADMIN_TOKENS")? {
+        Some(text) => Some(Arc::new(AdminTokens::parse(&text).map_err(|e| format!("admin tokens: {e}"))?)),
+        None => None,
+    };
+    if args.admin_addr.is_some() && admin_tokens.is_none() {
+        return Err("--admin-addr needs admin tokens (--admin-tokens-file or TOLLGATE_ADMIN_TOKENS)".into());
+    }
+    Ok(RegistrySettings {
+        redis: args.registry_redis_url.clone().map(RedisTarget::Single),
+        registry_addr: args.registry_addr,
+        admin_addr: args.admin_addr,
+        admin_tokens,
+        kek: Arc::new(kek),
+        changes_max_len: args.changes_max_len,
+        audit_max_len: args.audit_max_len,
+        lookup_limits: LookupLimits {
+            max_concurrent: usize::try_from(args.registry_max_concurrent).unwrap_or(256),
+            deadline: Duration::from_millis(args.redis_timeout_ms.saturating_mul(4).max(1_000)),
+        },
     })
 }
 

@@ -17,8 +17,17 @@ pub struct CodeLabel {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabels {
+    /// key, tenant, changes
+    pub kind: String,
+    /// found, unknown_key, unknown_tenant, changed, reset, invalid, unavailable, error
+    pub status: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub registry_lookups: Family<LookupLabels, Counter>,
     pub decisions: Family<CodeLabel, Counter>,
     pub redis_latency: Histogram,
     pub redis_errors: Counter,
@@ -42,6 +51,12 @@ impl Metrics {
         let idempotent_replays = Counter::default();
         let unlimited_descriptors = Counter::default();
         let settles = Counter::default();
+        let registry_lookups = Family::<LookupLabels, Counter>::default();
+        registry.register(
+            "tollgate_rls_registry_lookups",
+            "Filter-facing registry answers by kind and status",
+            registry_lookups.clone(),
+        );
         registry.register("tollgate_rls_decisions", "ShouldRateLimit answers by code", decisions.clone());
         registry.register(
             "tollgate_rls_redis_latency_seconds",
@@ -60,11 +75,24 @@ impl Metrics {
             unlimited_descriptors.clone(),
         );
         registry.register("tollgate_rls_settles", "Requests in settle mode", settles.clone());
-        Self { registry, decisions, redis_latency, redis_errors, idempotent_replays, unlimited_descriptors, settles }
+        Self {
+            registry,
+            registry_lookups,
+            decisions,
+            redis_latency,
+            redis_errors,
+            idempotent_replays,
+            unlimited_descriptors,
+            settles,
+        }
     }
 
     pub fn decision(&self, code: &str) {
         self.decisions.get_or_create(&CodeLabel { code: code.to_owned() }).inc();
+    }
+
+    pub fn lookup(&self, kind: &str, status: &str) {
+        self.registry_lookups.get_or_create(&LookupLabels { kind: kind.to_owned(), status: status.to_owned() }).inc();
     }
 
     pub fn observe_redis(&self, d: Duration) {

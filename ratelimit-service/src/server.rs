@@ -13,6 +13,11 @@ use crate::clock::SystemClock;
 use crate::config::StaticLimits;
 use crate::metrics::Metrics;
 use crate::plan::PlanSettings;
+use crate::registry::admin_api::AdminTokens;
+use crate::registry::crypto::KekRing;
+use crate::registry::lookup_api::LookupLimits;
+use crate::registry::serve::{serve, ServeLimits};
+use crate::registry::store::RegistryStore;
 use crate::service::RateLimiter;
 use crate::storage::redis::{RedisStorage, RedisTarget};
 use crate::storage::Storage;
@@ -27,6 +32,24 @@ pub struct Settings {
     pub limits: Arc<StaticLimits>,
     pub idempotency_ttl: Duration,
     pub reserve_idempotency_ttl: Duration,
+    pub registry: RegistrySettings,
+}
+
+/// The tenant registry's listeners and secrets (both listeners off by default).
+#[derive(Debug, Clone, Default)]
+pub struct RegistrySettings {
+    /// A separate Redis for the registry; `None`: the counters' Redis.
+    pub redis: Option<RedisTarget>,
+    /// Filter-facing lookups (no auth: an internal port).
+    pub registry_addr: Option<SocketAddr>,
+    /// Admin API; needs `admin_tokens`.
+    pub admin_addr: Option<SocketAddr>,
+    pub admin_tokens: Option<Arc<AdminTokens>>,
+    /// Key-encryption keys of provider credentials (may be empty).
+    pub kek: Arc<KekRing>,
+    pub changes_max_len: u64,
+    pub audit_max_len: u64,
+    pub lookup_limits: LookupLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +58,12 @@ pub enum ServeError {
     BindGrpc { addr: SocketAddr, source: std::io::Error },
     #[error("cannot listen for metrics on {addr}: {source}")]
     BindMetrics { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen for the registry on {addr}: {source}")]
+    BindRegistry { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen for the admin API on {addr}: {source}")]
+    BindAdmin { addr: SocketAddr, source: std::io::Error },
+    #[error("the admin API needs admin tokens (--admin-tokens-file or TOLLGATE_ADMIN_TOKENS)")]
+    NoAdminTokens,
     #[error("invalid Redis configuration: {0}")]
     Redis(#[from] crate::storage::StorageError),
     #[error("gRPC server failed: {0}")]
@@ -65,6 +94,27 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     let metrics_listener = TcpListener::bind(settings.metrics_addr)
         .await
         .map_err(|source| ServeError::BindMetrics { addr: settings.metrics_addr, source })?;
+
+    let registry_store = {
+        let r = &settings.registry;
+        let redis = match &r.redis {
+            Some(target) => Arc::new(RedisStorage::new(target, settings.redis_timeout)?),
+            None => storage.clone(),
+        };
+        Arc::new(RegistryStore::new(redis, r.kek.clone(), Arc::new(SystemClock), r.changes_max_len, r.audit_max_len))
+    };
+    let registry_listener = match settings.registry.registry_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| ServeError::BindRegistry { addr, source })?),
+        None => None,
+    };
+    let admin = match settings.registry.admin_addr {
+        Some(addr) => {
+            let tokens = settings.registry.admin_tokens.clone().ok_or(ServeError::NoAdminTokens)?;
+            let l = TcpListener::bind(addr).await.map_err(|source| ServeError::BindAdmin { addr, source })?;
+            Some((l, tokens))
+        }
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -100,10 +150,30 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     };
 
     let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, metrics.clone(), stopped(stop_rx.clone())));
+    let mut http_tasks = Vec::new();
+    if let Some(listener) = registry_listener {
+        let app = crate::registry::lookup_api::router(
+            registry_store.clone(),
+            metrics.clone(),
+            settings.registry.lookup_limits,
+        );
+        let limits = ServeLimits {
+            max_connections: settings.registry.lookup_limits.max_concurrent * 4,
+            ..ServeLimits::default()
+        };
+        http_tasks.push(tokio::spawn(serve(listener, app, limits, stopped(stop_rx.clone()))));
+    }
+    if let Some((listener, tokens)) = admin {
+        let app = crate::registry::admin_api::router(registry_store.clone(), tokens);
+        http_tasks.push(tokio::spawn(serve(listener, app, ServeLimits::default(), stopped(stop_rx.clone()))));
+    }
 
     tracing::info!(
         grpc = %settings.grpc_addr,
         metrics = %settings.metrics_addr,
+        registry = ?settings.registry.registry_addr,
+        admin = ?settings.registry.admin_addr,
+        kek_kids = ?settings.registry.kek.kids(),
         redis = ?settings.redis,
         "tollgate-ratelimit listening"
     );
@@ -126,6 +196,9 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     let _ = stop_tx.send(true);
     let _ = health_task.await;
     let _ = metrics_task.await;
+    for t in http_tasks {
+        let _ = t.await;
+    }
     tracing::info!("stopped");
     Ok(result?)
 }

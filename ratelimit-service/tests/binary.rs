@@ -249,3 +249,30 @@ fn startup_errors_are_clear() {
     assert!(!out.status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn registry_secrets_are_checked_at_startup_without_echoing_them() {
+    // The admin API without tokens: refused.
+    let out = Command::new(BIN)
+        .args(["--admin-addr", "127.0.0.1:0"])
+        .env_remove("TOLLGATE_ADMIN_TOKENS")
+        .env_remove("TOLLGATE_ADMIN_TOKENS_FILE")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("admin tokens"));
+    // A short token: refused, and not printed.
+    let out = Command::new(BIN)
+        .args(["--admin-addr", "127.0.0.1:0"])
+        .env("TOLLGATE_ADMIN_TOKENS", "ops:tooshort-xyz")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 16") && !err.contains("tooshort-xyz"), "{err}");
+    // A KEK that is not 32 bytes: refused, and not printed.
+    let out = Command::new(BIN).env("TOLLGATE_KEK", "k1:c2hvcnQta2V5LW1hdGVyaWFs").output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("32 bytes") && !err.contains("c2hvcnQta2V5LW1hdGVyaWFs"), "{err}");
+}

@@ -307,6 +307,8 @@ pub const FILTER_STATE_FIELDS: &[&str] = &[
     "upstream_status",
     "estimated",
     "outcome",
+    "error",
+    "limit",
 ];
 
 impl Default for MeteringSpec {

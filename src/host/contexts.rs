@@ -144,6 +144,9 @@ impl Root {
         let (Some(plugin), Some(worker)) = (self.plugin.clone(), self.worker.clone()) else { return };
         let now = host.now_ms();
         worker.borrow_mut().heartbeat(now);
+        for line in worker.borrow_mut().incident_lines(now) {
+            log::warn!("{line}");
+        }
         self.poll_registry(host, now);
         if plugin.rate_limit.is_none() {
             return;
@@ -279,7 +282,9 @@ impl Root {
             match sent {
                 Ok(token) => w.journal.sent(token, entry),
                 Err(e) => {
-                    log::warn!("tollgate: cannot dispatch a settle: {e}");
+                    if let Some(line) = w.rls_incident.failure("", &format!("cannot dispatch a settle: {e}"), now) {
+                        log::warn!("{line}");
+                    }
                     w.journal.retry_later(entry, now);
                 }
             }
@@ -415,6 +420,9 @@ impl Http {
     fn reply<H: Host>(&self, host: &mut H, reply: &LocalReply) {
         let name = self.flow.refusal_metric(reply);
         self.metrics.borrow_mut().count(host, &name, 1);
+        for (k, v) in self.flow.refusal_properties(reply) {
+            host.set_property(k, &v);
+        }
         host.send_reply(reply);
     }
 
@@ -469,7 +477,8 @@ impl Http {
                 Ok(())
             }
             Err(e) => {
-                log::warn!("tollgate: dispatching the reserve call failed: {e}");
+                // Told (once per incident) by the flow's failure mode.
+                log::debug!("tollgate: dispatching the reserve call failed: {e}");
                 Err(())
             }
         }

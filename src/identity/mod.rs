@@ -16,7 +16,8 @@ fn jwt_refusal(e: &jwt::JwtError) -> Refusal {
 }
 
 /// Who a request is from: a tenant of the static configuration, or one to
-/// resolve through the tenant registry (see [`registry`]).
+/// resolve through the tenant registry (see [`registry`]). The tenant may be
+/// disabled: the caller refuses it, naming it in the access log.
 #[derive(Debug)]
 pub enum Who<'p> {
     Known(&'p Tenant, Option<String>),
@@ -38,9 +39,8 @@ fn tenant_for_claims(plugin: &Plugin, id: jwt::VerifiedIdentity) -> Result<Who<'
         }
         return Err(unknown_tenant());
     };
-    if !tenant.enabled {
-        return Err(Refusal::TenantDisabled);
-    }
+    // A disabled tenant is refused by the caller, which knows the tenant
+    // then (the access log names it).
     Ok(Who::Known(tenant, id.user_id))
 }
 
@@ -102,8 +102,7 @@ pub fn resolve_identity<'p>(
     let key = api_key::client_key(plugin, headers, path).ok_or(Refusal::MissingApiKey)?;
     let digest = api_key::digest(key);
     match plugin.tenant_by_key_digest(&digest) {
-        Some(t) if t.enabled => Ok(Who::Known(t, None)),
-        Some(_) => Err(Refusal::TenantDisabled),
+        Some(t) => Ok(Who::Known(t, None)),
         None if plugin.registry.is_some() => Ok(Who::Registry(registry::Ask::Key(digest), None)),
         None => Err(Refusal::InvalidApiKey),
     }

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admission::inflight::{self, SlotStore};
 use crate::config::{ModelAllowlist, Plugin, Registry, Tenant, TenantRef, REGISTRY_SLOT_BASE};
+use crate::incident::Incident;
 use crate::llm::Refusal;
 use rls_contract::registry::{self as contract, Changes, KeyRecord, LookupAnswer, LookupStatus};
 
@@ -102,7 +103,7 @@ pub struct RegistryStats {
 }
 
 /// One worker's view of the registry.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RegistryCache {
     keys: HashMap<[u8; 32], KeyEntry>,
     tenants: HashMap<String, TenantEntry>,
@@ -123,6 +124,28 @@ pub struct RegistryCache {
     /// change feed was reset).
     floor_ms: u64,
     pub stats: RegistryStats,
+    /// Failures to reach the registry, told once and then summarised.
+    pub incident: Incident,
+}
+
+impl Default for RegistryCache {
+    fn default() -> Self {
+        RegistryCache {
+            keys: HashMap::new(),
+            tenants: HashMap::new(),
+            slots: HashMap::new(),
+            unknown_keys: HashMap::new(),
+            unknown_tenants: HashMap::new(),
+            in_flight: 0,
+            version: None,
+            last_poll_ok_ms: 0,
+            poll_in_flight: false,
+            next_poll_ms: 0,
+            floor_ms: 0,
+            stats: RegistryStats::default(),
+            incident: Incident::new("tenant registry", crate::incident::SUMMARY_MS),
+        }
+    }
 }
 
 /// The shared-data key of a key record.
@@ -159,6 +182,14 @@ impl RegistryCache {
     /// answered (a lookup or the change feed) within the grace period.
     fn trusted(&self, cfg: &Registry, fetched_ms: u64, now_ms: u64) -> bool {
         now_ms.saturating_sub(fetched_ms.max(self.last_poll_ok_ms)) <= cfg.grace_ms
+    }
+
+    /// A new plugin configuration: tenants compiled against the old tiers
+    /// and providers (provider keys are by provider index) are dropped and
+    /// fetched again; key records do not depend on the configuration.
+    pub fn reconfigured(&mut self) {
+        self.tenants.clear();
+        self.unknown_tenants.clear();
     }
 
     /// Lookups in flight on this worker.
@@ -292,9 +323,18 @@ impl RegistryCache {
         };
         let Some(answer) = answer else {
             self.stats.lookup_failures += 1;
-            log::warn!("tollgate: tenant registry lookup failed (status {status:?})");
+            let tenant = match ask {
+                Ask::Tenant(id) => id.as_str(),
+                Ask::Key(_) => "",
+            };
+            if let Some(line) = self.incident.failure(tenant, &format!("lookup answered {status:?}"), now_ms) {
+                log::warn!("{line}");
+            }
             return Err(unavailable());
         };
+        for line in self.incident.success(now_ms) {
+            log::info!("{line}");
+        }
         match (answer.status, ask) {
             (LookupStatus::UnknownKey, Ask::Key(d)) | (LookupStatus::UnknownTenant, Ask::Key(d)) => {
                 remember_unknown(&mut self.unknown_keys, cfg, *d, now_ms);
@@ -312,7 +352,7 @@ impl RegistryCache {
             Ask::Key(digest) => match answer.key.as_ref() {
                 // A key lookup answers the key as well.
                 Some(k) => {
-                    if k.tenant != record.id {
+                    if k.tenant != record.id || k.sha256 != hex::encode(digest) {
                         return Err(unavailable());
                     }
                     let Some(entry) = key_entry(k, now_ms) else {
@@ -431,9 +471,14 @@ impl RegistryCache {
         };
         let Some(changes) = changes else {
             self.stats.polls_failed += 1;
-            log::warn!("tollgate: tenant registry change feed failed (status {status:?})");
+            if let Some(line) = self.incident.failure("", &format!("change feed answered {status:?}"), now_ms) {
+                log::warn!("{line}");
+            }
             return;
         };
+        for line in self.incident.success(now_ms) {
+            log::info!("{line}");
+        }
         let went_back = self.version.is_some_and(|v| changes.version < v);
         let first = self.version.is_none();
         if changes.reset || went_back {
@@ -494,10 +539,11 @@ fn key_usable(e: &KeyEntry, now_ms: u64) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Whether the reference holds (a disabled tenant is resolved: the caller
+/// refuses it, naming it).
 fn usable(tref: &TenantRef, plugin: &Plugin) -> Result<(), Refusal> {
     match tref.get(plugin) {
-        Some(t) if t.enabled => Ok(()),
-        Some(_) => Err(Refusal::TenantDisabled),
+        Some(_) => Ok(()),
         None => Err(unavailable()),
     }
 }

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value};
 
 use crate::llm::inspect::{body_facts, RequestInfo};
-use crate::llm::observation::{count, counts_of, json_len, text_len, Observation, RawCounts};
+use crate::llm::observation::{canonical_tier, count, counts_of, json_len, text_len, Observation, RawCounts, Served};
 use crate::llm::{ModelSwap, Refusal};
 use crate::metering::usage::Usage;
 
@@ -38,11 +38,16 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
             Some(msg) => Observation {
                 counts: counts_of(msg.get("usage"), usage_counts),
                 model: Observation::model_at(msg.get("model")),
+                served: served(msg.get("usage")),
                 ..Observation::default()
             },
             None => Observation::default(),
         },
-        "message_delta" => Observation { counts: counts_of(doc.get("usage"), usage_counts), ..Observation::default() },
+        "message_delta" => Observation {
+            counts: counts_of(doc.get("usage"), usage_counts),
+            served: served(doc.get("usage")),
+            ..Observation::default()
+        },
         "message_stop" => Observation { complete: true, ..Observation::default() },
         "content_block_delta" => Observation {
             text_bytes: doc.get("delta").map_or(0, |d| {
@@ -64,28 +69,57 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
                     text = text.saturating_add(n);
                 }
             }
-            Observation::of_body(doc, usage_counts, text)
+            Observation { served: served(doc.get("usage")), ..Observation::of_body(doc, usage_counts, text) }
         }
     }
 }
 
+/// A usage object's counters (`message_start`'s `message.usage`, the
+/// cumulative `message_delta` usage, a whole body's). `cache_creation` splits
+/// the writes by lifetime; `server_tool_use` counts billed tool requests;
+/// `output_tokens_details.thinking_tokens` is the reasoning inside output.
 pub(crate) fn usage_counts(u: &Value) -> RawCounts {
+    let split = u.get("cache_creation");
+    let in_split = |k: &str| split.and_then(|c| count(c.get(k)));
+    let (w5m, w1h) = (in_split("ephemeral_5m_input_tokens"), in_split("ephemeral_1h_input_tokens"));
+    let tools = |k: &str| u.get("server_tool_use").and_then(|t| count(t.get(k)));
+    // A split without the total (not seen from Anthropic) still counts.
+    let split_sum = match (w5m, w1h) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
+    };
     RawCounts {
         input: count(u.get("input_tokens")),
         cache_read: count(u.get("cache_read_input_tokens")),
-        cache_write: count(u.get("cache_creation_input_tokens")),
+        cache_write: count(u.get("cache_creation_input_tokens")).or(split_sum),
+        cache_write_1h: w1h,
         output: count(u.get("output_tokens")),
-        reasoning: None,
-        tool_prompt: None,
-        total: None,
+        reasoning: u.get("output_tokens_details").and_then(|d| count(d.get("thinking_tokens"))),
+        web_search: tools("web_search_requests"),
+        web_fetch: tools("web_fetch_requests"),
+        ..RawCounts::default()
+    }
+}
+
+/// The conditions in a usage object: `service_tier`, `speed`, `inference_geo`.
+fn served(usage: Option<&Value>) -> Served<'_> {
+    let Some(u) = usage else {
+        return Served::default();
+    };
+    Served {
+        tier: Served::word(u.get("service_tier")).map(canonical_tier),
+        speed: Served::word(u.get("speed")),
+        geo: Served::word(u.get("inference_geo")),
     }
 }
 
 /// Anthropic's additive convention: `input_tokens` excludes cache reads and
-/// writes, which are billed on top.
+/// writes, which are billed on top. The writes are at least the 1-hour
+/// ones (a final total larger than the split is priced as 5-minute writes).
 pub(crate) fn normalise(raw: &RawCounts) -> Usage {
     let v = |x: Option<u64>| x.unwrap_or(0);
-    raw.usage(v(raw.input), v(raw.cache_read), v(raw.cache_write), v(raw.output), v(raw.reasoning))
+    let writes = v(raw.cache_write).max(v(raw.cache_write_1h));
+    raw.usage(v(raw.input), v(raw.cache_read), writes, v(raw.output), v(raw.reasoning))
 }
 
 #[cfg(test)]

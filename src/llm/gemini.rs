@@ -5,7 +5,9 @@
 use serde_json::{Map, Value};
 
 use crate::llm::inspect::{u64_at, RequestInfo};
-use crate::llm::observation::{count, counts_of, json_len, path, text_len, Observation, RawCounts};
+use crate::llm::observation::{
+    canonical_tier, count, counts_of, json_len, modality_count, path, text_len, Observation, RawCounts, Served,
+};
 use crate::llm::{ModelSwap, Refusal};
 use crate::metering::usage::Usage;
 
@@ -38,6 +40,7 @@ pub(crate) fn request_facts(path: &str, json: &Value) -> Result<RequestInfo, Ref
         json_array_stream: stream && !alt_sse,
         max_output_tokens: u64_at(json, &["generationConfig", "maxOutputTokens"]),
         include_usage: true,
+        asked: Default::default(),
     })
 }
 
@@ -78,18 +81,29 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
         error: Observation::error_at(doc.get("error")),
         text_bytes: text,
         complete,
+        // Vertex: `usageMetadata.trafficType` (provisioned throughput, priority, flex).
+        served: Served {
+            tier: Served::word(path(doc, &["usageMetadata", "trafficType"])).map(canonical_tier),
+            ..Served::default()
+        },
     }
 }
 
+/// A `usageMetadata` object's counters; audio from the per-modality lists
+/// (`promptTokensDetails`, `cacheTokensDetails`, `candidatesTokensDetails`,
+/// each of `{modality, tokenCount}`).
 pub(crate) fn usage_counts(u: &Value) -> RawCounts {
     RawCounts {
         input: count(u.get("promptTokenCount")),
         cache_read: count(u.get("cachedContentTokenCount")),
-        cache_write: None,
         output: count(u.get("candidatesTokenCount")),
         reasoning: count(u.get("thoughtsTokenCount")),
         tool_prompt: count(u.get("toolUsePromptTokenCount")),
         total: count(u.get("totalTokenCount")),
+        input_audio: modality_count(u.get("promptTokensDetails"), "AUDIO"),
+        cached_audio: modality_count(u.get("cacheTokensDetails"), "AUDIO"),
+        output_audio: modality_count(u.get("candidatesTokensDetails"), "AUDIO"),
+        ..RawCounts::default()
     }
 }
 

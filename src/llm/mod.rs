@@ -15,7 +15,7 @@ pub mod openai_embeddings;
 pub mod openai_responses;
 pub mod refusal;
 
-pub use observation::{Observation, RawCounts};
+pub use observation::{canonical_tier, Observation, RawCounts, Served};
 pub use refusal::{render, retry_headers, LocalReply, Refusal};
 
 use serde::Deserialize;

@@ -17,10 +17,23 @@ pub struct RawCounts {
     pub input: Option<u64>,
     pub cache_read: Option<u64>,
     pub cache_write: Option<u64>,
+    /// Anthropic `cache_creation.ephemeral_1h_input_tokens` (part of the writes).
+    pub cache_write_1h: Option<u64>,
     pub output: Option<u64>,
     pub reasoning: Option<u64>,
     pub tool_prompt: Option<u64>,
     pub total: Option<u64>,
+    /// Audio tokens inside the input count (OpenAI `prompt_tokens_details.audio_tokens`,
+    /// Gemini's `AUDIO` entry of `promptTokensDetails`).
+    pub input_audio: Option<u64>,
+    /// Audio tokens of the input read from the cache (Gemini `cacheTokensDetails`).
+    pub cached_audio: Option<u64>,
+    /// Audio tokens inside the output count.
+    pub output_audio: Option<u64>,
+    /// Server-side web searches (Anthropic `server_tool_use.web_search_requests`).
+    pub web_search: Option<u64>,
+    /// Server-side web fetches (Anthropic `server_tool_use.web_fetch_requests`).
+    pub web_fetch: Option<u64>,
 }
 
 impl RawCounts {
@@ -38,6 +51,12 @@ impl RawCounts {
         latest(&mut self.reasoning, newer.reasoning);
         latest(&mut self.tool_prompt, newer.tool_prompt);
         latest(&mut self.total, newer.total);
+        latest(&mut self.cache_write_1h, newer.cache_write_1h);
+        latest(&mut self.input_audio, newer.input_audio);
+        latest(&mut self.cached_audio, newer.cached_audio);
+        latest(&mut self.output_audio, newer.output_audio);
+        latest(&mut self.web_search, newer.web_search);
+        latest(&mut self.web_fetch, newer.web_fetch);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -45,7 +64,11 @@ impl RawCounts {
     }
 
     /// A [`Usage`] of these parts, with the provider's total when it reported
-    /// one (never recomputed), else their sum.
+    /// one (never recomputed), else their sum. The details every API reports
+    /// the same way are filled in here, each bounded by the count it is part
+    /// of: 1-hour cache writes by the writes, uncached input audio (input
+    /// audio less cached audio) by the uncached input, output audio by the
+    /// output.
     pub(crate) fn usage(
         &self,
         input_uncached: u64,
@@ -54,9 +77,64 @@ impl RawCounts {
         output: u64,
         reasoning: u64,
     ) -> Usage {
-        let mut usage = Usage { input_uncached, cache_read, cache_write, output, reasoning, total: 0 };
+        let v = |x: Option<u64>| x.unwrap_or(0);
+        let mut usage = Usage {
+            input_uncached,
+            cache_read,
+            cache_write,
+            output,
+            reasoning,
+            total: 0,
+            cache_write_1h: v(self.cache_write_1h).min(cache_write),
+            input_audio: v(self.input_audio).saturating_sub(v(self.cached_audio)).min(input_uncached),
+            output_audio: v(self.output_audio).min(output),
+            web_search_requests: v(self.web_search),
+            web_fetch_requests: v(self.web_fetch),
+        };
         usage.total = self.total.unwrap_or_else(|| usage.sum());
         usage
+    }
+}
+
+/// The conditions a response says it was served under, as reported (the
+/// price table maps them to rates; see [`crate::metering::pricing`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Served<'a> {
+    /// The service tier that served the request, canonical: `standard`
+    /// (OpenAI `default`, Gemini `ON_DEMAND`), `priority`, `flex`, `batch`,
+    /// `scale`, `provisioned` (Gemini `PROVISIONED_THROUGHPUT`), or the
+    /// provider's own word in lower case.
+    pub tier: Option<&'a str>,
+    /// Anthropic `usage.speed` (`standard`, `fast`).
+    pub speed: Option<&'a str>,
+    /// Anthropic `usage.inference_geo` (`us`, `global`, `not_available`, ...).
+    pub geo: Option<&'a str>,
+}
+
+impl<'a> Served<'a> {
+    /// Takes what `newer` reports, keeps the rest.
+    pub fn merge(&mut self, newer: Served<'a>) {
+        self.tier = newer.tier.or(self.tier);
+        self.speed = newer.speed.or(self.speed);
+        self.geo = newer.geo.or(self.geo);
+    }
+
+    /// The string at `v`, when it is a non-empty one.
+    pub(crate) fn word(v: Option<&'a Value>) -> Option<&'a str> {
+        v.and_then(Value::as_str).filter(|s| !s.is_empty())
+    }
+}
+
+/// A service tier as the price table names it: the providers' synonyms for
+/// the ordinary tier become `standard`, Gemini's traffic types become tiers.
+/// Known names come back `'static`; others as given (matched exactly).
+pub fn canonical_tier(tier: &str) -> &str {
+    match tier {
+        "default" | "standard" | "auto" | "standard_only" | "ON_DEMAND" | "TRAFFIC_TYPE_UNSPECIFIED" => "standard",
+        "priority" | "ON_DEMAND_PRIORITY" => "priority",
+        "flex" | "ON_DEMAND_FLEX" => "flex",
+        "PROVISIONED_THROUGHPUT" => "provisioned",
+        other => other,
     }
 }
 
@@ -75,6 +153,8 @@ pub struct Observation<'a> {
     pub text_bytes: u64,
     /// It is the response's normal end marker.
     pub complete: bool,
+    /// The service tier, speed and region it reports.
+    pub served: Served<'a>,
 }
 
 impl<'a> Observation<'a> {
@@ -97,8 +177,22 @@ impl<'a> Observation<'a> {
             error: Observation::error_at(doc.get("error")),
             text_bytes,
             complete: false,
+            served: Served { tier: Served::word(doc.get("service_tier")).map(canonical_tier), ..Served::default() },
         }
     }
+}
+
+/// The counts of a list of `{modality, tokenCount}` entries (Gemini) for
+/// `modality`; `None` when the list is absent or has no such entry.
+pub(crate) fn modality_count(list: Option<&Value>, modality: &str) -> Option<u64> {
+    let Some(Value::Array(items)) = list else {
+        return None;
+    };
+    items
+        .iter()
+        .filter(|i| i.get("modality").and_then(Value::as_str) == Some(modality))
+        .filter_map(|i| count(i.get("tokenCount")))
+        .reduce(u64::saturating_add)
 }
 
 /// The counters of `v` when it is a usage object, read by `read`.

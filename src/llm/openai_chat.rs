@@ -5,8 +5,10 @@
 
 use serde_json::{Map, Value};
 
-use crate::llm::inspect::{body_model, body_stream, u64_at, RequestInfo};
-use crate::llm::observation::{count, counts_of, json_len, path, text_len, Observation, RawCounts};
+use crate::llm::inspect::{asked_conditions, body_model, body_stream, u64_at, RequestInfo};
+use crate::llm::observation::{
+    canonical_tier, count, counts_of, json_len, path, text_len, Observation, RawCounts, Served,
+};
 use crate::llm::{ModelSwap, Refusal};
 use crate::metering::usage::Usage;
 
@@ -24,6 +26,7 @@ pub(crate) fn request_facts(json: &Value) -> Result<RequestInfo, Refusal> {
         json_array_stream: false,
         max_output_tokens: u64_at(json, &["max_completion_tokens"]).or_else(|| u64_at(json, &["max_tokens"])),
         include_usage,
+        asked: asked_conditions(json),
     })
 }
 
@@ -82,8 +85,12 @@ pub(crate) fn usage_counts(u: &Value) -> RawCounts {
         cache_write: detail(input_details, "cache_write_tokens"),
         output: count(u.get("completion_tokens")).or_else(|| count(u.get("output_tokens"))),
         reasoning: detail(output_details, "reasoning_tokens"),
-        tool_prompt: None,
         total: count(u.get("total_tokens")),
+        input_audio: detail(input_details, "audio_tokens"),
+        output_audio: detail(output_details, "audio_tokens"),
+        // `accepted_prediction_tokens` and `rejected_prediction_tokens` are
+        // inside `completion_tokens` and billed as output: nothing to add.
+        ..RawCounts::default()
     }
 }
 
@@ -160,6 +167,7 @@ pub(crate) fn delta_text_len(data: &str) -> Option<u64> {
 /// or a shape this reader does not take.
 pub(crate) struct ChatBody {
     model: Option<String>,
+    service_tier: Option<String>,
     usage: Option<Value>,
     text: u64,
 }
@@ -173,6 +181,7 @@ impl ChatBody {
             error: None,
             text_bytes: self.text,
             complete: false,
+            served: Served { tier: self.service_tier.as_deref().map(canonical_tier), ..Served::default() },
         }
     }
 }
@@ -314,6 +323,8 @@ pub(crate) fn read_chat_body(bytes: &[u8]) -> Option<ChatBody> {
     struct Body<'a> {
         #[serde(default, borrow)]
         model: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        service_tier: Option<Cow<'a, str>>,
         #[serde(default)]
         usage: Option<Value>,
         #[serde(default)]
@@ -374,7 +385,12 @@ pub(crate) fn read_chat_body(bytes: &[u8]) -> Option<ChatBody> {
                 .saturating_add(len(&m.refusal));
         }
     }
-    Some(ChatBody { model: body.model.map(Cow::into_owned), usage: body.usage, text })
+    Some(ChatBody {
+        model: body.model.map(Cow::into_owned),
+        service_tier: body.service_tier.filter(|t| !t.is_empty()).map(Cow::into_owned),
+        usage: body.usage,
+        text,
+    })
 }
 
 /// Ask an OpenAI chat stream for usage on the client's behalf: set
@@ -412,8 +428,10 @@ pub fn inject_include_usage(body: &mut Value) -> bool {
 }
 
 /// Whether an OpenAI chat SSE `data` payload is the usage-only chunk that
-/// `include_usage` adds: `"choices": []` and a non-null `usage` object. Empty
-/// choices alone are not enough (Azure's first chunk has them too).
+/// `include_usage` adds: a non-null `usage` object and `"choices": []`, or
+/// choices that say nothing (`[{"index":0,"delta":{}}]`, as some servers
+/// send). Empty choices alone are not enough (Azure's first chunk has them
+/// too); a choice with a finish reason, logprobs or any delta is content.
 pub fn is_usage_only_chunk(data: &str) -> bool {
     // Cheap pre-check so ordinary content chunks are not parsed twice.
     if !data.contains("\"usage\"") || !data.contains("\"choices\"") {
@@ -422,8 +440,22 @@ pub fn is_usage_only_chunk(data: &str) -> bool {
     let Ok(doc) = serde_json::from_str::<Value>(data) else {
         return false;
     };
-    let empty_choices = doc.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty);
-    empty_choices && doc.get("usage").is_some_and(Value::is_object)
+    let silent_choices = doc.get("choices").and_then(Value::as_array).is_some_and(|c| c.iter().all(says_nothing));
+    silent_choices && doc.get("usage").is_some_and(Value::is_object)
+}
+
+/// A choice with nothing in it: an index, and an empty (or null) delta,
+/// finish reason and logprobs.
+fn says_nothing(choice: &Value) -> bool {
+    let Some(obj) = choice.as_object() else {
+        return false;
+    };
+    obj.iter().all(|(k, v)| match k.as_str() {
+        "index" => true,
+        "delta" => v.is_null() || v.as_object().is_some_and(Map::is_empty),
+        "finish_reason" | "logprobs" => v.is_null(),
+        _ => false,
+    })
 }
 
 #[cfg(test)]
@@ -536,8 +568,18 @@ mod tests {
         assert!(is_usage_only_chunk(r#"{"choices":[],"usage":{"prompt_tokens":1}}"#));
         // Azure's first chunk: empty choices, no usage.
         assert!(!is_usage_only_chunk(r#"{"choices":[],"prompt_filter_results":[]}"#));
-        // vLLM continuous usage: usage on a content chunk.
-        assert!(!is_usage_only_chunk(r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#));
+        // vLLM continuous usage: usage on a content chunk, or on the last one.
+        assert!(!is_usage_only_chunk(r#"{"choices":[{"delta":{"content":"a"}}],"usage":{"prompt_tokens":1}}"#));
+        assert!(!is_usage_only_chunk(
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(!is_usage_only_chunk(r#"{"choices":[{"index":0,"delta":{},"x":1}],"usage":{"prompt_tokens":1}}"#));
+        assert!(!is_usage_only_chunk(r#"{"choices":[1],"usage":{"prompt_tokens":1}}"#));
+        // A usage chunk whose one choice says nothing is still the usage chunk.
+        assert!(is_usage_only_chunk(r#"{"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":1}}"#));
+        assert!(is_usage_only_chunk(
+            r#"{"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":1}}"#
+        ));
         assert!(!is_usage_only_chunk(r#"{"choices":[],"usage":null}"#));
         assert!(!is_usage_only_chunk("[DONE]"));
     }

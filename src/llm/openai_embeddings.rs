@@ -14,7 +14,14 @@ pub(crate) fn request_facts(json: &Value) -> Result<RequestInfo, Refusal> {
     if stream {
         return Err(Refusal::InvalidRequest { detail: "embeddings cannot be streamed".into() });
     }
-    Ok(RequestInfo { model, stream, json_array_stream: false, max_output_tokens: None, include_usage: true })
+    Ok(RequestInfo {
+        model,
+        stream,
+        json_array_stream: false,
+        max_output_tokens: None,
+        include_usage: true,
+        asked: Default::default(),
+    })
 }
 
 /// The model is the body's `model` field.

@@ -15,7 +15,7 @@ use crate::llm::observation::{Observation, RawCounts};
 use crate::llm::openai_chat::ChatBody;
 use crate::llm::Api;
 use crate::metering::sse::{SseError, SseEvent, SseParser};
-use crate::metering::usage::{MeterLimits, Metered};
+use crate::metering::usage::{MeterLimits, Metered, ServedAs};
 
 /// At most this many mid-stream errors are kept, each cut to `MAX_ERROR_LEN`.
 const MAX_ERRORS: usize = 8;
@@ -57,6 +57,9 @@ fn truncate_utf8(mut s: String, max: usize) -> String {
     s
 }
 
+/// Longest service tier, speed or region kept (they are short words).
+const MAX_SERVED_LEN: usize = 64;
+
 /// Everything a meter accumulates, independent of the body's framing: the
 /// fold of the [`Observation`]s the API's reader makes of each document.
 #[derive(Debug)]
@@ -73,6 +76,7 @@ struct Accum {
     malformed: u64,
     salvaged: bool,
     complete: bool,
+    served: ServedAs,
 }
 
 impl Accum {
@@ -90,6 +94,7 @@ impl Accum {
             malformed: 0,
             salvaged: false,
             complete: false,
+            served: ServedAs::default(),
         }
     }
 
@@ -125,6 +130,16 @@ impl Accum {
         if obs.complete {
             self.complete = true;
         }
+        let keep = |slot: &mut Option<String>, new: Option<&str>| {
+            if let Some(w) = new {
+                if slot.as_deref() != Some(w) {
+                    *slot = Some(truncate_utf8(w.to_string(), MAX_SERVED_LEN));
+                }
+            }
+        };
+        keep(&mut self.served.tier, obs.served.tier);
+        keep(&mut self.served.speed, obs.served.speed);
+        keep(&mut self.served.geo, obs.served.geo);
     }
 
     /// One SSE event of a stream.
@@ -235,6 +250,7 @@ impl Accum {
             malformed: self.malformed,
             usage_salvaged: self.salvaged,
             complete: self.complete,
+            served: self.served,
         }
     }
 }
@@ -615,7 +631,7 @@ mod tests {
     use crate::metering::usage::Usage;
 
     fn u(input_uncached: u64, cache_read: u64, cache_write: u64, output: u64, reasoning: u64, total: u64) -> Usage {
-        Usage { input_uncached, cache_read, cache_write, output, reasoning, total }
+        Usage { input_uncached, cache_read, cache_write, output, reasoning, total, ..Usage::default() }
     }
 
     struct Case {
@@ -793,7 +809,101 @@ mod tests {
                 1,
                 false,
             ),
+            // Usage details and served conditions (see `details_and_conditions`).
+            case(
+                fixture!("openai_chat_stream_usage_choice_delta.sse"),
+                OpenaiChat,
+                true,
+                Some(Usage { input_audio: 100, ..u(952, 2048, 0, 420, 256, 3420) }),
+                "gpt-5.1-2025-11-13",
+                0,
+                true,
+            ),
+            case(
+                fixture!("openai_chat_audio.json"),
+                OpenaiChat,
+                false,
+                Some(Usage { input_audio: 300, output_audio: 600, ..u(800, 500, 200, 800, 0, 2300) }),
+                "gpt-4o-audio-preview-2025-06-03",
+                0,
+                true,
+            ),
+            case(
+                fixture!("openai_responses_stream_priority.sse"),
+                OpenaiResponses,
+                true,
+                Some(u(200_000, 100_000, 0, 2000, 1500, 302_000)),
+                "gpt-5.4-2026-03-05",
+                0,
+                true,
+            ),
+            case(
+                fixture!("anthropic_stream_cache_1h_tools.sse"),
+                AnthropicMessages,
+                true,
+                Some(Usage {
+                    cache_write_1h: 4000,
+                    web_search_requests: 2,
+                    web_fetch_requests: 1,
+                    ..u(40, 20_000, 5600, 350, 0, 25_990)
+                }),
+                "claude-sonnet-4-5-20250929",
+                0,
+                true,
+            ),
+            case(
+                fixture!("anthropic_fast.json"),
+                AnthropicMessages,
+                false,
+                Some(u(1000, 0, 0, 500, 200, 1500)),
+                "claude-opus-4-6",
+                0,
+                true,
+            ),
+            case(
+                fixture!("gemini_vertex_audio.json"),
+                Gemini,
+                false,
+                Some(Usage { input_audio: 1000, output_audio: 400, ..u(4050, 1000, 0, 500, 100, 5550) }),
+                "gemini-2.5-flash",
+                0,
+                true,
+            ),
+            case(
+                fixture!("gemini_stream_provisioned.sse"),
+                Gemini,
+                true,
+                Some(u(100, 0, 0, 20, 0, 120)),
+                "gemini-2.5-pro",
+                0,
+                true,
+            ),
         ]
+    }
+
+    #[test]
+    fn details_and_conditions() {
+        let served = |tier: Option<&str>, speed: Option<&str>, geo: Option<&str>| ServedAs {
+            tier: tier.map(str::to_string),
+            speed: speed.map(str::to_string),
+            geo: geo.map(str::to_string),
+        };
+        let want = [
+            ("openai_chat_stream_usage_choice_delta.sse", served(Some("priority"), None, None)),
+            ("openai_chat_audio.json", served(Some("standard"), None, None)),
+            // `response.created` says `auto`; the final event says what served it.
+            ("openai_responses_stream_priority.sse", served(Some("priority"), None, None)),
+            ("anthropic_stream_cache_1h_tools.sse", served(Some("standard"), None, Some("us"))),
+            ("anthropic_fast.json", served(Some("priority"), Some("fast"), Some("global"))),
+            ("gemini_vertex_audio.json", served(Some("priority"), None, None)),
+            ("gemini_stream_provisioned.sse", served(Some("provisioned"), None, None)),
+            ("openai_chat_stream_azure.sse", served(None, None, None)),
+        ];
+        let cases = cases();
+        for (name, served) in want {
+            let c = cases.iter().find(|c| c.name == name).expect(name);
+            assert_eq!(meter(c).served, served, "{name}");
+        }
     }
 
     fn meter_chunks(c: &Case, limits: MeterLimits, chunks: &[&[u8]]) -> Metered {

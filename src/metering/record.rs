@@ -80,6 +80,37 @@ pub fn outcome(reached_end: bool, upstream_status: u16, stream_errors: bool) -> 
     }
 }
 
+/// The filter state of a refused request, so the access log has the
+/// refusals too: who (as far as known), outcome `refused`, the refusal code
+/// (`x-tollgate-error`) and the limit that refused it, if one did.
+#[allow(clippy::too_many_arguments)]
+pub fn refusal_properties(
+    plugin: &Plugin,
+    tenant: Option<&Tenant>,
+    user: Option<&str>,
+    request_id: &str,
+    api: Option<Api>,
+    model_requested: &str,
+    code: &str,
+    limit: Option<&str>,
+) -> Vec<(&'static str, String)> {
+    let mut p: Vec<(&'static str, String)> = vec![
+        ("tollgate_tenant", tenant.map_or_else(String::new, |t| t.id.clone())),
+        ("tollgate_tier", tenant.map_or_else(String::new, |t| t.tier.to_string())),
+        ("tollgate_user", user.unwrap_or_default().to_string()),
+        ("tollgate_request_id", request_id.to_string()),
+        ("tollgate_api", api.map_or("", Api::as_str).to_string()),
+        ("tollgate_model_requested", model_requested.to_string()),
+        ("tollgate_outcome", "refused".to_string()),
+        ("tollgate_error", code.to_string()),
+        ("tollgate_limit", limit.unwrap_or_default().to_string()),
+    ];
+    if let Some(keep) = &plugin.metering.filter_state {
+        p.retain(|(k, _)| keep.iter().any(|f| k.strip_prefix("tollgate_") == Some(f.as_str())));
+    }
+    p
+}
+
 /// Micro-dollars as a decimal dollar string: 1234567 -> "1.234567".
 pub fn format_usd(micros: u64) -> String {
     format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
@@ -91,13 +122,18 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     let ok_status = (200..300).contains(&f.upstream_status);
     let (usage, estimated) = final_usage(&metered, f.upstream_status, f.input_estimate);
     let model_answered = metered.model_answered.clone().unwrap_or_else(|| f.model_served.to_string());
-    let cost = plugin.pricing.as_ref().map(|p| p.cost(&model_answered, &usage));
+    // Billed as served: the tier, speed and region the response reports.
+    let cost = plugin.pricing.as_ref().map(|p| p.cost_as(&model_answered, &usage, &metered.served));
     let micros = cost.as_ref().map_or(0, |c| c.micros);
     let unpriced = cost.as_ref().is_some_and(|c| c.priced_by == PricedBy::Default);
     let ttfb = f.first_byte_ms.map(|t| t.saturating_sub(f.start_ms));
     let duration = f.now_ms.saturating_sub(f.start_ms);
     let stream_errors = !metered.errors.is_empty();
-    let outcome = outcome(f.reached_end, f.upstream_status, stream_errors);
+    // A stream whose end marker and usage both arrived is whole even if the
+    // client then hung up before Envoy saw the upstream end (the OpenAI SDK
+    // closes right after `[DONE]`).
+    let whole = f.reached_end || (metered.complete && metered.usage.is_some());
+    let outcome = outcome(whole, f.upstream_status, stream_errors);
 
     let p = &mut out.properties;
     let mut prop = |k: &'static str, v: String| p.push((k, v));

@@ -910,7 +910,9 @@ fn may_be_usage_only(block: &[u8]) -> bool {
     true
 }
 
-/// After the `"choices"` key: false once `: [` is followed by an element.
+/// After the `"choices"` key: false once `: [` is followed by an element
+/// that is not an object, or an object that cannot be a choice that says
+/// nothing (see [`crate::llm::openai_chat::is_usage_only_chunk`]).
 fn choices_may_be_empty(after: &[u8]) -> bool {
     let after = skip_blanks(after);
     let Some(after) = after.strip_prefix(b":") else {
@@ -922,10 +924,69 @@ fn choices_may_be_empty(after: &[u8]) -> bool {
         return after.is_empty()
             || !matches!(after.first(), Some(b'{' | b'"' | b'0'..=b'9' | b't' | b'f' | b'n' | b'-'));
     };
-    match skip_blanks(after).first() {
+    let after = skip_blanks(after);
+    match after.first() {
         None | Some(b']' | b'\r' | b'\n') => true,
+        Some(b'{') => element_may_say_nothing(after),
         Some(_) => false,
     }
+}
+
+/// Longest choice that says nothing, with generous spacing
+/// (`{"index":0,"delta":{},"logprobs":null,"finish_reason":null}` is 59).
+const MAX_SILENT_CHOICE: usize = 160;
+
+/// Whether the first element (an object) of a choices array may still be a
+/// choice that says nothing: the bytes seen of it are short and hold no
+/// string value other than keys (every key and value of such a choice is a
+/// key, a number, `{}` or `null`) and no nested object with content.
+fn element_may_say_nothing(elem: &[u8]) -> bool {
+    let seen = elem.len().min(MAX_SILENT_CHOICE);
+    let mut depth = 0u32;
+    let mut in_string = false;
+    let mut escape = false;
+    let mut expect_key = false;
+    for &c in elem.iter().take(seen) {
+        if in_string {
+            if escape {
+                escape = false;
+            } else if c == b'\\' {
+                escape = true;
+            } else if c == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match c {
+            b'"' => {
+                // A string where a value goes (`"finish_reason":"stop"`), or
+                // a key inside a nested object (a delta with content).
+                if !expect_key || depth > 1 {
+                    return false;
+                }
+                in_string = true;
+                expect_key = false;
+            }
+            b'{' => {
+                depth = depth.saturating_add(1);
+                expect_key = true;
+            }
+            b'}' => {
+                if depth == 0 {
+                    return false;
+                }
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return true;
+                }
+            }
+            b',' => expect_key = depth == 1,
+            b'[' => return false,
+            b'\r' | b'\n' => return true,
+            _ => {}
+        }
+    }
+    seen < MAX_SILENT_CHOICE
 }
 
 #[cfg(test)]
@@ -1014,6 +1075,8 @@ mod tests {
         let mut s = content(0, "") + &content(1, "");
         s += usage_only.trim_end();
         out.push(s.into_bytes());
+        // Last, so the indices above stay put: a usage chunk with a silent choice.
+        out.push(include_bytes!("../../tests/fixtures/openai_chat_stream_usage_choice_delta.sse").to_vec());
         out
     }
 
@@ -1066,6 +1129,22 @@ mod tests {
             let (out, got, _) = run(&bytes, true, limits);
             assert_eq!(exact(&got), exact(&want), "stream {n} byte by byte");
             assert_eq!(out, stripped_want, "stream {n} byte by byte");
+        }
+    }
+
+    #[test]
+    fn a_usage_chunk_whose_choice_says_nothing_is_stripped_at_every_split() {
+        let s: &[u8] = include_bytes!("../../tests/fixtures/openai_chat_stream_usage_choice_delta.sse");
+        let limits = MeterLimits::default();
+        for i in 0..=s.len() {
+            let (a, b) = s.split_at(i);
+            let (out, got, stripped) = run(&[a, b], true, limits);
+            let out = String::from_utf8(out).expect("utf8");
+            assert!(!out.contains("\"usage\":{"), "split at {i}");
+            assert!(out.contains("\"finish_reason\":\"stop\"") && out.ends_with("data: [DONE]\n\n"), "split at {i}");
+            assert_eq!(stripped, 1, "split at {i}");
+            let u = got.usage.expect("usage");
+            assert_eq!((u.input_total(), u.cache_read, u.output, u.reasoning, u.total), (3000, 2048, 420, 256, 3420));
         }
     }
 
@@ -1561,8 +1640,14 @@ mod tests {
         assert!(may_be_usage_only(b"data: {\"id\":\"x\",\"choices\":[]"));
         assert!(may_be_usage_only(b"data: {\"a\":{\"choices\":[1]},\"choices\":["));
         assert!(may_be_usage_only(b"event: x\n"));
-        assert!(!may_be_usage_only(b"data: {\"id\":\"x\",\"choices\":[{"));
-        assert!(!may_be_usage_only(b"data: {\"id\":\"x\",\"choices\" : [ {"));
+        // The first choice may still say nothing, until it does say something.
+        assert!(may_be_usage_only(b"data: {\"id\":\"x\",\"choices\":[{"));
+        assert!(may_be_usage_only(b"data: {\"id\":\"x\",\"choices\" : [ {\"index\":0,\"delta\":{"));
+        assert!(may_be_usage_only(b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":null}],"));
+        assert!(!may_be_usage_only(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\""));
+        assert!(!may_be_usage_only(b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\""));
+        assert!(!may_be_usage_only(b"data: {\"choices\":[{\"index\":0,\"logprobs\":{\"content\":["));
+        assert!(!may_be_usage_only(b"data: {\"choices\":[[1]"));
         assert!(!may_be_usage_only(b"data: {\"choices\":{}"));
         assert!(!may_be_usage_only(b"data: [DON"));
         assert!(!may_be_usage_only(b"data:[DONE]"));

@@ -42,6 +42,28 @@ pub struct Usage {
     /// some servers' totals are not the sum of the parts); otherwise
     /// `input_uncached + cache_read + cache_write + output`.
     pub total: u64,
+    /// The part of `cache_write` written for one hour (Anthropic
+    /// `cache_creation.ephemeral_1h_input_tokens`, dearer); the rest of the
+    /// writes are 5-minute ones. A write total larger than the split (server
+    /// tools) is priced as 5-minute writes.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_write_1h: u64,
+    /// The part of `input_uncached` that was audio (priced apart).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub input_audio: u64,
+    /// The part of `output` that was audio (priced apart).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub output_audio: u64,
+    /// Server-side web searches, billed per request.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub web_search_requests: u64,
+    /// Server-side web fetches, billed per request.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub web_fetch_requests: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Usage {
@@ -127,6 +149,21 @@ pub struct Metered {
     /// a complete non-streamed body). False means the stream was cut off, so
     /// usage (e.g. Anthropic's output count) may be an undercount.
     pub complete: bool,
+    /// The service tier, speed and region the response says served it.
+    pub served: ServedAs,
+}
+
+/// The conditions a response was served under, as the provider reported them
+/// (the tier made canonical, see [`crate::llm::canonical_tier`]); `None` when
+/// not reported. They choose the rates in [`crate::metering::pricing`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServedAs {
+    /// Service tier (`standard`, `priority`, `flex`, `batch`, `provisioned`, ...).
+    pub tier: Option<String>,
+    /// Speed mode (Anthropic `fast`).
+    pub speed: Option<String>,
+    /// Inference region (Anthropic `inference_geo`).
+    pub geo: Option<String>,
 }
 
 impl Metered {
@@ -179,7 +216,7 @@ mod tests {
     use super::*;
     use serde_json::json;
     fn u(input_uncached: u64, cache_read: u64, cache_write: u64, output: u64, reasoning: u64, total: u64) -> Usage {
-        Usage { input_uncached, cache_read, cache_write, output, reasoning, total }
+        Usage { input_uncached, cache_read, cache_write, output, reasoning, total, ..Usage::default() }
     }
 
     use crate::metering::sse::SseParser;

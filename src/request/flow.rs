@@ -196,6 +196,21 @@ impl RequestFlow {
         metrics::refused(tenant.as_deref().unwrap_or("unknown"), code)
     }
 
+    /// The filter state of a refusal of this request (the access log's
+    /// audit trail of refusals).
+    pub fn refusal_properties(&self, reply: &LocalReply) -> Vec<(&'static str, String)> {
+        record::refusal_properties(
+            &self.plugin,
+            self.tenant(),
+            self.user.as_deref(),
+            &self.request_id,
+            self.api,
+            self.info.as_ref().map_or(self.model_served.as_str(), |i| i.model.as_str()),
+            reply.header("x-tollgate-error").unwrap_or("unknown"),
+            reply.header("x-tollgate-limit"),
+        )
+    }
+
     fn family(&self) -> Family {
         self.api.map_or(Family::OpenAi, Api::family)
     }
@@ -321,6 +336,9 @@ impl RequestFlow {
         let Some(tenant) = self.tenant.as_ref().and_then(|t| t.get(&plugin)) else {
             return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "tenant not resolved".into() }));
         };
+        if !tenant.enabled {
+            return HeadersStep::Reply(self.refuse(&Refusal::TenantDisabled));
+        }
         if api_key::header(headers, ":method") != Some("POST") {
             return HeadersStep::Reply(self.refuse(&Refusal::MethodNotAllowed));
         }
@@ -392,13 +410,13 @@ impl RequestFlow {
             Ok(x) => x,
             Err(r) => return BodyStep::Reply(self.refuse(&r)),
         };
+        self.model_served = info.model.clone();
         if let Err(r) = inspect::check_model(policy, &info.model) {
             return BodyStep::Reply(self.refuse(&r));
         }
         if self.key_models.as_ref().is_some_and(|m| !m.allows(&info.model)) {
             return BodyStep::Reply(self.refuse(&Refusal::ModelNotAllowed { model: info.model.clone() }));
         }
-        self.model_served = info.model.clone();
 
         // Graceful degradation: past the configured share of a budget, serve
         // the tier's fallback model (priced and reserved at its rates).
@@ -483,7 +501,14 @@ impl RequestFlow {
             total: self.input_estimate.saturating_add(output),
             ..Usage::default()
         };
-        let micros = self.plugin.pricing.as_ref().map_or(0, |p| p.cost(&self.model_served, &usage).micros);
+        // At the rates of the tier and speed asked for, and (by the price
+        // table) of the estimated input's size.
+        let asked = self.info.as_ref().map(|i| &i.asked);
+        let micros = self
+            .plugin
+            .pricing
+            .as_ref()
+            .map_or(0, |p| p.cost_as(&self.model_served, &usage, asked.unwrap_or(&Default::default())).micros);
         Amounts { tokens: usage.total, micros }
     }
 
@@ -594,6 +619,11 @@ impl RequestFlow {
             },
             Err(status) => Verdict::Unreadable(format!("grpc status {status}")),
         };
+        if !matches!(verdict, Verdict::Unreadable(_)) {
+            for line in self.shared.borrow_mut().rls_incident.success(now_ms) {
+                log::info!("{line}");
+            }
+        }
         match verdict {
             Verdict::Admit(states) => {
                 self.note_budget(tenant_idx, &states);
@@ -642,7 +672,9 @@ impl RequestFlow {
                 BodyStep::Reply(headers::refusal_reply(self.family(), &self.request_id, &states, &hit))
             }
             Verdict::Unreadable(why) => {
-                log::warn!("tollgate: rate-limit service unavailable ({why}); tenant {}", tenant.id);
+                if let Some(line) = self.shared.borrow_mut().rls_incident.failure(&tenant.id, &why, now_ms) {
+                    log::warn!("{line}");
+                }
                 match policy.failure_mode {
                     FailureMode::Closed => {
                         self.cancel_reservation(&pending, now_ms);
@@ -1190,7 +1222,10 @@ mod tests {
         };
         let all = run(None);
         let names: Vec<&str> = all.iter().map(|(k, _)| k.strip_prefix("tollgate_").unwrap()).collect();
-        assert_eq!(names, crate::config::FILTER_STATE_FIELDS, "every documented field, in order");
+        // `error` and `limit` are set for refusals only.
+        let finished: Vec<&str> =
+            crate::config::FILTER_STATE_FIELDS.iter().copied().filter(|f| !["error", "limit"].contains(f)).collect();
+        assert_eq!(names, finished, "every documented field, in order");
         let some = run(Some(vec!["cost_usd".into(), "tenant".into()]));
         assert_eq!(some, [("tollgate_tenant", "globex".to_string()), ("tollgate_cost_usd", all[14].1.clone())]);
         assert!(run(Some(Vec::new())).is_empty());
@@ -1598,6 +1633,88 @@ mod tests {
         assert!(prop("tollgate_tokens_output").parse::<u64>().unwrap() > 0);
         assert_eq!(f.shared.borrow().pending_settles(), 1);
         assert!(f.on_stream_done(30).is_none(), "finishes once");
+    }
+
+    #[test]
+    fn disconnect_after_the_end_marker_and_usage_is_ok() {
+        let anthropic: &[u8] = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":4}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let chat: &[u8] = b"data: {\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4,\"total_tokens\":13}}\n\ndata: [DONE]\n\n";
+        let chat_no_usage: &[u8] =
+            b"data: {\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+        let cases: [(&str, &str, &[u8], &str); 3] = [
+            ("/v1/messages", r#"{"model":"claude-x","max_tokens":100,"stream":true}"#, anthropic, "ok"),
+            (
+                "/v1/chat/completions",
+                r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#,
+                chat,
+                "ok",
+            ),
+            // The end marker without usage: still cut short of what it cost.
+            (
+                "/v1/chat/completions",
+                r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#,
+                chat_no_usage,
+                "incomplete",
+            ),
+        ];
+        for (path, body, stream, want) in cases {
+            let mut f = flow();
+            start(&mut f, KEY_A, path);
+            let _ = f.on_request_body(body.as_bytes(), 0);
+            let _ = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 100, 60)])), 1);
+            f.on_response_headers(200);
+            let (_, fin) = f.on_response_body(stream, false, 10);
+            assert!(fin.is_none());
+            // The client hangs up before the upstream's end of stream.
+            let fin = f.on_stream_done(20).unwrap();
+            let prop = |k: &str| fin.properties.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
+            assert_eq!(prop("tollgate_outcome"), want, "{path}");
+            if want == "ok" {
+                assert_eq!(prop("tollgate_estimated"), "false", "{path}");
+                assert_eq!(prop("tollgate_tokens_output"), "4", "{path}");
+            }
+        }
+    }
+
+    #[test]
+    fn estimates_price_the_asked_tier_and_input_size_bills_the_served_tier() {
+        let mut json = crate::config::tests::sample_json();
+        json["pricing"]["models"]["gpt-4o"] = serde_json::json!({"input": 2, "output": 10,
+            "long_context": {"above_input_tokens": 1000, "input": 4, "output": 20},
+            "service_tiers": {"priority": {"multiplier": 2}, "flex": {"multiplier": 0.5}}});
+        let plugin = || crate::config::load(json.to_string().as_bytes(), &crate::config::tests::env).unwrap();
+        let estimate = |body: String| {
+            let mut f = flow_with(plugin());
+            start(&mut f, KEY_A, "/v1/chat/completions");
+            let _ = f.on_request_body(body.as_bytes(), 0);
+            (f.input_estimate, f.estimate_for(100).micros)
+        };
+        // About 100 input tokens: short rates; x2 when priority is asked for.
+        let pad = "x".repeat(300);
+        let (input, std) = estimate(format!(r#"{{"model":"gpt-4o","max_tokens":100,"pad":"{pad}"}}"#));
+        assert!(input < 1000);
+        assert_eq!(std, input * 2 + 100 * 10);
+        let (input, prio) =
+            estimate(format!(r#"{{"model":"gpt-4o","max_tokens":100,"service_tier":"priority","pad":"{pad}"}}"#));
+        assert_eq!(prio, 2 * (input * 2 + 100 * 10));
+        // Over 1000 estimated input tokens: never reserved at short rates.
+        let long = format!(r#"{{"model":"gpt-4o","max_tokens":100,"pad":"{}"}}"#, "x".repeat(8000));
+        let (input, long_micros) = estimate(long);
+        assert!(input > 1000);
+        assert_eq!(long_micros, input * 4 + 100 * 20);
+
+        // The bill: the tier the response reports (flex), not the one asked for.
+        let mut f = flow_with(plugin());
+        start(&mut f, KEY_A, "/v1/chat/completions");
+        let _ = f.on_request_body(br#"{"model":"gpt-4o","service_tier":"priority","messages":[]}"#, 0);
+        let _ = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 100, 60)])), 1);
+        f.on_response_headers(200);
+        let body = br#"{"model":"gpt-4o","service_tier":"flex","choices":[],"usage":{"prompt_tokens":100,"completion_tokens":10,"total_tokens":110}}"#;
+        let (_, fin) = f.on_response_body(body, true, 10);
+        let fin = fin.unwrap();
+        let prop = |k: &str| fin.properties.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
+        // (100*2 + 10*10) x 0.5 = 150 µ$.
+        assert_eq!(prop("tollgate_cost_usd"), "0.000150");
     }
 
     /// The sample configuration with globex capped at `cap` requests in flight.

@@ -101,6 +101,46 @@ impl RedisStorage {
             Err(_) => Err(StorageError::Timeout(self.timeout.as_millis() as u64)),
         }
     }
+    /// One command (the registry's reads), bounded by the timeout.
+    pub async fn query(&self, cmd: &redis::Cmd) -> Result<Value, StorageError> {
+        self.run(|mut conn| async move { conn.query(cmd).await }).await
+    }
+
+    /// Several commands in one round trip, executed in order; in a cluster
+    /// their keys must share a hash slot. A server error in any reply is an error.
+    pub async fn query_pipeline(&self, pipe: &redis::Pipeline) -> Result<Vec<Value>, StorageError> {
+        let value = self
+            .run(|conn| async move {
+                let values = match conn {
+                    Conn::Single(mut c) => c.req_packed_commands(pipe, 0, pipe.len()).await?,
+                    Conn::Cluster(mut c) => c.req_packed_commands(pipe, 0, pipe.len()).await?,
+                };
+                let values = values.into_iter().map(Value::extract_error).collect::<Result<Vec<_>, _>>()?;
+                Ok(Value::Array(values))
+            })
+            .await?;
+        match value {
+            Value::Array(v) => Ok(v),
+            other => Err(StorageError::Reply(format!("expected an array, got {other:?}"))),
+        }
+    }
+
+    /// `EVALSHA` of `script` (whose SHA-1 is `sha`), falling back to `EVAL` on `NOSCRIPT`.
+    pub async fn eval(&self, script: &str, sha: &str, keys: &[String], argv: &[String]) -> Result<Value, StorageError> {
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha.arg(sha).arg(keys.len()).arg(keys).arg(argv);
+        self.run(|mut conn| async move {
+            match conn.query(&evalsha).await {
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    let mut eval = redis::cmd("EVAL");
+                    eval.arg(script).arg(keys.len()).arg(keys).arg(argv);
+                    conn.query(&eval).await
+                }
+                other => other,
+            }
+        })
+        .await
+    }
 }
 
 /// A connection of either kind.

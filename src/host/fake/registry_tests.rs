@@ -321,6 +321,11 @@ fn a_key_model_list_narrows_the_tier() {
     }
     http.on_request_body(&mut host, BODY.len(), true);
     assert_eq!(last_reply_code(&host), (403, "model_not_allowed".into()));
+    let prop = |k: &str| host.properties.get(k).cloned().unwrap_or_default();
+    assert_eq!(
+        (prop("tollgate_tenant"), prop("tollgate_model_requested"), prop("tollgate_error")),
+        ("initech".into(), "gpt-4o-mini".into(), "model_not_allowed".into())
+    );
 }
 
 #[test]
@@ -392,4 +397,42 @@ fn a_jwt_tenant_only_the_registry_knows_is_looked_up_by_id() {
     http.on_request_headers(&mut host, false);
     assert_eq!(host.get_calls.len(), lookups);
     assert_eq!(last_reply_code(&host), (403, "unknown_tenant".into()));
+}
+
+#[test]
+fn a_new_configuration_drops_registry_tenants_compiled_against_the_old_one() {
+    let (mut root, mut host) = configured("");
+    let (mut http, _) = start(&root, &mut host, REG_KEY);
+    host.http_answer = Some((200, found(1, REG_KEY, "free", true, false, Some("sk-i"))));
+    {
+        let t = host.next_token;
+        http.on_http_call_response(&mut host, t, 0);
+    }
+    // A push that adds a provider before `openai`: provider indices move.
+    host.config = config("")
+        .replace(
+            r#""providers": {"openai""#,
+            r#""providers": {"anthropic": {"credential_header": "x-api-key"}, "openai""#,
+        )
+        .into_bytes();
+    assert!(root.on_configure(&mut host));
+    let lookups = host.get_calls.len();
+    let (mut http, _) = start(&root, &mut host, REG_KEY);
+    assert_eq!(host.get_calls.len(), lookups + 1, "the tenant is fetched again");
+    let (_, path) = host.get_calls.last().unwrap().clone();
+    assert!(path.starts_with("/v1/registry/tenants/initech"), "{path}");
+    host.http_answer = Some((
+        200,
+        br#"{"version": 2, "status": "found", "tenant": {"id": "initech", "tier": "free", "enabled": true},
+            "credentials": {"openai": "sk-i"}}"#
+            .to_vec(),
+    ));
+    {
+        let t = host.next_token;
+        http.on_http_call_response(&mut host, t, 0);
+    }
+    http.on_request_body(&mut host, BODY.len(), true);
+    assert!(host.replies.is_empty(), "{:?}", host.replies);
+    assert_eq!(host.request_header("authorization").as_deref(), Some("Bearer sk-i"));
+    assert_eq!(host.request_header("x-api-key"), None);
 }

@@ -156,6 +156,11 @@ fn an_unknown_key_gets_the_apis_own_401_and_is_counted() {
     assert_eq!(host.request_header("authorization").as_deref(), Some("Bearer sk-nobody"));
     root.on_tick(&mut host);
     assert!(host.counters.keys().any(|k| k.contains("refused")), "{:?}", host.counters);
+    // The access log gets the refusal: outcome, code, request id.
+    assert_eq!(host.properties.get("tollgate_outcome").map(String::as_str), Some("refused"));
+    assert_eq!(host.properties.get("tollgate_error").map(String::as_str), Some("invalid_api_key"));
+    assert_eq!(host.properties.get("tollgate_tenant").map(String::as_str), Some(""));
+    assert!(host.properties.get("tollgate_request_id").is_some_and(|id| !id.is_empty()));
 }
 
 #[test]
