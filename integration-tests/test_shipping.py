@@ -763,3 +763,24 @@ def test_service_image_matches_the_manifests(service_image):
     dep = objects_in(K8S_DIR)[("Deployment", "tollgate-ratelimit")]
     assert {p["containerPort"] for p in container(dep)["ports"]} == ports
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == IMAGE_USER
+
+
+def test_service_image_binary_knows_the_manifests_flags(service_image, tmp_path):
+    # Every flag the Deployments pass, and the Secret-fed variables, are ones
+    # the binary in the image documents: a renamed flag breaks this, not a rollout.
+    _, _, _, _, raw_tar = service_image_parts(service_image)
+    with tarfile.open(fileobj=io.BytesIO(raw_tar)) as tar:
+        binary = tar.extractfile("usr/local/bin/tollgate-ratelimit").read()
+    exe = tmp_path / "tollgate-ratelimit"
+    exe.write_bytes(binary)
+    exe.chmod(0o755)
+    p = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=30, env={})
+    assert p.returncode == 0, p.stderr
+    for directory in (K8S_DIR, ISTIO_DIR):
+        c = container(objects_in(directory)[("Deployment", "tollgate-ratelimit")])
+        for arg in c["args"]:
+            flag = arg.split("=", 1)[0]
+            assert re.search(r"(^|\s)%s[\s=<]" % re.escape(flag), p.stdout), (directory, flag)
+        for e in c.get("env", []):
+            if "secretKeyRef" in e.get("valueFrom", {}):
+                assert e["name"] in p.stdout, (directory, e["name"])
