@@ -522,6 +522,7 @@ def test_kubernetes_standalone_gateway():
     wasm = hcm["http_filters"][0]["typed_config"]["config"]
     assert hcm["http_filters"][-1]["name"] == "envoy.filters.http.router"
     assert wasm["allow_on_headers_stop_iteration"] is True and wasm["failure_policy"] == "FAIL_CLOSED"
+    assert set(hcm["route_config"]["request_headers_to_remove"]) >= set(harness.TRUSTED_HEADERS)
     plugin = plugin_of(wasm)
     assert plugin["registry"]["cluster"] == "tollgate_registry"
     assert listener["per_connection_buffer_limit_bytes"] > max(t["max_request_bytes"] for t in plugin["tiers"].values())
@@ -598,7 +599,7 @@ def test_envoy_gateway_patch_policy():
     assert epp["metadata"]["namespace"] == gw["metadata"]["namespace"], "the policy must sit with its Gateway"
     listener_names = {"%s/%s/%s" % (gw["metadata"]["namespace"], gw["metadata"]["name"], li["name"])
                       for li in gw["spec"]["listeners"]}
-    clusters, filters = {}, []
+    clusters, filters, buffer_limit, removed = {}, [], None, set()
     for p in spec["jsonPatches"]:
         assert p["type"] in EG_RESOURCE_TYPES and p["operation"]["op"] in {"add", "remove", "replace", "move",
                                                                             "copy", "test"}
@@ -618,10 +619,15 @@ def test_envoy_gateway_patch_policy():
                 filters.append(value["typed_config"]["config"])
             elif path == "/per_connection_buffer_limit_bytes":
                 buffer_limit = value
+        elif p["type"].endswith("RouteConfiguration"):
+            assert p["name"] in listener_names, p["name"]
+            if path == "/request_headers_to_remove":
+                removed = set(p["operation"]["value"])
     (wasm,) = filters
     assert wasm["allow_on_headers_stop_iteration"] is True and wasm["failure_policy"] == "FAIL_CLOSED"
     plugin = plugin_of(wasm)
-    assert buffer_limit > max(t["max_request_bytes"] for t in plugin["tiers"].values())
+    assert removed >= set(harness.TRUSTED_HEADERS), "tenant ids must not reach a provider"
+    assert buffer_limit is not None and buffer_limit > max(t["max_request_bytes"] for t in plugin["tiers"].values())
     check_tollgate_clusters(plugin, clusters, objects_in(K8S_DIR))
     # Provider keys and the module file come from the EnvoyProxy.
     proxy = objs[("EnvoyProxy", "tollgate")]["spec"]["provider"]["kubernetes"]["envoyDeployment"]
@@ -757,3 +763,24 @@ def test_service_image_matches_the_manifests(service_image):
     dep = objects_in(K8S_DIR)[("Deployment", "tollgate-ratelimit")]
     assert {p["containerPort"] for p in container(dep)["ports"]} == ports
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == IMAGE_USER
+
+
+def test_service_image_binary_knows_the_manifests_flags(service_image, tmp_path):
+    # Every flag the Deployments pass, and the Secret-fed variables, are ones
+    # the binary in the image documents: a renamed flag breaks this, not a rollout.
+    _, _, _, _, raw_tar = service_image_parts(service_image)
+    with tarfile.open(fileobj=io.BytesIO(raw_tar)) as tar:
+        binary = tar.extractfile("usr/local/bin/tollgate-ratelimit").read()
+    exe = tmp_path / "tollgate-ratelimit"
+    exe.write_bytes(binary)
+    exe.chmod(0o755)
+    p = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=30, env={})
+    assert p.returncode == 0, p.stderr
+    for directory in (K8S_DIR, ISTIO_DIR):
+        c = container(objects_in(directory)[("Deployment", "tollgate-ratelimit")])
+        for arg in c["args"]:
+            flag = arg.split("=", 1)[0]
+            assert re.search(r"(^|\s)%s[\s=<]" % re.escape(flag), p.stdout), (directory, flag)
+        for e in c.get("env", []):
+            if "secretKeyRef" in e.get("valueFrom", {}):
+                assert e["name"] in p.stdout, (directory, e["name"])
