@@ -10,6 +10,7 @@ Per-request behaviour is steered by request headers (they pass through Envoy):
   x-mock-output-tokens: N     output tokens to produce (default DEFAULT_OUTPUT),
                               never more than the request's own max-output field
   x-mock-chunk-delay-ms: N    sleep between writes of a stream (default 0)
+  x-mock-end-delay-ms: N      sleep before ending a stream, after its last event
   x-mock-status: N            answer with this HTTP status and a provider error body
   x-mock-fail: midstream      emit a provider error event in the middle of a 200 stream
   x-mock-fail: cut            stop a stream half-way and close the connection
@@ -361,6 +362,10 @@ async def send_reply(writer, reply, headers, delay):
                 await write_chunk(writer, ev[a:b])
                 if delay:
                     await asyncio.sleep(delay)
+    if "x-mock-end-delay-ms" in headers:
+        # The last event is out; the upstream's end of stream comes later.
+        await writer.drain()
+        await asyncio.sleep(int(headers["x-mock-end-delay-ms"]) / 1000.0)
     writer.write(b"0\r\n\r\n")
     await writer.drain()
     return True

@@ -251,6 +251,35 @@ def test_client_disconnect_mid_stream_is_a_flagged_estimate(mstack):
     assert int(log["tg_tokens_output"]) >= 1
 
 
+@pytest.mark.parametrize("path,body,end", [
+    ("/v1/chat/completions", dict(CHAT, stream=True), b"data: [DONE]"),
+    ("/v1/messages", {"model": "claude-3-5-haiku-x", "max_tokens": N, "stream": True, "messages": []},
+     b"message_stop"),
+    ("/v1/responses", {"model": "gpt-4o", "max_output_tokens": N, "input": "hi", "stream": True},
+     b"response.completed"),
+])
+def test_client_closing_after_the_end_marker_is_ok(mstack, path, body, end):
+    # The OpenAI Python SDK closes the connection right after [DONE]; when the
+    # upstream's end of stream comes later, the request was still whole.
+    rid = "meter-close-after-end-" + path.rsplit("/", 1)[-1]
+    raw = json.dumps(body).encode()
+    auth = b"x-api-key: " if path == "/v1/messages" else b"authorization: Bearer "
+    c = socket.create_connection(("127.0.0.1", mstack.port), timeout=10)
+    c.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nhost: x\r\n" + auth + KEY_A.encode()
+              + b"\r\nx-request-id: " + rid.encode() + b"\r\nx-mock-end-delay-ms: 3000\r\ncontent-length: "
+              + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+    got = b""
+    deadline = time.time() + 10
+    while end not in got and time.time() < deadline:
+        got += c.recv(65536)
+    assert end in got
+    c.close()  # before the upstream ends the stream
+    log = mstack.access_log_lines({rid}, timeout=10)[rid]
+    assert log["tg_outcome"] == "ok", log
+    assert log["tg_estimated"] == "false"
+    assert int(log["tg_tokens_output"]) == N
+
+
 def test_upstream_cut_off_is_flagged(mstack):
     rid = "meter-cut"
     r = None

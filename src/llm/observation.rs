@@ -103,7 +103,7 @@ pub struct Served<'a> {
     /// The service tier that served the request, canonical: `standard`
     /// (OpenAI `default`, Gemini `ON_DEMAND`), `priority`, `flex`, `batch`,
     /// `scale`, `provisioned` (Gemini `PROVISIONED_THROUGHPUT`), or the
-    /// provider's own word in lower case.
+    /// provider's own word as given.
     pub tier: Option<&'a str>,
     /// Anthropic `usage.speed` (`standard`, `fast`).
     pub speed: Option<&'a str>,
@@ -112,13 +112,6 @@ pub struct Served<'a> {
 }
 
 impl<'a> Served<'a> {
-    /// Takes what `newer` reports, keeps the rest.
-    pub fn merge(&mut self, newer: Served<'a>) {
-        self.tier = newer.tier.or(self.tier);
-        self.speed = newer.speed.or(self.speed);
-        self.geo = newer.geo.or(self.geo);
-    }
-
     /// The string at `v`, when it is a non-empty one.
     pub(crate) fn word(v: Option<&'a Value>) -> Option<&'a str> {
         v.and_then(Value::as_str).filter(|s| !s.is_empty())
