@@ -7,8 +7,9 @@ Run with `BENCH_ONLY=registry ./bench.sh` (builds first), or directly with
 - `registry_vs_static_rps` (goal >= 0.97) and `registry_vs_static_cpu`:
   two Envoys (one worker each) side by side, one with ACTIVE tenants in its
   plugin configuration, the other knowing none of them and resolving every
-  key through the registry (caches warm), measured in interleaved rounds with
-  wrk rotating the tenants' keys; medians of the per-round ratios.
+  key through the registry (caches warm), both labelling metrics by tier,
+  measured in interleaved rounds with wrk rotating the tenants' keys;
+  medians of the per-round ratios.
 - `registry_first_request_added_ms` (median) and `..._p90_ms`: the first
   request of a key no worker has seen, less the second request of the same
   key (the lookup's round trip through Envoy, the service and Redis).
@@ -178,9 +179,12 @@ def main():
         # 1. Steady state: ACTIVE tenants, static vs registry.
         create_tenants(svc, range(ACTIVE))
         import_keys(svc, [(i, sc.key(i)) for i in range(ACTIVE)])
-        static = envoy(sc.config(ACTIVE), up_port, svc)
+        # Both label metrics by tier (a registry's tenant count is open, so
+        # `auto` labels by tier there): the same stats work on both sides.
+        tier_labels = {"tenant_label": "tier"}
+        static = envoy(sc.config(ACTIVE, metering=tier_labels), up_port, svc)
         procs.append(static)
-        reg_cfg = sc.config(0, registry={"cluster": "tollgate_registry", "poll_ms": 1000})
+        reg_cfg = sc.config(0, registry={"cluster": "tollgate_registry", "poll_ms": 1000}, metering=tier_labels)
         registry = envoy(reg_cfg, up_port, svc)
         procs.append(registry)
         keys = [sc.key(i) for i in range(ACTIVE)]
