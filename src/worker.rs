@@ -10,6 +10,7 @@ use crate::admission::inflight::{self, Acquire, LocalStore, SlotStore};
 use crate::admission::lease::Leases;
 use crate::config::{Plugin, TenantRef};
 use crate::metering::metrics;
+use crate::ratelimit::descriptors::Scope;
 use crate::ratelimit::outbox::{self, Journal};
 use crate::ratelimit::settle::{SettleNet, SettleNets};
 use hashbrown::{HashMap, HashSet};
@@ -137,6 +138,9 @@ impl Worker {
         for e in self.leases.refunds(plugin, now_ms, false).1 {
             self.journal.push(e);
         }
+        // End users come and go: what was kept to size and place their
+        // leases is forgotten a minute after their last request.
+        self.leases.prune(now_ms, 60_000);
     }
 
     /// Queues the refund of every lease's unused quota, expired or not; the
@@ -149,6 +153,7 @@ impl Worker {
         let n = self.release_leases(old, now_ms);
         self.leases.last_states.clear();
         self.leases.refills.clear();
+        self.leases.rates.clear();
         self.budget_used.clear();
         self.allowance = Allowance::default();
         // Registry tenants were compiled against the old tiers and providers.
@@ -200,11 +205,12 @@ impl Worker {
         &mut self,
         plugin: &Rc<Plugin>,
         tenant: &TenantRef,
+        scope: Option<&Rc<Scope>>,
         net: SettleNet,
         key: impl FnOnce() -> String,
         now_ms: u64,
     ) {
-        self.settle_nets.add(&mut self.journal, plugin, tenant, net, key, now_ms);
+        self.settle_nets.add(&mut self.journal, plugin, tenant, scope, net, key, now_ms);
     }
 
     /// Puts the netted settles in the journal, one entry per tenant; returns

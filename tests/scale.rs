@@ -112,7 +112,10 @@ fn every_tenant_is_found_by_its_key_and_id() {
     assert_eq!(a.tier, b.tier);
     assert!(std::rc::Rc::ptr_eq(&a.policy, &b.policy));
     assert!(std::rc::Rc::ptr_eq(&a.tier, &b.tier));
-    assert_eq!(plugin.tenants[10].policy.requests_per_minute, Some(77));
+    assert_eq!(
+        plugin.tenants[10].policy.limits.get(tollgate::ratelimit::descriptors::LimitKind::RequestsPerMinute),
+        Some(77)
+    );
 }
 
 #[test]

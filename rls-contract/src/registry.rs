@@ -131,6 +131,51 @@ pub struct KeyRecord {
     /// tier allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
+    /// The key's name within its tenant (letters, digits, `-`, `_`, `.`),
+    /// used in limit keys, the usage ledger and logs. Required for `limits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The key's own limits and budgets, checked with the tenant's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
+    /// Evaluate the key's (and its tenant's) limits without refusing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<bool>,
+}
+
+/// Limits of one level (an API key, each end user, a provider pool). Every
+/// limit is optional: absent means not limited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u64>,
+    /// Input plus output tokens per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_hour: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_hour: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_day: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_week: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_month: Option<u64>,
+    /// US dollars (up to six decimals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_day: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_week: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_month: Option<f64>,
 }
 
 /// What changed after a version.
@@ -195,6 +240,37 @@ pub struct TierSpec {
     /// US dollars per billing month (up to six decimals).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usd_per_month: Option<f64>,
+    /// Input tokens per minute (smooth rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_tokens_per_minute: Option<u64>,
+    /// Output tokens per minute (smooth rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens_per_minute: Option<u64>,
+    /// Requests per hour (smooth rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_hour: Option<u64>,
+    /// Tokens per hour (smooth rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_hour: Option<u64>,
+    /// Tokens per calendar week (from Monday 00:00 in `time_zone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_week: Option<u64>,
+    /// US dollars per calendar week (up to six decimals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_week: Option<f64>,
+    /// Limits of every end user of a tenant of this tier, each counted on
+    /// its own (within the tenant's limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<LimitsSpec>,
+    /// Shadow mode: every limit is evaluated and counted, but nothing is
+    /// refused; a request that would have been refused is marked in the
+    /// access log, the metrics and `x-tollgate-shadow-refusal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<bool>,
+    /// Weight (0-1) of cached-read input tokens in token limits (default 1:
+    /// every token counts, as OpenAI's token rate limits do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_read_token_weight: Option<f64>,
     /// Requests in flight at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_requests: Option<u64>,
@@ -223,7 +299,10 @@ pub struct TierSpec {
     /// call also reserves this many more requests' worth (requests, tokens and
     /// dollars, sized by the current request's estimate) for this worker to
     /// admit locally, without a call, for up to `rate_limit.lease_ms`.
-    /// Unused quota is refunded. Off by default (one call per request).
+    /// Unused quota is refunded. Absent: sized automatically from the
+    /// worker's recent request rate for the same tenant, key, user and pool
+    /// (no lease below 4 requests per lease period); `0`: off (one call per
+    /// request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_requests: Option<u64>,
     /// Share of a budget (0 < share < 1) past which `fallback_model` is used.

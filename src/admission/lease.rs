@@ -7,7 +7,7 @@ use std::rc::Rc;
 use hashbrown::HashMap;
 
 use crate::config::{Plugin, TenantRef};
-use crate::ratelimit::descriptors::{Amounts, LimitState, Measure};
+use crate::ratelimit::descriptors::{Amounts, LimitState, Scope};
 use crate::ratelimit::outbox;
 use crate::ratelimit::settle::{Settle, SettleNet};
 
@@ -27,48 +27,97 @@ pub(crate) struct Lease {
     pub(crate) key: String,
     /// Whose quota it is (its unused rest is given back to them).
     pub(crate) tenant: TenantRef,
+    pub(crate) scope: Option<Rc<Scope>>,
+}
+
+/// Whose quota a lease holds: a tenant (by slot) and the scope of its
+/// requests (key, user, pool). Requests of one account share a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Account {
+    pub slot: usize,
+    pub scope: Option<Rc<Scope>>,
+}
+
+/// Requests seen per account in the current and the last lease period, to
+/// size automatic leases.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Rate {
+    period_start_ms: u64,
+    this: u64,
+    last: u64,
 }
 
 /// A lease is only taken while every limit has room for this many leases.
 pub(crate) const LEASE_HEADROOM: u64 = 4;
 
-/// The leases of one worker, by tenant index (see `lease_requests`).
+/// The leases of one worker, by account (see `lease_requests`).
 #[derive(Debug, Default)]
 pub struct Leases {
-    pub(crate) by_tenant: HashMap<usize, Lease>,
-    /// Per tenant, the limit states of the last answer: whether a lease fits.
-    pub(crate) last_states: HashMap<usize, Vec<LimitState>>,
-    /// Per tenant, a lease-sized reserve in flight on this worker, with the
+    pub(crate) by_tenant: HashMap<Account, Lease>,
+    /// Per account, the limit states of the last answer (whether a lease
+    /// fits) and when it came (ms).
+    pub(crate) last_states: HashMap<Account, (Vec<LimitState>, u64)>,
+    /// Per account, a lease-sized reserve in flight on this worker, with the
     /// time (ms) after which it no longer counts (its answer is lost). One
     /// at a time: requests that find the lease empty meanwhile reserve for
     /// themselves alone instead of each asking for a lease.
-    pub(crate) refills: HashMap<usize, u64>,
+    pub(crate) refills: HashMap<Account, u64>,
+    /// Per account, the recent request rate (automatic lease sizes).
+    pub(crate) rates: HashMap<Account, Rate>,
 }
 
 impl Leases {
-    /// Admits one request of `estimate` from the tenant's lease, if it holds
-    /// enough; answers the limit states to report.
-    pub(crate) fn draw(&mut self, idx: usize, estimate: Amounts, now_ms: u64) -> Option<Vec<LimitState>> {
-        let lease = self.by_tenant.get_mut(&idx)?;
+    /// Admits one request of `estimate` from the account's lease, if it
+    /// holds enough; answers the limit states to report.
+    pub(crate) fn draw(&mut self, acct: &Account, estimate: Amounts, now_ms: u64) -> Option<Vec<LimitState>> {
+        let lease = self.by_tenant.get_mut(acct)?;
         if now_ms >= lease.expires_ms
             || lease.requests == 0
             || lease.amounts.tokens < estimate.tokens
+            || lease.amounts.input < estimate.input
+            || lease.amounts.output < estimate.output
             || lease.amounts.micros < estimate.micros
         {
             return None;
         }
         lease.requests -= 1;
         lease.amounts.tokens -= estimate.tokens;
+        lease.amounts.input -= estimate.input;
+        lease.amounts.output -= estimate.output;
         lease.amounts.micros -= estimate.micros;
         for st in &mut lease.states {
-            let used = match st.kind.measure() {
-                Measure::Requests => 1,
-                Measure::Tokens => estimate.tokens,
-                Measure::Micros => estimate.micros,
-            };
-            st.remaining = st.remaining.saturating_sub(used);
+            st.remaining = st.remaining.saturating_sub(estimate.of(st.kind.measure(), 1));
         }
         Some(lease.states.clone())
+    }
+
+    /// Counts a request of `acct` and answers the automatic lease size: the
+    /// requests this worker saw for the account in the last lease period,
+    /// up to `max`; 0 (no lease) below 4.
+    pub(crate) fn auto_size(&mut self, acct: &Account, period_ms: u64, max: u64, now_ms: u64) -> u64 {
+        let period_ms = period_ms.max(1);
+        let r = self.rates.entry(acct.clone()).or_default();
+        if now_ms >= r.period_start_ms.saturating_add(period_ms) {
+            let gap = now_ms - r.period_start_ms;
+            r.last = if gap < period_ms.saturating_mul(2) { r.this } else { 0 };
+            r.this = 0;
+            r.period_start_ms = now_ms;
+        }
+        r.this += 1;
+        if r.last < 4 {
+            0
+        } else {
+            r.last.min(max)
+        }
+    }
+
+    /// Forgets what no request needed for `idle_ms`: automatic-lease rates
+    /// and last answers of accounts without a lease (end users come and go).
+    pub(crate) fn prune(&mut self, now_ms: u64, idle_ms: u64) {
+        self.rates.retain(|_, r| now_ms < r.period_start_ms.saturating_add(idle_ms));
+        let leased = &self.by_tenant;
+        self.last_states.retain(|a, (_, at)| leased.contains_key(a) || now_ms < at.saturating_add(idle_ms));
+        self.refills.retain(|_, until| now_ms < *until);
     }
 
     /// Whether a request should ask for a new lease of `n` now: no
@@ -76,40 +125,36 @@ impl Leases {
     /// missing, expired, down to its last quarter of requests, or in the
     /// last quarter of its time. Refilling before the lease runs dry keeps
     /// concurrent requests drawing while the one refill is answered.
-    pub(crate) fn refill_due(&self, idx: usize, n: u64, now_ms: u64) -> bool {
-        if self.refills.get(&idx).is_some_and(|&until| now_ms < until) {
+    pub(crate) fn refill_due(&self, acct: &Account, n: u64, now_ms: u64) -> bool {
+        if self.refills.get(acct).is_some_and(|&until| now_ms < until) {
             return false;
         }
         self.by_tenant
-            .get(&idx)
+            .get(acct)
             .is_none_or(|l| now_ms >= l.expires_ms || now_ms >= l.refill_at_ms || l.requests.saturating_mul(4) <= n)
     }
 
     /// Whether the last answer for the tenant left room for a lease of `n`
     /// requests of `estimate` on every limit, [`LEASE_HEADROOM`] times over.
-    pub(crate) fn room_for(&self, idx: usize, n: u64, estimate: Amounts) -> bool {
-        let Some(states) = self.last_states.get(&idx) else { return false };
+    pub(crate) fn room_for(&self, acct: &Account, n: u64, estimate: Amounts) -> bool {
+        let Some((states, _)) = self.last_states.get(acct) else { return false };
         !states.is_empty()
             && states.iter().all(|st| {
-                let need = match st.kind.measure() {
-                    Measure::Requests => n,
-                    Measure::Tokens => estimate.tokens.saturating_mul(n),
-                    Measure::Micros => estimate.micros.saturating_mul(n),
-                };
+                let need = estimate.of(st.kind.measure(), 1).saturating_mul(n);
                 !st.over && st.remaining >= need.saturating_mul(LEASE_HEADROOM)
             })
     }
 
-    /// Keeps `lease` as the tenant's; answers the one it replaces.
-    pub(crate) fn grant(&mut self, idx: usize, lease: Lease) -> Option<Lease> {
-        self.by_tenant.insert(idx, lease)
+    /// Keeps `lease` as the account's; answers the one it replaces.
+    pub(crate) fn grant(&mut self, acct: Account, lease: Lease) -> Option<Lease> {
+        self.by_tenant.insert(acct, lease)
     }
 
     /// Takes the leases that expired by `now_ms` (all of them with `all`),
     /// for their unused quota to be given back.
-    pub(crate) fn take(&mut self, now_ms: u64, all: bool) -> Vec<(usize, Lease)> {
-        let done: Vec<usize> =
-            self.by_tenant.iter().filter(|(_, l)| all || now_ms >= l.expires_ms).map(|(i, _)| *i).collect();
+    pub(crate) fn take(&mut self, now_ms: u64, all: bool) -> Vec<(Account, Lease)> {
+        let done: Vec<Account> =
+            self.by_tenant.iter().filter(|(_, l)| all || now_ms >= l.expires_ms).map(|(i, _)| i.clone()).collect();
         done.into_iter().filter_map(|i| self.by_tenant.remove(&i).map(|l| (i, l))).collect()
     }
 
@@ -128,12 +173,17 @@ impl Leases {
 
 /// `n` requests' worth of one estimate.
 pub(crate) fn times(a: Amounts, n: u64) -> Amounts {
-    Amounts { tokens: a.tokens.saturating_mul(n), micros: a.micros.saturating_mul(n) }
+    Amounts {
+        tokens: a.tokens.saturating_mul(n),
+        input: a.input.saturating_mul(n),
+        output: a.output.saturating_mul(n),
+        micros: a.micros.saturating_mul(n),
+    }
 }
 
 /// The settle that gives back a lease's unused quota.
 pub(crate) fn lease_refund(plugin: &Rc<Plugin>, lease: &Lease, now_ms: u64) -> Option<outbox::Entry> {
-    let net = SettleNet::of(lease.amounts, Amounts::default(), (lease.requests, 0));
-    Settle::new(plugin, &lease.tenant, net)
+    let net = SettleNet::of_request(lease.amounts, Amounts::default(), (lease.requests, 0));
+    Settle::new(plugin, &lease.tenant, lease.scope.as_ref(), net)
         .map(|s| outbox::Entry::settle(s, format!("{}:lease", lease.key), true, now_ms))
 }

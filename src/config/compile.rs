@@ -9,12 +9,14 @@ use std::rc::Rc;
 use hashbrown::HashMap;
 use thiserror::Error;
 
+use super::levels::{compile_key_spec, compile_pools, KeyInfo, Pool};
 use super::spec::{
     IdentitySpec, MeteringSpec, PluginConfig, RegistrySpec, RlsMode, TenantLabelSpec, TierSpec, UnmatchedRoutes,
     AUTO_TENANT_LABEL_MAX, FILTER_STATE_FIELDS,
 };
 use super::tiers::{compile_tier, merge_tier, Policy};
 use crate::llm::Api;
+use crate::ratelimit::descriptors::Measure;
 
 /// Why a configuration was refused. The `path` names the field.
 #[derive(Debug, Error, PartialEq)]
@@ -68,6 +70,8 @@ pub struct Route {
     pub api: Api,
     /// Index into [`Plugin::providers`].
     pub provider: usize,
+    /// `identity.end_user_header` is believed on this route.
+    pub trust_end_user_header: bool,
 }
 
 /// A tenant, compiled: its effective policy and resolved provider keys.
@@ -149,6 +153,12 @@ pub struct Plugin {
     pub tenants: Vec<Tenant>,
     /// SHA-256 digest of a client key -> index into `tenants`.
     key_index: HashMap<[u8; 32], usize>,
+    /// Named keys (`tenants[].keys`) by digest: their limits and models.
+    key_infos: HashMap<[u8; 32], Rc<KeyInfo>>,
+    /// Shared provider pools, in configuration order.
+    pub pools: Vec<Pool>,
+    /// `identity.end_user_header`, lower case.
+    pub end_user_header: Option<String>,
     /// Tenant id -> index into `tenants`.
     id_index: HashMap<String, usize>,
     pub rate_limit: Option<RateLimit>,
@@ -229,6 +239,16 @@ impl Plugin {
         self.key_index.get(digest).and_then(|&i| self.tenants.get(i))
     }
 
+    /// A named key's limits and models, by its digest.
+    pub fn key_info(&self, digest: &[u8; 32]) -> Option<&Rc<KeyInfo>> {
+        self.key_infos.get(digest)
+    }
+
+    /// The pool a request to `provider` for `model` counts in.
+    pub fn pool_for(&self, provider: usize, model: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.provider == provider && p.models.allows(model))
+    }
+
     pub fn tenant_by_id(&self, id: &str) -> Option<&Tenant> {
         self.id_index.get(id).and_then(|&i| self.tenants.get(i))
     }
@@ -262,7 +282,8 @@ impl Plugin {
         if policy.has_limits() && self.rate_limit.is_none() {
             return Err(RecordError("has limits, but no rate_limit section is configured".into()));
         }
-        if (policy.usd_micros_per_day.is_some() || policy.usd_micros_per_month.is_some()) && self.pricing.is_none() {
+        let usd = |l: &crate::ratelimit::descriptors::Limits| l.iter().any(|(k, _)| k.measure() == Measure::Micros);
+        if (usd(&policy.limits) || policy.users.as_deref().is_some_and(usd)) && self.pricing.is_none() {
             return Err(RecordError("has dollar budgets, but there is no pricing table".into()));
         }
         let mut provider_keys = vec![None; self.providers.len()];
@@ -436,7 +457,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
         }
         let provider = provider_index(&r.provider)
             .ok_or_else(|| invalid(format!("{path}.provider"), format!("unknown provider '{}'", r.provider)))?;
-        routes.push(Route { path: matcher, api: r.api, provider });
+        routes.push(Route { path: matcher, api: r.api, provider, trust_end_user_header: r.trust_end_user_header });
     }
 
     // Tiers: each must compile on its own, so a mistake in an unused tier is
@@ -469,6 +490,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
     // Tenants.
     let mut tenants = Vec::new();
     let mut key_index = HashMap::new();
+    let mut key_infos = HashMap::new();
     let mut id_index = HashMap::new();
     for (i, t) in config.tenants.iter().enumerate() {
         let path = format!("tenants[{i}]");
@@ -494,6 +516,35 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
                 let owner = config.tenants.get(prev).map(|p| p.id.as_str()).unwrap_or("?");
                 return Err(invalid(kpath, format!("duplicate key digest (also a key of tenant '{owner}')")));
             }
+        }
+        let mut key_ids: Vec<&str> = Vec::new();
+        for (k, spec) in t.keys.iter().enumerate() {
+            let kpath = format!("{path}.keys[{k}]");
+            let bytes = parse_digest(&format!("{kpath}.sha256"), &spec.sha256)?;
+            if let Some(prev) = key_index.insert(bytes, i) {
+                let owner = config.tenants.get(prev).map(|p| p.id.as_str()).unwrap_or("?");
+                return Err(invalid(
+                    format!("{kpath}.sha256"),
+                    format!("duplicate key digest (also a key of tenant '{owner}')"),
+                ));
+            }
+            if key_ids.contains(&spec.id.as_str()) {
+                return Err(invalid(format!("{kpath}.id"), format!("duplicate key id '{}'", spec.id)));
+            }
+            key_ids.push(&spec.id);
+            let info = compile_key_spec(&kpath, spec)?;
+            if let Some(m) = &spec.models {
+                for (j, model) in m.iter().enumerate() {
+                    let exact = !model.contains('*');
+                    if exact && !policy.models.allows(model.trim()) {
+                        return Err(invalid(
+                            format!("{kpath}.models[{j}]"),
+                            format!("'{model}' is not in the tenant's model list"),
+                        ));
+                    }
+                }
+            }
+            key_infos.insert(bytes, Rc::new(info));
         }
         let mut provider_keys = vec![None; providers.len()];
         for (pname, var) in &t.provider_key_env {
@@ -549,7 +600,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
                 return Err(invalid("rate_limit.lease_ms", "must be between 10 and 60000"));
             }
             if r.mode == RlsMode::CheckThenCharge {
-                if let Some(t) = tenants.iter().find(|t| t.policy.lease_requests.is_some()) {
+                if let Some(t) = tenants.iter().find(|t| matches!(t.policy.lease, super::tiers::LeaseSize::Fixed(_))) {
                     return Err(invalid(
                         format!("tenants.{}.lease_requests", t.id),
                         "quota leases need the reserve mode; check_then_charge cannot lease",
@@ -598,13 +649,51 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
             TenantLabel::Only(ids.iter().cloned().collect())
         }
     };
+    let has_usd = |l: &crate::ratelimit::descriptors::Limits| l.iter().any(|(k, _)| k.measure() == Measure::Micros);
     for (i, t) in tenants.iter().enumerate() {
         let path = format!("tenants[{i}] (tier '{}')", t.tier);
         if t.policy.has_limits() && rate_limit.is_none() {
             return Err(invalid(path, "has limits, but no rate_limit section names the rate-limit service cluster"));
         }
-        if (t.policy.usd_micros_per_day.is_some() || t.policy.usd_micros_per_month.is_some()) && pricing.is_none() {
+        let user_usd = t.policy.users.as_deref().is_some_and(has_usd);
+        if (has_usd(&t.policy.limits) || user_usd) && pricing.is_none() {
             return Err(invalid(path, "has dollar budgets, but there is no pricing table"));
+        }
+    }
+    for k in key_infos.values() {
+        if !k.limits.is_empty() && rate_limit.is_none() {
+            return Err(invalid(
+                format!("key '{}'", k.id),
+                "has limits, but no rate_limit section names the rate-limit service cluster",
+            ));
+        }
+        if has_usd(&k.limits) && pricing.is_none() {
+            return Err(invalid(format!("key '{}'", k.id), "has dollar budgets, but there is no pricing table"));
+        }
+    }
+    let pools = compile_pools(&config.pools, &|n: &str| provider_index(n), &|t: &str| config.tiers.contains_key(t))?;
+    if !pools.is_empty() && rate_limit.is_none() {
+        return Err(invalid("pools", "pools need a rate_limit section naming the rate-limit service cluster"));
+    }
+    let end_user_header = match &config.identity.end_user_header {
+        None => None,
+        Some(h) => {
+            let h = h.trim().to_ascii_lowercase();
+            if h.is_empty()
+                || h.starts_with(':')
+                || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(invalid("identity.end_user_header", "not a valid header name"));
+            }
+            Some(h)
+        }
+    };
+    if end_user_header.is_none() {
+        if let Some(i) = config.routes.iter().position(|r| r.trust_end_user_header) {
+            return Err(invalid(
+                format!("routes[{i}].trust_end_user_header"),
+                "is set, but identity.end_user_header names no header",
+            ));
         }
     }
 
@@ -654,6 +743,9 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
         routes,
         tenants,
         key_index,
+        key_infos,
+        pools,
+        end_user_header,
         id_index,
         registry,
         tiers,

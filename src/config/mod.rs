@@ -13,6 +13,7 @@
 //! form is decoded too (see [`decode_plugin_config`]).
 
 mod compile;
+mod levels;
 mod spec;
 mod tiers;
 
@@ -23,12 +24,13 @@ pub use compile::{
     compile, decode_plugin_config, load, ConfigError, JwtSlot, PathMatch, Plugin, Provider, RateLimit, RecordError,
     Registry, Route, Tenant, TenantLabel, TenantRef, REGISTRY_SLOT_BASE,
 };
+pub use levels::{compile_key, valid_end_user, KeyInfo, Pool};
 pub use spec::{
-    FailureMode, IdentitySpec, JwtAuthnSpec, MeteringSpec, PluginConfig, ProviderSpec, RateLimitSpec, RegistrySpec,
-    RlsMode, RouteSpec, TenantLabelSpec, TenantSpec, TierSpec, UnmatchedRoutes, AUTO_TENANT_LABEL_MAX,
-    FILTER_STATE_FIELDS,
+    FailureMode, IdentitySpec, JwtAuthnSpec, KeySpec, LimitsSpec, MeteringSpec, PluginConfig, PoolSpec, ProviderSpec,
+    RateLimitSpec, RegistrySpec, RlsMode, RouteSpec, TenantLabelSpec, TenantSpec, TierSpec, UnmatchedRoutes,
+    AUTO_TENANT_LABEL_MAX, FILTER_STATE_FIELDS,
 };
 pub use tiers::{
-    usd_to_micros, ModelAllowlist, Policy, DEFAULT_MAX_OUTPUT_TOKENS, DEFAULT_MAX_REQUEST_BYTES, MAX_LEASE_REQUESTS,
-    MAX_REQUEST_BYTES_CEILING,
+    compile_limits, usd_to_micros, LeaseSize, ModelAllowlist, Policy, AUTO_LEASE_MAX, DEFAULT_MAX_OUTPUT_TOKENS,
+    DEFAULT_MAX_REQUEST_BYTES, MAX_LEASE_REQUESTS, MAX_REQUEST_BYTES_CEILING,
 };

@@ -64,6 +64,53 @@ pub struct PluginConfig {
     /// `tenants` does not know (the static configuration wins).
     #[serde(default)]
     pub registry: Option<RegistrySpec>,
+    /// Shared provider pools: the provider's own rate limits for a
+    /// deployment and its models, shared by every tenant, with per-tier
+    /// shares (see `docs/limits-and-leases.md`).
+    #[serde(default)]
+    pub pools: Vec<PoolSpec>,
+}
+
+/// A shared provider pool: what the provider allows the platform's one
+/// account (its requests and tokens per minute for some models), so that
+/// the sum of all tenants' traffic stays under it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    /// Letters, digits, `-`, `_` and `.`; used in limit keys and refusals.
+    pub name: String,
+    /// Name of an entry in `providers`: the pool counts requests routed there.
+    pub provider: String,
+    /// Models the pool counts (exact ids, `prefix*` or `*`), by the model
+    /// served. A request counts in the first pool that matches.
+    pub models: Vec<String>,
+    /// The pool's limits: rates only (per minute or hour), as providers
+    /// enforce them.
+    pub limits: LimitsSpec,
+    /// Tier name to the share (0 < s <= 1) of every pool limit the tier's
+    /// tenants may use together: free tenants cannot take the capacity
+    /// enterprise tenants need.
+    #[serde(default)]
+    pub tier_shares: BTreeMap<String, f64>,
+}
+
+/// A client API key with a name, its own limits or model list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    /// The key's name within its tenant (letters, digits, `-`, `_`, `.`).
+    pub id: String,
+    /// SHA-256 digest (hex) of the key.
+    pub sha256: String,
+    /// Models this key may call, within the tier's list.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// The key's own limits and budgets, checked with the tenant's.
+    #[serde(default)]
+    pub limits: Option<LimitsSpec>,
+    /// Evaluate limits for this key's requests without refusing.
+    #[serde(default)]
+    pub shadow: Option<bool>,
 }
 
 /// Where and how the filter asks the tenant registry (see `docs/registry.md`).
@@ -139,11 +186,17 @@ pub struct IdentitySpec {
     /// Take identity from Envoy's `jwt_authn` filter running before tollgate.
     #[serde(default)]
     pub jwt_authn: Option<JwtAuthnSpec>,
+    /// Request header carrying the end user's id, set by the platform's own
+    /// backend. Read only on routes with `trust_end_user_header`; elsewhere a
+    /// client's value is removed and ignored. A verified JWT's user claim
+    /// wins over it.
+    #[serde(default)]
+    pub end_user_header: Option<String>,
 }
 
 impl Default for IdentitySpec {
     fn default() -> Self {
-        IdentitySpec { api_keys: true, jwt_authn: None }
+        IdentitySpec { api_keys: true, jwt_authn: None, end_user_header: None }
     }
 }
 
@@ -309,6 +362,8 @@ pub const FILTER_STATE_FIELDS: &[&str] = &[
     "outcome",
     "error",
     "limit",
+    "key",
+    "shadow_refusal",
 ];
 
 impl Default for MeteringSpec {
@@ -382,9 +437,13 @@ pub struct RouteSpec {
     pub api: Api,
     /// Name of an entry in `providers`.
     pub provider: String,
+    /// Believe `identity.end_user_header` on this route (only where the
+    /// platform's backend, not an end client, sets it).
+    #[serde(default)]
+    pub trust_end_user_header: bool,
 }
 
-pub use rls_contract::registry::{FailureMode, TierSpec};
+pub use rls_contract::registry::{FailureMode, LimitsSpec, TierSpec};
 
 /// A tenant: one customer of the platform.
 #[derive(Debug, Clone, Deserialize)]
@@ -402,6 +461,9 @@ pub struct TenantSpec {
     /// appear in the configuration: `printf %s "$KEY" | sha256sum`.
     #[serde(default)]
     pub api_key_sha256: Vec<String>,
+    /// Named client keys, each with its own limits or model list.
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
     /// Per provider, the name of the environment variable holding this
     /// tenant's provider API key. Envoy passes it to the VM through
     /// `vm_config.environment_variables.host_env_keys`, so the secret never

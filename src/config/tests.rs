@@ -67,11 +67,11 @@ fn load_err(v: serde_json::Value) -> String {
 fn sample_compiles_with_overrides_and_defaults() {
     let p = sample();
     let acme = p.tenant_by_id("acme").unwrap();
-    assert_eq!(acme.policy.usd_micros_per_month, Some(100_500_000));
+    assert_eq!(acme.policy.limits.get(crate::ratelimit::descriptors::LimitKind::UsdPerMonth), Some(100_500_000));
     assert_eq!(acme.policy.failure_mode, FailureMode::Open);
     assert_eq!(acme.policy.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
     let globex = p.tenant_by_id("globex").unwrap();
-    assert_eq!(globex.policy.requests_per_minute, Some(20));
+    assert_eq!(globex.policy.limits.get(crate::ratelimit::descriptors::LimitKind::RequestsPerMinute), Some(20));
     assert_eq!(globex.policy.max_request_bytes, 4096);
     assert!(globex.policy.models.allows("claude-3-5-haiku-20241022"));
     assert!(!globex.policy.models.allows("gpt-4o"));
@@ -172,8 +172,9 @@ fn bad_values_are_refused() {
         ("max_request_bytes", serde_json::json!(1u64 << 40), "max_request_bytes"),
         ("time_zone", serde_json::json!("Not a zone!"), "time_zone"),
         ("failure_mode", serde_json::json!("sometimes"), "unknown variant"),
-        ("lease_requests", serde_json::json!(0), "lease_requests: must be between 1 and 1000"),
-        ("lease_requests", serde_json::json!(5000), "lease_requests: must be between 1 and 1000"),
+        ("lease_requests", serde_json::json!(5000), "lease_requests: must be between 0 (off) and 1000"),
+        ("cached_read_token_weight", serde_json::json!(1.5), "cached_read_token_weight: must be between 0 and 1"),
+        ("tokens_per_week", serde_json::json!(0), "tokens_per_week: a limit of 0 would refuse everything"),
     ] {
         let mut v = sample_json();
         v["tiers"]["pro"][field] = value;
@@ -274,4 +275,107 @@ fn a_provider_named_twice_for_a_tenant_is_refused() {
     assert!(raw.contains(r#""openai":"OTHER""#), "{raw}");
     let e = load(raw.as_bytes(), &env).unwrap_err().to_string();
     assert!(e.contains("provider 'openai' is named twice"), "{e}");
+}
+
+#[test]
+fn named_keys_pools_and_the_end_user_header_compile() {
+    let mut v = sample_json();
+    v["tenants"][0]["keys"] = serde_json::json!([
+        {"id": "ci", "sha256": sha("ci-key"), "models": ["gpt-4o"],
+         "limits": {"usd_per_day": 5.0, "requests_per_minute": 30}, "shadow": true}
+    ]);
+    v["tiers"]["pro"]["users"] = serde_json::json!({"requests_per_minute": 20, "usd_per_day": 5.0});
+    v["pools"] = serde_json::json!([
+        {"name": "openai-4o", "provider": "openai", "models": ["gpt-4o*"],
+         "limits": {"requests_per_minute": 500, "input_tokens_per_minute": 30000},
+         "tier_shares": {"free": 0.2}}
+    ]);
+    v["identity"] = serde_json::json!({"end_user_header": "X-End-User"});
+    v["routes"][0]["trust_end_user_header"] = true.into();
+    let p = load(v.to_string().as_bytes(), &env).unwrap();
+    let info = p.key_info(&crate::identity::api_key::digest("ci-key")).unwrap();
+    assert_eq!(&*info.id, "ci");
+    assert!(info.shadow);
+    assert_eq!(info.limits.get(crate::ratelimit::descriptors::LimitKind::UsdPerDay), Some(5_000_000));
+    assert_eq!(p.tenant_by_key_digest(&crate::identity::api_key::digest("ci-key")).unwrap().id, "acme");
+    let pool = p.pool_for(p.routes[0].provider, "gpt-4o-2024-08-06").unwrap();
+    let share = pool.shares.get("free").unwrap();
+    assert_eq!(share.get(crate::ratelimit::descriptors::LimitKind::RequestsPerMinute), Some(100));
+    assert!(p.pool_for(p.routes[0].provider, "gpt-4.1").is_none());
+    assert_eq!(p.end_user_header.as_deref(), Some("x-end-user"));
+    assert!(p.routes[0].trust_end_user_header);
+}
+
+#[test]
+fn level_mistakes_are_refused_with_their_path() {
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|v| v["tenants"][0]["keys"] = serde_json::json!([{"id": "a b", "sha256": sha("k1")}])),
+            "tenants[0].keys[0].id",
+        ),
+        (
+            Box::new(|v| {
+                v["tenants"][0]["keys"] =
+                    serde_json::json!([{"id": "a", "sha256": sha("k1")}, {"id": "a", "sha256": sha("k2")}])
+            }),
+            "duplicate key id 'a'",
+        ),
+        (
+            Box::new(|v| v["tenants"][0]["keys"] = serde_json::json!([{"id": "a", "sha256": sha(KEY_B)}])),
+            "duplicate key digest",
+        ),
+        (
+            Box::new(|v| {
+                v["tenants"][1]["keys"] = serde_json::json!([{"id": "a", "sha256": sha("k1"), "models": ["gpt-4o"]}])
+            }),
+            "not in the tenant's model list",
+        ),
+        (
+            Box::new(|v| {
+                v["pools"] = serde_json::json!([{"name": "p", "provider": "openai", "models": ["*"],
+                    "limits": {"usd_per_day": 5.0}}])
+            }),
+            "pools[0].limits.usd_per_day: pools hold the provider's rate limits",
+        ),
+        (
+            Box::new(|v| {
+                v["pools"] = serde_json::json!([{"name": "p", "provider": "openai", "models": ["*"],
+                    "limits": {"requests_per_minute": 5}, "tier_shares": {"gold": 0.5}}])
+            }),
+            "pools[0].tier_shares.gold: unknown tier 'gold'",
+        ),
+        (
+            Box::new(|v| {
+                v["pools"] = serde_json::json!([{"name": "p", "provider": "openai", "models": ["*"],
+                    "limits": {"requests_per_minute": 5}, "tier_shares": {"free": 1.5}}])
+            }),
+            "must be a share in (0, 1]",
+        ),
+        (
+            Box::new(|v| {
+                v["pools"] = serde_json::json!([{"name": "p", "provider": "openai", "models": ["*"], "limits": {}}])
+            }),
+            "a pool needs at least one limit",
+        ),
+        (
+            Box::new(|v| v["routes"][0]["trust_end_user_header"] = true.into()),
+            "identity.end_user_header names no header",
+        ),
+        (
+            Box::new(|v| v["identity"] = serde_json::json!({"end_user_header": "bad header"})),
+            "identity.end_user_header: not a valid header name",
+        ),
+        (
+            Box::new(|v| v["tiers"]["pro"]["users"] = serde_json::json!({"requests_per_minute": 0})),
+            "tiers.pro.users.requests_per_minute",
+        ),
+        (Box::new(|v| v["tiers"]["pro"]["users"] = serde_json::json!({"rpm": 5})), "unknown field"),
+    ];
+    for (edit, needle) in cases {
+        let mut v = sample_json();
+        edit(&mut v);
+        let e = load_err(v);
+        assert!(e.contains(needle), "{needle}: {e}");
+    }
 }

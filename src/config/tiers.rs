@@ -1,7 +1,10 @@
 //! How does a tier, with a tenant's overrides merged in, become that tenant's policy?
 
+use std::rc::Rc;
+
 use super::compile::{invalid, ConfigError};
-use super::spec::{FailureMode, TierSpec};
+use super::spec::{FailureMode, LimitsSpec, TierSpec};
+use crate::ratelimit::descriptors::{LimitKind, Limits};
 
 /// Largest request body a tier may allow. Envoy buffers the body in memory
 /// while tollgate inspects it, so this is a hard ceiling against mistakes.
@@ -54,15 +57,10 @@ impl ModelAllowlist {
 pub struct Policy {
     pub models: ModelAllowlist,
     pub max_request_bytes: u64,
-    pub requests_per_minute: Option<u64>,
-    pub tokens_per_minute: Option<u64>,
-    pub requests_per_day: Option<u64>,
-    pub tokens_per_day: Option<u64>,
-    pub tokens_per_month: Option<u64>,
-    /// Micro-dollars per day.
-    pub usd_micros_per_day: Option<u64>,
-    /// Micro-dollars per billing month.
-    pub usd_micros_per_month: Option<u64>,
+    /// The tenant-level limits and budgets (dollars in micro-dollars).
+    pub limits: Limits,
+    /// Limits of each end user of the tenant.
+    pub users: Option<Rc<Limits>>,
     pub max_concurrent_requests: Option<u64>,
     pub failure_mode: FailureMode,
     pub billing_anchor_day: u8,
@@ -73,8 +71,24 @@ pub struct Policy {
     /// Per-mille of a budget past which the fallback model is used.
     pub fallback_at_permille: Option<u16>,
     /// Requests' worth of quota a reserve may lease for local admission.
-    pub lease_requests: Option<u64>,
+    pub lease: LeaseSize,
+    /// Evaluate every limit, refuse nothing.
+    pub shadow: bool,
+    /// Weight of a cached-read input token in token limits, per mille.
+    pub cached_read_permille: u64,
 }
+
+/// How big a quota lease is (see `lease_requests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseSize {
+    Off,
+    /// From the recent request rate on the worker, up to [`AUTO_LEASE_MAX`].
+    Auto,
+    Fixed(u64),
+}
+
+/// The largest automatic lease.
+pub const AUTO_LEASE_MAX: u64 = 100;
 
 /// The largest lease: each lease is quota one worker holds back from others.
 pub const MAX_LEASE_REQUESTS: u64 = 1000;
@@ -101,6 +115,15 @@ pub(super) fn merge_tier(base: &TierSpec, over: &TierSpec) -> TierSpec {
         tokens_per_month,
         usd_per_day,
         usd_per_month,
+        input_tokens_per_minute,
+        output_tokens_per_minute,
+        requests_per_hour,
+        tokens_per_hour,
+        tokens_per_week,
+        usd_per_week,
+        users,
+        shadow,
+        cached_read_token_weight,
         max_concurrent_requests,
         failure_mode,
         billing_anchor_day,
@@ -155,13 +178,18 @@ pub(super) fn compile_tier(t: &TierSpec, path: &str) -> Result<Policy, ConfigErr
         }
         Some(n) => n,
     };
-    let usd_micros_per_day = match t.usd_per_day {
-        Some(v) => Some(usd_to_micros(&format!("{path}.usd_per_day"), v)?),
+    let limits = compile_limits(path, &tier_limits(t))?;
+    let users = match &t.users {
+        Some(u) => {
+            let l = compile_limits(&format!("{path}.users"), u)?;
+            (!l.is_empty()).then(|| Rc::new(l))
+        }
         None => None,
     };
-    let usd_micros_per_month = match t.usd_per_month {
-        Some(v) => Some(usd_to_micros(&format!("{path}.usd_per_month"), v)?),
-        None => None,
+    let cached_read_permille = match t.cached_read_token_weight {
+        None => 1000,
+        Some(w) if w.is_finite() && (0.0..=1.0).contains(&w) => (w * 1000.0).round() as u64,
+        Some(_) => return Err(invalid(format!("{path}.cached_read_token_weight"), "must be between 0 and 1")),
     };
     let billing_anchor_day = match t.billing_anchor_day {
         None => 1,
@@ -198,13 +226,8 @@ pub(super) fn compile_tier(t: &TierSpec, path: &str) -> Result<Policy, ConfigErr
     Ok(Policy {
         models,
         max_request_bytes,
-        requests_per_minute: positive(path, "requests_per_minute", t.requests_per_minute)?,
-        tokens_per_minute: positive(path, "tokens_per_minute", t.tokens_per_minute)?,
-        requests_per_day: positive(path, "requests_per_day", t.requests_per_day)?,
-        tokens_per_day: positive(path, "tokens_per_day", t.tokens_per_day)?,
-        tokens_per_month: positive(path, "tokens_per_month", t.tokens_per_month)?,
-        usd_micros_per_day,
-        usd_micros_per_month,
+        limits,
+        users,
         max_concurrent_requests: positive(path, "max_concurrent_requests", t.max_concurrent_requests)?,
         failure_mode: t.failure_mode.unwrap_or(FailureMode::Closed),
         billing_anchor_day,
@@ -213,28 +236,75 @@ pub(super) fn compile_tier(t: &TierSpec, path: &str) -> Result<Policy, ConfigErr
         clamp_max_output_tokens: t.clamp_max_output_tokens.unwrap_or(false),
         fallback_model: t.fallback_model.clone(),
         fallback_at_permille,
-        lease_requests: match t.lease_requests {
-            None => None,
-            Some(n @ 1..=MAX_LEASE_REQUESTS) => Some(n),
+        lease: match t.lease_requests {
+            None => LeaseSize::Auto,
+            Some(0) => LeaseSize::Off,
+            Some(n @ 1..=MAX_LEASE_REQUESTS) => LeaseSize::Fixed(n),
             Some(_) => {
                 return Err(invalid(
                     format!("{path}.lease_requests"),
-                    format!("must be between 1 and {MAX_LEASE_REQUESTS}"),
+                    format!("must be between 0 (off) and {MAX_LEASE_REQUESTS}"),
                 ))
             }
         },
+        shadow: t.shadow.unwrap_or(false),
+        cached_read_permille,
     })
 }
 
+/// The limit fields of a tier, as one level's limits.
+fn tier_limits(t: &TierSpec) -> LimitsSpec {
+    LimitsSpec {
+        requests_per_minute: t.requests_per_minute,
+        tokens_per_minute: t.tokens_per_minute,
+        input_tokens_per_minute: t.input_tokens_per_minute,
+        output_tokens_per_minute: t.output_tokens_per_minute,
+        requests_per_hour: t.requests_per_hour,
+        tokens_per_hour: t.tokens_per_hour,
+        requests_per_day: t.requests_per_day,
+        tokens_per_day: t.tokens_per_day,
+        tokens_per_week: t.tokens_per_week,
+        tokens_per_month: t.tokens_per_month,
+        usd_per_day: t.usd_per_day,
+        usd_per_week: t.usd_per_week,
+        usd_per_month: t.usd_per_month,
+    }
+}
+
+/// One level's limits, checked: no zero limit, dollars exact to the
+/// micro-dollar.
+pub fn compile_limits(path: &str, l: &LimitsSpec) -> Result<Limits, ConfigError> {
+    let mut out = Limits::default();
+    let counts = [
+        (LimitKind::RequestsPerMinute, l.requests_per_minute),
+        (LimitKind::TokensPerMinute, l.tokens_per_minute),
+        (LimitKind::InputTokensPerMinute, l.input_tokens_per_minute),
+        (LimitKind::OutputTokensPerMinute, l.output_tokens_per_minute),
+        (LimitKind::RequestsPerHour, l.requests_per_hour),
+        (LimitKind::TokensPerHour, l.tokens_per_hour),
+        (LimitKind::RequestsPerDay, l.requests_per_day),
+        (LimitKind::TokensPerDay, l.tokens_per_day),
+        (LimitKind::TokensPerWeek, l.tokens_per_week),
+        (LimitKind::TokensPerMonth, l.tokens_per_month),
+    ];
+    for (kind, v) in counts {
+        out.set(kind, positive(path, kind.name(), v)?);
+    }
+    for (kind, v) in [
+        (LimitKind::UsdPerDay, l.usd_per_day),
+        (LimitKind::UsdPerWeek, l.usd_per_week),
+        (LimitKind::UsdPerMonth, l.usd_per_month),
+    ] {
+        if let Some(usd) = v {
+            out.set(kind, Some(usd_to_micros(&format!("{path}.{}", kind.name()), usd)?));
+        }
+    }
+    Ok(out)
+}
+
 impl Policy {
-    /// Whether this policy needs the rate-limit service at all.
+    /// Whether this policy limits anything at the tenant or user level.
     pub fn has_limits(&self) -> bool {
-        self.requests_per_minute.is_some()
-            || self.tokens_per_minute.is_some()
-            || self.requests_per_day.is_some()
-            || self.tokens_per_day.is_some()
-            || self.tokens_per_month.is_some()
-            || self.usd_micros_per_day.is_some()
-            || self.usd_micros_per_month.is_some()
+        !self.limits.is_empty() || self.users.is_some()
     }
 }

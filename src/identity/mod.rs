@@ -7,7 +7,9 @@ pub mod jwt;
 pub mod jwt_authn;
 pub mod registry;
 
-use crate::config::{Plugin, Tenant};
+use std::rc::Rc;
+
+use crate::config::{KeyInfo, Plugin, Tenant};
 use crate::identity::api_key::Headers;
 use crate::llm::Refusal;
 
@@ -20,7 +22,8 @@ fn jwt_refusal(e: &jwt::JwtError) -> Refusal {
 /// disabled: the caller refuses it, naming it in the access log.
 #[derive(Debug)]
 pub enum Who<'p> {
-    Known(&'p Tenant, Option<String>),
+    /// The tenant, the end user (a verified token's) and the named key.
+    Known(&'p Tenant, Option<String>, Option<Rc<KeyInfo>>),
     Registry(registry::Ask, Option<String>),
 }
 
@@ -41,7 +44,7 @@ fn tenant_for_claims(plugin: &Plugin, id: jwt::VerifiedIdentity) -> Result<Who<'
     };
     // A disabled tenant is refused by the caller, which knows the tenant
     // then (the access log names it).
-    Ok(Who::Known(tenant, id.user_id))
+    Ok(Who::Known(tenant, id.user_id, None))
 }
 
 /// A compact JWS: three dot-separated parts, the first a JSON header.
@@ -102,7 +105,7 @@ pub fn resolve_identity<'p>(
     let key = api_key::client_key(plugin, headers, path).ok_or(Refusal::MissingApiKey)?;
     let digest = api_key::digest(key);
     match plugin.tenant_by_key_digest(&digest) {
-        Some(t) => Ok(Who::Known(t, None)),
+        Some(t) => Ok(Who::Known(t, None, plugin.key_info(&digest).cloned())),
         None if plugin.registry.is_some() => Ok(Who::Registry(registry::Ask::Key(digest), None)),
         None => Err(Refusal::InvalidApiKey),
     }

@@ -32,7 +32,7 @@ use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::admission::inflight::{self, SlotStore};
-use crate::config::{ModelAllowlist, Plugin, Registry, Tenant, TenantRef, REGISTRY_SLOT_BASE};
+use crate::config::{compile_key, KeyInfo, Plugin, Registry, Tenant, TenantRef, REGISTRY_SLOT_BASE};
 use crate::incident::Incident;
 use crate::llm::Refusal;
 use rls_contract::registry::{self as contract, Changes, KeyRecord, LookupAnswer, LookupStatus};
@@ -50,8 +50,9 @@ pub enum Ask {
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub tenant: TenantRef,
-    /// The key's own model allowlist, within the tier's.
-    pub key_models: Option<Rc<ModelAllowlist>>,
+    /// The key's name, own model allowlist (within the tier's), limits
+    /// and shadow mode.
+    pub key: Option<Rc<KeyInfo>>,
 }
 
 /// The answer from memory.
@@ -69,7 +70,7 @@ struct KeyEntry {
     tenant: String,
     expires_at: Option<u64>,
     revoked: bool,
-    models: Option<Rc<ModelAllowlist>>,
+    info: Option<Rc<KeyInfo>>,
     /// When it was read from the registry (ms).
     fetched_ms: u64,
 }
@@ -234,14 +235,14 @@ impl RegistryCache {
         if let Some(i) = plugin.tenant_index(&tenant_id) {
             let tref = TenantRef::Static(i);
             return match usable(&tref, plugin) {
-                Ok(()) => Cached::Hit(Resolved { tenant: tref, key_models: key.and_then(|k| k.models) }),
+                Ok(()) => Cached::Hit(Resolved { tenant: tref, key: key.and_then(|k| k.info) }),
                 Err(r) => Cached::Refused(r),
             };
         }
         match self.tenants.get(&tenant_id) {
             Some(t) if self.trusted(cfg, t.fetched_ms, now_ms) => match &t.tenant {
                 Ok(tref) => match usable(tref, plugin) {
-                    Ok(()) => Cached::Hit(Resolved { tenant: tref.clone(), key_models: key.and_then(|k| k.models) }),
+                    Ok(()) => Cached::Hit(Resolved { tenant: tref.clone(), key: key.and_then(|k| k.info) }),
                     Err(r) => Cached::Refused(r),
                 },
                 Err(_) => Cached::Refused(misconfigured()),
@@ -347,7 +348,7 @@ impl RegistryCache {
             (LookupStatus::Found, _) => {}
         }
         let Some(record) = &answer.tenant else { return Err(unavailable()) };
-        let mut key_models = None;
+        let mut key_info = None;
         match ask {
             Ask::Key(digest) => match answer.key.as_ref() {
                 // A key lookup answers the key as well.
@@ -356,13 +357,13 @@ impl RegistryCache {
                         return Err(unavailable());
                     }
                     let Some(entry) = key_entry(k, now_ms) else {
-                        log::warn!("tollgate: the registry's key record has an invalid model list");
+                        log::warn!("tollgate: the registry's key record has an invalid id, model list or limits");
                         return Err(misconfigured());
                     };
                     self.share_key(digest, answer.version, k, store, now_ms);
                     self.remember_key(cfg, *digest, entry.clone());
                     key_usable(&entry, now_ms)?;
-                    key_models = entry.models;
+                    key_info = entry.info;
                 }
                 // A tenant lookup for a key this worker knows.
                 None => {
@@ -370,7 +371,7 @@ impl RegistryCache {
                         return Err(unavailable());
                     };
                     key_usable(e, now_ms)?;
-                    key_models = e.models.clone();
+                    key_info = e.info.clone();
                 }
             },
             Ask::Tenant(id) => {
@@ -384,7 +385,7 @@ impl RegistryCache {
         if let Some(i) = plugin.tenant_index(&record.id) {
             let tref = TenantRef::Static(i);
             usable(&tref, plugin)?;
-            return Ok(Resolved { tenant: tref, key_models });
+            return Ok(Resolved { tenant: tref, key: key_info });
         }
         let empty = BTreeMap::new();
         let credentials = answer.credentials.as_ref().unwrap_or(&empty);
@@ -408,7 +409,7 @@ impl RegistryCache {
         self.tenants.insert(record.id.clone(), entry.clone());
         let tref = entry.tenant.map_err(|_| misconfigured())?;
         usable(&tref, plugin)?;
-        Ok(Resolved { tenant: tref, key_models })
+        Ok(Resolved { tenant: tref, key: key_info })
     }
 
     /// Writes a key record to shared data unless a newer change tombstoned
@@ -525,11 +526,14 @@ fn remember_unknown<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u64>, cfg: &Re
 }
 
 fn key_entry(k: &KeyRecord, fetched_ms: u64) -> Option<KeyEntry> {
-    let models = match &k.models {
-        Some(m) => Some(Rc::new(ModelAllowlist::compile("models", m).ok()?)),
-        None => None,
+    let info = if k.id.is_none() && k.limits.is_none() && k.shadow.is_none() && k.models.is_none() {
+        None
+    } else {
+        // A key without a name is named by its digest's first 12 hex digits.
+        let id = k.id.as_deref().or_else(|| k.sha256.get(..12))?;
+        Some(Rc::new(compile_key("key", id, k.models.as_deref(), k.limits.as_ref(), k.shadow).ok()?))
     };
-    Some(KeyEntry { tenant: k.tenant.clone(), expires_at: k.expires_at, revoked: k.revoked, models, fetched_ms })
+    Some(KeyEntry { tenant: k.tenant.clone(), expires_at: k.expires_at, revoked: k.revoked, info, fetched_ms })
 }
 
 fn key_usable(e: &KeyEntry, now_ms: u64) -> Result<(), Refusal> {

@@ -56,6 +56,12 @@ pub fn refused(tenant: &str, code: &str) -> String {
     format!("tollgate.tenant.{}.limit.{}.refused", label(tenant), label(code))
 }
 
+/// Requests shadow mode let through that enforcement would have refused,
+/// by the refusal code they would have had.
+pub fn shadow_refused(tenant: &str, code: &str) -> String {
+    format!("tollgate.tenant.{}.limit.{}.shadow_refused", label(tenant), label(code))
+}
+
 /// Per tenant only: `tollgate.tenant.<t>.<name>`.
 pub fn tenant(tenant: &str, name: &str) -> String {
     format!("tollgate.tenant.{}.{}", label(tenant), name)

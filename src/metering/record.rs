@@ -34,6 +34,10 @@ pub struct Facts<'a> {
     pub leased: bool,
     /// A non-streamed response held for the usage headers.
     pub usage_headers: bool,
+    /// The named API key's id.
+    pub key: Option<&'a str>,
+    /// Shadow mode: the refusal this request would have had.
+    pub shadow_refusal: Option<&'a str>,
 }
 
 /// The usage a finished request is settled and reported with, and whether
@@ -93,6 +97,7 @@ pub fn refusal_properties(
     model_requested: &str,
     code: &str,
     limit: Option<&str>,
+    key: Option<&str>,
 ) -> Vec<(&'static str, String)> {
     let mut p: Vec<(&'static str, String)> = vec![
         ("tollgate_tenant", tenant.map_or_else(String::new, |t| t.id.clone())),
@@ -104,6 +109,7 @@ pub fn refusal_properties(
         ("tollgate_outcome", "refused".to_string()),
         ("tollgate_error", code.to_string()),
         ("tollgate_limit", limit.unwrap_or_default().to_string()),
+        ("tollgate_key", key.unwrap_or_default().to_string()),
     ];
     if let Some(keep) = &plugin.metering.filter_state {
         p.retain(|(k, _)| keep.iter().any(|f| k.strip_prefix("tollgate_") == Some(f.as_str())));
@@ -157,6 +163,8 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     prop("tollgate_upstream_status", f.upstream_status.to_string());
     prop("tollgate_estimated", estimated.to_string());
     prop("tollgate_outcome", outcome.to_string());
+    prop("tollgate_key", f.key.unwrap_or_default().to_string());
+    prop("tollgate_shadow_refusal", f.shadow_refusal.unwrap_or_default().to_string());
     if let Some(keep) = &plugin.metering.filter_state {
         p.retain(|(k, _)| keep.iter().any(|f| k.strip_prefix("tollgate_") == Some(f.as_str())));
     }
@@ -180,6 +188,10 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     }
     if stream_errors {
         c.push((Rc::clone(&names.stream_errors), 1));
+    }
+    if let Some(code) = f.shadow_refusal {
+        let label = plugin.metric_tenant(f.tenant);
+        c.push((Rc::from(crate::metering::metrics::shadow_refused(&label, code)), 1));
     }
     if let Some(t) = ttfb {
         out.histograms.push((Rc::clone(&names.ttfb_ms), t));

@@ -2,7 +2,7 @@
 //! and the 429 reply to a refused reserve.
 
 use crate::llm::{self, Family, LocalReply, Refusal};
-use crate::ratelimit::descriptors::{LimitState, Measure};
+use crate::ratelimit::descriptors::{Level, LimitState, Measure};
 
 /// Formats a duration the way OpenAI's `x-ratelimit-reset-*` does: `6m0s`,
 /// `1.5s`, `120ms`.
@@ -21,15 +21,21 @@ pub fn openai_duration(ms: u64) -> String {
     }
 }
 
-/// OpenAI-style `x-ratelimit-*` headers for the request and token rates (or,
-/// when a tenant has no per-minute limit, its daily limit of that measure).
+/// OpenAI-style `x-ratelimit-*` headers for the request and token rates:
+/// of every level's rates of that measure (input and output token rates
+/// count as tokens), the tightest (least remaining); without a rate, the
+/// tightest budget.
 pub fn ratelimit_headers(states: &[LimitState]) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for (suffix, measure) in [("requests", Measure::Requests), ("tokens", Measure::Tokens)] {
+    for (suffix, tokens) in [("requests", false), ("tokens", true)] {
         let pick = states
             .iter()
-            .filter(|s| s.kind.measure() == measure)
-            .min_by_key(|s| (s.kind.is_budget(), s.kind.unit() as i32));
+            .filter(|s| match s.kind.measure() {
+                Measure::Requests => !tokens,
+                Measure::Tokens | Measure::InputTokens | Measure::OutputTokens => tokens,
+                Measure::Micros => false,
+            })
+            .min_by_key(|s| (s.kind.is_budget(), s.remaining, s.kind.window()));
         if let Some(s) = pick {
             out.push((format!("x-ratelimit-limit-{suffix}"), s.limit.to_string()));
             out.push((format!("x-ratelimit-remaining-{suffix}"), s.remaining.to_string()));
@@ -43,12 +49,13 @@ pub fn ratelimit_headers(states: &[LimitState]) -> Vec<(String, String)> {
 pub fn refusal_reply(family: Family, request_id: &str, states: &[LimitState], hit: &LimitState) -> LocalReply {
     let kind = hit.kind;
     let when = openai_duration(hit.reset_ms);
-    let message = if kind.is_budget() {
-        format!("This account's {} budget is exhausted; it renews in {when}.", kind.name().replace('_', " "))
-    } else {
-        format!("Rate limit reached for {}; retry in {when}.", kind.name().replace('_', " "))
+    let what = kind.name().replace('_', " ");
+    let message = match (hit.level, kind.is_budget()) {
+        (level, true) => format!("{} {what} budget is exhausted; it renews in {when}.", level.owner()),
+        (Level::Tenant, false) => format!("Rate limit reached for {what}; retry in {when}."),
+        (level, false) => format!("{} rate limit reached for {what}; retry in {when}.", level.owner()),
     };
-    let refusal = Refusal::Custom { status: 429, code: kind.refusal_code().into(), message };
+    let refusal = Refusal::Custom { status: 429, code: hit.level.refusal_code(kind), message };
     let openai_type = match (kind.is_budget(), kind.measure()) {
         (true, _) => "insufficient_quota",
         (false, Measure::Requests) => "requests",
@@ -56,7 +63,11 @@ pub fn refusal_reply(family: Family, request_id: &str, states: &[LimitState], hi
     };
     let mut reply = llm::render(family, &refusal, request_id, Some(openai_type));
     reply.headers.extend(llm::retry_headers(hit.reset_ms, !kind.is_budget()));
-    reply.headers.push(("x-tollgate-limit".into(), kind.name().into()));
+    let limit = match hit.level {
+        Level::Tenant => kind.name().to_string(),
+        level => format!("{}.{}", level.name(), kind.name()),
+    };
+    reply.headers.push(("x-tollgate-limit".into(), limit));
     reply.headers.extend(ratelimit_headers(states));
     reply
 }
@@ -81,7 +92,7 @@ mod tests {
     #[test]
     fn refusal_names_the_budget_and_says_do_not_retry() {
         let p = policy();
-        let (_, kinds) = build_reserve("d", "acme", &p, 1, Amounts::default(), false);
+        let (_, kinds) = build_reserve("d", "acme", &p, None, 1, Amounts::default(), false);
         let resp = RateLimitResponse {
             overall_code: Code::OverLimit as i32,
             statuses: vec![
@@ -91,7 +102,7 @@ mod tests {
                 status(Code::OverLimit, 0, 86400 * 3),
             ],
         };
-        let Verdict::Refuse { states, hit } = decide(&resp, &kinds, &p) else { panic!() };
+        let Verdict::Refuse { states, hit } = decide(&resp, &kinds) else { panic!() };
         assert_eq!(hit.kind, LimitKind::UsdPerMonth);
         let r = refusal_reply(Family::OpenAi, "rid", &states, &hit);
         assert_eq!(r.status, 429);
@@ -107,7 +118,7 @@ mod tests {
     #[test]
     fn rate_refusal_says_retry() {
         let p = policy();
-        let (_, kinds) = build_reserve("d", "acme", &p, 1, Amounts::default(), false);
+        let (_, kinds) = build_reserve("d", "acme", &p, None, 1, Amounts::default(), false);
         let resp = RateLimitResponse {
             overall_code: Code::OverLimit as i32,
             statuses: vec![
@@ -117,7 +128,7 @@ mod tests {
                 status(Code::Ok, 1, 1),
             ],
         };
-        let Verdict::Refuse { states, hit } = decide(&resp, &kinds, &p) else { panic!() };
+        let Verdict::Refuse { states, hit } = decide(&resp, &kinds) else { panic!() };
         let r = refusal_reply(Family::Anthropic, "rid", &states, &hit);
         assert_eq!(r.header("x-should-retry"), Some("true"));
         assert_eq!(r.header("retry-after-ms"), Some("6000"));

@@ -277,7 +277,7 @@ pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
     }
     for g in groups {
         let Some(tenant) = g.settle.tenant.get(&g.settle.plugin) else { continue };
-        if !settle::settle_changes(&tenant.policy, g.settle.net) {
+        if !settle::settle_changes(&tenant.policy, g.settle.scope.as_deref(), g.settle.net) {
             continue;
         }
         let key = if g.count == 1 { g.first_key } else { format!("{}+{}", g.first_key, g.count) };
@@ -348,13 +348,13 @@ mod tests {
     fn plugin() -> Rc<Plugin> {
         let mut p = crate::config::tests::sample();
         let mut policy = crate::config::Policy::clone(&p.tenant_by_id("acme").unwrap().policy);
-        policy.requests_per_minute = None;
-        policy.requests_per_day = None;
-        policy.tokens_per_day = None;
-        policy.usd_micros_per_day = None;
-        policy.tokens_per_minute = Some(10_000);
-        policy.tokens_per_month = None;
-        policy.usd_micros_per_month = Some(1_000_000);
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::RequestsPerMinute, None);
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::RequestsPerDay, None);
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::TokensPerDay, None);
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::UsdPerDay, None);
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::TokensPerMinute, Some(10_000));
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::TokensPerMonth, None);
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::UsdPerMonth, Some(1_000_000));
         let mut a = p.tenants[0].clone();
         a.id = "a".into();
         a.policy = Rc::new(policy);
@@ -367,8 +367,8 @@ mod tests {
     /// A settle of `tokens` and `micros` (value, refund?) for tenant index `t`.
     fn settle(p: &Rc<Plugin>, key: &str, t: usize, tokens: (u64, bool), micros: (u64, bool)) -> Entry {
         let signed = |(v, neg): (u64, bool)| if neg { -i128::from(v) } else { i128::from(v) };
-        let net = SettleNet { requests: 0, tokens: signed(tokens), micros: signed(micros) };
-        Entry::settle(Settle::new(p, &crate::config::TenantRef::Static(t), net).unwrap(), key.into(), true, 0)
+        let net = SettleNet { requests: 0, tokens: signed(tokens), micros: signed(micros), ..SettleNet::default() };
+        Entry::settle(Settle::new(p, &crate::config::TenantRef::Static(t), None, net).unwrap(), key.into(), true, 0)
     }
 
     fn request(e: &Entry) -> rls::RateLimitRequest {
@@ -427,15 +427,15 @@ mod tests {
         let mut full = crate::config::tests::sample();
         full.tenants.truncate(1);
         let mut policy = crate::config::Policy::clone(&p.tenants[0].policy);
-        policy.requests_per_minute = Some(10);
-        policy.tokens_per_month = Some(5_000_000_000);
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::RequestsPerMinute, Some(10));
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::TokensPerMonth, Some(5_000_000_000));
         policy.billing_anchor_day = 15;
         policy.time_zone = Some("Europe/Berlin".into());
         full.tenants[0].policy = Rc::new(policy);
         let full = Rc::new(full);
         let rl = full.rate_limit.as_ref().unwrap();
         let tenant = &full.tenants[0];
-        let a = |tokens, micros| Amounts { tokens, micros };
+        let a = |tokens, micros| Amounts { tokens, micros, ..Amounts::default() };
         for (reserved, actual, requests) in [
             (a(300, 4500), a(120, 5000), (1, 1)),
             (a(0, 0), a(30, 300), (0, 1)),
@@ -445,13 +445,13 @@ mod tests {
             let built = settle::build_settle(&rl.domain, &tenant.id, &tenant.policy, reserved, actual, requests)
                 .unwrap()
                 .encode_to_vec();
-            let net = SettleNet::of(reserved, actual, requests);
+            let net = SettleNet::of_request(reserved, actual, requests);
             assert_eq!(
-                settle::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, net).unwrap().encode_to_vec(),
+                settle::build_settle_net(&rl.domain, &tenant.id, &tenant.policy, None, net).unwrap().encode_to_vec(),
                 built
             );
             let typed = Entry::settle(
-                Settle::new(&full, &crate::config::TenantRef::Static(0), net).unwrap(),
+                Settle::new(&full, &crate::config::TenantRef::Static(0), None, net).unwrap(),
                 "k".into(),
                 true,
                 0,
@@ -461,12 +461,20 @@ mod tests {
             assert_eq!(merge(vec![typed.clone()])[0].encode(), typed.encode());
         }
         // Nothing to change: no settle at all.
-        assert!(
-            Settle::new(&full, &crate::config::TenantRef::Static(0), SettleNet::of(a(5, 5), a(5, 5), (1, 1))).is_none()
-        );
-        assert!(
-            Settle::new(&full, &crate::config::TenantRef::Static(9), SettleNet::of(a(0, 0), a(5, 5), (1, 1))).is_none()
-        );
+        assert!(Settle::new(
+            &full,
+            &crate::config::TenantRef::Static(0),
+            None,
+            SettleNet::of_request(a(5, 5), a(5, 5), (1, 1))
+        )
+        .is_none());
+        assert!(Settle::new(
+            &full,
+            &crate::config::TenantRef::Static(9),
+            None,
+            SettleNet::of_request(a(0, 0), a(5, 5), (1, 1))
+        )
+        .is_none());
     }
 
     #[test]

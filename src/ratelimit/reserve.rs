@@ -2,35 +2,31 @@
 //! upstream, and what the service's answer to it means.
 
 use crate::config::Policy;
-use crate::ratelimit::descriptors::{active_limits, descriptor, Amounts, LimitKind, LimitState, Measure};
+use crate::ratelimit::descriptors::{descriptor, limit_items, Amounts, LimitItem, LimitState, Measure, Scope};
 use crate::rls::{self, Code, RateLimitRequest, RateLimitResponse, UInt64Value};
 
 /// The reserve call: `requests` requests charged (1, or more with a quota
-/// lease), plus the estimated tokens and cost. `hits` of 0 for every
-/// descriptor makes it a pure check (compatibility mode).
+/// lease), plus the estimated tokens and cost, at every level of `scope`.
+/// `hits` of 0 for every descriptor makes it a pure check (compatibility
+/// mode).
 pub fn build_reserve(
     domain: &str,
     tenant: &str,
     policy: &Policy,
+    scope: Option<&Scope>,
     requests: u64,
     estimate: Amounts,
     check_only: bool,
-) -> (RateLimitRequest, Vec<LimitKind>) {
-    let limits = active_limits(policy);
-    let mut descriptors = Vec::with_capacity(limits.len());
-    let mut kinds = Vec::with_capacity(limits.len());
-    for (kind, limit) in limits {
-        let mut d = descriptor(tenant, kind, limit, policy);
-        let hits = match kind.measure() {
-            Measure::Requests => requests,
-            Measure::Tokens => estimate.tokens,
-            Measure::Micros => estimate.micros,
-        };
+) -> (RateLimitRequest, Vec<LimitItem>) {
+    let items = limit_items(policy, scope);
+    let mut descriptors = Vec::with_capacity(items.len());
+    for item in &items {
+        let mut d = descriptor(tenant, scope, *item, policy);
+        let hits = estimate.of(item.kind.measure(), requests);
         d.hits_addend = Some(UInt64Value { value: if check_only { 0 } else { hits } });
         descriptors.push(d);
-        kinds.push(kind);
     }
-    (RateLimitRequest { domain: domain.into(), descriptors, hits_addend: 0 }, kinds)
+    (RateLimitRequest { domain: domain.into(), descriptors, hits_addend: 0 }, items)
 }
 
 /// What the reserve answer means.
@@ -45,20 +41,20 @@ pub enum Verdict {
     Unreadable(String),
 }
 
-/// Interprets a reserve answer, given the limit kinds in descriptor order.
-pub fn decide(resp: &RateLimitResponse, kinds: &[LimitKind], policy: &Policy) -> Verdict {
+/// Interprets a reserve answer, given the limits in descriptor order.
+pub fn decide(resp: &RateLimitResponse, items: &[LimitItem]) -> Verdict {
     let overall = resp.overall_code;
     if overall != Code::Ok as i32 && overall != Code::OverLimit as i32 {
         return Verdict::Unreadable(format!("overall_code {overall}"));
     }
-    let mut states = Vec::with_capacity(kinds.len());
-    for (i, kind) in kinds.iter().enumerate() {
-        let limit = kind.limit(policy).unwrap_or(0);
+    let mut states = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let limit = item.limit;
         let st = resp.statuses.get(i);
         let over = st.is_some_and(|s| s.code == Code::OverLimit as i32);
         let remaining = st.map_or(limit, |s| u64::from(s.limit_remaining)).min(limit);
         let reset_ms = st.and_then(|s| s.duration_until_reset.as_ref()).map_or(0, rls::Duration::as_millis);
-        states.push(LimitState { kind: *kind, limit, remaining, reset_ms, over });
+        states.push(LimitState { level: item.level, kind: item.kind, limit, remaining, reset_ms, over });
     }
     if overall == Code::Ok as i32 {
         return Verdict::Admit(states);
@@ -72,11 +68,10 @@ pub fn decide(resp: &RateLimitResponse, kinds: &[LimitKind], policy: &Policy) ->
     }
 }
 
-/// Output tokens the tenant can still afford, given the remaining capacity of
+/// Output tokens the caller can still afford, given the remaining capacity of
 /// every over-limit token or dollar limit, the input estimate and the price of
-/// an output token (micro-dollars per million output tokens... expressed as
-/// `micros_for(n)`). `None` when a request-count limit is over (clamping
-/// output cannot help) or nothing fits.
+/// `n` output tokens (`micros_for_output(n)`). `None` when a request-count
+/// or input-token limit is over (clamping output cannot help) or nothing fits.
 pub fn affordable_output(
     states: &[LimitState],
     input_tokens: u64,
@@ -87,9 +82,10 @@ pub fn affordable_output(
     let mut best = wanted;
     for s in states {
         match s.kind.measure() {
-            Measure::Requests if s.over => return None,
-            Measure::Requests => {}
+            Measure::Requests | Measure::InputTokens if s.over => return None,
+            Measure::Requests | Measure::InputTokens => {}
             Measure::Tokens => best = best.min(s.remaining.saturating_sub(input_tokens)),
+            Measure::OutputTokens => best = best.min(s.remaining),
             Measure::Micros => {
                 let budget = s.remaining.saturating_sub(input_micros);
                 // Largest n with micros_for(n) <= budget, by bisection.
@@ -113,11 +109,16 @@ pub fn affordable_output(
 mod tests {
     use super::*;
     use crate::ratelimit::descriptors::tests::policy;
+    use crate::ratelimit::descriptors::{Level, LimitKind};
+
+    fn amounts(tokens: u64, micros: u64) -> Amounts {
+        Amounts { tokens, input: tokens / 3, output: tokens - tokens / 3, micros }
+    }
 
     #[test]
     fn reserve_carries_every_limit() {
-        let (req, kinds) =
-            build_reserve("tollgate", "acme", &policy(), 1, Amounts { tokens: 300, micros: 4500 }, false);
+        let (req, items) = build_reserve("tollgate", "acme", &policy(), None, 1, amounts(300, 4500), false);
+        let kinds: Vec<_> = items.iter().map(|i| i.kind).collect();
         assert_eq!(
             kinds,
             vec![
@@ -127,6 +128,7 @@ mod tests {
                 LimitKind::UsdPerMonth
             ]
         );
+        assert!(items.iter().all(|i| i.level == Level::Tenant));
         let hits: Vec<u64> = req.descriptors.iter().map(|d| d.hits_addend.as_ref().unwrap().value).collect();
         assert_eq!(hits, vec![1, 300, 300, 4500]);
         let month = &req.descriptors[2];
@@ -140,15 +142,26 @@ mod tests {
     }
 
     #[test]
+    fn input_and_output_limits_are_charged_their_own_measure() {
+        let mut p = policy();
+        p.limits = Default::default();
+        p.limits.set(LimitKind::InputTokensPerMinute, Some(1000));
+        p.limits.set(LimitKind::OutputTokensPerMinute, Some(1000));
+        let (req, _) = build_reserve("d", "acme", &p, None, 1, amounts(300, 0), false);
+        let hits: Vec<u64> = req.descriptors.iter().map(|d| d.hits_addend.as_ref().unwrap().value).collect();
+        assert_eq!(hits, vec![100, 200]);
+    }
+
+    #[test]
     fn unknown_code_is_unreadable() {
-        let p = policy();
         let resp = RateLimitResponse { overall_code: 0, statuses: vec![] };
-        assert!(matches!(decide(&resp, &[], &p), Verdict::Unreadable(_)));
+        assert!(matches!(decide(&resp, &[]), Verdict::Unreadable(_)));
     }
 
     #[test]
     fn affordable_output_respects_tokens_and_dollars() {
-        let mk = |kind, remaining, over| LimitState { kind, limit: 0, remaining, reset_ms: 0, over };
+        let mk =
+            |kind, remaining, over| LimitState { level: Level::Tenant, kind, limit: 0, remaining, reset_ms: 0, over };
         let states = [mk(LimitKind::TokensPerDay, 500, true), mk(LimitKind::UsdPerDay, 1000, false)];
         // 10 micro-dollars per output token, input costs 100.
         let n = affordable_output(&states, 200, 100, &|n| n * 10, 4096).unwrap();
@@ -157,5 +170,7 @@ mod tests {
         assert_eq!(affordable_output(&states, 1, 1, &|n| n, 10), None);
         let states = [mk(LimitKind::TokensPerDay, 100, true)];
         assert_eq!(affordable_output(&states, 100, 0, &|n| n, 10), None);
+        let states = [mk(LimitKind::OutputTokensPerMinute, 40, true)];
+        assert_eq!(affordable_output(&states, 100, 0, &|n| n, 100), Some(40));
     }
 }

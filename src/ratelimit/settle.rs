@@ -7,7 +7,7 @@ use std::rc::Rc;
 use hashbrown::HashMap;
 
 use crate::config::{Plugin, Policy, TenantRef};
-use crate::ratelimit::descriptors::{active_limits, descriptor, Amounts, LimitKind, Measure};
+use crate::ratelimit::descriptors::{descriptor, limit_items, Amounts, Measure, Scope};
 use crate::ratelimit::outbox::{Entry, Journal};
 use crate::rls::{RateLimitRequest, UInt64Value};
 
@@ -23,7 +23,7 @@ pub fn build_settle(
     actual: Amounts,
     requests: (u64, u64),
 ) -> Option<RateLimitRequest> {
-    build_settle_net(domain, tenant, policy, SettleNet::of(reserved, actual, requests))
+    build_settle_net(domain, tenant, policy, None, SettleNet::of_request(reserved, actual, requests))
 }
 
 /// What settles add to each measure (actual less reserved; negative gives
@@ -33,17 +33,21 @@ pub fn build_settle(
 pub struct SettleNet {
     pub requests: i128,
     pub tokens: i128,
+    pub input: i128,
+    pub output: i128,
     pub micros: i128,
 }
 
 impl SettleNet {
     /// One request's: `reserved` was charged for `requests.0` requests,
     /// `actual` was used by `requests.1`.
-    pub fn of(reserved: Amounts, actual: Amounts, requests: (u64, u64)) -> Self {
+    pub fn of_request(reserved: Amounts, actual: Amounts, requests: (u64, u64)) -> Self {
         let d = |from: u64, to: u64| i128::from(to) - i128::from(from);
         SettleNet {
             requests: d(requests.0, requests.1),
             tokens: d(reserved.tokens, actual.tokens),
+            input: d(reserved.input, actual.input),
+            output: d(reserved.output, actual.output),
             micros: d(reserved.micros, actual.micros),
         }
     }
@@ -51,23 +55,39 @@ impl SettleNet {
     pub fn add(&mut self, other: SettleNet) {
         self.requests = self.requests.saturating_add(other.requests);
         self.tokens = self.tokens.saturating_add(other.tokens);
+        self.input = self.input.saturating_add(other.input);
+        self.output = self.output.saturating_add(other.output);
         self.micros = self.micros.saturating_add(other.micros);
+    }
+
+    /// What it moves of `measure`.
+    pub fn of(&self, measure: Measure) -> i128 {
+        match measure {
+            Measure::Requests => self.requests,
+            Measure::Tokens => self.tokens,
+            Measure::InputTokens => self.input,
+            Measure::OutputTokens => self.output,
+            Measure::Micros => self.micros,
+        }
     }
 }
 
-/// The settle request of `net`, `None` when it changes nothing.
-pub fn build_settle_net(domain: &str, tenant: &str, policy: &Policy, net: SettleNet) -> Option<RateLimitRequest> {
+/// The settle request of `net` at every level of `scope`, `None` when it
+/// changes nothing.
+pub fn build_settle_net(
+    domain: &str,
+    tenant: &str,
+    policy: &Policy,
+    scope: Option<&Scope>,
+    net: SettleNet,
+) -> Option<RateLimitRequest> {
     let mut descriptors = Vec::new();
-    for (kind, limit) in active_limits(policy) {
-        let n = match kind.measure() {
-            Measure::Requests => net.requests,
-            Measure::Tokens => net.tokens,
-            Measure::Micros => net.micros,
-        };
+    for item in limit_items(policy, scope) {
+        let n = net.of(item.kind.measure());
         if n == 0 {
             continue;
         }
-        let mut d = descriptor(tenant, kind, limit, policy);
+        let mut d = descriptor(tenant, scope, item, policy);
         d.is_negative_hits = n < 0;
         d.hits_addend = Some(UInt64Value { value: u64::try_from(n.unsigned_abs()).unwrap_or(u64::MAX) });
         descriptors.push(d);
@@ -75,17 +95,11 @@ pub fn build_settle_net(domain: &str, tenant: &str, policy: &Policy, net: Settle
     (!descriptors.is_empty()).then(|| RateLimitRequest { domain: domain.into(), descriptors, hits_addend: 0 })
 }
 
-/// Whether a settle of `net` changes anything under `policy`: some limit of
-/// it counts a measure the net moves (else [`build_settle_net`] is `None`).
-pub fn settle_changes(policy: &Policy, net: SettleNet) -> bool {
-    LimitKind::ALL.iter().any(|k| {
-        k.limit(policy).is_some()
-            && match k.measure() {
-                Measure::Requests => net.requests != 0,
-                Measure::Tokens => net.tokens != 0,
-                Measure::Micros => net.micros != 0,
-            }
-    })
+/// Whether a settle of `net` changes anything under `policy` and `scope`:
+/// some limit counts a measure the net moves (else [`build_settle_net`] is
+/// `None`).
+pub fn settle_changes(policy: &Policy, scope: Option<&Scope>, net: SettleNet) -> bool {
+    limit_items(policy, scope).iter().any(|i| net.of(i.kind.measure()) != 0)
 }
 
 /// What one tenant owes or gets back, under the configuration it was
@@ -94,17 +108,20 @@ pub fn settle_changes(policy: &Policy, net: SettleNet) -> bool {
 pub struct Settle {
     pub plugin: Rc<Plugin>,
     pub tenant: TenantRef,
+    /// The key, user and pool levels of the requests settled.
+    pub scope: Option<Rc<Scope>>,
     pub net: SettleNet,
 }
 
 impl Settle {
-    /// `None` when it changes nothing: no configured limit of the tenant
+    /// `None` when it changes nothing: no limit of the tenant or its scope
     /// counts what it nets.
-    pub fn new(plugin: &Rc<Plugin>, tenant: &TenantRef, net: SettleNet) -> Option<Settle> {
+    pub fn new(plugin: &Rc<Plugin>, tenant: &TenantRef, scope: Option<&Rc<Scope>>, net: SettleNet) -> Option<Settle> {
         let t = tenant.get(plugin)?;
-        (plugin.rate_limit.is_some() && settle_changes(&t.policy, net)).then(|| Settle {
+        (plugin.rate_limit.is_some() && settle_changes(&t.policy, scope.map(|s| &**s), net)).then(|| Settle {
             plugin: Rc::clone(plugin),
             tenant: tenant.clone(),
+            scope: scope.cloned(),
             net,
         })
     }
@@ -113,13 +130,13 @@ impl Settle {
     pub fn request(&self) -> Option<RateLimitRequest> {
         let rl = self.plugin.rate_limit.as_ref()?;
         let tenant = self.tenant.get(&self.plugin)?;
-        build_settle_net(&rl.domain, &tenant.id, &tenant.policy, self.net)
+        build_settle_net(&rl.domain, &tenant.id, &tenant.policy, self.scope.as_deref(), self.net)
     }
 
-    /// Whether `other` settles the same tenant under the same configuration
-    /// (same domain and limits), so the two may be netted.
+    /// Whether `other` settles the same tenant and scope under the same
+    /// configuration (same domain and limits), so the two may be netted.
     pub(crate) fn same_account(&self, other: &Settle) -> bool {
-        Rc::ptr_eq(&self.plugin, &other.plugin) && self.tenant.same(&other.tenant)
+        Rc::ptr_eq(&self.plugin, &other.plugin) && self.tenant.same(&other.tenant) && self.scope == other.scope
     }
 }
 
@@ -137,6 +154,7 @@ pub(crate) struct PendingNet {
     /// The configuration the settles were made under, and the tenant.
     pub(crate) plugin: Rc<Plugin>,
     pub(crate) tenant: TenantRef,
+    pub(crate) scope: Option<Rc<Scope>>,
     pub(crate) net: SettleNet,
     /// The first settle's idempotency key, and how many were netted.
     pub(crate) first_key: String,
@@ -150,8 +168,8 @@ pub(crate) struct PendingNet {
 #[derive(Debug, Default)]
 pub struct SettleNets {
     nets: Vec<PendingNet>,
-    /// Index into `nets` by tenant id.
-    of_tenant: HashMap<String, usize>,
+    /// Index into `nets` by tenant id and scope.
+    of_tenant: HashMap<(String, Option<Rc<Scope>>), usize>,
 }
 
 impl SettleNets {
@@ -159,17 +177,20 @@ impl SettleNets {
     /// idempotency key of the first one. A settle made under another
     /// configuration of the same tenant first queues what is netted into
     /// `journal`: it is its own settle.
+    #[allow(clippy::too_many_arguments)]
     pub fn add(
         &mut self,
         journal: &mut Journal,
         plugin: &Rc<Plugin>,
         tref: &TenantRef,
+        scope: Option<&Rc<Scope>>,
         net: SettleNet,
         key: impl FnOnce() -> String,
         now_ms: u64,
     ) {
         let Some(tenant) = tref.get(plugin) else { return };
-        if let Some(p) = self.of_tenant.get(tenant.id.as_str()).and_then(|&i| self.nets.get_mut(i)) {
+        let at = (tenant.id.clone(), scope.cloned());
+        if let Some(p) = self.of_tenant.get(&at).and_then(|&i| self.nets.get_mut(i)) {
             if Rc::ptr_eq(&p.plugin, plugin) && p.tenant.same(tref) {
                 p.net.add(net);
                 p.count += 1;
@@ -178,10 +199,11 @@ impl SettleNets {
             // Another configuration of the same tenant: its own settle.
             self.queue(journal);
         }
-        self.of_tenant.insert(tenant.id.clone(), self.nets.len());
+        self.of_tenant.insert(at, self.nets.len());
         self.nets.push(PendingNet {
             plugin: Rc::clone(plugin),
             tenant: tref.clone(),
+            scope: scope.cloned(),
             net,
             first_key: key(),
             count: 1,
@@ -197,7 +219,7 @@ impl SettleNets {
         self.of_tenant.clear();
         let mut dropped = 0;
         for p in std::mem::take(&mut self.nets) {
-            let Some(settle) = Settle::new(&p.plugin, &p.tenant, p.net) else {
+            let Some(settle) = Settle::new(&p.plugin, &p.tenant, p.scope.as_ref(), p.net) else {
                 continue;
             };
             let key = if p.count == 1 { p.first_key } else { format!("{}+{}", p.first_key, p.count) };
@@ -231,8 +253,8 @@ mod tests {
             "d",
             "acme",
             &p,
-            Amounts { tokens: 300, micros: 4500 },
-            Amounts { tokens: 120, micros: 5000 },
+            Amounts { tokens: 300, micros: 4500, ..Amounts::default() },
+            Amounts { tokens: 120, micros: 5000, ..Amounts::default() },
             (1, 1),
         )
         .unwrap();
@@ -245,8 +267,8 @@ mod tests {
             "d",
             "acme",
             &p,
-            Amounts { tokens: 1, micros: 1 },
-            Amounts { tokens: 1, micros: 1 },
+            Amounts { tokens: 1, micros: 1, ..Amounts::default() },
+            Amounts { tokens: 1, micros: 1, ..Amounts::default() },
             (1, 1)
         )
         .is_none());

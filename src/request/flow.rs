@@ -21,7 +21,7 @@ use std::rc::Rc;
 use prost::Message;
 use serde_json::Value;
 
-use crate::admission::lease::{lease_refund, times, Lease};
+use crate::admission::lease::{lease_refund, times, Account, Lease};
 use crate::identity::registry::{Ask, Cached};
 use crate::identity::{resolve_identity, Who};
 use crate::request::effect::{
@@ -29,7 +29,7 @@ use crate::request::effect::{
 };
 use crate::worker::{Slot, Worker};
 
-use crate::config::{FailureMode, Plugin, RlsMode, TenantRef, UnmatchedRoutes};
+use crate::config::{FailureMode, KeyInfo, LeaseSize, Plugin, RlsMode, TenantRef, UnmatchedRoutes, AUTO_LEASE_MAX};
 use crate::identity::api_key::{self, Headers};
 use crate::llm::inspect::{self, RequestInfo};
 use crate::llm::{self, Api, Family, LocalReply, Refusal};
@@ -38,7 +38,7 @@ use crate::metering::metrics;
 use crate::metering::record;
 use crate::metering::tap::StreamTap;
 use crate::metering::usage::{self, MeterLimits, Usage};
-use crate::ratelimit::descriptors::{Amounts, LimitKind, LimitState};
+use crate::ratelimit::descriptors::{self as levels, Amounts, LimitItem, LimitKind, LimitState, PoolScope, Scope};
 use crate::ratelimit::outbox::{self};
 use crate::ratelimit::reserve::{self, Verdict};
 use crate::ratelimit::{headers, settle};
@@ -57,11 +57,14 @@ struct Reservation {
     replay: Option<Replay>,
     /// Extra requests' worth that reserve asked for as a lease.
     lease: u64,
+    /// Shadow mode let it through a refusal: nothing was charged, and
+    /// nothing is settled.
+    shadow: bool,
 }
 
 #[derive(Debug, Clone)]
 struct Pending {
-    kinds: Vec<LimitKind>,
+    items: Vec<LimitItem>,
     /// This request's estimate.
     estimate: Amounts,
     /// Extra requests' worth reserved as a lease (0: none).
@@ -126,8 +129,14 @@ pub struct RequestFlow {
     pub user: Option<String>,
     /// The route's provider (index into the plugin's providers).
     provider: usize,
-    /// A registry key's own model allowlist.
-    key_models: Option<Rc<crate::config::ModelAllowlist>>,
+    /// A named key: its own model list, limits and shadow mode.
+    key: Option<Rc<KeyInfo>>,
+    /// The levels beyond the tenant that limit this request.
+    scope: Option<Rc<Scope>>,
+    /// Shadow mode: the refusal code a refusal would have had.
+    pub shadow_refusal: Option<String>,
+    /// The route believes the end-user header.
+    trust_end_user: bool,
     body: Option<Value>,
     body_dirty: bool,
     extra_headers: Vec<(String, String)>,
@@ -161,7 +170,10 @@ impl RequestFlow {
             info: None,
             user: None,
             provider: 0,
-            key_models: None,
+            key: None,
+            scope: None,
+            shadow_refusal: None,
+            trust_end_user: false,
             body: None,
             body_dirty: false,
             extra_headers: Vec::new(),
@@ -208,6 +220,7 @@ impl RequestFlow {
             self.info.as_ref().map_or(self.model_served.as_str(), |i| i.model.as_str()),
             reply.header("x-tollgate-error").unwrap_or("unknown"),
             reply.header("x-tollgate-limit"),
+            self.key.as_ref().map(|k| &*k.id),
         )
     }
 
@@ -258,10 +271,12 @@ impl RequestFlow {
         };
         self.api = Some(route.api);
         self.provider = route.provider;
+        self.trust_end_user = route.trust_end_user_header;
 
         match resolve_identity(&plugin, headers, &self.path, jwt_authn_payload, now_ms / 1000) {
-            Ok(Who::Known(t, user)) => {
+            Ok(Who::Known(t, user, key)) => {
                 self.user = user;
+                self.key = key;
                 self.tenant = plugin.tenant_index(&t.id).map(TenantRef::Static);
             }
             Ok(Who::Registry(ask, user)) => {
@@ -274,7 +289,7 @@ impl RequestFlow {
                 match cached {
                     Cached::Hit(r) => {
                         self.tenant = Some(r.tenant);
-                        self.key_models = r.key_models;
+                        self.key = r.key;
                     }
                     Cached::Refused(r) => return HeadersStep::Reply(self.refuse(&r)),
                     Cached::Lookup(path) => {
@@ -318,7 +333,7 @@ impl RequestFlow {
         match resolved {
             Ok(r) => {
                 self.tenant = Some(r.tenant);
-                self.key_models = r.key_models;
+                self.key = r.key;
                 self.after_identity(headers, end_of_stream)
             }
             Err(r) => HeadersStep::Reply(self.refuse(&r)),
@@ -353,6 +368,20 @@ impl RequestFlow {
         if end_of_stream {
             return HeadersStep::Reply(self.refuse(&Refusal::BodyRequired));
         }
+        // The end user: a verified token's claim, else the platform's header
+        // where the route trusts it (elsewhere the header is removed below).
+        if let (None, true, Some(h)) = (&self.user, self.trust_end_user, plugin.end_user_header.as_deref()) {
+            if let Some(v) = api_key::header(headers, h) {
+                if !crate::config::valid_end_user(v) {
+                    return HeadersStep::Reply(self.refuse(&Refusal::Custom {
+                        status: 400,
+                        code: "invalid_end_user".into(),
+                        message: format!("The {h} header must be 1-128 visible ASCII characters."),
+                    }));
+                }
+                self.user = Some(v.to_string());
+            }
+        }
         self.inject_usage = provider.inject_stream_usage;
         let limit = tenant.policy.max_request_bytes;
         if let Some(len) = api_key::header(headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok()) {
@@ -369,6 +398,11 @@ impl RequestFlow {
         }
         let mut header_plan = header_plan::build(&plugin, tenant, provider, provider_key, headers, new_path.as_deref());
         header_plan.set.push((plugin.request_id_header.clone(), self.request_id.clone()));
+        if let (false, Some(h)) = (self.trust_end_user, plugin.end_user_header.as_ref()) {
+            if api_key::header(headers, h).is_some() && !header_plan.remove.contains(h) {
+                header_plan.remove.push(h.clone());
+            }
+        }
         HeadersStep::ReadBody(header_plan)
     }
 
@@ -414,7 +448,7 @@ impl RequestFlow {
         if let Err(r) = inspect::check_model(policy, &info.model) {
             return BodyStep::Reply(self.refuse(&r));
         }
-        if self.key_models.as_ref().is_some_and(|m| !m.allows(&info.model)) {
+        if self.key.as_ref().and_then(|k| k.models.as_ref()).is_some_and(|m| !m.allows(&info.model)) {
             return BodyStep::Reply(self.refuse(&Refusal::ModelNotAllowed { model: info.model.clone() }));
         }
 
@@ -487,11 +521,39 @@ impl RequestFlow {
         let Some(rl) = &plugin.rate_limit else {
             return self.forward();
         };
-        if !policy.has_limits() {
+        self.scope = self.scope_of(tenant, policy);
+        if !levels::has_limits(policy, self.scope.as_deref()) {
             return self.forward();
         }
         let output = self.output_requested;
         self.reserve_call(rl.mode == RlsMode::CheckThenCharge, output, now_ms)
+    }
+
+    /// The key, user and pool levels of this request (`None`: the tenant's
+    /// alone).
+    fn scope_of(&self, tenant: &crate::config::Tenant, policy: &crate::config::Policy) -> Option<Rc<Scope>> {
+        let key = self.key.as_ref().filter(|k| !k.limits.is_empty() || k.shadow).map(|k| k.scope());
+        let user = match (&self.user, &policy.users) {
+            (Some(u), Some(l)) => Some((Rc::from(u.as_str()), Rc::clone(l))),
+            _ => None,
+        };
+        let pool = self.plugin.pool_for(self.provider, &self.model_served).map(|p| PoolScope {
+            name: Rc::clone(&p.name),
+            limits: Rc::clone(&p.limits),
+            share: p.shares.get(&*tenant.tier).map(|l| (Rc::clone(&tenant.tier), Rc::clone(l))),
+        });
+        let scope = Scope { key, user, pool };
+        (!scope.is_empty()).then(|| Rc::new(scope))
+    }
+
+    /// Whose quota this request draws on (leases are per account).
+    fn account(&self) -> Option<Account> {
+        Some(Account { slot: self.tenant.as_ref()?.slot(), scope: self.scope.clone() })
+    }
+
+    /// Shadow mode for this request: its tier, tenant or key says so.
+    fn shadow(&self) -> bool {
+        self.tenant().is_some_and(|t| t.policy.shadow) || self.key.as_ref().is_some_and(|k| k.shadow)
     }
 
     fn estimate_for(&self, output: u64) -> Amounts {
@@ -509,7 +571,7 @@ impl RequestFlow {
             .pricing
             .as_ref()
             .map_or(0, |p| p.cost_as(&self.model_served, &usage, asked.unwrap_or(&Default::default())).micros);
-        Amounts { tokens: usage.total, micros }
+        Amounts { tokens: usage.total, input: self.input_estimate, output, micros }
     }
 
     fn reserve_call(&mut self, check_only: bool, output: u64, now_ms: u64) -> BodyStep {
@@ -517,35 +579,60 @@ impl RequestFlow {
         let (Some(rl), Some(tref)) = (plugin.rate_limit.as_ref(), self.tenant.clone()) else {
             return self.forward();
         };
-        let idx = tref.slot();
         let Some(tenant) = tref.get(&plugin) else {
+            return self.forward();
+        };
+        let Some(acct) = self.account() else {
             return self.forward();
         };
         let estimate = self.estimate_for(output);
         // Quota leasing: admit from this worker's lease without a call, or
         // reserve a new lease along with this request while there is ample
-        // room. A clamp retry (a tight budget) never leases.
+        // room. A clamp retry (a tight budget) never leases, nor does shadow
+        // mode (a lease would refuse nothing, but hold quota back).
         let mut lease = 0;
-        if let (Some(n), false, 0) = (tenant.policy.lease_requests, check_only, self.reserve_attempts) {
+        let leasing = !check_only && self.reserve_attempts == 0 && !self.shadow() && rl.mode == RlsMode::Reserve;
+        if leasing {
             let mut shared = self.shared.borrow_mut();
-            let refill = shared.leases.refill_due(idx, n, now_ms) && shared.leases.room_for(idx, n, estimate);
+            let n = match tenant.policy.lease {
+                LeaseSize::Off => 0,
+                LeaseSize::Fixed(n) => n,
+                LeaseSize::Auto => shared.leases.auto_size(&acct, rl.lease_ms, AUTO_LEASE_MAX, now_ms),
+            };
+            let refill =
+                n > 0 && shared.leases.refill_due(&acct, n, now_ms) && shared.leases.room_for(&acct, n, estimate);
             if refill {
                 // This request asks for the next lease; until it is
                 // answered, the others draw from what is left, or reserve
                 // for themselves alone.
                 lease = n;
                 let until = now_ms.saturating_add(rl.timeout_ms.saturating_mul(2)).saturating_add(100);
-                shared.leases.refills.insert(idx, until);
-            } else if let Some(states) = shared.leases.draw(idx, estimate, now_ms) {
+                shared.leases.refills.insert(acct.clone(), until);
+            } else if let Some(states) = shared.leases.draw(&acct, estimate, now_ms) {
                 drop(shared);
                 self.leased = true;
-                let reservation =
-                    Reservation { estimate, states, charged: true, fail_open: false, replay: None, lease: 0 };
+                let reservation = Reservation {
+                    estimate,
+                    states,
+                    charged: true,
+                    fail_open: false,
+                    replay: None,
+                    lease: 0,
+                    shadow: false,
+                };
                 return self.forward_with(Some(reservation));
             }
         }
         let total = times(estimate, 1 + lease);
-        let (req, kinds) = reserve::build_reserve(&rl.domain, &tenant.id, &tenant.policy, 1 + lease, total, check_only);
+        let (req, items) = reserve::build_reserve(
+            &rl.domain,
+            &tenant.id,
+            &tenant.policy,
+            self.scope.as_deref(),
+            1 + lease,
+            total,
+            check_only,
+        );
         let message = req.encode_to_vec();
         // A reservation carries an idempotency key (one per attempt: a clamp
         // retry is a new reservation), so that a reserve whose answer is lost
@@ -557,7 +644,7 @@ impl RequestFlow {
             let key = format!("{}:r{}", self.idempotency_base(), self.reserve_attempts);
             (vec![(rls::META_IDEMPOTENCY_KEY.to_string(), key.clone())], Some(Replay { message: message.clone(), key }))
         };
-        self.phase = Phase::Waiting(Pending { kinds, estimate, lease, replay });
+        self.phase = Phase::Waiting(Pending { items, estimate, lease, replay });
         BodyStep::Call(RlsCall { cluster: rl.cluster.clone(), message, metadata, timeout_ms: rl.timeout_ms })
     }
 
@@ -608,13 +695,16 @@ impl RequestFlow {
         let Some(tenant) = tref.get(&plugin) else {
             return self.forward();
         };
+        let Some(acct) = self.account() else {
+            return self.forward();
+        };
         let policy = &tenant.policy;
         if pending.lease > 0 {
-            self.shared.borrow_mut().leases.refills.remove(&tenant_idx);
+            self.shared.borrow_mut().leases.refills.remove(&acct);
         }
         let verdict = match reply {
             Ok(bytes) => match rls::RateLimitResponse::decode(bytes) {
-                Ok(resp) => reserve::decide(&resp, &pending.kinds, policy),
+                Ok(resp) => reserve::decide(&resp, &pending.items),
                 Err(e) => Verdict::Unreadable(e.to_string()),
             },
             Err(status) => Verdict::Unreadable(format!("grpc status {status}")),
@@ -626,9 +716,9 @@ impl RequestFlow {
         }
         match verdict {
             Verdict::Admit(states) => {
-                self.note_budget(tenant_idx, &states);
+                self.note_budget(tenant_idx, &acct, &states, now_ms);
                 if pending.lease > 0 {
-                    self.grant_lease(&tref, &pending, &states, now_ms);
+                    self.grant_lease(&tref, &acct, &pending, &states, now_ms);
                 }
                 self.forward_with(Some(Reservation {
                     estimate: pending.estimate,
@@ -637,10 +727,11 @@ impl RequestFlow {
                     fail_open: false,
                     replay: None,
                     lease: 0,
+                    shadow: false,
                 }))
             }
             Verdict::Refuse { states, hit } => {
-                self.note_budget(tenant_idx, &states);
+                self.note_budget(tenant_idx, &acct, &states, now_ms);
                 if pending.lease > 0 {
                     // The lease did not fit; this request alone may.
                     let output = self.output_requested;
@@ -667,6 +758,21 @@ impl RequestFlow {
                             }
                         }
                     }
+                }
+                if self.shadow() {
+                    // Shadow mode: evaluated and counted, not refused. The
+                    // service charged nothing (all or nothing), as it would
+                    // not have for the refusal; so nothing is settled.
+                    self.shadow_refusal = Some(hit.level.refusal_code(hit.kind));
+                    return self.forward_with(Some(Reservation {
+                        estimate: pending.estimate,
+                        states,
+                        charged: false,
+                        fail_open: false,
+                        replay: None,
+                        lease: 0,
+                        shadow: true,
+                    }));
                 }
                 self.phase = Phase::Refused;
                 BodyStep::Reply(headers::refusal_reply(self.family(), &self.request_id, &states, &hit))
@@ -699,8 +805,9 @@ impl RequestFlow {
             return self.forward();
         };
         let share = |limit: u64| limit.saturating_mul(rl.fail_open_permille).div_ceil(1000).max(1);
-        let max_requests = tenant.policy.requests_per_minute.map_or(rl.fail_open_default_rpm, share);
-        let max_tokens = tenant.policy.tokens_per_minute.map(share);
+        let max_requests =
+            tenant.policy.limits.get(LimitKind::RequestsPerMinute).map_or(rl.fail_open_default_rpm, share);
+        let max_tokens = tenant.policy.limits.get(LimitKind::TokensPerMinute).map(share);
         let admitted =
             self.shared.borrow_mut().allowance.admit(tenant_idx, now_ms, max_requests, max_tokens, estimate.tokens);
         if !admitted {
@@ -723,10 +830,11 @@ impl RequestFlow {
             fail_open: true,
             replay: pending.replay,
             lease: pending.lease,
+            shadow: false,
         }))
     }
 
-    fn note_budget(&self, tenant_idx: usize, states: &[LimitState]) {
+    fn note_budget(&self, tenant_idx: usize, acct: &Account, states: &[LimitState], now_ms: u64) {
         let used = states
             .iter()
             .filter(|s| s.kind.is_budget() && s.limit > 0)
@@ -735,12 +843,12 @@ impl RequestFlow {
             .unwrap_or(0);
         let mut shared = self.shared.borrow_mut();
         shared.budget_used.insert(tenant_idx, used);
-        shared.leases.last_states.insert(tenant_idx, states.to_vec());
+        shared.leases.last_states.insert(acct.clone(), (states.to_vec(), now_ms));
     }
 
     /// Keeps the extra quota a reserve took as this worker's lease; the rest
     /// of an older lease is given back.
-    fn grant_lease(&mut self, tref: &TenantRef, pending: &Pending, states: &[LimitState], now_ms: u64) {
+    fn grant_lease(&mut self, tref: &TenantRef, acct: &Account, pending: &Pending, states: &[LimitState], now_ms: u64) {
         let Some(rl) = self.plugin.rate_limit.as_ref() else { return };
         let lease = Lease {
             requests: pending.lease,
@@ -750,8 +858,9 @@ impl RequestFlow {
             states: states.to_vec(),
             key: pending.replay.as_ref().map_or_else(|| self.idempotency_base(), |r| r.key.clone()),
             tenant: tref.clone(),
+            scope: acct.scope.clone(),
         };
-        let old = self.shared.borrow_mut().leases.grant(tref.slot(), lease);
+        let old = self.shared.borrow_mut().leases.grant(acct.clone(), lease);
         if let Some(old) = old {
             if let Some(e) = lease_refund(&self.plugin, &old, now_ms) {
                 self.journal_push(e);
@@ -772,6 +881,9 @@ impl RequestFlow {
         up.status = status;
         if let Some(r) = &up.reservation {
             step.set.extend(headers::ratelimit_headers(&r.states));
+        }
+        if let Some(code) = &self.shadow_refusal {
+            step.set.push(("x-tollgate-shadow-refusal".into(), code.clone()));
         }
         if let Some(n) = self.clamped_to {
             step.set.push(("x-tollgate-clamped-max-tokens".into(), n.to_string()));
@@ -909,6 +1021,8 @@ impl RequestFlow {
             reached_end,
             leased: self.leased,
             usage_headers: up.hold_body,
+            key: self.key.as_ref().map(|k| &*k.id),
+            shadow_refusal: self.shadow_refusal.as_deref(),
         };
         let (out, usage, micros) = record::report(&plugin, &facts, metered, &names);
         self.queue_settle(up.reservation, usage, micros, now_ms);
@@ -920,19 +1034,23 @@ impl RequestFlow {
             return;
         }
         let Some(r) = reservation else { return };
-        let actual = Amounts { tokens: usage.total.max(usage.sum()), micros };
+        if r.shadow {
+            return;
+        }
+        let weight = self.tenant().map_or(1000, |t| t.policy.cached_read_permille);
+        let actual = usage_amounts(&usage, micros, weight);
         let base = self.idempotency_base();
         let tenant_ref = self.tenant.clone();
         let settle = |reserved: Amounts, requests: (u64, u64), settle_mode: bool| {
-            let net = settle::SettleNet::of(reserved, actual, requests);
-            outbox::Settle::new(&self.plugin, tenant_ref.as_ref()?, net)
+            let net = settle::SettleNet::of_request(reserved, actual, requests);
+            outbox::Settle::new(&self.plugin, tenant_ref.as_ref()?, self.scope.as_ref(), net)
                 .map(|s| outbox::Entry::settle(s, format!("{base}:settle"), settle_mode, now_ms))
         };
         let net = |reserved: Amounts, requests: (u64, u64)| {
-            let net = settle::SettleNet::of(reserved, actual, requests);
+            let net = settle::SettleNet::of_request(reserved, actual, requests);
             if let Some(tref) = &tenant_ref {
                 let mut shared = self.shared.borrow_mut();
-                shared.net_settle(&self.plugin, tref, net, || format!("{base}:settle"), now_ms);
+                shared.net_settle(&self.plugin, tref, self.scope.as_ref(), net, || format!("{base}:settle"), now_ms);
             }
         };
         let entry = if r.charged {
@@ -972,16 +1090,16 @@ impl RequestFlow {
     /// upstream: send the reserve again (same idempotency key) and, if it
     /// stands, refund its tokens and dollars. Its request still counts.
     fn cancel_reservation(&mut self, pending: &Pending, now_ms: u64) {
-        if let (true, Some(t)) = (pending.lease > 0, &self.tenant) {
-            self.shared.borrow_mut().leases.refills.remove(&t.slot());
+        if let (true, Some(acct)) = (pending.lease > 0, self.account()) {
+            self.shared.borrow_mut().leases.refills.remove(&acct);
         }
         let (Some(replay), true, Some(tref)) = (&pending.replay, self.plugin.rate_limit.is_some(), &self.tenant) else {
             return;
         };
         let reserved = times(pending.estimate, 1 + pending.lease);
         let requests = (1 + pending.lease, 1);
-        let net = settle::SettleNet::of(reserved, Amounts::default(), requests);
-        let refund = outbox::Settle::new(&self.plugin, tref, net)
+        let net = settle::SettleNet::of_request(reserved, Amounts::default(), requests);
+        let refund = outbox::Settle::new(&self.plugin, tref, self.scope.as_ref(), net)
             .map(|s| outbox::Entry::settle(s, format!("{}:cancel", self.idempotency_base()), true, now_ms));
         let Some(refund) = refund else { return };
         let call = outbox::Call::Encoded(replay.message.clone());
@@ -990,11 +1108,26 @@ impl RequestFlow {
         self.journal_push(e);
     }
 
-    /// The request id as an idempotency-key stem: the service takes 1-256
+    /// The request's id stem for idempotency keys; the service takes 1-256
     /// visible ASCII characters.
     fn idempotency_base(&self) -> String {
         self.request_id.chars().take(200).map(|c| if c.is_ascii_graphic() { c } else { '_' }).collect()
     }
+}
+
+/// What a finished request's usage counts in each measure: cached-read
+/// input tokens weigh `cached_read_permille` / 1000 in token limits.
+pub(crate) fn usage_amounts(usage: &Usage, micros: u64, cached_read_permille: u64) -> Amounts {
+    let cached = usage.cache_read.saturating_mul(cached_read_permille) / 1000;
+    let input = usage.input_uncached.saturating_add(usage.cache_write).saturating_add(cached);
+    let tokens = if cached_read_permille >= 1000 {
+        // The provider's total when it gives one (it may count more than
+        // the parts), as before weights existed.
+        usage.total.max(usage.sum())
+    } else {
+        input.saturating_add(usage.output)
+    };
+    Amounts { tokens, input, output: usage.output, micros }
 }
 
 #[cfg(test)]
@@ -1097,8 +1230,8 @@ mod tests {
         let mut plugin = sample();
         let idx = plugin.tenants.iter().position(|t| t.id == "globex").unwrap();
         let p = Rc::make_mut(&mut plugin.tenants[idx].policy);
-        p.requests_per_minute = Some(1000);
-        p.lease_requests = Some(5);
+        p.limits.set(crate::ratelimit::descriptors::LimitKind::RequestsPerMinute, Some(1000));
+        p.lease = crate::config::LeaseSize::Fixed(5);
         Rc::new(plugin)
     }
 
@@ -1528,15 +1661,15 @@ mod tests {
         let mut p = sample();
         let idx = p.tenants.iter().position(|t| t.id == "acme").unwrap();
         let policy = Rc::make_mut(&mut p.tenants[idx].policy);
-        policy.requests_per_day = Some(1000);
-        policy.tokens_per_minute = Some(10_000);
-        policy.tokens_per_month = Some(1_000_000);
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::RequestsPerDay, Some(1000));
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::TokensPerMinute, Some(10_000));
+        policy.limits.set(crate::ratelimit::descriptors::LimitKind::TokensPerMonth, Some(1_000_000));
         let plugin = Rc::new(p);
         let tenant = &plugin.tenants[idx];
         let domain = &plugin.rate_limit.as_ref().unwrap().domain;
         // (reserved, actual, requests) of four requests: over, under, exact,
         // and a fail-open one charged in full.
-        let a = |tokens, micros| Amounts { tokens, micros };
+        let a = |tokens, micros| Amounts { tokens, micros, ..Amounts::default() };
         let requests = [
             (a(100, 5_000), a(40, 2_000), (1, 1)),
             (a(10, 500), a(90, 4_500), (1, 1)),
@@ -1545,10 +1678,11 @@ mod tests {
         ];
         let shared = Rc::new(RefCell::new(Worker::new(100)));
         for (i, (r, u, n)) in requests.iter().enumerate() {
-            let net = settle::SettleNet::of(*r, *u, *n);
+            let net = settle::SettleNet::of_request(*r, *u, *n);
             shared.borrow_mut().net_settle(
                 &plugin,
                 &TenantRef::Static(idx),
+                None,
                 net,
                 || format!("k{i}:settle"),
                 10 + i as u64,
@@ -1563,8 +1697,13 @@ mod tests {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, (r, u, n))| {
-                    outbox::Settle::new(&plugin, &TenantRef::Static(idx), settle::SettleNet::of(*r, *u, *n))
-                        .map(|s| outbox::Entry::settle(s, format!("k{i}:settle"), true, 10 + i as u64))
+                    outbox::Settle::new(
+                        &plugin,
+                        &TenantRef::Static(idx),
+                        None,
+                        settle::SettleNet::of_request(*r, *u, *n),
+                    )
+                    .map(|s| outbox::Entry::settle(s, format!("k{i}:settle"), true, 10 + i as u64))
                 })
                 .collect(),
         );
@@ -1611,8 +1750,8 @@ mod tests {
         assert_eq!(decode(&got[0]), sorted(one_by_one));
         assert_eq!(decode(&got[0]).descriptors.len(), 4, "requests/day, two token limits, dollars");
         // A zero net sends nothing.
-        let zero = settle::SettleNet::of(a(5, 5), a(5, 5), (1, 1));
-        shared.borrow_mut().net_settle(&plugin, &TenantRef::Static(idx), zero, || "z".into(), 50);
+        let zero = settle::SettleNet::of_request(a(5, 5), a(5, 5), (1, 1));
+        shared.borrow_mut().net_settle(&plugin, &TenantRef::Static(idx), None, zero, || "z".into(), 50);
         shared.borrow_mut().queue_settle_nets();
         assert_eq!(shared.borrow().pending_settles(), 0);
     }
@@ -1827,7 +1966,8 @@ mod tests {
         let shared = Rc::new(RefCell::new(Worker::new(10)));
         let body = br#"{"model":"gpt-4o","max_tokens":10}"#;
         // 90% of the monthly dollar budget used, as the service reports.
-        let limit = plugin.tenants[idx].policy.usd_micros_per_month.unwrap();
+        let limit =
+            plugin.tenants[idx].policy.limits.get(crate::ratelimit::descriptors::LimitKind::UsdPerMonth).unwrap();
         let remaining = u32::try_from(limit / 10).unwrap();
         let first_reply = reply(rls::Code::Ok, vec![(rls::Code::Ok, remaining, 60)]);
         let mut first = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
@@ -1852,5 +1992,156 @@ mod tests {
     fn usd_formatting() {
         assert_eq!(format_usd(1_234_567), "1.234567");
         assert_eq!(format_usd(5), "0.000005");
+    }
+
+    /// The sample plugin with a named key of acme ("ci", $1/day, shadow as
+    /// asked), 2 requests/minute per end user for pro, a gpt-4o pool with a
+    /// 20 % share for pro, and a trusted end-user header on the chat route.
+    fn levels_plugin(shadow: bool) -> Rc<Plugin> {
+        let mut v = crate::config::tests::sample_json();
+        v["tenants"][0]["keys"] = serde_json::json!([
+            {"id": "ci", "sha256": crate::config::tests::sha("ci-key"), "limits": {"usd_per_day": 1.0}, "shadow": shadow}
+        ]);
+        v["tiers"]["pro"]["users"] = serde_json::json!({"requests_per_minute": 2});
+        v["tiers"]["pro"]["lease_requests"] = 0.into();
+        v["pools"] = serde_json::json!([{"name": "oa-4o", "provider": "openai", "models": ["gpt-4o*"],
+            "limits": {"requests_per_minute": 100, "output_tokens_per_minute": 8000}, "tier_shares": {"pro": 0.2}}]);
+        v["identity"] = serde_json::json!({"end_user_header": "x-end-user"});
+        v["routes"][0]["trust_end_user_header"] = true.into();
+        Rc::new(crate::config::load(v.to_string().as_bytes(), &crate::config::tests::env).unwrap())
+    }
+
+    fn levels_call(plugin: &Rc<Plugin>, user: Option<&str>, path: &str) -> (RequestFlow, rls::RateLimitRequest) {
+        let mut f = RequestFlow::new(Rc::clone(plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let mut hs = h(&[(":path", path), (":method", "POST"), ("x-api-key", "ci-key")]);
+        if let Some(u) = user {
+            hs.push(("x-end-user".into(), u.into()));
+        }
+        let HeadersStep::ReadBody(plan) = f.on_request_headers(&hs, false, 0, || "rid".into()) else { panic!() };
+        if path == "/v1/messages" {
+            assert!(plan.remove.contains(&"x-end-user".to_string()), "an untrusted end-user header is dropped");
+        }
+        let body: &[u8] = if path == "/v1/messages" {
+            br#"{"model":"claude-3-5-haiku","max_tokens":10,"messages":[]}"#
+        } else {
+            br#"{"model":"gpt-4o","max_tokens":10}"#
+        };
+        let BodyStep::Call(call) = f.on_request_body(body, 0) else { panic!("expected a reserve call") };
+        (f, rls::RateLimitRequest::decode(call.message.as_slice()).unwrap())
+    }
+
+    fn shapes(req: &rls::RateLimitRequest) -> Vec<String> {
+        req.descriptors
+            .iter()
+            .map(|d| {
+                d.entries
+                    .iter()
+                    .filter(|e| !e.key.starts_with("tollgate."))
+                    .map(|e| format!("{}={}", e.key, e.value))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_reserve_carries_tenant_key_user_and_pool_levels() {
+        let plugin = levels_plugin(false);
+        let (_, req) = levels_call(&plugin, Some("u-1"), "/v1/chat/completions");
+        assert_eq!(
+            shapes(&req),
+            [
+                "tenant=acme,limit=usd_per_month",
+                "tenant=acme,key=ci,limit=usd_per_day",
+                "tenant=acme,user=u-1,limit=requests_per_minute",
+                "pool=oa-4o,limit=requests_per_minute",
+                "pool=oa-4o,limit=output_tokens_per_minute",
+                "pool=oa-4o,tier=pro,limit=requests_per_minute",
+                "pool=oa-4o,tier=pro,limit=output_tokens_per_minute",
+            ]
+        );
+        let out: Vec<u64> = req.descriptors.iter().map(|d| d.hits_addend.as_ref().unwrap().value).collect();
+        assert_eq!(out[4], 10, "output tokens are the request's max_tokens");
+        assert_eq!(out[5], 1);
+        // An untrusted route: no user level, and no pool for another provider's model.
+        let (_, req) = levels_call(&plugin, Some("u-1"), "/v1/messages");
+        assert_eq!(shapes(&req), ["tenant=acme,limit=usd_per_month", "tenant=acme,key=ci,limit=usd_per_day"]);
+    }
+
+    #[test]
+    fn a_refusal_names_its_level() {
+        let plugin = levels_plugin(false);
+        let (mut f, req) = levels_call(&plugin, Some("u-1"), "/v1/chat/completions");
+        let mut statuses = vec![(rls::Code::Ok, 100, 60); req.descriptors.len()];
+        statuses[2] = (rls::Code::OverLimit, 0, 20);
+        let BodyStep::Reply(r) = f.on_rls_reply(Ok(&reply(rls::Code::OverLimit, statuses)), 0) else { panic!() };
+        assert_eq!(r.header("x-tollgate-error"), Some("user_request_rate_limited"));
+        assert_eq!(r.header("x-tollgate-limit"), Some("user.requests_per_minute"));
+        assert_eq!(r.header("x-should-retry"), Some("true"));
+
+        let (mut f, req) = levels_call(&plugin, None, "/v1/chat/completions");
+        let mut statuses = vec![(rls::Code::Ok, 100, 60); req.descriptors.len()];
+        statuses[1] = (rls::Code::OverLimit, 0, 3600);
+        let BodyStep::Reply(r) = f.on_rls_reply(Ok(&reply(rls::Code::OverLimit, statuses)), 0) else { panic!() };
+        assert_eq!(r.header("x-tollgate-error"), Some("key_daily_spend_budget_exhausted"));
+        assert_eq!(r.header("x-should-retry"), Some("false"));
+
+        let (mut f, req) = levels_call(&plugin, None, "/v1/chat/completions");
+        let mut statuses = vec![(rls::Code::Ok, 100, 60); req.descriptors.len()];
+        statuses[2] = (rls::Code::OverLimit, 0, 2);
+        let BodyStep::Reply(r) = f.on_rls_reply(Ok(&reply(rls::Code::OverLimit, statuses)), 0) else { panic!() };
+        assert_eq!(r.header("x-tollgate-error"), Some("provider_pool_request_rate_limited"));
+        assert_eq!((r.header("retry-after"), r.header("x-should-retry")), (Some("2"), Some("true")));
+    }
+
+    #[test]
+    fn shadow_mode_admits_marks_and_settles_nothing_for_a_would_be_refusal() {
+        let plugin = levels_plugin(true);
+        let (mut f, req) = levels_call(&plugin, None, "/v1/chat/completions");
+        let mut statuses = vec![(rls::Code::Ok, 100, 60); req.descriptors.len()];
+        statuses[1] = (rls::Code::OverLimit, 0, 3600);
+        let step = f.on_rls_reply(Ok(&reply(rls::Code::OverLimit, statuses)), 0);
+        assert!(matches!(step, BodyStep::Forward { .. }), "{step:?}");
+        assert_eq!(f.shadow_refusal.as_deref(), Some("key_daily_spend_budget_exhausted"));
+        let step = f.on_response_headers(200);
+        assert!(step.set.contains(&("x-tollgate-shadow-refusal".into(), "key_daily_spend_budget_exhausted".into())));
+        let usage = br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        assert!(f.on_response_body(usage, true, 5).1.is_some());
+        let shared = Rc::clone(&f.shared);
+        assert_eq!(shared.borrow().pending_settles(), 0, "nothing was charged, so nothing is settled");
+    }
+
+    #[test]
+    fn a_clients_end_user_header_is_ignored_where_not_trusted_and_checked_where_it_is() {
+        let plugin = levels_plugin(false);
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let bad = "x".repeat(200);
+        let hs =
+            h(&[(":path", "/v1/chat/completions"), (":method", "POST"), ("x-api-key", "ci-key"), ("x-end-user", &bad)]);
+        let HeadersStep::Reply(r) = f.on_request_headers(&hs, false, 0, || "rid".into()) else { panic!() };
+        assert_eq!((r.status, r.header("x-tollgate-error")), (400, Some("invalid_end_user")));
+        let (f, _) = levels_call(&plugin, Some("u-9"), "/v1/messages");
+        assert_eq!(f.user, None);
+    }
+
+    #[test]
+    fn automatic_leases_follow_the_recent_rate() {
+        let mut plugin = sample();
+        let idx = plugin.tenants.iter().position(|t| t.id == "globex").unwrap();
+        let p = Rc::make_mut(&mut plugin.tenants[idx].policy);
+        p.limits.set(crate::ratelimit::descriptors::LimitKind::RequestsPerMinute, Some(100_000));
+        assert_eq!(p.lease, crate::config::LeaseSize::Auto, "leases are on by default");
+        let plugin = Rc::new(plugin);
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
+        let ok = || Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, 99_000, 60)]));
+        // The first lease period (1000 ms): one call per request, no lease.
+        for i in 0..10 {
+            assert_eq!(leased_request(&plugin, &shared, ok(), i * 10), Some(1));
+        }
+        // The next: the last period's 10 requests size the lease.
+        assert_eq!(leased_request(&plugin, &shared, ok(), 1000), Some(11));
+        for i in 0..7 {
+            assert_eq!(leased_request(&plugin, &shared, None, 1001 + i), None, "drawn from the lease");
+        }
     }
 }

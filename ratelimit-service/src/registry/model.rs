@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use rls_contract::registry::{valid_key_digest, valid_provider, valid_tenant_id, KeyRecord, TenantRecord, TierSpec};
+use rls_contract::registry::{
+    valid_key_digest, valid_provider, valid_tenant_id, KeyRecord, LimitsSpec, TenantRecord, TierSpec,
+};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Most labels on one tenant.
@@ -71,6 +73,15 @@ pub struct ApiKey {
     pub expires_at: Option<u64>,
     pub revoked: bool,
     pub models: Option<Vec<String>>,
+    /// The key's name within its tenant (limit keys, the usage ledger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The key's own limits and budgets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
+    /// Evaluate limits without refusing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<bool>,
 }
 
 impl ApiKey {
@@ -81,6 +92,9 @@ impl ApiKey {
             expires_at: self.expires_at,
             revoked: self.revoked,
             models: self.models.clone(),
+            id: self.name.clone(),
+            limits: self.limits.clone(),
+            shadow: self.shadow,
         }
     }
 }
@@ -195,6 +209,12 @@ pub struct IssueKey {
     pub expires_at: Option<u64>,
     #[serde(default, deserialize_with = "present")]
     pub models: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub limits: Option<LimitsSpec>,
+    #[serde(default, deserialize_with = "present")]
+    pub shadow: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -206,6 +226,12 @@ pub struct ImportKey {
     pub expires_at: Option<u64>,
     #[serde(default, deserialize_with = "present")]
     pub models: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    pub limits: Option<LimitsSpec>,
+    #[serde(default, deserialize_with = "present")]
+    pub shadow: Option<bool>,
 }
 
 /// `PATCH /v1/keys/{sha256}`: `null` clears `expires_at` / `models`.
@@ -218,6 +244,12 @@ pub struct PatchKey {
     pub expires_at: Option<Option<u64>>,
     #[serde(default, deserialize_with = "nullable")]
     pub models: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub limits: Option<Option<LimitsSpec>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub shadow: Option<Option<bool>>,
 }
 
 /// `PUT /v1/tenants/{id}/credentials/{provider}`.
@@ -341,6 +373,9 @@ pub fn check_overrides(o: Option<&TierSpec>) -> Result<(), FieldError> {
     if o.billing_anchor_day.is_some_and(|d| !(1..=31).contains(&d)) {
         return Err(FieldError::new("overrides.billing_anchor_day", "must be 1..=31"));
     }
+    if let Some(u) = &o.users {
+        check_limits("overrides.users", u)?;
+    }
     Ok(())
 }
 
@@ -388,7 +423,8 @@ impl IssueKey {
     pub fn check(&self) -> Result<(), FieldError> {
         check_key_label(&self.label)?;
         check_expires_at(self.expires_at)?;
-        check_models(self.models.as_deref())
+        check_models(self.models.as_deref())?;
+        check_key_levels(self.name.as_deref(), self.limits.as_ref(), self.shadow)
     }
 }
 
@@ -397,8 +433,68 @@ impl ImportKey {
         check_digest("sha256", &self.sha256)?;
         check_key_label(&self.label)?;
         check_expires_at(self.expires_at)?;
-        check_models(self.models.as_deref())
+        check_models(self.models.as_deref())?;
+        check_key_levels(self.name.as_deref(), self.limits.as_ref(), self.shadow)
     }
+}
+
+/// A key's name, limits and shadow flag: limits and shadow mode need a
+/// name (the filter counts a key's limits under it); every limit is
+/// positive and dollars are exact to the micro-dollar.
+pub fn check_key_levels(
+    name: Option<&str>,
+    limits: Option<&LimitsSpec>,
+    shadow: Option<bool>,
+) -> Result<(), FieldError> {
+    if let Some(n) = name {
+        if !valid_tenant_id(n) {
+            return Err(FieldError::new("name", "must be 1..=128 of letters, digits, '-', '_', '.'"));
+        }
+    }
+    if (limits.is_some() || shadow.is_some()) && name.is_none() {
+        return Err(FieldError::new("name", "is required with limits or shadow (limits are counted under it)"));
+    }
+    if let Some(l) = limits {
+        check_limits("limits", l)?;
+    }
+    Ok(())
+}
+
+/// Every limit positive; dollars finite and 0.000001..=1000000000 (stored
+/// rounded to the micro-dollar, see [`round_limits`]).
+pub fn check_limits(path: &'static str, l: &LimitsSpec) -> Result<(), FieldError> {
+    let counts = [
+        l.requests_per_minute,
+        l.tokens_per_minute,
+        l.input_tokens_per_minute,
+        l.output_tokens_per_minute,
+        l.requests_per_hour,
+        l.tokens_per_hour,
+        l.requests_per_day,
+        l.tokens_per_day,
+        l.tokens_per_week,
+        l.tokens_per_month,
+    ];
+    if counts.contains(&Some(0)) {
+        return Err(FieldError::new(path, "a limit of 0 would refuse everything; omit it for no limit"));
+    }
+    for usd in [l.usd_per_day, l.usd_per_week, l.usd_per_month].into_iter().flatten() {
+        if !usd.is_finite() || !(0.000_001..=1e9).contains(&usd) {
+            return Err(FieldError::new(path, "dollar limits must be between 0.000001 and 1000000000"));
+        }
+    }
+    Ok(())
+}
+
+/// Dollar limits rounded to the micro-dollar (what the filter counts in).
+pub fn round_limits(l: Option<LimitsSpec>) -> Option<LimitsSpec> {
+    let round = |v: Option<f64>| v.map(|usd| ((usd * 1e6).round() / 1e6).max(0.000_001));
+    l.map(|l| LimitsSpec {
+        usd_per_day: round(l.usd_per_day),
+        usd_per_week: round(l.usd_per_week),
+        usd_per_month: round(l.usd_per_month),
+        ..l
+    })
 }
 
 impl PatchKey {
@@ -411,6 +507,12 @@ impl PatchKey {
         }
         if let Some(m) = &self.models {
             check_models(m.as_deref())?;
+        }
+        if let Some(Some(n)) = &self.name {
+            check_key_levels(Some(n), None, None)?;
+        }
+        if let Some(Some(l)) = &self.limits {
+            check_limits("limits", l)?;
         }
         Ok(())
     }
@@ -425,6 +527,15 @@ impl PatchKey {
         }
         if let Some(m) = &self.models {
             k.models = m.clone();
+        }
+        if let Some(n) = &self.name {
+            k.name = n.clone();
+        }
+        if let Some(l) = &self.limits {
+            k.limits = round_limits(l.clone());
+        }
+        if let Some(s) = self.shadow {
+            k.shadow = s;
         }
         k
     }

@@ -660,6 +660,9 @@ impl RegistryStore {
             expires_at: req.expires_at,
             revoked: false,
             models: req.models,
+            name: req.name,
+            limits: super::model::round_limits(req.limits),
+            shadow: req.shadow,
         };
         self.add_key(actor, "key.issue", &key).await?;
         Ok((plain, key))
@@ -674,6 +677,9 @@ impl RegistryStore {
             expires_at: req.expires_at,
             revoked: false,
             models: req.models,
+            name: req.name,
+            limits: super::model::round_limits(req.limits),
+            shadow: req.shadow,
         };
         self.add_key(actor, "key.import", &key).await?;
         Ok(key)
@@ -766,6 +772,15 @@ impl RegistryStore {
             }
             if let Some(m) = &patch.models {
                 changes.insert("models".into(), json!({"from": old.models, "to": m}));
+            }
+            if let Some(n) = &patch.name {
+                changes.insert("name".into(), json!({"from": old.name, "to": n}));
+            }
+            if let Some(l) = &patch.limits {
+                changes.insert("limits".into(), json!({"from": old.limits, "to": l}));
+            }
+            if let Some(sh) = &patch.shadow {
+                changes.insert("shadow".into(), json!({"from": old.shadow, "to": sh}));
             }
             (patch.apply(old), changes.into())
         })
