@@ -238,6 +238,7 @@ pub fn build(
     let idempotency = match (&meta.idempotency_key, counters.first()) {
         (Some(k), Some(first)) => Some(Idempotency {
             key: keys::idempotency_key(&first.hash_tag, meta.mode, k),
+            request_key: k.clone(),
             ttl_ms: match meta.mode {
                 Mode::Reserve => settings.reserve_idempotency_ttl_ms,
                 Mode::Settle => settings.idempotency_ttl_ms,
