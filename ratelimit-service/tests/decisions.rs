@@ -287,6 +287,51 @@ async fn calendar_anchor_31_in_february_and_time_zone_dst() {
 }
 
 #[tokio::test]
+async fn weekly_budget_renews_on_monday_in_its_zone() {
+    let redis = RedisServer::start();
+    // Sunday 23:00 in New York, in the week DST started (Mon 03-03 to Mon 03-10: 167 h)
+    let (l, clock, _) = limiter(&redis, ms("2025-03-09T23:00:00-04:00"));
+    let week = D::new(&[("tenant", "acme"), ("limit", "tokens_per_week")])
+        .limit(100, DAY)
+        .entry("tollgate.window", "week")
+        .entry("tollgate.tz", "America/New_York");
+    let day = D::new(&[("tenant", "acme"), ("limit", "tokens_per_week")]).limit(100, DAY);
+    let r = run(&l, &req("t", &[week.clone().hits(100)]), &reserve()).await;
+    assert_eq!((r.overall_code, reset_ms(&r, 0)), (OK, 3_600_000));
+    let limit = r.statuses[0].current_limit.as_ref().expect("limit");
+    assert_eq!((limit.requests_per_unit, limit.unit), (100, 7), "answered as WEEK");
+    assert_eq!(run(&l, &req("t", &[week.clone().hits(1)]), &reserve()).await.overall_code, OVER);
+    // the same entries as a DAY limit are a counter of their own
+    let r = run(&l, &req("t", &[day.clone().hits(100)]), &reserve()).await;
+    assert_eq!((r.overall_code, r.statuses[0].current_limit.as_ref().map(|l| l.unit)), (OK, Some(DAY)));
+    // Monday 00:00 local: a new week
+    clock.set(ms("2025-03-10T00:00:00-04:00"));
+    let r = run(&l, &req("t", &[week.clone().hits(60)]), &reserve()).await;
+    assert_eq!((r.overall_code, remaining(&r), reset_ms(&r, 0)), (OK, vec![40], 7 * 86_400_000));
+    // Sunday still in that week
+    clock.set(ms("2025-03-16T23:59:59-04:00"));
+    assert_eq!(run(&l, &req("t", &[week.clone().hits(41)]), &reserve()).await.overall_code, OVER);
+
+    // a week across the new year: Monday 2024-12-30 to Monday 2025-01-06 (UTC)
+    let utc =
+        D::new(&[("tenant", "acme"), ("limit", "requests_per_week")]).limit(3, DAY).entry("tollgate.window", "week");
+    clock.set(ms("2024-12-31T12:00:00Z"));
+    assert_eq!(run(&l, &req("t", &[utc.clone().hits(3)]), &reserve()).await.overall_code, OK);
+    clock.set(ms("2025-01-05T23:00:00Z"));
+    let r = run(&l, &req("t", &[utc.clone().hits(1)]), &reserve()).await;
+    assert_eq!((r.overall_code, reset_ms(&r, 0)), (OVER, 3_600_000));
+    clock.set(ms("2025-01-06T00:00:00Z"));
+    assert_eq!(run(&l, &req("t", &[utc.clone().hits(3)]), &reserve()).await.overall_code, OK);
+
+    // misuse is INVALID_ARGUMENT
+    let minute = D::new(&[("tenant", "acme")]).limit(3, MINUTE).entry("tollgate.window", "week");
+    let e = l.decide(&req("t", &[minute]), &reserve()).await.expect_err("week on MINUTE");
+    let status = tonic::Status::from(e);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("tollgate.window=week needs a DAY limit"), "{}", status.message());
+}
+
+#[tokio::test]
 async fn static_config_and_unlimited() {
     let redis = RedisServer::start();
     let limits = StaticLimits::parse(
