@@ -287,6 +287,37 @@ async fn calendar_anchor_31_in_february_and_time_zone_dst() {
 }
 
 #[tokio::test]
+async fn hourly_limit_admits_exactly_its_limit_then_one_per_36_s() {
+    let redis = RedisServer::start();
+    // one second before an hour edge: the edge brings no new burst
+    let (l, clock, _) = limiter(&redis, T0 - T0 % 3_600_000 + 3_599_000);
+    // as the filter sends requests_per_hour: unit HOUR, one hit per request
+    let d = D::new(&[("tenant", "acme"), ("limit", "requests_per_hour")]).limit(100, HOUR);
+    let one = req("tollgate", &[d.clone()]);
+    for i in 0..100 {
+        let r = run(&l, &one, &reserve()).await;
+        assert_eq!((r.overall_code, remaining(&r)), (OK, vec![99 - i]), "request {i}");
+    }
+    let r = run(&l, &one, &reserve()).await;
+    assert_eq!((r.overall_code, r.statuses[0].code, remaining(&r)), (OVER, OVER, vec![0]));
+    assert_eq!(reset_ms(&r, 0), 36_000, "100/h: one request drains every 36 s");
+    let limit = r.statuses[0].current_limit.as_ref().expect("limit");
+    assert_eq!((limit.requests_per_unit, limit.unit), (100, HOUR));
+    // across the hour edge, 1 ms short of one request's worth: still refused
+    clock.advance(35_999);
+    assert_eq!(run(&l, &one, &reserve()).await.overall_code, OVER);
+    clock.advance(1);
+    assert_eq!(run(&l, &one, &reserve()).await.overall_code, OK);
+    assert_eq!(run(&l, &one, &reserve()).await.overall_code, OVER);
+    // an idle hour refills exactly the limit
+    clock.advance(3_600_000);
+    for _ in 0..100 {
+        assert_eq!(run(&l, &one, &reserve()).await.overall_code, OK);
+    }
+    assert_eq!(run(&l, &one, &reserve()).await.overall_code, OVER);
+}
+
+#[tokio::test]
 async fn weekly_budget_renews_on_monday_in_its_zone() {
     let redis = RedisServer::start();
     // Sunday 23:00 in New York, in the week DST started (Mon 03-03 to Mon 03-10: 167 h)
