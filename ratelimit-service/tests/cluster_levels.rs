@@ -2,6 +2,7 @@
 //! counters (slot of `{tollgate|<tenant>}`) and a shared pool's (slot of
 //! `{tollgate|<pool>}`), decided all-or-nothing across the slots.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code: a failure should stop loudly
+#![allow(clippy::cloned_ref_to_slice_refs)] // &[d.clone()] reads better in tests
 
 mod common;
 
@@ -182,4 +183,80 @@ async fn concurrent_reserves_never_admit_more_than_the_pool() {
     assert!((1..=POOL).contains(&admitted), "admitted {admitted}");
     let left = remaining(&l, &[tenant("tight", 12), pool_tier("tight-pool", POOL)]).await;
     assert_eq!(left, [12 - admitted as u32, (POOL - admitted) as u32], "charged exactly what was admitted");
+}
+
+/// The master that holds `tag`'s keys (by where a key of it landed).
+fn node_of(cluster: &RedisCluster, tag: &str) -> usize {
+    let found: Vec<usize> = (0..cluster.nodes.len())
+        .filter(|&i| {
+            cluster.nodes[i].cli(&["KEYS", &format!("tg:{{tollgate|{tag}}}:*")]).is_some_and(|s| !s.trim().is_empty())
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{tag}: {found:?}");
+    found[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_failure_half_way_charges_once_or_undoes_once() {
+    let (mut cluster, l) = start().await;
+    let acme = tenant("acme", 1_000);
+    // one hit, so a key shows which master holds the tenant
+    l.decide(&req("tollgate", &[acme.clone().hits(1)]), &RequestMeta::default()).await.expect("charge");
+    let tenant_node = node_of(&cluster, "acme");
+    // a pool on another master
+    let mut pool_name = None;
+    for i in 0..50 {
+        let name = format!("pool-{i}");
+        l.decide(&req("tollgate", &[pool(&name, 100).hits(1)]), &RequestMeta::default()).await.expect("place");
+        if node_of(&cluster, &name) != tenant_node {
+            pool_name = Some(name);
+            break;
+        }
+    }
+    let name = pool_name.expect("a pool on another master");
+    let fits = [acme.clone().hits(10), pool(&name, 100).hits(10)];
+    let refused = [acme.clone().hits(10), pool_tier(&name, 5).hits(10)];
+    let pool_node = node_of(&cluster, &name);
+
+    // the pool's master dies: the tenant's group is charged, the pool's fails
+    cluster.nodes[pool_node].kill();
+    for (meta, ds) in [(keyed("a"), &fits), (keyed("b"), &refused)] {
+        let e = l.decide(&req("tollgate", ds), &meta).await.expect_err("pool down");
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unavailable);
+    }
+    let mut node = cluster.nodes.remove(pool_node);
+    let node = tokio::task::spawn_blocking(move || {
+        node.restart(); // same port and cluster config: it takes its slots back, empty
+        node
+    })
+    .await
+    .expect("restart");
+    cluster.nodes.insert(pool_node, node);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = [acme.clone().hits(0), pool(&name, 100).hits(0)];
+        if let Ok(r) = l.decide(&req("tollgate", &probe), &RequestMeta::default()).await {
+            // both failed attempts left the tenant charged, for their retries;
+            // the pool's master came back empty
+            assert_eq!(r.statuses.iter().map(|s| s.limit_remaining).collect::<Vec<_>>(), [1_000 - 1 - 20, 100]);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "cluster did not come back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // "a" now fits: the tenant's group replays (no second charge), the pool is charged
+    let r = l.decide(&req("tollgate", &fits), &keyed("a")).await.expect("retry a");
+    assert_eq!(r.overall_code, OK);
+    assert_eq!(remaining(&l, &[acme.clone(), pool(&name, 100)]).await, [979, 90]);
+    // "b" is refused by the pool's tier share: the tenant's charge is given back, once
+    let r = l.decide(&req("tollgate", &refused), &keyed("b")).await.expect("retry b");
+    assert_eq!((r.overall_code, codes(&r)), (OVER, vec![OK, OVER]));
+    assert_eq!(remaining(&l, &[acme.clone()]).await, [989]);
+    l.decide(&req("tollgate", &[acme.clone().hits(5)]), &RequestMeta::default()).await.expect("other");
+    for _ in 0..2 {
+        let r = l.decide(&req("tollgate", &refused), &keyed("b")).await.expect("retry b again");
+        assert_eq!(r.overall_code, OVER);
+    }
+    assert_eq!(remaining(&l, &[acme.clone()]).await, [984], "the undo is not repeated");
 }
