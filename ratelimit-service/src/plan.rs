@@ -1,5 +1,6 @@
 //! Pure translation of a `RateLimitRequest` (plus gRPC metadata) into a
-//! [`Plan`]: the counters to check and charge, in one batch for one Lua call.
+//! [`Plan`]: the counters to check and charge, in one batch for one Lua call
+//! (on Redis Cluster, one per hash tag: `storage::slots`).
 //!
 //! Conventions (see README.md; the names and bounds are `rls-contract`'s):
 //! - entries whose key starts with `tollgate.` are reserved parameters, not part of
