@@ -225,6 +225,25 @@ async fn gcra_smooth_rate_without_double_burst() {
 }
 
 #[tokio::test]
+async fn gcra_a_clock_behind_does_not_refill_twice() {
+    // Two callers one second apart in their clock readings (two replicas, or a
+    // request whose charge is given back after others wrote the bucket).
+    let redis = RedisServer::start();
+    let (ahead, _, _) = limiter(&redis, T0 + 1_000);
+    let (behind, _, _) = limiter(&redis, T0);
+    let d = D::new(&[("tenant", "acme"), ("r", "rpm")]).limit(60, MINUTE);
+    assert_eq!(run(&ahead, &req("t", &[d.clone().hits(30)]), &reserve()).await.overall_code, OK);
+    assert_eq!(run(&behind, &req("t", &[d.clone().hits(30)]), &reserve()).await.overall_code, OK);
+    // the bucket is full as of T0 + 1 s: no time has passed for the caller ahead
+    let r = run(&ahead, &req("t", &[d.clone().hits(1)]), &reserve()).await;
+    assert_eq!((r.overall_code, reset_ms(&r, 0)), (OVER, 1_000));
+    // and a refund from behind does not set the bucket's time back either
+    assert_eq!(run(&behind, &req("t", &[d.clone().refund(1)]), &reserve()).await.overall_code, OK);
+    assert_eq!(run(&ahead, &req("t", &[d.clone().hits(1)]), &reserve()).await.overall_code, OK);
+    assert_eq!(run(&ahead, &req("t", &[d.clone().hits(1)]), &reserve()).await.overall_code, OVER);
+}
+
+#[tokio::test]
 async fn gcra_per_second_tokens() {
     let redis = RedisServer::start();
     let (l, clock, _) = limiter(&redis, T0);
