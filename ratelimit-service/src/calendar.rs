@@ -1,25 +1,31 @@
-//! Calendar windows for DAY, MONTH and YEAR limits: pure functions from an
+//! Calendar windows for DAY, WEEK, MONTH and YEAR limits: pure functions from an
 //! instant, a time zone and a billing anchor day to the window's bounds.
 //!
 //! - DAY: local midnight to the next local midnight (23 or 25 hours on DST days).
+//! - WEEK (a DAY limit with `tollgate.window=week`): Monday's local midnight to
+//!   the next Monday's (167 or 169 hours in a week with a DST change); a week
+//!   may span two years (Monday 2024-12-30 to Monday 2025-01-06).
 //! - MONTH: starts at local midnight of day `anchor` of the month, clamped to the
 //!   month's last day (anchor 31 renews on Feb 28/29, Apr 30, ...).
 //! - YEAR: the calendar year in the time zone (the anchor day is not used).
 
-use chrono::{DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, TimeZone};
+use chrono::{DateTime, Datelike, Days, Duration, LocalResult, NaiveDate, NaiveDateTime, TimeZone};
 use chrono_tz::Tz;
 use rls_contract::Unit;
 
-/// The three kinds of calendar window.
+/// The kinds of calendar window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CalendarUnit {
     Day,
+    /// Monday to Monday; not a unit of RLS v3 requests (see `rls_contract::KEY_WINDOW`).
+    Week,
     Month,
     Year,
 }
 
 impl CalendarUnit {
-    /// The window kind of a calendar unit; `None` for the smooth rates.
+    /// The window kind of a calendar unit; `None` for the smooth rates. A week
+    /// is never a unit of its own: see [`CalendarUnit::Week`].
     pub fn of(unit: Unit) -> Option<Self> {
         match unit {
             Unit::Day => Some(Self::Day),
@@ -52,6 +58,12 @@ pub fn window(unit: CalendarUnit, now_ms: i64, tz: Tz, anchor_day: u32) -> Resul
         CalendarUnit::Day => {
             let next = today.succ_opt().ok_or(CalendarError::OutOfRange(now_ms))?;
             (today, next)
+        }
+        CalendarUnit::Week => {
+            let since_monday = u64::from(today.weekday().num_days_from_monday());
+            let monday = today.checked_sub_days(Days::new(since_monday)).ok_or(CalendarError::OutOfRange(now_ms))?;
+            let next = monday.checked_add_days(Days::new(7)).ok_or(CalendarError::OutOfRange(now_ms))?;
+            (monday, next)
         }
         CalendarUnit::Month => {
             let (y, m) = (today.year(), today.month());
@@ -190,6 +202,69 @@ mod tests {
         let havana: Tz = "America/Havana".parse().unwrap();
         let w = window(CalendarUnit::Day, ms("2024-03-10T12:00:00-04:00"), havana, 1).unwrap();
         assert_eq!(w.start_ms, ms("2024-03-10T01:00:00-04:00"));
+    }
+
+    #[test]
+    fn week_runs_monday_to_monday() {
+        // Wednesday
+        let w = window(CalendarUnit::Week, ms("2025-06-11T15:00:00Z"), Tz::UTC, 1).unwrap();
+        assert_eq!(w.start_ms, ms("2025-06-09T00:00:00Z"));
+        assert_eq!(w.end_ms, ms("2025-06-16T00:00:00Z"));
+        // the last millisecond of Sunday and Monday 00:00 are in different weeks
+        let w = window(CalendarUnit::Week, ms("2025-06-15T23:59:59.999Z"), Tz::UTC, 1).unwrap();
+        assert_eq!(w.start_ms, ms("2025-06-09T00:00:00Z"));
+        let w = window(CalendarUnit::Week, ms("2025-06-16T00:00:00Z"), Tz::UTC, 1).unwrap();
+        assert_eq!(w.start_ms, ms("2025-06-16T00:00:00Z"));
+        assert_eq!(w.end_ms - w.start_ms, 7 * 86_400_000);
+    }
+
+    #[test]
+    fn week_across_the_year_boundary() {
+        // 2025-01-01 is a Wednesday: its week began on Monday 2024-12-30
+        let w = window(CalendarUnit::Week, ms("2025-01-01T08:00:00Z"), Tz::UTC, 1).unwrap();
+        assert_eq!(w.start_ms, ms("2024-12-30T00:00:00Z"));
+        assert_eq!(w.end_ms, ms("2025-01-06T00:00:00Z"));
+        // 2026-12-31 is a Thursday; the week ends in 2027
+        let w = window(CalendarUnit::Week, ms("2026-12-31T23:00:00Z"), Tz::UTC, 1).unwrap();
+        assert_eq!(w.start_ms, ms("2026-12-28T00:00:00Z"));
+        assert_eq!(w.end_ms, ms("2027-01-04T00:00:00Z"));
+        // a leap year's Feb 29 (Thursday 2024)
+        let w = window(CalendarUnit::Week, ms("2024-02-29T12:00:00Z"), Tz::UTC, 1).unwrap();
+        assert_eq!(w.start_ms, ms("2024-02-26T00:00:00Z"));
+        assert_eq!(w.end_ms, ms("2024-03-04T00:00:00Z"));
+    }
+
+    #[test]
+    fn dst_weeks_are_167_and_169_hours() {
+        let ny: Tz = "America/New_York".parse().unwrap();
+        // DST starts Sunday 2025-03-09: the week of Monday 03-03 is an hour short
+        let spring = window(CalendarUnit::Week, ms("2025-03-05T12:00:00-05:00"), ny, 1).unwrap();
+        assert_eq!(spring.start_ms, ms("2025-03-03T00:00:00-05:00"));
+        assert_eq!(spring.end_ms, ms("2025-03-10T00:00:00-04:00"));
+        assert_eq!(spring.end_ms - spring.start_ms, 167 * 3_600_000);
+        // DST ends Sunday 2025-11-02: the week of Monday 10-27 is an hour long
+        let fall = window(CalendarUnit::Week, ms("2025-11-02T23:30:00-05:00"), ny, 1).unwrap();
+        assert_eq!(fall.start_ms, ms("2025-10-27T00:00:00-04:00"));
+        assert_eq!(fall.end_ms, ms("2025-11-03T00:00:00-05:00"));
+        assert_eq!(fall.end_ms - fall.start_ms, 169 * 3_600_000);
+        // Europe/Paris switches on the last Sunday of March (2025-03-30)
+        let paris: Tz = "Europe/Paris".parse().unwrap();
+        let w = window(CalendarUnit::Week, ms("2025-03-30T12:00:00+02:00"), paris, 1).unwrap();
+        assert_eq!(w.start_ms, ms("2025-03-24T00:00:00+01:00"));
+        assert_eq!(w.end_ms - w.start_ms, 167 * 3_600_000);
+    }
+
+    #[test]
+    fn week_starts_at_the_zones_monday() {
+        let ny: Tz = "America/New_York".parse().unwrap();
+        // Monday 02:00 UTC is still Sunday evening in New York: last week
+        let w = window(CalendarUnit::Week, ms("2025-06-16T02:00:00Z"), ny, 1).unwrap();
+        assert_eq!(w.start_ms, ms("2025-06-09T00:00:00-04:00"));
+        assert_eq!(w.end_ms, ms("2025-06-16T00:00:00-04:00"));
+        // and in Tokyo it has long been Monday: this week
+        let tokyo: Tz = "Asia/Tokyo".parse().unwrap();
+        let w = window(CalendarUnit::Week, ms("2025-06-15T16:00:00Z"), tokyo, 1).unwrap();
+        assert_eq!(w.start_ms, ms("2025-06-16T00:00:00+09:00"));
     }
 
     #[test]

@@ -16,6 +16,10 @@ pub fn unit_tag(unit: Unit) -> &'static str {
     }
 }
 
+/// The part of a counter key for a DAY limit counted per calendar week
+/// (`tollgate.window=week`; keep: it is in stored keys).
+pub const WEEK_TAG: &str = "W";
+
 /// Escape the characters that structure keys (`{ } | : = %`), so a value
 /// cannot end the hash tag early or collide with another key's layout.
 pub fn escape(s: &str) -> String {
@@ -76,6 +80,7 @@ mod tests {
         assert_eq!(counter_key("{d|x}", "m", None, &[("tenant", "x"), ("m", "a=b")]), "tg:{d|x}:m:tenant=x|m=a%3Db");
         assert_eq!(counter_key("{d|x}", "D", Some(5), &[("t", "x")]), "tg:{d|x}:D:5:t=x");
         assert_eq!(Unit::ALL.map(unit_tag), ["s", "m", "h", "D", "M", "Y"]);
+        assert!(!Unit::ALL.map(unit_tag).contains(&WEEK_TAG));
         assert_eq!(idempotency_key("{d|x}", Mode::Reserve, "k"), "tg:{d|x}:idem:reserve:k");
         assert_eq!(idempotency_key("{d|x}", Mode::Settle, "k"), "tg:{d|x}:idem:settle:k");
     }

@@ -12,7 +12,7 @@
 //! Module dependencies, each on the ones before it only (no cycles):
 //! 1. [`clock`], [`scripts`], [`metrics`]: leaves;
 //! 2. [`calendar`], [`keys`], [`config`]: leaves too, besides `rls-contract`;
-//! 3. [`storage`] (on [`scripts`]);
+//! 3. [`storage`] (on [`scripts`], and [`keys`] for per-slot idempotency keys);
 //! 4. [`plan`] (on [`calendar`], [`config`], [`keys`], [`storage`]);
 //! 5. [`response`] (on [`plan`], [`storage`]);
 //! 6. [`service`] (on [`clock`], [`config`], [`metrics`], [`plan`],

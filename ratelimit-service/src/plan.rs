@@ -1,10 +1,12 @@
 //! Pure translation of a `RateLimitRequest` (plus gRPC metadata) into a
-//! [`Plan`]: the counters to check and charge, in one batch for one Lua call.
+//! [`Plan`]: the counters to check and charge, in one batch for one Lua call
+//! (on Redis Cluster, one per hash tag: `storage::slots`).
 //!
 //! Conventions (see README.md; the names and bounds are `rls-contract`'s):
 //! - entries whose key starts with `tollgate.` are reserved parameters, not part of
 //!   the counter key: `tollgate.limit` (decimal u64, the full limit),
-//!   `tollgate.anchor_day` (1..=31) and `tollgate.tz` (IANA zone);
+//!   `tollgate.anchor_day` (1..=31), `tollgate.tz` (IANA zone) and
+//!   `tollgate.window` (`week`: a DAY limit counted per calendar week);
 //! - the limit comes from `tollgate.limit`, else the descriptor's `limit`
 //!   override, else the static config; with none of them the descriptor is unlimited;
 //! - hits: the descriptor's `hits_addend` if set (`Some(0)` = pure check), else
@@ -15,8 +17,9 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 
 use rls_contract::{
-    is_reserved, is_valid_idempotency_key, Mode, Unit, ANCHOR_DAYS, KEY_ANCHOR_DAY, KEY_LIMIT, KEY_TZ, MAX_DESCRIPTORS,
-    MAX_EXACT, MAX_IDEMPOTENCY_KEY, META_IDEMPOTENCY_KEY, META_MODE, MODE_RESERVE, MODE_SETTLE, RESERVED_PREFIX,
+    is_reserved, is_valid_idempotency_key, Mode, Unit, ANCHOR_DAYS, KEY_ANCHOR_DAY, KEY_LIMIT, KEY_TZ, KEY_WINDOW,
+    MAX_DESCRIPTORS, MAX_EXACT, MAX_IDEMPOTENCY_KEY, META_IDEMPOTENCY_KEY, META_MODE, MODE_RESERVE, MODE_SETTLE,
+    RESERVED_PREFIX, WINDOW_WEEK,
 };
 
 use crate::calendar::{self, CalendarUnit};
@@ -59,6 +62,10 @@ pub enum PlanError {
     LimitWithoutUnit { index: usize },
     #[error("descriptor {index}: tollgate.anchor_day and tollgate.tz apply to DAY, MONTH and YEAR limits only")]
     CalendarParamsOnRate { index: usize },
+    #[error("descriptor {index}: {KEY_WINDOW}={WINDOW_WEEK} needs a DAY limit, got {unit}")]
+    WeekNeedsDay { index: usize, unit: &'static str },
+    #[error("descriptor {index}: {KEY_ANCHOR_DAY} does not apply to a {KEY_WINDOW}={WINDOW_WEEK} limit (weeks start on Monday)")]
+    AnchorOnWeek { index: usize },
     #[error("descriptor {index}: hits_addend {hits} is above the maximum {MAX_EXACT}")]
     HitsTooLarge { index: usize, hits: u64 },
     #[error("{count} descriptors in one request, at most {MAX_DESCRIPTORS}")]
@@ -76,8 +83,9 @@ pub enum PlanError {
 pub enum DescriptorPlan {
     /// No override and no static limit: always OK.
     Unlimited,
-    /// Decided by `batch.counters[counter]`.
-    Limited { counter: usize, unit: Unit, name: String },
+    /// Decided by `batch.counters[counter]`. `week`: a DAY limit counted per
+    /// calendar week (`tollgate.window=week`), answered with unit WEEK.
+    Limited { counter: usize, unit: Unit, name: String, week: bool },
 }
 
 /// A request, ready for storage.
@@ -123,6 +131,7 @@ struct Reserved<'a> {
     limit: Option<u64>,
     anchor_day: Option<u32>,
     tz: Option<Tz>,
+    week: bool,
     seen: Vec<&'a str>,
 }
 
@@ -147,6 +156,12 @@ fn parse_reserved<'a>(index: usize, d: &'a RateLimitDescriptor) -> Result<Reserv
             }
             KEY_TZ => {
                 r.tz = Some(e.value.parse::<Tz>().map_err(|_| invalid("expected an IANA time zone name"))?);
+            }
+            KEY_WINDOW => {
+                if e.value != WINDOW_WEEK {
+                    return Err(invalid("expected \"week\""));
+                }
+                r.week = true;
             }
             _ => return Err(PlanError::UnknownReserved { index, key: e.key.clone() }),
         }
@@ -200,6 +215,14 @@ pub fn build(
         if !unit.is_calendar() && (reserved.anchor_day.is_some() || reserved.tz.is_some()) {
             return Err(PlanError::CalendarParamsOnRate { index });
         }
+        if reserved.week {
+            if unit != Unit::Day {
+                return Err(PlanError::WeekNeedsDay { index, unit: unit.name() });
+            }
+            if reserved.anchor_day.is_some() {
+                return Err(PlanError::AnchorOnWeek { index });
+            }
+        }
 
         let hits = match &d.hits_addend {
             Some(h) => h.value,
@@ -210,7 +233,11 @@ pub fn build(
         }
 
         let tag = keys::hash_tag(&req.domain, first_value);
-        let algorithm = match (period_ms(unit), CalendarUnit::of(unit)) {
+        let calendar_unit = match CalendarUnit::of(unit) {
+            Some(CalendarUnit::Day) if reserved.week => Some(CalendarUnit::Week),
+            other => other,
+        };
+        let algorithm = match (period_ms(unit), calendar_unit) {
             (Some(period_ms), _) => Algorithm::Gcra { period_ms },
             (None, Some(cu)) => {
                 let w = calendar::window(cu, now_ms, tz.unwrap_or(Tz::UTC), anchor.unwrap_or(1))
@@ -223,7 +250,10 @@ pub fn build(
             Algorithm::Calendar { start_ms, .. } => Some(start_ms),
             Algorithm::Gcra { .. } => None,
         };
-        let key = keys::counter_key(&tag, keys::unit_tag(unit), window, &entries);
+        // A week has a tag of its own: its window starts at a day's start, so
+        // with the day's tag a week and a Monday would share a key.
+        let unit_tag = if reserved.week { keys::WEEK_TAG } else { keys::unit_tag(unit) };
+        let key = keys::counter_key(&tag, unit_tag, window, &entries);
         counters.push(Counter {
             key,
             hash_tag: tag,
@@ -232,12 +262,13 @@ pub fn build(
             hits,
             refund: d.is_negative_hits,
         });
-        descriptors.push(DescriptorPlan::Limited { counter: counters.len() - 1, unit, name });
+        descriptors.push(DescriptorPlan::Limited { counter: counters.len() - 1, unit, name, week: reserved.week });
     }
 
     let idempotency = match (&meta.idempotency_key, counters.first()) {
         (Some(k), Some(first)) => Some(Idempotency {
             key: keys::idempotency_key(&first.hash_tag, meta.mode, k),
+            request_key: k.clone(),
             ttl_ms: match meta.mode {
                 Mode::Reserve => settings.reserve_idempotency_ttl_ms,
                 Mode::Settle => settings.idempotency_ttl_ms,
@@ -350,6 +381,75 @@ mod tests {
             build(&r, &RequestMeta::default(), &StaticLimits::default(), S, 0),
             Err(PlanError::BadUnit { .. })
         ));
+    }
+
+    #[test]
+    fn weekly_window_on_a_day_limit() {
+        let now = chrono::DateTime::parse_from_rfc3339("2025-01-01T12:00:00Z").unwrap().timestamp_millis();
+        let monday = chrono::DateTime::parse_from_rfc3339("2024-12-30T00:00:00-05:00").unwrap().timestamp_millis();
+        let week = desc(
+            &[
+                ("tenant", "acme"),
+                ("limit", "tokens_per_week"),
+                (KEY_WINDOW, WINDOW_WEEK),
+                (KEY_TZ, "America/New_York"),
+            ],
+            Some((1000, Unit::Day as i32)),
+        );
+        let day = desc(&[("tenant", "acme"), ("limit", "tokens_per_week")], Some((1000, Unit::Day as i32)));
+        let p = build(&req(vec![week, day], 1), &RequestMeta::default(), &StaticLimits::default(), S, now).unwrap();
+        let c = &p.batch.counters[0];
+        assert_eq!(c.key, format!("tg:{{tollgate|acme}}:W:{monday}:tenant=acme|limit=tokens_per_week"));
+        let Algorithm::Calendar { start_ms, end_ms } = c.algorithm else { panic!("calendar") };
+        assert_eq!((start_ms, end_ms - start_ms), (monday, 7 * 86_400_000));
+        assert!(matches!(p.descriptors[0], DescriptorPlan::Limited { week: true, unit: Unit::Day, .. }));
+        // the same entries as a DAY limit are another counter
+        assert!(p.batch.counters[1].key.starts_with("tg:{tollgate|acme}:D:"));
+        assert!(matches!(p.descriptors[1], DescriptorPlan::Limited { week: false, .. }));
+    }
+
+    #[test]
+    fn weekly_window_misuse_is_refused() {
+        let build1 = |entries: &[(&str, &str)], unit: i32| {
+            let r = req(vec![desc(entries, Some((10, unit)))], 1);
+            build(&r, &RequestMeta::default(), &StaticLimits::default(), S, 0)
+        };
+        for unit in [Unit::Second, Unit::Minute, Unit::Hour, Unit::Month, Unit::Year] {
+            assert_eq!(
+                build1(&[("tenant", "a"), (KEY_WINDOW, WINDOW_WEEK)], unit as i32),
+                Err(PlanError::WeekNeedsDay { index: 0, unit: unit.name() }),
+                "{unit:?}"
+            );
+        }
+        assert_eq!(
+            build1(&[("tenant", "a"), (KEY_WINDOW, WINDOW_WEEK)], Unit::Minute as i32).unwrap_err().to_string(),
+            "descriptor 0: tollgate.window=week needs a DAY limit, got minute"
+        );
+        assert_eq!(
+            build1(&[("tenant", "a"), (KEY_WINDOW, WINDOW_WEEK), (KEY_ANCHOR_DAY, "3")], Unit::Day as i32),
+            Err(PlanError::AnchorOnWeek { index: 0 })
+        );
+        for bad in ["Week", "fortnight", "", "7"] {
+            assert!(
+                matches!(
+                    build1(&[("tenant", "a"), (KEY_WINDOW, bad)], Unit::Day as i32),
+                    Err(PlanError::InvalidReserved { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            build1(&[("tenant", "a"), (KEY_WINDOW, WINDOW_WEEK), (KEY_WINDOW, WINDOW_WEEK)], Unit::Day as i32),
+            Err(PlanError::DuplicateReserved { index: 0, key: KEY_WINDOW.into() })
+        );
+        // a static DAY limit may be counted per week by the request
+        let limits = StaticLimits::parse(
+            "domains: [{domain: tollgate, descriptors: [{key: tenant, rate_limit: {unit: day, requests_per_unit: 5}}]}]",
+        )
+        .unwrap();
+        let r = req(vec![desc(&[("tenant", "a"), (KEY_WINDOW, WINDOW_WEEK)], None)], 1);
+        let p = build(&r, &RequestMeta::default(), &limits, S, 0).unwrap();
+        assert!(p.batch.counters[0].key.starts_with("tg:{tollgate|a}:W:"));
     }
 
     #[test]

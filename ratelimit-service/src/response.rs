@@ -14,6 +14,7 @@
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{Code, DescriptorStatus, RateLimit};
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
 use envoy_types::pb::google::protobuf::Duration;
+use rls_contract::RESPONSE_UNIT_WEEK;
 
 use crate::plan::{DescriptorPlan, Plan};
 use crate::storage::{Algorithm, Counter, CounterState, Outcome};
@@ -66,7 +67,7 @@ pub fn build(plan: &Plan, outcome: &Outcome, now_ms: i64) -> RateLimitResponse {
         .iter()
         .map(|d| match d {
             DescriptorPlan::Unlimited => DescriptorStatus { code: Code::Ok as i32, ..Default::default() },
-            DescriptorPlan::Limited { counter, unit, name } => {
+            DescriptorPlan::Limited { counter, unit, name, week } => {
                 // A plan only names its own counters; a missing one answers
                 // as unlimited rather than panic.
                 let Some(c) = plan.batch.counters.get(*counter) else {
@@ -81,7 +82,8 @@ pub fn build(plan: &Plan, outcome: &Outcome, now_ms: i64) -> RateLimitResponse {
                     current_limit: Some(RateLimit {
                         name: name.clone(),
                         requests_per_unit: sat32(c.limit),
-                        unit: *unit as i32,
+                        // Requests have no WEEK unit, answers do.
+                        unit: if *week { RESPONSE_UNIT_WEEK } else { *unit as i32 },
                     }),
                     limit_remaining: sat32(remaining),
                     duration_until_reset: Some(duration_ms(reset_ms)),
@@ -121,6 +123,35 @@ mod tests {
         let c = gcra(60, 61);
         let (_, reset, _) = counter_status(&c, &full, true, 0);
         assert_eq!(reset, 60_000);
+    }
+
+    #[test]
+    fn a_week_is_answered_with_unit_week() {
+        let plan = |week| Plan {
+            descriptors: vec![DescriptorPlan::Limited {
+                counter: 0,
+                unit: rls_contract::Unit::Day,
+                name: String::new(),
+                week,
+            }],
+            batch: crate::storage::Batch {
+                now_ms: 0,
+                settle: false,
+                counters: vec![Counter {
+                    key: "k".into(),
+                    hash_tag: "{t}".into(),
+                    algorithm: Algorithm::Calendar { start_ms: 0, end_ms: 7 * 86_400_000 },
+                    limit: 10,
+                    hits: 1,
+                    refund: false,
+                }],
+                idempotency: None,
+            },
+        };
+        let outcome = Outcome { allowed: true, replay: false, counters: vec![CounterState { fits: true, used: 1 }] };
+        let unit = |week| build(&plan(week), &outcome, 0).statuses[0].current_limit.as_ref().map(|l| l.unit);
+        assert_eq!(unit(true), Some(7));
+        assert_eq!(unit(false), Some(4));
     }
 
     #[test]

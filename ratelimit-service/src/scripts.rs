@@ -18,7 +18,9 @@
 ///   refund    "1" = give hits back (clamped at zero), "0" = charge
 ///   param     GCRA: period_ms; calendar: ms until the window ends (the key's TTL)
 ///
-/// GCRA state is a string "<level in hit·ms> <ms of last update>"; the level drains
+/// GCRA state is a string "<level in hit·ms> <ms the level is as of>" (a caller
+/// whose clock is behind keeps the stored time: it neither refills nor moves
+/// the bucket's time back, which would refill that gap twice); the level drains
 /// by `limit` per ms, capacity is limit*period (burst = the full limit), one hit
 /// costs `period` — integer arithmetic, exact while values stay below 2^53.
 /// Calendar state is a plain integer counter with PEXPIRE at the window end.
@@ -44,6 +46,7 @@ end
 local function fmt(x) return string.format('%.17g', x) end
 
 local cur = {}      -- key -> pending value within this call
+local stamp = {}    -- GCRA key -> the time its level is as of (never before the stored one)
 local kinds = {}    -- key -> {kind, limit, param}
 local before = {}
 local after = {}
@@ -71,11 +74,13 @@ for i = 1, n do
         t = tonumber(st) or now
       end
       local elapsed = now - t
-      -- a clock behind the last writer never refills
+      -- a clock behind the last writer never refills, and never moves the
+      -- bucket's time back (the next caller would refill that gap twice)
       if elapsed < 0 then elapsed = 0 end
       l = l - elapsed * limit
       if l < 0 then l = 0 end
       v = l
+      stamp[key] = math.max(now, t)
     end
     cost = hits * param
     cap = limit * param
@@ -110,9 +115,10 @@ elseif settle or all_fit then
       if v <= 0 then
         redis.call('DEL', key)
       else
+        local at = stamp[key] or now
         local ttl = k[3]
-        if k[2] > 0 then ttl = math.ceil(v / k[2]) + 1 end
-        redis.call('SET', key, fmt(v) .. ' ' .. fmt(now), 'PX', ttl)
+        if k[2] > 0 then ttl = math.ceil(v / k[2]) + 1 + (at - now) end
+        redis.call('SET', key, fmt(v) .. ' ' .. fmt(at), 'PX', ttl)
       end
     else
       redis.call('SET', key, fmt(v), 'PX', k[3])

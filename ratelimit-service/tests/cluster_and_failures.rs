@@ -53,15 +53,15 @@ async fn cluster_decides_per_tenant_in_one_slot() {
         cluster.nodes.iter().filter(|n| n.cli(&["DBSIZE"]).map(|s| s.trim() != "0").unwrap_or(false)).count();
     assert_eq!(with_keys, 3);
 
-    // descriptors of two tenants in one request cannot be one script in a cluster
-    let e = l
-        .decide(
-            &req("tollgate", &[D::new(&[("tenant", "a")]).limit(5, DAY), D::new(&[("tenant", "b")]).limit(5, DAY)]),
-            &RequestMeta::default(),
-        )
-        .await
-        .expect_err("cross slot");
-    assert_eq!(tonic::Status::from(e).code(), tonic::Code::InvalidArgument);
+    // descriptors of two tenants in one request: one script per slot, all-or-nothing
+    // (tests/cluster_levels.rs has the levels in detail)
+    let two = [D::new(&[("tenant", "a")]).limit(5, DAY), D::new(&[("tenant", "b")]).limit(5, DAY)];
+    let none = RequestMeta::default();
+    let r = l.decide(&req("tollgate", &[two[0].clone().hits(5), two[1].clone().hits(6)]), &none).await.expect("over");
+    assert_eq!(r.overall_code, OVER);
+    let r = l.decide(&req("tollgate", &[two[0].clone().hits(5), two[1].clone().hits(5)]), &none).await.expect("ok");
+    assert_eq!(r.overall_code, OK);
+    assert_eq!(r.statuses.iter().map(|s| s.limit_remaining).collect::<Vec<_>>(), vec![0, 0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

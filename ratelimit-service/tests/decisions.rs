@@ -225,6 +225,25 @@ async fn gcra_smooth_rate_without_double_burst() {
 }
 
 #[tokio::test]
+async fn gcra_a_clock_behind_does_not_refill_twice() {
+    // Two callers one second apart in their clock readings (two replicas, or a
+    // request whose charge is given back after others wrote the bucket).
+    let redis = RedisServer::start();
+    let (ahead, _, _) = limiter(&redis, T0 + 1_000);
+    let (behind, _, _) = limiter(&redis, T0);
+    let d = D::new(&[("tenant", "acme"), ("r", "rpm")]).limit(60, MINUTE);
+    assert_eq!(run(&ahead, &req("t", &[d.clone().hits(30)]), &reserve()).await.overall_code, OK);
+    assert_eq!(run(&behind, &req("t", &[d.clone().hits(30)]), &reserve()).await.overall_code, OK);
+    // the bucket is full as of T0 + 1 s: no time has passed for the caller ahead
+    let r = run(&ahead, &req("t", &[d.clone().hits(1)]), &reserve()).await;
+    assert_eq!((r.overall_code, reset_ms(&r, 0)), (OVER, 1_000));
+    // and a refund from behind does not set the bucket's time back either
+    assert_eq!(run(&behind, &req("t", &[d.clone().refund(1)]), &reserve()).await.overall_code, OK);
+    assert_eq!(run(&ahead, &req("t", &[d.clone().hits(1)]), &reserve()).await.overall_code, OK);
+    assert_eq!(run(&ahead, &req("t", &[d.clone().hits(1)]), &reserve()).await.overall_code, OVER);
+}
+
+#[tokio::test]
 async fn gcra_per_second_tokens() {
     let redis = RedisServer::start();
     let (l, clock, _) = limiter(&redis, T0);
@@ -284,6 +303,82 @@ async fn calendar_anchor_31_in_february_and_time_zone_dst() {
     clock.set(ms("2025-11-02T00:00:00-04:00"));
     let r = run(&l, &req("t", &[d.clone().hits(1)]), &reserve()).await;
     assert_eq!(reset_ms(&r, 0), 25 * 3_600_000);
+}
+
+#[tokio::test]
+async fn hourly_limit_admits_exactly_its_limit_then_one_per_36_s() {
+    let redis = RedisServer::start();
+    // one second before an hour edge: the edge brings no new burst
+    let (l, clock, _) = limiter(&redis, T0 - T0 % 3_600_000 + 3_599_000);
+    // as the filter sends requests_per_hour: unit HOUR, one hit per request
+    let d = D::new(&[("tenant", "acme"), ("limit", "requests_per_hour")]).limit(100, HOUR);
+    let one = req("tollgate", &[d.clone()]);
+    for i in 0..100 {
+        let r = run(&l, &one, &reserve()).await;
+        assert_eq!((r.overall_code, remaining(&r)), (OK, vec![99 - i]), "request {i}");
+    }
+    let r = run(&l, &one, &reserve()).await;
+    assert_eq!((r.overall_code, r.statuses[0].code, remaining(&r)), (OVER, OVER, vec![0]));
+    assert_eq!(reset_ms(&r, 0), 36_000, "100/h: one request drains every 36 s");
+    let limit = r.statuses[0].current_limit.as_ref().expect("limit");
+    assert_eq!((limit.requests_per_unit, limit.unit), (100, HOUR));
+    // across the hour edge, 1 ms short of one request's worth: still refused
+    clock.advance(35_999);
+    assert_eq!(run(&l, &one, &reserve()).await.overall_code, OVER);
+    clock.advance(1);
+    assert_eq!(run(&l, &one, &reserve()).await.overall_code, OK);
+    assert_eq!(run(&l, &one, &reserve()).await.overall_code, OVER);
+    // an idle hour refills exactly the limit
+    clock.advance(3_600_000);
+    for _ in 0..100 {
+        assert_eq!(run(&l, &one, &reserve()).await.overall_code, OK);
+    }
+    assert_eq!(run(&l, &one, &reserve()).await.overall_code, OVER);
+}
+
+#[tokio::test]
+async fn weekly_budget_renews_on_monday_in_its_zone() {
+    let redis = RedisServer::start();
+    // Sunday 23:00 in New York, in the week DST started (Mon 03-03 to Mon 03-10: 167 h)
+    let (l, clock, _) = limiter(&redis, ms("2025-03-09T23:00:00-04:00"));
+    let week = D::new(&[("tenant", "acme"), ("limit", "tokens_per_week")])
+        .limit(100, DAY)
+        .entry("tollgate.window", "week")
+        .entry("tollgate.tz", "America/New_York");
+    let day = D::new(&[("tenant", "acme"), ("limit", "tokens_per_week")]).limit(100, DAY);
+    let r = run(&l, &req("t", &[week.clone().hits(100)]), &reserve()).await;
+    assert_eq!((r.overall_code, reset_ms(&r, 0)), (OK, 3_600_000));
+    let limit = r.statuses[0].current_limit.as_ref().expect("limit");
+    assert_eq!((limit.requests_per_unit, limit.unit), (100, 7), "answered as WEEK");
+    assert_eq!(run(&l, &req("t", &[week.clone().hits(1)]), &reserve()).await.overall_code, OVER);
+    // the same entries as a DAY limit are a counter of their own
+    let r = run(&l, &req("t", &[day.clone().hits(100)]), &reserve()).await;
+    assert_eq!((r.overall_code, r.statuses[0].current_limit.as_ref().map(|l| l.unit)), (OK, Some(DAY)));
+    // Monday 00:00 local: a new week
+    clock.set(ms("2025-03-10T00:00:00-04:00"));
+    let r = run(&l, &req("t", &[week.clone().hits(60)]), &reserve()).await;
+    assert_eq!((r.overall_code, remaining(&r), reset_ms(&r, 0)), (OK, vec![40], 7 * 86_400_000));
+    // Sunday still in that week
+    clock.set(ms("2025-03-16T23:59:59-04:00"));
+    assert_eq!(run(&l, &req("t", &[week.clone().hits(41)]), &reserve()).await.overall_code, OVER);
+
+    // a week across the new year: Monday 2024-12-30 to Monday 2025-01-06 (UTC)
+    let utc =
+        D::new(&[("tenant", "acme"), ("limit", "requests_per_week")]).limit(3, DAY).entry("tollgate.window", "week");
+    clock.set(ms("2024-12-31T12:00:00Z"));
+    assert_eq!(run(&l, &req("t", &[utc.clone().hits(3)]), &reserve()).await.overall_code, OK);
+    clock.set(ms("2025-01-05T23:00:00Z"));
+    let r = run(&l, &req("t", &[utc.clone().hits(1)]), &reserve()).await;
+    assert_eq!((r.overall_code, reset_ms(&r, 0)), (OVER, 3_600_000));
+    clock.set(ms("2025-01-06T00:00:00Z"));
+    assert_eq!(run(&l, &req("t", &[utc.clone().hits(3)]), &reserve()).await.overall_code, OK);
+
+    // misuse is INVALID_ARGUMENT
+    let minute = D::new(&[("tenant", "acme")]).limit(3, MINUTE).entry("tollgate.window", "week");
+    let e = l.decide(&req("t", &[minute]), &reserve()).await.expect_err("week on MINUTE");
+    let status = tonic::Status::from(e);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("tollgate.window=week needs a DAY limit"), "{}", status.message());
 }
 
 #[tokio::test]

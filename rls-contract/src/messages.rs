@@ -202,5 +202,7 @@ mod tests {
             assert_eq!(ours as i32, theirs as i32, "{ours:?}");
         }
         assert_eq!(Unit::from_proto(PbUnit::Unknown as i32), None);
+        assert_eq!(crate::RESPONSE_UNIT_WEEK, PbUnit::Week as i32);
+        assert_eq!(Unit::from_proto(crate::RESPONSE_UNIT_WEEK), None, "requests have no WEEK");
     }
 }

@@ -17,9 +17,19 @@ pub const KEY_LIMIT: &str = "tollgate.limit";
 pub const KEY_ANCHOR_DAY: &str = "tollgate.anchor_day";
 /// The IANA time zone of DAY, MONTH and YEAR windows (default UTC).
 pub const KEY_TZ: &str = "tollgate.tz";
+/// The window of a DAY-unit limit, when it is not one day. RLS v3 requests
+/// have no WEEK unit (only responses do), so a weekly limit is sent with unit
+/// DAY and this entry set to [`WINDOW_WEEK`]. The service answers the
+/// descriptor's `current_limit.unit` as [`crate::RESPONSE_UNIT_WEEK`]. Any other
+/// unit, any other value, or `tollgate.anchor_day` next to it is refused.
+pub const KEY_WINDOW: &str = "tollgate.window";
+/// `tollgate.window=week`: a calendar week, from Monday 00:00 to the next
+/// Monday 00:00 in the descriptor's `tollgate.tz` (UTC by default); 167 or 169
+/// hours in a week with a DST change.
+pub const WINDOW_WEEK: &str = "week";
 
 /// Every reserved key the service knows.
-pub const RESERVED_KEYS: [&str; 3] = [KEY_LIMIT, KEY_ANCHOR_DAY, KEY_TZ];
+pub const RESERVED_KEYS: [&str; 4] = [KEY_LIMIT, KEY_ANCHOR_DAY, KEY_TZ, KEY_WINDOW];
 
 /// The days of the month a `tollgate.anchor_day` may name.
 pub const ANCHOR_DAYS: RangeInclusive<u32> = 1..=31;

@@ -1,9 +1,16 @@
 //! Which units may a limit have, and what are they called?
 //!
 //! The numbers are RLS v3's (`RateLimitUnit`, also `RateLimit.Unit`). Neither
-//! side accepts `UNKNOWN` (0) nor `WEEK` (7): the service answers
-//! `INVALID_ARGUMENT` for them, so they have no variant here. The names are
-//! the protocol's, lower case, as written in configuration files.
+//! side accepts `UNKNOWN` (0) nor `WEEK` (7) in a request: the service answers
+//! `INVALID_ARGUMENT` for them, so they have no variant here. (Requests have
+//! no WEEK; a weekly limit is a DAY limit with `tollgate.window=week`, and its
+//! answer names [`RESPONSE_UNIT_WEEK`].) The names are the protocol's, lower
+//! case, as written in configuration files.
+
+/// `RateLimit.Unit.WEEK` of an RLS v3 *response* (requests have no such unit):
+/// the `current_limit.unit` the service answers for a descriptor with
+/// `tollgate.window=week`.
+pub const RESPONSE_UNIT_WEEK: i32 = 7;
 
 /// A limit's unit. `unit as i32` is its number on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,6 +1,8 @@
-//! Storage behind a trait: the decision for a whole batch is one atomic call.
+//! Storage behind a trait: the decision for a whole batch is one atomic call
+//! (on Redis Cluster, one per hash slot, see [`slots`]).
 
 pub mod redis;
+pub mod slots;
 
 use std::future::Future;
 
@@ -32,7 +34,11 @@ pub struct Counter {
 /// At-most-once application of a request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Idempotency {
+    /// The Redis key, in the first counter's slot.
     pub key: String,
+    /// The caller's key as it came (`x-tollgate-idempotency-key`): on Redis
+    /// Cluster each further slot of the batch gets its own Redis key from it.
+    pub request_key: String,
     pub ttl_ms: u64,
 }
 
@@ -76,16 +82,16 @@ pub enum StorageError {
     Redis(#[from] ::redis::RedisError),
     #[error("unexpected storage reply: {0}")]
     Reply(String),
-    /// Cluster mode only: the keys of one request must share a hash slot.
-    #[error("descriptors of one request span hash slots ({0} and {1}); in Redis Cluster all descriptors of a request must share their first entry")]
-    CrossSlot(String, String),
 }
 
 impl StorageError {
-    /// Transient errors (Redis down, slow, failing over) answer gRPC UNAVAILABLE;
-    /// the others are the caller's fault.
+    /// Transient errors (Redis down, slow, failing over) answer gRPC UNAVAILABLE.
+    /// Every storage error is one: a request is never refused for where its
+    /// counters live (a batch spanning Redis Cluster slots is split, see [`slots`]).
     pub fn is_transient(&self) -> bool {
-        !matches!(self, Self::CrossSlot(..))
+        match self {
+            Self::Timeout(_) | Self::Redis(_) | Self::Reply(_) => true,
+        }
     }
 }
 

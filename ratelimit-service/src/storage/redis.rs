@@ -1,5 +1,6 @@
 //! Redis storage: single node (multiplexed `ConnectionManager`) or Redis Cluster
-//! (`cluster_async`), one `EVALSHA` of [`crate::scripts::DECIDE`] per request.
+//! (`cluster_async`), one `EVALSHA` of [`crate::scripts::DECIDE`] per request
+//! (on a cluster, per hash tag of the request: [`super::slots`]).
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::Mutex;
 
-use super::{Algorithm, Batch, CounterState, Outcome, Storage, StorageError};
+use super::{slots, Algorithm, Batch, CounterState, Outcome, Storage, StorageError};
 use crate::scripts;
 
 /// Where to connect.
@@ -214,20 +215,10 @@ pub fn parse_reply(value: Value, n: usize) -> Result<Outcome, StorageError> {
     Ok(Outcome { allowed: overall == 1, replay, counters })
 }
 
-impl Storage for RedisStorage {
-    async fn apply(&self, batch: &Batch) -> Result<Outcome, StorageError> {
-        if batch.counters.is_empty() {
-            return Ok(Outcome { allowed: true, replay: false, counters: vec![] });
-        }
-        if self.is_cluster() {
-            // One script may only touch keys of one slot; all keys carry the
-            // first counter's tag when all descriptors share their first entry.
-            if let Some(first) = batch.counters.first().map(|c| &c.hash_tag) {
-                if let Some(other) = batch.counters.iter().find(|c| &c.hash_tag != first) {
-                    return Err(StorageError::CrossSlot(first.clone(), other.hash_tag.clone()));
-                }
-            }
-        }
+impl RedisStorage {
+    /// One `EVALSHA` of [`scripts::DECIDE`] for `batch`, whose keys must share a
+    /// slot on a cluster.
+    async fn decide(&self, batch: &Batch) -> Result<Outcome, StorageError> {
         let (keys, argv) = script_args(batch);
         let mut evalsha = redis::cmd("EVALSHA");
         evalsha.arg(&self.sha).arg(keys.len()).arg(&keys).arg(&argv);
@@ -246,6 +237,21 @@ impl Storage for RedisStorage {
             })
             .await?;
         parse_reply(value, batch.counters.len())
+    }
+}
+
+impl Storage for RedisStorage {
+    async fn apply(&self, batch: &Batch) -> Result<Outcome, StorageError> {
+        if batch.counters.is_empty() {
+            return Ok(Outcome { allowed: true, replay: false, counters: vec![] });
+        }
+        // One script may only touch keys of one slot. On a single node one script
+        // decides everything (exact); on a cluster a batch spanning hash tags
+        // (a tenant's and a pool's counters) runs one script per tag.
+        if self.is_cluster() && slots::spans_slots(batch) {
+            return slots::apply_groups(batch, |group| async move { self.decide(&group).await }).await;
+        }
+        self.decide(batch).await
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
