@@ -154,6 +154,47 @@ class Redis:
         self.proc.stop()
 
 
+class RedisCluster:
+    """Three redis-server masters on loopback joined into a Redis Cluster
+    (no replicas), each in its own directory."""
+
+    def __init__(self, logdir):
+        import tempfile
+        self.ports = [free_port() for _ in range(3)]
+        self.procs = []
+        self.dirs = [tempfile.mkdtemp(prefix="tollgate-cluster-") for _ in self.ports]
+        for port, d in zip(self.ports, self.dirs):
+            p = Proc("redis-cluster-%d" % port,
+                     [redis_bin(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                      "--dir", d, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                      "--cluster-node-timeout", "2000"], logdir=logdir)
+            wait_port(port, proc=p.proc)
+            self.procs.append(p)
+        out = subprocess.run(["redis-cli", "--cluster", "create"] + ["127.0.0.1:%d" % p for p in self.ports]
+                             + ["--cluster-replicas", "0", "--cluster-yes"], capture_output=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError("redis-cli --cluster create failed: %s" % out.stdout.decode()[-500:])
+        deadline = time.time() + 30
+        while True:
+            infos = [subprocess.run(["redis-cli", "-p", str(p), "CLUSTER", "INFO"], capture_output=True,
+                                    timeout=10).stdout.decode() for p in self.ports]
+            if all("cluster_state:ok" in i for i in infos):
+                break
+            if time.time() > deadline:
+                raise RuntimeError("the cluster did not become ok")
+            time.sleep(0.2)
+
+    def nodes(self):
+        return ",".join("redis://127.0.0.1:%d" % p for p in self.ports)
+
+    def stop(self):
+        import shutil as _sh
+        for p in self.procs:
+            p.stop()
+        for d in self.dirs:
+            _sh.rmtree(d, ignore_errors=True)
+
+
 # TOLLGATE_RLS_BIN: another build of the service (e.g. under a CARGO_TARGET_DIR).
 RLS_BIN = os.environ.get("TOLLGATE_RLS_BIN") or os.path.join(ROOT, "target", "release", "tollgate-ratelimit")
 ADMIN_BIN = os.path.join(os.path.dirname(RLS_BIN), "tollgate-admin")
@@ -168,7 +209,9 @@ class RateLimitService:
     environment, never the command line."""
 
     def __init__(self, redis_port, logdir=None, port=None, metrics_port=None, redis_timeout_ms=200,
-                 registry=False, admin_tokens=None, kek=None, registry_port=None, admin_port=None):
+                 registry=False, admin_tokens=None, kek=None, registry_port=None, admin_port=None,
+                 cluster_nodes=None):
+        self.cluster_nodes = cluster_nodes
         self.redis_timeout_ms = redis_timeout_ms
         if not os.path.exists(RLS_BIN):
             raise RuntimeError("%s is missing: cargo build --release -p tollgate-ratelimit" % RLS_BIN)
@@ -185,8 +228,11 @@ class RateLimitService:
     def start(self):
         argv = [RLS_BIN, "--grpc-addr", "127.0.0.1:%d" % self.port,
                 "--metrics-addr", "127.0.0.1:%d" % self.metrics_port,
-                "--redis-url", "redis://127.0.0.1:%d" % self.redis_port,
                 "--redis-timeout-ms", str(self.redis_timeout_ms)]
+        if self.cluster_nodes:
+            argv += ["--redis-cluster-nodes", self.cluster_nodes]
+        else:
+            argv += ["--redis-url", "redis://127.0.0.1:%d" % self.redis_port]
         env = {}
         if self.registry_port:
             argv += ["--registry-addr", "127.0.0.1:%d" % self.registry_port]

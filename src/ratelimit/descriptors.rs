@@ -371,8 +371,7 @@ impl Amounts {
 }
 
 /// The reserved entry naming a calendar week window on a DAY override.
-pub const KEY_WINDOW: &str = "tollgate.window";
-pub const WINDOW_WEEK: &str = "week";
+pub use crate::rls::{KEY_WINDOW, WINDOW_WEEK};
 
 pub(crate) fn descriptor(tenant: &str, scope: Option<&Scope>, item: LimitItem, policy: &Policy) -> Descriptor {
     let mut entries = Vec::with_capacity(4);
