@@ -359,13 +359,14 @@ def test_promtool_unit_tests():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-def test_the_filter_stays_under_1_6_mb():
+def test_the_filter_stays_under_1_7_mb():
     # Every Envoy worker compiles the module, and Istio pulls it per pod: its
     # size is a budget (release profile: symbols stripped, the JWT crypto
     # stack built for size; docs/architecture.md). 1.45 MB before the tenant
-    # registry client (about 84 KB: its JSON messages and caches).
+    # registry client (about 84 KB: its JSON messages and caches); 1.59 MB
+    # before limit levels (about 75 KB: keys, users, pools, their config).
     size = os.path.getsize(os.path.join(ROOT, "build", "tollgate.wasm"))
-    assert size <= 1_600_000, f"build/tollgate.wasm is {size} bytes"
+    assert size <= 1_700_000, f"build/tollgate.wasm is {size} bytes"
 
 
 # --- plain Kubernetes and Envoy Gateway manifests ----------------------------------------------------

@@ -136,11 +136,36 @@ pub struct KeyRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// The key's own limits and budgets, checked with the tenant's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "object_or_null")]
     pub limits: Option<LimitsSpec>,
     /// Evaluate the key's (and its tenant's) limits without refusing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<bool>,
+}
+
+/// A struct read from a JSON object only: serde's derive also takes an array
+/// of the fields in order, which no operator means.
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData)).map(Object)
+    }
+}
+
+/// An optional struct field: an object, or `null` / absent for none.
+pub fn object_or_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<Object<T>>::deserialize(d).map(|o| o.map(|Object(t)| t))
 }
 
 /// Limits of one level (an API key, each end user, a provider pool). Every
@@ -260,7 +285,7 @@ pub struct TierSpec {
     pub usd_per_week: Option<f64>,
     /// Limits of every end user of a tenant of this tier, each counted on
     /// its own (within the tenant's limits).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "object_or_null")]
     pub users: Option<LimitsSpec>,
     /// Shadow mode: every limit is evaluated and counted, but nothing is
     /// refused; a request that would have been refused is marked in the

@@ -104,6 +104,15 @@ struct KeyFields {
     /// Comma-separated model names this key may call.
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
+    /// The key's name within its tenant (needed with --limits or --shadow).
+    #[arg(long)]
+    name: Option<String>,
+    /// The key's own limits, as JSON: `{"usd_per_day": 5, "requests_per_minute": 30}`.
+    #[arg(long)]
+    limits: Option<String>,
+    /// Evaluate the key's limits without refusing.
+    #[arg(long)]
+    shadow: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,7 +233,7 @@ fn page(path: &str, limit: Option<u32>, cursor: Option<&str>, cursor_name: &str)
     }
 }
 
-fn key_body(fields: &KeyFields, sha256: Option<&str>) -> Value {
+fn key_body(fields: &KeyFields, sha256: Option<&str>) -> Result<Value, Failure> {
     let mut body = json!({"label": fields.label});
     if let Some(obj) = body.as_object_mut() {
         if let Some(s) = sha256 {
@@ -236,8 +245,18 @@ fn key_body(fields: &KeyFields, sha256: Option<&str>) -> Value {
         if let Some(m) = &fields.models {
             obj.insert("models".into(), json!(m));
         }
+        if let Some(n) = &fields.name {
+            obj.insert("name".into(), json!(n));
+        }
+        if let Some(l) = &fields.limits {
+            let v: Value = serde_json::from_str(l).map_err(|e| Failure::Usage(format!("--limits is not JSON: {e}")))?;
+            obj.insert("limits".into(), v);
+        }
+        if fields.shadow {
+            obj.insert("shadow".into(), json!(true));
+        }
     }
-    body
+    Ok(body)
 }
 
 fn read_secret(source: &SecretSource) -> Result<String, Failure> {
@@ -344,12 +363,12 @@ fn run(cli: Cli) -> Outcome {
         },
         Command::Key(cmd) => match cmd {
             KeyCmd::Issue { tenant: t, fields } => {
-                c.call("POST", &format!("/v1/tenants/{}/keys", tenant(&t)?), Some(key_body(&fields, None)))
+                c.call("POST", &format!("/v1/tenants/{}/keys", tenant(&t)?), Some(key_body(&fields, None)?))
             }
             KeyCmd::Import { tenant: t, sha256, fields } => c.call(
                 "POST",
                 &format!("/v1/tenants/{}/keys/import", tenant(&t)?),
-                Some(key_body(&fields, Some(digest(&sha256)?))),
+                Some(key_body(&fields, Some(digest(&sha256)?))?),
             ),
             KeyCmd::List { tenant: t, limit, cursor } => c.call(
                 "GET",

@@ -185,6 +185,24 @@ where
     T::deserialize(d).map(Some)
 }
 
+/// Absent → `None`; an object → `Some(v)`; `null` and arrays are refused.
+fn present_object<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Obj::<T>::deserialize(d).map(|Obj(t)| Some(t))
+}
+
+/// Absent → `None`; `null` → `Some(None)`; an object → `Some(Some(v))`.
+fn nullable_object<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<Obj<T>>::deserialize(d).map(|o| Some(o.map(|Obj(t)| t)))
+}
+
 /// `PATCH /v1/tenants/{id}`: absent fields stay as they are.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -211,7 +229,7 @@ pub struct IssueKey {
     pub models: Option<Vec<String>>,
     #[serde(default, deserialize_with = "present")]
     pub name: Option<String>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_object")]
     pub limits: Option<LimitsSpec>,
     #[serde(default, deserialize_with = "present")]
     pub shadow: Option<bool>,
@@ -228,7 +246,7 @@ pub struct ImportKey {
     pub models: Option<Vec<String>>,
     #[serde(default, deserialize_with = "present")]
     pub name: Option<String>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_object")]
     pub limits: Option<LimitsSpec>,
     #[serde(default, deserialize_with = "present")]
     pub shadow: Option<bool>,
@@ -246,7 +264,7 @@ pub struct PatchKey {
     pub models: Option<Option<Vec<String>>>,
     #[serde(default, deserialize_with = "nullable")]
     pub name: Option<Option<String>>,
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "nullable_object")]
     pub limits: Option<Option<LimitsSpec>>,
     #[serde(default, deserialize_with = "nullable")]
     pub shadow: Option<Option<bool>>,
