@@ -317,3 +317,25 @@ def test_no_secret_appears_in_redis_logs_stats_or_config_dump(gw, svc, redis, mo
         with open(os.path.join(gw.logdir, p), errors="replace") as f:
             body = f.read()
         assert secret not in body and key["key"] not in body, p
+
+
+def test_a_registry_keys_own_limits_are_enforced_with_its_tenants(gw, svc):
+    tenant = "rt-%s-kl" % RUN
+    onboard(svc, tenant, secret="sk-kl-" + uuid.uuid4().hex)
+    st, limited = svc.admin("POST", "/v1/tenants/%s/keys" % tenant,
+                            {"label": "agent", "name": "agent-1", "limits": {"requests_per_minute": 2}})
+    assert st == 201, (st, limited)
+    assert limited["name"] == "agent-1" and limited["limits"] == {"requests_per_minute": 2}
+    st, body = svc.admin("POST", "/v1/tenants/%s/keys" % tenant, {"label": "x", "limits": {"requests_per_day": 1}})
+    assert st == 400 and "name" in json.dumps(body), body
+    assert until(lambda: chat(gw, limited["key"]).status, 200)[0] == 200
+    codes = [chat(gw, limited["key"]) for _ in range(3)]
+    refused = [r for r in codes if r.status == 429]
+    assert refused, [r.status for r in codes]
+    assert refused[0].header("x-tollgate-error") == "key_request_rate_limited"
+    assert refused[0].header("x-tollgate-limit") == "key.requests_per_minute"
+    # Another key of the tenant has no key limit.
+    st, other = svc.admin("POST", "/v1/tenants/%s/keys" % tenant, {"label": "other"})
+    assert st == 201
+    assert until(lambda: chat(gw, other["key"]).status, 200)[0] == 200
+    assert [chat(gw, other["key"]).status for _ in range(3)] == [200, 200, 200]
