@@ -101,7 +101,32 @@ def tenant_config(limits, extra=None):
     }
     if limits:
         cfg["rate_limit"] = {"cluster": "tollgate_rls", "timeout_ms": 500}
+        # A reserve call per request unless a run asks for leases (they are
+        # on by default).
+        tier["lease_requests"] = 0
     cfg.update(extra or {})
+    return cfg
+
+
+BIG = 1_000_000_000
+
+
+def four_level_config(leases=False):
+    """The bench tenant's five tenant limits, plus a named key's own limit,
+    a per-user limit (the end user from a trusted header) and a provider
+    pool with the tier's share: four levels in one reserve."""
+    cfg = tenant_config(limits=True)
+    if leases:
+        del cfg["tiers"]["bench"]["lease_requests"]
+    cfg["tiers"]["bench"]["users"] = {"requests_per_minute": BIG}
+    cfg["tenants"][0]["api_key_sha256"] = []
+    cfg["tenants"][0]["keys"] = [{"id": "bench-key", "sha256": harness.sha256_hex(KEY),
+                                  "limits": {"usd_per_day": 1_000_000}}]
+    cfg["routes"][0]["trust_end_user_header"] = True
+    cfg["identity"] = {"end_user_header": "x-end-user"}
+    cfg["pools"] = [{"name": "bench-pool", "provider": "openai", "models": ["gpt-4o-mini"],
+                     "limits": {"requests_per_minute": BIG, "output_tokens_per_minute": BIG},
+                     "tier_shares": {"bench": 0.5}}]
     return cfg
 
 
@@ -306,6 +331,11 @@ def sections_1_to_4(up_port, rls_port, auth, limiter):
         cfg["tiers"]["bench"]["lease_requests"] = 100
         return [harness.wasm_filter(cfg, env_keys=["BENCH_OPENAI_KEY"])]
 
+    def default(cfg):
+        """As an operator would configure it: leases sized automatically."""
+        cfg["tiers"]["bench"].pop("lease_requests", None)
+        return [harness.wasm_filter(cfg, env_keys=["BENCH_OPENAI_KEY"])]
+
     try:
         # 1. bare Envoy
         add("bare_envoy", [])
@@ -331,7 +361,14 @@ def sections_1_to_4(up_port, rls_port, auth, limiter):
         # of all twenty (metering.filter_state): everything else the same.
         add("tollgate_leased_lean", leased({"metering": {
             "filter_state": ["tenant", "model_served", "tokens_total", "cost_usd"]}}), rls=True, cpu_limiter=True)
-        r = interleaved(runs, auth)
+        # 4c. the defaults (automatic leases), one level and four levels
+        add("tollgate_default", default(tenant_config(limits=True)), rls=True, cpu_limiter=True)
+        add("tollgate_default_levels4", default(four_level_config(leases=True)), rls=True, cpu_limiter=True)
+        # 4d. a reserve per request over four levels (tenant, key, user,
+        # pool and its tier share: nine descriptors), against "tollgate" above.
+        add("tollgate_levels4", [harness.wasm_filter(four_level_config(), env_keys=["BENCH_OPENAI_KEY"])],
+            rls=True, cpu_limiter=True)
+        r = interleaved(runs, dict(auth, **{"x-end-user": "bench-user"}))
         for name in ("tollgate", "tollgate_leased"):
             result("%s_settles_dropped" % name, r[name].envoy.stats("tollgate.settle").get(
                 "wasmcustom.tollgate.settle.dropped", 0))
@@ -350,6 +387,23 @@ def sections_1_to_4(up_port, rls_port, auth, limiter):
     ratio("native_ratelimit_vs_bare_envoy_rps", native, bare)
     ratio("wasm_passthrough_vs_bare_envoy_rps", r["wasm_passthrough"], bare)
     ratio("tollgate_no_limits_vs_bare_envoy_rps", r["tollgate_no_limits"], bare)
+    ratio("tollgate_levels4_vs_levels1_rps", r["tollgate_levels4"], r["tollgate"])
+    ratio("tollgate_default_vs_native_ratelimit_rps", r["tollgate_default"], native)
+    ratio("tollgate_default_levels4_vs_native_ratelimit_rps", r["tollgate_default_levels4"], native)
+    for name in ("tollgate_default", "tollgate_default_levels4"):
+        result("%s_rls_calls_per_1000_requests" % name, "%.1f" % (
+            r[name].envoy.stats("cluster.tollgate_rls.upstream_rq_total").get(
+                "cluster.tollgate_rls.upstream_rq_total", 0) / max(1, r[name].requests) * 1000))
+
+    def cpu(run, parts=("envoy", "rls", "redis")):
+        return sum(statistics.median(run.cpu_us[p]) for p in parts if p in run.cpu_us)
+
+    result("tollgate_levels4_vs_levels1_envoy_cpu_per_req", "%.3f" % (
+        cpu(r["tollgate_levels4"], ("envoy",)) / cpu(r["tollgate"], ("envoy",))))
+    # Whole system (Envoy + service + Redis) CPU per request, against the
+    # native filter's: below 1 means cheaper.
+    for name in ("tollgate_default", "tollgate_default_levels4", "tollgate_leased", "tollgate"):
+        result("%s_vs_native_system_cpu_per_req" % name, "%.3f" % (cpu(r[name]) / cpu(native)))
     for name, run in (("tollgate", r["tollgate"]), ("tollgate_leased", r["tollgate_leased"]),
                       ("native_ratelimit", native)):
         result("%s_added_p50_ms" % name, "%.3f" % (run.single["p50"] - bare.single["p50"]))

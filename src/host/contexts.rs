@@ -418,12 +418,24 @@ impl Http {
     }
 
     fn reply<H: Host>(&self, host: &mut H, reply: &LocalReply) {
-        let name = self.flow.refusal_metric(reply);
-        self.metrics.borrow_mut().count(host, &name, 1);
-        for (k, v) in self.flow.refusal_properties(reply) {
-            host.set_property(k, &v);
+        // A 2xx local reply is an answer (the quota endpoint), not a refusal.
+        if reply.status >= 300 {
+            let name = self.flow.refusal_metric(reply);
+            self.metrics.borrow_mut().count(host, &name, 1);
+            for (k, v) in self.flow.refusal_properties(reply) {
+                host.set_property(k, &v);
+            }
         }
         host.send_reply(reply);
+    }
+
+    /// A call made from the request headers (the quota endpoint's check).
+    fn headers_call<H: Host>(&mut self, host: &mut H, call: &RlsCall) {
+        if self.dispatch(host, call).is_err() {
+            let now = host.now_ms();
+            let step = self.flow.on_rls_reply(Err(14), now);
+            let _ = self.run_body_step(host, step, 0, false);
+        }
     }
 
     /// Carries out a body step. `in_body_callback` says whether the request
@@ -541,6 +553,10 @@ impl Http {
                 apply_plan(host, &raw, &plan);
                 Action::Pause
             }
+            HeadersStep::Call(call) => {
+                self.headers_call(host, &call);
+                Action::Pause
+            }
             HeadersStep::Lookup(call) => {
                 match host.dispatch_get(&call.cluster, &call.path, &call.authority, call.timeout_ms) {
                     Ok(token) => self.lookup_token = Some(token),
@@ -578,6 +594,7 @@ impl Http {
         );
         match step {
             HeadersStep::Reply(reply) => self.reply(host, &reply),
+            HeadersStep::Call(call) => self.headers_call(host, &call),
             HeadersStep::ReadBody(plan) => {
                 apply_plan(host, &raw, &plan);
                 if let Some(size) = self.body_done {

@@ -13,7 +13,6 @@ use crate::metering::usage::{self, Metered, Usage};
 use crate::request::effect::Finish;
 
 /// What the request knew when it finished.
-#[derive(Debug)]
 pub struct Facts<'a> {
     pub tenant: &'a Tenant,
     pub user: Option<&'a str>,
@@ -38,7 +37,13 @@ pub struct Facts<'a> {
     pub key: Option<&'a str>,
     /// Shadow mode: the refusal this request would have had.
     pub shadow_refusal: Option<&'a str>,
+    /// What each budget has left once this request's usage (and its cost in
+    /// micro-dollars) replaced its reservation.
+    pub budgets_after: Option<BudgetsAfter<'a>>,
 }
+
+/// See [`Facts::budgets_after`].
+pub type BudgetsAfter<'a> = &'a dyn Fn(&Usage, u64) -> Vec<crate::ratelimit::descriptors::LimitState>;
 
 /// The usage a finished request is settled and reported with, and whether
 /// it is an estimate: the metered usage when complete; when a successful
@@ -141,6 +146,7 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     let whole = f.reached_end || (metered.complete && metered.usage.is_some());
     let outcome = outcome(whole, f.upstream_status, stream_errors);
 
+    let budgets_after = f.budgets_after.map(|after| after(&usage, micros)).unwrap_or_default();
     let p = &mut out.properties;
     let mut prop = |k: &'static str, v: String| p.push((k, v));
     prop("tollgate_tenant", f.tenant.id.clone());
@@ -206,11 +212,16 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
             ("x-tollgate-cost-usd".into(), format_usd(micros)),
             ("x-tollgate-usage-estimated".into(), estimated.to_string()),
         ];
+        out.headers.extend(crate::ratelimit::quota::remaining_headers(&budgets_after));
     } else if plugin.metering.stream_usage_comment && f.reached_end && ok_status {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "tenant": f.tenant.id, "model": model_answered, "usage": usage,
             "cost_usd": format_usd(micros), "estimated": estimated,
         });
+        if let (false, Some(obj)) = (budgets_after.is_empty(), v.as_object_mut()) {
+            let left: Vec<_> = budgets_after.iter().map(crate::ratelimit::quota::limit_json).collect();
+            obj.insert("budgets_remaining".into(), left.into());
+        }
         out.append = usage::render_usage_comment(&v);
     }
     (out, usage, micros)

@@ -6,5 +6,6 @@
 pub mod descriptors;
 pub mod headers;
 pub mod outbox;
+pub mod quota;
 pub mod reserve;
 pub mod settle;

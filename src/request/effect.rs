@@ -20,6 +20,9 @@ pub enum HeadersStep {
     /// Ask the tenant registry, hold the request (and its body), and hand
     /// the answer to `RequestFlow::on_lookup_answer`.
     Lookup(LookupCall),
+    /// Make this rate-limit service call (the quota endpoint's pure check)
+    /// and hand its answer to `RequestFlow::on_rls_reply`, which replies.
+    Call(RlsCall),
 }
 
 /// A lookup in the tenant registry: an HTTP GET.

@@ -41,7 +41,11 @@ use crate::metering::usage::{self, MeterLimits, Usage};
 use crate::ratelimit::descriptors::{self as levels, Amounts, LimitItem, LimitKind, LimitState, PoolScope, Scope};
 use crate::ratelimit::outbox::{self};
 use crate::ratelimit::reserve::{self, Verdict};
-use crate::ratelimit::{headers, settle};
+use crate::ratelimit::{headers, quota, settle};
+
+/// The self-service quota endpoint: `GET /tollgate/v1/quota` with the
+/// caller's own API key or JWT.
+pub const QUOTA_PATH: &str = "/tollgate/v1/quota";
 use crate::request::header_plan::{self};
 use crate::rls;
 
@@ -137,6 +141,8 @@ pub struct RequestFlow {
     pub shadow_refusal: Option<String>,
     /// The route believes the end-user header.
     trust_end_user: bool,
+    /// A `GET /tollgate/v1/quota` self-service request.
+    quota: bool,
     body: Option<Value>,
     body_dirty: bool,
     extra_headers: Vec<(String, String)>,
@@ -174,6 +180,7 @@ impl RequestFlow {
             scope: None,
             shadow_refusal: None,
             trust_end_user: false,
+            quota: false,
             body: None,
             body_dirty: false,
             extra_headers: Vec::new(),
@@ -263,6 +270,14 @@ impl RequestFlow {
             .unwrap_or_else(new_request_id);
         self.path = api_key::header(headers, ":path").unwrap_or("/").to_string();
 
+        let bare_path = self.path.split('?').next().unwrap_or_default();
+        if bare_path == QUOTA_PATH {
+            // Self-service quota: the caller's own levels, from a pure check
+            // that charges nothing. Identified like any request.
+            self.quota = true;
+            self.api = Some(Api::OpenaiChat);
+            return self.resolve(headers, end_of_stream, now_ms, jwt_authn_payload);
+        }
         let Some(route) = plugin.route_for(&self.path) else {
             return match plugin.unmatched_routes {
                 UnmatchedRoutes::Pass => HeadersStep::PassThrough,
@@ -272,6 +287,18 @@ impl RequestFlow {
         self.api = Some(route.api);
         self.provider = route.provider;
         self.trust_end_user = route.trust_end_user_header;
+        self.resolve(headers, end_of_stream, now_ms, jwt_authn_payload)
+    }
+
+    /// Identity, then the rest of the headers' step.
+    fn resolve(
+        &mut self,
+        headers: &Headers,
+        end_of_stream: bool,
+        now_ms: u64,
+        jwt_authn_payload: Option<&[u8]>,
+    ) -> HeadersStep {
+        let plugin = Rc::clone(&self.plugin);
 
         match resolve_identity(&plugin, headers, &self.path, jwt_authn_payload, now_ms / 1000) {
             Ok(Who::Known(t, user, key)) => {
@@ -354,6 +381,9 @@ impl RequestFlow {
         if !tenant.enabled {
             return HeadersStep::Reply(self.refuse(&Refusal::TenantDisabled));
         }
+        if self.quota {
+            return self.quota_call(headers);
+        }
         if api_key::header(headers, ":method") != Some("POST") {
             return HeadersStep::Reply(self.refuse(&Refusal::MethodNotAllowed));
         }
@@ -404,6 +434,46 @@ impl RequestFlow {
             }
         }
         HeadersStep::ReadBody(header_plan)
+    }
+
+    /// The quota endpoint's pure check over the caller's own levels (its
+    /// tenant, key and end user; never the shared pools).
+    fn quota_call(&mut self, headers: &Headers) -> HeadersStep {
+        if api_key::header(headers, ":method") != Some("GET") {
+            return HeadersStep::Reply(self.refuse(&Refusal::MethodNotAllowed));
+        }
+        let plugin = Rc::clone(&self.plugin);
+        let (Some(rl), Some(tenant)) = (plugin.rate_limit.as_ref(), self.tenant()) else {
+            return HeadersStep::Reply(quota::reply(self.quota_who(), &[], &self.request_id));
+        };
+        let key = self.key.as_ref().filter(|k| !k.limits.is_empty()).map(|k| k.scope());
+        let user = match (&self.user, &tenant.policy.users) {
+            (Some(u), Some(l)) => Some((Rc::from(u.as_str()), Rc::clone(l))),
+            _ => None,
+        };
+        let scope = Scope { key, user, pool: None };
+        let scope = (!scope.is_empty()).then_some(scope);
+        let (req, items) =
+            reserve::build_reserve(&rl.domain, &tenant.id, &tenant.policy, scope.as_ref(), 0, Amounts::default(), true);
+        if items.is_empty() {
+            return HeadersStep::Reply(quota::reply(self.quota_who(), &[], &self.request_id));
+        }
+        self.phase = Phase::Waiting(Pending { items, estimate: Amounts::default(), lease: 0, replay: None });
+        HeadersStep::Call(RlsCall {
+            cluster: rl.cluster.clone(),
+            message: req.encode_to_vec(),
+            metadata: Vec::new(),
+            timeout_ms: rl.timeout_ms,
+        })
+    }
+
+    fn quota_who(&self) -> quota::Who<'_> {
+        quota::Who {
+            tenant: self.tenant().map_or("", |t| t.id.as_str()),
+            tier: self.tenant().map_or("", |t| &*t.tier),
+            key: self.key.as_ref().map(|k| &*k.id),
+            user: self.user.as_deref(),
+        }
     }
 
     /// A piece of the request body arrived; `buffered` is the total so far.
@@ -691,6 +761,27 @@ impl RequestFlow {
         let (Some(tref), Some(rl)) = (self.tenant.clone(), plugin.rate_limit.as_ref()) else {
             return self.forward();
         };
+        if self.quota {
+            self.phase = Phase::Refused;
+            let answer = match reply {
+                Ok(bytes) => rls::RateLimitResponse::decode(bytes)
+                    .map(|resp| match reserve::decide(&resp, &pending.items) {
+                        Verdict::Admit(states) | Verdict::Refuse { states, .. } => Some(states),
+                        Verdict::Unreadable(_) => None,
+                    })
+                    .ok()
+                    .flatten(),
+                Err(_) => None,
+            };
+            return BodyStep::Reply(match answer {
+                Some(states) => quota::reply(self.quota_who(), &states, &self.request_id),
+                None => self.refuse(&Refusal::Custom {
+                    status: 503,
+                    code: "rate_limiter_unavailable".into(),
+                    message: "The rate limiter is unavailable; retry shortly.".into(),
+                }),
+            });
+        }
         let tenant_idx = tref.slot();
         let Some(tenant) = tref.get(&plugin) else {
             return self.forward();
@@ -1004,6 +1095,15 @@ impl RequestFlow {
             return Finish::default();
         };
         let metered = up.tap.map(StreamTap::finish).unwrap_or_default();
+        // The budgets' remainder after the charge needs the usage: known
+        // once `report` priced it; the headers and comment are built there.
+        let weight = tenant.policy.cached_read_permille;
+        let charged = up.reservation.as_ref().filter(|r| r.charged && r.states.iter().any(|s| s.kind.is_budget()));
+        let after = |usage: &Usage, micros: u64| {
+            charged.map_or_else(Vec::new, |r| {
+                quota::remaining_after(&r.states, r.estimate, usage_amounts(usage, micros, weight))
+            })
+        };
         let label = plugin.metric_tenant(tenant);
         let names = self.shared.borrow_mut().metric_names(&label, &self.model_served);
         let facts = record::Facts {
@@ -1023,6 +1123,7 @@ impl RequestFlow {
             usage_headers: up.hold_body,
             key: self.key.as_ref().map(|k| &*k.id),
             shadow_refusal: self.shadow_refusal.as_deref(),
+            budgets_after: Some(&after),
         };
         let (out, usage, micros) = record::report(&plugin, &facts, metered, &names);
         self.queue_settle(up.reservation, usage, micros, now_ms);
@@ -2143,5 +2244,58 @@ mod tests {
         for i in 0..7 {
             assert_eq!(leased_request(&plugin, &shared, None, 1001 + i), None, "drawn from the lease");
         }
+    }
+
+    #[test]
+    fn the_quota_endpoint_answers_the_callers_own_levels_from_a_pure_check() {
+        let plugin = levels_plugin(false);
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let hs = h(&[(":path", QUOTA_PATH), (":method", "GET"), ("x-api-key", "ci-key")]);
+        let HeadersStep::Call(call) = f.on_request_headers(&hs, true, 0, || "rid".into()) else { panic!() };
+        let req = rls::RateLimitRequest::decode(call.message.as_slice()).unwrap();
+        assert_eq!(shapes(&req), ["tenant=acme,limit=usd_per_month", "tenant=acme,key=ci,limit=usd_per_day"]);
+        assert!(req.descriptors.iter().all(|d| d.hits_addend.as_ref().unwrap().value == 0), "charges nothing");
+        let answer = reply(rls::Code::Ok, vec![(rls::Code::Ok, 90_000_000, 86_400), (rls::Code::Ok, 250_000, 3600)]);
+        let BodyStep::Reply(r) = f.on_rls_reply(Ok(&answer), 5) else { panic!() };
+        assert_eq!(r.status, 200);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!((v["tenant"].as_str(), v["key"].as_str()), (Some("acme"), Some("ci")));
+        assert_eq!(v["limits"][1]["level"], "key");
+        assert_eq!(v["limits"][1]["remaining"], 250_000);
+        assert_eq!(v["limits"][1]["used"], 750_000);
+        // Only GET; the service down is a 503; an unknown key is a 401.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let hs = h(&[(":path", QUOTA_PATH), (":method", "POST"), ("x-api-key", "ci-key")]);
+        assert!(matches!(f.on_request_headers(&hs, true, 0, || "r".into()), HeadersStep::Reply(r) if r.status == 405));
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let hs = h(&[(":path", QUOTA_PATH), (":method", "GET"), ("x-api-key", "ci-key")]);
+        assert!(matches!(f.on_request_headers(&hs, true, 0, || "r".into()), HeadersStep::Call(_)));
+        assert!(matches!(f.on_rls_reply(Err(14), 1), BodyStep::Reply(r) if r.status == 503));
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let hs = h(&[(":path", QUOTA_PATH), (":method", "GET"), ("x-api-key", "nope")]);
+        assert!(matches!(f.on_request_headers(&hs, true, 0, || "r".into()), HeadersStep::Reply(r) if r.status == 401));
+    }
+
+    #[test]
+    fn a_held_response_says_what_its_budgets_have_left_after_the_charge() {
+        let plugin = levels_plugin(false);
+        let (mut f, req) = levels_call(&plugin, None, "/v1/chat/completions");
+        let mut statuses = vec![(rls::Code::Ok, 100, 60); req.descriptors.len()];
+        statuses[0] = (rls::Code::Ok, 50_000_000, 86_400); // the tenant's month: $50 left
+        statuses[1] = (rls::Code::Ok, 500_000, 3600); // the key's $1/day: $0.5 left after the reservation
+        let step = f.on_rls_reply(Ok(&reply(rls::Code::Ok, statuses)), 0);
+        assert!(matches!(step, BodyStep::Forward { .. }));
+        f.on_response_headers(200);
+        let usage = br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let (_, finish) = f.on_response_body(usage, true, 5);
+        let finish = finish.unwrap();
+        let get = |k: &str| finish.headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("x-tollgate-budget-remaining-usd-limit").as_deref(), Some("key.usd_per_day"));
+        let left: f64 = get("x-tollgate-budget-remaining-usd").unwrap().parse().unwrap();
+        let cost: f64 = get("x-tollgate-cost-usd").unwrap().parse().unwrap();
+        // Reserved: the estimate (input from the body, 10 output tokens);
+        // used: 3 + 4 tokens of gpt-4o. The remainder is 0.5 + estimate - cost.
+        assert!(left > 0.5 && left < 0.5 + 0.001, "{left}");
+        assert!(cost > 0.0);
     }
 }
