@@ -372,9 +372,10 @@ def sections_1_to_4(up_port, rls_port, auth, limiter):
         for name in ("tollgate", "tollgate_leased"):
             result("%s_settles_dropped" % name, r[name].envoy.stats("tollgate.settle").get(
                 "wasmcustom.tollgate.settle.dropped", 0))
-        result("tollgate_leased_rls_calls_per_1000_requests", "%.1f" % (
-            r["tollgate_leased"].envoy.stats("cluster.tollgate_rls.upstream_rq_total").get(
-                "cluster.tollgate_rls.upstream_rq_total", 0) / max(1, r["tollgate_leased"].requests) * 1000))
+        for name in ("tollgate_leased", "tollgate_default", "tollgate_default_levels4"):
+            result("%s_rls_calls_per_1000_requests" % name, "%.1f" % (
+                r[name].envoy.stats("cluster.tollgate_rls.upstream_rq_total").get(
+                    "cluster.tollgate_rls.upstream_rq_total", 0) / max(1, r[name].requests) * 1000))
     finally:
         for run in runs:
             run.envoy.stop()
@@ -390,10 +391,6 @@ def sections_1_to_4(up_port, rls_port, auth, limiter):
     ratio("tollgate_levels4_vs_levels1_rps", r["tollgate_levels4"], r["tollgate"])
     ratio("tollgate_default_vs_native_ratelimit_rps", r["tollgate_default"], native)
     ratio("tollgate_default_levels4_vs_native_ratelimit_rps", r["tollgate_default_levels4"], native)
-    for name in ("tollgate_default", "tollgate_default_levels4"):
-        result("%s_rls_calls_per_1000_requests" % name, "%.1f" % (
-            r[name].envoy.stats("cluster.tollgate_rls.upstream_rq_total").get(
-                "cluster.tollgate_rls.upstream_rq_total", 0) / max(1, r[name].requests) * 1000))
 
     def cpu(run, parts=("envoy", "rls", "redis")):
         return sum(statistics.median(run.cpu_us[p]) for p in parts if p in run.cpu_us)

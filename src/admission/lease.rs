@@ -92,8 +92,9 @@ impl Leases {
     }
 
     /// Counts a request of `acct` and answers the automatic lease size: the
-    /// requests this worker saw for the account in the last lease period,
-    /// up to `max`; 0 (no lease) below 4.
+    /// most requests this worker saw for the account in one lease period,
+    /// this one or the last, up to `max`; 0 (no lease) below 4. A burst
+    /// after a quiet spell leases as soon as it has shown its rate.
     pub(crate) fn auto_size(&mut self, acct: &Account, period_ms: u64, max: u64, now_ms: u64) -> u64 {
         let period_ms = period_ms.max(1);
         let r = self.rates.entry(acct.clone()).or_default();
@@ -104,10 +105,11 @@ impl Leases {
             r.period_start_ms = now_ms;
         }
         r.this += 1;
-        if r.last < 4 {
+        let seen = r.last.max(r.this);
+        if seen < 4 {
             0
         } else {
-            r.last.min(max)
+            seen.min(max)
         }
     }
 

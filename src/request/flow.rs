@@ -2235,11 +2235,19 @@ mod tests {
         let plugin = Rc::new(plugin);
         let shared = Rc::new(RefCell::new(Worker::new(100)));
         let ok = || Some(reply(rls::Code::Ok, vec![(rls::Code::Ok, 99_000, 60)]));
-        // The first lease period (1000 ms): one call per request, no lease.
-        for i in 0..10 {
+        // Below four requests in a lease period: one call per request.
+        for i in 0..3 {
             assert_eq!(leased_request(&plugin, &shared, ok(), i * 10), Some(1));
         }
-        // The next: the last period's 10 requests size the lease.
+        // The fourth shows a rate: a lease of four along with it.
+        assert_eq!(leased_request(&plugin, &shared, ok(), 30), Some(5));
+        for i in 0..3 {
+            assert_eq!(leased_request(&plugin, &shared, None, 40 + i), None, "drawn from the lease");
+        }
+        // Ten requests in the last period: the next lease is ten.
+        for i in 0..3 {
+            leased_request(&plugin, &shared, ok(), 50 + i);
+        }
         assert_eq!(leased_request(&plugin, &shared, ok(), 1000), Some(11));
         for i in 0..7 {
             assert_eq!(leased_request(&plugin, &shared, None, 1001 + i), None, "drawn from the lease");
