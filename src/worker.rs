@@ -13,6 +13,7 @@ use crate::metering::metrics;
 use crate::ratelimit::descriptors::Scope;
 use crate::ratelimit::outbox::{self, Journal};
 use crate::ratelimit::settle::{SettleNet, SettleNets};
+use crate::rls::ledger::UsageRow;
 use hashbrown::{HashMap, HashSet};
 
 /// How often the root context sends queued settles (ms). Short, so each tick
@@ -201,16 +202,18 @@ impl Worker {
     }
 
     /// Adds one request's settle to its tenant's net (see [`SettleNets::add`]).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn net_settle(
         &mut self,
         plugin: &Rc<Plugin>,
         tenant: &TenantRef,
         scope: Option<&Rc<Scope>>,
         net: SettleNet,
+        row: Option<UsageRow>,
         key: impl FnOnce() -> String,
         now_ms: u64,
     ) {
-        self.settle_nets.add(&mut self.journal, plugin, tenant, scope, net, key, now_ms);
+        self.settle_nets.add(&mut self.journal, plugin, tenant, scope, net, row, key, now_ms);
     }
 
     /// Puts the netted settles in the journal, one entry per tenant; returns

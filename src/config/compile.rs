@@ -210,6 +210,8 @@ pub struct RateLimit {
     pub fail_open_default_rpm: u64,
     pub journal_capacity: usize,
     pub lease_ms: u64,
+    /// Usage rows go to the service's ledger with the settles.
+    pub ledger: bool,
 }
 
 /// `metering.tenant_label`, resolved.
@@ -615,6 +617,16 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
                 fail_open_permille: ((r.fail_open_share * 1000.0).round() as u64).max(1),
                 fail_open_default_rpm: r.fail_open_default_requests_per_minute,
                 journal_capacity: r.journal_capacity,
+                ledger: match (r.ledger, r.mode) {
+                    (Some(true), RlsMode::CheckThenCharge) => {
+                        return Err(invalid(
+                            "rate_limit.ledger",
+                            "the usage ledger needs tollgate's service (mode: reserve); stock servers ignore it",
+                        ))
+                    }
+                    (Some(on), _) => on,
+                    (None, mode) => mode == RlsMode::Reserve,
+                },
                 lease_ms: r.lease_ms,
             })
         }

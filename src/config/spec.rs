@@ -257,6 +257,12 @@ pub struct RateLimitSpec {
     /// before the unused rest is refunded, in milliseconds.
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
+    /// Send every finished or refused request's usage to the service's
+    /// usage ledger with the settles (`x-tollgate-usage`; see
+    /// `docs/ledger.md`). Default: on in the reserve mode, off (and refused)
+    /// with `check_then_charge`.
+    #[serde(default)]
+    pub ledger: Option<bool>,
 }
 
 fn default_domain() -> String {

@@ -417,7 +417,7 @@ impl Http {
         }
     }
 
-    fn reply<H: Host>(&self, host: &mut H, reply: &LocalReply) {
+    fn reply<H: Host>(&mut self, host: &mut H, reply: &LocalReply) {
         // A 2xx local reply is an answer (the quota endpoint), not a refusal.
         if reply.status >= 300 {
             let name = self.flow.refusal_metric(reply);
@@ -425,6 +425,8 @@ impl Http {
             for (k, v) in self.flow.refusal_properties(reply) {
                 host.set_property(k, &v);
             }
+            let now = host.now_ms();
+            self.flow.note_refusal(reply, now);
         }
         host.send_reply(reply);
     }

@@ -127,8 +127,9 @@ pub fn format_usd(micros: u64) -> String {
     format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000)
 }
 
-/// The report of a finished request, with the usage and cost (µ$) to settle.
-pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelNames) -> (Finish, Usage, u64) {
+/// The report of a finished request: what it emits, and the usage, cost
+/// (µ$) and whether the usage is an estimate, to settle and ledger.
+pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelNames) -> (Finish, Usage, u64, bool) {
     let mut out = Finish::default();
     let ok_status = (200..300).contains(&f.upstream_status);
     let (usage, estimated) = final_usage(&metered, f.upstream_status, f.input_estimate);
@@ -224,7 +225,7 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
         }
         out.append = usage::render_usage_comment(&v);
     }
-    (out, usage, micros)
+    (out, usage, micros, estimated)
 }
 
 #[cfg(test)]

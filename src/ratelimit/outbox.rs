@@ -267,6 +267,12 @@ pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
             out.push(e);
             continue;
         };
+        if settle.usage.is_some() {
+            // Its rows were netted already; merged, they could outgrow the
+            // metadata bounds.
+            out.push(Entry::settle(settle, idempotency_key, true, next_attempt_ms));
+            continue;
+        }
         match groups.iter_mut().find(|g| g.settle.same_account(&settle)) {
             Some(g) => {
                 g.count += 1;
@@ -298,6 +304,9 @@ impl Entry {
         let mut m = vec![(rls::META_IDEMPOTENCY_KEY.to_string(), self.idempotency_key.clone())];
         if self.settle_mode {
             m.push((rls::META_MODE.to_string(), rls::MODE_SETTLE.to_string()));
+        }
+        if let Call::Settle(Settle { usage: Some(u), .. }) = &self.call {
+            m.push((rls::ledger::META_USAGE.to_string(), u.clone()));
         }
         m
     }

@@ -9,6 +9,7 @@ use hashbrown::HashMap;
 use crate::config::{Plugin, Policy, TenantRef};
 use crate::ratelimit::descriptors::{descriptor, limit_items, Amounts, Measure, Scope};
 use crate::ratelimit::outbox::{Entry, Journal};
+use crate::rls::ledger::{self, UsageRow};
 use crate::rls::{RateLimitRequest, UInt64Value};
 
 /// The settle call: the difference between what was reserved and what was
@@ -111,6 +112,9 @@ pub struct Settle {
     /// The key, user and pool levels of the requests settled.
     pub scope: Option<Rc<Scope>>,
     pub net: SettleNet,
+    /// Usage rows for the ledger (`x-tollgate-usage`, encoded); a settle
+    /// with rows is never merged with another (its rows were netted already).
+    pub usage: Option<String>,
 }
 
 impl Settle {
@@ -123,6 +127,25 @@ impl Settle {
             tenant: tenant.clone(),
             scope: scope.cloned(),
             net,
+            usage: None,
+        })
+    }
+
+    /// A settle of `net` (which may change nothing) carrying usage rows.
+    pub fn with_usage(
+        plugin: &Rc<Plugin>,
+        tenant: &TenantRef,
+        scope: Option<&Rc<Scope>>,
+        net: SettleNet,
+        usage: String,
+    ) -> Option<Settle> {
+        plugin.rate_limit.as_ref()?;
+        Some(Settle {
+            plugin: Rc::clone(plugin),
+            tenant: tenant.clone(),
+            scope: scope.cloned(),
+            net,
+            usage: Some(usage),
         })
     }
 
@@ -130,7 +153,14 @@ impl Settle {
     pub fn request(&self) -> Option<RateLimitRequest> {
         let rl = self.plugin.rate_limit.as_ref()?;
         let tenant = self.tenant.get(&self.plugin)?;
-        build_settle_net(&rl.domain, &tenant.id, &tenant.policy, self.scope.as_deref(), self.net)
+        build_settle_net(&rl.domain, &tenant.id, &tenant.policy, self.scope.as_deref(), self.net).or_else(|| {
+            // A ledger-only settle: rows, no descriptor.
+            self.usage.as_ref().map(|_| RateLimitRequest {
+                domain: rl.domain.clone(),
+                descriptors: vec![],
+                hits_addend: 0,
+            })
+        })
     }
 
     /// Whether `other` settles the same tenant and scope under the same
@@ -142,7 +172,7 @@ impl Settle {
 
 impl PartialEq for Settle {
     fn eq(&self, other: &Settle) -> bool {
-        self.same_account(other) && self.net == other.net
+        self.same_account(other) && self.net == other.net && self.usage == other.usage
     }
 }
 
@@ -156,6 +186,8 @@ pub(crate) struct PendingNet {
     pub(crate) tenant: TenantRef,
     pub(crate) scope: Option<Rc<Scope>>,
     pub(crate) net: SettleNet,
+    /// Usage rows for the ledger, one per key, user, model and minute.
+    pub(crate) rows: Vec<UsageRow>,
     /// The first settle's idempotency key, and how many were netted.
     pub(crate) first_key: String,
     pub(crate) count: usize,
@@ -185,6 +217,7 @@ impl SettleNets {
         tref: &TenantRef,
         scope: Option<&Rc<Scope>>,
         net: SettleNet,
+        row: Option<UsageRow>,
         key: impl FnOnce() -> String,
         now_ms: u64,
     ) {
@@ -194,6 +227,9 @@ impl SettleNets {
             if Rc::ptr_eq(&p.plugin, plugin) && p.tenant.same(tref) {
                 p.net.add(net);
                 p.count += 1;
+                if let Some(r) = row {
+                    add_row(&mut p.rows, r);
+                }
                 return;
             }
             // Another configuration of the same tenant: its own settle.
@@ -205,6 +241,7 @@ impl SettleNets {
             tenant: tref.clone(),
             scope: scope.cloned(),
             net,
+            rows: row.into_iter().collect(),
             first_key: key(),
             count: 1,
             first_ms: now_ms,
@@ -219,11 +256,31 @@ impl SettleNets {
         self.of_tenant.clear();
         let mut dropped = 0;
         for p in std::mem::take(&mut self.nets) {
-            let Some(settle) = Settle::new(&p.plugin, &p.tenant, p.scope.as_ref(), p.net) else {
-                continue;
-            };
             let key = if p.count == 1 { p.first_key } else { format!("{}+{}", p.first_key, p.count) };
-            dropped += journal.push(Entry::settle(settle, key, true, p.first_ms));
+            // The rows, in values that fit the metadata bounds: the first
+            // rides with the net's settle, the others go on their own.
+            let chunks = if p.rows.is_empty() {
+                Vec::new()
+            } else {
+                ledger::encode_chunks(&p.rows).unwrap_or_else(|e| {
+                    log::warn!("tollgate: usage rows not sent to the ledger: {e}");
+                    Vec::new()
+                })
+            };
+            let mut chunks = chunks.into_iter();
+            let settle = match chunks.next() {
+                Some(first) => Settle::with_usage(&p.plugin, &p.tenant, p.scope.as_ref(), p.net, first),
+                None => Settle::new(&p.plugin, &p.tenant, p.scope.as_ref(), p.net),
+            };
+            if let Some(settle) = settle {
+                dropped += journal.push(Entry::settle(settle, key.clone(), true, p.first_ms));
+            }
+            for (i, more) in chunks.enumerate() {
+                let extra = Settle::with_usage(&p.plugin, &p.tenant, None, SettleNet::default(), more);
+                if let Some(s) = extra {
+                    dropped += journal.push(Entry::settle(s, format!("{key}:u{}", i + 2), true, p.first_ms));
+                }
+            }
         }
         if dropped > 0 {
             log::warn!("tollgate: settle journal full; dropped {dropped} settles");
@@ -238,6 +295,32 @@ impl SettleNets {
 
     pub fn is_empty(&self) -> bool {
         self.nets.is_empty()
+    }
+}
+
+/// Adds `row` to the row of the same key, user, model and minute (so days
+/// in any time zone stay apart), or appends it.
+fn add_row(rows: &mut Vec<UsageRow>, row: UsageRow) {
+    let minute = |r: &UsageRow| r.finished_at_ms / 60_000;
+    let same = |r: &&mut UsageRow| {
+        r.api_key == row.api_key && r.user == row.user && r.model == row.model && minute(r) == minute(&row)
+    };
+    match rows.iter_mut().find(|r| same(r)) {
+        Some(r) => {
+            r.requests = r.requests.saturating_add(row.requests);
+            for (code, n) in row.refusals {
+                let c = r.refusals.entry(code).or_insert(0);
+                *c = c.saturating_add(n);
+            }
+            r.input_tokens = r.input_tokens.saturating_add(row.input_tokens);
+            r.cached_read_tokens = r.cached_read_tokens.saturating_add(row.cached_read_tokens);
+            r.cache_write_tokens = r.cache_write_tokens.saturating_add(row.cache_write_tokens);
+            r.output_tokens = r.output_tokens.saturating_add(row.output_tokens);
+            r.reasoning_tokens = r.reasoning_tokens.saturating_add(row.reasoning_tokens);
+            r.cost_micro_usd = r.cost_micro_usd.saturating_add(row.cost_micro_usd);
+            r.estimated_requests = r.estimated_requests.saturating_add(row.estimated_requests);
+        }
+        None => rows.push(row),
     }
 }
 

@@ -48,6 +48,7 @@ use crate::ratelimit::{headers, quota, settle};
 pub const QUOTA_PATH: &str = "/tollgate/v1/quota";
 use crate::request::header_plan::{self};
 use crate::rls;
+use crate::rls::ledger::UsageRow;
 
 #[derive(Debug, Clone)]
 struct Reservation {
@@ -1125,22 +1126,100 @@ impl RequestFlow {
             shadow_refusal: self.shadow_refusal.as_deref(),
             budgets_after: Some(&after),
         };
-        let (out, usage, micros) = record::report(&plugin, &facts, metered, &names);
-        self.queue_settle(up.reservation, usage, micros, now_ms);
+        let (out, usage, micros, estimated) = record::report(&plugin, &facts, metered, &names);
+        let row = self.ledger_row(now_ms, |r| {
+            r.requests = 1;
+            r.input_tokens = usage.input_total();
+            r.cached_read_tokens = usage.cache_read;
+            r.cache_write_tokens = usage.cache_write;
+            r.output_tokens = usage.output;
+            r.reasoning_tokens = usage.reasoning;
+            r.cost_micro_usd = micros;
+            r.estimated_requests = u64::from(estimated);
+        });
+        self.queue_settle(up.reservation, usage, micros, row, now_ms);
         out
     }
 
-    fn queue_settle(&mut self, reservation: Option<Reservation>, usage: Usage, micros: u64, now_ms: u64) {
+    /// This request's usage row for the ledger (`None`: the ledger is off or
+    /// the tenant unknown), filled in by `fill`.
+    fn ledger_row(&self, now_ms: u64, fill: impl FnOnce(&mut UsageRow)) -> Option<UsageRow> {
+        if !self.plugin.rate_limit.as_ref().is_some_and(|rl| rl.ledger) {
+            return None;
+        }
+        let tenant = self.tenant()?;
+        let model = match (self.model_served.as_str(), self.info.as_ref()) {
+            ("", Some(i)) if !i.model.is_empty() => i.model.as_str(),
+            ("", _) => "unknown",
+            (m, _) => m,
+        };
+        let mut row = UsageRow {
+            tenant: tenant.id.clone(),
+            time_zone: tenant.policy.time_zone.clone(),
+            finished_at_ms: now_ms.max(1),
+            api_key: self.key.as_ref().map(|k| k.id.to_string()),
+            user: self.user.as_deref().map(ledger_text),
+            model: ledger_text(model),
+            ..UsageRow::default()
+        };
+        fill(&mut row);
+        Some(row)
+    }
+
+    /// Counts a refusal of this request (a reply of status 300 or more) in
+    /// the ledger, by its code.
+    pub fn note_refusal(&mut self, reply: &LocalReply, now_ms: u64) {
+        if reply.status < 300 {
+            return;
+        }
+        let code = reply.header("x-tollgate-error").unwrap_or("refused");
+        let code = if rls::ledger::valid_refusal_code(code) { code.to_string() } else { "refused".to_string() };
+        let Some(row) = self.ledger_row(now_ms, |r| {
+            r.refusals.insert(code, 1);
+        }) else {
+            return;
+        };
+        let Some(tref) = self.tenant.clone() else { return };
+        let base = self.idempotency_base();
+        let plugin = Rc::clone(&self.plugin);
+        self.shared.borrow_mut().net_settle(
+            &plugin,
+            &tref,
+            None,
+            settle::SettleNet::default(),
+            Some(row),
+            || format!("{base}:refused"),
+            now_ms,
+        );
+    }
+
+    fn queue_settle(
+        &mut self,
+        reservation: Option<Reservation>,
+        usage: Usage,
+        micros: u64,
+        row: Option<UsageRow>,
+        now_ms: u64,
+    ) {
         if self.plugin.rate_limit.is_none() {
             return;
         }
-        let Some(r) = reservation else { return };
-        if r.shadow {
+        let base = self.idempotency_base();
+        let row = std::cell::Cell::new(row);
+        // The row rides with this request's netted settle, or else on its own.
+        let ledger_only = |this: &Self, row: Option<UsageRow>| {
+            if let (Some(row), Some(tref)) = (row, &this.tenant) {
+                let mut shared = this.shared.borrow_mut();
+                let key = || format!("{base}:ledger");
+                shared.net_settle(&this.plugin, tref, None, settle::SettleNet::default(), Some(row), key, now_ms);
+            }
+        };
+        let Some(r) = reservation.filter(|r| !r.shadow) else {
+            ledger_only(self, row.take());
             return;
-        }
+        };
         let weight = self.tenant().map_or(1000, |t| t.policy.cached_read_permille);
         let actual = usage_amounts(&usage, micros, weight);
-        let base = self.idempotency_base();
         let tenant_ref = self.tenant.clone();
         let settle = |reserved: Amounts, requests: (u64, u64), settle_mode: bool| {
             let net = settle::SettleNet::of_request(reserved, actual, requests);
@@ -1151,7 +1230,8 @@ impl RequestFlow {
             let net = settle::SettleNet::of_request(reserved, actual, requests);
             if let Some(tref) = &tenant_ref {
                 let mut shared = self.shared.borrow_mut();
-                shared.net_settle(&self.plugin, tref, self.scope.as_ref(), net, || format!("{base}:settle"), now_ms);
+                let key = || format!("{base}:settle");
+                shared.net_settle(&self.plugin, tref, self.scope.as_ref(), net, row.take(), key, now_ms);
             }
         };
         let entry = if r.charged {
@@ -1178,6 +1258,7 @@ impl RequestFlow {
         if let Some(entry) = entry {
             self.journal_push(entry);
         }
+        ledger_only(self, row.take());
     }
 
     fn journal_push(&self, entry: outbox::Entry) {
@@ -1214,6 +1295,23 @@ impl RequestFlow {
     fn idempotency_base(&self) -> String {
         self.request_id.chars().take(200).map(|c| if c.is_ascii_graphic() { c } else { '_' }).collect()
     }
+}
+
+/// A text field for the ledger: at most 128 bytes (cut at a character
+/// boundary), control characters replaced.
+fn ledger_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(128));
+    for c in s.chars() {
+        let c = if c.is_control() { '?' } else { c };
+        if out.len() + c.len_utf8() > 128 {
+            break;
+        }
+        out.push(c);
+    }
+    if out.is_empty() {
+        out.push('?');
+    }
+    out
 }
 
 /// What a finished request's usage counts in each measure: cached-read
@@ -1785,6 +1883,7 @@ mod tests {
                 &TenantRef::Static(idx),
                 None,
                 net,
+                None,
                 || format!("k{i}:settle"),
                 10 + i as u64,
             );
@@ -1852,7 +1951,7 @@ mod tests {
         assert_eq!(decode(&got[0]).descriptors.len(), 4, "requests/day, two token limits, dollars");
         // A zero net sends nothing.
         let zero = settle::SettleNet::of_request(a(5, 5), a(5, 5), (1, 1));
-        shared.borrow_mut().net_settle(&plugin, &TenantRef::Static(idx), None, zero, || "z".into(), 50);
+        shared.borrow_mut().net_settle(&plugin, &TenantRef::Static(idx), None, zero, None, || "z".into(), 50);
         shared.borrow_mut().queue_settle_nets();
         assert_eq!(shared.borrow().pending_settles(), 0);
     }
@@ -2209,7 +2308,13 @@ mod tests {
         let usage = br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
         assert!(f.on_response_body(usage, true, 5).1.is_some());
         let shared = Rc::clone(&f.shared);
-        assert_eq!(shared.borrow().pending_settles(), 0, "nothing was charged, so nothing is settled");
+        shared.borrow_mut().queue_settle_nets();
+        let due = shared.borrow_mut().journal.due(u64::MAX, 10);
+        // Nothing was charged, so nothing is settled: only its ledger row goes.
+        assert_eq!(due.len(), 1);
+        let req = rls::RateLimitRequest::decode(due[0].encode().unwrap().as_ref()).unwrap();
+        assert!(req.descriptors.is_empty(), "{req:?}");
+        assert!(due[0].metadata().iter().any(|(k, _)| k == rls::ledger::META_USAGE));
     }
 
     #[test]
@@ -2305,5 +2410,47 @@ mod tests {
         // used: 3 + 4 tokens of gpt-4o. The remainder is 0.5 + estimate - cost.
         assert!(left > 0.5 && left < 0.5 + 0.001, "{left}");
         assert!(cost > 0.0);
+    }
+
+    #[test]
+    fn finished_and_refused_requests_reach_the_ledger_with_the_settles() {
+        let plugin = levels_plugin(false);
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
+        // A finished request: its row rides its netted settle.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        let hs = h(&[(":path", "/v1/chat/completions"), (":method", "POST"), ("x-api-key", "ci-key")]);
+        assert!(matches!(f.on_request_headers(&hs, false, 1_000, || "r1".into()), HeadersStep::ReadBody(_)));
+        let BodyStep::Call(call) = f.on_request_body(br#"{"model":"gpt-4o","max_tokens":10}"#, 1_000) else { panic!() };
+        let n = rls::RateLimitRequest::decode(call.message.as_slice()).unwrap().descriptors.len();
+        let step = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 1_000_000, 60); n])), 1_000);
+        assert!(matches!(step, BodyStep::Forward { .. }));
+        f.on_response_headers(200);
+        let usage = br#"{"model":"gpt-4o","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        assert!(f.on_response_body(usage, true, 1_005).1.is_some());
+        // A refused one (an unknown model for the tier is not a refusal of
+        // the tenant's: use the wrong method instead).
+        let mut g = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        let hs = h(&[(":path", "/v1/chat/completions"), (":method", "GET"), ("x-api-key", "ci-key")]);
+        let HeadersStep::Reply(r) = g.on_request_headers(&hs, false, 1_010, || "r2".into()) else { panic!() };
+        g.note_refusal(&r, 1_010);
+        shared.borrow_mut().queue_settle_nets();
+        let due = shared.borrow_mut().journal.due(u64::MAX, 10);
+        let usage: Vec<_> = due
+            .iter()
+            .flat_map(|e| e.metadata())
+            .filter(|(k, _)| k == rls::ledger::META_USAGE)
+            .flat_map(|(_, v)| rls::ledger::decode(&v).unwrap())
+            .collect();
+        let finished = usage.iter().find(|r| r.requests == 1).expect("the finished request's row");
+        assert_eq!(
+            (finished.tenant.as_str(), finished.api_key.as_deref(), finished.model.as_str()),
+            ("acme", Some("ci"), "gpt-4o")
+        );
+        assert_eq!((finished.input_tokens, finished.output_tokens, finished.finished_at_ms), (3, 4, 1_005));
+        assert!(finished.cost_micro_usd > 0);
+        let refused = usage.iter().find(|r| r.requests == 0).expect("the refusal's row");
+        assert_eq!(refused.refusals.get("method_not_allowed"), Some(&1));
+        // Every entry that carries rows has an idempotency key.
+        assert!(due.iter().all(|e| !e.idempotency_key.is_empty() && e.encode().is_some()));
     }
 }
