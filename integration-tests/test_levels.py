@@ -4,6 +4,7 @@ an API key's own budget, end users, the shared provider pool and its tier
 shares, shadow mode, hourly and weekly windows."""
 
 import copy
+import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,7 @@ def levels_config(pool_prefix="pool"):
             "shadow": {"models": ["*"], "requests_per_minute": 5, "shadow": True},
             "windows": {"models": ["*"], "requests_per_hour": 2},
             "weekly": {"models": ["*"], "tokens_per_week": 60, "lease_requests": 0},
+            "quota": {"models": ["*"], "requests_per_minute": 2, "usd_per_month": 50},
         },
         "pools": [{"name": "%s-%s" % (pool_prefix, RUN), "provider": "openai", "models": ["gpt-4o-mini"],
                    "limits": {"requests_per_minute": POOL_RPM}, "tier_shares": {"free": FREE_SHARE}}],
@@ -82,6 +84,8 @@ def levels_config(pool_prefix="pool"):
             tenant("sh", "shadow"),
             tenant("hourly", "windows"),
             tenant("week", "weekly"),
+            tenant("qt", "quota", keys=[{"id": "q1", "sha256": harness.sha256_hex(key("qt-q1")),
+                                         "limits": {"usd_per_day": 10}}]),
         ],
     }
 
@@ -230,6 +234,45 @@ def test_hourly_and_weekly_windows(vstack):
     refused = [r for r in week if r.status == 429]
     assert refused and refused[0].header("x-tollgate-error") == "weekly_token_budget_exhausted"
     assert refused[0].header("x-should-retry") == "false"
+
+
+def quota(stack, k):
+    r = harness.request(stack.port, "/tollgate/v1/quota", None, {"authorization": "Bearer " + k}, method="GET")
+    assert r.status == 200, r.body[:300]
+    return {(x["level"], x["name"]): x for x in r.json()["limits"]}, r.json()
+
+
+def test_the_quota_endpoint_shows_what_is_left_and_drops_by_exactly_the_metered_cost(vstack):
+    before, body = quota(vstack, key("qt-q1"))
+    assert (body["tenant"], body["key"]) == (tid("qt"), "q1")
+    assert set(before) == {("tenant", "requests_per_minute"), ("tenant", "usd_per_month"), ("key", "usd_per_day")}
+    # Asking charged nothing, however often (the tier allows 2 requests a minute).
+    for _ in range(4):
+        assert quota(vstack, key("qt-q1"))[0][("tenant", "requests_per_minute")]["remaining"] == 2
+    r = chat(vstack, key("qt-q1"), model="gpt-4o", max_tokens=20)
+    assert r.status == 200
+    cost = round(float(r.header("x-tollgate-cost-usd")) * 1e6)
+    assert cost > 0
+    # The response said what the tightest dollar budget has left after its charge.
+    left_header = round(float(r.header("x-tollgate-budget-remaining-usd")) * 1e6)
+    assert r.header("x-tollgate-budget-remaining-usd-limit") == "key.usd_per_day"
+    deadline = time.time() + 5
+    while True:
+        after, _ = quota(vstack, key("qt-q1"))
+        moved = [before[k]["remaining"] - after[k]["remaining"] for k in (("key", "usd_per_day"),
+                                                                         ("tenant", "usd_per_month"))]
+        if moved == [cost, cost] or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert moved == [cost, cost], (moved, cost)
+    assert after[("key", "usd_per_day")]["remaining"] == left_header
+    assert after[("key", "usd_per_day")]["used"] == cost
+    # Another tenant's key sees its own levels only.
+    _, other = quota(vstack, key("big"))
+    assert other["tenant"] == tid("big") and tid("qt") not in json.dumps(other)
+    # No key: 401 in the OpenAI envelope.
+    r = harness.request(vstack.port, "/tollgate/v1/quota", None, {}, method="GET")
+    assert r.status == 401 and r.json()["error"]["code"] == "missing_api_key"
 
 
 @pytest.fixture(scope="module")
