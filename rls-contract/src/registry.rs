@@ -292,6 +292,11 @@ pub struct TierSpec {
     /// access log, the metrics and `x-tollgate-shadow-refusal`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<bool>,
+    /// Budget alert thresholds, as shares of each dollar and token budget
+    /// at every level (default `[0.5, 0.8, 1.0]`; `[]` for none): the
+    /// service emits one event per threshold crossed in a window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_thresholds: Option<Vec<f64>>,
     /// Weight (0-1) of cached-read input tokens in token limits (default 1:
     /// every token counts, as OpenAI's token rate limits do).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -175,6 +175,12 @@ fn bad_values_are_refused() {
         ("lease_requests", serde_json::json!(5000), "lease_requests: must be between 0 (off) and 1000"),
         ("cached_read_token_weight", serde_json::json!(1.5), "cached_read_token_weight: must be between 0 and 1"),
         ("tokens_per_week", serde_json::json!(0), "tokens_per_week: a limit of 0 would refuse everything"),
+        (
+            "alert_thresholds",
+            serde_json::json!([0.8, 0.5]),
+            "alert_thresholds: at most 8 thresholds, strictly increasing",
+        ),
+        ("alert_thresholds", serde_json::json!([0.0]), "alert_thresholds[0]: must be a share"),
     ] {
         let mut v = sample_json();
         v["tiers"]["pro"][field] = value;

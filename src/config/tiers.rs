@@ -76,6 +76,8 @@ pub struct Policy {
     pub shadow: bool,
     /// Weight of a cached-read input token in token limits, per mille.
     pub cached_read_permille: u64,
+    /// The `tollgate.alerts` value of every budget (`None`: no alerts).
+    pub alerts: Option<Rc<str>>,
 }
 
 /// How big a quota lease is (see `lease_requests`).
@@ -123,6 +125,7 @@ pub(super) fn merge_tier(base: &TierSpec, over: &TierSpec) -> TierSpec {
         usd_per_week,
         users,
         shadow,
+        alert_thresholds,
         cached_read_token_weight,
         max_concurrent_requests,
         failure_mode,
@@ -249,7 +252,33 @@ pub(super) fn compile_tier(t: &TierSpec, path: &str) -> Result<Policy, ConfigErr
         },
         shadow: t.shadow.unwrap_or(false),
         cached_read_permille,
+        alerts: compile_alerts(&format!("{path}.alert_thresholds"), t.alert_thresholds.as_deref())?,
     })
+}
+
+/// Alert thresholds (shares) as the `tollgate.alerts` value (percents).
+fn compile_alerts(path: &str, shares: Option<&[f64]>) -> Result<Option<Rc<str>>, ConfigError> {
+    let percents: Vec<u32> = match shares {
+        None => rls_contract::DEFAULT_ALERT_PERCENTS.to_vec(),
+        Some(s) => {
+            let mut out = Vec::with_capacity(s.len());
+            for (i, share) in s.iter().enumerate() {
+                let p = (share * 100.0).round();
+                if !share.is_finite() || !(1.0..=1000.0).contains(&p) {
+                    return Err(invalid(format!("{path}[{i}]"), "must be a share of the budget, 0.01 to 10"));
+                }
+                out.push(p as u32);
+            }
+            out
+        }
+    };
+    if percents.is_empty() {
+        return Ok(None);
+    }
+    if percents.len() > rls_contract::MAX_ALERT_THRESHOLDS || percents.windows(2).any(|w| w.first() >= w.last()) {
+        return Err(invalid(path, "at most 8 thresholds, strictly increasing"));
+    }
+    Ok(Some(Rc::from(rls_contract::format_alert_thresholds(&percents))))
 }
 
 /// The limit fields of a tier, as one level's limits.

@@ -406,6 +406,9 @@ pub(crate) fn descriptor(tenant: &str, scope: Option<&Scope>, item: LimitItem, p
         if item.kind.window() == Window::Week {
             entries.push(Entry { key: KEY_WINDOW.into(), value: WINDOW_WEEK.into() });
         }
+        if let Some(a) = &policy.alerts {
+            entries.push(Entry { key: rls::KEY_ALERTS.into(), value: a.to_string() });
+        }
     }
     Descriptor {
         entries,
@@ -491,7 +494,10 @@ pub(crate) mod tests {
                 .collect()
         };
         assert_eq!(shape(0), ["tenant=acme", "limit=requests_per_minute"]);
-        assert_eq!(shape(4), ["tenant=acme", "key=ci", "limit=usd_per_day", "tollgate.tz=Europe/Berlin"]);
+        assert_eq!(
+            shape(4),
+            ["tenant=acme", "key=ci", "limit=usd_per_day", "tollgate.tz=Europe/Berlin", "tollgate.alerts=50,80,100"]
+        );
         assert_eq!(shape(5), ["tenant=acme", "user=u-7", "limit=requests_per_minute"]);
         assert_eq!(shape(6), ["pool=openai-gpt4o", "limit=input_tokens_per_minute"]);
         assert_eq!(shape(7), ["pool=openai-gpt4o", "tier=free", "limit=input_tokens_per_minute"]);
