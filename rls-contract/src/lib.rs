@@ -9,11 +9,13 @@
 //! - [`reserved`]: the descriptor entries that are parameters, not counter keys;
 //! - [`unit`]: the units of a limit, by number and by name;
 //! - [`bounds`]: the numbers a request must stay within;
+//! - [`ledger`]: the usage rows a settle carries for the ledger (`x-tollgate-usage`);
 //! - [`registry`]: the tenant registry lookups and change feed (JSON over HTTP).
 //!
 //! See `README.md` next to this crate for the conventions in prose.
 
 pub mod bounds;
+pub mod ledger;
 pub mod messages;
 pub mod metadata;
 pub mod registry;
