@@ -158,7 +158,7 @@ fn evalsha_args() -> Result<Vec<String>, String> {
         &r,
         &RequestMeta::default(),
         &StaticLimits::default(),
-        PlanSettings { idempotency_ttl_ms: 1, reserve_idempotency_ttl_ms: 1 },
+        PlanSettings { idempotency_ttl_ms: 1, reserve_idempotency_ttl_ms: 1, ..PlanSettings::default() },
         now,
     )
     .map_err(|e| e.to_string())?;

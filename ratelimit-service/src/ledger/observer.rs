@@ -1,0 +1,161 @@
+//! After a decision: the tenants index (once per tenant and day per
+//! process), alert events into the global stream and webhook outbox, and the
+//! budget gauges. Never on the answer's path: the I/O is spawned.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use chrono_tz::Tz;
+
+use super::alerts::{self, AlertSink};
+use super::{day_number, local_day, read::level_of, tenant_member, DAY_MS, TENANTS_KEY};
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+use crate::plan::{DescriptorPlan, Plan, RequestMeta};
+use crate::service::DecisionObserver;
+use crate::storage::redis::RedisStorage;
+use crate::storage::{Algorithm, Outcome};
+
+/// Most (tenant, day) pairs remembered before the memory is cleared.
+const SEEN_CAP: usize = 100_000;
+
+pub struct LedgerObserver {
+    storage: Arc<RedisStorage>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    sink: AlertSink,
+    retention_days: u64,
+    seen: Mutex<HashSet<(String, i64)>>,
+}
+
+impl LedgerObserver {
+    pub fn new(
+        storage: Arc<RedisStorage>,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+        sink: AlertSink,
+        retention_days: u64,
+    ) -> Self {
+        Self { storage, metrics, clock, sink, retention_days, seen: Mutex::new(HashSet::new()) }
+    }
+
+    fn note_tenant_days(&self, domain: &str, meta: &RequestMeta) {
+        let mut fresh = Vec::new();
+        if let Ok(mut seen) = self.seen.lock() {
+            if seen.len() > SEEN_CAP {
+                seen.clear();
+            }
+            for r in &meta.usage {
+                let tz = r.time_zone.as_deref().and_then(|t| t.parse::<Tz>().ok()).unwrap_or(Tz::UTC);
+                let Some(day) = i64::try_from(r.finished_at_ms).ok().and_then(|ms| local_day(ms, tz)) else { continue };
+                let k = (tenant_member(domain, &r.tenant), day_number(day));
+                if !seen.contains(&k) {
+                    seen.insert(k.clone());
+                    fresh.push(k);
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let storage = self.storage.clone();
+        let retention = i64::try_from(self.retention_days).unwrap_or(100_000);
+        let today = self.clock.now_ms().div_euclid(DAY_MS);
+        tokio::spawn(async move {
+            let mut pipe = redis::pipe();
+            for (member, day) in &fresh {
+                // GT: a late row for an old day never moves a tenant back.
+                pipe.cmd("ZADD").arg(TENANTS_KEY).arg("GT").arg(day).arg(member).ignore();
+            }
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(TENANTS_KEY)
+                .arg("-inf")
+                .arg(format!("({}", today - retention - 1))
+                .ignore();
+            pipe.cmd("PEXPIRE").arg(TENANTS_KEY).arg((retention + 2) * DAY_MS).ignore();
+            if let Err(e) = storage.query_pipeline(&pipe).await {
+                tracing::warn!(error = %e, "cannot update the ledger's tenants index");
+            }
+        });
+    }
+}
+
+impl DecisionObserver for LedgerObserver {
+    fn observe(&self, domain: &str, meta: &RequestMeta, plan: &Plan, outcome: &Outcome) {
+        let Some(ledger) = &plan.batch.ledger else { return };
+        if !outcome.allowed || outcome.replay {
+            return;
+        }
+        if !meta.usage.is_empty() {
+            self.metrics.ledger_rows.inc_by(meta.usage.len() as u64);
+            self.note_tenant_days(domain, meta);
+        }
+        // Budget gauges: tenant-level calendar budgets that carry thresholds.
+        for (i, (c, s)) in plan.batch.counters.iter().zip(&outcome.counters).enumerate() {
+            let Some(note) = ledger.notes.get(i) else { continue };
+            if note.alerts.is_empty() || c.limit == 0 {
+                continue;
+            }
+            let entries = entries_of(note.index_field.as_str());
+            if level_of(&entries) != "tenant" {
+                continue;
+            }
+            let tenant = entries.first().map(|(_, v)| v.clone()).unwrap_or_default();
+            let name = entries.iter().find(|(k, _)| k == "limit").map(|(_, v)| v.clone()).unwrap_or_default();
+            self.metrics.budget_ratio(&tenant, "tenant", &name, s.used as f64 / c.limit as f64);
+        }
+        for hit in &outcome.alerts {
+            let Some(c) = plan.batch.counters.get(hit.counter) else { continue };
+            let Some(note) = ledger.notes.get(hit.counter) else { continue };
+            let Algorithm::Calendar { start_ms, end_ms } = c.algorithm else { continue };
+            let unit = plan.descriptors.iter().find_map(|d| match d {
+                DescriptorPlan::Limited { counter, unit, .. } if *counter == hit.counter => Some(*unit),
+                _ => None,
+            });
+            let Some(unit) = unit else { continue };
+            let threshold = note.alerts.iter().find(|(p, _)| *p == hit.percent).map(|(_, t)| *t).unwrap_or(0);
+            let id = alerts::event_id(&c.key, hit.percent);
+            let body = alerts::event_json(
+                &id,
+                domain,
+                &entries_of(&note.index_field),
+                unit,
+                c.limit,
+                hit.percent,
+                threshold,
+                hit.used,
+                (start_ms, end_ms),
+                plan.batch.now_ms,
+            );
+            self.metrics.alert_event(hit.percent);
+            let storage = self.storage.clone();
+            let sink = self.sink.clone();
+            let now = plan.batch.now_ms;
+            tokio::spawn(async move {
+                // The event is already recorded in the tenant's alert stream;
+                // retry the global enqueue through short Redis blips.
+                for attempt in 0..5u32 {
+                    match alerts::enqueue(&storage, &sink, &id, &body, now).await {
+                        Ok(_) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, event = %id, attempt, "cannot enqueue an alert");
+                            tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+                        }
+                    }
+                }
+                tracing::error!(event = %id, "alert not enqueued for delivery (kept in the tenant's alert stream)");
+            });
+        }
+    }
+}
+
+/// The descriptor entries of a quota index field.
+fn entries_of(field: &str) -> Vec<(String, String)> {
+    let Some((_, rest)) = field.split_once(':') else { return vec![] };
+    rest.split('|')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((super::unescape(k)?, super::unescape(v)?))
+        })
+        .collect()
+}
