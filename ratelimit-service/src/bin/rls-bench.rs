@@ -19,6 +19,7 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::google::protobuf::UInt64Value;
+use rls_contract::ledger::UsageRow;
 use tollgate_ratelimit::config::StaticLimits;
 use tollgate_ratelimit::plan::{self, PlanSettings, RequestMeta};
 use tollgate_ratelimit::scripts;
@@ -44,6 +45,10 @@ enum Cmd {
         duration_s: u64,
         #[arg(long, default_value_t = 64)]
         tenants: usize,
+        /// Settles carry one ledger usage row (`x-tollgate-usage`) and the
+        /// budget descriptors carry `tollgate.alerts`, as the filter sends them.
+        #[arg(long)]
+        usage: bool,
     },
     Script,
     EvalshaArgs,
@@ -52,12 +57,22 @@ enum Cmd {
 /// The typical request: limits high enough that every request is admitted
 /// (the cost of a decision, not of refusals, is measured).
 fn typical(tenant: &str, tokens: u64, micros: u64, refund: bool) -> RateLimitRequest {
+    typical_with(tenant, tokens, micros, refund, false)
+}
+
+fn typical_with(tenant: &str, tokens: u64, micros: u64, refund: bool, alerts: bool) -> RateLimitRequest {
     let d = |name: &str, limit: u64, unit: i32, hits: u64| RateLimitDescriptor {
-        entries: vec![
-            Entry { key: "tenant".into(), value: tenant.into() },
-            Entry { key: "limit".into(), value: name.into() },
-            Entry { key: "tollgate.limit".into(), value: limit.to_string() },
-        ],
+        entries: {
+            let mut e = vec![
+                Entry { key: "tenant".into(), value: tenant.into() },
+                Entry { key: "limit".into(), value: name.into() },
+                Entry { key: "tollgate.limit".into(), value: limit.to_string() },
+            ];
+            if alerts && (unit == 4 || unit == 5) {
+                e.push(Entry { key: "tollgate.alerts".into(), value: "50,80,100".into() });
+            }
+            e
+        },
         limit: Some(RateLimitOverride { requests_per_unit: u32::try_from(limit).unwrap_or(u32::MAX), unit }),
         hits_addend: Some(UInt64Value { value: hits }),
         is_negative_hits: refund,
@@ -89,6 +104,7 @@ async fn run(
     connections: usize,
     duration_s: u64,
     tenants: usize,
+    usage: bool,
 ) -> Result<(), String> {
     let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
@@ -114,12 +130,31 @@ async fn run(
                 i += 1;
                 // reserve an estimate, then settle the difference (refund) idempotently
                 let t = Instant::now();
-                let ok = client.should_rate_limit(typical(&tenant, 2_000, 3_000, false)).await.is_ok();
+                let ok = client.should_rate_limit(typical_with(&tenant, 2_000, 3_000, false, usage)).await.is_ok();
                 lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
-                let mut settle = tonic::Request::new(typical(&tenant, 500, 700, true));
+                let mut settle = tonic::Request::new(typical_with(&tenant, 500, 700, true, usage));
+                if usage {
+                    let row = UsageRow {
+                        tenant: tenant.clone(),
+                        time_zone: Some("Europe/Paris".into()),
+                        finished_at_ms: u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(1),
+                        api_key: Some(format!("key-{}", w % 4)),
+                        user: None,
+                        model: "gpt-4o-mini".into(),
+                        requests: 1,
+                        input_tokens: 1_200,
+                        cached_read_tokens: 200,
+                        output_tokens: 300,
+                        cost_micro_usd: 2_300,
+                        ..UsageRow::default()
+                    };
+                    if let Ok(v) = rls_contract::ledger::encode(&[row]).unwrap_or_default().parse() {
+                        settle.metadata_mut().insert(rls_contract::ledger::META_USAGE, v);
+                    }
+                }
                 settle.metadata_mut().insert("x-tollgate-mode", tonic::metadata::MetadataValue::from_static("settle"));
                 if let Ok(v) = format!("w{w}-{i}").parse() {
                     settle.metadata_mut().insert("x-tollgate-idempotency-key", v);
@@ -181,9 +216,9 @@ fn main() -> std::process::ExitCode {
                 println!("{x}");
             }
         }),
-        Cmd::Run { grpc_addr, concurrency, connections, duration_s, tenants } => {
+        Cmd::Run { grpc_addr, concurrency, connections, duration_s, tenants, usage } => {
             match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(run(grpc_addr, concurrency, connections, duration_s, tenants)),
+                Ok(rt) => rt.block_on(run(grpc_addr, concurrency, connections, duration_s, tenants, usage)),
                 Err(e) => Err(e.to_string()),
             }
         }
