@@ -50,6 +50,8 @@ pub struct StatusLabel {
 pub struct Metrics {
     registry: Registry,
     pub budget_used_ratio: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    pub budget_used: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    pub budget_limit: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
     pub budget_alerts: Family<PercentLabel, Counter>,
     pub alert_deliveries: Family<StatusLabel, Counter>,
     pub ledger_rows: Counter,
@@ -107,6 +109,14 @@ impl Metrics {
             "Share of a tenant-level calendar budget (one with alert thresholds) used in its window, as of this replica's last decision",
             budget_used_ratio.clone(),
         );
+        let budget_used = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "tollgate_budget_used",
+            "Usage of a tenant-level calendar budget in its window (its unit: micro-USD for usd_* budgets), as of this replica's last decision",
+            budget_used.clone(),
+        );
+        let budget_limit = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register("tollgate_budget_limit", "The limit of a tenant-level calendar budget", budget_limit.clone());
         let budget_alerts = Family::<PercentLabel, Counter>::default();
         registry.register(
             "tollgate_rls_budget_alerts",
@@ -123,6 +133,8 @@ impl Metrics {
         registry.register("tollgate_rls_ledger_rows", "Usage rows recorded in the ledger", ledger_rows.clone());
         Self {
             budget_used_ratio,
+            budget_used,
+            budget_limit,
             budget_alerts,
             alert_deliveries,
             ledger_rows,
@@ -141,9 +153,12 @@ impl Metrics {
         self.decisions.get_or_create(&CodeLabel { code: code.to_owned() }).inc();
     }
 
-    pub fn budget_ratio(&self, tenant: &str, level: &str, limit: &str, ratio: f64) {
-        let labels = BudgetLabels { tenant: tenant.to_owned(), level: level.to_owned(), limit: limit.to_owned() };
-        self.budget_used_ratio.get_or_create(&labels).set(ratio);
+    /// A budget's state after a decision: used and limit in its unit.
+    pub fn budget(&self, tenant: &str, level: &str, limit_name: &str, used: u64, limit: u64) {
+        let labels = BudgetLabels { tenant: tenant.to_owned(), level: level.to_owned(), limit: limit_name.to_owned() };
+        self.budget_used_ratio.get_or_create(&labels).set(if limit == 0 { 1.0 } else { used as f64 / limit as f64 });
+        self.budget_used.get_or_create(&labels).set(used as f64);
+        self.budget_limit.get_or_create(&labels).set(limit as f64);
     }
 
     pub fn alert_event(&self, percent: u32) {

@@ -102,7 +102,7 @@ impl DecisionObserver for LedgerObserver {
             }
             let tenant = entries.first().map(|(_, v)| v.clone()).unwrap_or_default();
             let name = entries.iter().find(|(k, _)| k == "limit").map(|(_, v)| v.clone()).unwrap_or_default();
-            self.metrics.budget_ratio(&tenant, "tenant", &name, s.used as f64 / c.limit as f64);
+            self.metrics.budget(&tenant, "tenant", &name, s.used, c.limit);
         }
         for hit in &outcome.alerts {
             let Some(c) = plan.batch.counters.get(hit.counter) else { continue };
