@@ -294,14 +294,16 @@ pub fn build(
                     (*p, u64::try_from(t).unwrap_or(MAX_EXACT).min(MAX_EXACT))
                 })
                 .collect();
+            // Alerts ride on every applied decision (only a charge can cross
+            // a threshold); the index entry only on charges.
             notes.push(if charged {
                 CounterNote {
                     index_field: ledger::quota_field(keys::unit_tag(unit), &entries),
-                    index_value: entry.encode(),
+                    index_value: entry.encode_head(),
                     alerts,
                 }
             } else {
-                CounterNote::default()
+                CounterNote { alerts, ..CounterNote::default() }
             });
         }
         counters.push(Counter { key, hash_tag: tag, algorithm, limit, hits, refund: d.is_negative_hits });
@@ -323,7 +325,11 @@ pub fn build(
         }
     }
     let ledger = match counters.first().map(|c| c.hash_tag.clone()).or(usage_tag) {
-        Some(tag) if indexing && (!meta.usage.is_empty() || notes.iter().any(|n| !n.index_field.is_empty())) => {
+        Some(tag)
+            if indexing
+                && (!meta.usage.is_empty()
+                    || notes.iter().any(|n| !n.index_field.is_empty() || !n.alerts.is_empty())) =>
+        {
             let mut keys = KeyList::default();
             let quota = keys.add(ledger::quota_key(&tag));
             let alert_stream = notes

@@ -28,11 +28,12 @@
 /// off = n + 1 with an idempotency key, n without). See [`crate::ledger`].
 ///   ARGV[base+1] quota index key (j, 0 = none)   ARGV[base+2] its most entries
 ///   ARGV[base+3] alert stream key (j, 0 = none)  ARGV[base+4] its MAXLEN ~
-///   then 3 per counter: index field ('' = none), index value,
+///   then 3 per counter: index field ('' = none), index value (stored with
+///        '|<counter key>' appended),
 ///        alerts "<percent>:<threshold>,..." ('' = none)
 ///   then m, then m ops:
-///     'H' key ttl p f1 v1 .. fp vp        HINCRBY each, PEXPIRE
-///     'Z' key ttl score member trim       ZADD, ZREMRANGEBYSCORE -inf (trim, PEXPIRE
+///     'H' key ttl p f1 v1 .. fp vp        HINCRBY each; PEXPIRE when the first field is new
+///     'Z' key ttl score member trim       ZADD; when new: ZREMRANGEBYSCORE -inf (trim, PEXPIRE
 ///     'X' key ttl maxlen p f1 v1 ..       XADD MAXLEN ~, PEXPIRE
 /// The section runs only when the batch is applied and not a replay, so it is
 /// exactly as idempotent as the charges. A counter charged while absent
@@ -185,7 +186,7 @@ if overall == 1 and not replay then
     if qi > 0 and field ~= '' and hits > 0 and ARGV[kb + 4] ~= '1' and not existed[key] then
       local qk = KEYS[off + qi]
       if redis.call('HEXISTS', qk, field) == 1 or redis.call('HLEN', qk) < qcap then
-        redis.call('HSET', qk, field, ARGV[b + 2])
+        redis.call('HSET', qk, field, ARGV[b + 2] .. '|' .. key)
         if param > qttl then qttl = param end
       end
       existed[key] = true
@@ -219,22 +220,28 @@ if overall == 1 and not replay then
     local ttl = ARGV[j + 2]
     if op == 'H' then
       local p = tonumber(ARGV[j + 3])
+      local fresh = false
       for f = 1, p do
-        redis.call('HINCRBY', k, ARGV[j + 2 + 2 * f], ARGV[j + 3 + 2 * f])
+        local v = redis.call('HINCRBY', k, ARGV[j + 2 + 2 * f], ARGV[j + 3 + 2 * f])
+        -- a new hash has only new fields: set its TTL (anchored to its day) once
+        if f == 1 and v == tonumber(ARGV[j + 3 + 2 * f]) then fresh = true end
       end
+      if fresh then redis.call('PEXPIRE', k, ttl) end
       j = j + 4 + 2 * p
     elseif op == 'Z' then
-      redis.call('ZADD', k, ARGV[j + 3], ARGV[j + 4])
-      redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. ARGV[j + 5])
+      if redis.call('ZADD', k, ARGV[j + 3], ARGV[j + 4]) == 1 then
+        redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. ARGV[j + 5])
+        redis.call('PEXPIRE', k, ttl)
+      end
       j = j + 6
     else
       local p = tonumber(ARGV[j + 4])
       local xa = {'XADD', k, 'MAXLEN', '~', ARGV[j + 3], '*'}
       for f = 1, 2 * p do xa[#xa + 1] = ARGV[j + 4 + f] end
       redis.call(unpack(xa))
+      redis.call('PEXPIRE', k, ttl)
       j = j + 5 + 2 * p
     end
-    redis.call('PEXPIRE', k, ttl)
   end
 end
 out[#out + 1] = #taken

@@ -333,7 +333,13 @@ impl Client {
         if text.is_empty() {
             return Ok(None);
         }
-        if !resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").starts_with("application/json") {
+        if !resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .starts_with("application/json")
+        {
             return Ok(Some(Value::String(text)));
         }
         serde_json::from_str(&text).map(Some).map_err(|e| Failure::Refused(format!("unreadable answer: {e}")))
@@ -431,7 +437,9 @@ fn run(cli: Cli) -> Outcome {
             if let Some(t) = t {
                 q.push(("tenant", tenant(&t)?.to_owned()));
             }
-            for (name, v) in [("key", key), ("user", user), ("model", model), ("group_by", group_by), ("domain", domain)] {
+            for (name, v) in
+                [("key", key), ("user", user), ("model", model), ("group_by", group_by), ("domain", domain)]
+            {
                 if let Some(v) = v {
                     q.push((name, v));
                 }

@@ -329,9 +329,14 @@ pub struct QuotaEntry {
 impl QuotaEntry {
     /// `1|<unit>|<limit>|<start>|<end>|<period>|<tz>|<anchor>|<counter key>` (`-` for none).
     pub fn encode(&self) -> String {
+        format!("{}|{}", self.encode_head(), self.counter_key)
+    }
+
+    /// [`Self::encode`] without the counter key (the script appends it).
+    pub fn encode_head(&self) -> String {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
         format!(
-            "1|{}|{}|{}|{}|{}|{}|{}|{}",
+            "1|{}|{}|{}|{}|{}|{}|{}",
             self.unit.name(),
             self.limit,
             opt(self.window.map(|w| w.0.to_string())),
@@ -339,7 +344,6 @@ impl QuotaEntry {
             opt(self.period_ms.map(|p| p.to_string())),
             self.tz,
             self.anchor_day,
-            self.counter_key
         )
     }
 

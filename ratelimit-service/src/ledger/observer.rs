@@ -90,13 +90,15 @@ impl DecisionObserver for LedgerObserver {
             self.metrics.ledger_rows.inc_by(meta.usage.len() as u64);
             self.note_tenant_days(domain, meta);
         }
-        // Budget gauges: tenant-level calendar budgets that carry thresholds.
-        for (i, (c, s)) in plan.batch.counters.iter().zip(&outcome.counters).enumerate() {
+        // Budget gauges: tenant-level calendar budgets that carry thresholds,
+        // after settles (the usage that stays; reserves are transient).
+        let counters = if plan.batch.settle { plan.batch.counters.as_slice() } else { &[] };
+        for (i, (c, s)) in counters.iter().zip(&outcome.counters).enumerate() {
             let Some(note) = ledger.notes.get(i) else { continue };
             if note.alerts.is_empty() || c.limit == 0 {
                 continue;
             }
-            let entries = entries_of(note.index_field.as_str());
+            let entries = entries_of(&c.key);
             if level_of(&entries) != "tenant" {
                 continue;
             }
@@ -118,7 +120,7 @@ impl DecisionObserver for LedgerObserver {
             let body = alerts::event_json(
                 &id,
                 domain,
-                &entries_of(&note.index_field),
+                &entries_of(&c.key),
                 unit,
                 c.limit,
                 hit.percent,
@@ -149,9 +151,10 @@ impl DecisionObserver for LedgerObserver {
     }
 }
 
-/// The descriptor entries of a quota index field.
-fn entries_of(field: &str) -> Vec<(String, String)> {
-    let Some((_, rest)) = field.split_once(':') else { return vec![] };
+/// The descriptor entries of a counter key (its last `:` part: values are
+/// escaped, so they hold no `:`).
+fn entries_of(counter_key: &str) -> Vec<(String, String)> {
+    let Some(rest) = counter_key.rsplit(':').next() else { return vec![] };
     rest.split('|')
         .filter_map(|kv| {
             let (k, v) = kv.split_once('=')?;
