@@ -24,7 +24,7 @@ use rls_contract::{
 use crate::calendar::{self, CalendarUnit};
 use crate::config::StaticLimits;
 use crate::keys;
-use crate::ledger::{self, KeyList, LedgerSettings, QuotaEntry};
+use crate::ledger::{self, KeyList, LedgerSettings};
 use crate::storage::{Algorithm, Batch, Counter, CounterNote, Idempotency, LedgerWrite};
 
 /// A GCRA period for the smooth units (SECOND, MINUTE, HOUR).
@@ -272,18 +272,14 @@ pub fn build(
         let limit = limit.min(MAX_EXACT);
         if indexing {
             let charged = hits > 0 && !d.is_negative_hits;
-            let (window, period_ms) = match algorithm {
-                Algorithm::Calendar { start_ms, end_ms } => (Some((start_ms, end_ms)), None),
-                Algorithm::Gcra { period_ms } => (None, Some(period_ms)),
-            };
-            let entry = QuotaEntry {
-                unit,
-                limit,
-                window,
-                period_ms,
-                tz: tz.unwrap_or(Tz::UTC).name().to_owned(),
-                anchor_day: anchor.unwrap_or(1),
-                counter_key: key.clone(),
+            let index = match algorithm {
+                Algorithm::Calendar { start_ms, .. } => format!(
+                    "{}|{start_ms}|{}|{}",
+                    keys::unit_tag(unit),
+                    tz.unwrap_or(Tz::UTC).name(),
+                    anchor.unwrap_or(1)
+                ),
+                Algorithm::Gcra { .. } => format!("{}|-|-|-", keys::unit_tag(unit)),
             };
             let alerts = reserved
                 .alerts
@@ -296,15 +292,7 @@ pub fn build(
                 .collect();
             // Alerts ride on every applied decision (only a charge can cross
             // a threshold); the index entry only on charges.
-            notes.push(if charged {
-                CounterNote {
-                    index_field: ledger::quota_field(keys::unit_tag(unit), &entries),
-                    index_value: entry.encode_head(),
-                    alerts,
-                }
-            } else {
-                CounterNote { alerts, ..CounterNote::default() }
-            });
+            notes.push(CounterNote { index: if charged { index } else { String::new() }, alerts });
         }
         counters.push(Counter { key, hash_tag: tag, algorithm, limit, hits, refund: d.is_negative_hits });
         descriptors.push(DescriptorPlan::Limited { counter: counters.len() - 1, unit, name });
@@ -327,8 +315,7 @@ pub fn build(
     let ledger = match counters.first().map(|c| c.hash_tag.clone()).or(usage_tag) {
         Some(tag)
             if indexing
-                && (!meta.usage.is_empty()
-                    || notes.iter().any(|n| !n.index_field.is_empty() || !n.alerts.is_empty())) =>
+                && (!meta.usage.is_empty() || notes.iter().any(|n| !n.index.is_empty() || !n.alerts.is_empty())) =>
         {
             let mut keys = KeyList::default();
             let quota = keys.add(ledger::quota_key(&tag));

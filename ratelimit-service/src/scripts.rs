@@ -28,9 +28,11 @@
 /// off = n + 1 with an idempotency key, n without). See [`crate::ledger`].
 ///   ARGV[base+1] quota index key (j, 0 = none)   ARGV[base+2] its most entries
 ///   ARGV[base+3] alert stream key (j, 0 = none)  ARGV[base+4] its MAXLEN ~
-///   then 3 per counter: index field ('' = none), index value (stored with
-///        '|<counter key>' appended),
-///        alerts "<percent>:<threshold>,..." ('' = none)
+///   then 2 per counter: quota index parameters "<unit letter>|<window start>|<tz>|<anchor>"
+///        ('' = not indexed), alerts "<percent>:<threshold>,..." ('' = none)
+///   The quota index field is the counter key without `tg:<tag>:` and the
+///   window (`<unit letter>:<entries>`); its value
+///   `1|<unit letter>|<limit>|<start>|<end>|<period>|<tz>|<anchor>|<counter key>`.
 ///   then m, then m ops:
 ///     'H' key ttl p f1 v1 .. fp vp        HINCRBY each; PEXPIRE when the first field is new
 ///     'Z' key ttl score member trim       ZADD; when new: ZREMRANGEBYSCORE -inf (trim, PEXPIRE
@@ -177,21 +179,32 @@ if overall == 1 and not replay then
   local smax = ARGV[base + 4]
   local qttl = 0
   for i = 1, n do
-    local b = base + 4 + 3 * (i - 1)
-    local field = ARGV[b + 1]
+    local b = base + 4 + 2 * (i - 1)
+    local idx = ARGV[b + 1]
     local key = KEYS[i]
     local kb = 4 + 5 * (i - 1)
-    local hits = tonumber(ARGV[kb + 3])
     local param = tonumber(ARGV[kb + 5])
-    if qi > 0 and field ~= '' and hits > 0 and ARGV[kb + 4] ~= '1' and not existed[key] then
-      local qk = KEYS[off + qi]
-      if redis.call('HEXISTS', qk, field) == 1 or redis.call('HLEN', qk) < qcap then
-        redis.call('HSET', qk, field, ARGV[b + 2] .. '|' .. key)
-        if param > qttl then qttl = param end
-      end
+    if qi > 0 and idx ~= '' and not existed[key] and tonumber(ARGV[kb + 3]) > 0 and ARGV[kb + 4] ~= '1' then
       existed[key] = true
+      local u, start, tz, anchor = string.match(idx, '^(%a)|([^|]*)|([^|]*)|([^|]*)$')
+      local rest = string.match(key, '^tg:{[^}]*}:%a:(.*)$')
+      if u and rest then
+        local fin, period = '-', '-'
+        if ARGV[kb + 1] == '2' then
+          rest = string.match(rest, '^%-?%d+:(.*)$') or rest
+          fin = fmt(now + param)
+        else
+          period = ARGV[kb + 5]
+        end
+        local field = u .. ':' .. rest
+        local qk = KEYS[off + qi]
+        if redis.call('HEXISTS', qk, field) == 1 or redis.call('HLEN', qk) < qcap then
+          redis.call('HSET', qk, field, table.concat({'1', u, ARGV[kb + 2], start, fin, period, tz, anchor, key}, '|'))
+          if param > qttl then qttl = param end
+        end
+      end
     end
-    local alerts = ARGV[b + 3]
+    local alerts = ARGV[b + 2]
     if alerts ~= '' and ARGV[kb + 1] == '2' then
       for p, thr in string.gmatch(alerts, '(%d+):(%d+)') do
         local t = tonumber(thr)
@@ -211,7 +224,7 @@ if overall == 1 and not replay then
     local qk = KEYS[off + qi]
     if redis.call('PTTL', qk) < qttl then redis.call('PEXPIRE', qk, qttl) end
   end
-  local j = base + 4 + 3 * n + 1
+  local j = base + 4 + 2 * n + 1
   local m = tonumber(ARGV[j])
   j = j + 1
   for _ = 1, m do

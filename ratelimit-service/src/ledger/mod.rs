@@ -327,26 +327,24 @@ pub struct QuotaEntry {
 }
 
 impl QuotaEntry {
-    /// `1|<unit>|<limit>|<start>|<end>|<period>|<tz>|<anchor>|<counter key>` (`-` for none).
+    /// `1|<unit letter>|<limit>|<start>|<end>|<period>|<tz>|<anchor>|<counter key>`
+    /// (`-` for none), as the decision script writes it.
     pub fn encode(&self) -> String {
-        format!("{}|{}", self.encode_head(), self.counter_key)
-    }
-
-    /// [`Self::encode`] without the counter key (the script appends it).
-    pub fn encode_head(&self) -> String {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
         format!(
-            "1|{}|{}|{}|{}|{}|{}|{}",
-            self.unit.name(),
+            "1|{}|{}|{}|{}|{}|{}|{}|{}",
+            keys::unit_tag(self.unit),
             self.limit,
             opt(self.window.map(|w| w.0.to_string())),
             opt(self.window.map(|w| w.1.to_string())),
             opt(self.period_ms.map(|p| p.to_string())),
             self.tz,
             self.anchor_day,
+            self.counter_key,
         )
     }
 
+    /// Parse a quota index value (written by the decision script).
     pub fn decode(s: &str) -> Option<Self> {
         let parts: Vec<&str> = s.splitn(9, '|').collect();
         let ["1", unit, limit, start, end, period, tz, anchor, key] = parts.as_slice() else {
@@ -357,12 +355,12 @@ impl QuotaEntry {
             _ => None,
         };
         Some(Self {
-            unit: rls_contract::Unit::parse_name(unit)?,
+            unit: rls_contract::Unit::ALL.into_iter().find(|u| keys::unit_tag(*u) == *unit)?,
             limit: limit.parse().ok()?,
             window,
             period_ms: period.parse().ok(),
             tz: (*tz).to_owned(),
-            anchor_day: anchor.parse().ok()?,
+            anchor_day: anchor.parse().unwrap_or(1),
             counter_key: (*key).to_owned(),
         })
     }

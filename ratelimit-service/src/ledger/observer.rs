@@ -2,7 +2,7 @@
 //! process), alert events into the global stream and webhook outbox, and the
 //! budget gauges. Never on the answer's path: the I/O is spawned.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use chrono_tz::Tz;
@@ -26,6 +26,8 @@ pub struct LedgerObserver {
     sink: AlertSink,
     retention_days: u64,
     seen: Mutex<HashSet<(String, i64)>>,
+    /// Counter key → when its gauges were last set (at most once a second).
+    gauged: Mutex<HashMap<String, i64>>,
 }
 
 impl LedgerObserver {
@@ -36,7 +38,15 @@ impl LedgerObserver {
         sink: AlertSink,
         retention_days: u64,
     ) -> Self {
-        Self { storage, metrics, clock, sink, retention_days, seen: Mutex::new(HashSet::new()) }
+        Self {
+            storage,
+            metrics,
+            clock,
+            sink,
+            retention_days,
+            seen: Mutex::new(HashSet::new()),
+            gauged: Mutex::new(HashMap::new()),
+        }
     }
 
     fn note_tenant_days(&self, domain: &str, meta: &RequestMeta) {
@@ -80,6 +90,28 @@ impl LedgerObserver {
     }
 }
 
+impl LedgerObserver {
+    /// Whether a counter's gauges are due (last set over a second ago): the
+    /// label work is done at most once a second per budget.
+    fn gauge_due(&self, counter_key: &str, now_ms: i64) -> bool {
+        let Ok(mut g) = self.gauged.lock() else { return false };
+        match g.get_mut(counter_key) {
+            Some(last) if now_ms - *last < 1_000 => false,
+            Some(last) => {
+                *last = now_ms;
+                true
+            }
+            None => {
+                if g.len() > SEEN_CAP {
+                    g.clear();
+                }
+                g.insert(counter_key.to_owned(), now_ms);
+                true
+            }
+        }
+    }
+}
+
 impl DecisionObserver for LedgerObserver {
     fn observe(&self, domain: &str, meta: &RequestMeta, plan: &Plan, outcome: &Outcome) {
         let Some(ledger) = &plan.batch.ledger else { return };
@@ -95,7 +127,7 @@ impl DecisionObserver for LedgerObserver {
         let counters = if plan.batch.settle { plan.batch.counters.as_slice() } else { &[] };
         for (i, (c, s)) in counters.iter().zip(&outcome.counters).enumerate() {
             let Some(note) = ledger.notes.get(i) else { continue };
-            if note.alerts.is_empty() || c.limit == 0 {
+            if note.alerts.is_empty() || c.limit == 0 || !self.gauge_due(&c.key, plan.batch.now_ms) {
                 continue;
             }
             let entries = entries_of(&c.key);

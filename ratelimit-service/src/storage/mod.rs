@@ -76,10 +76,12 @@ pub type KeyRef = usize;
 /// What to remember about one counter when it is charged.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct CounterNote {
-    /// Quota index field and value, written when the charge creates the
-    /// counter (a new window or a new rate bucket); empty: not indexed.
-    pub index_field: String,
-    pub index_value: String,
+    /// Quota index parameters `<unit letter>|<window start>|<tz>|<anchor>`
+    /// (`-` for a rate's window), for an entry written when the charge
+    /// creates the counter (a new window or rate bucket); empty: not indexed.
+    /// The script derives the field and the rest of the value from the
+    /// counter's key and arguments (see [`crate::ledger::QuotaEntry`]).
+    pub index: String,
     /// Alert thresholds `(percent, threshold in hits)`, calendar counters only.
     pub alerts: Vec<(u32, u64)>,
 }

@@ -203,12 +203,11 @@ fn ledger_args(l: &LedgerWrite, n: usize, keys: &mut Vec<String>, argv: &mut Vec
     for i in 0..n {
         match l.notes.get(i) {
             Some(note) => {
-                argv.push(note.index_field.clone());
-                argv.push(note.index_value.clone());
+                argv.push(note.index.clone());
                 let alerts: Vec<String> = note.alerts.iter().map(|(p, t)| format!("{p}:{t}")).collect();
                 argv.push(alerts.join(","));
             }
-            None => argv.extend([String::new(), String::new(), String::new()]),
+            None => argv.extend([String::new(), String::new()]),
         }
     }
     argv.push(l.ops.len().to_string());
