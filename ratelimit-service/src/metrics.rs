@@ -106,13 +106,13 @@ impl Metrics {
         let budget_used_ratio = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "tollgate_budget_used_ratio",
-            "Share of a tenant-level calendar budget (one with alert thresholds) used in its window, as of this replica's last decision",
+            "Share of a tenant-level calendar budget (one with alert thresholds) used in its window, as of this replica's last settle on it (set at most once a second)",
             budget_used_ratio.clone(),
         );
         let budget_used = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "tollgate_budget_used",
-            "Usage of a tenant-level calendar budget in its window (its unit: micro-USD for usd_* budgets), as of this replica's last decision",
+            "Usage of a tenant-level calendar budget in its window (its unit: micro-USD for usd_* budgets), as of this replica's last settle on it (set at most once a second)",
             budget_used.clone(),
         );
         let budget_limit = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
