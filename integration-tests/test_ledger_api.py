@@ -30,7 +30,7 @@ def service(tmp_path_factory):
     # The webhook points at a closed port: deliveries fail and are logged.
     svc = harness.RateLimitService(
         redis.port, logdir=logdir, admin_tokens="ops:" + TOKEN,
-        extra_args=["--usage-stream-max-len", "1000",
+        extra_args=["--usage-stream-max-len", "1000000",
                     "--alert-webhook-url", "http://127.0.0.1:%d/hook" % harness.free_port()],
         extra_env={"TOLLGATE_ALERT_WEBHOOK_SECRET": WEBHOOK_SECRET})
     if not os.path.exists(harness.BENCH_BIN):

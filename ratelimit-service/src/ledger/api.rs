@@ -157,6 +157,10 @@ async fn deliveries(State(api): State<LedgerApi>, RawQuery(q): RawQuery) -> ApiR
             return Err(ApiError::invalid("before", "must be a delivery entry id (<ms>-<n>)"));
         }
     }
+    // Nothing is before 0-0 (and Redis refuses the exclusive bound "(0-0").
+    if before.is_some_and(|b| b.split('-').all(|n| n.bytes().all(|c| c == b'0'))) {
+        return Ok(Json(json!({"deliveries": [], "next": null})).into_response());
+    }
     let mut cmd = redis::cmd("XREVRANGE");
     cmd.arg(DELIVERIES_STREAM).arg(before.map(|b| format!("({b}")).unwrap_or_else(|| "+".into())).arg("-");
     cmd.arg("COUNT").arg(limit);

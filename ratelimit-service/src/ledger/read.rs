@@ -341,8 +341,9 @@ fn parse_entries(field: &str) -> Option<Vec<(String, String)>> {
 }
 
 /// Every limit the service has decided for the tenant (within the quota
-/// index's bounds), with usage now. Stale entries (a window ended more than
-/// a window ago, a rate bucket gone) are dropped from the index.
+/// index's bounds), with usage now. Calendar entries whose window ended more
+/// than a window ago are dropped from the index; rate entries stay until the
+/// index expires (it lives as long as its longest window or period).
 pub async fn quota(
     storage: &RedisStorage,
     domain: &str,
@@ -395,10 +396,8 @@ pub async fn quota(
                 (0, Algorithm::Calendar { start_ms: w.start_ms, end_ms: w.end_ms }, Some(w.start_ms))
             }
             (None, Some(period_ms)) => {
-                let Some(r) = raw else {
-                    stale.push(field.clone());
-                    continue;
-                };
+                // A bucket that drained has no key: the full limit is left.
+                let r = raw.unwrap_or_default();
                 let mut it = r.split(' ').map(|x| x.parse::<f64>().unwrap_or(0.0));
                 let (level, t) = (it.next().unwrap_or(0.0), it.next().unwrap_or(now_ms as f64));
                 let drained = (level - (now_ms as f64 - t).max(0.0) * e.limit as f64).max(0.0);
