@@ -148,7 +148,12 @@ pub fn router(store: Arc<RegistryStore>, tokens: Arc<AdminTokens>) -> Router {
 /// The admin router plus `extra` routes (the ledger's), behind the same tokens.
 pub fn router_with(store: Arc<RegistryStore>, tokens: Arc<AdminTokens>, extra: Router) -> Router {
     let state = AdminState { store };
-    let extra = extra.route_layer(middleware::from_fn_with_state(tokens.clone(), authenticate));
+    // (route_layer on a router without routes panics)
+    let extra = if extra.has_routes() {
+        extra.route_layer(middleware::from_fn_with_state(tokens.clone(), authenticate))
+    } else {
+        extra
+    };
     let protected = Router::new()
         .route("/v1/tenants", post(create_tenant).get(list_tenants))
         .route("/v1/tenants/{id}", get(get_tenant).patch(patch_tenant).delete(delete_tenant))
