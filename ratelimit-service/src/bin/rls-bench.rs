@@ -50,8 +50,87 @@ enum Cmd {
         #[arg(long)]
         usage: bool,
     },
+    /// Fill the ledger through settles: every tenant gets one row per day
+    /// (two keys, two models alternating) for the last `days` days.
+    SeedLedger {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        grpc_addr: String,
+        #[arg(long, default_value_t = 10_000)]
+        tenants: usize,
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
     Script,
     EvalshaArgs,
+}
+
+/// Ledger-only settles carrying `days` rows per tenant, 16 per settle.
+async fn seed_ledger(grpc_addr: String, tenants: usize, days: u64, concurrency: usize) -> Result<(), String> {
+    let channel = Channel::from_shared(format!("http://{grpc_addr}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {grpc_addr}: {e}"))?;
+    let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(1);
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let mut client = RateLimitServiceClient::new(channel.clone());
+        let (next, errors) = (next.clone(), errors.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let t = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if t >= tenants {
+                    return;
+                }
+                let rows: Vec<UsageRow> = (0..days)
+                    .map(|d| UsageRow {
+                        tenant: format!("tenant-{t}"),
+                        time_zone: None,
+                        finished_at_ms: now - d * 86_400_000,
+                        api_key: Some(format!("key-{}", d % 2)),
+                        model: if d % 3 == 0 { "gpt-4o".into() } else { "gpt-4o-mini".into() },
+                        requests: 10,
+                        input_tokens: 12_000,
+                        output_tokens: 3_000,
+                        cost_micro_usd: 23_000,
+                        ..UsageRow::default()
+                    })
+                    .collect();
+                let Ok(chunks) = rls_contract::ledger::encode_chunks(&rows) else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    let mut settle = tonic::Request::new(RateLimitRequest {
+                        domain: "tollgate".into(),
+                        descriptors: vec![],
+                        hits_addend: 0,
+                    });
+                    let md = settle.metadata_mut();
+                    md.insert("x-tollgate-mode", tonic::metadata::MetadataValue::from_static("settle"));
+                    if let (Ok(k), Ok(v)) = (format!("seed-{t}-{i}").parse(), chunk.parse()) {
+                        md.insert("x-tollgate-idempotency-key", k);
+                        md.insert(rls_contract::ledger::META_USAGE, v);
+                    }
+                    if client.should_rate_limit(settle).await.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await.map_err(|e| e.to_string())?;
+    }
+    println!("RESULT ledger_seed_rows={}", tenants as u64 * days);
+    println!("RESULT ledger_seed_s={:.1}", started.elapsed().as_secs_f64());
+    println!("RESULT ledger_seed_errors={}", errors.load(Ordering::Relaxed));
+    Ok(())
 }
 
 /// The typical request: limits high enough that every request is admitted
@@ -207,6 +286,12 @@ fn evalsha_args() -> Result<Vec<String>, String> {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let result = match args.cmd {
+        Cmd::SeedLedger { grpc_addr, tenants, days, concurrency } => {
+            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(seed_ledger(grpc_addr, tenants, days, concurrency)),
+                Err(e) => Err(e.to_string()),
+            }
+        }
         Cmd::Script => {
             print!("{}", scripts::DECIDE);
             Ok(())
