@@ -198,8 +198,11 @@ if overall == 1 and not replay then
         end
         local field = u .. ':' .. rest
         local qk = KEYS[off + qi]
-        if redis.call('HEXISTS', qk, field) == 1 or redis.call('HLEN', qk) < qcap then
-          redis.call('HSET', qk, field, table.concat({'1', u, ARGV[kb + 2], start, fin, period, tz, anchor, key}, '|'))
+        local val = table.concat({'1', u, ARGV[kb + 2], start, fin, period, tz, anchor, key}, '|')
+        -- a rate bucket that drained and refills has the same entry: a read
+        local cur = redis.call('HGET', qk, field)
+        if cur ~= val and (cur or redis.call('HLEN', qk) < qcap) then
+          redis.call('HSET', qk, field, val)
           if param > qttl then qttl = param end
         end
       end

@@ -206,6 +206,9 @@ pub fn plan_rows(
     idempotency_key: &str,
     keys: &mut KeyList,
 ) -> Result<Vec<LedgerOp>, RowError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
     let retention = i64::try_from(settings.retention_days).unwrap_or(i64::MAX / DAY_MS).min(100_000);
     let today = now_ms.div_euclid(DAY_MS);
     let mut tenant_days: BTreeMap<(i64, String), BTreeMap<String, u64>> = BTreeMap::new();
