@@ -28,8 +28,11 @@
 /// off = n + 1 with an idempotency key, n without). See [`crate::ledger`].
 ///   ARGV[base+1] quota index key (j, 0 = none)   ARGV[base+2] its most entries
 ///   ARGV[base+3] alert stream key (j, 0 = none)  ARGV[base+4] its MAXLEN ~
-///   then 2 per counter: quota index parameters "<unit letter>|<window start>|<tz>|<anchor>"
-///        ('' = not indexed), alerts "<percent>:<threshold>,..." ('' = none)
+///   ARGV[base+5] quota index parameters of each counter, joined by ';':
+///        "<unit letter>|<window start>|<tz>|<anchor>" ('' = not indexed);
+///        split only when a charge creates a counter
+///   ARGV[base+6] alerts of each counter, joined by ';': "<percent>:<threshold>,..."
+///        ('' = none); the whole argument is '' when no counter has alerts
 ///   The quota index field is the counter key without `tg:<tag>:` and the
 ///   window (`<unit letter>:<entries>`); its value
 ///   `1|<unit letter>|<limit>|<start>|<end>|<period>|<tz>|<anchor>|<counter key>`.
@@ -178,15 +181,22 @@ if overall == 1 and not replay then
   local si = tonumber(ARGV[base + 3])
   local smax = ARGV[base + 4]
   local qttl = 0
+  local function split(packed)
+    local t = {}
+    for part in string.gmatch(packed .. ';', '([^;]*);') do t[#t + 1] = part end
+    return t
+  end
+  local idxs = nil
+  local alerts_of = nil
+  if ARGV[base + 6] ~= '' then alerts_of = split(ARGV[base + 6]) end
   for i = 1, n do
-    local b = base + 4 + 2 * (i - 1)
-    local idx = ARGV[b + 1]
     local key = KEYS[i]
     local kb = 4 + 5 * (i - 1)
     local param = tonumber(ARGV[kb + 5])
-    if qi > 0 and idx ~= '' and not existed[key] and tonumber(ARGV[kb + 3]) > 0 and ARGV[kb + 4] ~= '1' then
+    if qi > 0 and not existed[key] and tonumber(ARGV[kb + 3]) > 0 and ARGV[kb + 4] ~= '1' then
       existed[key] = true
-      local u, start, tz, anchor = string.match(idx, '^(%a)|([^|]*)|([^|]*)|([^|]*)$')
+      idxs = idxs or split(ARGV[base + 5])
+      local u, start, tz, anchor = string.match(idxs[i] or '', '^(%a)|([^|]*)|([^|]*)|([^|]*)$')
       local rest = string.match(key, '^tg:{[^}]*}:%a:(.*)$')
       if u and rest then
         local fin, period = '-', '-'
@@ -207,7 +217,7 @@ if overall == 1 and not replay then
         end
       end
     end
-    local alerts = ARGV[b + 2]
+    local alerts = alerts_of and alerts_of[i] or ''
     if alerts ~= '' and ARGV[kb + 1] == '2' then
       for p, thr in string.gmatch(alerts, '(%d+):(%d+)') do
         local t = tonumber(thr)
@@ -227,7 +237,7 @@ if overall == 1 and not replay then
     local qk = KEYS[off + qi]
     if redis.call('PTTL', qk) < qttl then redis.call('PEXPIRE', qk, qttl) end
   end
-  local j = base + 4 + 2 * n + 1
+  local j = base + 7
   local m = tonumber(ARGV[j])
   j = j + 1
   for _ = 1, m do

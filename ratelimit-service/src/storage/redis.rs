@@ -200,16 +200,15 @@ fn ledger_args(l: &LedgerWrite, n: usize, keys: &mut Vec<String>, argv: &mut Vec
     let (qi, qcap) = l.quota_index.map_or(("0".to_owned(), 0), |(k, cap)| (pos(k), cap));
     let (si, smax) = l.alert_stream.map_or(("0".to_owned(), 0), |(k, max)| (pos(k), max));
     argv.extend([qi, qcap.to_string(), si, smax.to_string()]);
-    for i in 0..n {
-        match l.notes.get(i) {
-            Some(note) => {
-                argv.push(note.index.clone());
-                let alerts: Vec<String> = note.alerts.iter().map(|(p, t)| format!("{p}:{t}")).collect();
-                argv.push(alerts.join(","));
-            }
-            None => argv.extend([String::new(), String::new()]),
-        }
-    }
+    let note = |i: usize| l.notes.get(i);
+    argv.push((0..n).map(|i| note(i).map_or("", |x| x.index.as_str())).collect::<Vec<_>>().join(";"));
+    let alerts: Vec<String> = (0..n)
+        .map(|i| {
+            let a = note(i).map(|x| x.alerts.as_slice()).unwrap_or(&[]);
+            a.iter().map(|(p, t)| format!("{p}:{t}")).collect::<Vec<_>>().join(",")
+        })
+        .collect();
+    argv.push(if alerts.iter().all(String::is_empty) { String::new() } else { alerts.join(";") });
     argv.push(l.ops.len().to_string());
     for op in &l.ops {
         match op {
