@@ -218,7 +218,8 @@ if overall == 1 and not replay then
       end
     end
     local alerts = alerts_of and alerts_of[i] or ''
-    if alerts ~= '' and ARGV[kb + 1] == '2' then
+    -- only a charge crosses a threshold
+    if alerts ~= '' and ARGV[kb + 1] == '2' and after[i] > before[i] then
       for p, thr in string.gmatch(alerts, '(%d+):(%d+)') do
         local t = tonumber(thr)
         if before[i] < t and after[i] >= t then

@@ -179,6 +179,9 @@ async fn a_retried_settle_counts_once_and_days_follow_the_time_zone() {
     // the tenants index (written after the decision) lists acme
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(read::tenants(&r.storage, "tollgate", parse_day("2026-12-01").unwrap()).await.unwrap(), ["acme"]);
+    // and the tenant's days index lists its two days
+    let days = redis.cli(&["ZRANGE", "tg:{tollgate|acme}:led:days", "0", "-1"]).unwrap();
+    assert_eq!(days.lines().collect::<Vec<_>>(), ["2026-12-03", "2026-12-04"]);
     assert!(r.metrics.encode().contains("tollgate_rls_ledger_rows_total 3"));
 }
 
@@ -296,9 +299,11 @@ fn budget(tenant: &str, hits: u64) -> D {
 async fn thirty_two_concurrent_settles_cross_each_threshold_once() {
     let redis = RedisServer::start();
     let r = Arc::new(rig(RedisTarget::Single(redis.url()), false, 0));
+    // a second "replica": its own limiter, connection and metrics
+    let r2 = Arc::new(rig(RedisTarget::Single(redis.url()), false, 0));
     let mut tasks = Vec::new();
     for i in 0..32 {
-        let r = r.clone();
+        let r = if i % 2 == 0 { r.clone() } else { r2.clone() };
         tasks.push(tokio::spawn(async move {
             // 32 × 26 = 832: past 50% and 80%, not 100%
             let meta = RequestMeta { mode: Mode::Settle, idempotency_key: Some(format!("c{i}")), usage: vec![] };
@@ -313,10 +318,14 @@ async fn thirty_two_concurrent_settles_cross_each_threshold_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(redis.cli(&["XLEN", "tg:{tollgate|acme}:alerts"]).unwrap().trim(), "2");
     assert_eq!(redis.cli(&["XLEN", alerts::EVENTS_STREAM]).unwrap().trim(), "2");
-    let m = r.metrics.encode();
-    assert!(m.contains("tollgate_rls_budget_alerts_total{percent=\"80\"} 1"), "{m}");
-    assert!(m.contains("tollgate_rls_budget_alerts_total{percent=\"50\"} 1"), "{m}");
-    assert!(!m.contains("percent=\"100\""), "{m}");
+    // across both replicas: one event per threshold
+    let (m, m2) = (r.metrics.encode(), r2.metrics.encode());
+    let count = |p: &str| {
+        let line = format!("tollgate_rls_budget_alerts_total{{percent=\"{p}\"}} 1");
+        usize::from(m.contains(&line)) + usize::from(m2.contains(&line))
+    };
+    assert_eq!((count("50"), count("80")), (1, 1), "{m}\n{m2}");
+    assert!(!m.contains("percent=\"100\"") && !m2.contains("percent=\"100\""), "{m}");
     assert!(m.contains("tollgate_budget_used_ratio{tenant=\"acme\",level=\"tenant\",limit=\"usd_per_month\"}"), "{m}");
     let events = redis.cli(&["XRANGE", alerts::EVENTS_STREAM, "-", "+"]).unwrap();
     assert!(events.contains("\"threshold_percent\":80") && events.contains("\"threshold\":800"), "{events}");

@@ -241,20 +241,15 @@ pub fn plan_rows(
         }
     }
     let ttl = |n: i64| u64::try_from((n + retention + 2) * DAY_MS - now_ms).unwrap_or(1).max(1);
+    // The days index (tg:<tag>:led:days) is written after the decision,
+    // once per tenant and day per process (ledger::observer): it is not a
+    // count, so it needs no idempotency.
     let mut ops = Vec::new();
-    let days = keys.add(days_key(tag));
     for ((n, day), pairs) in tenant_days {
         ops.push(LedgerOp::HashIncr {
             key: keys.add(day_key(tag, &day)),
             ttl_ms: ttl(n),
             pairs: pairs.into_iter().collect(),
-        });
-        ops.push(LedgerOp::IndexAdd {
-            key: days,
-            ttl_ms: u64::try_from((retention + 2) * DAY_MS).unwrap_or(u64::MAX),
-            score: n,
-            member: day,
-            trim_below: today - retention - 1,
         });
     }
     for ((n, day), pairs) in user_days {

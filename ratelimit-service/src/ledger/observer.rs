@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use chrono_tz::Tz;
 
 use super::alerts::{self, AlertSink};
-use super::{day_number, local_day, read::level_of, tenant_member, DAY_MS, TENANTS_KEY};
+use super::{day_number, days_key, local_day, read::level_of, tenant_member, DAY_MS, TENANTS_KEY};
 use crate::clock::Clock;
+use crate::keys;
 use crate::metrics::Metrics;
 use crate::plan::{DescriptorPlan, Plan, RequestMeta};
 use crate::service::DecisionObserver;
@@ -49,6 +50,8 @@ impl LedgerObserver {
         }
     }
 
+    /// The tenant's days index and the global tenants index: once per
+    /// tenant and day per process, after the decision (idempotent writes).
     fn note_tenant_days(&self, domain: &str, meta: &RequestMeta) {
         let mut fresh = Vec::new();
         if let Ok(mut seen) = self.seen.lock() {
@@ -61,7 +64,7 @@ impl LedgerObserver {
                 let k = (tenant_member(domain, &r.tenant), day_number(day));
                 if !seen.contains(&k) {
                     seen.insert(k.clone());
-                    fresh.push(k);
+                    fresh.push((k.0, k.1, day.format("%Y-%m-%d").to_string(), keys::hash_tag(domain, &r.tenant)));
                 }
             }
         }
@@ -71,20 +74,28 @@ impl LedgerObserver {
         let storage = self.storage.clone();
         let retention = i64::try_from(self.retention_days).unwrap_or(100_000);
         let today = self.clock.now_ms().div_euclid(DAY_MS);
+        let trim = format!("({}", today - retention - 1);
         tokio::spawn(async move {
-            let mut pipe = redis::pipe();
-            for (member, day) in &fresh {
+            // Two slots: each tenant's days index, then the global tenants index.
+            let mut pipes = Vec::new();
+            let mut tenants = redis::pipe();
+            for (member, n, day, tag) in &fresh {
+                let key = days_key(tag);
+                let mut days = redis::pipe();
+                days.cmd("ZADD").arg(&key).arg(n).arg(day).ignore();
+                days.cmd("ZREMRANGEBYSCORE").arg(&key).arg("-inf").arg(&trim).ignore();
+                days.cmd("PEXPIRE").arg(&key).arg((retention + 2) * DAY_MS).ignore();
+                pipes.push(days);
                 // GT: a late row for an old day never moves a tenant back.
-                pipe.cmd("ZADD").arg(TENANTS_KEY).arg("GT").arg(day).arg(member).ignore();
+                tenants.cmd("ZADD").arg(TENANTS_KEY).arg("GT").arg(n).arg(member).ignore();
             }
-            pipe.cmd("ZREMRANGEBYSCORE")
-                .arg(TENANTS_KEY)
-                .arg("-inf")
-                .arg(format!("({}", today - retention - 1))
-                .ignore();
-            pipe.cmd("PEXPIRE").arg(TENANTS_KEY).arg((retention + 2) * DAY_MS).ignore();
-            if let Err(e) = storage.query_pipeline(&pipe).await {
-                tracing::warn!(error = %e, "cannot update the ledger's tenants index");
+            tenants.cmd("ZREMRANGEBYSCORE").arg(TENANTS_KEY).arg("-inf").arg(&trim).ignore();
+            tenants.cmd("PEXPIRE").arg(TENANTS_KEY).arg((retention + 2) * DAY_MS).ignore();
+            pipes.push(tenants);
+            for pipe in &pipes {
+                if let Err(e) = storage.query_pipeline(pipe).await {
+                    tracing::warn!(error = %e, "cannot update the ledger's day or tenant index");
+                }
             }
         });
     }
