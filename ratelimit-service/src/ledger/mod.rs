@@ -13,13 +13,18 @@
 //! ```text
 //! tg:<tag>:led:<day>     hash  <key>|<model>|<metric> → count          (tenant × key × model × day)
 //! tg:<tag>:ledu:<day>    hash  <user>|<key>|<model>|<metric> → count   (the same per end user)
-//! tg:<tag>:led:days      zset  <day> scored by its day number (days since 1970-01-01)
+//! tg:<tag>:led:days      zset  <day> scored by its day number (days since 1970-01-01) *
 //! tg:<tag>:usage         stream, one entry per usage row (--usage-stream-max-len > 0)
 //! tg:<tag>:quota         hash  <unit>:<entries> → the counter's limit and window
 //! tg:<tag>:alerts        stream of thresholds crossed (the atomic record)
 //! <counter key>:alert:<percent>   "taken" marker, expires with the window
-//! tg:{tollgate-ledger}:tenants    zset <domain>|<tenant> scored by the last day with usage
+//! tg:{tollgate-ledger}:tenants    zset <domain>|<tenant> scored by the last day with usage *
 //! ```
+//!
+//! `*`: indexes, written right after the decision (once per tenant and day
+//! per process, [`observer`]), not in the script: they are not counts, so
+//! writing them twice is harmless, and reports do not depend on them for one
+//! tenant (day keys are computed from the dates).
 //!
 //! `<key>`, `<user>` and `<model>` are escaped with [`crate::keys::escape`] (an
 //! absent key or user is empty); metrics are [`METRICS`] plus `rf.<code>`
