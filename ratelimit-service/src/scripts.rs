@@ -38,7 +38,7 @@
 ///   `1|<unit letter>|<limit>|<start>|<end>|<period>|<tz>|<anchor>|<counter key>`.
 ///   then m, then m ops:
 ///     'H' key ttl p f1 v1 .. fp vp        HINCRBY each; PEXPIRE when the first field is new
-///     'Z' key ttl score member trim       ZADD; when new: ZREMRANGEBYSCORE -inf (trim, PEXPIRE
+///     'Z' key ttl score member trim       ZADD; when new: ZREMRANGEBYSCORE -inf '(trim', PEXPIRE
 ///     'X' key ttl maxlen p f1 v1 ..       XADD MAXLEN ~, PEXPIRE
 /// The section runs only when the batch is applied and not a replay, so it is
 /// exactly as idempotent as the charges. A counter charged while absent
@@ -51,8 +51,9 @@
 ///
 /// Returns {overall (1 = OK, 2 = OVER_LIMIT), replay (0/1), fits_1, used_1, ..., fits_n, used_n,
 ///          [a, counter_1, percent_1, used_1, ..., counter_a, percent_a, used_a]}
-/// (the bracketed part only with a ledger section: the alerts taken).
-/// where used is the state after the charge if applied, before it otherwise.
+/// where used is the state after the charge if applied, before it otherwise;
+/// the bracketed part comes only with a ledger section: the alerts taken
+/// (counter index from 0, percent, usage after the charge).
 /// Over = used + hits > limit (exactly reaching the limit is allowed).
 /// On replay (idempotency key exists) nothing is charged, overall is the stored
 /// decision and the states are read as for a pure check.
