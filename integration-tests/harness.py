@@ -198,6 +198,7 @@ class RedisCluster:
 # TOLLGATE_RLS_BIN: another build of the service (e.g. under a CARGO_TARGET_DIR).
 RLS_BIN = os.environ.get("TOLLGATE_RLS_BIN") or os.path.join(ROOT, "target", "release", "tollgate-ratelimit")
 ADMIN_BIN = os.path.join(os.path.dirname(RLS_BIN), "tollgate-admin")
+BENCH_BIN = os.path.join(os.path.dirname(RLS_BIN), "rls-bench")
 
 
 class RateLimitService:
@@ -210,9 +211,11 @@ class RateLimitService:
 
     def __init__(self, redis_port, logdir=None, port=None, metrics_port=None, redis_timeout_ms=200,
                  registry=False, admin_tokens=None, kek=None, registry_port=None, admin_port=None,
-                 cluster_nodes=None):
+                 cluster_nodes=None, extra_args=(), extra_env=None):
         self.cluster_nodes = cluster_nodes
         self.redis_timeout_ms = redis_timeout_ms
+        self.extra_args = list(extra_args)
+        self.extra_env = dict(extra_env or {})
         if not os.path.exists(RLS_BIN):
             raise RuntimeError("%s is missing: cargo build --release -p tollgate-ratelimit" % RLS_BIN)
         self.port = port or free_port()
@@ -233,7 +236,8 @@ class RateLimitService:
             argv += ["--redis-cluster-nodes", self.cluster_nodes]
         else:
             argv += ["--redis-url", "redis://127.0.0.1:%d" % self.redis_port]
-        env = {}
+        argv += self.extra_args
+        env = dict(self.extra_env)
         if self.registry_port:
             argv += ["--registry-addr", "127.0.0.1:%d" % self.registry_port]
         if self.admin_port:

@@ -120,6 +120,10 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(registry,
         [exe, "run", base + "/v1/openapi.json", "--url", base,
          "-H", "Authorization: Bearer " + TOKEN,
          "--checks", "all",
+         # /v1/usage has cross-field rules (to >= from, at most 366 days, real
+         # dates) a schema cannot state: test_ledger_api.py runs it without
+         # the positive-data check.
+         "--exclude-path", "/v1/usage",
          "--max-examples", "15", "--seed", "1", "--workers", "1",
          "--suppress-health-check", "all", "--no-color"],
         capture_output=True, text=True, timeout=150, env=env, cwd=str(tmp_path))

@@ -37,6 +37,7 @@ METRICS = {
     "tollgate_refused", "tollgate_stream_errors", "tollgate_unpriced", "tollgate_rls_grpc_status_14",
     "tollgate_rls_grpc_status_4", "tollgate_settle_ok", "tollgate_settle_retried", "tollgate_settle_dropped",
     "tollgate_rls_decisions_total", "tollgate_rls_redis_errors_total",
+    "tollgate_budget_used_ratio", "tollgate_budget_used", "tollgate_budget_limit",
 } | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool",
                 "offset", "inf", "nan"}
@@ -337,7 +338,7 @@ def test_alerts_use_known_metrics_and_cover_the_brief():
         assert names and names <= METRICS, (r["alert"], names - METRICS)
     alerts = {r["alert"] for r in rules}
     assert {"TollgateTenantCostSpike", "TollgateEstimatedUsageRising", "TollgateRateLimiterUnavailable",
-            "TollgateRateLimiterTimingOut", "TollgateSettlesDropped"} <= alerts
+            "TollgateRateLimiterTimingOut", "TollgateSettlesDropped", "TollgateBudgetNearlyExhausted"} <= alerts
 
 
 def promtool():

@@ -18,6 +18,10 @@
 //! 6. [`service`] (on [`clock`], [`config`], [`metrics`], [`plan`],
 //!    [`response`], [`storage`]) and [`registry`] (the tenant registry: on
 //!    [`clock`], [`metrics`], [`storage`]), then [`server`] (on all the above).
+//!
+//! [`ledger`] is in two parts: its pure layout and row planning (on [`keys`],
+//! [`storage`]), which [`plan`] uses, and its readers, alert delivery, API
+//! and [`service::DecisionObserver`] (on [`plan`], [`response`], [`service`]).
 
 // A panic in the request path would drop a connection mid-decision.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -26,6 +30,7 @@ pub mod calendar;
 pub mod clock;
 pub mod config;
 pub mod keys;
+pub mod ledger;
 pub mod metrics;
 pub mod plan;
 pub mod registry;

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use tollgate_ratelimit::config::StaticLimits;
+use tollgate_ratelimit::ledger::alerts::{parse_url, WebhookSecret, WebhookSettings};
+use tollgate_ratelimit::ledger::LedgerSettings;
 use tollgate_ratelimit::registry::admin_api::AdminTokens;
 use tollgate_ratelimit::registry::crypto::KekRing;
 use tollgate_ratelimit::registry::lookup_api::LookupLimits;
@@ -75,6 +77,36 @@ struct Args {
     #[arg(long, env = "TOLLGATE_RLS_REGISTRY_MAX_CONCURRENT", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     registry_max_concurrent: u64,
+    /// Record usage rows in the ledger, keep the quota index and decide budget
+    /// alerts (`--ledger false` turns all three off).
+    #[arg(long, env = "TOLLGATE_RLS_LEDGER", default_value_t = true, action = clap::ArgAction::Set)]
+    ledger: bool,
+    /// Days a day's usage aggregates are kept.
+    #[arg(long, env = "TOLLGATE_RLS_LEDGER_RETENTION_DAYS", default_value_t = 400,
+          value_parser = clap::value_parser!(u64).range(1..=3_650))]
+    ledger_retention_days: u64,
+    /// Approximate bound of each tenant's usage event stream; 0 (default): no stream.
+    #[arg(long, env = "TOLLGATE_RLS_USAGE_STREAM_MAX_LEN", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    usage_stream_max_len: u64,
+    /// Most entries of a tenant's quota index (distinct limits remembered).
+    #[arg(long, env = "TOLLGATE_RLS_QUOTA_INDEX_MAX", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    quota_index_max: u64,
+    /// Approximate bound of the alert event streams (global and per tenant).
+    #[arg(long, env = "TOLLGATE_RLS_ALERT_STREAM_MAX_LEN", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    alert_stream_max_len: u64,
+    /// Budget alert webhook (`http://host:port/path`); off if unset.
+    #[arg(long, env = "TOLLGATE_RLS_ALERT_WEBHOOK_URL")]
+    alert_webhook_url: Option<String>,
+    /// File of the webhook signing secret; else the env var TOLLGATE_ALERT_WEBHOOK_SECRET.
+    #[arg(long, env = "TOLLGATE_ALERT_WEBHOOK_SECRET_FILE")]
+    alert_webhook_secret_file: Option<PathBuf>,
+    /// Age after which an undelivered alert is dropped (logged `expired`), in seconds.
+    #[arg(long, env = "TOLLGATE_RLS_ALERT_WEBHOOK_MAX_AGE_S", default_value_t = 259_200,
+          value_parser = clap::value_parser!(u64).range(60..=2_592_000))]
+    alert_webhook_max_age_s: u64,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "TOLLGATE_RLS_LOG_JSON")]
     log_json: bool,
@@ -95,6 +127,20 @@ fn settings(args: Args) -> Result<Settings, String> {
         (None, true) => RedisTarget::Single("redis://127.0.0.1:6379".to_owned()),
         (Some(_), false) => return Err("--redis-url and --redis-cluster-nodes are exclusive".into()),
     };
+    let webhook = match &args.alert_webhook_url {
+        None => None,
+        Some(url) => {
+            if parse_url(url).is_none() {
+                return Err("--alert-webhook-url: expected http://host[:port]/path (no credentials)".into());
+            }
+            let secret = secret_text(args.alert_webhook_secret_file.as_ref(), "TOLLGATE_ALERT_WEBHOOK_SECRET")?
+                .filter(|s| s.trim().len() >= 16)
+                .ok_or("--alert-webhook-url needs a secret of at least 16 characters (--alert-webhook-secret-file or TOLLGATE_ALERT_WEBHOOK_SECRET)")?;
+            let mut w = WebhookSettings::new(url.clone(), WebhookSecret::new(&secret));
+            w.max_age = Duration::from_secs(args.alert_webhook_max_age_s);
+            Some(w)
+        }
+    };
     let limits = match &args.config {
         Some(path) => StaticLimits::load(path).map_err(|e| e.to_string())?,
         None => StaticLimits::default(),
@@ -108,6 +154,15 @@ fn settings(args: Args) -> Result<Settings, String> {
         idempotency_ttl: Duration::from_secs(args.idempotency_ttl_s),
         reserve_idempotency_ttl: Duration::from_secs(args.reserve_idempotency_ttl_s),
         registry,
+        ledger: LedgerSettings {
+            enabled: args.ledger,
+            retention_days: args.ledger_retention_days,
+            usage_stream_max_len: args.usage_stream_max_len,
+            quota_index_cap: args.quota_index_max,
+            alert_stream_max_len: args.alert_stream_max_len,
+        },
+        alert_stream_max_len: args.alert_stream_max_len,
+        webhook,
     })
 }
 

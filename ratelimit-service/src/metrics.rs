@@ -6,8 +6,10 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -25,8 +27,34 @@ pub struct LookupLabels {
     pub status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    pub tenant: String,
+    /// tenant (key and user budgets are not exported: unbounded cardinality)
+    pub level: String,
+    /// the descriptor's `limit` entry, e.g. usd_per_month
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PercentLabel {
+    pub percent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// delivered, failed, expired
+    pub status: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub budget_used_ratio: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    pub budget_used: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    pub budget_limit: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    pub budget_alerts: Family<PercentLabel, Counter>,
+    pub alert_deliveries: Family<StatusLabel, Counter>,
+    pub ledger_rows: Counter,
     pub registry_lookups: Family<LookupLabels, Counter>,
     pub decisions: Family<CodeLabel, Counter>,
     pub redis_latency: Histogram,
@@ -75,7 +103,41 @@ impl Metrics {
             unlimited_descriptors.clone(),
         );
         registry.register("tollgate_rls_settles", "Requests in settle mode", settles.clone());
+        let budget_used_ratio = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "tollgate_budget_used_ratio",
+            "Share of a tenant-level calendar budget (one with alert thresholds) used in its window, as of this replica's last settle on it (set at most once a second)",
+            budget_used_ratio.clone(),
+        );
+        let budget_used = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "tollgate_budget_used",
+            "Usage of a tenant-level calendar budget in its window (its unit: micro-USD for usd_* budgets), as of this replica's last settle on it (set at most once a second)",
+            budget_used.clone(),
+        );
+        let budget_limit = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register("tollgate_budget_limit", "The limit of a tenant-level calendar budget", budget_limit.clone());
+        let budget_alerts = Family::<PercentLabel, Counter>::default();
+        registry.register(
+            "tollgate_rls_budget_alerts",
+            "Budget thresholds reached (one per counter, window and threshold across replicas)",
+            budget_alerts.clone(),
+        );
+        let alert_deliveries = Family::<StatusLabel, Counter>::default();
+        registry.register(
+            "tollgate_rls_alert_deliveries",
+            "Alert webhook attempts by outcome",
+            alert_deliveries.clone(),
+        );
+        let ledger_rows = Counter::default();
+        registry.register("tollgate_rls_ledger_rows", "Usage rows recorded in the ledger", ledger_rows.clone());
         Self {
+            budget_used_ratio,
+            budget_used,
+            budget_limit,
+            budget_alerts,
+            alert_deliveries,
+            ledger_rows,
             registry,
             registry_lookups,
             decisions,
@@ -89,6 +151,22 @@ impl Metrics {
 
     pub fn decision(&self, code: &str) {
         self.decisions.get_or_create(&CodeLabel { code: code.to_owned() }).inc();
+    }
+
+    /// A budget's state after a decision: used and limit in its unit.
+    pub fn budget(&self, tenant: &str, level: &str, limit_name: &str, used: u64, limit: u64) {
+        let labels = BudgetLabels { tenant: tenant.to_owned(), level: level.to_owned(), limit: limit_name.to_owned() };
+        self.budget_used_ratio.get_or_create(&labels).set(if limit == 0 { 1.0 } else { used as f64 / limit as f64 });
+        self.budget_used.get_or_create(&labels).set(used as f64);
+        self.budget_limit.get_or_create(&labels).set(limit as f64);
+    }
+
+    pub fn alert_event(&self, percent: u32) {
+        self.budget_alerts.get_or_create(&PercentLabel { percent: percent.to_string() }).inc();
+    }
+
+    pub fn alert_delivery(&self, status: &str) {
+        self.alert_deliveries.get_or_create(&StatusLabel { status: status.to_owned() }).inc();
     }
 
     pub fn lookup(&self, kind: &str, status: &str) {

@@ -16,16 +16,18 @@ use chrono_tz::Tz;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 
+use rls_contract::ledger::{UsageRow, META_USAGE};
 use rls_contract::{
-    is_reserved, is_valid_idempotency_key, Mode, Unit, ANCHOR_DAYS, KEY_ANCHOR_DAY, KEY_LIMIT, KEY_TZ, KEY_WINDOW,
-    MAX_DESCRIPTORS, MAX_EXACT, MAX_IDEMPOTENCY_KEY, META_IDEMPOTENCY_KEY, META_MODE, MODE_RESERVE, MODE_SETTLE,
-    RESERVED_PREFIX, WINDOW_WEEK,
+    is_reserved, is_valid_idempotency_key, parse_alert_thresholds, Mode, Unit, ANCHOR_DAYS, KEY_ALERTS, KEY_ANCHOR_DAY,
+    KEY_LIMIT, KEY_TZ, KEY_WINDOW, MAX_DESCRIPTORS, MAX_EXACT, MAX_IDEMPOTENCY_KEY, META_IDEMPOTENCY_KEY, META_MODE,
+    MODE_RESERVE, MODE_SETTLE, RESERVED_PREFIX, WINDOW_WEEK,
 };
 
 use crate::calendar::{self, CalendarUnit};
 use crate::config::StaticLimits;
 use crate::keys;
-use crate::storage::{Algorithm, Batch, Counter, Idempotency};
+use crate::ledger::{self, KeyList, LedgerSettings};
+use crate::storage::{Algorithm, Batch, Counter, CounterNote, Idempotency, LedgerWrite};
 
 /// A GCRA period for the smooth units (SECOND, MINUTE, HOUR).
 fn period_ms(unit: Unit) -> Option<u64> {
@@ -42,6 +44,8 @@ fn period_ms(unit: Unit) -> Option<u64> {
 pub struct RequestMeta {
     pub mode: Mode,
     pub idempotency_key: Option<String>,
+    /// Usage rows for the ledger (settles only; one tenant).
+    pub usage: Vec<UsageRow>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -76,6 +80,18 @@ pub enum PlanError {
     BadMode(String),
     #[error("invalid {META_IDEMPOTENCY_KEY} metadata: must be 1..={MAX_IDEMPOTENCY_KEY} bytes of visible ASCII")]
     BadIdempotencyKey,
+    #[error("descriptor {index}: tollgate.alerts applies to DAY, MONTH and YEAR limits only")]
+    AlertsOnRate { index: usize },
+    #[error("invalid {META_USAGE} metadata: {0}")]
+    Usage(String),
+    #[error("{META_USAGE} is only accepted with {META_MODE}: {MODE_SETTLE}")]
+    UsageInReserve,
+    #[error("{META_USAGE} needs {META_IDEMPOTENCY_KEY} (a retried settle must not count twice)")]
+    UsageWithoutIdempotencyKey,
+    #[error("{META_USAGE} rows belong to another tenant than the first descriptor (one tenant per settle)")]
+    UsageTenant,
+    #[error(transparent)]
+    Row(#[from] ledger::RowError),
 }
 
 /// What the answer needs to know about a descriptor.
@@ -110,6 +126,14 @@ pub struct PlanSettings {
     /// caller to resolve a reserve whose answer it lost, and short because a
     /// filter keys every reservation.
     pub reserve_idempotency_ttl_ms: u64,
+    /// The ledger, quota index and alerts.
+    pub ledger: LedgerSettings,
+}
+
+impl Default for PlanSettings {
+    fn default() -> Self {
+        Self { idempotency_ttl_ms: 86_400_000, reserve_idempotency_ttl_ms: 900_000, ledger: LedgerSettings::default() }
+    }
 }
 
 /// Parse the tollgate metadata values (already extracted from gRPC metadata).
@@ -123,7 +147,15 @@ pub fn parse_meta(mode: Option<&str>, idempotency_key: Option<&str>) -> Result<R
         Some(k) if is_valid_idempotency_key(k) => Some(k.to_owned()),
         Some(_) => return Err(PlanError::BadIdempotencyKey),
     };
-    Ok(RequestMeta { mode, idempotency_key })
+    Ok(RequestMeta { mode, idempotency_key, usage: Vec::new() })
+}
+
+/// Parse the usage metadata (see `rls_contract::ledger`).
+pub fn parse_usage(value: Option<&str>) -> Result<Vec<UsageRow>, PlanError> {
+    match value {
+        None => Ok(Vec::new()),
+        Some(v) => rls_contract::ledger::decode(v).map_err(|e| PlanError::Usage(e.to_string())),
+    }
 }
 
 #[derive(Default)]
@@ -132,6 +164,7 @@ struct Reserved<'a> {
     anchor_day: Option<u32>,
     tz: Option<Tz>,
     week: bool,
+    alerts: Option<Vec<u32>>,
     seen: Vec<&'a str>,
 }
 
@@ -163,6 +196,12 @@ fn parse_reserved<'a>(index: usize, d: &'a RateLimitDescriptor) -> Result<Reserv
                 }
                 r.week = true;
             }
+            KEY_ALERTS => {
+                r.alerts = Some(
+                    parse_alert_thresholds(&e.value)
+                        .ok_or_else(|| invalid("expected 1..=8 increasing percentages 1..=1000, e.g. 50,80,100"))?,
+                );
+            }
             _ => return Err(PlanError::UnknownReserved { index, key: e.key.clone() }),
         }
     }
@@ -183,6 +222,8 @@ pub fn build(
     let request_hits = u64::from(req.hits_addend.max(1));
     let mut descriptors = Vec::with_capacity(req.descriptors.len());
     let mut counters = Vec::new();
+    let mut notes: Vec<CounterNote> = Vec::new();
+    let indexing = settings.ledger.enabled;
     for (index, d) in req.descriptors.iter().enumerate() {
         let reserved = parse_reserved(index, d)?;
         let entries: Vec<(&str, &str)> =
@@ -223,6 +264,9 @@ pub fn build(
                 return Err(PlanError::AnchorOnWeek { index });
             }
         }
+        if !unit.is_calendar() && reserved.alerts.is_some() {
+            return Err(PlanError::AlertsOnRate { index });
+        }
 
         let hits = match &d.hits_addend {
             Some(h) => h.value,
@@ -254,20 +298,80 @@ pub fn build(
         // with the day's tag a week and a Monday would share a key.
         let unit_tag = if reserved.week { keys::WEEK_TAG } else { keys::unit_tag(unit) };
         let key = keys::counter_key(&tag, unit_tag, window, &entries);
-        counters.push(Counter {
-            key,
-            hash_tag: tag,
-            algorithm,
-            limit: limit.min(MAX_EXACT),
-            hits,
-            refund: d.is_negative_hits,
-        });
+        let limit = limit.min(MAX_EXACT);
+        if indexing {
+            let charged = hits > 0 && !d.is_negative_hits;
+            let index = match algorithm {
+                Algorithm::Calendar { start_ms, .. } => {
+                    format!("{}|{start_ms}|{}|{}", unit_tag, tz.unwrap_or(Tz::UTC).name(), anchor.unwrap_or(1))
+                }
+                Algorithm::Gcra { .. } => format!("{}|-|-|-", unit_tag),
+            };
+            let alerts = reserved
+                .alerts
+                .iter()
+                .flatten()
+                .map(|p| {
+                    let t = (u128::from(limit) * u128::from(*p)).div_ceil(100);
+                    (*p, u64::try_from(t).unwrap_or(MAX_EXACT).min(MAX_EXACT))
+                })
+                .collect();
+            // Alerts ride on every applied decision (only a charge can cross
+            // a threshold); the index entry only on charges.
+            notes.push(CounterNote { index: if charged { index } else { String::new() }, alerts });
+        }
+        counters.push(Counter { key, hash_tag: tag, algorithm, limit, hits, refund: d.is_negative_hits });
         descriptors.push(DescriptorPlan::Limited { counter: counters.len() - 1, unit, name, week: reserved.week });
     }
 
-    let idempotency = match (&meta.idempotency_key, counters.first()) {
+    if !meta.usage.is_empty() {
+        if meta.mode != Mode::Settle {
+            return Err(PlanError::UsageInReserve);
+        }
+        if meta.idempotency_key.is_none() {
+            return Err(PlanError::UsageWithoutIdempotencyKey);
+        }
+    }
+    let usage_tag = meta.usage.first().map(|r| keys::hash_tag(&req.domain, &r.tenant));
+    if let (Some(tag), Some(first)) = (&usage_tag, counters.first()) {
+        if *tag != first.hash_tag {
+            return Err(PlanError::UsageTenant);
+        }
+    }
+    let ledger = match counters.first().map(|c| c.hash_tag.clone()).or(usage_tag) {
+        Some(tag)
+            if indexing
+                && (!meta.usage.is_empty() || notes.iter().any(|n| !n.index.is_empty() || !n.alerts.is_empty())) =>
+        {
+            let mut keys = KeyList::default();
+            let quota = keys.add(ledger::quota_key(&tag));
+            let alert_stream = notes
+                .iter()
+                .any(|n| !n.alerts.is_empty())
+                .then(|| (keys.add(ledger::alert_stream_key(&tag)), settings.ledger.alert_stream_max_len));
+            let ops = ledger::plan_rows(
+                &tag,
+                &meta.usage,
+                &settings.ledger,
+                now_ms,
+                meta.idempotency_key.as_deref().unwrap_or(""),
+                &mut keys,
+            )?;
+            Some(LedgerWrite {
+                hash_tag: tag,
+                keys: keys.0,
+                quota_index: Some((quota, settings.ledger.quota_index_cap)),
+                alert_stream,
+                notes,
+                ops,
+            })
+        }
+        _ => None,
+    };
+    let tag = counters.first().map(|c| c.hash_tag.as_str()).or(ledger.as_ref().map(|l| l.hash_tag.as_str()));
+    let idempotency = match (&meta.idempotency_key, tag) {
         (Some(k), Some(first)) => Some(Idempotency {
-            key: keys::idempotency_key(&first.hash_tag, meta.mode, k),
+            key: keys::idempotency_key(first, meta.mode, k),
             request_key: k.clone(),
             ttl_ms: match meta.mode {
                 Mode::Reserve => settings.reserve_idempotency_ttl_ms,
@@ -277,7 +381,7 @@ pub fn build(
         }),
         _ => None,
     };
-    Ok(Plan { descriptors, batch: Batch { now_ms, settle: meta.mode == Mode::Settle, counters, idempotency } })
+    Ok(Plan { descriptors, batch: Batch { now_ms, settle: meta.mode == Mode::Settle, counters, idempotency, ledger } })
 }
 
 #[cfg(test)]
@@ -299,7 +403,17 @@ mod tests {
         RateLimitRequest { domain: "tollgate".into(), descriptors: ds, hits_addend: hits }
     }
 
-    const S: PlanSettings = PlanSettings { idempotency_ttl_ms: 1000, reserve_idempotency_ttl_ms: 1000 };
+    const S: PlanSettings = PlanSettings {
+        idempotency_ttl_ms: 1000,
+        reserve_idempotency_ttl_ms: 1000,
+        ledger: LedgerSettings {
+            enabled: true,
+            retention_days: 400,
+            usage_stream_max_len: 0,
+            quota_index_cap: 256,
+            alert_stream_max_len: 100,
+        },
+    };
 
     #[test]
     fn reserved_entries_are_parameters() {
@@ -473,7 +587,7 @@ mod tests {
     #[test]
     fn idempotency_key_shares_the_slot_and_mode() {
         let r = req(vec![desc(&[("tenant", "acme")], Some((10, 4)))], 1);
-        let m = RequestMeta { mode: Mode::Settle, idempotency_key: Some("r1".into()) };
+        let m = RequestMeta { mode: Mode::Settle, idempotency_key: Some("r1".into()), usage: vec![] };
         let p = build(&r, &m, &StaticLimits::default(), S, 0).unwrap();
         let i = p.batch.idempotency.unwrap();
         assert_eq!(i.key, "tg:{tollgate|acme}:idem:settle:r1");
@@ -483,9 +597,9 @@ mod tests {
     #[test]
     fn reservation_keys_live_shorter_than_settle_keys() {
         let r = req(vec![desc(&[("tenant", "acme")], Some((10, 4)))], 1);
-        let s = PlanSettings { idempotency_ttl_ms: 86_400_000, reserve_idempotency_ttl_ms: 900_000 };
-        let reserve = RequestMeta { mode: Mode::Reserve, idempotency_key: Some("r1".into()) };
-        let settle = RequestMeta { mode: Mode::Settle, idempotency_key: Some("r1".into()) };
+        let s = PlanSettings { idempotency_ttl_ms: 86_400_000, reserve_idempotency_ttl_ms: 900_000, ..S };
+        let reserve = RequestMeta { mode: Mode::Reserve, idempotency_key: Some("r1".into()), usage: vec![] };
+        let settle = RequestMeta { mode: Mode::Settle, idempotency_key: Some("r1".into()), usage: vec![] };
         let ttl =
             |m: &RequestMeta| build(&r, m, &StaticLimits::default(), s, 0).unwrap().batch.idempotency.unwrap().ttl_ms;
         assert_eq!((ttl(&reserve), ttl(&settle)), (900_000, 86_400_000));

@@ -146,9 +146,15 @@ mod tests {
                     refund: false,
                 }],
                 idempotency: None,
+                ledger: None,
             },
         };
-        let outcome = Outcome { allowed: true, replay: false, counters: vec![CounterState { fits: true, used: 1 }] };
+        let outcome = Outcome {
+            allowed: true,
+            replay: false,
+            counters: vec![CounterState { fits: true, used: 1 }],
+            alerts: vec![],
+        };
         let unit = |week| build(&plan(week), &outcome, 0).statuses[0].current_limit.as_ref().map(|l| l.unit);
         assert_eq!(unit(true), Some(7));
         assert_eq!(unit(false), Some(4));

@@ -25,8 +25,37 @@
 /// costs `period` — integer arithmetic, exact while values stay below 2^53.
 /// Calendar state is a plain integer counter with PEXPIRE at the window end.
 ///
-/// Returns {overall (1 = OK, 2 = OVER_LIMIT), replay (0/1), fits_1, used_1, ..., fits_n, used_n}
-/// where used is the state after the charge if applied, before it otherwise.
+/// Optional ledger section (absent: `#ARGV == 4 + 5n`), at base = 4 + 5n;
+/// its keys follow the counters' and the idempotency key (KEYS[off + j],
+/// off = n + 1 with an idempotency key, n without). See [`crate::ledger`].
+///   ARGV[base+1] quota index key (j, 0 = none)   ARGV[base+2] its most entries
+///   ARGV[base+3] alert stream key (j, 0 = none)  ARGV[base+4] its MAXLEN ~
+///   ARGV[base+5] quota index parameters of each counter, joined by ';':
+///        "<unit letter>|<window start>|<tz>|<anchor>" ('' = not indexed);
+///        split only when a charge creates a counter
+///   ARGV[base+6] alerts of each counter, joined by ';': "<percent>:<threshold>,..."
+///        ('' = none); the whole argument is '' when no counter has alerts
+///   The quota index field is the counter key without `tg:<tag>:` and the
+///   window (`<unit letter>:<entries>`); its value
+///   `1|<unit letter>|<limit>|<start>|<end>|<period>|<tz>|<anchor>|<counter key>`.
+///   then m, then m ops:
+///     'H' key ttl p f1 v1 .. fp vp        HINCRBY each; PEXPIRE when the first field is new
+///     'Z' key ttl score member trim       ZADD; when new: ZREMRANGEBYSCORE -inf '(trim', PEXPIRE
+///     'X' key ttl maxlen p f1 v1 ..       XADD MAXLEN ~, PEXPIRE
+/// The section runs only when the batch is applied and not a replay, so it is
+/// exactly as idempotent as the charges. A counter charged while absent
+/// (a new window or bucket) gets its quota index entry (if the index has room;
+/// the index expires no sooner than its longest window). A calendar counter
+/// whose usage goes from below a threshold to at or above it takes the alert
+/// key `<counter key>:alert:<percent>` with SET NX (expiring with the window:
+/// once per counter, window and threshold, across replicas), and only the
+/// taker appends to the alert stream and reports it.
+///
+/// Returns {overall (1 = OK, 2 = OVER_LIMIT), replay (0/1), fits_1, used_1, ..., fits_n, used_n,
+///          [a, counter_1, percent_1, used_1, ..., counter_a, percent_a, used_a]}
+/// where used is the state after the charge if applied, before it otherwise;
+/// the bracketed part comes only with a ledger section: the alerts taken
+/// (counter index from 0, percent, usage after the charge).
 /// Over = used + hits > limit (exactly reaching the limit is allowed).
 /// On replay (idempotency key exists) nothing is charged, overall is the stored
 /// decision and the states are read as for a pure check.
@@ -47,6 +76,7 @@ local function fmt(x) return string.format('%.17g', x) end
 
 local cur = {}      -- key -> pending value within this call
 local stamp = {}    -- GCRA key -> the time its level is as of (never before the stored one)
+local existed = {}  -- key -> it held state before this call
 local kinds = {}    -- key -> {kind, limit, param}
 local before = {}
 local after = {}
@@ -68,6 +98,7 @@ for i = 1, n do
     if v == nil then
       local l, t = 0, now
       local raw = redis.call('GET', key)
+      existed[key] = raw ~= false
       if raw then
         local sl, st = string.match(raw, '^(%S+) (%S+)$')
         l = tonumber(sl) or 0
@@ -85,7 +116,11 @@ for i = 1, n do
     cost = hits * param
     cap = limit * param
   else
-    if v == nil then v = tonumber(redis.call('GET', key)) or 0 end
+    if v == nil then
+      local raw = redis.call('GET', key)
+      existed[key] = raw ~= false
+      v = tonumber(raw) or 0
+    end
     cost = hits
     cap = limit
   end
@@ -140,6 +175,114 @@ for i = 1, n do
   else
     out[#out + 1] = before[i]
   end
+end
+
+local base = 4 + 5 * n
+if #ARGV <= base then return out end
+local off = n
+if idem_ttl > 0 then off = n + 1 end
+local taken = {}
+if overall == 1 and not replay then
+  local qi = tonumber(ARGV[base + 1])
+  local qcap = tonumber(ARGV[base + 2])
+  local si = tonumber(ARGV[base + 3])
+  local smax = ARGV[base + 4]
+  local qttl = 0
+  local function split(packed)
+    local t = {}
+    for part in string.gmatch(packed .. ';', '([^;]*);') do t[#t + 1] = part end
+    return t
+  end
+  local idxs = nil
+  local alerts_of = nil
+  if ARGV[base + 6] ~= '' then alerts_of = split(ARGV[base + 6]) end
+  for i = 1, n do
+    local key = KEYS[i]
+    local kb = 4 + 5 * (i - 1)
+    local param = tonumber(ARGV[kb + 5])
+    if qi > 0 and not existed[key] and tonumber(ARGV[kb + 3]) > 0 and ARGV[kb + 4] ~= '1' then
+      existed[key] = true
+      idxs = idxs or split(ARGV[base + 5])
+      local u, start, tz, anchor = string.match(idxs[i] or '', '^(%a)|([^|]*)|([^|]*)|([^|]*)$')
+      local rest = string.match(key, '^tg:{[^}]*}:%a:(.*)$')
+      if u and rest then
+        local fin, period = '-', '-'
+        if ARGV[kb + 1] == '2' then
+          rest = string.match(rest, '^%-?%d+:(.*)$') or rest
+          fin = fmt(now + param)
+        else
+          period = ARGV[kb + 5]
+        end
+        local field = u .. ':' .. rest
+        local qk = KEYS[off + qi]
+        local val = table.concat({'1', u, ARGV[kb + 2], start, fin, period, tz, anchor, key}, '|')
+        -- a rate bucket that drained and refills has the same entry: a read
+        local cur = redis.call('HGET', qk, field)
+        if cur ~= val and (cur or redis.call('HLEN', qk) < qcap) then
+          redis.call('HSET', qk, field, val)
+          if param > qttl then qttl = param end
+        end
+      end
+    end
+    local alerts = alerts_of and alerts_of[i] or ''
+    -- only a charge crosses a threshold
+    if alerts ~= '' and ARGV[kb + 1] == '2' and after[i] > before[i] then
+      for p, thr in string.gmatch(alerts, '(%d+):(%d+)') do
+        local t = tonumber(thr)
+        if before[i] < t and after[i] >= t then
+          if redis.call('SET', key .. ':alert:' .. p, fmt(after[i]), 'NX', 'PX', param) then
+            taken[#taken + 1] = {i, tonumber(p), after[i]}
+            if si > 0 then
+              redis.call('XADD', KEYS[off + si], 'MAXLEN', '~', smax, '*', 'v', '1', 'counter', key,
+                'percent', p, 'threshold', thr, 'used', fmt(after[i]), 'at', ARGV[1])
+            end
+          end
+        end
+      end
+    end
+  end
+  if qttl > 0 then
+    local qk = KEYS[off + qi]
+    if redis.call('PTTL', qk) < qttl then redis.call('PEXPIRE', qk, qttl) end
+  end
+  local j = base + 7
+  local m = tonumber(ARGV[j])
+  j = j + 1
+  for _ = 1, m do
+    local op = ARGV[j]
+    local k = KEYS[off + tonumber(ARGV[j + 1])]
+    local ttl = ARGV[j + 2]
+    if op == 'H' then
+      local p = tonumber(ARGV[j + 3])
+      local fresh = false
+      for f = 1, p do
+        local v = redis.call('HINCRBY', k, ARGV[j + 2 + 2 * f], ARGV[j + 3 + 2 * f])
+        -- a new hash has only new fields: set its TTL (anchored to its day) once
+        if f == 1 and v == tonumber(ARGV[j + 3 + 2 * f]) then fresh = true end
+      end
+      if fresh then redis.call('PEXPIRE', k, ttl) end
+      j = j + 4 + 2 * p
+    elseif op == 'Z' then
+      if redis.call('ZADD', k, ARGV[j + 3], ARGV[j + 4]) == 1 then
+        redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. ARGV[j + 5])
+        redis.call('PEXPIRE', k, ttl)
+      end
+      j = j + 6
+    else
+      local p = tonumber(ARGV[j + 4])
+      local xa = {'XADD', k, 'MAXLEN', '~', ARGV[j + 3], '*'}
+      for f = 1, 2 * p do xa[#xa + 1] = ARGV[j + 4 + f] end
+      redis.call(unpack(xa))
+      redis.call('PEXPIRE', k, ttl)
+      j = j + 5 + 2 * p
+    end
+  end
+end
+out[#out + 1] = #taken
+for _, t in ipairs(taken) do
+  out[#out + 1] = t[1] - 1
+  out[#out + 1] = t[2]
+  out[#out + 1] = t[3]
 end
 return out
 "#;

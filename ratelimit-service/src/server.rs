@@ -11,6 +11,10 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::clock::SystemClock;
 use crate::config::StaticLimits;
+use crate::ledger::alerts::{AlertSink, WebhookSettings};
+use crate::ledger::api::LedgerApi;
+use crate::ledger::observer::LedgerObserver;
+use crate::ledger::LedgerSettings;
 use crate::metrics::Metrics;
 use crate::plan::PlanSettings;
 use crate::registry::admin_api::AdminTokens;
@@ -33,6 +37,12 @@ pub struct Settings {
     pub idempotency_ttl: Duration,
     pub reserve_idempotency_ttl: Duration,
     pub registry: RegistrySettings,
+    /// The ledger, quota index and alerts (on by default).
+    pub ledger: LedgerSettings,
+    /// Approximate bound of the global alert event stream.
+    pub alert_stream_max_len: u64,
+    /// Alert webhook delivery; off when `None`.
+    pub webhook: Option<WebhookSettings>,
 }
 
 /// The tenant registry's listeners and secrets (both listeners off by default).
@@ -77,7 +87,7 @@ pub const RLS_SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService"
 pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
     let storage = Arc::new(RedisStorage::new(&settings.redis, settings.redis_timeout)?);
     let metrics = Arc::new(Metrics::new());
-    let limiter = RateLimiter::new(
+    let mut limiter = RateLimiter::new(
         storage.clone(),
         settings.limits.clone(),
         Arc::new(SystemClock),
@@ -85,8 +95,18 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         PlanSettings {
             idempotency_ttl_ms: settings.idempotency_ttl.as_millis() as u64,
             reserve_idempotency_ttl_ms: settings.reserve_idempotency_ttl.as_millis() as u64,
+            ledger: settings.ledger,
         },
     );
+    if settings.ledger.enabled {
+        limiter = limiter.with_observer(Arc::new(LedgerObserver::new(
+            storage.clone(),
+            metrics.clone(),
+            Arc::new(SystemClock),
+            AlertSink { stream_max_len: settings.alert_stream_max_len, webhook: settings.webhook.is_some() },
+            settings.ledger.retention_days,
+        )));
+    }
 
     let incoming = TcpIncoming::bind(settings.grpc_addr)
         .map_err(|source| ServeError::BindGrpc { addr: settings.grpc_addr, source })?
@@ -163,8 +183,19 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         };
         http_tasks.push(tokio::spawn(serve(listener, app, limits, stopped(stop_rx.clone()))));
     }
+    if let Some(webhook) = settings.webhook.clone() {
+        http_tasks.push(tokio::spawn(crate::ledger::alerts::run_worker(
+            storage.clone(),
+            webhook,
+            metrics.clone(),
+            Arc::new(SystemClock),
+            stopped(stop_rx.clone()),
+        )));
+    }
     if let Some((listener, tokens)) = admin {
-        let app = crate::registry::admin_api::router(registry_store.clone(), tokens);
+        let ledger_api =
+            crate::ledger::api::router(LedgerApi { storage: storage.clone(), clock: Arc::new(SystemClock) });
+        let app = crate::registry::admin_api::router_with(registry_store.clone(), tokens, ledger_api);
         http_tasks.push(tokio::spawn(serve(listener, app, ServeLimits::default(), stopped(stop_rx.clone()))));
     }
 
@@ -173,6 +204,8 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         metrics = %settings.metrics_addr,
         registry = ?settings.registry.registry_addr,
         admin = ?settings.registry.admin_addr,
+        ledger = settings.ledger.enabled,
+        alert_webhook = settings.webhook.is_some(),
         kek_kids = ?settings.registry.kek.kids(),
         redis = ?settings.redis,
         "tollgate-ratelimit listening"

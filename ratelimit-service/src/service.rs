@@ -5,13 +5,14 @@ use std::time::Instant;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use rls_contract::ledger::META_USAGE;
 use rls_contract::{META_IDEMPOTENCY_KEY, META_MODE};
 use tonic::{Request, Response, Status};
 
 use crate::clock::Clock;
 use crate::config::StaticLimits;
 use crate::metrics::Metrics;
-use crate::plan::{self, PlanError, PlanSettings, RequestMeta};
+use crate::plan::{self, Plan, PlanError, PlanSettings, RequestMeta};
 use crate::response;
 use crate::storage::{Outcome, Storage, StorageError};
 
@@ -46,6 +47,12 @@ impl From<DecideError> for Status {
     }
 }
 
+/// What happens after a decision besides the answer (the ledger's tenant
+/// index, alert delivery, budget gauges). Must not block: it spawns its I/O.
+pub trait DecisionObserver: Send + Sync + 'static {
+    fn observe(&self, domain: &str, meta: &RequestMeta, plan: &Plan, outcome: &Outcome);
+}
+
 /// The rate limiter: holds the storage, the static limits and the clock.
 pub struct RateLimiter<S> {
     storage: Arc<S>,
@@ -53,6 +60,7 @@ pub struct RateLimiter<S> {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     settings: PlanSettings,
+    observer: Option<Arc<dyn DecisionObserver>>,
 }
 
 impl<S: Storage> RateLimiter<S> {
@@ -63,7 +71,13 @@ impl<S: Storage> RateLimiter<S> {
         metrics: Arc<Metrics>,
         settings: PlanSettings,
     ) -> Self {
-        Self { storage, limits, clock, metrics, settings }
+        Self { storage, limits, clock, metrics, settings, observer: None }
+    }
+
+    /// Call `observer` after every decision.
+    pub fn with_observer(mut self, observer: Arc<dyn DecisionObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Decide one request (without gRPC), recording metrics.
@@ -86,8 +100,8 @@ impl<S: Storage> RateLimiter<S> {
         if plan.batch.settle {
             self.metrics.settles.inc();
         }
-        let outcome = if plan.batch.counters.is_empty() {
-            Outcome { allowed: true, replay: false, counters: vec![] }
+        let outcome = if plan.batch.counters.is_empty() && plan.batch.ledger.is_none() {
+            Outcome { allowed: true, replay: false, counters: vec![], alerts: vec![] }
         } else {
             let started = Instant::now();
             let r = self.storage.apply(&plan.batch).await;
@@ -105,6 +119,9 @@ impl<S: Storage> RateLimiter<S> {
         };
         if outcome.replay {
             self.metrics.idempotent_replays.inc();
+        }
+        if let Some(o) = &self.observer {
+            o.observe(&req.domain, meta, &plan, &outcome);
         }
         Ok(response::build(&plan, &outcome, now))
     }
@@ -125,7 +142,12 @@ impl<S: Storage> RateLimitService for RateLimiter<S> {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let usage = metadata_str(&request, META_USAGE)?;
         let meta = plan::parse_meta(metadata_str(&request, META_MODE)?, metadata_str(&request, META_IDEMPOTENCY_KEY)?)
+            .and_then(|mut m| {
+                m.usage = plan::parse_usage(usage)?;
+                Ok(m)
+            })
             .map_err(|e| {
                 self.metrics.decision("invalid_argument");
                 Status::invalid_argument(e.to_string())

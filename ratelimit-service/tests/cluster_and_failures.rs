@@ -26,7 +26,7 @@ async fn cluster_decides_per_tenant_in_one_slot() {
             D::new(&[("tenant", &tenant), ("b", "tpd")]).limit(100, DAY),
             D::new(&[("tenant", &tenant), ("b", "usd")]).limit(50, MONTH),
         ];
-        let meta = RequestMeta { mode: Mode::Reserve, idempotency_key: Some(format!("r-{t}")) };
+        let meta = RequestMeta { mode: Mode::Reserve, idempotency_key: Some(format!("r-{t}")), usage: vec![] };
         let r = l
             .decide(&req("tollgate", &[ds[0].clone().hits(1), ds[1].clone().hits(60), ds[2].clone().hits(50)]), &meta)
             .await

@@ -34,7 +34,7 @@ fn pool_tier(name: &str, limit: u64) -> D {
 }
 
 fn keyed(key: &str) -> RequestMeta {
-    RequestMeta { mode: Mode::Reserve, idempotency_key: Some(key.into()) }
+    RequestMeta { mode: Mode::Reserve, idempotency_key: Some(key.into()), ..RequestMeta::default() }
 }
 
 /// `limit_remaining` of each descriptor, read with a pure check.
@@ -108,7 +108,7 @@ async fn idempotent_retries_charge_each_slot_once() {
 
     // settles across slots: applied once however often they are retried,
     // never refused, even over the limit
-    let settle = RequestMeta { mode: Mode::Settle, idempotency_key: Some("req-1".into()) };
+    let settle = RequestMeta { mode: Mode::Settle, idempotency_key: Some("req-1".into()), ..RequestMeta::default() };
     let fix = [all[0].clone().refund(4), all[1].clone().hits(100), all[2].clone().refund(30)];
     for _ in 0..3 {
         let r = l.decide(&req("tollgate", &fix), &settle).await.expect("settle");

@@ -20,7 +20,7 @@ fn reserve() -> RequestMeta {
 }
 
 fn settle(key: Option<&str>) -> RequestMeta {
-    RequestMeta { mode: Mode::Settle, idempotency_key: key.map(str::to_owned) }
+    RequestMeta { mode: Mode::Settle, idempotency_key: key.map(str::to_owned), usage: vec![] }
 }
 
 async fn run(l: &Limiter, r: &RateLimitRequest, m: &RequestMeta) -> RateLimitResponse {
@@ -130,7 +130,7 @@ async fn settle_retried_charges_once() {
     let r = run(
         &l,
         &req("tollgate", &[d.clone().hits(100)]),
-        &RequestMeta { mode: Mode::Reserve, idempotency_key: Some("req-42".into()) },
+        &RequestMeta { mode: Mode::Reserve, idempotency_key: Some("req-42".into()), usage: vec![] },
     )
     .await;
     assert_eq!(remaining(&r), vec![700]);
@@ -142,7 +142,7 @@ async fn idempotent_reserve_replays_the_decision() {
     let redis = RedisServer::start();
     let (l, _, _) = limiter(&redis, T0);
     let d = D::new(&[("tenant", "acme")]).limit(10, DAY);
-    let key = |k: &str| RequestMeta { mode: Mode::Reserve, idempotency_key: Some(k.into()) };
+    let key = |k: &str| RequestMeta { mode: Mode::Reserve, idempotency_key: Some(k.into()), usage: vec![] };
     let r = run(&l, &req("tollgate", &[d.clone().hits(8)]), &key("a")).await;
     assert_eq!(r.overall_code, OK);
     let r = run(&l, &req("tollgate", &[d.clone().hits(8)]), &key("b")).await;
@@ -412,12 +412,14 @@ async fn every_key_expires_and_script_cache_loss_recovers() {
         D::new(&[("tenant", "acme"), ("b", "tpd")]).limit(100, DAY).hits(1),
         D::new(&[("tenant", "acme"), ("b", "usd")]).limit(100, YEAR).hits(1),
     ];
-    run(&l, &req("t", &ds), &RequestMeta { mode: Mode::Reserve, idempotency_key: Some("x".into()) }).await;
+    run(&l, &req("t", &ds), &RequestMeta { mode: Mode::Reserve, idempotency_key: Some("x".into()), usage: vec![] })
+        .await;
     redis.cli(&["SCRIPT", "FLUSH"]).expect("flush");
     run(&l, &req("t", &ds), &reserve()).await;
     let keys = redis.cli(&["--scan", "--pattern", "tg:*"]).expect("scan");
     let keys: Vec<&str> = keys.lines().collect();
-    assert_eq!(keys.len(), 4, "{keys:?}");
+    // three counters, the idempotency key and the tenant's quota index
+    assert_eq!(keys.len(), 5, "{keys:?}");
     for k in keys {
         assert!(k.starts_with("tg:{t|acme}:"), "{k}");
         let ttl: i64 = redis.cli(&["PTTL", k]).expect("pttl").trim().parse().expect("int");

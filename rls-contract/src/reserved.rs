@@ -29,8 +29,8 @@ pub const KEY_WINDOW: &str = "tollgate.window";
 pub const WINDOW_WEEK: &str = "week";
 
 /// Budget alert thresholds, in percent of the limit: `50,80,100` (1..=8
-/// strictly increasing values in [`ALERT_PERCENTS`]). On DAY, MONTH and YEAR
-/// limits only. The service emits one event when a charge makes the counter
+/// strictly increasing values in [`ALERT_PERCENTS`]). On DAY (and weekly), MONTH
+/// and YEAR limits only. The service emits one event when a charge makes the counter
 /// reach a threshold in its window (see [`parse_alert_thresholds`]).
 pub const KEY_ALERTS: &str = "tollgate.alerts";
 

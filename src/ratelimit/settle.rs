@@ -163,6 +163,17 @@ impl Settle {
         })
     }
 
+    /// Whether this settle's first descriptor is one of its tenant's
+    /// (`tenant=<id>`, first entry): usage rows may ride it.
+    pub(crate) fn starts_with_tenant(&self) -> bool {
+        let Some(tenant) = self.tenant.get(&self.plugin) else { return false };
+        self.request().is_none_or(|r| {
+            r.descriptors
+                .first()
+                .is_none_or(|d| d.entries.first().is_some_and(|e| e.key == "tenant" && e.value == tenant.id))
+        })
+    }
+
     /// Whether `other` settles the same tenant and scope under the same
     /// configuration (same domain and limits), so the two may be netted.
     pub(crate) fn same_account(&self, other: &Settle) -> bool {
@@ -267,10 +278,17 @@ impl SettleNets {
                     Vec::new()
                 })
             };
-            let mut chunks = chunks.into_iter();
-            let settle = match chunks.next() {
-                Some(first) => Settle::with_usage(&p.plugin, &p.tenant, p.scope.as_ref(), p.net, first),
-                None => Settle::new(&p.plugin, &p.tenant, p.scope.as_ref(), p.net),
+            let mut chunks = chunks.into_iter().peekable();
+            let plain = Settle::new(&p.plugin, &p.tenant, p.scope.as_ref(), p.net);
+            // Rows ride a settle whose first descriptor is the tenant's (the
+            // service writes them in that slot); a settle that moves only a
+            // pool's counters goes without them.
+            let settle = match (plain, chunks.peek()) {
+                (Some(s), Some(_)) if !s.starts_with_tenant() => Some(s),
+                (_, Some(_)) => chunks
+                    .next()
+                    .and_then(|first| Settle::with_usage(&p.plugin, &p.tenant, p.scope.as_ref(), p.net, first)),
+                (plain, None) => plain,
             };
             if let Some(settle) = settle {
                 dropped += journal.push(Entry::settle(settle, key.clone(), true, p.first_ms));

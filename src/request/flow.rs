@@ -2453,4 +2453,38 @@ mod tests {
         // Every entry that carries rows has an idempotency key.
         assert!(due.iter().all(|e| !e.idempotency_key.is_empty() && e.encode().is_some()));
     }
+
+    #[test]
+    fn rows_never_ride_a_settle_that_starts_with_a_pool() {
+        // globex (free: requests per minute only) draws on the gpt-4o pool,
+        // which counts output tokens: its settle moves the pool's counter
+        // alone, so its usage row goes in a ledger-only settle.
+        let plugin = levels_plugin(false);
+        let shared = Rc::new(RefCell::new(Worker::new(100)));
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
+        assert!(matches!(start(&mut f, KEY_B, "/v1/chat/completions"), HeadersStep::ReadBody(_)));
+        let BodyStep::Call(call) = f.on_request_body(br#"{"model":"gpt-4o-mini","max_tokens":10}"#, 1_000) else {
+            panic!()
+        };
+        let n = rls::RateLimitRequest::decode(call.message.as_slice()).unwrap().descriptors.len();
+        let step = f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 1_000, 60); n])), 1_000);
+        assert!(matches!(step, BodyStep::Forward { .. }));
+        f.on_response_headers(200);
+        let usage = br#"{"model":"gpt-4o-mini","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        assert!(f.on_response_body(usage, true, 1_005).1.is_some());
+        shared.borrow_mut().queue_settle_nets();
+        let due = shared.borrow_mut().journal.due(u64::MAX, 10);
+        assert_eq!(due.len(), 2, "{due:?}");
+        for e in &due {
+            let req = rls::RateLimitRequest::decode(e.encode().unwrap().as_ref()).unwrap();
+            let has_rows = e.metadata().iter().any(|(k, _)| k == rls::ledger::META_USAGE);
+            match req.descriptors.first() {
+                Some(d) => {
+                    assert_eq!(d.entries[0].key, "pool");
+                    assert!(!has_rows);
+                }
+                None => assert!(has_rows),
+            }
+        }
+    }
 }

@@ -19,6 +19,7 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::google::protobuf::UInt64Value;
+use rls_contract::ledger::UsageRow;
 use tollgate_ratelimit::config::StaticLimits;
 use tollgate_ratelimit::plan::{self, PlanSettings, RequestMeta};
 use tollgate_ratelimit::scripts;
@@ -44,20 +45,113 @@ enum Cmd {
         duration_s: u64,
         #[arg(long, default_value_t = 64)]
         tenants: usize,
+        /// Settles carry one ledger usage row (`x-tollgate-usage`) and the
+        /// budget descriptors carry `tollgate.alerts`, as the filter sends them.
+        #[arg(long)]
+        usage: bool,
+    },
+    /// Fill the ledger through settles: every tenant gets one row per day
+    /// (two keys, two models alternating) for the last `days` days.
+    SeedLedger {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        grpc_addr: String,
+        #[arg(long, default_value_t = 10_000)]
+        tenants: usize,
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
     },
     Script,
     EvalshaArgs,
 }
 
+/// Ledger-only settles carrying `days` rows per tenant, 16 per settle.
+async fn seed_ledger(grpc_addr: String, tenants: usize, days: u64, concurrency: usize) -> Result<(), String> {
+    let channel = Channel::from_shared(format!("http://{grpc_addr}"))
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {grpc_addr}: {e}"))?;
+    let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(1);
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let mut client = RateLimitServiceClient::new(channel.clone());
+        let (next, errors) = (next.clone(), errors.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let t = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if t >= tenants {
+                    return;
+                }
+                let rows: Vec<UsageRow> = (0..days)
+                    .map(|d| UsageRow {
+                        tenant: format!("tenant-{t}"),
+                        time_zone: None,
+                        finished_at_ms: now - d * 86_400_000,
+                        api_key: Some(format!("key-{}", d % 2)),
+                        model: if d % 3 == 0 { "gpt-4o".into() } else { "gpt-4o-mini".into() },
+                        requests: 10,
+                        input_tokens: 12_000,
+                        output_tokens: 3_000,
+                        cost_micro_usd: 23_000,
+                        ..UsageRow::default()
+                    })
+                    .collect();
+                let Ok(chunks) = rls_contract::ledger::encode_chunks(&rows) else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    let mut settle = tonic::Request::new(RateLimitRequest {
+                        domain: "tollgate".into(),
+                        descriptors: vec![],
+                        hits_addend: 0,
+                    });
+                    let md = settle.metadata_mut();
+                    md.insert("x-tollgate-mode", tonic::metadata::MetadataValue::from_static("settle"));
+                    if let (Ok(k), Ok(v)) = (format!("seed-{t}-{i}").parse(), chunk.parse()) {
+                        md.insert("x-tollgate-idempotency-key", k);
+                        md.insert(rls_contract::ledger::META_USAGE, v);
+                    }
+                    if client.should_rate_limit(settle).await.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await.map_err(|e| e.to_string())?;
+    }
+    println!("RESULT ledger_seed_rows={}", tenants as u64 * days);
+    println!("RESULT ledger_seed_s={:.1}", started.elapsed().as_secs_f64());
+    println!("RESULT ledger_seed_errors={}", errors.load(Ordering::Relaxed));
+    Ok(())
+}
+
 /// The typical request: limits high enough that every request is admitted
 /// (the cost of a decision, not of refusals, is measured).
 fn typical(tenant: &str, tokens: u64, micros: u64, refund: bool) -> RateLimitRequest {
+    typical_with(tenant, tokens, micros, refund, false)
+}
+
+fn typical_with(tenant: &str, tokens: u64, micros: u64, refund: bool, alerts: bool) -> RateLimitRequest {
     let d = |name: &str, limit: u64, unit: i32, hits: u64| RateLimitDescriptor {
-        entries: vec![
-            Entry { key: "tenant".into(), value: tenant.into() },
-            Entry { key: "limit".into(), value: name.into() },
-            Entry { key: "tollgate.limit".into(), value: limit.to_string() },
-        ],
+        entries: {
+            let mut e = vec![
+                Entry { key: "tenant".into(), value: tenant.into() },
+                Entry { key: "limit".into(), value: name.into() },
+                Entry { key: "tollgate.limit".into(), value: limit.to_string() },
+            ];
+            if alerts && (unit == 4 || unit == 5) {
+                e.push(Entry { key: "tollgate.alerts".into(), value: "50,80,100".into() });
+            }
+            e
+        },
         limit: Some(RateLimitOverride { requests_per_unit: u32::try_from(limit).unwrap_or(u32::MAX), unit }),
         hits_addend: Some(UInt64Value { value: hits }),
         is_negative_hits: refund,
@@ -89,6 +183,7 @@ async fn run(
     connections: usize,
     duration_s: u64,
     tenants: usize,
+    usage: bool,
 ) -> Result<(), String> {
     let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
@@ -114,12 +209,31 @@ async fn run(
                 i += 1;
                 // reserve an estimate, then settle the difference (refund) idempotently
                 let t = Instant::now();
-                let ok = client.should_rate_limit(typical(&tenant, 2_000, 3_000, false)).await.is_ok();
+                let ok = client.should_rate_limit(typical_with(&tenant, 2_000, 3_000, false, usage)).await.is_ok();
                 lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
-                let mut settle = tonic::Request::new(typical(&tenant, 500, 700, true));
+                let mut settle = tonic::Request::new(typical_with(&tenant, 500, 700, true, usage));
+                if usage {
+                    let row = UsageRow {
+                        tenant: tenant.clone(),
+                        time_zone: Some("Europe/Paris".into()),
+                        finished_at_ms: u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(1),
+                        api_key: Some(format!("key-{}", w % 4)),
+                        user: None,
+                        model: "gpt-4o-mini".into(),
+                        requests: 1,
+                        input_tokens: 1_200,
+                        cached_read_tokens: 200,
+                        output_tokens: 300,
+                        cost_micro_usd: 2_300,
+                        ..UsageRow::default()
+                    };
+                    if let Ok(v) = rls_contract::ledger::encode(&[row]).unwrap_or_default().parse() {
+                        settle.metadata_mut().insert(rls_contract::ledger::META_USAGE, v);
+                    }
+                }
                 settle.metadata_mut().insert("x-tollgate-mode", tonic::metadata::MetadataValue::from_static("settle"));
                 if let Ok(v) = format!("w{w}-{i}").parse() {
                     settle.metadata_mut().insert("x-tollgate-idempotency-key", v);
@@ -158,7 +272,7 @@ fn evalsha_args() -> Result<Vec<String>, String> {
         &r,
         &RequestMeta::default(),
         &StaticLimits::default(),
-        PlanSettings { idempotency_ttl_ms: 1, reserve_idempotency_ttl_ms: 1 },
+        PlanSettings { idempotency_ttl_ms: 1, reserve_idempotency_ttl_ms: 1, ..PlanSettings::default() },
         now,
     )
     .map_err(|e| e.to_string())?;
@@ -172,6 +286,12 @@ fn evalsha_args() -> Result<Vec<String>, String> {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let result = match args.cmd {
+        Cmd::SeedLedger { grpc_addr, tenants, days, concurrency } => {
+            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(seed_ledger(grpc_addr, tenants, days, concurrency)),
+                Err(e) => Err(e.to_string()),
+            }
+        }
         Cmd::Script => {
             print!("{}", scripts::DECIDE);
             Ok(())
@@ -181,9 +301,9 @@ fn main() -> std::process::ExitCode {
                 println!("{x}");
             }
         }),
-        Cmd::Run { grpc_addr, concurrency, connections, duration_s, tenants } => {
+        Cmd::Run { grpc_addr, concurrency, connections, duration_s, tenants, usage } => {
             match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(run(grpc_addr, concurrency, connections, duration_s, tenants)),
+                Ok(rt) => rt.block_on(run(grpc_addr, concurrency, connections, duration_s, tenants, usage)),
                 Err(e) => Err(e.to_string()),
             }
         }

@@ -37,6 +37,50 @@ enum Command {
     /// Provider credentials (sealed at rest).
     #[command(subcommand)]
     Credential(CredentialCmd),
+    /// Usage from the ledger (one tenant, or every tenant).
+    Usage {
+        /// First day, YYYY-MM-DD (the tenant's billing days).
+        #[arg(long)]
+        from: String,
+        /// Last day, inclusive.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this API key id.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only this end user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Comma-separated subset of day, model, key, user (default day,model,key).
+        #[arg(long)]
+        group_by: Option<String>,
+        /// Print CSV instead of JSON.
+        #[arg(long)]
+        csv: bool,
+        /// RLS domain (default tollgate).
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// Every limit the service has decided for a tenant, with what is left.
+    Quota {
+        tenant: String,
+        /// RLS domain (default tollgate).
+        #[arg(long)]
+        domain: Option<String>,
+    },
+    /// The alert webhook delivery log, newest first.
+    Deliveries {
+        #[arg(long)]
+        limit: Option<u32>,
+        /// `next` of the previous page.
+        #[arg(long)]
+        before: Option<String>,
+    },
     /// The audit trail, newest first.
     Audit {
         #[arg(long)]
@@ -308,6 +352,15 @@ impl Client {
         if text.is_empty() {
             return Ok(None);
         }
+        if !resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .starts_with("application/json")
+        {
+            return Ok(Some(Value::String(text)));
+        }
         serde_json::from_str(&text).map(Some).map_err(|e| Failure::Refused(format!("unreadable answer: {e}")))
     }
 }
@@ -398,12 +451,45 @@ fn run(cli: Cli) -> Outcome {
                 c.call("DELETE", &format!("/v1/tenants/{}/credentials/{provider}", tenant(&t)?), None)
             }
         },
+        Command::Usage { from, to, tenant: t, key, user, model, group_by, csv, domain } => {
+            let mut q: Vec<(&str, String)> = vec![("from", from), ("to", to)];
+            if let Some(t) = t {
+                q.push(("tenant", tenant(&t)?.to_owned()));
+            }
+            for (name, v) in
+                [("key", key), ("user", user), ("model", model), ("group_by", group_by), ("domain", domain)]
+            {
+                if let Some(v) = v {
+                    q.push((name, v));
+                }
+            }
+            if csv {
+                q.push(("format", "csv".into()));
+            }
+            let query = serde_urlencoded::to_string(&q).map_err(|e| Failure::Usage(e.to_string()))?;
+            c.call("GET", &format!("/v1/usage?{query}"), None)
+        }
+        Command::Quota { tenant: t, domain } => {
+            let mut path = format!("/v1/tenants/{}/quota", tenant(&t)?);
+            if let Some(d) = domain {
+                let q = serde_urlencoded::to_string([("domain", d)]).map_err(|e| Failure::Usage(e.to_string()))?;
+                path = format!("{path}?{q}");
+            }
+            c.call("GET", &path, None)
+        }
+        Command::Deliveries { limit, before } => {
+            c.call("GET", &page("/v1/alerts/deliveries", limit, before.as_deref(), "before"), None)
+        }
         Command::Audit { limit, before } => c.call("GET", &page("/v1/audit", limit, before.as_deref(), "before"), None),
     }
 }
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
+        Ok(Some(Value::String(text))) => {
+            let _ = write!(std::io::stdout().lock(), "{text}");
+            ExitCode::SUCCESS
+        }
         Ok(Some(v)) => {
             // A closed pipe (`| head`) is not an error worth a panic.
             let _ = writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -135,11 +135,25 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/keys/{sha256}"),
     ("post", "/v1/keys/{sha256}/revoke"),
     ("get", "/v1/audit"),
+    ("get", "/v1/usage"),
+    ("get", "/v1/tenants/{id}/quota"),
+    ("get", "/v1/alerts/deliveries"),
 ];
 
 /// The admin router.
 pub fn router(store: Arc<RegistryStore>, tokens: Arc<AdminTokens>) -> Router {
+    router_with(store, tokens, Router::new())
+}
+
+/// The admin router plus `extra` routes (the ledger's), behind the same tokens.
+pub fn router_with(store: Arc<RegistryStore>, tokens: Arc<AdminTokens>, extra: Router) -> Router {
     let state = AdminState { store };
+    // (route_layer on a router without routes panics)
+    let extra = if extra.has_routes() {
+        extra.route_layer(middleware::from_fn_with_state(tokens.clone(), authenticate))
+    } else {
+        extra
+    };
     let protected = Router::new()
         .route("/v1/tenants", post(create_tenant).get(list_tenants))
         .route("/v1/tenants/{id}", get(get_tenant).patch(patch_tenant).delete(delete_tenant))
@@ -151,7 +165,11 @@ pub fn router(store: Arc<RegistryStore>, tokens: Arc<AdminTokens>) -> Router {
         .route("/v1/audit", get(audit))
         .route_layer(middleware::from_fn_with_state(tokens, authenticate))
         .with_state(state);
-    Router::new().route("/v1/openapi.json", get(super::openapi::serve)).merge(protected).fallback(not_found)
+    Router::new()
+        .route("/v1/openapi.json", get(super::openapi::serve))
+        .merge(protected)
+        .merge(extra)
+        .fallback(not_found)
 }
 
 type ApiResult<T> = std::result::Result<T, ApiError>;

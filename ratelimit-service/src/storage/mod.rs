@@ -51,6 +51,66 @@ pub struct Batch {
     pub settle: bool,
     pub counters: Vec<Counter>,
     pub idempotency: Option<Idempotency>,
+    /// The ledger, quota index and alert writes that ride with the decision
+    /// (same script, same round trip, same idempotency): all in the tenant's
+    /// hash tag, which is the first counter's when there are counters.
+    pub ledger: Option<LedgerWrite>,
+}
+
+/// What the decision script writes besides the counters, only when the batch
+/// is applied and is not a replay. See [`crate::ledger`] for the layout.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LedgerWrite {
+    /// The tenant's `{...}` hash tag: every key below carries it.
+    pub hash_tag: String,
+    /// Keys the writes name (`KeyRef` indexes into this list).
+    pub keys: Vec<String>,
+    /// The per-tenant quota index (a hash: counter identity → limit and
+    /// window) and its most entries.
+    pub quota_index: Option<(KeyRef, u64)>,
+    /// The per-tenant alert stream and its approximate length bound.
+    pub alert_stream: Option<(KeyRef, u64)>,
+    /// One per counter, in counter order (may be shorter: the rest have none).
+    pub notes: Vec<CounterNote>,
+    /// Ledger writes (usage rows).
+    pub ops: Vec<LedgerOp>,
+}
+
+/// An index into [`LedgerWrite::keys`].
+pub type KeyRef = usize;
+
+/// What to remember about one counter when it is charged.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CounterNote {
+    /// Quota index parameters `<unit letter>|<window start>|<tz>|<anchor>`
+    /// (`-` for a rate's window), for an entry written when the charge
+    /// creates the counter (a new window or rate bucket); empty: not indexed.
+    /// The script derives the field and the rest of the value from the
+    /// counter's key and arguments (see [`crate::ledger::QuotaEntry`]).
+    pub index: String,
+    /// Alert thresholds `(percent, threshold in hits)`, calendar counters only.
+    pub alerts: Vec<(u32, u64)>,
+}
+
+/// One ledger write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LedgerOp {
+    /// HINCRBY each field, then PEXPIRE.
+    HashIncr { key: KeyRef, ttl_ms: u64, pairs: Vec<(String, u64)> },
+    /// ZADD `member` with `score`, drop members scored below `trim_below`, PEXPIRE.
+    IndexAdd { key: KeyRef, ttl_ms: u64, score: i64, member: String, trim_below: i64 },
+    /// XADD with `MAXLEN ~ max_len`, then PEXPIRE.
+    StreamAdd { key: KeyRef, ttl_ms: u64, max_len: u64, fields: Vec<(String, String)> },
+}
+
+/// A threshold a charge made a counter reach, decided once per window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertHit {
+    /// Index of the counter in the batch.
+    pub counter: usize,
+    pub percent: u32,
+    /// Usage in the window after the charge.
+    pub used: u64,
 }
 
 /// The state of one counter after the call.
@@ -72,6 +132,9 @@ pub struct Outcome {
     /// `counters` are the current states.
     pub replay: bool,
     pub counters: Vec<CounterState>,
+    /// Thresholds crossed by this batch (each at most once per window, across
+    /// every replica).
+    pub alerts: Vec<AlertHit>,
 }
 
 #[derive(Debug, thiserror::Error)]

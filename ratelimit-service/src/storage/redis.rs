@@ -9,7 +9,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::Mutex;
 
-use super::{slots, Algorithm, Batch, CounterState, Outcome, Storage, StorageError};
+use super::{slots, AlertHit, Algorithm, Batch, CounterState, LedgerOp, LedgerWrite, Outcome, Storage, StorageError};
 use crate::scripts;
 
 /// Where to connect.
@@ -187,7 +187,64 @@ pub fn script_args(batch: &Batch) -> (Vec<String>, Vec<String>) {
         argv.push(if c.refund { "1" } else { "0" }.to_owned());
         argv.push(param.to_string());
     }
+    if let Some(l) = &batch.ledger {
+        ledger_args(l, batch.counters.len(), &mut keys, &mut argv);
+    }
     (keys, argv)
+}
+
+/// The ledger section of the script's arguments (see [`scripts::DECIDE`]).
+fn ledger_args(l: &LedgerWrite, n: usize, keys: &mut Vec<String>, argv: &mut Vec<String>) {
+    keys.extend(l.keys.iter().cloned());
+    // KEYS positions are 1-based after the counters and idempotency key.
+    let pos = |k: usize| (k + 1).to_string();
+    let (qi, qcap) = l.quota_index.map_or(("0".to_owned(), 0), |(k, cap)| (pos(k), cap));
+    let (si, smax) = l.alert_stream.map_or(("0".to_owned(), 0), |(k, max)| (pos(k), max));
+    argv.extend([qi, qcap.to_string(), si, smax.to_string()]);
+    let note = |i: usize| l.notes.get(i);
+    argv.push((0..n).map(|i| note(i).map_or("", |x| x.index.as_str())).collect::<Vec<_>>().join(";"));
+    let alerts: Vec<String> = (0..n)
+        .map(|i| {
+            let a = note(i).map(|x| x.alerts.as_slice()).unwrap_or(&[]);
+            a.iter().map(|(p, t)| format!("{p}:{t}")).collect::<Vec<_>>().join(",")
+        })
+        .collect();
+    argv.push(if alerts.iter().all(String::is_empty) { String::new() } else { alerts.join(";") });
+    argv.push(l.ops.len().to_string());
+    for op in &l.ops {
+        match op {
+            LedgerOp::HashIncr { key, ttl_ms, pairs } => {
+                argv.extend(["H".to_owned(), pos(*key), ttl_ms.max(&1).to_string(), pairs.len().to_string()]);
+                for (f, v) in pairs {
+                    argv.push(f.clone());
+                    argv.push(v.to_string());
+                }
+            }
+            LedgerOp::IndexAdd { key, ttl_ms, score, member, trim_below } => {
+                argv.extend([
+                    "Z".to_owned(),
+                    pos(*key),
+                    ttl_ms.max(&1).to_string(),
+                    score.to_string(),
+                    member.clone(),
+                    trim_below.to_string(),
+                ]);
+            }
+            LedgerOp::StreamAdd { key, ttl_ms, max_len, fields } => {
+                argv.extend([
+                    "X".to_owned(),
+                    pos(*key),
+                    ttl_ms.max(&1).to_string(),
+                    max_len.max(&1).to_string(),
+                    fields.len().to_string(),
+                ]);
+                for (f, v) in fields {
+                    argv.push(f.clone());
+                    argv.push(v.clone());
+                }
+            }
+        }
+    }
 }
 
 /// Parse the script's reply.
@@ -195,14 +252,15 @@ pub fn parse_reply(value: Value, n: usize) -> Result<Outcome, StorageError> {
     let Value::Array(items) = value else {
         return Err(StorageError::Reply(format!("expected an array, got {value:?}")));
     };
-    if items.len() != 2 + 2 * n {
+    let (head, alerts) = items.split_at(items.len().min(2 + 2 * n));
+    if head.len() != 2 + 2 * n {
         return Err(StorageError::Reply(format!("expected {} items, got {}", 2 + 2 * n, items.len())));
     }
     let int = |v: &Value| match v {
         Value::Int(i) => Ok(*i),
         other => Err(StorageError::Reply(format!("expected an integer, got {other:?}"))),
     };
-    let [overall, replay, rest @ ..] = items.as_slice() else {
+    let [overall, replay, rest @ ..] = head else {
         return Err(StorageError::Reply(format!("expected {} items, got {}", 2 + 2 * n, items.len())));
     };
     let overall = int(overall)?;
@@ -212,7 +270,21 @@ pub fn parse_reply(value: Value, n: usize) -> Result<Outcome, StorageError> {
         let [fits, used] = pair else { continue };
         counters.push(CounterState { fits: int(fits)? == 1, used: u64::try_from(int(used)?).unwrap_or(0) });
     }
-    Ok(Outcome { allowed: overall == 1, replay, counters })
+    let mut taken = Vec::new();
+    if let [count, triples @ ..] = alerts {
+        if triples.len() != 3 * usize::try_from(int(count)?).unwrap_or(0) {
+            return Err(StorageError::Reply(format!("expected {} alert items, got {}", int(count)?, triples.len())));
+        }
+        for t in triples.chunks_exact(3) {
+            let [counter, percent, used] = t else { continue };
+            taken.push(AlertHit {
+                counter: usize::try_from(int(counter)?).unwrap_or(usize::MAX),
+                percent: u32::try_from(int(percent)?).unwrap_or(0),
+                used: u64::try_from(int(used)?).unwrap_or(0),
+            });
+        }
+    }
+    Ok(Outcome { allowed: overall == 1, replay, counters, alerts: taken })
 }
 
 impl RedisStorage {
@@ -242,8 +314,8 @@ impl RedisStorage {
 
 impl Storage for RedisStorage {
     async fn apply(&self, batch: &Batch) -> Result<Outcome, StorageError> {
-        if batch.counters.is_empty() {
-            return Ok(Outcome { allowed: true, replay: false, counters: vec![] });
+        if batch.counters.is_empty() && batch.ledger.is_none() {
+            return Ok(Outcome { allowed: true, replay: false, counters: vec![], alerts: vec![] });
         }
         // One script may only touch keys of one slot. On a single node one script
         // decides everything (exact); on a cluster a batch spanning hash tags

@@ -25,7 +25,7 @@ use std::future::Future;
 
 use rls_contract::Mode;
 
-use super::{Algorithm, Batch, Counter, CounterState, Idempotency, Outcome, StorageError};
+use super::{AlertHit, Algorithm, Batch, Counter, CounterState, Idempotency, Outcome, StorageError};
 use crate::keys;
 
 /// The counters of one hash tag.
@@ -71,13 +71,24 @@ pub fn split(batch: &Batch) -> Vec<Group> {
                 g.batch.counters.push(c.clone());
             }
             None => {
-                let idempotency = group_idempotency(batch, &c.hash_tag, groups.is_empty());
+                let first = groups.is_empty();
+                let idempotency = group_idempotency(batch, &c.hash_tag, first);
+                // The ledger (usage rows, quota index, alerts) is the tenant's:
+                // it rides with the first group only.
+                let ledger = if first { batch.ledger.clone() } else { None };
                 groups.push(Group {
                     tag: c.hash_tag.clone(),
                     indices: vec![i],
-                    batch: Batch { counters: vec![c.clone()], idempotency, ..batch.clone() },
+                    batch: Batch { counters: vec![c.clone()], idempotency, ledger, ..batch.clone() },
                 });
             }
+        }
+    }
+    // The first group's counter notes, in its own counter order.
+    if let Some(g) = groups.first_mut() {
+        let notes = batch.ledger.as_ref().map(|l| &l.notes);
+        if let (Some(l), Some(all)) = (g.batch.ledger.as_mut(), notes) {
+            l.notes = g.indices.iter().filter_map(|&i| all.get(i).cloned()).collect();
         }
     }
     groups
@@ -92,6 +103,8 @@ pub fn undo(group: &Batch) -> Batch {
         settle: true,
         counters: group.counters.iter().map(|c| Counter { refund: !c.refund && c.hits > 0, ..c.clone() }).collect(),
         idempotency: group.idempotency.as_ref().map(|i| Idempotency { key: format!("{}:undo", i.key), ..i.clone() }),
+        // An undo writes no usage, index entry or alert.
+        ledger: None,
         ..group.clone()
     }
 }
@@ -102,6 +115,7 @@ pub fn check(group: &Batch) -> Batch {
         settle: false,
         counters: group.counters.iter().map(|c| Counter { hits: 0, refund: false, ..c.clone() }).collect(),
         idempotency: None,
+        ledger: None,
         ..group.clone()
     }
 }
@@ -164,6 +178,15 @@ where
 {
     let groups = split(batch);
     let mut states: Vec<Option<CounterState>> = vec![None; batch.counters.len()];
+    let mut alerts = Vec::new();
+    // A group's alert names its counter within the group: renumber it.
+    let mut take_alerts = |g: &Group, o: &Outcome| {
+        for a in &o.alerts {
+            if let Some(&i) = g.indices.get(a.counter) {
+                alerts.push(AlertHit { counter: i, ..a.clone() });
+            }
+        }
+    };
     // A replay only when every group that ran replayed: then nothing was charged now.
     let mut replay = true;
 
@@ -171,9 +194,10 @@ where
         for g in &groups {
             let o = run(g.batch.clone()).await?;
             replay &= o.replay;
+            take_alerts(g, &o);
             place(&mut states, g, &o, |_, s| s.fits)?;
         }
-        return Ok(Outcome { allowed: true, replay, counters: collect(states)? });
+        return Ok(Outcome { allowed: true, replay, counters: collect(states)?, alerts });
     }
 
     let mut refused = None;
@@ -193,6 +217,7 @@ where
             }
         };
         replay &= o.replay;
+        take_alerts(g, &o);
         place(&mut states, g, &o, |_, s| s.fits)?;
         if !o.allowed {
             refused = Some(gi);
@@ -200,7 +225,7 @@ where
         }
     }
     let Some(refused) = refused else {
-        return Ok(Outcome { allowed: true, replay, counters: collect(states)? });
+        return Ok(Outcome { allowed: true, replay, counters: collect(states)?, alerts });
     };
 
     // The groups before the refusing one fitted and were charged: give it back.
@@ -215,7 +240,9 @@ where
         let o = run(check(&g.batch)).await?;
         place(&mut states, g, &o, |c, s| would_fit(c, s.used))?;
     }
-    Ok(Outcome { allowed: false, replay, counters: collect(states)? })
+    // Alerts a refused reserve's charged groups crossed stand: they were
+    // reached (then given back), as a reserve that refuses later would.
+    Ok(Outcome { allowed: false, replay, counters: collect(states)?, alerts })
 }
 
 #[cfg(test)]
@@ -250,7 +277,7 @@ mod tests {
             }),
             _ => None,
         };
-        Batch { now_ms: 1, settle, counters, idempotency }
+        Batch { now_ms: 1, settle, counters, idempotency, ledger: None }
     }
 
     /// An in-memory stand-in for one DECIDE call per group (calendar counters
@@ -309,6 +336,7 @@ mod tests {
                 allowed,
                 replay: stored.is_some(),
                 counters: fits.into_iter().zip(used).map(|(fits, used)| CounterState { fits, used }).collect(),
+                alerts: vec![],
             })
         }
 

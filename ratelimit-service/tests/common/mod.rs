@@ -197,7 +197,7 @@ pub fn limiter_timeout(
         Arc::new(limits),
         clock.clone(),
         metrics.clone(),
-        PlanSettings { idempotency_ttl_ms: 60_000, reserve_idempotency_ttl_ms: 60_000 },
+        PlanSettings { idempotency_ttl_ms: 60_000, reserve_idempotency_ttl_ms: 60_000, ..PlanSettings::default() },
     );
     (l, clock, metrics)
 }
