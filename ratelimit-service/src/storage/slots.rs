@@ -183,7 +183,7 @@ where
     let mut take_alerts = |g: &Group, o: &Outcome| {
         for a in &o.alerts {
             if let Some(&i) = g.indices.get(a.counter) {
-                alerts.push(AlertHit { counter: i, ..a.clone() });
+                alerts.push(AlertHit { counter: i, ..*a });
             }
         }
     };
