@@ -160,7 +160,7 @@ class RedisCluster:
 
     def __init__(self, logdir):
         import tempfile
-        self.ports = [free_port() for _ in range(3)]
+        self.ports = [self.free_port() for _ in range(3)]
         self.procs = []
         self.dirs = [tempfile.mkdtemp(prefix="tollgate-cluster-") for _ in self.ports]
         for port, d in zip(self.ports, self.dirs):
@@ -183,6 +183,23 @@ class RedisCluster:
             if time.time() > deadline:
                 raise RuntimeError("the cluster did not become ok")
             time.sleep(0.2)
+
+    @staticmethod
+    def free_port():
+        """A free port whose cluster bus port (+10000) is free too: at most 55535."""
+        import random
+        for _ in range(200):
+            port = random.randint(20000, 55000)
+            ok = True
+            for p in (port, port + 10000):
+                with socket.socket() as sock:
+                    try:
+                        sock.bind(("127.0.0.1", p))
+                    except OSError:
+                        ok = False
+            if ok:
+                return port
+        raise RuntimeError("no free port pair for a Redis Cluster node")
 
     def nodes(self):
         return ",".join("redis://127.0.0.1:%d" % p for p in self.ports)

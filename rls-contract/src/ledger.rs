@@ -39,8 +39,10 @@
 //!   the upstream answered;
 //! - `refusals`: requests tollgate refused, by code (an HTTP status such as
 //!   `429`, or a short reason such as `budget`), not counted in `requests`;
-//! - token counts as metered (input includes the cached reads, as the
-//!   providers bill them; each kind is kept apart);
+//! - token counts as metered, each kind apart and none inside another:
+//!   `input` is the uncached input (the access log's `tokens_input`),
+//!   `cached_read` and `cache_write` the prompt-cache reads and writes,
+//!   `output` all output with `reasoning` the part of it that was reasoning;
 //! - `micro_usd`: the cost charged, in millionths of a US dollar;
 //! - `estimated`: how many of `requests` were charged an estimate because the
 //!   provider sent no usage (at most `requests`).

@@ -1129,7 +1129,7 @@ impl RequestFlow {
         let (out, usage, micros, estimated) = record::report(&plugin, &facts, metered, &names);
         let row = self.ledger_row(now_ms, |r| {
             r.requests = 1;
-            r.input_tokens = usage.input_total();
+            r.input_tokens = usage.input_uncached;
             r.cached_read_tokens = usage.cache_read;
             r.cache_write_tokens = usage.cache_write;
             r.output_tokens = usage.output;

@@ -394,6 +394,11 @@ pub fn check_overrides(o: Option<&TierSpec>) -> Result<(), FieldError> {
     if let Some(u) = &o.users {
         check_limits("overrides.users", u)?;
     }
+    if let Some(a) = &o.alert_thresholds {
+        if a.len() > 8 || a.iter().any(|x| !x.is_finite() || !(0.01..=10.0).contains(x)) {
+            return Err(FieldError::new("overrides.alert_thresholds", "at most 8 shares of a budget, 0.01 to 10"));
+        }
+    }
     Ok(())
 }
 
