@@ -80,3 +80,12 @@ echo "RESULT redis_evalsha_p50_ms=$redis_p50"
 echo "RESULT redis_evalsha_p99_ms=$redis_p99"
 service_rps="$(sed -n 's/^RESULT service_decisions_per_s=//p' "$work/service.out")"
 awk -v s="$service_rps" -v r="$redis_rps" 'BEGIN { printf "RESULT service_vs_redis_ceiling=%.2f\n", s / r }'
+
+# Four levels per request (tenant, key, user, pool and the tier's share:
+# nine descriptors instead of five), against the same ceiling.
+echo "service: four levels, $CONCURRENCY clients for ${DURATION_S}s..." >&2
+"$bin/rls-bench" run --grpc-addr "127.0.0.1:$GRPC_PORT" --concurrency "$CONCURRENCY" \
+  --duration-s "$DURATION_S" --levels 4 | sed 's/^RESULT service_/RESULT service_levels4_/' | tee "$work/levels4.out"
+levels4_rps="$(sed -n 's/^RESULT service_levels4_decisions_per_s=//p' "$work/levels4.out")"
+awk -v s="$levels4_rps" -v r="$redis_rps" 'BEGIN { printf "RESULT service_levels4_vs_redis_ceiling=%.2f\n", s / r }'
+awk -v s="$levels4_rps" -v o="$service_rps" 'BEGIN { printf "RESULT service_levels4_vs_levels1=%.2f\n", s / o }'

@@ -49,6 +49,11 @@ enum Cmd {
         /// budget descriptors carry `tollgate.alerts`, as the filter sends them.
         #[arg(long)]
         usage: bool,
+        /// Limit levels per request: 1 (the tenant's five limits) or 4 (plus
+        /// an API key's budget, an end user's rate, a provider pool's rate
+        /// and the tier's share of it: nine descriptors).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
+        levels: u8,
     },
     /// Fill the ledger through settles: every tenant gets one row per day
     /// (two keys, two models alternating) for the last `days` days.
@@ -136,10 +141,10 @@ async fn seed_ledger(grpc_addr: String, tenants: usize, days: u64, concurrency: 
 /// The typical request: limits high enough that every request is admitted
 /// (the cost of a decision, not of refusals, is measured).
 fn typical(tenant: &str, tokens: u64, micros: u64, refund: bool) -> RateLimitRequest {
-    typical_with(tenant, tokens, micros, refund, false)
+    typical_with(tenant, tokens, micros, refund, false, 1)
 }
 
-fn typical_with(tenant: &str, tokens: u64, micros: u64, refund: bool, alerts: bool) -> RateLimitRequest {
+fn typical_with(tenant: &str, tokens: u64, micros: u64, refund: bool, alerts: bool, levels: u8) -> RateLimitRequest {
     let d = |name: &str, limit: u64, unit: i32, hits: u64| RateLimitDescriptor {
         entries: {
             let mut e = vec![
@@ -156,17 +161,42 @@ fn typical_with(tenant: &str, tokens: u64, micros: u64, refund: bool, alerts: bo
         hits_addend: Some(UInt64Value { value: hits }),
         is_negative_hits: refund,
     };
-    RateLimitRequest {
-        domain: "tollgate".into(),
-        descriptors: vec![
-            d("rpm", 1_000_000_000, 2, if refund { 0 } else { 1 }),
-            d("tpm", 1_000_000_000_000, 2, tokens),
-            d("tokens_per_day", 1_000_000_000_000_000, 4, tokens),
-            d("usd_per_day", 1_000_000_000_000_000, 4, micros),
-            d("usd_per_month", 1_000_000_000_000_000, 5, micros),
-        ],
-        hits_addend: 0,
+    let mut descriptors = vec![
+        d("rpm", 1_000_000_000, 2, if refund { 0 } else { 1 }),
+        d("tpm", 1_000_000_000_000, 2, tokens),
+        d("tokens_per_day", 1_000_000_000_000_000, 4, tokens),
+        d("usd_per_day", 1_000_000_000_000_000, 4, micros),
+        d("usd_per_month", 1_000_000_000_000_000, 5, micros),
+    ];
+    if levels > 1 {
+        // The filter's other levels: key, user, pool and the tier's share.
+        let level = |pairs: &[(&str, &str)], limit: u64, unit: i32, hits: u64| RateLimitDescriptor {
+            entries: pairs
+                .iter()
+                .map(|(k, v)| Entry { key: (*k).into(), value: (*v).into() })
+                .chain(std::iter::once(Entry { key: "tollgate.limit".into(), value: limit.to_string() }))
+                .collect(),
+            limit: Some(RateLimitOverride { requests_per_unit: u32::try_from(limit).unwrap_or(u32::MAX), unit }),
+            hits_addend: Some(UInt64Value { value: hits }),
+            is_negative_hits: refund,
+        };
+        let req = if refund { 0 } else { 1 };
+        descriptors.push(level(
+            &[("tenant", tenant), ("key", "ci"), ("limit", "usd_per_day")],
+            1_000_000_000_000_000,
+            4,
+            micros,
+        ));
+        descriptors.push(level(&[("tenant", tenant), ("user", "u-1"), ("limit", "requests_per_minute")], 1_000_000_000, 2, req));
+        descriptors.push(level(&[("pool", "bench-pool"), ("limit", "requests_per_minute")], 1_000_000_000, 2, req));
+        descriptors.push(level(
+            &[("pool", "bench-pool"), ("tier", "pro"), ("limit", "requests_per_minute")],
+            1_000_000_000,
+            2,
+            req,
+        ));
     }
+    RateLimitRequest { domain: "tollgate".into(), descriptors, hits_addend: 0 }
 }
 
 fn pct(sorted: &[u32], p: f64) -> f64 {
@@ -184,6 +214,7 @@ async fn run(
     duration_s: u64,
     tenants: usize,
     usage: bool,
+    levels: u8,
 ) -> Result<(), String> {
     let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
@@ -209,12 +240,12 @@ async fn run(
                 i += 1;
                 // reserve an estimate, then settle the difference (refund) idempotently
                 let t = Instant::now();
-                let ok = client.should_rate_limit(typical_with(&tenant, 2_000, 3_000, false, usage)).await.is_ok();
+                let ok = client.should_rate_limit(typical_with(&tenant, 2_000, 3_000, false, usage, levels)).await.is_ok();
                 lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
-                let mut settle = tonic::Request::new(typical_with(&tenant, 500, 700, true, usage));
+                let mut settle = tonic::Request::new(typical_with(&tenant, 500, 700, true, usage, levels));
                 if usage {
                     let row = UsageRow {
                         tenant: tenant.clone(),
@@ -301,9 +332,9 @@ fn main() -> std::process::ExitCode {
                 println!("{x}");
             }
         }),
-        Cmd::Run { grpc_addr, concurrency, connections, duration_s, tenants, usage } => {
+        Cmd::Run { grpc_addr, concurrency, connections, duration_s, tenants, usage, levels } => {
             match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(run(grpc_addr, concurrency, connections, duration_s, tenants, usage)),
+                Ok(rt) => rt.block_on(run(grpc_addr, concurrency, connections, duration_s, tenants, usage, levels)),
                 Err(e) => Err(e.to_string()),
             }
         }
