@@ -94,15 +94,17 @@ pub fn remaining_after(states: &[LimitState], reserved: Amounts, used: Amounts) 
 }
 
 /// Response headers of the remaining budgets: the tightest dollar budget
-/// (as dollars) and the tightest token budget, of every level.
+/// (as dollars) and the tightest token budget, of every level. Built with
+/// plain pushes: it runs for every non-streamed response.
 pub fn remaining_headers(after: &[LimitState]) -> Vec<(String, String)> {
-    let mut out = Vec::new();
     let tightest = |m: Measure| after.iter().filter(|s| s.kind.measure() == m).min_by_key(|s| s.remaining);
-    if let Some(s) = tightest(Measure::Micros) {
+    let (usd, tokens) = (tightest(Measure::Micros), tightest(Measure::Tokens));
+    let mut out = Vec::with_capacity(2 * (usize::from(usd.is_some()) + usize::from(tokens.is_some())));
+    if let Some(s) = usd {
         out.push(("x-tollgate-budget-remaining-usd".into(), crate::metering::record::format_usd(s.remaining)));
         out.push(("x-tollgate-budget-remaining-usd-limit".into(), limit_label(s)));
     }
-    if let Some(s) = tightest(Measure::Tokens) {
+    if let Some(s) = tokens {
         out.push(("x-tollgate-budget-remaining-tokens".into(), s.remaining.to_string()));
         out.push(("x-tollgate-budget-remaining-tokens-limit".into(), limit_label(s)));
     }
@@ -110,7 +112,12 @@ pub fn remaining_headers(after: &[LimitState]) -> Vec<(String, String)> {
 }
 
 fn limit_label(s: &LimitState) -> String {
-    format!("{}.{}", s.level.name(), s.kind.name())
+    let (level, kind) = (s.level.name(), s.kind.name());
+    let mut out = String::with_capacity(level.len() + 1 + kind.len());
+    out.push_str(level);
+    out.push('.');
+    out.push_str(kind);
+    out
 }
 
 #[cfg(test)]

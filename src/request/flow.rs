@@ -1293,13 +1293,20 @@ impl RequestFlow {
     /// The request's id stem for idempotency keys; the service takes 1-256
     /// visible ASCII characters.
     fn idempotency_base(&self) -> String {
-        self.request_id.chars().take(200).map(|c| if c.is_ascii_graphic() { c } else { '_' }).collect()
+        let id = &self.request_id;
+        if id.len() <= 200 && id.bytes().all(|b| b.is_ascii_graphic()) {
+            return id.clone();
+        }
+        id.chars().take(200).map(|c| if c.is_ascii_graphic() { c } else { '_' }).collect()
     }
 }
 
 /// A text field for the ledger: at most 128 bytes (cut at a character
 /// boundary), control characters replaced.
 fn ledger_text(s: &str) -> String {
+    if !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
     let mut out = String::with_capacity(s.len().min(128));
     for c in s.chars() {
         let c = if c.is_control() { '?' } else { c };

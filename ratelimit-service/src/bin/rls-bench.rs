@@ -187,7 +187,12 @@ fn typical_with(tenant: &str, tokens: u64, micros: u64, refund: bool, alerts: bo
             4,
             micros,
         ));
-        descriptors.push(level(&[("tenant", tenant), ("user", "u-1"), ("limit", "requests_per_minute")], 1_000_000_000, 2, req));
+        descriptors.push(level(
+            &[("tenant", tenant), ("user", "u-1"), ("limit", "requests_per_minute")],
+            1_000_000_000,
+            2,
+            req,
+        ));
         descriptors.push(level(&[("pool", "bench-pool"), ("limit", "requests_per_minute")], 1_000_000_000, 2, req));
         descriptors.push(level(
             &[("pool", "bench-pool"), ("tier", "pro"), ("limit", "requests_per_minute")],
@@ -240,7 +245,8 @@ async fn run(
                 i += 1;
                 // reserve an estimate, then settle the difference (refund) idempotently
                 let t = Instant::now();
-                let ok = client.should_rate_limit(typical_with(&tenant, 2_000, 3_000, false, usage, levels)).await.is_ok();
+                let ok =
+                    client.should_rate_limit(typical_with(&tenant, 2_000, 3_000, false, usage, levels)).await.is_ok();
                 lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
