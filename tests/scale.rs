@@ -132,8 +132,10 @@ fn loading_a_configuration_peaks_at_a_small_multiple_of_its_size() {
     println!("config {} bytes: load peak {peak} bytes, kept {kept} bytes", raw.len());
     assert_eq!(plugin.tenants.len(), 20_000);
     // Read as a `serde_json::Value` tree first, it peaked at 9.8 times the
-    // text; read straight into the spec types, at 4.8.
-    assert!(peak <= 5 * raw.len() as isize, "peak {peak} for {} bytes of JSON", raw.len());
+    // text; read straight into the spec types, at 4.8; at 5.04 once tiers
+    // gained the limit-level fields (ten more per override; a tenant's
+    // `keys` list is boxed to keep the rest flat). What stays is unchanged.
+    assert!(peak <= 21 * raw.len() as isize / 4, "peak {peak} for {} bytes of JSON", raw.len());
 }
 
 /// Not a test of speed (timed tests lie on a shared machine): prints how

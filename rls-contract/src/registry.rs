@@ -285,8 +285,10 @@ pub struct TierSpec {
     pub usd_per_week: Option<f64>,
     /// Limits of every end user of a tenant of this tier, each counted on
     /// its own (within the tenant's limits).
+    /// (Boxed: a tenant's overrides rarely set it, and 100k of them are
+    /// parsed at once.)
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "object_or_null")]
-    pub users: Option<LimitsSpec>,
+    pub users: Option<Box<LimitsSpec>>,
     /// Shadow mode: every limit is evaluated and counted, but nothing is
     /// refused; a request that would have been refused is marked in the
     /// access log, the metrics and `x-tollgate-shadow-refusal`.

@@ -520,7 +520,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
             }
         }
         let mut key_ids: Vec<&str> = Vec::new();
-        for (k, spec) in t.keys.iter().enumerate() {
+        for (k, spec) in t.keys.iter().flat_map(|k| k.iter()).enumerate() {
             let kpath = format!("{path}.keys[{k}]");
             let bytes = parse_digest(&format!("{kpath}.sha256"), &spec.sha256)?;
             if let Some(prev) = key_index.insert(bytes, i) {

@@ -467,9 +467,10 @@ pub struct TenantSpec {
     /// appear in the configuration: `printf %s "$KEY" | sha256sum`.
     #[serde(default)]
     pub api_key_sha256: Vec<String>,
-    /// Named client keys, each with its own limits or model list.
+    /// Named client keys, each with its own limits or model list. (Boxed:
+    /// most tenants have none, and 100k tenants are parsed at once.)
     #[serde(default)]
-    pub keys: Vec<KeySpec>,
+    pub keys: Option<Box<Vec<KeySpec>>>,
     /// Per provider, the name of the environment variable holding this
     /// tenant's provider API key. Envoy passes it to the VM through
     /// `vm_config.environment_variables.host_env_keys`, so the secret never
