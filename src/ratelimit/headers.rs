@@ -5,20 +5,39 @@ use crate::llm::{self, Family, LocalReply, Refusal};
 use crate::ratelimit::descriptors::{Level, LimitState, Measure};
 
 /// Formats a duration the way OpenAI's `x-ratelimit-reset-*` does: `6m0s`,
-/// `1.5s`, `120ms`.
+/// `1.5s`, `120ms`. Written into one buffer: it runs on every response.
 pub fn openai_duration(ms: u64) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(12);
     if ms < 1000 {
-        return format!("{ms}ms");
+        let _ = write!(out, "{ms}ms");
+        return out;
     }
     let total_s = ms / 1000;
     let frac = ms % 1000;
     let (h, m, s) = (total_s / 3600, (total_s % 3600) / 60, total_s % 60);
-    let sec = if frac == 0 { format!("{s}s") } else { format!("{s}.{}s", format!("{frac:03}").trim_end_matches('0')) };
-    match (h, m) {
-        (0, 0) => sec,
-        (0, m) => format!("{m}m{sec}"),
-        (h, m) => format!("{h}h{m}m{sec}"),
+    if h > 0 {
+        let _ = write!(out, "{h}h{m}m");
+    } else if m > 0 {
+        let _ = write!(out, "{m}m");
     }
+    let _ = write!(out, "{s}");
+    if frac != 0 {
+        let digits = [frac / 100, (frac / 10) % 10, frac % 10];
+        let keep = if frac.is_multiple_of(100) {
+            1
+        } else if frac.is_multiple_of(10) {
+            2
+        } else {
+            3
+        };
+        out.push('.');
+        for d in digits.iter().take(keep) {
+            out.push(char::from(b'0' + *d as u8));
+        }
+    }
+    out.push('s');
+    out
 }
 
 /// OpenAI-style `x-ratelimit-*` headers for the request and token rates:
@@ -26,8 +45,12 @@ pub fn openai_duration(ms: u64) -> String {
 /// count as tokens), the tightest (least remaining); without a rate, the
 /// tightest budget.
 pub fn ratelimit_headers(states: &[LimitState]) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (suffix, tokens) in [("requests", false), ("tokens", true)] {
+    const NAMES: [[&str; 3]; 2] = [
+        ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
+        ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"],
+    ];
+    let mut out = Vec::with_capacity(6);
+    for (names, tokens) in NAMES.iter().zip([false, true]) {
         let pick = states
             .iter()
             .filter(|s| match s.kind.measure() {
@@ -37,9 +60,10 @@ pub fn ratelimit_headers(states: &[LimitState]) -> Vec<(String, String)> {
             })
             .min_by_key(|s| (s.kind.is_budget(), s.remaining, s.kind.window()));
         if let Some(s) = pick {
-            out.push((format!("x-ratelimit-limit-{suffix}"), s.limit.to_string()));
-            out.push((format!("x-ratelimit-remaining-{suffix}"), s.remaining.to_string()));
-            out.push((format!("x-ratelimit-reset-{suffix}"), openai_duration(s.reset_ms)));
+            let [limit, remaining, reset] = names;
+            out.push(((*limit).to_string(), s.limit.to_string()));
+            out.push(((*remaining).to_string(), s.remaining.to_string()));
+            out.push(((*reset).to_string(), openai_duration(s.reset_ms)));
         }
     }
     out
@@ -144,5 +168,9 @@ mod tests {
         assert_eq!(openai_duration(1500), "1.5s");
         assert_eq!(openai_duration(360_000), "6m0s");
         assert_eq!(openai_duration(3_723_000), "1h2m3s");
+        assert_eq!(openai_duration(1050), "1.05s");
+        assert_eq!(openai_duration(61_005), "1m1.005s");
+        assert_eq!(openai_duration(3_600_000), "1h0m0s");
+        assert_eq!(openai_duration(0), "0ms");
     }
 }
