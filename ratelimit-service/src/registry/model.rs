@@ -3,8 +3,12 @@
 
 use std::collections::BTreeMap;
 
+// Structs are read from JSON objects only (serde's derive also takes an
+// array of the fields in order, which no client means): the contract's
+// `Object` and `object_or_null`.
 use rls_contract::registry::{
-    valid_key_digest, valid_provider, valid_tenant_id, KeyRecord, LimitsSpec, TenantRecord, TierSpec,
+    object_or_null, valid_key_digest, valid_provider, valid_tenant_id, KeyRecord, LimitsSpec, Object as Obj,
+    TenantRecord, TierSpec,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -145,29 +149,9 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
-/// A struct read from a JSON object only (serde's derive also takes an array
-/// of the fields in order, which no client means).
-struct Obj<T>(T);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
-            type Value = T;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData)).map(Obj)
-    }
-}
-
 /// Overrides: an object, or `null` / absent for none.
 fn overrides<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TierSpec>, D::Error> {
-    Option::<Obj<TierSpec>>::deserialize(d).map(|o| o.map(|Obj(t)| t))
+    object_or_null(d)
 }
 
 /// Overrides in a patch: absent → `None`; `null` → `Some(None)` (clear); an object → `Some(Some(_))`.
@@ -200,7 +184,7 @@ where
     D: Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    Option::<Obj<T>>::deserialize(d).map(|o| Some(o.map(|Obj(t)| t)))
+    object_or_null(d).map(Some)
 }
 
 /// `PATCH /v1/tenants/{id}`: absent fields stay as they are.
