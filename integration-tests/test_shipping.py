@@ -244,6 +244,16 @@ def test_ratelimit_and_redis_manifests():
     assert c["resources"]["requests"] and c["resources"]["limits"]
     svc = objs[("Service", "tollgate-ratelimit")]
     assert any(p["port"] == 8081 for p in svc["spec"]["ports"])
+    # The registry and admin ports as on plain Kubernetes: the admin API on
+    # its own Service, its tokens and the key-encryption keys from a Secret.
+    flags = dict(a.split("=", 1) for a in c["args"] if "=" in a)
+    assert flags["--registry-addr"].endswith(":8083") and flags["--admin-addr"].endswith(":8082")
+    env = {e["name"]: e for e in c["env"]}
+    for name in ("TOLLGATE_ADMIN_TOKENS", "TOLLGATE_KEK"):
+        assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"], name
+    assert {p["containerPort"] for p in c["ports"]} == {8081, 8082, 8083, 9090}
+    assert sorted(p["port"] for p in svc["spec"]["ports"]) == [8081, 8083, 9090]
+    assert [p["port"] for p in objs[("Service", "tollgate-ratelimit-admin")]["spec"]["ports"]] == [8082]
     assert ("StatefulSet", "tollgate-redis") in objs and ("Service", "tollgate-redis") in objs
     # The EnvoyFilter cluster points at this Service.
     (gw,) = load_yaml_docs(os.path.join(ISTIO_DIR, "gateway.yaml"))
@@ -386,6 +396,8 @@ K8S_VERSIONS = ("1.33.0", "1.37.0")
 CRD_KINDS = {
     "gateway.networking.k8s.io/v1": {"GatewayClass", "Gateway", "HTTPRoute"},
     "gateway.envoyproxy.io/v1alpha1": {"EnvoyProxy", "EnvoyPatchPolicy"},
+    "networking.istio.io/v1alpha3": {"EnvoyFilter"},
+    "extensions.istio.io/v1alpha1": {"WasmPlugin"},
 }
 EG_RESOURCE_TYPES = {"type.googleapis.com/envoy.config.listener.v3.Listener",
                      "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
@@ -405,6 +417,12 @@ def k8s_manifest_files():
     return sorted(glob.glob(os.path.join(K8S_DIR, "*.yaml")) + glob.glob(os.path.join(EG_DIR, "*.yaml")))
 
 
+def schema_checked_files():
+    """Every manifest with core kinds: plain Kubernetes, Envoy Gateway and
+    Istio (whose EnvoyFilter and WasmPlugin are CRDs, checked above)."""
+    return k8s_manifest_files() + sorted(glob.glob(os.path.join(ISTIO_DIR, "*.yaml")))
+
+
 def objects_in(directory):
     out = {}
     for path in sorted(glob.glob(os.path.join(directory, "*.yaml"))):
@@ -419,7 +437,7 @@ def test_kubernetes_manifests_are_there():
             "envoy-gateway/gateway.yaml", "envoy-gateway/patch-policy.yaml"} <= names, names
 
 
-@pytest.mark.parametrize("path", k8s_manifest_files(), ids=lambda p: os.path.relpath(p, ENVOY_DIR))
+@pytest.mark.parametrize("path", schema_checked_files(), ids=lambda p: os.path.relpath(p, ENVOY_DIR))
 def test_manifest_validates_against_kubernetes_schemas(path):
     k = kv()
     for doc in load_yaml_docs(path):
