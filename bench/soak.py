@@ -37,15 +37,14 @@ import http.client
 import json
 import os
 import random
-import re
 import secrets
 import signal
-import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "integration-tests"))
@@ -272,7 +271,7 @@ async def one_off(port, data, kind):
         writer.transport.abort()
 
 
-async def client(idx, port, plan, tally, args, progress):
+async def client(idx, port, plan, tally, args):
     rng = random.Random("%d-%d" % (args.seed, idx))
     conn = None
     prev = None
@@ -282,7 +281,6 @@ async def client(idx, port, plan, tally, args, progress):
         n = plan.take()
         if n is None:
             break
-        await progress.wait_if_paused()
         sc = rng.choices(SCENARIOS, weights=[s[1] for s in SCENARIOS])[0]
         tenant = rng.choices(tenants, weights=weights)[0]
         path, h, body = build(rng, sc, tenant)
@@ -339,32 +337,21 @@ class Plan:
         return self.next - 1
 
 
-class Progress:
-    """Lets the main loop pause the clients (not used for the restarts:
-    those happen under load)."""
-
-    def __init__(self):
-        self.ev = asyncio.Event()
-        self.ev.set()
-
-    async def wait_if_paused(self):
-        await self.ev.wait()
-
-
 # ---------------------------------------------------------------- the stack
 
 class DurableRedis(harness.Redis):
     """redis-server with an append-only file fsynced before every reply."""
 
-    def __init__(self, logdir):
+    def __init__(self, logdir, persist=True):
         self.dir = tempfile.mkdtemp(prefix="redis-", dir=logdir)
+        self.persist = persist
         super().__init__(logdir=logdir)
 
     def start(self):
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
         self.proc = harness.Proc("redis-%d" % self.port,
                                  [harness.redis_bin(), "--port", str(self.port), "--bind", "127.0.0.1",
-                                  "--dir", self.dir, "--save", "", "--appendonly", "yes",
-                                  "--appendfsync", "always"], logdir=self.logdir)
+                                  "--dir", self.dir, "--save", ""] + aof, logdir=self.logdir)
         harness.wait_port(self.port, proc=self.proc.proc)
         deadline = time.time() + 60
         while self.cli("PING") != "PONG" and time.time() < deadline:  # LOADING while it reads the file
@@ -444,6 +431,10 @@ class Sampler(threading.Thread):
             self.sample()
 
 
+class Abort(Exception):
+    """Stops the checks: one failed so that the others cannot run."""
+
+
 def result(name, value):
     print("RESULT %s=%s" % (name, value), flush=True)
 
@@ -519,8 +510,7 @@ def growth(xs, key):
 
 async def drive(args, envoy, rls, redis, sampler, tally):
     plan = Plan(args.requests)
-    progress = Progress()
-    tasks = [asyncio.ensure_future(client(i, envoy.port, plan, tally, args, progress))
+    tasks = [asyncio.ensure_future(client(i, envoy.port, plan, tally, args))
              for i in range(args.connections)]
     events = sorted([(int(args.requests * args.service_restart_at), "service"),
                      (int(args.requests * args.redis_restart_at), "redis")])
@@ -555,11 +545,17 @@ def mock_clear(port):
         pass
 
 
+def keep_log(proc):
+    """The restarted process writes a new log of the same name: keep the old."""
+    os.replace(proc.log_path, proc.log_path + ".before-restart")
+
+
 def restart(what, rls, redis, args, sampler):
     t0 = time.time()
     if what == "service":
         sampler.sample("service-stop")
         rls.stop()
+        keep_log(rls.proc)
         time.sleep(args.outage_s)
         rls.start()
         sampler.sample("service-up")
@@ -567,6 +563,7 @@ def restart(what, rls, redis, args, sampler):
         sampler.sample("redis-stop")
         before = redis.cli("DBSIZE")
         redis.proc.stop(signal.SIGKILL if args.redis_signal == "kill" else signal.SIGTERM)
+        keep_log(redis.proc)
         time.sleep(args.outage_s)
         redis.start()
         sampler.sample("redis-up")
@@ -586,6 +583,8 @@ def main():
     ap.add_argument("--service-restart-at", type=float, default=0.35, help="share of the run")
     ap.add_argument("--redis-restart-at", type=float, default=0.65, help="share of the run")
     ap.add_argument("--redis-signal", choices=["kill", "term"], default="kill")
+    ap.add_argument("--redis-persistence", choices=["aof", "none"], default="aof",
+                    help="none: Redis forgets everything at its restart (the ledger check then fails)")
     ap.add_argument("--warmup", type=float, default=0.1, help="share of the run before memory must be flat")
     ap.add_argument("--recovery-s", type=float, default=30.0,
                     help="seconds after the first restart before memory must be flat again")
@@ -614,7 +613,7 @@ def main():
         mock = harness.MockLLM(logdir=logdir)
         procs.append(mock)
         args.mock_port = mock.port
-        redis = DurableRedis(logdir)
+        redis = DurableRedis(logdir, persist=args.redis_persistence == "aof")
         procs.append(redis)
         rls = harness.RateLimitService(redis.port, logdir=logdir, admin_tokens="soak:" + ADMIN_TOKEN)
         procs.append(rls)
@@ -639,10 +638,16 @@ def main():
         result("soak_requests", tally.done)
         result("soak_seconds", "%.0f" % elapsed)
         result("soak_rps", "%.0f" % (tally.done / elapsed))
+        result("soak_mix", ",".join("%s:%d" % kv for kv in sorted(tally.by_scenario.items())))
         result("soak_status", ",".join("%s:%d" % kv for kv in sorted(tally.status.items(), key=str)))
         result("soak_client_errors", ",".join("%s:%d" % kv for kv in sorted(tally.errors.items())) or "0")
         check("soak_client_timeouts", tally.timeouts, tally.timeouts == 0)
 
+        alive = envoy.proc.alive()
+        check("envoy_alive_end", int(alive), alive)
+        if not alive:
+            print("# Envoy exited during the run:\n" + envoy.proc.output()[-3000:], file=sys.stderr)
+            raise Abort()
         # Every request reaches the access log once; none still open.
         time.sleep(1.5)
         deadline = time.time() + 30
@@ -664,7 +669,8 @@ def main():
         # Not a check of this script (see docs/soak.md): requests the client
         # left before the filter wrote any field (status 0, flag DC).
         blank = [rid for rid, r in records.items() if not r[0].get("tg_outcome")]
-        result("soak_access_log_without_outcome", "%d%s" % (len(blank), (" e.g. " + ",".join(blank[:3])) if blank else ""))
+        result("soak_access_log_without_outcome",
+               "%d%s" % (len(blank), (" e.g. " + ",".join(blank[:3])) if blank else ""))
 
         # The ledger equals the access log, per tenant, exactly (the journal
         # may still be retrying: wait for it).
@@ -703,8 +709,8 @@ def main():
         result("envoy_rss_mb_end", "%.1f" % s[-1]["rss_mb"])
         result("wasm_memory_mb_end", "%.2f (%d VMs)" % (s[-1]["wasm_mb"], s[-1]["wasm_vms"]))
         # Two windows, each of which must be flat: warm-up to the first
-        # restart, and from shortly after the first restart (its recovery,
-        # --recovery of the run) to the end, which includes the second.
+        # restart, and from --recovery-s after the first restart to the end,
+        # which includes the second.
         # Between them memory may step up once: the journal holds every
         # settle while the service is away, and wasm linear memory (like
         # tcmalloc's heap) keeps its high-water mark.
@@ -731,6 +737,11 @@ def main():
             step = growth([x for x in s if x["requests"] >= warm], key_)
             if step:
                 result("%s_growth_mb_warmup_to_end" % name, "%.2f" % step[1])
+    except Abort:
+        pass
+    except Exception:
+        traceback.print_exc()
+        failed.append("exception")
     finally:
         for p in reversed(procs):
             try:
