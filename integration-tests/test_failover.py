@@ -129,11 +129,15 @@ def test_a_failing_target_moves_traffic_to_the_next_and_gets_it_back(fo, mocks):
     no_tollgate_headers(a, b)
     # Metrics by tenant and target, and the circuit's gauge.
     deadline = time.time() + 3
-    while time.time() < deadline and stat(fo, "target.openai.upstream_errors") < 3:
+    while time.time() < deadline and stat(fo, "target.openai.target_errors") < 3:
         time.sleep(0.1)
-    assert stat(fo, "target.openai.upstream_errors") == 3
-    assert stat(fo, "target.azure-eu.requests") == 4
-    assert stat(fo, "target.openai.circuit_state") == 0
+    assert stat(fo, "target.openai.target_errors") == 3
+    assert stat(fo, "target.azure-eu.target_requests") == 4
+    # The gauge is set on the next tick of the worker that closed it.
+    deadline = time.time() + 3
+    while time.time() < deadline and stat(fo, "target.openai.target_circuit_state") != 0:
+        time.sleep(0.1)
+    assert stat(fo, "target.openai.target_circuit_state") == 0
     assert stat(fo, "limit.provider_unavailable.refused") == 1
     # The refusal is in the audit trail with its tenant and code.
     log = open(fo.access_log).read()
@@ -157,9 +161,9 @@ def test_a_provider_429_pauses_that_credential_for_its_retry_after(fo, mocks):
     assert acme(fo).status == 200
     assert len(a.requests()) == 3 and len(b.requests()) == 1
     deadline = time.time() + 3
-    while time.time() < deadline and stat(fo, "target.openai.upstream_rate_limited") < 1:
+    while time.time() < deadline and stat(fo, "target.openai.target_rate_limited") < 1:
         time.sleep(0.1)
-    assert stat(fo, "target.openai.upstream_rate_limited") == 1
+    assert stat(fo, "target.openai.target_rate_limited") == 1
     no_tollgate_headers(a, b)
 
 
@@ -188,6 +192,6 @@ def test_timeouts_open_the_circuit(fo, mocks):
     assert r.status == 200  # Azure: its route allows 5 s
     assert len(b.requests()) == 1
     deadline = time.time() + 3
-    while time.time() < deadline and stat(fo, "target.openai.upstream_timeouts") < 3:
+    while time.time() < deadline and stat(fo, "target.openai.target_timeouts") < 3:
         time.sleep(0.1)
-    assert stat(fo, "target.openai.upstream_timeouts") == 3
+    assert stat(fo, "target.openai.target_timeouts") == 3

@@ -69,18 +69,19 @@ pub fn tenant(tenant: &str, name: &str) -> String {
 }
 
 /// A failover target's requests and failures, per tenant:
-/// `tollgate.tenant.<t>.target.<p>.requests`, and one of
-/// `upstream_rate_limited`, `upstream_errors`, `upstream_timeouts`.
+/// `tollgate.tenant.<t>.target.<p>.target_requests`, and one of
+/// `target_rate_limited` (provider 429s), `target_errors` (5xx),
+/// `target_timeouts` (504s). In Prometheus: `tollgate_target_requests{tenant,target}`.
 pub fn target_counters(tenant: &str, target: &str, outcome: crate::upstream::circuit::Outcome) -> Vec<(Rc<str>, u64)> {
     use crate::upstream::circuit::Outcome;
     let name = |what: &str| -> Rc<str> {
         Rc::from(format!("tollgate.tenant.{}.target.{}.{what}", label(tenant), label(target)).as_str())
     };
-    let mut out = vec![(name("requests"), 1)];
+    let mut out = vec![(name("target_requests"), 1)];
     let failure = match outcome {
-        Outcome::RateLimited { .. } => Some("upstream_rate_limited"),
-        Outcome::Error => Some("upstream_errors"),
-        Outcome::Timeout => Some("upstream_timeouts"),
+        Outcome::RateLimited { .. } => Some("target_rate_limited"),
+        Outcome::Error => Some("target_errors"),
+        Outcome::Timeout => Some("target_timeouts"),
         Outcome::Success | Outcome::Abandoned => None,
     };
     out.extend(failure.map(|f| (name(f), 1)));
@@ -88,9 +89,9 @@ pub fn target_counters(tenant: &str, target: &str, outcome: crate::upstream::cir
 }
 
 /// A failover target's circuit (0 closed, 1 open, 2 half-open), a gauge:
-/// `tollgate.target.<p>.circuit_state`.
+/// `tollgate.target.<p>.target_circuit_state` (`tollgate_target_circuit_state{target}`).
 pub fn circuit_state(target: &str) -> String {
-    format!("tollgate.target.{}.circuit_state", label(target))
+    format!("tollgate.target.{}.target_circuit_state", label(target))
 }
 
 /// Filter-wide: `tollgate.<name>`.

@@ -1963,7 +1963,7 @@ mod tests {
         f.on_response_headers(status);
         let fin = f.on_response_body(b"{}", true, now).1.expect("finished");
         let counters: Vec<String> = fin.counters.iter().map(|(n, _)| n.to_string()).collect();
-        assert!(counters.iter().any(|n| n.contains(".target.") && n.ends_with(".requests")), "{counters:?}");
+        assert!(counters.iter().any(|n| n.contains(".target.") && n.ends_with(".target_requests")), "{counters:?}");
         f.on_stream_done(now);
         Ok((plan, body))
     }
@@ -2004,7 +2004,7 @@ mod tests {
         let gauges = std::mem::take(&mut worker.borrow_mut().circuit_gauges);
         let states: Vec<u64> = gauges.iter().map(|(_, v)| *v).collect();
         assert_eq!(states, [1, 2, 0], "opened, half-open, closed: {gauges:?}");
-        assert!(gauges.iter().all(|(n, _)| n == "tollgate.target.openai.circuit_state"));
+        assert!(gauges.iter().all(|(n, _)| n == "tollgate.target.openai.target_circuit_state"));
     }
 
     #[test]
