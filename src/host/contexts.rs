@@ -557,7 +557,10 @@ impl Http {
                 self.reply(host, &reply);
                 Action::Pause
             }
-            HeadersStep::PassThrough => {
+            HeadersStep::PassThrough { remove } => {
+                for name in &remove {
+                    host.remove_header(Map::RequestHeaders, name);
+                }
                 self.bypass = true;
                 Action::Continue
             }
@@ -621,7 +624,7 @@ impl Http {
                 }
             }
             // Not after a lookup; a request that cannot go on is refused.
-            HeadersStep::PassThrough | HeadersStep::Lookup(_) => {
+            HeadersStep::PassThrough { .. } | HeadersStep::Lookup(_) => {
                 let reply = LocalReply { status: 500, headers: Vec::new(), body: Vec::new() };
                 self.reply(host, &reply);
             }

@@ -290,7 +290,13 @@ impl RequestFlow {
         }
         let Some(route) = plugin.route_for(&self.path) else {
             return match plugin.unmatched_routes {
-                UnmatchedRoutes::Pass => HeadersStep::PassThrough,
+                UnmatchedRoutes::Pass => HeadersStep::PassThrough {
+                    remove: headers
+                        .iter()
+                        .map(|(name, _)| name.to_ascii_lowercase())
+                        .filter(|name| name.starts_with(header_plan::OWN_HEADER_PREFIX))
+                        .collect(),
+                },
                 UnmatchedRoutes::Deny => HeadersStep::Reply(self.refuse(&Refusal::UnknownRoute)),
             };
         };
@@ -2038,6 +2044,26 @@ mod tests {
         assert_eq!(target_of(&plan).0, "openai");
         let (plan, _) = failover_request(&plugin, &worker, KEY_A, 3_000, &[(":status", "200")]).unwrap();
         assert_eq!(target_of(&plan).0, "openai");
+    }
+
+    #[test]
+    fn a_passed_through_request_loses_the_routing_headers_a_client_forged() {
+        let mut v = crate::config::tests::sample_json();
+        v["unmatched_routes"] = "pass".into();
+        let plugin = crate::config::load(v.to_string().as_bytes(), &crate::config::tests::env).unwrap();
+        let mut f = flow_with(plugin);
+        let hs = h(&[
+            (":path", "/v1/models"),
+            (":method", "GET"),
+            ("X-Tollgate-Tier", "enterprise"),
+            ("x-tollgate-provider", "azure-eu"),
+            ("x-other", "kept"),
+        ]);
+        let step = f.on_request_headers(&hs, true, 0, || "r".into());
+        assert_eq!(
+            step,
+            HeadersStep::PassThrough { remove: vec!["x-tollgate-tier".into(), "x-tollgate-provider".into()] }
+        );
     }
 
     #[test]
