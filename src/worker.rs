@@ -67,6 +67,10 @@ pub struct Worker {
     pub registry: crate::identity::registry::RegistryCache,
     /// Failures to reach the rate-limit service, told once and summarised.
     pub rls_incident: crate::incident::Incident,
+    /// This worker's running count of weighted failover picks.
+    pub target_turn: u64,
+    /// Circuit gauges to set on the next tick: (metric name, state).
+    pub circuit_gauges: Vec<(String, u64)>,
 }
 
 impl Worker {
@@ -89,6 +93,8 @@ impl Worker {
             draining_until: None,
             registry: Default::default(),
             rls_incident: crate::incident::Incident::new("rate-limit service", crate::incident::SUMMARY_MS),
+            target_turn: 0,
+            circuit_gauges: Vec::new(),
         }
     }
 

@@ -62,6 +62,12 @@ impl Metrics {
             host.record_metric(id, value);
         }
     }
+
+    fn gauge<H: Host>(&mut self, host: &mut H, name: &str, value: u64) {
+        if let Some(id) = self.id(host, MetricKind::Gauge, name) {
+            host.record_metric(id, value);
+        }
+    }
 }
 
 /// The root context: configuration, the tick (settles, leases, heartbeats,
@@ -142,6 +148,10 @@ impl Root {
         host.follow_log_level();
         self.refresh_jwks(host);
         let (Some(plugin), Some(worker)) = (self.plugin.clone(), self.worker.clone()) else { return };
+        let gauges = std::mem::take(&mut worker.borrow_mut().circuit_gauges);
+        for (name, value) in gauges {
+            self.metrics.borrow_mut().gauge(host, &name, value);
+        }
         let now = host.now_ms();
         worker.borrow_mut().heartbeat(now);
         for line in worker.borrow_mut().incident_lines(now) {
@@ -547,7 +557,10 @@ impl Http {
                 self.reply(host, &reply);
                 Action::Pause
             }
-            HeadersStep::PassThrough => {
+            HeadersStep::PassThrough { remove } => {
+                for name in &remove {
+                    host.remove_header(Map::RequestHeaders, name);
+                }
                 self.bypass = true;
                 Action::Continue
             }
@@ -611,7 +624,7 @@ impl Http {
                 }
             }
             // Not after a lookup; a request that cannot go on is refused.
-            HeadersStep::PassThrough | HeadersStep::Lookup(_) => {
+            HeadersStep::PassThrough { .. } | HeadersStep::Lookup(_) => {
                 let reply = LocalReply { status: 500, headers: Vec::new(), body: Vec::new() };
                 self.reply(host, &reply);
             }
@@ -641,6 +654,10 @@ impl Http {
             return Action::Continue;
         }
         let raw = host.header_pairs(Map::ResponseHeaders);
+        if self.flow.watches_upstream() {
+            let now = host.now_ms();
+            self.flow.on_upstream_answer(&raw, now);
+        }
         let step = self.flow.on_response_headers(pairs::status(&raw));
         let mut headers = ResponseHeaders { raw, set: step.set };
         if end_of_stream {
