@@ -71,6 +71,9 @@ pub struct Worker {
     pub target_turn: u64,
     /// Circuit gauges to set on the next tick: (metric name, state).
     pub circuit_gauges: Vec<(String, u64)>,
+    /// Reserves asked again after this worker stalled past their deadline,
+    /// not yet counted (`tollgate.rls.stall_retries`).
+    pub stall_retries: u64,
 }
 
 impl Worker {
@@ -95,6 +98,7 @@ impl Worker {
             rls_incident: crate::incident::Incident::new("rate-limit service", crate::incident::SUMMARY_MS),
             target_turn: 0,
             circuit_gauges: Vec::new(),
+            stall_retries: 0,
         }
     }
 

@@ -148,10 +148,16 @@ impl Root {
         host.follow_log_level();
         self.refresh_jwks(host);
         let (Some(plugin), Some(worker)) = (self.plugin.clone(), self.worker.clone()) else { return };
-        let gauges = std::mem::take(&mut worker.borrow_mut().circuit_gauges);
+        let (gauges, stall_retries) = {
+            let mut w = worker.borrow_mut();
+            (std::mem::take(&mut w.circuit_gauges), std::mem::take(&mut w.stall_retries))
+        };
+        let mut m = self.metrics.borrow_mut();
         for (name, value) in gauges {
-            self.metrics.borrow_mut().gauge(host, &name, value);
+            m.gauge(host, &name, value);
         }
+        m.count(host, "tollgate.rls.stall_retries", stall_retries);
+        drop(m);
         let now = host.now_ms();
         worker.borrow_mut().heartbeat(now);
         for line in worker.borrow_mut().incident_lines(now) {

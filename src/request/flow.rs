@@ -169,6 +169,11 @@ pub struct RequestFlow {
     /// What the target answered, once its response headers came (or the
     /// request ended without them).
     target_outcome: Option<Outcome>,
+    /// When the reserve call in flight was made.
+    call_sent_ms: u64,
+    /// The reserve was sent again once after a stalled worker missed its
+    /// answer (see [`Self::stalled_timeout`]).
+    stall_retried: bool,
 }
 
 impl RequestFlow {
@@ -206,6 +211,8 @@ impl RequestFlow {
             start_ms: 0,
             target: None,
             target_outcome: None,
+            call_sent_ms: 0,
+            stall_retried: false,
         }
     }
 
@@ -885,11 +892,22 @@ impl RequestFlow {
             (vec![(rls::META_IDEMPOTENCY_KEY.to_string(), key.clone())], Some(Replay { message: message.clone(), key }))
         };
         self.phase = Phase::Waiting(Pending { items, estimate, lease, replay });
+        self.call_sent_ms = now_ms;
         BodyStep::Call(RlsCall { cluster: rl.cluster.clone(), message, metadata, timeout_ms: rl.timeout_ms })
     }
 
     fn forward(&mut self) -> BodyStep {
         self.forward_with(None)
+    }
+
+    /// A reserve timed out (`DEADLINE_EXCEEDED`) far later than its
+    /// deadline: the timer could not fire on time because this worker's
+    /// thread was busy, so the timeout says nothing about the service. Once
+    /// per request.
+    fn stalled_timeout(&self, status: u32, timeout_ms: u64, now_ms: u64) -> bool {
+        const DEADLINE_EXCEEDED: u32 = 4;
+        let late = now_ms.saturating_sub(self.call_sent_ms);
+        status == DEADLINE_EXCEEDED && !self.stall_retried && late >= timeout_ms.saturating_mul(3) / 2 + 50
     }
 
     /// Sends the request upstream under `reservation`.
@@ -931,6 +949,25 @@ impl RequestFlow {
         let (Some(tref), Some(rl)) = (self.tenant.clone(), plugin.rate_limit.as_ref()) else {
             return self.forward();
         };
+        if let (Err(status), Some(replay)) = (reply, &pending.replay) {
+            if self.stalled_timeout(status, rl.timeout_ms, now_ms) {
+                // This worker was busy (a large configuration loading, say)
+                // long past the deadline: the service may well have answered
+                // in time. Ask again under the same idempotency key: a
+                // reserve that was made is answered, not charged twice.
+                self.stall_retried = true;
+                self.call_sent_ms = now_ms;
+                self.shared.borrow_mut().stall_retries += 1;
+                let call = RlsCall {
+                    cluster: rl.cluster.clone(),
+                    message: replay.message.clone(),
+                    metadata: vec![(rls::META_IDEMPOTENCY_KEY.to_string(), replay.key.clone())],
+                    timeout_ms: rl.timeout_ms,
+                };
+                self.phase = Phase::Waiting(pending);
+                return BodyStep::Call(call);
+            }
+        }
         if self.quota {
             self.phase = Phase::Refused;
             let answer = match reply {
@@ -2154,6 +2191,34 @@ mod tests {
         let _ = f.on_request_body(br#"{"model":"gpt-4o-mini"}"#, 0);
         let BodyStep::Reply(r) = f.on_rls_reply(Err(14), 5) else { panic!() };
         assert_eq!((r.status, r.header("x-tollgate-error")), (503, Some("rate_limiter_unavailable")));
+    }
+
+    #[test]
+    fn a_reserve_timed_out_by_a_stalled_worker_is_asked_again_once_under_its_key() {
+        let timeout = sample().rate_limit.unwrap().timeout_ms;
+        let reserve = |f: &mut RequestFlow| {
+            start(f, KEY_B, "/v1/chat/completions");
+            let BodyStep::Call(call) = f.on_request_body(br#"{"model":"gpt-4o-mini"}"#, 1_000) else { panic!() };
+            call
+        };
+        // On time: a timeout is the service's, and the tier's failure mode
+        // answers (globex: closed).
+        let mut f = flow();
+        reserve(&mut f);
+        let BodyStep::Reply(r) = f.on_rls_reply(Err(4), 1_000 + timeout + 20) else { panic!() };
+        assert_eq!(r.status, 503);
+        // Far past the deadline: the same reserve again, once.
+        let mut f = flow();
+        let first = reserve(&mut f);
+        let late = 1_000 + timeout * 3;
+        let BodyStep::Call(again) = f.on_rls_reply(Err(4), late) else { panic!("expected the reserve again") };
+        assert_eq!((again.message.clone(), again.metadata.clone()), (first.message, first.metadata));
+        let BodyStep::Reply(r) = f.on_rls_reply(Err(4), late + timeout * 3) else { panic!() };
+        assert_eq!(r.header("x-tollgate-error"), Some("rate_limiter_unavailable"));
+        // Other failures are not retried.
+        let mut f = flow();
+        reserve(&mut f);
+        assert!(matches!(f.on_rls_reply(Err(14), late), BodyStep::Reply(_)));
     }
 
     #[test]
