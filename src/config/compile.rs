@@ -306,9 +306,10 @@ impl Plugin {
             return Err(RecordError(format!("unknown tier '{}'", record.tier)));
         };
         let policy = match &record.overrides {
-            Some(over) => {
-                Rc::new(compile_tier(&merge_tier(spec, over), "overrides").map_err(|e| RecordError(e.to_string()))?)
-            }
+            Some(over) => Rc::new(
+                compile_tier(&merge_tier(spec, over), "overrides", &self.providers)
+                    .map_err(|e| RecordError(e.to_string()))?,
+            ),
             None => Rc::clone(tier_policy),
         };
         if policy.has_limits() && self.rate_limit.is_none() {
@@ -562,7 +563,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
     }
     let mut tier_policies: HashMap<&str, (Rc<str>, Rc<Policy>)> = HashMap::new();
     for (name, tier) in &config.tiers {
-        let policy = compile_tier(tier, &format!("tiers.{name}"))?;
+        let policy = compile_tier(tier, &format!("tiers.{name}"), &providers)?;
         tier_policies.insert(name.as_str(), (Rc::from(name.as_str()), Rc::new(policy)));
     }
     let registry = match &config.registry {
@@ -601,7 +602,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
             .zip(tier_policies.get(t.tier.as_str()))
             .ok_or_else(|| invalid(format!("{path}.tier"), format!("unknown tier '{}'", t.tier)))?;
         let policy = match &t.overrides {
-            Some(over) => Rc::new(compile_tier(&merge_tier(tier, over), &format!("{path}.overrides"))?),
+            Some(over) => Rc::new(compile_tier(&merge_tier(tier, over), &format!("{path}.overrides"), &providers)?),
             None => Rc::clone(tier_policy),
         };
         for (k, digest) in t.api_key_sha256.iter().enumerate() {

@@ -414,8 +414,13 @@ impl RequestFlow {
         let Some(route_provider) = plugin.provider(self.provider) else {
             return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "route names no provider".into() }));
         };
-        if !route_provider.targets.is_empty() {
-            if let Err(reply) = self.pick_target(tenant, route_provider, now_ms) {
+        let tier_targets = tenant.policy.targets.iter().find(|(g, _)| *g == self.provider).map(|(_, t)| Rc::clone(t));
+        if !route_provider.targets.is_empty() || tier_targets.is_some() {
+            let targets = match tier_targets.as_deref() {
+                Some(list) => upstream::Targets { list, weighted: false },
+                None => upstream::Targets::of(route_provider),
+            };
+            if let Err(reply) = self.pick_target(tenant, route_provider, targets, now_ms) {
                 return HeadersStep::Reply(reply);
             }
         }
@@ -472,13 +477,15 @@ impl RequestFlow {
         HeadersStep::ReadBody(header_plan)
     }
 
-    /// Picks the failover target of a route to `group` (a provider with
-    /// targets): the request then goes as to that provider. Refused when the
+    /// Picks the failover target of a route to `group` among `targets` (the
+    /// provider's, or the tier's own): the request then goes as to that
+    /// provider. Refused when the
     /// tenant holds no key for any target, or every one it has is down.
     fn pick_target(
         &mut self,
         tenant: &crate::config::Tenant,
         group: &crate::config::Provider,
+        targets: upstream::Targets<'_>,
         now_ms: u64,
     ) -> Result<(), LocalReply> {
         let plugin = Rc::clone(&self.plugin);
@@ -487,7 +494,7 @@ impl RequestFlow {
             w.target_turn = w.target_turn.wrapping_add(1);
             upstream::pick(
                 &plugin.providers,
-                group,
+                targets,
                 w.target_turn,
                 |i| tenant.provider_keys.get(i).and_then(Option::as_deref),
                 w.slots.as_ref(),
@@ -2101,6 +2108,35 @@ mod tests {
             step,
             HeadersStep::PassThrough { remove: vec!["x-tollgate-tier".into(), "x-tollgate-provider".into()] }
         );
+    }
+
+    #[test]
+    fn a_tier_can_have_targets_of_its_own() {
+        let mut v = crate::config::tests::sample_json();
+        v["providers"]["azure-eu"] = serde_json::json!({"credential_header": "api-key"});
+        v["tiers"]["pro"]["provider_targets"] = serde_json::json!({"openai": ["azure-eu", "openai"]});
+        v["tenants"][0]["provider_key_env"]["azure-eu"] = "ACME_AZURE".into();
+        let plugin = Rc::new(crate::config::load(v.to_string().as_bytes(), &crate::config::tests::env).unwrap());
+        // acme (pro): the tier's dedicated target first.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let HeadersStep::ReadBody(plan) = start(&mut f, KEY_A, "/v1/chat/completions") else { panic!() };
+        assert_eq!(target_of(&plan), ("azure-eu".into(), "provider-key-for-ACME_AZURE".into()));
+        // globex (free): the provider as configured, no target header.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let HeadersStep::ReadBody(plan) = start(&mut f, KEY_B, "/v1/chat/completions") else { panic!() };
+        assert_eq!(target_of(&plan), (String::new(), "Bearer provider-key-for-GLOBEX_OPENAI".into()));
+        // A tenant's overrides may pin it too; mistakes name their field.
+        let bad = |targets: Value, field: &str| {
+            let mut v = crate::config::tests::sample_json();
+            v["providers"]["azure-eu"] = serde_json::json!({"credential_header": "api-key"});
+            v["tenants"][0]["overrides"] = serde_json::json!({"provider_targets": targets});
+            let e = crate::config::load(v.to_string().as_bytes(), &crate::config::tests::env).unwrap_err();
+            assert!(e.to_string().contains(field), "{e} should name {field}");
+        };
+        bad(serde_json::json!({"nope": ["openai"]}), "tenants[0].overrides.provider_targets.nope");
+        bad(serde_json::json!({"openai": ["nope"]}), "provider_targets.openai[0]");
+        bad(serde_json::json!({"openai": []}), "provider_targets.openai");
+        bad(serde_json::json!({"openai": ["azure-eu", "azure-eu"]}), "provider_targets.openai[1]");
     }
 
     #[test]
