@@ -79,7 +79,7 @@ pub struct Policy {
     /// The `tollgate.alerts` value of every budget (`None`: no alerts).
     pub alerts: Option<Rc<str>>,
     /// The tier's own failover targets by route provider (index), in order.
-    pub targets: Vec<(usize, Rc<[Target]>)>,
+    pub targets: TierTargets,
 }
 
 /// How big a quota lease is (see `lease_requests`).
@@ -260,13 +260,17 @@ pub(super) fn compile_tier(t: &TierSpec, path: &str, providers: &[Provider]) -> 
     })
 }
 
+/// A tier's own failover targets: (route provider, its targets in order),
+/// indexes into the providers.
+pub type TierTargets = Vec<(usize, Rc<[Target]>)>;
+
 /// A tier's own failover targets, by route provider (indexes into the
 /// providers), tried in order.
 fn compile_provider_targets(
     path: &str,
     spec: Option<&std::collections::BTreeMap<String, Vec<String>>>,
     providers: &[Provider],
-) -> Result<Vec<(usize, Rc<[Target]>)>, ConfigError> {
+) -> Result<TierTargets, ConfigError> {
     let Some(spec) = spec else { return Ok(Vec::new()) };
     let index = |name: &str| providers.iter().position(|p| p.name == name);
     let mut out = Vec::new();
