@@ -459,10 +459,15 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
             None => String::new(),
         };
         for (from, to) in &p.model_map {
-            if from.is_empty() || to.is_empty() || to.len() > 256 || to.contains(['/', '?', '#']) {
+            let name_ok = |n: &str| {
+                !n.is_empty()
+                    && n.len() <= 256
+                    && n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'))
+            };
+            if from.is_empty() || !name_ok(to) {
                 return Err(invalid(
                     format!("{path}.model_map.{from}"),
-                    "model names are non-empty, and a mapped name carries no / ? or #",
+                    "a mapped model name is 1-256 letters, digits and - _ . : @ (it may be written into a path)",
                 ));
             }
         }

@@ -116,6 +116,13 @@ impl Root {
             plugin.providers.len()
         );
         let store = host.slot_store();
+        // Circuit records exist before the first failure, so that every
+        // write to them is a compare-and-swap.
+        for p in &plugin.providers {
+            if let Err(e) = inflight::create(store.as_ref(), &p.circuit_key) {
+                log::warn!("tollgate: cannot create the circuit record of provider {}: {e:?}", p.name);
+            }
+        }
         for t in plugin.tenants.iter().filter(|t| t.policy.max_concurrent_requests.is_some()) {
             if let Err(e) = inflight::create(store.as_ref(), &inflight::key(&t.id)) {
                 log::warn!("tollgate: cannot create the in-flight table of tenant {}: {e:?}", t.id);

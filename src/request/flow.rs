@@ -512,6 +512,21 @@ impl RequestFlow {
                 Ok(())
             }
             Picked::NoCredential => Err(self.refuse(&Refusal::ProviderNotConfigured { provider: group.name.clone() })),
+            Picked::Unavailable { retry_after_ms, open: 0 } => {
+                // Every target is up, but the provider throttled this
+                // tenant's own key everywhere: its 429, not an outage.
+                let refusal = Refusal::Custom {
+                    status: 429,
+                    code: "provider_rate_limited".into(),
+                    message: format!(
+                        "The provider is rate limiting this account's key; retry after {} s.",
+                        retry_after_ms.div_ceil(1000)
+                    ),
+                };
+                let mut reply = self.refuse(&refusal);
+                reply.headers.extend(llm::retry_headers(retry_after_ms, true));
+                Err(reply)
+            }
             Picked::Unavailable { retry_after_ms, .. } => {
                 let refusal = Refusal::Custom {
                     status: 503,
@@ -554,7 +569,10 @@ impl RequestFlow {
     /// Whether the upstream's answer matters to a circuit breaker (the host
     /// then hands over the response headers with [`Self::on_upstream_answer`]).
     pub fn watches_upstream(&self) -> bool {
-        self.target.is_some() && self.target_outcome.is_none()
+        // Only a request that left: tollgate's own replies (a limit's 429,
+        // the limiter's 503) pass through the same response callbacks, and
+        // say nothing about the target.
+        self.target.is_some() && self.target_outcome.is_none() && matches!(self.phase, Phase::Upstream(_))
     }
 
     /// The target's response headers (pairs encoding): its status and retry
@@ -591,6 +609,7 @@ impl RequestFlow {
             let answer = circuit::Answer {
                 outcome,
                 probe: choice.probe,
+                probe_token: choice.probe_token,
                 clean: choice.clean,
                 credential: key,
                 scope: p.rate_limited_scope,
@@ -964,7 +983,16 @@ impl RequestFlow {
                 // reserve that was made is answered, not charged twice.
                 self.stall_retried = true;
                 self.call_sent_ms = now_ms;
-                self.shared.borrow_mut().stall_retries += 1;
+                let mut w = self.shared.borrow_mut();
+                w.stall_retries += 1;
+                if pending.lease > 0 {
+                    // This request still holds the lease refill's turn.
+                    if let Some(acct) = self.account() {
+                        let until = now_ms.saturating_add(rl.timeout_ms.saturating_mul(2)).saturating_add(100);
+                        w.leases.refills.insert(acct, until);
+                    }
+                }
+                drop(w);
                 let call = RlsCall {
                     cluster: rl.cluster.clone(),
                     message: replay.message.clone(),
@@ -1273,15 +1301,19 @@ impl RequestFlow {
     pub fn has_work_at_stream_end(&self) -> bool {
         matches!(self.phase, Phase::Upstream(_) | Phase::Waiting(_) | Phase::Resolving { .. })
             || self.slot.is_some()
-            || self.watches_upstream()
+            || (self.target.is_some() && self.target_outcome.is_none())
     }
 
     /// The stream is over (`on_log`): settles what has not been settled,
     /// e.g. after a client disconnect or an upstream reset.
     pub fn on_stream_done(&mut self, now_ms: u64) -> Option<Finish> {
         // No answer reached the filter (refused, or the client left first):
-        // a probe gives its turn back.
-        self.report_target(Outcome::Abandoned, now_ms);
+        // a probe gives its turn back. A request that left and had no answer
+        // for the probe timeout counts as the target's timeout (a hung
+        // provider whose callers give up before Envoy's route timeout).
+        let hung = matches!(self.phase, Phase::Upstream(_))
+            && now_ms.saturating_sub(self.start_ms) >= self.plugin.circuit.probe_timeout_ms;
+        self.report_target(if hung { Outcome::Timeout } else { Outcome::Abandoned }, now_ms);
         let out = matches!(self.phase, Phase::Upstream(_)).then(|| self.finish(now_ms, false));
         if self.resolving() {
             // Gone while its lookup was in flight: the answer is never read.
@@ -2076,6 +2108,65 @@ mod tests {
     }
 
     #[test]
+    fn tollgates_own_refusal_of_a_probe_is_not_the_targets_answer() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        // Half-open: this request takes the probe, then tollgate refuses it
+        // (a body that is not JSON); its own 400 passes the response
+        // callbacks but is not the target's answer.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&worker));
+        let hs = h(&[(":path", "/v1/chat/completions"), (":method", "POST"), ("x-api-key", KEY_A)]);
+        assert!(matches!(f.on_request_headers(&hs, false, 6_000, || "r".into()), HeadersStep::ReadBody(_)));
+        assert_eq!(f.target.map(|c| c.probe), Some(true));
+        let BodyStep::Reply(r) = f.on_request_body(b"not json", 6_000) else { panic!("expected a refusal") };
+        assert_eq!(r.status, 400);
+        assert!(!f.watches_upstream());
+        f.on_stream_done(6_001);
+        // The circuit is still half-open (not closed by a 400 that never
+        // left), and the turn is free: the next request probes.
+        let rec = {
+            let w = worker.borrow();
+            let (v, _) = w.slots.get("tollgate.circuit.openai").unwrap();
+            circuit::Record::decode(&v.unwrap())
+        };
+        assert_eq!(rec.state(6_002), circuit::State::HalfOpen);
+        assert_eq!(rec.probe_until, 0);
+        let (plan, _) = failover_request(&plugin, &worker, KEY_A, 6_002, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "openai");
+    }
+
+    #[test]
+    fn callers_giving_up_on_a_hung_target_count_as_its_timeouts() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        let sent = |now: u64| {
+            let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&worker));
+            let hs = h(&[(":path", "/v1/chat/completions"), (":method", "POST"), ("x-api-key", KEY_A)]);
+            assert!(matches!(f.on_request_headers(&hs, false, now, || "r".into()), HeadersStep::ReadBody(_)));
+            assert!(matches!(f.on_request_body(br#"{"model":"gpt-4o"}"#, now), BodyStep::Forward { .. }));
+            f
+        };
+        // A client leaving early says nothing about the target.
+        for _ in 0..3 {
+            sent(0).on_stream_done(30_000);
+        }
+        let (plan, _) = failover_request(&plugin, &worker, KEY_A, 30_001, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "openai");
+        // Two callers that waited the probe timeout (120 s) for nothing: the
+        // circuit opens.
+        let probe_timeout = plugin.circuit.probe_timeout_ms;
+        for _ in 0..2 {
+            let fin = sent(40_000).on_stream_done(40_000 + probe_timeout).expect("finished");
+            assert!(fin.counters.iter().any(|(n, _)| n.ends_with("target.openai.target_timeouts")));
+        }
+        let (plan, _) =
+            failover_request(&plugin, &worker, KEY_A, 40_001 + probe_timeout, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "azure-eu");
+    }
+
+    #[test]
     fn a_provider_429_pauses_only_the_credential_that_got_it() {
         let plugin = failover_plugin();
         let worker = Rc::new(RefCell::new(Worker::new(100)));
@@ -2088,6 +2179,14 @@ mod tests {
         assert_eq!(target_of(&plan).0, "openai");
         let (plan, _) = failover_request(&plugin, &worker, KEY_A, 3_000, &[(":status", "200")]).unwrap();
         assert_eq!(target_of(&plan).0, "openai");
+        // globex's key throttled on its only target (OpenAI's retry-after-ms
+        // read first): a 429 of its own, not an outage's 503.
+        let limited = [(":status", "429"), ("retry-after-ms", "1500"), ("retry-after", "9")];
+        failover_request(&plugin, &worker, KEY_B, 4_000, &limited).unwrap();
+        let r = failover_request(&plugin, &worker, KEY_B, 4_100, &[(":status", "200")]).unwrap_err();
+        assert_eq!((r.status, r.header("x-tollgate-error")), (429, Some("provider_rate_limited")));
+        assert_eq!(r.header("retry-after-ms"), Some("1400"));
+        assert!(failover_request(&plugin, &worker, KEY_B, 5_500, &[(":status", "200")]).is_ok());
     }
 
     #[test]

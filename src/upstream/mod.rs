@@ -27,6 +27,8 @@ pub struct Choice {
     pub probe: bool,
     /// The target's record had nothing a success would reset.
     pub clean: bool,
+    /// The probe's turn (see [`circuit::Answer::probe_token`]); 0 if no probe.
+    pub probe_token: u64,
 }
 
 /// The targets a request may go to, and how one is chosen.
@@ -79,7 +81,11 @@ pub fn pick<'k>(
         let Some(t) = targets.get((start + i) % n.max(1)) else { continue };
         let (Some(p), Some(key)) = (providers.get(t.provider), key_for(t.provider)) else { continue };
         match circuit::take(store, &p.circuit_key, key, now_ms, cfg) {
-            Take::Go { probe, clean } => return Picked::Target(Choice { provider: t.provider, probe, clean }),
+            Take::Go { probe, clean } => {
+                // `take` wrote the probe's turn as now + the probe timeout.
+                let probe_token = if probe { now_ms.saturating_add(cfg.probe_timeout_ms) } else { 0 };
+                return Picked::Target(Choice { provider: t.provider, probe, clean, probe_token });
+            }
             Take::Skip { until, state } => {
                 open += usize::from(state != State::Closed);
                 soonest = Some(soonest.map_or(until, |s| s.min(until)));
@@ -144,6 +150,7 @@ mod tests {
                 clean: false,
                 credential: "k",
                 scope: RateLimitedScope::Credential,
+                probe_token: 0,
             };
             let _ = report(store, &p.circuit_key, &a, now, &CircuitConfig::default());
         }
@@ -155,7 +162,7 @@ mod tests {
         let store = LocalStore::default();
         let cfg = CircuitConfig::default();
         let all = |_: usize| Some("k");
-        let go = |p| Picked::Target(Choice { provider: p, probe: false, clean: true });
+        let go = |p| Picked::Target(Choice { provider: p, probe: false, clean: true, probe_token: 0 });
         assert_eq!(pick(&providers, Targets::of(&group), 0, all, &store, 0, &cfg), go(0));
         fail(&store, &providers[0], 5, 0);
         assert_eq!(pick(&providers, Targets::of(&group), 0, all, &store, 1, &cfg), go(1));
@@ -173,7 +180,12 @@ mod tests {
         // Back at 10 s: the first target is probed.
         assert_eq!(
             pick(&providers, Targets::of(&group), 0, all, &store, 10_000, &cfg),
-            Picked::Target(Choice { provider: 0, probe: true, clean: false })
+            Picked::Target(Choice {
+                provider: 0,
+                probe: true,
+                clean: false,
+                probe_token: 10_000 + cfg.probe_timeout_ms
+            })
         );
     }
 
