@@ -26,6 +26,8 @@ pub const DRAIN_MS: u64 = 5_000;
 /// Settles in flight at once per worker. Must exceed (requests/s per worker x
 /// settle round trip) or the journal backs up; it bounds memory, not rate.
 pub const MAX_SETTLES_IN_FLIGHT: usize = 4096;
+/// How often the circuit gauges are read from the shared records (ms).
+pub const CIRCUIT_GAUGE_MS: u64 = 1_000;
 
 /// State shared by every request of one VM (one Envoy worker).
 #[derive(Debug)]
@@ -74,6 +76,8 @@ pub struct Worker {
     /// Reserves asked again after this worker stalled past their deadline,
     /// not yet counted (`tollgate.rls.stall_retries`).
     pub stall_retries: u64,
+    /// When the circuit gauges were last read from the shared records.
+    pub(crate) circuits_read_ms: u64,
 }
 
 impl Worker {
@@ -99,6 +103,27 @@ impl Worker {
             target_turn: 0,
             circuit_gauges: Vec::new(),
             stall_retries: 0,
+            circuits_read_ms: 0,
+        }
+    }
+
+    /// Once a second, queues every used circuit's state for its gauge, read
+    /// from the shared records: a circuit's state also changes with time (an
+    /// open period ends) and in other workers, and a target with no traffic
+    /// would otherwise keep its last gauge.
+    pub fn refresh_circuit_gauges(&mut self, plugin: &Plugin, now_ms: u64) {
+        if now_ms.saturating_sub(self.circuits_read_ms) < CIRCUIT_GAUGE_MS {
+            return;
+        }
+        self.circuits_read_ms = now_ms;
+        for p in &plugin.providers {
+            // Never written (not a target, or never failed): no series.
+            let Ok((Some(bytes), _)) = self.slots.get(&p.circuit_key) else { continue };
+            if bytes.is_empty() {
+                continue;
+            }
+            let state = crate::upstream::circuit::Record::decode(&bytes).state(now_ms);
+            self.circuit_gauges.push((metrics::circuit_state(&p.name), state.gauge()));
         }
     }
 

@@ -155,8 +155,10 @@ impl Root {
         host.follow_log_level();
         self.refresh_jwks(host);
         let (Some(plugin), Some(worker)) = (self.plugin.clone(), self.worker.clone()) else { return };
+        let now = host.now_ms();
         let (gauges, stall_retries) = {
             let mut w = worker.borrow_mut();
+            w.refresh_circuit_gauges(&plugin, now);
             (std::mem::take(&mut w.circuit_gauges), std::mem::take(&mut w.stall_retries))
         };
         let mut m = self.metrics.borrow_mut();
@@ -165,7 +167,6 @@ impl Root {
         }
         m.count(host, "tollgate.rls.stall_retries", stall_retries);
         drop(m);
-        let now = host.now_ms();
         worker.borrow_mut().heartbeat(now);
         for line in worker.borrow_mut().incident_lines(now) {
             log::warn!("{line}");

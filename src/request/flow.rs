@@ -2090,6 +2090,25 @@ mod tests {
     }
 
     #[test]
+    fn circuit_gauges_follow_the_shared_records_over_time() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        let mut w = worker.borrow_mut();
+        w.circuit_gauges.clear();
+        w.refresh_circuit_gauges(&plugin, 1_000);
+        assert_eq!(w.circuit_gauges, [("tollgate.target.openai.target_circuit_state".to_string(), 1)]);
+        // Not again within the second; then the open period has ended with
+        // no traffic: half-open, though no request changed it.
+        w.circuit_gauges.clear();
+        w.refresh_circuit_gauges(&plugin, 1_500);
+        assert!(w.circuit_gauges.is_empty());
+        w.refresh_circuit_gauges(&plugin, 6_000);
+        assert_eq!(w.circuit_gauges, [("tollgate.target.openai.target_circuit_state".to_string(), 2)]);
+    }
+
+    #[test]
     fn a_refused_probe_gives_its_turn_back() {
         let plugin = failover_plugin();
         let worker = Rc::new(RefCell::new(Worker::new(100)));
