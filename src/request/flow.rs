@@ -926,14 +926,19 @@ impl RequestFlow {
         self.forward_with(None)
     }
 
-    /// A reserve timed out (`DEADLINE_EXCEEDED`) far later than its
-    /// deadline: the timer could not fire on time because this worker's
-    /// thread was busy, so the timeout says nothing about the service. Once
-    /// per request.
+    /// A reserve failed far later than its deadline: the timer could not
+    /// fire on time because this worker's thread was busy, so the failure
+    /// says nothing about the service. Envoy reports its call timeout as
+    /// `UNAVAILABLE` (14, measured with Envoy 1.40), like a refused
+    /// connection; a refused connection fails at once, so lateness is what
+    /// tells them apart. Once per request.
     fn stalled_timeout(&self, status: u32, timeout_ms: u64, now_ms: u64) -> bool {
         const DEADLINE_EXCEEDED: u32 = 4;
+        const UNAVAILABLE: u32 = 14;
         let late = now_ms.saturating_sub(self.call_sent_ms);
-        status == DEADLINE_EXCEEDED && !self.stall_retried && late >= timeout_ms.saturating_mul(3) / 2 + 50
+        matches!(status, DEADLINE_EXCEEDED | UNAVAILABLE)
+            && !self.stall_retried
+            && late >= timeout_ms.saturating_mul(3) / 2 + 50
     }
 
     /// Sends the request upstream under `reservation`.
@@ -2359,20 +2364,21 @@ mod tests {
         // answers (globex: closed).
         let mut f = flow();
         reserve(&mut f);
-        let BodyStep::Reply(r) = f.on_rls_reply(Err(4), 1_000 + timeout + 20) else { panic!() };
+        let BodyStep::Reply(r) = f.on_rls_reply(Err(14), 1_000 + timeout + 20) else { panic!() };
         assert_eq!(r.status, 503);
-        // Far past the deadline: the same reserve again, once.
+        // Far past the deadline (Envoy says UNAVAILABLE for its timeout):
+        // the same reserve again, once.
         let mut f = flow();
         let first = reserve(&mut f);
         let late = 1_000 + timeout * 3;
-        let BodyStep::Call(again) = f.on_rls_reply(Err(4), late) else { panic!("expected the reserve again") };
+        let BodyStep::Call(again) = f.on_rls_reply(Err(14), late) else { panic!("expected the reserve again") };
         assert_eq!((again.message.clone(), again.metadata.clone()), (first.message, first.metadata));
-        let BodyStep::Reply(r) = f.on_rls_reply(Err(4), late + timeout * 3) else { panic!() };
+        let BodyStep::Reply(r) = f.on_rls_reply(Err(14), late + timeout * 3) else { panic!() };
         assert_eq!(r.header("x-tollgate-error"), Some("rate_limiter_unavailable"));
-        // Other failures are not retried.
+        // Other failures are not retried, late or not.
         let mut f = flow();
         reserve(&mut f);
-        assert!(matches!(f.on_rls_reply(Err(14), late), BodyStep::Reply(_)));
+        assert!(matches!(f.on_rls_reply(Err(13), late), BodyStep::Reply(_)));
     }
 
     #[test]
