@@ -375,15 +375,16 @@ pub fn build(
     };
     let tag = counters.first().map(|c| c.hash_tag.as_str()).or(ledger.as_ref().map(|l| l.hash_tag.as_str()));
     let idempotency = match (&meta.idempotency_key, tag) {
-        (Some(k), Some(first)) => Some(Idempotency {
-            key: keys::idempotency_key(first, meta.mode, k),
-            request_key: k.clone(),
-            ttl_ms: match meta.mode {
+        (Some(k), Some(first)) => Some(Idempotency::new(
+            first,
+            meta.mode,
+            k,
+            match meta.mode {
                 Mode::Reserve => settings.reserve_idempotency_ttl_ms,
                 Mode::Settle => settings.idempotency_ttl_ms,
             }
             .max(1),
-        }),
+        )),
         _ => None,
     };
     Ok(Plan { descriptors, batch: Batch { now_ms, settle: meta.mode == Mode::Settle, counters, idempotency, ledger } })
@@ -595,7 +596,8 @@ mod tests {
         let m = RequestMeta { mode: Mode::Settle, idempotency_key: Some("r1".into()), usage: vec![] };
         let p = build(&r, &m, &StaticLimits::default(), S, 0).unwrap();
         let i = p.batch.idempotency.unwrap();
-        assert_eq!(i.key, "tg:{tollgate|acme}:idem:settle:r1");
+        assert_eq!(i.key, "tg:{tollgate|acme}:i:s:gvPpxpXca40bEYGNVwGRng");
+        assert_eq!(i.legacy_key, "tg:{tollgate|acme}:idem:settle:r1");
         assert!(p.batch.settle);
     }
 
