@@ -30,13 +30,20 @@ Phases, each on a fresh Redis:
    (`tg:<tag>:led:<day>`, bounded by tenant x key x model x day, not by
    requests).
 
+4. `filter` (needs build/tollgate.wasm and wrk): the real filter in Envoy
+   (one worker) in front of the service, wrk for FILTER_S seconds at 32
+   connections, then the idempotency keys per request: `one_tenant` (one
+   busy tenant, leases sized automatically as by default) and
+   `1k_tenants` (the keys of 1,000 tenants in turn, the issue's soak shape:
+   each tenant far below a request per 50 ms tick).
+
 Prints `RESULT` lines; `redis_bytes_per_request_1k_rps_steady_mb` is the
 steady-state memory of the idempotency keys at 1,000 requests/s with the
 service's default TTLs (rate x TTL x bytes per key, per kind, summed).
 
 Usage: `.venv/bin/python bench/redis_bytes.py` (builds the release binaries
 into CARGO_TARGET_DIR, or `target/`). Env: REQUESTS (20000), TENANTS (1000),
-CONCURRENCY (16), LEDGER_TENANTS (20), STEADY_TTL_S (10), STEADY_S (30), REDIS_PORT (6394),
+CONCURRENCY (16), LEDGER_TENANTS (20), STEADY_TTL_S (10), FILTER_S (8), STEADY_S (30), REDIS_PORT (6394),
 GRPC_PORT (8394), METRICS_PORT (9394), NO_BUILD=1 to skip the build.
 """
 
@@ -60,6 +67,7 @@ REDIS_PORT = int(os.environ.get("REDIS_PORT", "6394"))
 GRPC_PORT = int(os.environ.get("GRPC_PORT", "8394"))
 METRICS_PORT = int(os.environ.get("METRICS_PORT", "9394"))
 LEDGER_TENANTS = int(os.environ.get("LEDGER_TENANTS", "20"))
+FILTER_S = int(os.environ.get("FILTER_S", "8"))
 
 # The idempotency key kinds, as the service names them in Redis, and the
 # service's flag for each one's TTL.
@@ -294,6 +302,57 @@ def phase_ledger():
         s.close()
 
 
+def phase_filter():
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    sys.path.insert(0, os.path.join(REPO, "integration-tests"))
+    os.environ.setdefault("TOLLGATE_RLS_BIN", os.path.join(BIN, "tollgate-ratelimit"))
+    import harness  # noqa: E402
+    import run  # noqa: E402  (bench/run.py: the upstream, wrk)
+    import scale_config as sc  # noqa: E402
+
+    procs = []
+    try:
+        up, up_port = run.fast_upstream()
+        procs.append(up)
+        redis = harness.Redis(logdir=run.LOGDIR)
+        procs.append(redis)
+        rls = harness.RateLimitService(redis.port, logdir=run.LOGDIR, redis_timeout_ms=500)
+        procs.append(rls)
+
+        def rcli(*args):
+            return subprocess.run(["redis-cli", "-p", str(redis.port), *map(str, args)], check=True,
+                                  capture_output=True, text=True).stdout
+
+        for name, tenants in (("one_tenant", 1), ("1k_tenants", 1000)):
+            cfg = harness.envoy_config(
+                harness.free_port(), harness.free_port(), up_port,
+                [harness.wasm_filter(sc.config(tenants), env_keys=sorted(sc.SCALE_ENV))],
+                extra_clusters=[harness.grpc_cluster("tollgate_rls", rls.port)])
+            port = cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+            e = harness.Envoy(cfg, env=sc.SCALE_ENV, logdir=tempfile.mkdtemp(dir=run.LOGDIR), concurrency=1)
+            procs.append(e)
+            keys = os.path.join(run.LOGDIR, "%s.keys" % name)
+            with open(keys, "w") as f:
+                f.write("\n".join(sc.key(i) for i in range(tenants)) + "\n")
+            run.wrk(port, run.lua_script({}, tokens_file=keys), 4, 1)  # warm up
+            time.sleep(2)
+            rcli("flushall")
+            load = run.wrk(port, run.lua_script({}, tokens_file=keys), 32, FILTER_S)
+            time.sleep(3)  # leases given back, settles sent
+            if load["non2xx"]:
+                raise SystemExit("filter %s: %d non-2xx answers" % (name, load["non2xx"]))
+            all_keys = [k for k in rcli("--scan", "--pattern", "tg:*").splitlines() if k]
+            for kind, (rx, _) in KINDS.items():
+                n = sum(1 for k in all_keys if rx.search(k))
+                result(f"filter_{name}_{kind}_keys_per_request", f"{n / max(1, load['requests']):.3f}")
+            result(f"filter_{name}_requests", load["requests"])
+            e.stop()
+            procs.remove(e)
+    finally:
+        for p in procs:
+            p.stop()
+
+
 def main():
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is not on PATH")
@@ -304,7 +363,7 @@ def main():
             cwd=REPO,
             env=dict(os.environ, CARGO_PROFILE_RELEASE_LTO="false", CARGO_PROFILE_RELEASE_CODEGEN_UNITS="16"),
         )
-    only = set(sys.argv[1:]) or {"idempotency", "steady", "ledger"}
+    only = set(sys.argv[1:]) or {"idempotency", "steady", "ledger", "filter"}
     ttls = default_ttls()
     if "idempotency" in only:
         phase_idempotency(ttls)
@@ -312,6 +371,11 @@ def main():
         phase_steady()
     if "ledger" in only:
         phase_ledger()
+    if "filter" in only:
+        if shutil.which("wrk") and os.path.exists(os.path.join(REPO, "build", "tollgate.wasm")):
+            phase_filter()
+        else:
+            print("# filter phase skipped: needs wrk and build/tollgate.wasm (./wasm-build.sh)", flush=True)
 
 
 if __name__ == "__main__":
