@@ -267,8 +267,17 @@ impl Worker {
     /// The settles to send now (every queued one with `force`), merged per
     /// tenant where they can be, at most [`MAX_SETTLES_IN_FLIGHT`] in flight.
     /// Settles of finished requests are netted into the outbox first.
+    /// Entries past the retry horizon are dropped first (counted): the
+    /// service may have forgotten their idempotency keys.
     pub fn settles_due(&mut self, now_ms: u64, force: bool) -> Vec<outbox::Entry> {
         self.queue_settle_nets();
+        let expired = self.journal.expire(now_ms);
+        if expired > 0 {
+            log::warn!(
+                "tollgate: dropped {expired} settles unanswered for {} s (the service may have forgotten their idempotency keys)",
+                crate::rls::IDEMPOTENCY_RETRY_HORIZON_MS / 1000
+            );
+        }
         let room = MAX_SETTLES_IN_FLIGHT.saturating_sub(self.journal.in_flight());
         outbox::merge(self.journal.due(if force { u64::MAX } else { now_ms }, room))
     }
