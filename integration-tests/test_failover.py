@@ -44,6 +44,26 @@ def mocks(tmp_path_factory):
     b.stop()
 
 
+ROUTES = [
+    {"match": {"prefix": "/v1/", "headers": [{"name": "x-tollgate-provider",
+                                               "string_match": {"exact": "azure-eu"}}]},
+     "route": {"cluster": "azure_eu", "prefix_rewrite": "/openai/v1/", "timeout": "5s"}},
+    # Any other target name: refused (a request with no header, like
+    # Anthropic's here, passes on: an inverted match needs the header).
+    {"match": {"prefix": "/", "headers": [{"name": "x-tollgate-provider",
+                                           "string_match": {"safe_regex": {"regex": "^(openai|anthropic)$"}},
+                                           "invert_match": True}]},
+     "direct_response": {"status": 502, "body": {"inline_string": "no route for this target"}}},
+    {"match": {"prefix": "/"}, "route": {"cluster": "llm_upstream", "timeout": "1s"}},
+]
+
+
+def stack(mocks, tmp_path, plugin):
+    a, b = mocks
+    return Stack(a, str(tmp_path), plugin=plugin, routes=ROUTES,
+                 extra_clusters=[cluster("azure_eu", b.port)], provider_env=ENV)
+
+
 @pytest.fixture
 def fo(wasm, mocks, tmp_path):
     """A fresh Envoy (fresh circuits) in front of target A (openai,
@@ -53,14 +73,7 @@ def fo(wasm, mocks, tmp_path):
     b.recover()
     a.clear()
     b.clear()
-    routes = [
-        {"match": {"prefix": "/v1/", "headers": [{"name": "x-tollgate-provider",
-                                                   "string_match": {"exact": "azure-eu"}}]},
-         "route": {"cluster": "azure_eu", "prefix_rewrite": "/openai/v1/", "timeout": "5s"}},
-        {"match": {"prefix": "/"}, "route": {"cluster": "llm_upstream", "timeout": "1s"}},
-    ]
-    s = Stack(a, str(tmp_path), plugin=failover_plugin(), routes=routes,
-              extra_clusters=[cluster("azure_eu", b.port)], provider_env=ENV)
+    s = stack(mocks, tmp_path, failover_plugin())
     yield s
     s.stop()
     a.recover()
@@ -195,3 +208,31 @@ def test_timeouts_open_the_circuit(fo, mocks):
     while time.time() < deadline and stat(fo, "target.openai.target_timeouts") < 3:
         time.sleep(0.1)
     assert stat(fo, "target.openai.target_timeouts") == 3
+
+
+def test_a_target_without_its_route_is_refused_not_sent_on(wasm, mocks, tmp_path):
+    # A third target the Envoy routes do not know: once the first two are
+    # down, its requests meet the guard route (502), and no provider sees
+    # its credential.
+    a, b = mocks
+    a.recover(), b.recover(), a.clear(), b.clear()
+    plugin = failover_plugin()
+    plugin["providers"]["openai"]["targets"].append({"provider": "azure-us"})
+    plugin["providers"]["azure-us"] = {"credential_header": "api-key"}
+    plugin["tenants"][0]["provider_key_env"]["azure-us"] = "ACME_AZURE_US_KEY"
+    s = Stack(a, str(tmp_path), plugin=plugin, routes=ROUTES,
+              extra_clusters=[cluster("azure_eu", b.port)], provider_env=dict(ENV, ACME_AZURE_US_KEY="azure-us-key"))
+    try:
+        a.fail(503)
+        b.fail(503)
+        for _ in range(6):
+            assert acme(s).status == 503
+        a.clear()
+        b.clear()
+        r = acme(s)
+        assert r.status == 502, r.body
+        assert a.requests() == [] and b.requests() == []
+    finally:
+        s.stop()
+        a.recover()
+        b.recover()

@@ -306,9 +306,10 @@ impl Plugin {
             return Err(RecordError(format!("unknown tier '{}'", record.tier)));
         };
         let policy = match &record.overrides {
-            Some(over) => {
-                Rc::new(compile_tier(&merge_tier(spec, over), "overrides").map_err(|e| RecordError(e.to_string()))?)
-            }
+            Some(over) => Rc::new(
+                compile_tier(&merge_tier(spec, over), "overrides", &self.providers)
+                    .map_err(|e| RecordError(e.to_string()))?,
+            ),
             None => Rc::clone(tier_policy),
         };
         if policy.has_limits() && self.rate_limit.is_none() {
@@ -458,10 +459,15 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
             None => String::new(),
         };
         for (from, to) in &p.model_map {
-            if from.is_empty() || to.is_empty() || to.len() > 256 || to.contains(['/', '?', '#']) {
+            let name_ok = |n: &str| {
+                !n.is_empty()
+                    && n.len() <= 256
+                    && n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'))
+            };
+            if from.is_empty() || !name_ok(to) {
                 return Err(invalid(
                     format!("{path}.model_map.{from}"),
-                    "model names are non-empty, and a mapped name carries no / ? or #",
+                    "a mapped model name is 1-256 letters, digits and - _ . : @ (it may be written into a path)",
                 ));
             }
         }
@@ -562,7 +568,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
     }
     let mut tier_policies: HashMap<&str, (Rc<str>, Rc<Policy>)> = HashMap::new();
     for (name, tier) in &config.tiers {
-        let policy = compile_tier(tier, &format!("tiers.{name}"))?;
+        let policy = compile_tier(tier, &format!("tiers.{name}"), &providers)?;
         tier_policies.insert(name.as_str(), (Rc::from(name.as_str()), Rc::new(policy)));
     }
     let registry = match &config.registry {
@@ -601,7 +607,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
             .zip(tier_policies.get(t.tier.as_str()))
             .ok_or_else(|| invalid(format!("{path}.tier"), format!("unknown tier '{}'", t.tier)))?;
         let policy = match &t.overrides {
-            Some(over) => Rc::new(compile_tier(&merge_tier(tier, over), &format!("{path}.overrides"))?),
+            Some(over) => Rc::new(compile_tier(&merge_tier(tier, over), &format!("{path}.overrides"), &providers)?),
             None => Rc::clone(tier_policy),
         };
         for (k, digest) in t.api_key_sha256.iter().enumerate() {

@@ -93,8 +93,10 @@ pub struct CircuitBreakerSpec {
     /// The longest a provider's `retry-after` on a 429 is honoured for.
     #[serde(default = "default_max_retry_after_seconds")]
     pub max_retry_after_seconds: u64,
-    /// A half-open probe with no answer after this long frees the turn for
-    /// another (keep it above the route timeout of a non-streamed call).
+    /// A half-open probe with no answer (response headers) after this long
+    /// frees the turn for another, and its late answer is ignored. A request
+    /// sent to a target whose caller gave up after waiting this long with no
+    /// answer counts as a timeout of the target.
     #[serde(default = "default_probe_timeout_seconds")]
     pub probe_timeout_seconds: u64,
 }

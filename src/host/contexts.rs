@@ -116,6 +116,13 @@ impl Root {
             plugin.providers.len()
         );
         let store = host.slot_store();
+        // Circuit records exist before the first failure, so that every
+        // write to them is a compare-and-swap.
+        for p in &plugin.providers {
+            if let Err(e) = inflight::create(store.as_ref(), &p.circuit_key) {
+                log::warn!("tollgate: cannot create the circuit record of provider {}: {e:?}", p.name);
+            }
+        }
         for t in plugin.tenants.iter().filter(|t| t.policy.max_concurrent_requests.is_some()) {
             if let Err(e) = inflight::create(store.as_ref(), &inflight::key(&t.id)) {
                 log::warn!("tollgate: cannot create the in-flight table of tenant {}: {e:?}", t.id);
@@ -148,11 +155,18 @@ impl Root {
         host.follow_log_level();
         self.refresh_jwks(host);
         let (Some(plugin), Some(worker)) = (self.plugin.clone(), self.worker.clone()) else { return };
-        let gauges = std::mem::take(&mut worker.borrow_mut().circuit_gauges);
-        for (name, value) in gauges {
-            self.metrics.borrow_mut().gauge(host, &name, value);
-        }
         let now = host.now_ms();
+        let (gauges, stall_retries) = {
+            let mut w = worker.borrow_mut();
+            w.refresh_circuit_gauges(&plugin, now);
+            (std::mem::take(&mut w.circuit_gauges), std::mem::take(&mut w.stall_retries))
+        };
+        let mut m = self.metrics.borrow_mut();
+        for (name, value) in gauges {
+            m.gauge(host, &name, value);
+        }
+        m.count(host, "tollgate.rls.stall_retries", stall_retries);
+        drop(m);
         worker.borrow_mut().heartbeat(now);
         for line in worker.borrow_mut().incident_lines(now) {
             log::warn!("{line}");

@@ -169,6 +169,11 @@ pub struct RequestFlow {
     /// What the target answered, once its response headers came (or the
     /// request ended without them).
     target_outcome: Option<Outcome>,
+    /// When the reserve call in flight was made.
+    call_sent_ms: u64,
+    /// The reserve was sent again once after a stalled worker missed its
+    /// answer (see [`Self::stalled_timeout`]).
+    stall_retried: bool,
 }
 
 impl RequestFlow {
@@ -206,6 +211,8 @@ impl RequestFlow {
             start_ms: 0,
             target: None,
             target_outcome: None,
+            call_sent_ms: 0,
+            stall_retried: false,
         }
     }
 
@@ -407,8 +414,13 @@ impl RequestFlow {
         let Some(route_provider) = plugin.provider(self.provider) else {
             return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "route names no provider".into() }));
         };
-        if !route_provider.targets.is_empty() {
-            if let Err(reply) = self.pick_target(tenant, route_provider, now_ms) {
+        let tier_targets = tenant.policy.targets.iter().find(|(g, _)| *g == self.provider).map(|(_, t)| Rc::clone(t));
+        if !route_provider.targets.is_empty() || tier_targets.is_some() {
+            let targets = match tier_targets.as_deref() {
+                Some(list) => upstream::Targets { list, weighted: false },
+                None => upstream::Targets::of(route_provider),
+            };
+            if let Err(reply) = self.pick_target(tenant, route_provider, targets, now_ms) {
                 return HeadersStep::Reply(reply);
             }
         }
@@ -465,13 +477,15 @@ impl RequestFlow {
         HeadersStep::ReadBody(header_plan)
     }
 
-    /// Picks the failover target of a route to `group` (a provider with
-    /// targets): the request then goes as to that provider. Refused when the
+    /// Picks the failover target of a route to `group` among `targets` (the
+    /// provider's, or the tier's own): the request then goes as to that
+    /// provider. Refused when the
     /// tenant holds no key for any target, or every one it has is down.
     fn pick_target(
         &mut self,
         tenant: &crate::config::Tenant,
         group: &crate::config::Provider,
+        targets: upstream::Targets<'_>,
         now_ms: u64,
     ) -> Result<(), LocalReply> {
         let plugin = Rc::clone(&self.plugin);
@@ -480,7 +494,7 @@ impl RequestFlow {
             w.target_turn = w.target_turn.wrapping_add(1);
             upstream::pick(
                 &plugin.providers,
-                group,
+                targets,
                 w.target_turn,
                 |i| tenant.provider_keys.get(i).and_then(Option::as_deref),
                 w.slots.as_ref(),
@@ -498,6 +512,21 @@ impl RequestFlow {
                 Ok(())
             }
             Picked::NoCredential => Err(self.refuse(&Refusal::ProviderNotConfigured { provider: group.name.clone() })),
+            Picked::Unavailable { retry_after_ms, open: 0 } => {
+                // Every target is up, but the provider throttled this
+                // tenant's own key everywhere: its 429, not an outage.
+                let refusal = Refusal::Custom {
+                    status: 429,
+                    code: "provider_rate_limited".into(),
+                    message: format!(
+                        "The provider is rate limiting this account's key; retry after {} s.",
+                        retry_after_ms.div_ceil(1000)
+                    ),
+                };
+                let mut reply = self.refuse(&refusal);
+                reply.headers.extend(llm::retry_headers(retry_after_ms, true));
+                Err(reply)
+            }
             Picked::Unavailable { retry_after_ms, .. } => {
                 let refusal = Refusal::Custom {
                     status: 503,
@@ -540,7 +569,10 @@ impl RequestFlow {
     /// Whether the upstream's answer matters to a circuit breaker (the host
     /// then hands over the response headers with [`Self::on_upstream_answer`]).
     pub fn watches_upstream(&self) -> bool {
-        self.target.is_some() && self.target_outcome.is_none()
+        // Only a request that left: tollgate's own replies (a limit's 429,
+        // the limiter's 503) pass through the same response callbacks, and
+        // say nothing about the target.
+        self.target.is_some() && self.target_outcome.is_none() && matches!(self.phase, Phase::Upstream(_))
     }
 
     /// The target's response headers (pairs encoding): its status and retry
@@ -577,6 +609,7 @@ impl RequestFlow {
             let answer = circuit::Answer {
                 outcome,
                 probe: choice.probe,
+                probe_token: choice.probe_token,
                 clean: choice.clean,
                 credential: key,
                 scope: p.rate_limited_scope,
@@ -885,11 +918,27 @@ impl RequestFlow {
             (vec![(rls::META_IDEMPOTENCY_KEY.to_string(), key.clone())], Some(Replay { message: message.clone(), key }))
         };
         self.phase = Phase::Waiting(Pending { items, estimate, lease, replay });
+        self.call_sent_ms = now_ms;
         BodyStep::Call(RlsCall { cluster: rl.cluster.clone(), message, metadata, timeout_ms: rl.timeout_ms })
     }
 
     fn forward(&mut self) -> BodyStep {
         self.forward_with(None)
+    }
+
+    /// A reserve failed far later than its deadline: the timer could not
+    /// fire on time because this worker's thread was busy, so the failure
+    /// says nothing about the service. Envoy reports its call timeout as
+    /// `UNAVAILABLE` (14, measured with Envoy 1.40), like a refused
+    /// connection; a refused connection fails at once, so lateness is what
+    /// tells them apart. Once per request.
+    fn stalled_timeout(&self, status: u32, timeout_ms: u64, now_ms: u64) -> bool {
+        const DEADLINE_EXCEEDED: u32 = 4;
+        const UNAVAILABLE: u32 = 14;
+        let late = now_ms.saturating_sub(self.call_sent_ms);
+        matches!(status, DEADLINE_EXCEEDED | UNAVAILABLE)
+            && !self.stall_retried
+            && late >= timeout_ms.saturating_mul(3) / 2 + 50
     }
 
     /// Sends the request upstream under `reservation`.
@@ -931,6 +980,34 @@ impl RequestFlow {
         let (Some(tref), Some(rl)) = (self.tenant.clone(), plugin.rate_limit.as_ref()) else {
             return self.forward();
         };
+        if let (Err(status), Some(replay)) = (reply, &pending.replay) {
+            if self.stalled_timeout(status, rl.timeout_ms, now_ms) {
+                // This worker was busy (a large configuration loading, say)
+                // long past the deadline: the service may well have answered
+                // in time. Ask again under the same idempotency key: a
+                // reserve that was made is answered, not charged twice.
+                self.stall_retried = true;
+                self.call_sent_ms = now_ms;
+                let mut w = self.shared.borrow_mut();
+                w.stall_retries += 1;
+                if pending.lease > 0 {
+                    // This request still holds the lease refill's turn.
+                    if let Some(acct) = self.account() {
+                        let until = now_ms.saturating_add(rl.timeout_ms.saturating_mul(2)).saturating_add(100);
+                        w.leases.refills.insert(acct, until);
+                    }
+                }
+                drop(w);
+                let call = RlsCall {
+                    cluster: rl.cluster.clone(),
+                    message: replay.message.clone(),
+                    metadata: vec![(rls::META_IDEMPOTENCY_KEY.to_string(), replay.key.clone())],
+                    timeout_ms: rl.timeout_ms,
+                };
+                self.phase = Phase::Waiting(pending);
+                return BodyStep::Call(call);
+            }
+        }
         if self.quota {
             self.phase = Phase::Refused;
             let answer = match reply {
@@ -1229,15 +1306,19 @@ impl RequestFlow {
     pub fn has_work_at_stream_end(&self) -> bool {
         matches!(self.phase, Phase::Upstream(_) | Phase::Waiting(_) | Phase::Resolving { .. })
             || self.slot.is_some()
-            || self.watches_upstream()
+            || (self.target.is_some() && self.target_outcome.is_none())
     }
 
     /// The stream is over (`on_log`): settles what has not been settled,
     /// e.g. after a client disconnect or an upstream reset.
     pub fn on_stream_done(&mut self, now_ms: u64) -> Option<Finish> {
         // No answer reached the filter (refused, or the client left first):
-        // a probe gives its turn back.
-        self.report_target(Outcome::Abandoned, now_ms);
+        // a probe gives its turn back. A request that left and had no answer
+        // for the probe timeout counts as the target's timeout (a hung
+        // provider whose callers give up before Envoy's route timeout).
+        let hung = matches!(self.phase, Phase::Upstream(_))
+            && now_ms.saturating_sub(self.start_ms) >= self.plugin.circuit.probe_timeout_ms;
+        self.report_target(if hung { Outcome::Timeout } else { Outcome::Abandoned }, now_ms);
         let out = matches!(self.phase, Phase::Upstream(_)).then(|| self.finish(now_ms, false));
         if self.resolving() {
             // Gone while its lookup was in flight: the answer is never read.
@@ -2014,6 +2095,25 @@ mod tests {
     }
 
     #[test]
+    fn circuit_gauges_follow_the_shared_records_over_time() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        let mut w = worker.borrow_mut();
+        w.circuit_gauges.clear();
+        w.refresh_circuit_gauges(&plugin, 1_000);
+        assert_eq!(w.circuit_gauges, [("tollgate.target.openai.target_circuit_state".to_string(), 1)]);
+        // Not again within the second; then the open period has ended with
+        // no traffic: half-open, though no request changed it.
+        w.circuit_gauges.clear();
+        w.refresh_circuit_gauges(&plugin, 1_500);
+        assert!(w.circuit_gauges.is_empty());
+        w.refresh_circuit_gauges(&plugin, 6_000);
+        assert_eq!(w.circuit_gauges, [("tollgate.target.openai.target_circuit_state".to_string(), 2)]);
+    }
+
+    #[test]
     fn a_refused_probe_gives_its_turn_back() {
         let plugin = failover_plugin();
         let worker = Rc::new(RefCell::new(Worker::new(100)));
@@ -2032,6 +2132,65 @@ mod tests {
     }
 
     #[test]
+    fn tollgates_own_refusal_of_a_probe_is_not_the_targets_answer() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        // Half-open: this request takes the probe, then tollgate refuses it
+        // (a body that is not JSON); its own 400 passes the response
+        // callbacks but is not the target's answer.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&worker));
+        let hs = h(&[(":path", "/v1/chat/completions"), (":method", "POST"), ("x-api-key", KEY_A)]);
+        assert!(matches!(f.on_request_headers(&hs, false, 6_000, || "r".into()), HeadersStep::ReadBody(_)));
+        assert_eq!(f.target.map(|c| c.probe), Some(true));
+        let BodyStep::Reply(r) = f.on_request_body(b"not json", 6_000) else { panic!("expected a refusal") };
+        assert_eq!(r.status, 400);
+        assert!(!f.watches_upstream());
+        f.on_stream_done(6_001);
+        // The circuit is still half-open (not closed by a 400 that never
+        // left), and the turn is free: the next request probes.
+        let rec = {
+            let w = worker.borrow();
+            let (v, _) = w.slots.get("tollgate.circuit.openai").unwrap();
+            circuit::Record::decode(&v.unwrap())
+        };
+        assert_eq!(rec.state(6_002), circuit::State::HalfOpen);
+        assert_eq!(rec.probe_until, 0);
+        let (plan, _) = failover_request(&plugin, &worker, KEY_A, 6_002, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "openai");
+    }
+
+    #[test]
+    fn callers_giving_up_on_a_hung_target_count_as_its_timeouts() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        let sent = |now: u64| {
+            let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&worker));
+            let hs = h(&[(":path", "/v1/chat/completions"), (":method", "POST"), ("x-api-key", KEY_A)]);
+            assert!(matches!(f.on_request_headers(&hs, false, now, || "r".into()), HeadersStep::ReadBody(_)));
+            assert!(matches!(f.on_request_body(br#"{"model":"gpt-4o"}"#, now), BodyStep::Forward { .. }));
+            f
+        };
+        // A client leaving early says nothing about the target.
+        for _ in 0..3 {
+            sent(0).on_stream_done(30_000);
+        }
+        let (plan, _) = failover_request(&plugin, &worker, KEY_A, 30_001, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "openai");
+        // Two callers that waited the probe timeout (120 s) for nothing: the
+        // circuit opens.
+        let probe_timeout = plugin.circuit.probe_timeout_ms;
+        for _ in 0..2 {
+            let fin = sent(40_000).on_stream_done(40_000 + probe_timeout).expect("finished");
+            assert!(fin.counters.iter().any(|(n, _)| n.ends_with("target.openai.target_timeouts")));
+        }
+        let (plan, _) =
+            failover_request(&plugin, &worker, KEY_A, 40_001 + probe_timeout, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "azure-eu");
+    }
+
+    #[test]
     fn a_provider_429_pauses_only_the_credential_that_got_it() {
         let plugin = failover_plugin();
         let worker = Rc::new(RefCell::new(Worker::new(100)));
@@ -2044,6 +2203,14 @@ mod tests {
         assert_eq!(target_of(&plan).0, "openai");
         let (plan, _) = failover_request(&plugin, &worker, KEY_A, 3_000, &[(":status", "200")]).unwrap();
         assert_eq!(target_of(&plan).0, "openai");
+        // globex's key throttled on its only target (OpenAI's retry-after-ms
+        // read first): a 429 of its own, not an outage's 503.
+        let limited = [(":status", "429"), ("retry-after-ms", "1500"), ("retry-after", "9")];
+        failover_request(&plugin, &worker, KEY_B, 4_000, &limited).unwrap();
+        let r = failover_request(&plugin, &worker, KEY_B, 4_100, &[(":status", "200")]).unwrap_err();
+        assert_eq!((r.status, r.header("x-tollgate-error")), (429, Some("provider_rate_limited")));
+        assert_eq!(r.header("retry-after-ms"), Some("1400"));
+        assert!(failover_request(&plugin, &worker, KEY_B, 5_500, &[(":status", "200")]).is_ok());
     }
 
     #[test]
@@ -2064,6 +2231,35 @@ mod tests {
             step,
             HeadersStep::PassThrough { remove: vec!["x-tollgate-tier".into(), "x-tollgate-provider".into()] }
         );
+    }
+
+    #[test]
+    fn a_tier_can_have_targets_of_its_own() {
+        let mut v = crate::config::tests::sample_json();
+        v["providers"]["azure-eu"] = serde_json::json!({"credential_header": "api-key"});
+        v["tiers"]["pro"]["provider_targets"] = serde_json::json!({"openai": ["azure-eu", "openai"]});
+        v["tenants"][0]["provider_key_env"]["azure-eu"] = "ACME_AZURE".into();
+        let plugin = Rc::new(crate::config::load(v.to_string().as_bytes(), &crate::config::tests::env).unwrap());
+        // acme (pro): the tier's dedicated target first.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let HeadersStep::ReadBody(plan) = start(&mut f, KEY_A, "/v1/chat/completions") else { panic!() };
+        assert_eq!(target_of(&plan), ("azure-eu".into(), "provider-key-for-ACME_AZURE".into()));
+        // globex (free): the provider as configured, no target header.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let HeadersStep::ReadBody(plan) = start(&mut f, KEY_B, "/v1/chat/completions") else { panic!() };
+        assert_eq!(target_of(&plan), (String::new(), "Bearer provider-key-for-GLOBEX_OPENAI".into()));
+        // A tenant's overrides may pin it too; mistakes name their field.
+        let bad = |targets: Value, field: &str| {
+            let mut v = crate::config::tests::sample_json();
+            v["providers"]["azure-eu"] = serde_json::json!({"credential_header": "api-key"});
+            v["tenants"][0]["overrides"] = serde_json::json!({"provider_targets": targets});
+            let e = crate::config::load(v.to_string().as_bytes(), &crate::config::tests::env).unwrap_err();
+            assert!(e.to_string().contains(field), "{e} should name {field}");
+        };
+        bad(serde_json::json!({"nope": ["openai"]}), "tenants[0].overrides.provider_targets.nope");
+        bad(serde_json::json!({"openai": ["nope"]}), "provider_targets.openai[0]");
+        bad(serde_json::json!({"openai": []}), "provider_targets.openai");
+        bad(serde_json::json!({"openai": ["azure-eu", "azure-eu"]}), "provider_targets.openai[1]");
     }
 
     #[test]
@@ -2154,6 +2350,35 @@ mod tests {
         let _ = f.on_request_body(br#"{"model":"gpt-4o-mini"}"#, 0);
         let BodyStep::Reply(r) = f.on_rls_reply(Err(14), 5) else { panic!() };
         assert_eq!((r.status, r.header("x-tollgate-error")), (503, Some("rate_limiter_unavailable")));
+    }
+
+    #[test]
+    fn a_reserve_timed_out_by_a_stalled_worker_is_asked_again_once_under_its_key() {
+        let timeout = sample().rate_limit.unwrap().timeout_ms;
+        let reserve = |f: &mut RequestFlow| {
+            start(f, KEY_B, "/v1/chat/completions");
+            let BodyStep::Call(call) = f.on_request_body(br#"{"model":"gpt-4o-mini"}"#, 1_000) else { panic!() };
+            call
+        };
+        // On time: a timeout is the service's, and the tier's failure mode
+        // answers (globex: closed).
+        let mut f = flow();
+        reserve(&mut f);
+        let BodyStep::Reply(r) = f.on_rls_reply(Err(14), 1_000 + timeout + 20) else { panic!() };
+        assert_eq!(r.status, 503);
+        // Far past the deadline (Envoy says UNAVAILABLE for its timeout):
+        // the same reserve again, once.
+        let mut f = flow();
+        let first = reserve(&mut f);
+        let late = 1_000 + timeout * 3;
+        let BodyStep::Call(again) = f.on_rls_reply(Err(14), late) else { panic!("expected the reserve again") };
+        assert_eq!((again.message.clone(), again.metadata.clone()), (first.message, first.metadata));
+        let BodyStep::Reply(r) = f.on_rls_reply(Err(14), late + timeout * 3) else { panic!() };
+        assert_eq!(r.header("x-tollgate-error"), Some("rate_limiter_unavailable"));
+        // Other failures are not retried, late or not.
+        let mut f = flow();
+        reserve(&mut f);
+        assert!(matches!(f.on_rls_reply(Err(13), late), BodyStep::Reply(_)));
     }
 
     #[test]

@@ -63,7 +63,7 @@ impl Default for CircuitConfig {
             open_ms: 10_000,
             max_open_ms: 300_000,
             max_retry_after_ms: 300_000,
-            probe_timeout_ms: 60_000,
+            probe_timeout_ms: 120_000,
         }
     }
 }
@@ -303,18 +303,12 @@ pub enum Transition {
 }
 
 /// The new record after `outcome`, and the transition it makes (if any).
-pub fn apply(
-    rec: &mut Record,
-    outcome: Outcome,
-    probe: bool,
-    credential: &str,
-    scope: RateLimitedScope,
-    now_ms: u64,
-    cfg: &CircuitConfig,
-) -> Option<Transition> {
+pub fn apply(rec: &mut Record, a: &Answer<'_>, now_ms: u64, cfg: &CircuitConfig) -> Option<Transition> {
+    let (outcome, credential, scope) = (a.outcome, a.credential, a.scope);
     let state = rec.state(now_ms);
-    // Only the probe that holds the turn speaks for the half-open circuit.
-    let holds_probe = probe && state != State::Closed;
+    // Only the probe that still holds the turn speaks for the half-open
+    // circuit: one whose turn expired (and went to another) is ignored.
+    let holds_probe = a.probe && state != State::Closed && (a.probe_token == 0 || rec.probe_until == a.probe_token);
     match outcome {
         Outcome::Abandoned => {
             if holds_probe {
@@ -386,6 +380,9 @@ pub struct Answer<'a> {
     pub outcome: Outcome,
     /// The request held the half-open probe.
     pub probe: bool,
+    /// The probe's turn as [`take`] wrote it (`probe_until`: the take's time
+    /// plus the probe timeout); 0 when unknown.
+    pub probe_token: u64,
     /// [`take`] found the record clean: a success writes nothing.
     pub clean: bool,
     /// The key the request carried (a 429 pauses its hash).
@@ -411,7 +408,7 @@ pub fn report(
         let (value, cas) = store.get(key)?;
         let mut rec = value.as_deref().map(Record::decode).unwrap_or_default();
         let before = rec.clone();
-        let transition = apply(&mut rec, a.outcome, a.probe, a.credential, a.scope, now_ms, cfg);
+        let transition = apply(&mut rec, a, now_ms, cfg);
         if rec == before {
             return Ok(transition);
         }
@@ -448,7 +445,7 @@ mod tests {
     }
 
     fn answer(outcome: Outcome, probe: bool, clean: bool, scope: RateLimitedScope) -> Answer<'static> {
-        Answer { outcome, probe, clean, credential: "sk-a", scope }
+        Answer { outcome, probe, clean, credential: "sk-a", scope, probe_token: 0 }
     }
 
     fn rep(store: &LocalStore, outcome: Outcome, probe: bool, now: u64) -> Option<Transition> {
@@ -516,6 +513,25 @@ mod tests {
             rep(&s, Outcome::Error, false, now);
         }
         assert_eq!(take(&s, K, "sk-a", now + 999, &c), Take::Skip { until: now + 1_000, state: State::Open });
+    }
+
+    #[test]
+    fn a_probe_whose_turn_expired_is_not_heard() {
+        let s = LocalStore::default();
+        let c = CircuitConfig { probe_timeout_ms: 5_000, ..cfg() };
+        for _ in 0..3 {
+            rep(&s, Outcome::Error, false, 0);
+        }
+        // Probe A at 1000 (its turn: until 6000); its turn expires and
+        // probe B takes it at 6000 (until 11000).
+        assert_eq!(take(&s, K, "sk-a", 1_000, &c), go(true));
+        assert_eq!(take(&s, K, "sk-a", 6_000, &c), go(true));
+        let late_a =
+            Answer { probe_token: 6_000, ..answer(Outcome::Success, true, false, RateLimitedScope::Credential) };
+        assert_eq!(report(&s, K, &late_a, 7_000, &c), Ok(None), "A's late success closes nothing");
+        assert!(matches!(take(&s, K, "sk-a", 7_001, &c), Take::Skip { state: State::HalfOpen, .. }));
+        let b = Answer { probe_token: 11_000, ..late_a };
+        assert_eq!(report(&s, K, &b, 7_002, &c), Ok(Some(Transition::Closed)));
     }
 
     #[test]

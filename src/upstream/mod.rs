@@ -27,6 +27,23 @@ pub struct Choice {
     pub probe: bool,
     /// The target's record had nothing a success would reset.
     pub clean: bool,
+    /// The probe's turn (see [`circuit::Answer::probe_token`]); 0 if no probe.
+    pub probe_token: u64,
+}
+
+/// The targets a request may go to, and how one is chosen.
+#[derive(Debug, Clone, Copy)]
+pub struct Targets<'a> {
+    pub list: &'a [Target],
+    /// Spread by weight (else: the first available, in order).
+    pub weighted: bool,
+}
+
+impl<'a> Targets<'a> {
+    /// A provider's own targets.
+    pub fn of(group: &'a Provider) -> Self {
+        Targets { list: &group.targets, weighted: group.weighted }
+    }
 }
 
 /// The outcome of a pick.
@@ -43,27 +60,32 @@ pub enum Picked {
     },
 }
 
-/// Picks one of `group`'s targets for a request. `key_for(provider)` is the tenant's key
+/// Picks one of `targets` for a request. `key_for(provider)` is the tenant's key
 /// there (if any); `turn` is the worker's running count for weighted picks.
 pub fn pick<'k>(
     providers: &[Provider],
-    group: &Provider,
+    targets: Targets<'_>,
     turn: u64,
     key_for: impl Fn(usize) -> Option<&'k str>,
     store: &dyn SlotStore,
     now_ms: u64,
     cfg: &CircuitConfig,
 ) -> Picked {
-    let targets = &group.targets;
+    let weighted = targets.weighted;
+    let targets = targets.list;
     let n = targets.len();
-    let start = if group.weighted { weighted_start(targets, turn) } else { 0 };
+    let start = if weighted { weighted_start(targets, turn) } else { 0 };
     let mut soonest: Option<u64> = None;
     let mut open = 0;
     for i in 0..n {
         let Some(t) = targets.get((start + i) % n.max(1)) else { continue };
         let (Some(p), Some(key)) = (providers.get(t.provider), key_for(t.provider)) else { continue };
         match circuit::take(store, &p.circuit_key, key, now_ms, cfg) {
-            Take::Go { probe, clean } => return Picked::Target(Choice { provider: t.provider, probe, clean }),
+            Take::Go { probe, clean } => {
+                // `take` wrote the probe's turn as now + the probe timeout.
+                let probe_token = if probe { now_ms.saturating_add(cfg.probe_timeout_ms) } else { 0 };
+                return Picked::Target(Choice { provider: t.provider, probe, clean, probe_token });
+            }
             Take::Skip { until, state } => {
                 open += usize::from(state != State::Closed);
                 soonest = Some(soonest.map_or(until, |s| s.min(until)));
@@ -128,6 +150,7 @@ mod tests {
                 clean: false,
                 credential: "k",
                 scope: RateLimitedScope::Credential,
+                probe_token: 0,
             };
             let _ = report(store, &p.circuit_key, &a, now, &CircuitConfig::default());
         }
@@ -139,25 +162,30 @@ mod tests {
         let store = LocalStore::default();
         let cfg = CircuitConfig::default();
         let all = |_: usize| Some("k");
-        let go = |p| Picked::Target(Choice { provider: p, probe: false, clean: true });
-        assert_eq!(pick(&providers, &group, 0, all, &store, 0, &cfg), go(0));
+        let go = |p| Picked::Target(Choice { provider: p, probe: false, clean: true, probe_token: 0 });
+        assert_eq!(pick(&providers, Targets::of(&group), 0, all, &store, 0, &cfg), go(0));
         fail(&store, &providers[0], 5, 0);
-        assert_eq!(pick(&providers, &group, 0, all, &store, 1, &cfg), go(1));
+        assert_eq!(pick(&providers, Targets::of(&group), 0, all, &store, 1, &cfg), go(1));
         // A tenant without a key for the second target goes to the third.
         let no_eu = |p: usize| (p != 1).then_some("k");
-        assert_eq!(pick(&providers, &group, 0, no_eu, &store, 1, &cfg), go(2));
+        assert_eq!(pick(&providers, Targets::of(&group), 0, no_eu, &store, 1, &cfg), go(2));
         // Every target open: the soonest back says when to retry.
         fail(&store, &providers[1], 5, 2_000);
         fail(&store, &providers[2], 5, 4_000);
         assert_eq!(
-            pick(&providers, &group, 0, all, &store, 5_000, &cfg),
+            pick(&providers, Targets::of(&group), 0, all, &store, 5_000, &cfg),
             Picked::Unavailable { retry_after_ms: 5_000, open: 3 }
         );
-        assert_eq!(pick(&providers, &group, 0, |_| None, &store, 5_000, &cfg), Picked::NoCredential);
+        assert_eq!(pick(&providers, Targets::of(&group), 0, |_| None, &store, 5_000, &cfg), Picked::NoCredential);
         // Back at 10 s: the first target is probed.
         assert_eq!(
-            pick(&providers, &group, 0, all, &store, 10_000, &cfg),
-            Picked::Target(Choice { provider: 0, probe: true, clean: false })
+            pick(&providers, Targets::of(&group), 0, all, &store, 10_000, &cfg),
+            Picked::Target(Choice {
+                provider: 0,
+                probe: true,
+                clean: false,
+                probe_token: 10_000 + cfg.probe_timeout_ms
+            })
         );
     }
 
@@ -170,7 +198,7 @@ mod tests {
         let cfg = CircuitConfig::default();
         let mut counts = [0; 3];
         for turn in 0..500 {
-            if let Picked::Target(c) = pick(&providers, &group, turn, |_| Some("k"), &store, 0, &cfg) {
+            if let Picked::Target(c) = pick(&providers, Targets::of(&group), turn, |_| Some("k"), &store, 0, &cfg) {
                 counts[c.provider] += 1;
             }
         }
@@ -178,7 +206,7 @@ mod tests {
         fail(&store, &providers[0], 5, 0);
         let mut counts = [0; 3];
         for turn in 0..500 {
-            if let Picked::Target(c) = pick(&providers, &group, turn, |_| Some("k"), &store, 1, &cfg) {
+            if let Picked::Target(c) = pick(&providers, Targets::of(&group), turn, |_| Some("k"), &store, 1, &cfg) {
                 counts[c.provider] += 1;
             }
         }
