@@ -2391,7 +2391,7 @@ mod tests {
             let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
             start(&mut f, KEY_A, "/v1/chat/completions");
             let _ = f.on_request_body(br#"{"model":"gpt-4o","max_tokens":10}"#, 0);
-            match f.on_rls_reply(Err(14), 1000) {
+            match f.on_rls_reply(Err(14), 10) {
                 BodyStep::Forward { .. } => {
                     admitted += 1;
                     f.on_response_headers(200);
