@@ -86,6 +86,7 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
             tier: Served::word(path(doc, &["usageMetadata", "trafficType"])).map(canonical_tier),
             ..Served::default()
         },
+        iterations: None,
     }
 }
 

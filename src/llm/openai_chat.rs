@@ -182,6 +182,7 @@ impl ChatBody {
             text_bytes: self.text,
             complete: false,
             served: Served { tier: self.service_tier.as_deref().map(canonical_tier), ..Served::default() },
+            iterations: None,
         }
     }
 }

@@ -132,10 +132,16 @@ pub fn format_usd(micros: u64) -> String {
 pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelNames) -> (Finish, Usage, u64, bool) {
     let mut out = Finish::default();
     let ok_status = (200..300).contains(&f.upstream_status);
-    let (usage, estimated) = final_usage(&metered, f.upstream_status, f.input_estimate);
+    let (top, estimated) = final_usage(&metered, f.upstream_status, f.input_estimate);
     let model_answered = metered.model_answered.clone().unwrap_or_else(|| f.model_served.to_string());
-    // Billed as served: the tier, speed and region the response reports.
-    let cost = plugin.pricing.as_ref().map(|p| p.cost_as(&model_answered, &usage, &metered.served));
+    // Billed as served: the tier, speed and region the response reports;
+    // iterations outside the top-level totals (Anthropic compaction and
+    // advisor) are added, each priced at its own model.
+    let cost = plugin
+        .pricing
+        .as_ref()
+        .map(|p| p.cost_with_iterations(&model_answered, &top, &metered.served, &metered.iterations));
+    let usage = metered.billed_usage(top);
     let micros = cost.as_ref().map_or(0, |c| c.micros);
     let unpriced = cost.as_ref().is_some_and(|c| c.priced_by == PricedBy::Default);
     let ttfb = f.first_byte_ms.map(|t| t.saturating_sub(f.start_ms));
