@@ -41,6 +41,7 @@ pub(crate) fn request_facts(path: &str, json: &Value) -> Result<RequestInfo, Ref
         max_output_tokens: u64_at(json, &["generationConfig", "maxOutputTokens"]),
         include_usage: true,
         asked: Default::default(),
+        endpoint: Default::default(),
     })
 }
 

@@ -97,13 +97,15 @@ impl ModelSwap {
 impl Api {
     /// The request facts of a parsed body (see [`inspect::inspect`]).
     pub(crate) fn request_facts(self, path: &str, json: &Value) -> Result<RequestInfo, Refusal> {
-        match self {
+        let mut info = match self {
             Api::OpenaiChat => openai_chat::request_facts(json),
             Api::OpenaiResponses => openai_responses::request_facts(json),
             Api::OpenaiEmbeddings => openai_embeddings::request_facts(json),
             Api::AnthropicMessages => anthropic::request_facts(json),
             Api::Gemini => gemini::request_facts(path, json),
-        }
+        }?;
+        info.endpoint = inspect::Endpoint::of(self, path);
+        Ok(info)
     }
 
     /// Parses a request body and reads its facts.

@@ -40,6 +40,8 @@ pub struct Facts<'a> {
     /// What each budget has left once this request's usage (and its cost in
     /// micro-dollars) replaced its reservation.
     pub budgets_after: Option<BudgetsAfter<'a>>,
+    /// A free call (token counting): it used no tokens and costs nothing.
+    pub free: bool,
 }
 
 /// See [`Facts::budgets_after`].
@@ -132,7 +134,8 @@ pub fn format_usd(micros: u64) -> String {
 pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelNames) -> (Finish, Usage, u64, bool) {
     let mut out = Finish::default();
     let ok_status = (200..300).contains(&f.upstream_status);
-    let (top, estimated) = final_usage(&metered, f.upstream_status, f.input_estimate);
+    let (top, estimated) =
+        if f.free { (Usage::default(), false) } else { final_usage(&metered, f.upstream_status, f.input_estimate) };
     let model_answered = metered.model_answered.clone().unwrap_or_else(|| f.model_served.to_string());
     // Billed as served: the tier, speed and region the response reports;
     // iterations outside the top-level totals (Anthropic compaction and
@@ -140,8 +143,9 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     let cost = plugin
         .pricing
         .as_ref()
+        .filter(|_| !f.free)
         .map(|p| p.cost_with_iterations(&model_answered, &top, &metered.served, &metered.iterations));
-    let usage = metered.billed_usage(top);
+    let usage = if f.free { top } else { metered.billed_usage(top) };
     let micros = cost.as_ref().map_or(0, |c| c.micros);
     let unpriced = cost.as_ref().is_some_and(|c| c.priced_by == PricedBy::Default);
     let ttfb = f.first_byte_ms.map(|t| t.saturating_sub(f.start_ms));

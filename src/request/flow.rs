@@ -628,6 +628,10 @@ impl RequestFlow {
     }
 
     fn estimate_for(&self, output: u64) -> Amounts {
+        if self.info.as_ref().is_some_and(|i| i.endpoint.is_free()) {
+            // Token counting: one request, no tokens or dollars.
+            return Amounts::default();
+        }
         let usage = Usage {
             input_uncached: self.input_estimate,
             output,
@@ -740,6 +744,9 @@ impl RequestFlow {
     /// Rewrites the request's max-output field to `n`.
     fn clamp_output(&mut self, n: u64) {
         let Some(api) = self.api else { return };
+        if self.info.as_ref().is_some_and(|i| !i.endpoint.takes_max_output()) {
+            return;
+        }
         let Some(obj) = self.body.as_mut().and_then(Value::as_object_mut) else { return };
         if !api.clamp_output(obj, n) {
             return;
@@ -1125,6 +1132,7 @@ impl RequestFlow {
             key: self.key.as_ref().map(|k| &*k.id),
             shadow_refusal: self.shadow_refusal.as_deref(),
             budgets_after: Some(&after),
+            free: self.info.as_ref().is_some_and(|i| i.endpoint.is_free()),
         };
         let (out, usage, micros, estimated) = record::report(&plugin, &facts, metered, &names);
         let row = self.ledger_row(now_ms, |r| {
