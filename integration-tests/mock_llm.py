@@ -21,6 +21,9 @@ Per-request behaviour is steered by request headers (they pass through Envoy):
   x-mock-first-byte-ms: N     wait N ms before answering (a provider's think time)
   x-mock-bulk-bytes: N        an OpenAI chat stream of about N bytes, written in
                               64 KiB pieces as fast as possible (benchmarks)
+  x-mock-iterations: 1        Anthropic: the final usage also carries
+                              usage.iterations (ITERATIONS: a compaction and an
+                              advisor call outside the top-level totals)
 
 Control endpoints (not provider APIs):
   GET    /__mock/requests    JSON list of recorded requests
@@ -49,6 +52,18 @@ GEMINI_PROMPT = 11
 GEMINI_CACHED = 5
 GEMINI_THOUGHTS = 6
 EMBEDDING_PROMPT = 7
+COMPACT_INPUT = 40
+COMPACT_CACHED = 8
+COMPACT_OUTPUT = 6
+COUNTED_INPUT = 21
+# usage.iterations of an Anthropic response asked for with x-mock-iterations
+# (the `message` entry is the top level's own; compaction and advisor are not
+# in the top-level totals).
+ADVISOR_MODEL = "claude-opus-4-7"
+ITERATION_COMPACTION = {"type": "compaction", "input_tokens": 1000, "output_tokens": 50,
+                        "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+ITERATION_ADVISOR = {"type": "advisor_message", "model": ADVISOR_MODEL, "input_tokens": 300, "output_tokens": 40,
+                     "cache_read_input_tokens": 100, "cache_creation_input_tokens": 0}
 DEFAULT_OUTPUT = 9
 
 RECORDS = []
@@ -173,6 +188,17 @@ def openai_responses(req, headers, fail):
     return Reply(200, events=events, content_type="text/event-stream")
 
 
+def openai_responses_compact(req, headers, fail):
+    # openai-python CompactedResponse: no model, usage as in a response.
+    body = {"id": "resp_cmp_mock", "object": "response.compaction", "created_at": 1,
+            "output": [{"type": "compaction", "id": "cmp_mock", "encrypted_content": "opaque"}]}
+    if fail != "no-usage":
+        body["usage"] = {"input_tokens": COMPACT_INPUT, "input_tokens_details": {"cached_tokens": COMPACT_CACHED},
+                         "output_tokens": COMPACT_OUTPUT, "output_tokens_details": {"reasoning_tokens": 0},
+                         "total_tokens": COMPACT_INPUT + COMPACT_OUTPUT}
+    return Reply(200, json.dumps(body).encode())
+
+
 def openai_embeddings(req, headers, fail):
     body = {"object": "list", "model": req.get("model", "unknown"),
             "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]}
@@ -187,7 +213,15 @@ def anthropic_messages(req, headers, fail):
     text = words(n)
     usage = {"input_tokens": ANTHROPIC_INPUT, "cache_creation_input_tokens": ANTHROPIC_CACHE_WRITE,
              "cache_read_input_tokens": ANTHROPIC_CACHE_READ, "output_tokens": n}
+    iterations = None
+    if headers.get("x-mock-iterations") == "1":
+        own = {"type": "message", "model": model, "input_tokens": ANTHROPIC_INPUT, "output_tokens": n,
+               "cache_read_input_tokens": ANTHROPIC_CACHE_READ,
+               "cache_creation_input_tokens": ANTHROPIC_CACHE_WRITE}
+        iterations = [ITERATION_COMPACTION, own, ITERATION_ADVISOR]
     if not req.get("stream"):
+        if iterations:
+            usage = dict(usage, iterations=iterations)
         body = {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
                 "content": [{"type": "text", "text": "".join(text)}], "stop_reason": "end_turn",
                 "stop_sequence": None}
@@ -220,6 +254,8 @@ def anthropic_messages(req, headers, fail):
     delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}}
     if fail != "no-usage":
         delta["usage"] = {"output_tokens": n}
+        if iterations:
+            delta["usage"]["iterations"] = iterations
     events.append(sse(delta, "message_delta"))
     events.append(sse({"type": "message_stop"}, "message_stop"))
     return Reply(200, events=events, content_type="text/event-stream")
@@ -270,12 +306,18 @@ def dispatch(method, path, headers, body):
     except ValueError:
         return Reply(400, b'{"error":{"message":"mock: bad json"}}')
     api = "openai"
-    if bare.endswith("/messages"):
+    if bare.endswith("/messages") or bare.endswith("/messages/count_tokens"):
         api = "anthropic"
     elif "/models/" in bare and ":" in bare:
         api = "gemini"
     if "x-mock-status" in headers:
         return error_reply(api, int(headers["x-mock-status"]))
+    if bare.endswith("/responses/compact"):
+        return openai_responses_compact(req, headers, fail)
+    if bare.endswith("/responses/input_tokens"):
+        return Reply(200, json.dumps({"object": "response.input_tokens", "input_tokens": COUNTED_INPUT}).encode())
+    if bare.endswith("/messages/count_tokens"):
+        return Reply(200, json.dumps({"input_tokens": COUNTED_INPUT}).encode())
     if bare.endswith("/chat/completions"):
         return openai_chat(req, headers, fail)
     if bare.endswith("/responses"):

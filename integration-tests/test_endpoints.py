@@ -1,0 +1,182 @@
+"""The 2026 endpoints and usage shapes through real Envoy, the rate-limit
+service and Redis: Anthropic usage.iterations (compaction and advisor calls
+priced at their own models), OpenAI /v1/responses/compact (billed), token
+counting (free, one request against request limits), and the Azure OpenAI v1
+and Bedrock routes that parse as OpenAI and Anthropic."""
+
+import copy
+import json
+import uuid
+
+import pytest
+
+import harness
+import mock_llm as M
+from conftest import KEY_A, PRICING, LimitedStack, limited_config
+
+N = 5  # output tokens asked of the mock
+RUN = uuid.uuid4().hex[:6]  # tenant ids unique per run: Redis state is shared
+COUNTER_KEY = "sk-endpoints-counter-" + RUN
+
+OPUS = {"input": 5.0, "cached_input": 0.5, "output": 25.0}
+PRICES = copy.deepcopy(PRICING)
+PRICES["models"][M.ADVISOR_MODEL] = OPUS
+
+
+def pico(p, usage):
+    """Integer pico-dollars of `usage` at prices `p` (USD per million tokens)."""
+    rate = lambda k, d: round(p.get(k, p[d]) * 1e6)  # noqa: E731
+    return (usage.get("input", 0) * rate("input", "input")
+            + usage.get("cache_read", 0) * rate("cached_input", "input")
+            + usage.get("cache_write", 0) * rate("cache_write", "input")
+            + usage.get("output", 0) * rate("output", "output"))
+
+
+def usd(p):
+    micros = -(-p // 1_000_000)
+    return "%d.%06d" % divmod(micros, 1_000_000)
+
+
+@pytest.fixture(scope="module")
+def estack(wasm, mock, rls, tmp_path_factory):
+    cfg = limited_config()
+    cfg["pricing"] = PRICES
+    cfg["metering"] = {"stream_usage_comment": False}
+    cfg["routes"] = [
+        {"path_prefix": "/v1/responses", "api": "openai_responses", "provider": "openai"},
+        {"path_prefix": "/v1/messages", "api": "anthropic_messages", "provider": "anthropic"},
+        # Azure OpenAI v1 API and Bedrock's compatible endpoints: the same APIs on other paths.
+        {"path": "/openai/v1/chat/completions", "api": "openai_chat", "provider": "openai"},
+        {"path_prefix": "/openai/v1/responses", "api": "openai_responses", "provider": "openai"},
+        {"path": "/anthropic/v1/messages", "api": "anthropic_messages", "provider": "anthropic"},
+    ] + [r for r in cfg["routes"] if r.get("path") not in ("/v1/responses", "/v1/messages")]
+    cfg["tiers"]["enterprise"]["tokens_per_month"] = 10_000_000
+    # Token counting is free, but a request: 3 a minute; one token a minute
+    # refuses any billable request.
+    cfg["tiers"]["counting"] = {"models": ["*"], "requests_per_minute": 3, "tokens_per_minute": 1,
+                                "lease_requests": 0}
+    cfg["tenants"].append({"id": "counter-" + RUN, "tier": "counting",
+                           "api_key_sha256": [harness.sha256_hex(COUNTER_KEY)],
+                           "provider_key_env": {"openai": "ACME_OPENAI_KEY", "anthropic": "ACME_ANTHROPIC_KEY"}})
+    s = LimitedStack(mock, rls, str(tmp_path_factory.mktemp("estack")), cfg)
+    yield s
+    s.stop()
+
+
+def tokens(log):
+    return {k: int(log["tg_tokens_" + k]) for k in ("input", "cache_read", "cache_write", "output", "total")}
+
+
+HAIKU = "claude-3-5-haiku-20241022"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_iterations_are_added_and_priced_at_their_own_models(estack, stream):
+    rid = "iterations-%s-%s" % (stream, RUN)
+    body = {"model": HAIKU, "max_tokens": N, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    r = estack.post("/v1/messages", body,
+                    {"authorization": "Bearer " + KEY_A, "x-request-id": rid, "x-mock-iterations": "1"})
+    assert r.status == 200, r.body[:300]
+    log = estack.access_log_lines({rid})[rid]
+    top = {"input": M.ANTHROPIC_INPUT, "cache_read": M.ANTHROPIC_CACHE_READ,
+           "cache_write": M.ANTHROPIC_CACHE_WRITE, "output": N}
+    comp = {"input": M.ITERATION_COMPACTION["input_tokens"], "output": M.ITERATION_COMPACTION["output_tokens"]}
+    adv = {"input": M.ITERATION_ADVISOR["input_tokens"], "cache_read": M.ITERATION_ADVISOR["cache_read_input_tokens"],
+           "output": M.ITERATION_ADVISOR["output_tokens"]}
+    want = {k: top.get(k, 0) + comp.get(k, 0) + adv.get(k, 0) for k in ("input", "cache_read", "cache_write", "output")}
+    want["total"] = sum(want.values())
+    assert tokens(log) == want
+    assert log["tg_estimated"] == "false" and log["tg_outcome"] == "ok"
+    # The top level and the compaction at the response's model (Haiku), the
+    # advisor call at its own (Opus): exact, rounded up once.
+    haiku = PRICES["models"]["claude-3-5-haiku"]
+    expected = pico(haiku, top) + pico(haiku, comp) + pico(OPUS, adv)
+    assert log["tg_cost_usd"] == usd(expected), (log["tg_cost_usd"], expected)
+    # Without the advisor priced apart it would be cheaper: the two models matter.
+    assert usd(pico(haiku, top) + pico(haiku, comp) + pico(haiku, adv)) != log["tg_cost_usd"]
+
+
+def test_responses_compact_is_billed_as_the_requested_model(estack, mock):
+    rid = "compact-" + RUN
+    mock.clear()
+    body = {"model": "gpt-4o", "input": [{"role": "user", "content": "summarise everything so far"}]}
+    r = estack.post("/v1/responses/compact", body, {"authorization": "Bearer " + KEY_A, "x-request-id": rid})
+    assert r.status == 200, r.body[:300]
+    assert json.loads(r.body)["object"] == "response.compaction"
+    # The compact call takes no max-output field: none is written in.
+    sent = json.loads(mock.requests()[-1]["body"])
+    assert sent == body
+    log = estack.access_log_lines({rid})[rid]
+    want = {"input": M.COMPACT_INPUT - M.COMPACT_CACHED, "cache_read": M.COMPACT_CACHED, "cache_write": 0,
+            "output": M.COMPACT_OUTPUT, "total": M.COMPACT_INPUT + M.COMPACT_OUTPUT}
+    assert tokens(log) == want
+    assert log["tg_model_answered"] == "gpt-4o"
+    assert log["tg_estimated"] == "false" and log["tg_outcome"] == "ok"
+    assert log["tg_cost_usd"] == usd(pico(PRICES["models"]["gpt-4o"], want)) != "0.000000"
+    assert r.header("x-tollgate-cost-usd") == log["tg_cost_usd"]
+
+
+def test_token_counting_is_free_but_counts_as_a_request(estack, mock):
+    auth = {"authorization": "Bearer " + COUNTER_KEY}
+    # A billable request needs more than the tier's one token a minute.
+    r = estack.post("/v1/messages", {"model": HAIKU, "max_tokens": N, "messages": [{"role": "user", "content": "x"}]},
+                    auth)
+    assert r.status == 429, r.body[:300]
+    mock.clear()
+    calls = [("/v1/messages/count_tokens", {"model": HAIKU, "messages": [{"role": "user", "content": "hi"}]}),
+             ("/v1/responses/input_tokens", {"model": "gpt-4o", "input": "hi"}),
+             ("/v1/messages/count_tokens", {"model": HAIKU, "messages": [{"role": "user", "content": "hey"}]})]
+    rids = []
+    for i, (path, body) in enumerate(calls):
+        rid = "count-%d-%s" % (i, RUN)
+        rids.append(rid)
+        r = estack.post(path, body, dict(auth, **{"x-request-id": rid}))
+        assert r.status == 200, (path, r.body[:300])
+        assert json.loads(r.body)["input_tokens"] == M.COUNTED_INPUT
+    logs = estack.access_log_lines(set(rids))
+    for rid in rids:
+        log = logs[rid]
+        assert tokens(log) == {"input": 0, "cache_read": 0, "cache_write": 0, "output": 0, "total": 0}, rid
+        assert log["tg_cost_usd"] == "0.000000" and log["tg_estimated"] == "false" and log["tg_outcome"] == "ok"
+    # Forwarded as sent: no max-output field written into a counting call.
+    assert [json.loads(rec["body"]) for rec in mock.requests()] == [b for _, b in calls]
+    # The fourth request of the minute is over the request limit.
+    r = estack.post("/v1/messages/count_tokens", calls[0][1], auth)
+    assert r.status == 429, r.body[:300]
+    assert json.loads(r.body)["error"]["type"] == "rate_limit_error"
+
+
+def test_azure_v1_and_bedrock_routes_parse_as_openai_and_anthropic(estack, mock):
+    auth = {"authorization": "Bearer " + KEY_A}
+    mock.clear()
+    cases = [
+        # Azure OpenAI v1: no api-version, `model` is the deployment name.
+        ("/openai/v1/chat/completions", {"model": "prod-gpt-4o-mini", "max_tokens": N, "stream": True,
+                                         "messages": [{"role": "user", "content": "hi"}]}),
+        ("/openai/v1/responses", {"model": "prod-gpt-4o", "max_output_tokens": N, "input": "hi"}),
+        # Bedrock: OpenAI-compatible (bedrock-runtime /openai/v1) and Anthropic-compatible (bedrock-mantle).
+        ("/anthropic/v1/messages", {"model": "anthropic.claude-3-5-haiku", "max_tokens": N, "stream": True,
+                                    "messages": [{"role": "user", "content": "hi"}]}),
+    ]
+    for path, body in cases:
+        rid = "compat-%s-%s" % (path.strip("/").replace("/", "-"), RUN)
+        r = estack.post(path, body, dict(auth, **{"x-request-id": rid}))
+        assert r.status == 200, (path, r.body[:300])
+        log = estack.access_log_lines({rid})[rid]
+        if "anthropic" in path:
+            want = {"input": M.ANTHROPIC_INPUT, "cache_read": M.ANTHROPIC_CACHE_READ,
+                    "cache_write": M.ANTHROPIC_CACHE_WRITE, "output": N}
+        else:
+            want = {"input": M.OPENAI_PROMPT - M.OPENAI_CACHED, "cache_read": M.OPENAI_CACHED, "cache_write": 0,
+                    "output": N}
+        want["total"] = sum(want.values())
+        assert tokens(log) == want, path
+        assert log["tg_estimated"] == "false" and log["tg_outcome"] == "ok", path
+        assert log["tg_model_requested"] == body["model"]
+        assert log["tg_api"] == {"/openai/v1/chat/completions": "openai_chat", "/openai/v1/responses":
+                                 "openai_responses", "/anthropic/v1/messages": "anthropic_messages"}[path]
+    # What reached the provider went to the same paths; the chat stream was
+    # asked for usage as on OpenAI's own path.
+    recs = mock.requests()
+    assert [rec["path"] for rec in recs] == [p for p, _ in cases]
+    assert json.loads(recs[0]["body"])["stream_options"] == {"include_usage": True}
