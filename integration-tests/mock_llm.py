@@ -298,6 +298,32 @@ def gemini(req, headers, fail, model, method, alt_sse):
     return Reply(200, events=pieces, content_type="application/json")
 
 
+def gemini_interactions(req, headers, fail):
+    # google-genai _interactions: typed events up to interaction.complete;
+    # total_cached_tokens is inside total_input_tokens, thoughts on top of output.
+    model = req.get("model", "unknown")
+    n = output_tokens(headers, (req.get("generation_config") or {}).get("max_output_tokens"))
+    text = words(n)
+    usage = {"total_input_tokens": GEMINI_PROMPT, "total_cached_tokens": GEMINI_CACHED, "total_output_tokens": n,
+             "total_thought_tokens": GEMINI_THOUGHTS, "total_tool_use_tokens": 0,
+             "total_tokens": GEMINI_PROMPT + n + GEMINI_THOUGHTS}
+    done = {"id": "v1_mock", "status": "completed", "model": model, "object": "interaction", "role": "model"}
+    if fail != "no-usage":
+        done["usage"] = usage
+    if not req.get("stream"):
+        return Reply(200, json.dumps(dict(done, outputs=[{"type": "text", "text": "".join(text)}])).encode())
+    events = [sse({"event_type": "interaction.start",
+                   "interaction": {"id": "v1_mock", "status": "in_progress", "model": model}}, "interaction.start"),
+              sse({"event_type": "content.start", "index": 0, "content": {"type": "text"}}, "content.start")]
+    for t in text:
+        events.append(sse({"event_type": "content.delta", "index": 0, "delta": {"type": "text", "text": t}},
+                          "content.delta"))
+    events.append(sse({"event_type": "content.stop", "index": 0}, "content.stop"))
+    events.append(sse({"event_type": "interaction.complete", "interaction": dict(done, outputs=[])},
+                      "interaction.complete"))
+    return Reply(200, events=events, content_type="text/event-stream")
+
+
 def dispatch(method, path, headers, body):
     fail = headers.get("x-mock-fail")
     bare = path.split("?", 1)[0]
@@ -312,6 +338,8 @@ def dispatch(method, path, headers, body):
         api = "gemini"
     if "x-mock-status" in headers:
         return error_reply(api, int(headers["x-mock-status"]))
+    if bare.endswith("/interactions"):
+        return gemini_interactions(req, headers, fail)
     if bare.endswith("/responses/compact"):
         return openai_responses_compact(req, headers, fail)
     if bare.endswith("/responses/input_tokens"):

@@ -1,8 +1,9 @@
 """The 2026 endpoints and usage shapes through real Envoy, the rate-limit
 service and Redis: Anthropic usage.iterations (compaction and advisor calls
 priced at their own models), OpenAI /v1/responses/compact (billed), token
-counting (free, one request against request limits), and the Azure OpenAI v1
-and Bedrock routes that parse as OpenAI and Anthropic."""
+counting (free, one request against request limits), Gemini's Interactions
+API, and the Azure OpenAI v1 and Bedrock routes that parse as OpenAI and
+Anthropic."""
 
 import copy
 import json
@@ -49,6 +50,7 @@ def estack(wasm, mock, rls, tmp_path_factory):
         {"path": "/openai/v1/chat/completions", "api": "openai_chat", "provider": "openai"},
         {"path_prefix": "/openai/v1/responses", "api": "openai_responses", "provider": "openai"},
         {"path": "/anthropic/v1/messages", "api": "anthropic_messages", "provider": "anthropic"},
+        {"path": "/v1beta/interactions", "api": "gemini_interactions", "provider": "gemini"},
     ] + [r for r in cfg["routes"] if r.get("path") not in ("/v1/responses", "/v1/messages")]
     cfg["tiers"]["enterprise"]["tokens_per_month"] = 10_000_000
     # Token counting is free, but a request: 3 a minute; one token a minute
@@ -180,3 +182,21 @@ def test_azure_v1_and_bedrock_routes_parse_as_openai_and_anthropic(estack, mock)
     recs = mock.requests()
     assert [rec["path"] for rec in recs] == [p for p, _ in cases]
     assert json.loads(recs[0]["body"])["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemini_interactions_are_metered_with_cached_tokens_inside_the_input(estack, mock, stream):
+    rid = "interactions-%s-%s" % (stream, RUN)
+    mock.clear()
+    body = {"model": "gemini-2.0-flash", "input": "hi", "stream": stream, "generation_config": {"max_output_tokens": N}}
+    r = estack.post("/v1beta/interactions", body, {"authorization": "Bearer " + KEY_A, "x-request-id": rid})
+    assert r.status == 200, r.body[:300]
+    assert json.loads(mock.requests()[-1]["body"]) == body
+    log = estack.access_log_lines({rid})[rid]
+    n = N
+    want = {"input": M.GEMINI_PROMPT - M.GEMINI_CACHED, "cache_read": M.GEMINI_CACHED, "cache_write": 0,
+            "output": n + M.GEMINI_THOUGHTS, "total": M.GEMINI_PROMPT + n + M.GEMINI_THOUGHTS}
+    assert tokens(log) == want
+    assert log["tg_api"] == "gemini_interactions"
+    assert log["tg_estimated"] == "false" and log["tg_outcome"] == "ok"
+    assert log["tg_cost_usd"] == usd(pico(PRICES["models"]["gemini-2.0-flash"], want))

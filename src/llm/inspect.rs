@@ -49,7 +49,7 @@ pub enum Endpoint {
     /// it); it takes no max-output field, so none is written in.
     Compact,
     /// Token counting (OpenAI `POST /v1/responses/input_tokens`, Anthropic
-    /// `POST /v1/messages/count_tokens`): free, so no tokens or dollars are
+    /// `POST /v1/messages/count_tokens`, Gemini `models/{model}:countTokens`): free, so no tokens or dollars are
     /// reserved or charged, but it counts as one request against request
     /// limits; it takes no max-output field.
     CountTokens,
@@ -63,6 +63,9 @@ impl Endpoint {
             Api::OpenaiResponses if path.ends_with("/responses/compact") => Endpoint::Compact,
             Api::OpenaiResponses if path.ends_with("/responses/input_tokens") => Endpoint::CountTokens,
             Api::AnthropicMessages if path.ends_with("/messages/count_tokens") => Endpoint::CountTokens,
+            Api::Gemini if gemini_target(path).is_some_and(|(_, method)| method == "countTokens") => {
+                Endpoint::CountTokens
+            }
             _ => Endpoint::Generate,
         }
     }
@@ -298,6 +301,8 @@ mod tests {
         assert_eq!(of(Api::OpenaiResponses, "/v1/responses/input_tokens/"), Endpoint::CountTokens);
         assert_eq!(of(Api::AnthropicMessages, "/v1/messages/count_tokens"), Endpoint::CountTokens);
         assert_eq!(of(Api::AnthropicMessages, "/anthropic/v1/messages"), Endpoint::Generate);
+        assert_eq!(of(Api::Gemini, "/v1beta/models/gemini-2.5-pro:countTokens"), Endpoint::CountTokens);
+        assert_eq!(of(Api::Gemini, "/v1beta/models/gemini-2.5-pro:generateContent"), Endpoint::Generate);
         // Only within the API whose call it is.
         assert_eq!(of(Api::OpenaiChat, "/v1/messages/count_tokens"), Endpoint::Generate);
         assert!(Endpoint::CountTokens.is_free() && !Endpoint::Compact.is_free());

@@ -886,6 +886,25 @@ mod tests {
                 0,
                 true,
             ),
+            // Gemini Interactions: cached tokens inside the input total, thoughts on top of output.
+            case(
+                fixture!("gemini_interactions.json"),
+                GeminiInteractions,
+                false,
+                Some(u(1104, 4096, 0, 500, 380, 5700)),
+                "gemini-3-pro-preview",
+                0,
+                true,
+            ),
+            case(
+                fixture!("gemini_interactions_stream.sse"),
+                GeminiInteractions,
+                true,
+                Some(Usage { input_audio: 200, ..u(282, 2048, 0, 78, 64, 2408) }),
+                "gemini-3-flash-preview",
+                0,
+                true,
+            ),
             // Iterations outside the top-level totals (see `iterations_...`): `usage` is the top level.
             case(
                 fixture!("anthropic_iterations.json"),
