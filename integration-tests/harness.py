@@ -357,7 +357,7 @@ def wasm_filter(plugin_config, env_keys=(), struct_config=False, failure_policy=
 METERING_FIELDS = ["tenant", "tier", "user", "request_id", "api", "model_requested", "model_served",
                    "model_answered", "tokens_input", "tokens_cache_read", "tokens_cache_write", "tokens_output",
                    "tokens_reasoning", "tokens_total", "cost_usd", "ttfb_ms", "duration_ms", "upstream_status",
-                   "estimated", "outcome", "error", "limit", "key", "shadow_refusal"]
+                   "estimated", "outcome", "error", "limit", "key", "shadow_refusal", "service_tier"]
 
 ACCESS_LOG_FIELDS = {
     "start_time": "%START_TIME%",

@@ -132,9 +132,14 @@ def openai_chat(req, headers, fail):
         }
         if fail != "no-usage":
             body["usage"] = usage
+        if "service_tier" in req:
+            body["service_tier"] = {"fast": "priority", "auto": "default"}.get(req["service_tier"], req["service_tier"])
         return Reply(200, json.dumps(body).encode())
     include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
     base = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": answered}
+    if "service_tier" in req:
+        # The tier that served it: `fast` is served as `priority`, `auto` as `default`.
+        base["service_tier"] = {"fast": "priority", "auto": "default"}.get(req["service_tier"], req["service_tier"])
 
     def chunk(choices, usage_value=None):
         c = dict(base, choices=choices)

@@ -22,6 +22,7 @@ COUNTER_KEY = "sk-endpoints-counter-" + RUN
 OPUS = {"input": 5.0, "cached_input": 0.5, "output": 25.0}
 PRICES = copy.deepcopy(PRICING)
 PRICES["models"][M.ADVISOR_MODEL] = OPUS
+PRICES["models"]["gpt-4o-mini"] = dict(PRICES["models"]["gpt-4o-mini"], service_tiers={"priority": {"multiplier": 2}})
 
 
 def pico(p, usage):
@@ -200,3 +201,19 @@ def test_gemini_interactions_are_metered_with_cached_tokens_inside_the_input(est
     assert log["tg_api"] == "gemini_interactions"
     assert log["tg_estimated"] == "false" and log["tg_outcome"] == "ok"
     assert log["tg_cost_usd"] == usd(pico(PRICES["models"]["gemini-2.0-flash"], want))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_served_service_tier_is_in_the_access_log_and_billed(estack, stream):
+    auth = {"authorization": "Bearer " + KEY_A}
+    body = {"model": "gpt-4o-mini", "max_tokens": N, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    want = {"input": M.OPENAI_PROMPT - M.OPENAI_CACHED, "cache_read": M.OPENAI_CACHED, "cache_write": 0, "output": N}
+    base = pico(PRICES["models"]["gpt-4o-mini"], want)
+    for asked, served, factor in (("fast", "priority", 2), ("auto", "standard", 1), (None, "", 1)):
+        rid = "tier-%s-%s-%s" % (stream, asked, RUN)
+        b = dict(body, service_tier=asked) if asked else body
+        r = estack.post("/v1/chat/completions", b, dict(auth, **{"x-request-id": rid}))
+        assert r.status == 200, r.body[:300]
+        log = estack.access_log_lines({rid})[rid]
+        assert log["tg_service_tier"] == served, (asked, log["tg_service_tier"])
+        assert log["tg_cost_usd"] == usd(base * factor), (asked, log["tg_cost_usd"])

@@ -370,6 +370,7 @@ pub const FILTER_STATE_FIELDS: &[&str] = &[
     "limit",
     "key",
     "shadow_refusal",
+    "service_tier",
 ];
 
 impl Default for MeteringSpec {

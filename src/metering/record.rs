@@ -182,6 +182,8 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     prop("tollgate_outcome", outcome.to_string());
     prop("tollgate_key", f.key.unwrap_or_default().to_string());
     prop("tollgate_shadow_refusal", f.shadow_refusal.unwrap_or_default().to_string());
+    // The tier the response says served it (what it was billed at), canonical.
+    prop("tollgate_service_tier", metered.served.tier.clone().unwrap_or_default());
     if let Some(keep) = &plugin.metering.filter_state {
         p.retain(|(k, _)| keep.iter().any(|f| k.strip_prefix("tollgate_") == Some(f.as_str())));
     }
