@@ -21,6 +21,8 @@ Per-request behaviour is steered by request headers (they pass through Envoy):
   x-mock-first-byte-ms: N     wait N ms before answering (a provider's think time)
   x-mock-bulk-bytes: N        an OpenAI chat stream of about N bytes, written in
                               64 KiB pieces as fast as possible (benchmarks)
+  upgrade: websocket          answer 101 Switching Protocols and echo the
+                              bytes that follow (a WebSocket stand-in)
   x-mock-iterations: 1        Anthropic: the final usage also carries
                               usage.iterations (ITERATIONS: a compaction and an
                               advisor call outside the top-level totals)
@@ -497,6 +499,23 @@ async def handle(reader, writer):
             if "x-mock-bulk-bytes" in headers:
                 await send_bulk(writer, bulk_stream({}, int(headers["x-mock-bulk-bytes"])))
                 continue
+            if headers.get("upgrade", "").lower() == "websocket":
+                # A WebSocket handshake (RFC 6455), then an echo of whatever
+                # bytes come until the client closes.
+                import base64
+                import hashlib
+                accept = base64.b64encode(hashlib.sha1((headers.get("sec-websocket-key", "") +
+                                                        "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                             b"sec-websocket-accept: " + accept + b"\r\n\r\n")
+                await writer.drain()
+                while True:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    writer.write(data)
+                    await writer.drain()
+                break
             reply = dispatch(method, target, headers, body)
             delay = int(headers.get("x-mock-chunk-delay-ms", "0")) / 1000.0
             if not await send_reply(writer, reply, headers, delay):

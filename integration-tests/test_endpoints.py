@@ -217,3 +217,97 @@ def test_the_served_service_tier_is_in_the_access_log_and_billed(estack, stream)
         log = estack.access_log_lines({rid})[rid]
         assert log["tg_service_tier"] == served, (asked, log["tg_service_tier"])
         assert log["tg_cost_usd"] == usd(base * factor), (asked, log["tg_cost_usd"])
+
+
+WS_KEY = "sk-endpoints-ws-" + RUN
+
+
+@pytest.fixture(scope="module")
+def wsstack(wasm, mock, rls, tmp_path_factory):
+    """Envoy that lets WebSocket upgrades through to the filter, which decides."""
+    cfg = limited_config()
+    cfg["routes"] = [{"path_prefix": "/v1/responses", "api": "openai_responses", "provider": "openai"},
+                     {"path_prefix": "/v1/realtime", "api": "openai_responses", "provider": "openai"}]
+    cfg["tiers"]["sockets"] = {"models": ["gpt-realtime*", "gpt-4o"], "requests_per_minute": 2, "lease_requests": 0,
+                               "tokens_per_minute": 1, "allow_websocket": True}
+    cfg["tenants"].append({"id": "ws-" + RUN, "tier": "sockets", "api_key_sha256": [harness.sha256_hex(WS_KEY)],
+                           "provider_key_env": {"openai": "ACME_OPENAI_KEY"}})
+    s = LimitedStack(mock, rls, str(tmp_path_factory.mktemp("wsstack")), cfg, upgrades=["websocket"])
+    yield s
+    s.stop()
+
+
+def ws_handshake(port, path, key, rid, payload=b""):
+    """A raw WebSocket handshake; answers (status line, headers, bytes echoed back after it)."""
+    import socket
+    c = socket.create_connection(("127.0.0.1", port), timeout=10)
+    c.sendall(("GET %s HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               "Authorization: Bearer %s\r\nx-request-id: %s\r\n\r\n" % (path, key, rid)).encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = c.recv(65536)
+        if not piece:
+            break
+        data += piece
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    hdrs = dict((k.strip().lower(), v.strip()) for k, _, v in (ln.partition(":") for ln in lines[1:]))
+    if lines[0].split(" ")[1] == "101" and payload:
+        c.sendall(payload)
+        while len(rest) < len(payload):
+            piece = c.recv(65536)
+            if not piece:
+                break
+            rest += piece
+    elif "content-length" in hdrs:
+        while len(rest) < int(hdrs["content-length"]):
+            rest += c.recv(65536)
+    c.close()
+    return int(lines[0].split(" ")[1]), hdrs, rest
+
+
+def test_websocket_upgrades_are_refused_in_the_api_envelope(wsstack, mock):
+    # acme's tier does not allow them: a clear refusal, the provider never sees it.
+    mock.clear()
+    rid = "ws-refused-" + RUN
+    status, hdrs, body = ws_handshake(wsstack.port, "/v1/responses", KEY_A, rid)
+    assert status == 403
+    assert hdrs.get("x-tollgate-error") == "websocket_not_allowed"
+    err = json.loads(body)["error"]
+    assert err["code"] == "websocket_not_allowed" and "WebSocket" in err["message"]
+    assert mock.requests() == []
+    log = wsstack.access_log_lines({rid})[rid]
+    assert log["tg_outcome"] == "refused" and log["tg_error"] == "websocket_not_allowed"
+
+
+def test_an_allowed_websocket_is_one_unmetered_request(wsstack, mock):
+    mock.clear()
+    rids = ["ws-ok-%d-%s" % (i, RUN) for i in range(2)]
+    for rid in rids:
+        status, _, echoed = ws_handshake(wsstack.port, "/v1/realtime?model=gpt-realtime", WS_KEY, rid,
+                                         payload=b"\x81\x05hello")
+        assert status == 101
+        assert echoed == b"\x81\x05hello"
+    # The provider got the handshake with the tenant's own key, not the client's.
+    recs = mock.requests()
+    assert [r["path"] for r in recs] == ["/v1/realtime?model=gpt-realtime"] * 2
+    assert recs[0]["header_map"]["authorization"] == "Bearer " + harness_key("ACME_OPENAI_KEY")
+    logs = wsstack.access_log_lines(set(rids))
+    for rid in rids:
+        log = logs[rid]
+        assert log["tg_unmetered"] == "websocket", log
+        assert log["tg_outcome"] == "ok" and log["tg_upstream_status"] == "101", log
+        assert tokens(log)["total"] == 0 and log["tg_cost_usd"] == "0.000000" and log["tg_estimated"] == "false"
+        assert log["tg_model_requested"] == "gpt-realtime"
+    # Each counted as a request: the third of the minute is over the limit.
+    status, hdrs, body = ws_handshake(wsstack.port, "/v1/realtime?model=gpt-realtime", WS_KEY, "ws-over-" + RUN)
+    assert status == 429, body
+    # A model the tier does not allow is refused as in a body.
+    status, hdrs, _ = ws_handshake(wsstack.port, "/v1/realtime?model=gpt-5", WS_KEY, "ws-model-" + RUN)
+    assert (status, hdrs.get("x-tollgate-error")) == (403, "model_not_allowed")
+
+
+def harness_key(env_name):
+    from conftest import PROVIDER_ENV
+    return PROVIDER_ENV[env_name]

@@ -371,6 +371,7 @@ pub const FILTER_STATE_FIELDS: &[&str] = &[
     "key",
     "shadow_refusal",
     "service_tier",
+    "unmetered",
 ];
 
 impl Default for MeteringSpec {

@@ -53,6 +53,10 @@ pub enum Endpoint {
     /// reserved or charged, but it counts as one request against request
     /// limits; it takes no max-output field.
     CountTokens,
+    /// A WebSocket upgrade (OpenAI Responses WebSocket mode, Realtime) that
+    /// the tier lets through (`allow_websocket`): its frames are not read,
+    /// so it is one request with no tokens or dollars, reported unmetered.
+    WebSocket,
 }
 
 impl Endpoint {
@@ -72,7 +76,7 @@ impl Endpoint {
 
     /// Neither tokens nor dollars are charged (requests still count).
     pub fn is_free(self) -> bool {
-        self == Endpoint::CountTokens
+        matches!(self, Endpoint::CountTokens | Endpoint::WebSocket)
     }
 
     /// The request takes its API's max-output field.
@@ -305,7 +309,7 @@ mod tests {
         assert_eq!(of(Api::Gemini, "/v1beta/models/gemini-2.5-pro:generateContent"), Endpoint::Generate);
         // Only within the API whose call it is.
         assert_eq!(of(Api::OpenaiChat, "/v1/messages/count_tokens"), Endpoint::Generate);
-        assert!(Endpoint::CountTokens.is_free() && !Endpoint::Compact.is_free());
+        assert!(Endpoint::CountTokens.is_free() && !Endpoint::Compact.is_free() && Endpoint::WebSocket.is_free());
         assert!(Endpoint::Generate.takes_max_output() && !Endpoint::Compact.takes_max_output());
         let body = br#"{"model": "claude-x", "messages": []}"#;
         let (info, _) = inspect(Api::AnthropicMessages, "/v1/messages/count_tokens", body).expect("accepted");

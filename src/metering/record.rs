@@ -42,6 +42,9 @@ pub struct Facts<'a> {
     pub budgets_after: Option<BudgetsAfter<'a>>,
     /// A free call (token counting): it used no tokens and costs nothing.
     pub free: bool,
+    /// Its traffic was not read (an allowed WebSocket upgrade): reported
+    /// with `unmetered` set, its 101 answer an `ok`.
+    pub unmetered: bool,
 }
 
 /// See [`Facts::budgets_after`].
@@ -155,7 +158,11 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     // client then hung up before Envoy saw the upstream end (the OpenAI SDK
     // closes right after `[DONE]`).
     let whole = f.reached_end || (metered.complete && metered.usage.is_some());
-    let outcome = outcome(whole, f.upstream_status, stream_errors);
+    let outcome = match f.unmetered && f.upstream_status == 101 {
+        // The upgrade was switched: the connection ran.
+        true => "ok",
+        false => outcome(whole, f.upstream_status, stream_errors),
+    };
 
     let budgets_after = f.budgets_after.map(|after| after(&usage, micros)).unwrap_or_default();
     let p = &mut out.properties;
@@ -184,6 +191,10 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     prop("tollgate_shadow_refusal", f.shadow_refusal.unwrap_or_default().to_string());
     // The tier the response says served it (what it was billed at), canonical.
     prop("tollgate_service_tier", metered.served.tier.clone().unwrap_or_default());
+    if f.unmetered {
+        // Set only when true, so ordinary requests pay no host call for it.
+        prop("tollgate_unmetered", "websocket".to_string());
+    }
     if let Some(keep) = &plugin.metering.filter_state {
         p.retain(|(k, _)| keep.iter().any(|f| k.strip_prefix("tollgate_") == Some(f.as_str())));
     }
