@@ -198,4 +198,25 @@ mod tests {
                            "totalThoughtTokens": 30, "totalToolUseTokens": 20, "totalTokens": 1100});
         assert_eq!(usage_counts(&camel), usage_counts(&u));
     }
+
+    #[test]
+    fn stream_events_say_model_text_errors_and_the_end() {
+        let start = json!({"event_type": "interaction.start", "interaction": {"id": "i", "model": "gemini-3-pro", "status": "in_progress"}});
+        let o = observe(&start);
+        assert_eq!((o.model, o.complete, o.counts), (Some("gemini-3-pro"), false, None));
+        let delta = json!({"event_type": "step.delta", "index": 0, "delta": {"type": "arguments_delta", "partial_arguments": "{\"a\":1}"}});
+        assert_eq!(observe(&delta).text_bytes, 7);
+        let thought = json!({"event_type": "content.delta", "index": 0, "delta": {"type": "thought_summary", "content": {"type": "text", "text": "hmm"}}});
+        assert_eq!(observe(&thought).text_bytes, 3);
+        let err = json!({"event_type": "error", "error": {"code": "overloaded", "message": "try later"}});
+        assert_eq!(observe(&err).error, Some(&err["error"]));
+        assert_eq!(
+            observe(&json!({"event_type": "interaction.status_update", "status": "in_progress"})),
+            Observation::default()
+        );
+        let done = json!({"event_type": "interaction.complete", "interaction": {"model": "gemini-3-pro", "usage": {"total_input_tokens": 3}}});
+        let o = observe(&done);
+        assert!(o.complete);
+        assert_eq!(o.counts.and_then(|c| c.input), Some(3));
+    }
 }
