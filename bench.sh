@@ -7,6 +7,10 @@
 # filter's configuration (throughput, CPU, memory, startup and push times).
 # BENCH_ONLY=registry runs only bench/registry.py: tenants from the runtime
 # registry against the same tenants in the static configuration.
+# BENCH_ONLY=redis runs only bench/redis_bytes.py: Redis bytes per request by
+# key kind and the steady state at 1,000 requests/s (docs/sizing.md).
+# BENCH_ONLY=push runs only bench/push_memory.py: Envoy memory across
+# configuration pushes and wasm VM recycles (docs/sizing.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
@@ -20,6 +24,12 @@ if [ "${BENCH_ONLY:-}" = scale ]; then
 fi
 if [ "${BENCH_ONLY:-}" = registry ]; then
   exec .venv/bin/python bench/registry.py
+fi
+if [ "${BENCH_ONLY:-}" = redis ]; then
+  NO_BUILD=1 exec .venv/bin/python bench/redis_bytes.py
+fi
+if [ "${BENCH_ONLY:-}" = push ]; then
+  exec .venv/bin/python bench/push_memory.py
 fi
 .venv/bin/python bench/run.py
 if [ "${1:-}" != "--filter-only" ]; then

@@ -10,7 +10,9 @@ if (!path) {
   console.error("usage: node bench/run-wasi.mjs PROGRAM.wasm [ARGS...]");
   exit(2);
 }
-const wasi = new WASI({ version: "preview1", args: [path, ...args], env });
+// WASI_PREOPEN=/some/dir opens that directory to the program (same path inside).
+const preopens = env.WASI_PREOPEN ? { [env.WASI_PREOPEN]: env.WASI_PREOPEN } : {};
+const wasi = new WASI({ version: "preview1", args: [path, ...args], env, preopens });
 const module = await WebAssembly.compile(await readFile(path));
 // tollgate's proxy-wasm host imports are linked but never called here: stub them.
 const imports = wasi.getImportObject();

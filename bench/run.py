@@ -346,6 +346,13 @@ def sections_1_to_4(up_port, rls_port, auth, limiter):
         add("wasm_passthrough", [harness.wasm_filter(passthrough, env_keys=["BENCH_OPENAI_KEY"])])
         # 1c. tollgate metering only (identity, credentials, usage), no limits
         add("tollgate_no_limits", [harness.wasm_filter(tenant_config(limits=False), env_keys=["BENCH_OPENAI_KEY"])])
+        # 1d. metering only, to a provider with two failover targets: the
+        # pick reads the first target's circuit from shared data per request.
+        failover = tenant_config(limits=False)
+        failover["providers"]["openai"]["targets"] = [{"provider": "openai"}, {"provider": "backup"}]
+        failover["providers"]["backup"] = {"credential_header": "api-key"}
+        failover["tenants"][0]["provider_key_env"]["backup"] = "BENCH_OPENAI_KEY"
+        add("tollgate_no_limits_failover", [harness.wasm_filter(failover, env_keys=["BENCH_OPENAI_KEY"])])
         # 2. tollgate doing everything, a reserve call per request
         add("tollgate", [harness.wasm_filter(tenant_config(limits=True), env_keys=["BENCH_OPENAI_KEY"])], rls=True,
             cpu_limiter=True)
@@ -389,6 +396,7 @@ def sections_1_to_4(up_port, rls_port, auth, limiter):
     ratio("wasm_passthrough_vs_bare_envoy_rps", r["wasm_passthrough"], bare)
     ratio("tollgate_no_limits_vs_bare_envoy_rps", r["tollgate_no_limits"], bare)
     ratio("tollgate_levels4_vs_levels1_rps", r["tollgate_levels4"], r["tollgate"])
+    ratio("tollgate_failover_vs_single_provider_rps", r["tollgate_no_limits_failover"], r["tollgate_no_limits"])
     ratio("tollgate_default_vs_native_ratelimit_rps", r["tollgate_default"], native)
     ratio("tollgate_default_levels4_vs_native_ratelimit_rps", r["tollgate_default_levels4"], native)
 
@@ -397,6 +405,8 @@ def sections_1_to_4(up_port, rls_port, auth, limiter):
 
     result("tollgate_levels4_vs_levels1_envoy_cpu_per_req", "%.3f" % (
         cpu(r["tollgate_levels4"], ("envoy",)) / cpu(r["tollgate"], ("envoy",))))
+    result("tollgate_failover_vs_single_provider_envoy_cpu_per_req", "%.3f" % (
+        cpu(r["tollgate_no_limits_failover"], ("envoy",)) / cpu(r["tollgate_no_limits"], ("envoy",))))
     # Whole system (Envoy + service + Redis) CPU per request, against the
     # native filter's: below 1 means cheaper.
     for name in ("tollgate_default", "tollgate_default_levels4", "tollgate_leased", "tollgate"):

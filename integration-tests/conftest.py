@@ -103,12 +103,13 @@ class Stack:
         self.port = harness.free_port()
         self.admin_port = harness.free_port()
         self.access_log = os.path.join(logdir, "access.log")
-        filt = harness.wasm_filter(plugin or plugin_config(), env_keys=sorted(PROVIDER_ENV),
+        env = kw.pop("provider_env", PROVIDER_ENV)
+        filt = harness.wasm_filter(plugin or plugin_config(), env_keys=sorted(env),
                                    struct_config=kw.pop("struct_config", False))
         kw.setdefault("stats_tags", harness.STATS_TAGS)
         cfg = harness.envoy_config(self.port, self.admin_port, mock.port, [filt],
                                    access_log_path=self.access_log, **kw)
-        self.envoy = harness.Envoy(cfg, env=PROVIDER_ENV, logdir=logdir)
+        self.envoy = harness.Envoy(cfg, env=env, logdir=logdir)
 
     def post(self, path, body=None, headers=None, **kw):
         return harness.request(self.port, path, body, headers, **kw)

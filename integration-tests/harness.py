@@ -103,9 +103,9 @@ class MockLLM:
                          logdir=logdir)
         wait_port(self.port, proc=self.proc.proc)
 
-    def _call(self, method, path):
+    def _call(self, method, path, body=None):
         c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        c.request(method, path)
+        c.request(method, path, body=body)
         r = c.getresponse()
         data = r.read()
         c.close()
@@ -122,6 +122,16 @@ class MockLLM:
 
     def clear(self):
         self._call("DELETE", "/__mock/requests")
+
+    def fail(self, status, retry_after=None):
+        """Answer every provider request with `status` until `recover`."""
+        spec = {"status": status}
+        if retry_after is not None:
+            spec["retry_after"] = str(retry_after)
+        self._call("POST", "/__mock/fail", json.dumps(spec))
+
+    def recover(self):
+        self._call("DELETE", "/__mock/fail")
 
     def stop(self):
         self.proc.stop()
@@ -318,6 +328,7 @@ STATS_TAGS = [
     {"tag_name": "model", "regex": r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(model\.([^.]+)\.)"},
     {"tag_name": "outcome", "regex": r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(?:model\.[^.]+\.)?(outcome\.([^.]+)\.)"},
     {"tag_name": "limit", "regex": r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(limit\.([^.]+)\.)"},
+    {"tag_name": "target", "regex": r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(target\.([^.]+)\.)"},
 ]
 
 
@@ -373,7 +384,7 @@ ACCESS_LOG_FIELDS.update({"tg_" + f: "%%FILTER_STATE(wasm.tollgate_%s:PLAIN)%%" 
 
 
 # The headers tollgate sets for Envoy's routes; never sent to a provider.
-TRUSTED_HEADERS = ("x-tollgate-tenant", "x-tollgate-tier")
+TRUSTED_HEADERS = ("x-tollgate-tenant", "x-tollgate-tier", "x-tollgate-provider")
 
 
 def envoy_config(listen_port, admin_port, upstream_port, http_filters, access_log_path=None,

@@ -31,6 +31,10 @@ Control endpoints (not provider APIs):
   GET    /__mock/requests    JSON list of recorded requests
   DELETE /__mock/requests    clear the record
   GET    /__mock/health      200
+  POST   /__mock/fail        answer every provider request with an error from
+                             now on: JSON {"status": N, "retry_after": "S"}
+                             (retry_after optional; sent as retry-after)
+  DELETE /__mock/fail        answer normally again
 
 Run: python3 mock_llm.py --port N
 """
@@ -69,6 +73,8 @@ ITERATION_ADVISOR = {"type": "advisor_message", "model": ADVISOR_MODEL, "input_t
 DEFAULT_OUTPUT = 9
 
 RECORDS = []
+# Set by POST /__mock/fail: every provider request gets this error.
+FAIL = {}
 
 
 def output_tokens(headers, requested_max):
@@ -100,7 +106,7 @@ class Reply:
         self.headers = headers or {}
 
 
-def error_reply(api, status):
+def error_reply(api, status, retry_after=None):
     if api == "anthropic":
         body = {"type": "error", "error": {"type": "rate_limit_error" if status == 429 else "api_error",
                                            "message": "mock upstream error"}}
@@ -110,7 +116,8 @@ def error_reply(api, status):
     else:
         body = {"error": {"message": "mock upstream error", "type": "server_error", "param": None,
                           "code": "rate_limit_exceeded" if status == 429 else None}}
-    return Reply(status, json.dumps(body).encode())
+    headers = {"retry-after": retry_after} if retry_after is not None else None
+    return Reply(status, json.dumps(body).encode(), headers=headers)
 
 
 def openai_chat(req, headers, fail):
@@ -343,8 +350,10 @@ def dispatch(method, path, headers, body):
         api = "anthropic"
     elif "/models/" in bare and ":" in bare:
         api = "gemini"
+    if FAIL:
+        return error_reply(api, FAIL["status"], FAIL.get("retry_after"))
     if "x-mock-status" in headers:
-        return error_reply(api, int(headers["x-mock-status"]))
+        return error_reply(api, int(headers["x-mock-status"]), headers.get("x-mock-retry-after"))
     if bare.endswith("/interactions"):
         return gemini_interactions(req, headers, fail)
     if bare.endswith("/responses/compact"):
@@ -486,6 +495,13 @@ async def handle(reader, writer):
                     out = b"{}"
                 elif target == "/__mock/requests":
                     out = json.dumps(RECORDS).encode()
+                elif target == "/__mock/fail" and method == "POST":
+                    FAIL.clear()
+                    FAIL.update(json.loads(body or b"{}"))
+                    out = b"{}"
+                elif target == "/__mock/fail" and method == "DELETE":
+                    FAIL.clear()
+                    out = b"{}"
                 else:
                     out = b'{"ok":true}'
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"

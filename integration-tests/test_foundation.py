@@ -213,7 +213,7 @@ def test_repo_has_envoy_configs():
 def test_repo_envoy_config_validates(wasm, path):
     env = dict(PROVIDER_ENV)
     env.update({k: "demo-secret" for k in ("DEMO_OPENAI_KEY", "DEMO_ANTHROPIC_KEY", "DEMO_GEMINI_KEY",
-                                           "BETA_OPENAI_KEY")})
+                                           "BETA_OPENAI_KEY", "ACME_AZURE_OPENAI_EU_KEY")})
     ok, out = harness.validate_envoy_config(path, env=env)
     assert ok, out[-3000:]
 

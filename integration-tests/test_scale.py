@@ -181,21 +181,28 @@ def test_push_adding_a_tenant_serves_it(scale_envoy):
     print("\nscale: push adding a tenant to %d served it after %.1fs; %d requests from existing tenants "
           "during the push, slowest %.0f ms (%.0f ms before the push), %d not 200"
           % (N, push, len(during), slowest * 1000, slowest_before * 1000, sum(1 for s in during if s[1] != 200)))
+    print("scale: reserves asked again after a stalled worker missed their deadline: %s; failed: %s; %s"
+          % (e.stats("tollgate.rls.stall_retries").get("wasmcustom.tollgate.rls.stall_retries", 0),
+             [s for s in during if s[1] != 200][:5],
+             {k: v for k, v in e.stats("tollgate.rls.grpc_status").items() if v}))
     PUSH["statuses"] = statuses
     assert len(during) > 0
     r = chat(e.port, new)
     assert r.status == 200, r.body
 
 
-# Known to fail (issue 14): each worker's new plugin parses the whole ~18 MB
-# configuration on the worker thread (proxy-wasm on_configure), stalling that
-# worker's event loop for the parse. Requests in flight on it then miss the
-# rate-limit service's 500 ms timeout (503 rate_limiter_unavailable), and
-# connections the old listener accepted are reset when it drains.
-@pytest.mark.xfail(reason="a 100k-tenant push (17.6 MB of JSON) stalls each worker while its new plugin "
-                          "loads the config (about 0.4 s natively), so a request in flight can miss the "
-                          "rate-limit timeout (503 rate_limiter_unavailable); tenants held at runtime "
-                          "(issue 15) are the fix", strict=False)
+# Known to fail now and then (issue 14), for two causes:
+# - each worker's new plugin parses the whole ~18 MB configuration on the
+#   worker thread (proxy-wasm on_configure), stalling that worker's event
+#   loop. A reserve whose timeout fires long after its deadline is now asked
+#   again once under its idempotency key (tollgate.rls.stall_retries), so a
+#   stall alone no longer turns into 503 rate_limiter_unavailable;
+# - a request racing the old listener's drain sees its connection closed
+#   without a response (Envoy's listener update, not the filter; clients
+#   retry such connection errors).
+@pytest.mark.xfail(reason="a connection accepted by the old listener can be closed without a response when it "
+                          "drains after the 17.6 MB push (Envoy's listener update); tenants held at runtime "
+                          "(issue 15) need no push at all", strict=False)
 def test_existing_tenants_see_no_failure_during_the_push(scale_envoy):
     statuses = PUSH.get("statuses")
     if statuses is None:

@@ -38,6 +38,8 @@ METRICS = {
     "tollgate_rls_grpc_status_4", "tollgate_settle_ok", "tollgate_settle_retried", "tollgate_settle_dropped",
     "tollgate_rls_decisions_total", "tollgate_rls_redis_errors_total",
     "tollgate_budget_used_ratio", "tollgate_budget_used", "tollgate_budget_limit",
+    "tollgate_target_requests", "tollgate_target_errors", "tollgate_target_timeouts", "tollgate_target_rate_limited",
+    "tollgate_target_circuit_state",
 } | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool",
                 "offset", "inf", "nan"}

@@ -15,6 +15,7 @@ pub mod llm;
 pub mod metering;
 pub mod ratelimit;
 pub mod request;
+pub mod upstream;
 pub mod worker;
 
 /// The RLS wire contract shared with the rate-limit service.

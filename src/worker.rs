@@ -26,6 +26,8 @@ pub const DRAIN_MS: u64 = 5_000;
 /// Settles in flight at once per worker. Must exceed (requests/s per worker x
 /// settle round trip) or the journal backs up; it bounds memory, not rate.
 pub const MAX_SETTLES_IN_FLIGHT: usize = 4096;
+/// How often the circuit gauges are read from the shared records (ms).
+pub const CIRCUIT_GAUGE_MS: u64 = 1_000;
 
 /// State shared by every request of one VM (one Envoy worker).
 #[derive(Debug)]
@@ -67,6 +69,15 @@ pub struct Worker {
     pub registry: crate::identity::registry::RegistryCache,
     /// Failures to reach the rate-limit service, told once and summarised.
     pub rls_incident: crate::incident::Incident,
+    /// This worker's running count of weighted failover picks.
+    pub target_turn: u64,
+    /// Circuit gauges to set on the next tick: (metric name, state).
+    pub circuit_gauges: Vec<(String, u64)>,
+    /// Reserves asked again after this worker stalled past their deadline,
+    /// not yet counted (`tollgate.rls.stall_retries`).
+    pub stall_retries: u64,
+    /// When the circuit gauges were last read from the shared records.
+    pub(crate) circuits_read_ms: u64,
 }
 
 impl Worker {
@@ -89,6 +100,30 @@ impl Worker {
             draining_until: None,
             registry: Default::default(),
             rls_incident: crate::incident::Incident::new("rate-limit service", crate::incident::SUMMARY_MS),
+            target_turn: 0,
+            circuit_gauges: Vec::new(),
+            stall_retries: 0,
+            circuits_read_ms: 0,
+        }
+    }
+
+    /// Once a second, queues every used circuit's state for its gauge, read
+    /// from the shared records: a circuit's state also changes with time (an
+    /// open period ends) and in other workers, and a target with no traffic
+    /// would otherwise keep its last gauge.
+    pub fn refresh_circuit_gauges(&mut self, plugin: &Plugin, now_ms: u64) {
+        if now_ms.saturating_sub(self.circuits_read_ms) < CIRCUIT_GAUGE_MS {
+            return;
+        }
+        self.circuits_read_ms = now_ms;
+        for p in &plugin.providers {
+            // Never written (not a target, or never failed): no series.
+            let Ok((Some(bytes), _)) = self.slots.get(&p.circuit_key) else { continue };
+            if bytes.is_empty() {
+                continue;
+            }
+            let state = crate::upstream::circuit::Record::decode(&bytes).state(now_ms);
+            self.circuit_gauges.push((metrics::circuit_state(&p.name), state.gauge()));
         }
     }
 
@@ -232,8 +267,17 @@ impl Worker {
     /// The settles to send now (every queued one with `force`), merged per
     /// tenant where they can be, at most [`MAX_SETTLES_IN_FLIGHT`] in flight.
     /// Settles of finished requests are netted into the outbox first.
+    /// Entries past the retry horizon are dropped first (counted): the
+    /// service may have forgotten their idempotency keys.
     pub fn settles_due(&mut self, now_ms: u64, force: bool) -> Vec<outbox::Entry> {
         self.queue_settle_nets();
+        let expired = self.journal.expire(now_ms);
+        if expired > 0 {
+            log::warn!(
+                "tollgate: dropped {expired} settles unanswered for {} s (the service may have forgotten their idempotency keys)",
+                crate::rls::IDEMPOTENCY_RETRY_HORIZON_MS / 1000
+            );
+        }
         let room = MAX_SETTLES_IN_FLIGHT.saturating_sub(self.journal.in_flight());
         outbox::merge(self.journal.due(if force { u64::MAX } else { now_ms }, room))
     }

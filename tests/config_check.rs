@@ -151,3 +151,27 @@ fn usage_and_unreadable_files_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
     assert!(stdout(&out).contains("cannot read"));
 }
+
+#[test]
+fn failover_targets_without_their_own_route_are_refused() {
+    let good = format!("{}/envoy/production-envoy.yaml", env!("CARGO_MANIFEST_DIR"));
+    let out = check(&[&good]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let text = std::fs::read_to_string(&good).unwrap();
+    let dir = std::env::temp_dir().join(format!("tollgate-config-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The target's route names another target: its requests would take the
+    // catch-all route to OpenAI with the Azure key.
+    let unrouted = dir.join("unrouted.yaml");
+    std::fs::write(&unrouted, text.replace("exact: azure-openai-eu }", "exact: azure-openai-us }")).unwrap();
+    let out = check(&[unrouted.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains("no route matches x-tollgate-provider: azure-openai-eu"), "{}", stdout(&out));
+    // The routing header must be removed before the provider.
+    let kept = dir.join("kept.yaml");
+    std::fs::write(&kept, text.replace(", x-tollgate-provider]", "]")).unwrap();
+    let out = check(&[kept.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stdout(&out).contains("must list x-tollgate-provider"), "{}", stdout(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -59,10 +59,32 @@ pub fn counter_key(tag: &str, unit: &str, window_start_ms: Option<i64>, entries:
     key
 }
 
-/// `tg:{tag}:idem:<mode>:<key>`: a reserve and a settle may reuse one request id.
-/// The mode words are spelled here, not taken from the metadata values: they
-/// are part of stored keys.
+/// `tg:{tag}:i:<r|s>:<digest>`: a reserve and a settle may reuse one request
+/// id. The digest is the first 128 bits of the SHA-256 of the caller's key,
+/// base64url (22 characters), so a key costs the same whatever the caller's
+/// key length: with a filter key (`<uuid>:settle`) the name fits a 64-byte
+/// allocation instead of 96 (see docs/sizing.md). The mode letters are
+/// spelled here, not taken from the metadata values: they are part of stored
+/// keys.
 pub fn idempotency_key(tag: &str, mode: Mode, key: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let mode = match mode {
+        Mode::Reserve => "r",
+        Mode::Settle => "s",
+    };
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let digest = digest.as_slice();
+    // 32 bytes: the first 16 are always there
+    let short = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.get(..16).unwrap_or(digest));
+    format!("tg:{tag}:i:{mode}:{short}")
+}
+
+/// `tg:{tag}:idem:<reserve|settle>:<escaped key>`: the name the service gave
+/// an idempotency key before [`idempotency_key`]. Read, never written: a call
+/// retried across the upgrade finds the decision its first attempt stored
+/// (these keys are gone one TTL after the upgrade, 24 h at most).
+pub fn legacy_idempotency_key(tag: &str, mode: Mode, key: &str) -> String {
     let mode = match mode {
         Mode::Reserve => "reserve",
         Mode::Settle => "settle",
@@ -81,7 +103,20 @@ mod tests {
         assert_eq!(counter_key("{d|x}", "D", Some(5), &[("t", "x")]), "tg:{d|x}:D:5:t=x");
         assert_eq!(Unit::ALL.map(unit_tag), ["s", "m", "h", "D", "M", "Y"]);
         assert!(!Unit::ALL.map(unit_tag).contains(&WEEK_TAG));
-        assert_eq!(idempotency_key("{d|x}", Mode::Reserve, "k"), "tg:{d|x}:idem:reserve:k");
-        assert_eq!(idempotency_key("{d|x}", Mode::Settle, "k"), "tg:{d|x}:idem:settle:k");
+        assert_eq!(legacy_idempotency_key("{d|x}", Mode::Reserve, "k"), "tg:{d|x}:idem:reserve:k");
+        assert_eq!(legacy_idempotency_key("{d|x}", Mode::Settle, "a:b"), "tg:{d|x}:idem:settle:a%3Ab");
+    }
+
+    #[test]
+    fn idempotency_keys_are_short_digests_per_mode() {
+        // SHA-256("k") = 8254c329a92850f6d539dd376f4816ee2764517da5e0235514af433164480d7a
+        assert_eq!(idempotency_key("{d|x}", Mode::Reserve, "k"), "tg:{d|x}:i:r:glTDKakoUPbVOd03b0gW7g");
+        assert_eq!(idempotency_key("{d|x}", Mode::Settle, "k"), "tg:{d|x}:i:s:glTDKakoUPbVOd03b0gW7g");
+        let uuid = "7e4fb691-ead7-47e3-a31d-c7ee14ecf018:settle";
+        let tag = hash_tag("tollgate", "tenant-900");
+        // the filter's key: 51 characters (3 + 1 + 51 in a 64-byte allocation), was 82
+        assert_eq!(idempotency_key(&tag, Mode::Settle, uuid).len(), 51);
+        assert_eq!(legacy_idempotency_key(&tag, Mode::Settle, uuid).len(), 82);
+        assert_ne!(idempotency_key(&tag, Mode::Settle, "a"), idempotency_key(&tag, Mode::Settle, "b"));
     }
 }

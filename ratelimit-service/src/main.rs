@@ -39,13 +39,14 @@ struct Args {
     /// Static limits file (YAML or JSON) for callers that send no limit override.
     #[arg(long, env = "TOLLGATE_RLS_CONFIG")]
     config: Option<PathBuf>,
-    /// How long an idempotency key is remembered, in seconds.
-    #[arg(long, env = "TOLLGATE_RLS_IDEMPOTENCY_TTL_S", default_value_t = 86_400,
+    /// How long a settle's idempotency key is remembered, in seconds: longer
+    /// than a caller retries a settle (the filter: 600 s after its first attempt).
+    #[arg(long, env = "TOLLGATE_RLS_IDEMPOTENCY_TTL_S", default_value_t = rls_contract::DEFAULT_IDEMPOTENCY_TTL_MS / 1000,
           value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     idempotency_ttl_s: u64,
     /// How long a reservation's idempotency key is remembered, in seconds:
     /// the window in which a caller can resolve a reserve whose answer it lost.
-    #[arg(long, env = "TOLLGATE_RLS_RESERVE_IDEMPOTENCY_TTL_S", default_value_t = 900,
+    #[arg(long, env = "TOLLGATE_RLS_RESERVE_IDEMPOTENCY_TTL_S", default_value_t = rls_contract::DEFAULT_IDEMPOTENCY_TTL_MS / 1000,
           value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     reserve_idempotency_ttl_s: u64,
     /// Filter-facing registry lookups (HTTP, no auth: expose to the gateways only); off if unset.
@@ -233,6 +234,18 @@ fn main() -> ExitCode {
         tracing_subscriber::fmt().json().with_env_filter(filter).init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    for (flag, ttl_s) in [
+        ("--idempotency-ttl-s", args.idempotency_ttl_s),
+        ("--reserve-idempotency-ttl-s", args.reserve_idempotency_ttl_s),
+    ] {
+        if ttl_s.saturating_mul(1000) < rls_contract::MIN_SAFE_IDEMPOTENCY_TTL_MS {
+            tracing::warn!(
+                "{flag} {ttl_s} is below {} s: the filter retries a call for up to {} s, so a late retry may apply twice",
+                rls_contract::MIN_SAFE_IDEMPOTENCY_TTL_MS / 1000,
+                rls_contract::IDEMPOTENCY_RETRY_HORIZON_MS / 1000
+            );
+        }
     }
     let settings = match settings(args) {
         Ok(s) => s,

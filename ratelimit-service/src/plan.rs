@@ -120,11 +120,12 @@ impl Plan {
 /// Settings that shape plans.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanSettings {
-    /// How long a settle's idempotency key is remembered.
+    /// How long a settle's idempotency key is remembered: longer than the
+    /// filter retries a settle ([`rls_contract::IDEMPOTENCY_RETRY_HORIZON_MS`]).
     pub idempotency_ttl_ms: u64,
-    /// How long a reservation's key is remembered: only long enough for a
-    /// caller to resolve a reserve whose answer it lost, and short because a
-    /// filter keys every reservation.
+    /// How long a reservation's key is remembered: long enough for a caller
+    /// to resolve a reserve whose answer it lost (the filter's horizon too),
+    /// and no longer: a filter keys every reservation.
     pub reserve_idempotency_ttl_ms: u64,
     /// The ledger, quota index and alerts.
     pub ledger: LedgerSettings,
@@ -132,7 +133,11 @@ pub struct PlanSettings {
 
 impl Default for PlanSettings {
     fn default() -> Self {
-        Self { idempotency_ttl_ms: 86_400_000, reserve_idempotency_ttl_ms: 900_000, ledger: LedgerSettings::default() }
+        Self {
+            idempotency_ttl_ms: rls_contract::DEFAULT_IDEMPOTENCY_TTL_MS,
+            reserve_idempotency_ttl_ms: rls_contract::DEFAULT_IDEMPOTENCY_TTL_MS,
+            ledger: LedgerSettings::default(),
+        }
     }
 }
 
@@ -370,15 +375,16 @@ pub fn build(
     };
     let tag = counters.first().map(|c| c.hash_tag.as_str()).or(ledger.as_ref().map(|l| l.hash_tag.as_str()));
     let idempotency = match (&meta.idempotency_key, tag) {
-        (Some(k), Some(first)) => Some(Idempotency {
-            key: keys::idempotency_key(first, meta.mode, k),
-            request_key: k.clone(),
-            ttl_ms: match meta.mode {
+        (Some(k), Some(first)) => Some(Idempotency::new(
+            first,
+            meta.mode,
+            k,
+            match meta.mode {
                 Mode::Reserve => settings.reserve_idempotency_ttl_ms,
                 Mode::Settle => settings.idempotency_ttl_ms,
             }
             .max(1),
-        }),
+        )),
         _ => None,
     };
     Ok(Plan { descriptors, batch: Batch { now_ms, settle: meta.mode == Mode::Settle, counters, idempotency, ledger } })
@@ -590,12 +596,15 @@ mod tests {
         let m = RequestMeta { mode: Mode::Settle, idempotency_key: Some("r1".into()), usage: vec![] };
         let p = build(&r, &m, &StaticLimits::default(), S, 0).unwrap();
         let i = p.batch.idempotency.unwrap();
-        assert_eq!(i.key, "tg:{tollgate|acme}:idem:settle:r1");
+        assert_eq!(i.key, "tg:{tollgate|acme}:i:s:gvPpxpXca40bEYGNVwGRng");
+        assert_eq!(i.legacy_key, "tg:{tollgate|acme}:idem:settle:r1");
         assert!(p.batch.settle);
     }
 
     #[test]
-    fn reservation_keys_live_shorter_than_settle_keys() {
+    fn each_mode_has_its_own_key_ttl() {
+        let d = PlanSettings::default();
+        assert_eq!((d.reserve_idempotency_ttl_ms, d.idempotency_ttl_ms), (900_000, 900_000));
         let r = req(vec![desc(&[("tenant", "acme")], Some((10, 4)))], 1);
         let s = PlanSettings { idempotency_ttl_ms: 86_400_000, reserve_idempotency_ttl_ms: 900_000, ..S };
         let reserve = RequestMeta { mode: Mode::Reserve, idempotency_key: Some("r1".into()), usage: vec![] };

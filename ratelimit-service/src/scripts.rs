@@ -6,6 +6,8 @@
 /// KEYS[1..n]  counter keys, one per limited descriptor, in request order
 ///             (duplicates allowed: a key's charges accumulate within the call)
 /// KEYS[n+1]   idempotency key, present only when ARGV[3] > 0
+/// KEYS[n+2]   the same key as the service named it before (read when
+///             KEYS[n+1] is absent, never written), present with KEYS[n+1]
 ///
 /// ARGV[1]     now_ms (service clock, integer ms)
 /// ARGV[2]     "1" = settle (apply unconditionally), "0" = reserve (all-or-nothing)
@@ -26,8 +28,8 @@
 /// Calendar state is a plain integer counter with PEXPIRE at the window end.
 ///
 /// Optional ledger section (absent: `#ARGV == 4 + 5n`), at base = 4 + 5n;
-/// its keys follow the counters' and the idempotency key (KEYS[off + j],
-/// off = n + 1 with an idempotency key, n without). See [`crate::ledger`].
+/// its keys follow the counters' and the idempotency keys (KEYS[off + j],
+/// off = n + 2 with an idempotency key, n without). See [`crate::ledger`].
 ///   ARGV[base+1] quota index key (j, 0 = none)   ARGV[base+2] its most entries
 ///   ARGV[base+3] alert stream key (j, 0 = none)  ARGV[base+4] its MAXLEN ~
 ///   ARGV[base+5] quota index parameters of each counter, joined by ';':
@@ -69,6 +71,9 @@ local replay = false
 local stored = nil
 if idem_ttl > 0 then
   stored = redis.call('GET', KEYS[n + 1])
+  -- a call retried across the upgrade to short keys: its first attempt's
+  -- decision under the old name
+  if not stored then stored = redis.call('GET', KEYS[n + 2]) end
   if stored then replay = true end
 end
 
@@ -180,7 +185,7 @@ end
 local base = 4 + 5 * n
 if #ARGV <= base then return out end
 local off = n
-if idem_ttl > 0 then off = n + 1 end
+if idem_ttl > 0 then off = n + 2 end
 local taken = {}
 if overall == 1 and not replay then
   local qi = tonumber(ARGV[base + 1])

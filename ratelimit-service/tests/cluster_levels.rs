@@ -120,21 +120,19 @@ async fn idempotent_retries_charge_each_slot_once() {
     // every group's idempotency key is in its own slot, on whichever master holds it
     let mut idem = Vec::new();
     for n in &cluster.nodes {
-        let keys = n.cli(&["KEYS", "tg:*:idem:*"]).unwrap_or_default();
+        let keys = n.cli(&["KEYS", "tg:*:i:*"]).unwrap_or_default();
         idem.extend(keys.lines().map(str::to_owned).filter(|k| !k.is_empty()));
     }
     idem.sort();
-    assert_eq!(
-        idem,
-        [
-            "tg:{tollgate|acme}:idem:reserve:req-1",
-            "tg:{tollgate|acme}:idem:settle:req-1",
-            "tg:{tollgate|claude}:idem:reserve:req-1",
-            "tg:{tollgate|claude}:idem:settle:req-1",
-            "tg:{tollgate|gpt}:idem:reserve:req-1",
-            "tg:{tollgate|gpt}:idem:settle:req-1",
-        ]
-    );
+    let mut expected: Vec<String> = ["acme", "claude", "gpt"]
+        .iter()
+        .flat_map(|t| {
+            let tag = format!("{{tollgate|{t}}}");
+            [Mode::Reserve, Mode::Settle].map(|m| tollgate_ratelimit::keys::idempotency_key(&tag, m, "req-1"))
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(idem, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -157,6 +157,30 @@ async fn idempotent_reserve_replays_the_decision() {
 }
 
 #[tokio::test]
+async fn a_retry_across_the_upgrade_to_short_keys_finds_the_old_decision() {
+    let redis = RedisServer::start();
+    let (l, _, metrics) = limiter(&redis, T0);
+    let d = D::new(&[("tenant", "acme")]).limit(10, DAY);
+    let meta = |mode: Mode, k: &str| RequestMeta { mode, idempotency_key: Some(k.into()), usage: vec![] };
+    // first attempts answered by the service before the upgrade: a reserve
+    // it refused, a settle it applied (stored under the old names)
+    redis.cli(&["SET", "tg:{tollgate|acme}:idem:reserve:req-1%3Ar1", "2", "PX", "60000"]).expect("set");
+    redis.cli(&["SET", "tg:{tollgate|acme}:idem:settle:req-1%3Asettle", "1", "PX", "60000"]).expect("set");
+    // their retries replay the stored decision and charge nothing
+    let r = run(&l, &req("tollgate", &[d.clone().hits(2)]), &meta(Mode::Reserve, "req-1:r1")).await;
+    assert_eq!((r.overall_code, remaining(&r)), (OVER, vec![10]));
+    let r = run(&l, &req("tollgate", &[d.clone().hits(3)]), &meta(Mode::Settle, "req-1:settle")).await;
+    assert_eq!((r.overall_code, remaining(&r)), (OK, vec![10]));
+    assert!(metrics.encode().contains("tollgate_rls_idempotent_replays_total 2"), "{}", metrics.encode());
+    // a new call is stored under the short name only
+    let r = run(&l, &req("tollgate", &[d.clone().hits(3)]), &meta(Mode::Reserve, "req-2:r1")).await;
+    assert_eq!((r.overall_code, remaining(&r)), (OK, vec![7]));
+    let short = tollgate_ratelimit::keys::idempotency_key("{tollgate|acme}", Mode::Reserve, "req-2:r1");
+    assert_eq!(redis.cli(&["GET", &short]).expect("get").trim(), "1");
+    assert_eq!(redis.cli(&["EXISTS", "tg:{tollgate|acme}:idem:reserve:req-2%3Ar1"]).expect("exists").trim(), "0");
+}
+
+#[tokio::test]
 async fn big_numbers_use_tollgate_limit_and_saturate() {
     let redis = RedisServer::start();
     let (l, _, _) = limiter(&redis, T0);

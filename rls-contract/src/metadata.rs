@@ -16,6 +16,25 @@ pub const MODE_SETTLE: &str = "settle";
 /// Upper bound on the idempotency key length, in bytes.
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 
+/// How long after its first attempt the filter may still send a keyed call
+/// again (a settle, or a reserve whose answer was lost), in ms. Older calls
+/// are dropped (counted in `tollgate_settle_dropped`), never sent: the
+/// service remembers each idempotency key for longer than this, so no call
+/// the filter sends can apply twice.
+pub const IDEMPOTENCY_RETRY_HORIZON_MS: u64 = 600_000;
+
+/// The service's default memory of an idempotency key (reserve and settle),
+/// in ms: [`IDEMPOTENCY_RETRY_HORIZON_MS`] plus a margin for the time a
+/// call is in flight and the first attempt's age before it was queued (a
+/// reserve's own timeout), far above both.
+pub const DEFAULT_IDEMPOTENCY_TTL_MS: u64 = 900_000;
+
+/// The least idempotency TTL that still covers every call the filter
+/// sends: the horizon plus a minute for calls in flight.
+pub const MIN_SAFE_IDEMPOTENCY_TTL_MS: u64 = IDEMPOTENCY_RETRY_HORIZON_MS + 60_000;
+
+const _: () = assert!(DEFAULT_IDEMPOTENCY_TTL_MS >= MIN_SAFE_IDEMPOTENCY_TTL_MS);
+
 /// How the charges of a call apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Mode {

@@ -347,6 +347,11 @@ pub struct TierSpec {
     /// Share of a budget (0 < share < 1) past which `fallback_model` is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_at_budget_share: Option<f64>,
+    /// Failover targets for this tier's tenants, by the provider a route
+    /// names: `{"openai": ["azure-dedicated", "openai"]}` tries those provider
+    /// entries in order, in place of the provider's own `targets`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_targets: Option<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 #[cfg(test)]

@@ -61,6 +61,9 @@ struct Report {
     tenants: usize,
     routes: usize,
     findings: Vec<Finding>,
+    /// Failover targets of the plugins found under the HTTP connection
+    /// manager being walked: each needs a route of its own.
+    targets_in_hcm: BTreeSet<String>,
 }
 
 impl Report {
@@ -111,6 +114,9 @@ struct Compiled {
     max_request_bytes: u64,
     /// Environment variables the configuration asked for.
     env_names: BTreeSet<String>,
+    /// Failover targets that are not the provider their routes name: Envoy
+    /// must route each by `x-tollgate-provider`.
+    routed_targets: BTreeSet<String>,
 }
 
 fn compile_plugin(raw: &[u8], env: EnvMode) -> Result<Compiled, String> {
@@ -129,11 +135,22 @@ fn compile_plugin(raw: &[u8], env: EnvMode) -> Result<Compiled, String> {
         .map(|t| t.policy.max_request_bytes)
         .max()
         .unwrap_or(tollgate::config::DEFAULT_MAX_REQUEST_BYTES);
+    let mut routed_targets = BTreeSet::new();
+    let name = |i: usize| plugin.providers.get(i).map(|p| p.name.clone());
+    for (g, group) in plugin.providers.iter().enumerate() {
+        routed_targets.extend(group.targets.iter().filter(|t| t.provider != g).filter_map(|t| name(t.provider)));
+    }
+    for t in &plugin.tenants {
+        for (g, targets) in &t.policy.targets {
+            routed_targets.extend(targets.iter().filter(|t| t.provider != *g).filter_map(|t| name(t.provider)));
+        }
+    }
     Ok(Compiled {
         tenants: plugin.tenants.len(),
         routes: plugin.routes.len(),
         max_request_bytes,
         env_names: asked.into_inner(),
+        routed_targets,
     })
 }
 
@@ -216,6 +233,7 @@ fn check_wasm_filter(typed_config: &Value, location: &str, env: EnvMode, report:
     report.configs += 1;
     report.tenants += compiled.tenants;
     report.routes += compiled.routes;
+    report.targets_in_hcm.extend(compiled.routed_targets.iter().cloned());
 
     if config.get("allow_on_headers_stop_iteration") != Some(&Value::Bool(true)) {
         report.error(
@@ -259,9 +277,15 @@ fn walk(value: &Value, location: &str, env: EnvMode, report: &mut Report) -> Opt
             if is_wasm {
                 return check_wasm_filter(value, location, env, report);
             }
+            let is_hcm = map.contains_key("http_filters");
+            let outer = if is_hcm { std::mem::take(&mut report.targets_in_hcm) } else { BTreeSet::new() };
             for (key, child) in map {
                 let found = walk(child, &join(location, key), env, report);
                 largest = largest.max(found);
+            }
+            if is_hcm {
+                let targets = std::mem::replace(&mut report.targets_in_hcm, outer);
+                check_target_routes(map, &targets, location, report);
             }
         }
         Value::Array(items) => {
@@ -273,6 +297,63 @@ fn walk(value: &Value, location: &str, env: EnvMode, report: &mut Report) -> Opt
         _ => {}
     }
     largest
+}
+
+/// Failover targets need routes of their own: tollgate names the target in
+/// `x-tollgate-provider`, and a request Envoy routes elsewhere would carry
+/// that target's credential to another provider. Checks an inline
+/// `route_config` of the HTTP connection manager `hcm`.
+fn check_target_routes(
+    hcm: &serde_json::Map<String, Value>,
+    targets: &BTreeSet<String>,
+    location: &str,
+    report: &mut Report,
+) {
+    if targets.is_empty() {
+        return;
+    }
+    let Some(rc) = hcm.get("route_config") else {
+        report.warn(
+            location,
+            format!(
+                "failover targets {targets:?} need routes matching x-tollgate-provider; the route \
+                 configuration is not inline, so it was not checked"
+            ),
+        );
+        return;
+    };
+    let removed = rc
+        .get("request_headers_to_remove")
+        .and_then(Value::as_array)
+        .is_some_and(|h| h.iter().filter_map(Value::as_str).any(|n| n.eq_ignore_ascii_case("x-tollgate-provider")));
+    if !removed {
+        report.error(
+            &join(location, "route_config.request_headers_to_remove"),
+            "must list x-tollgate-provider: tollgate's routing headers never reach a provider",
+        );
+    }
+    let mut routed: BTreeSet<String> = BTreeSet::new();
+    let hosts = rc.get("virtual_hosts").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    for route in hosts.iter().filter_map(|h| h.get("routes").and_then(Value::as_array)).flatten() {
+        let headers = route.pointer("/match/headers").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        for h in headers {
+            if h.get("name").and_then(Value::as_str).is_some_and(|n| n.eq_ignore_ascii_case("x-tollgate-provider")) {
+                let exact = h.pointer("/string_match/exact").or_else(|| h.get("exact_match"));
+                if let Some(v) = exact.and_then(Value::as_str) {
+                    routed.insert(v.to_string());
+                }
+            }
+        }
+    }
+    for t in targets.difference(&routed) {
+        report.error(
+            &join(location, "route_config"),
+            format!(
+                "no route matches x-tollgate-provider: {t}; requests failed over to target '{t}' would \
+                 take another route, with '{t}''s credential"
+            ),
+        );
+    }
 }
 
 /// An Envoy bootstrap: checks wasm filters listener by listener so the

@@ -11,12 +11,13 @@ use thiserror::Error;
 
 use super::levels::{compile_key_spec, compile_pools, KeyInfo, Pool};
 use super::spec::{
-    IdentitySpec, MeteringSpec, PluginConfig, RegistrySpec, RlsMode, TenantLabelSpec, TierSpec, UnmatchedRoutes,
-    AUTO_TENANT_LABEL_MAX, FILTER_STATE_FIELDS,
+    CircuitBreakerSpec, IdentitySpec, MeteringSpec, PluginConfig, RateLimitedScopeSpec, RegistrySpec, RlsMode,
+    TargetSelection, TenantLabelSpec, TierSpec, UnmatchedRoutes, AUTO_TENANT_LABEL_MAX, FILTER_STATE_FIELDS,
 };
 use super::tiers::{compile_tier, merge_tier, Policy};
 use crate::llm::Api;
 use crate::ratelimit::descriptors::Measure;
+use crate::upstream::circuit::{self, CircuitConfig, RateLimitedScope};
 
 /// Why a configuration was refused. The `path` names the field.
 #[derive(Debug, Error, PartialEq)]
@@ -54,6 +55,33 @@ pub struct Provider {
     /// Whether OpenAI chat streams through this provider get
     /// `stream_options.include_usage` added when the client left it out.
     pub inject_stream_usage: bool,
+    /// Failover targets (indexes into [`Plugin::providers`]); empty: this
+    /// provider serves its routes itself, with no circuit breaker.
+    pub targets: Vec<Target>,
+    /// `selection: weighted`.
+    pub weighted: bool,
+    /// Requested model -> the name this provider expects (deployments).
+    pub model_map: Vec<(String, String)>,
+    /// Whom a 429 from this provider pauses.
+    pub rate_limited_scope: RateLimitedScope,
+    /// The shared-data key of this provider's circuit record (as a target).
+    pub circuit_key: String,
+}
+
+/// One failover target, compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// Index into [`Plugin::providers`].
+    pub provider: usize,
+    pub weight: u32,
+}
+
+impl Provider {
+    /// The name `model` goes by at this provider (a deployment name), if it
+    /// differs.
+    pub fn mapped_model(&self, model: &str) -> Option<&str> {
+        self.model_map.iter().find(|(from, _)| from == model).map(|(_, to)| to.as_str())
+    }
 }
 
 /// How a route matches a path.
@@ -177,6 +205,8 @@ pub struct Plugin {
     /// The tiers by name, for tenants the registry resolves: the spec (to
     /// merge overrides into), the shared name and the compiled policy.
     tiers: HashMap<String, (TierSpec, Rc<str>, Rc<Policy>)>,
+    /// The circuit breaker of failover targets.
+    pub circuit: CircuitConfig,
 }
 
 /// The registry settings, compiled (see [`super::spec::RegistrySpec`]).
@@ -276,9 +306,10 @@ impl Plugin {
             return Err(RecordError(format!("unknown tier '{}'", record.tier)));
         };
         let policy = match &record.overrides {
-            Some(over) => {
-                Rc::new(compile_tier(&merge_tier(spec, over), "overrides").map_err(|e| RecordError(e.to_string()))?)
-            }
+            Some(over) => Rc::new(
+                compile_tier(&merge_tier(spec, over), "overrides", &self.providers)
+                    .map_err(|e| RecordError(e.to_string()))?,
+            ),
             None => Rc::clone(tier_policy),
         };
         if policy.has_limits() && self.rate_limit.is_none() {
@@ -427,13 +458,81 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
             None if header == "authorization" => "Bearer ".into(),
             None => String::new(),
         };
+        for (from, to) in &p.model_map {
+            let name_ok = |n: &str| {
+                !n.is_empty()
+                    && n.len() <= 256
+                    && n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'))
+            };
+            if from.is_empty() || !name_ok(to) {
+                return Err(invalid(
+                    format!("{path}.model_map.{from}"),
+                    "a mapped model name is 1-256 letters, digits and - _ . : @ (it may be written into a path)",
+                ));
+            }
+        }
         providers.push(Provider {
             name: name.clone(),
             credential_header: header,
             credential_prefix: prefix,
             inject_stream_usage: p.inject_stream_usage.unwrap_or(config.metering.inject_stream_usage),
+            targets: Vec::new(),
+            weighted: p.selection == TargetSelection::Weighted,
+            model_map: p.model_map.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+            rate_limited_scope: match p.rate_limited_scope {
+                RateLimitedScopeSpec::Credential => RateLimitedScope::Credential,
+                RateLimitedScopeSpec::Target => RateLimitedScope::Target,
+            },
+            circuit_key: circuit::key(name),
         });
     }
+    // Failover targets, once every provider has its index (the order of
+    // `config.providers`, as pushed above).
+    let provider_index = |name: &str| config.providers.keys().position(|k| k == name);
+    let mut all_targets = Vec::with_capacity(providers.len());
+    for (name, p) in &config.providers {
+        let path = format!("providers.{name}.targets");
+        let mut targets: Vec<Target> = Vec::new();
+        for (i, t) in p.targets.iter().enumerate() {
+            let tpath = format!("{path}[{i}]");
+            let idx = provider_index(&t.provider)
+                .ok_or_else(|| invalid(format!("{tpath}.provider"), format!("unknown provider '{}'", t.provider)))?;
+            if t.provider != *name && config.providers.get(&t.provider).is_some_and(|o| !o.targets.is_empty()) {
+                return Err(invalid(
+                    format!("{tpath}.provider"),
+                    format!("'{}' has targets of its own; targets do not nest", t.provider),
+                ));
+            }
+            if targets.iter().any(|o| o.provider == idx) {
+                return Err(invalid(format!("{tpath}.provider"), format!("'{}' is named twice", t.provider)));
+            }
+            let weight = match (p.selection, t.weight) {
+                (TargetSelection::Order, Some(_)) => {
+                    return Err(invalid(
+                        format!("{tpath}.weight"),
+                        "weights only apply with selection: weighted (order takes the list's order)",
+                    ))
+                }
+                (TargetSelection::Order, None) => 1,
+                (TargetSelection::Weighted, w) => {
+                    let w = w.unwrap_or(1);
+                    if !(1..=10_000).contains(&w) {
+                        return Err(invalid(format!("{tpath}.weight"), "must be between 1 and 10000"));
+                    }
+                    w
+                }
+            };
+            targets.push(Target { provider: idx, weight });
+        }
+        if p.targets.is_empty() && (p.selection != TargetSelection::Order) {
+            return Err(invalid(format!("providers.{name}.selection"), "applies only to a provider with targets"));
+        }
+        all_targets.push(targets);
+    }
+    for (p, targets) in providers.iter_mut().zip(all_targets) {
+        p.targets = targets;
+    }
+    let circuit = compile_circuit(&config.circuit_breaker)?;
     let provider_index = |name: &str| providers.iter().position(|p| p.name == name);
 
     // Routes.
@@ -469,7 +568,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
     }
     let mut tier_policies: HashMap<&str, (Rc<str>, Rc<Policy>)> = HashMap::new();
     for (name, tier) in &config.tiers {
-        let policy = compile_tier(tier, &format!("tiers.{name}"))?;
+        let policy = compile_tier(tier, &format!("tiers.{name}"), &providers)?;
         tier_policies.insert(name.as_str(), (Rc::from(name.as_str()), Rc::new(policy)));
     }
     let registry = match &config.registry {
@@ -508,7 +607,7 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
             .zip(tier_policies.get(t.tier.as_str()))
             .ok_or_else(|| invalid(format!("{path}.tier"), format!("unknown tier '{}'", t.tier)))?;
         let policy = match &t.overrides {
-            Some(over) => Rc::new(compile_tier(&merge_tier(tier, over), &format!("{path}.overrides"))?),
+            Some(over) => Rc::new(compile_tier(&merge_tier(tier, over), &format!("{path}.overrides"), &providers)?),
             None => Rc::clone(tier_policy),
         };
         for (k, digest) in t.api_key_sha256.iter().enumerate() {
@@ -761,6 +860,32 @@ pub fn compile(config: &PluginConfig, env: &dyn Fn(&str) -> Option<String>) -> R
         id_index,
         registry,
         tiers,
+        circuit,
+    })
+}
+
+fn compile_circuit(c: &CircuitBreakerSpec) -> Result<CircuitConfig, ConfigError> {
+    let ranges: [(&str, u64, u64, u64); 5] = [
+        ("consecutive_failures", u64::from(c.consecutive_failures), 1, 1000),
+        ("open_seconds", c.open_seconds, 1, 3600),
+        ("max_open_seconds", c.max_open_seconds, 1, 86_400),
+        ("max_retry_after_seconds", c.max_retry_after_seconds, 1, 86_400),
+        ("probe_timeout_seconds", c.probe_timeout_seconds, 1, 3600),
+    ];
+    for (field, v, lo, hi) in ranges {
+        if !(lo..=hi).contains(&v) {
+            return Err(invalid(format!("circuit_breaker.{field}"), format!("must be between {lo} and {hi}")));
+        }
+    }
+    if c.max_open_seconds < c.open_seconds {
+        return Err(invalid("circuit_breaker.max_open_seconds", "must be at least open_seconds"));
+    }
+    Ok(CircuitConfig {
+        consecutive_failures: c.consecutive_failures,
+        open_ms: c.open_seconds * 1000,
+        max_open_ms: c.max_open_seconds * 1000,
+        max_retry_after_ms: c.max_retry_after_seconds * 1000,
+        probe_timeout_ms: c.probe_timeout_seconds * 1000,
     })
 }
 

@@ -22,7 +22,7 @@ pub(crate) mod tests;
 
 pub use compile::{
     compile, decode_plugin_config, load, ConfigError, JwtSlot, PathMatch, Plugin, Provider, RateLimit, RecordError,
-    Registry, Route, Tenant, TenantLabel, TenantRef, REGISTRY_SLOT_BASE,
+    Registry, Route, Target, Tenant, TenantLabel, TenantRef, REGISTRY_SLOT_BASE,
 };
 pub use levels::{compile_key, valid_end_user, KeyInfo, Pool};
 pub use spec::{

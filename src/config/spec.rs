@@ -69,6 +69,64 @@ pub struct PluginConfig {
     /// shares (see `docs/limits-and-leases.md`).
     #[serde(default)]
     pub pools: Vec<PoolSpec>,
+    /// The circuit breaker of provider targets (providers with `targets`):
+    /// when a target counts as down, and for how long.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerSpec,
+}
+
+/// When a provider target's circuit opens, and for how long (see
+/// `docs/failover.md`). Applies to the providers named in some provider's
+/// `targets`; the circuit is shared by every worker of an Envoy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    /// Consecutive 5xx answers or timeouts that open a target's circuit.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// How long a circuit first stays open; each failed half-open probe
+    /// doubles it, up to `max_open_seconds`.
+    #[serde(default = "default_open_seconds")]
+    pub open_seconds: u64,
+    #[serde(default = "default_max_open_seconds")]
+    pub max_open_seconds: u64,
+    /// The longest a provider's `retry-after` on a 429 is honoured for.
+    #[serde(default = "default_max_retry_after_seconds")]
+    pub max_retry_after_seconds: u64,
+    /// A half-open probe with no answer (response headers) after this long
+    /// frees the turn for another, and its late answer is ignored. A request
+    /// sent to a target whose caller gave up after waiting this long with no
+    /// answer counts as a timeout of the target.
+    #[serde(default = "default_probe_timeout_seconds")]
+    pub probe_timeout_seconds: u64,
+}
+
+impl Default for CircuitBreakerSpec {
+    fn default() -> Self {
+        CircuitBreakerSpec {
+            consecutive_failures: default_consecutive_failures(),
+            open_seconds: default_open_seconds(),
+            max_open_seconds: default_max_open_seconds(),
+            max_retry_after_seconds: default_max_retry_after_seconds(),
+            probe_timeout_seconds: default_probe_timeout_seconds(),
+        }
+    }
+}
+
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_open_seconds() -> u64 {
+    10
+}
+fn default_max_open_seconds() -> u64 {
+    300
+}
+fn default_max_retry_after_seconds() -> u64 {
+    300
+}
+fn default_probe_timeout_seconds() -> u64 {
+    120
 }
 
 /// A shared provider pool: what the provider allows the platform's one
@@ -428,6 +486,56 @@ pub struct ProviderSpec {
     /// `stream_options` (those before 2024-09-01-preview) while OpenAI keeps it.
     #[serde(default)]
     pub inject_stream_usage: Option<bool>,
+    /// Failover: the providers (entries of `providers`, this one included
+    /// when it serves too) that serve this provider's routes. Each request
+    /// goes to one target, skipping those whose circuit is open or that the
+    /// tenant holds no key for; Envoy routes it by the `x-tollgate-provider`
+    /// header, which carries the target's name (see `docs/failover.md`).
+    #[serde(default)]
+    pub targets: Vec<TargetSpec>,
+    /// How a target is chosen among the available ones: `order` (the first
+    /// available in the list) or `weighted` (spread by `weight`, skipping
+    /// unavailable ones).
+    #[serde(default)]
+    pub selection: TargetSelection,
+    /// Model names this provider knows by another name: for Azure OpenAI,
+    /// the requested model to the deployment name written into the body.
+    /// Prices, pools and metrics keep the requested name.
+    #[serde(default)]
+    pub model_map: BTreeMap<String, String>,
+    /// Whom a 429 from this provider pauses, for its `retry-after`:
+    /// `credential` (only the key that got it; tenants with their own keys
+    /// keep the target) or `target` (everyone: a quota shared by every key).
+    #[serde(default)]
+    pub rate_limited_scope: RateLimitedScopeSpec,
+}
+
+/// One target of a provider with failover.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    /// Name of an entry in `providers` (its credential header, its tenants'
+    /// keys, its `model_map`); it must not have targets of its own.
+    pub provider: String,
+    /// Share of requests with `selection: weighted` (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetSelection {
+    #[default]
+    Order,
+    Weighted,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitedScopeSpec {
+    #[default]
+    Credential,
+    Target,
 }
 
 /// A route: requests whose path (without query) matches go to `provider`

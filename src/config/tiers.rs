@@ -2,7 +2,7 @@
 
 use std::rc::Rc;
 
-use super::compile::{invalid, ConfigError};
+use super::compile::{invalid, ConfigError, Provider, Target};
 use super::spec::{FailureMode, LimitsSpec, TierSpec};
 use crate::ratelimit::descriptors::{LimitKind, Limits};
 
@@ -80,6 +80,8 @@ pub struct Policy {
     pub cached_read_permille: u64,
     /// The `tollgate.alerts` value of every budget (`None`: no alerts).
     pub alerts: Option<Rc<str>>,
+    /// The tier's own failover targets by route provider (index), in order.
+    pub targets: TierTargets,
 }
 
 /// How big a quota lease is (see `lease_requests`).
@@ -139,6 +141,7 @@ pub(super) fn merge_tier(base: &TierSpec, over: &TierSpec) -> TierSpec {
         fallback_model,
         fallback_at_budget_share,
         lease_requests,
+        provider_targets,
     )
 }
 
@@ -168,7 +171,7 @@ pub fn usd_to_micros(path: &str, usd: f64) -> Result<u64, ConfigError> {
 }
 
 /// What a tier (merged with a tenant's overrides) compiles to.
-pub(super) fn compile_tier(t: &TierSpec, path: &str) -> Result<Policy, ConfigError> {
+pub(super) fn compile_tier(t: &TierSpec, path: &str, providers: &[Provider]) -> Result<Policy, ConfigError> {
     let models = match &t.models {
         Some(m) => ModelAllowlist::compile(&format!("{path}.models"), m)?,
         None => return Err(invalid(format!("{path}.models"), "is required")),
@@ -257,7 +260,45 @@ pub(super) fn compile_tier(t: &TierSpec, path: &str) -> Result<Policy, ConfigErr
         shadow: t.shadow.unwrap_or(false),
         cached_read_permille,
         alerts: compile_alerts(&format!("{path}.alert_thresholds"), t.alert_thresholds.as_deref())?,
+        targets: compile_provider_targets(&format!("{path}.provider_targets"), t.provider_targets.as_ref(), providers)?,
     })
+}
+
+/// A tier's own failover targets: (route provider, its targets in order),
+/// indexes into the providers.
+pub type TierTargets = Vec<(usize, Rc<[Target]>)>;
+
+/// A tier's own failover targets, by route provider (indexes into the
+/// providers), tried in order.
+fn compile_provider_targets(
+    path: &str,
+    spec: Option<&std::collections::BTreeMap<String, Vec<String>>>,
+    providers: &[Provider],
+) -> Result<TierTargets, ConfigError> {
+    let Some(spec) = spec else { return Ok(Vec::new()) };
+    let index = |name: &str| providers.iter().position(|p| p.name == name);
+    let mut out = Vec::new();
+    for (group, names) in spec {
+        let gpath = format!("{path}.{group}");
+        let g = index(group).ok_or_else(|| invalid(&gpath, format!("unknown provider '{group}'")))?;
+        if names.is_empty() || names.len() > 16 {
+            return Err(invalid(&gpath, "list 1 to 16 providers"));
+        }
+        let mut targets: Vec<Target> = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let tpath = format!("{gpath}[{i}]");
+            let t = index(name).ok_or_else(|| invalid(&tpath, format!("unknown provider '{name}'")))?;
+            if t != g && providers.get(t).is_some_and(|p| !p.targets.is_empty()) {
+                return Err(invalid(&tpath, format!("'{name}' has targets of its own; targets do not nest")));
+            }
+            if targets.iter().any(|o| o.provider == t) {
+                return Err(invalid(&tpath, format!("'{name}' is named twice")));
+            }
+            targets.push(Target { provider: t, weight: 1 });
+        }
+        out.push((g, Rc::from(targets)));
+    }
+    Ok(out)
 }
 
 /// Alert thresholds (shares) as the `tollgate.alerts` value (percents).

@@ -262,6 +262,7 @@ impl Host for Envoy {
         let kind = match kind {
             MetricKind::Counter => MetricType::Counter,
             MetricKind::Histogram => MetricType::Histogram,
+            MetricKind::Gauge => MetricType::Gauge,
         };
         match hostcalls::define_metric(kind, name) {
             Ok(id) => Some(id),

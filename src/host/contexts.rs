@@ -62,6 +62,12 @@ impl Metrics {
             host.record_metric(id, value);
         }
     }
+
+    fn gauge<H: Host>(&mut self, host: &mut H, name: &str, value: u64) {
+        if let Some(id) = self.id(host, MetricKind::Gauge, name) {
+            host.record_metric(id, value);
+        }
+    }
 }
 
 /// The root context: configuration, the tick (settles, leases, heartbeats,
@@ -110,6 +116,13 @@ impl Root {
             plugin.providers.len()
         );
         let store = host.slot_store();
+        // Circuit records exist before the first failure, so that every
+        // write to them is a compare-and-swap.
+        for p in &plugin.providers {
+            if let Err(e) = inflight::create(store.as_ref(), &p.circuit_key) {
+                log::warn!("tollgate: cannot create the circuit record of provider {}: {e:?}", p.name);
+            }
+        }
         for t in plugin.tenants.iter().filter(|t| t.policy.max_concurrent_requests.is_some()) {
             if let Err(e) = inflight::create(store.as_ref(), &inflight::key(&t.id)) {
                 log::warn!("tollgate: cannot create the in-flight table of tenant {}: {e:?}", t.id);
@@ -143,6 +156,17 @@ impl Root {
         self.refresh_jwks(host);
         let (Some(plugin), Some(worker)) = (self.plugin.clone(), self.worker.clone()) else { return };
         let now = host.now_ms();
+        let (gauges, stall_retries) = {
+            let mut w = worker.borrow_mut();
+            w.refresh_circuit_gauges(&plugin, now);
+            (std::mem::take(&mut w.circuit_gauges), std::mem::take(&mut w.stall_retries))
+        };
+        let mut m = self.metrics.borrow_mut();
+        for (name, value) in gauges {
+            m.gauge(host, &name, value);
+        }
+        m.count(host, "tollgate.rls.stall_retries", stall_retries);
+        drop(m);
         worker.borrow_mut().heartbeat(now);
         for line in worker.borrow_mut().incident_lines(now) {
             log::warn!("{line}");
@@ -560,7 +584,10 @@ impl Http {
                 self.reply(host, &reply);
                 Action::Pause
             }
-            HeadersStep::PassThrough => {
+            HeadersStep::PassThrough { remove } => {
+                for name in &remove {
+                    host.remove_header(Map::RequestHeaders, name);
+                }
                 self.bypass = true;
                 Action::Continue
             }
@@ -642,7 +669,7 @@ impl Http {
                 }
             }
             // Not after a lookup; a request that cannot go on is refused.
-            HeadersStep::PassThrough | HeadersStep::Lookup(_) => {
+            HeadersStep::PassThrough { .. } | HeadersStep::Lookup(_) => {
                 let reply = LocalReply { status: 500, headers: Vec::new(), body: Vec::new() };
                 self.reply(host, &reply);
             }
@@ -676,6 +703,10 @@ impl Http {
             return Action::Continue;
         }
         let raw = host.header_pairs(Map::ResponseHeaders);
+        if self.flow.watches_upstream() {
+            let now = host.now_ms();
+            self.flow.on_upstream_answer(&raw, now);
+        }
         let step = self.flow.on_response_headers(pairs::status(&raw));
         let mut headers = ResponseHeaders { raw, set: step.set };
         if end_of_stream {

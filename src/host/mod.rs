@@ -36,6 +36,7 @@ pub enum Action {
 pub enum MetricKind {
     Counter,
     Histogram,
+    Gauge,
 }
 
 /// A header map of the current stream.

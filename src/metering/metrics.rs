@@ -24,6 +24,7 @@ pub const STATS_TAGS: &[(&str, &str)] = &[
     ("model", r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(model\.([^.]+)\.)"),
     ("outcome", r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(?:model\.[^.]+\.)?(outcome\.([^.]+)\.)"),
     ("limit", r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(limit\.([^.]+)\.)"),
+    ("target", r"^wasmcustom\.tollgate\.(?:tenant\.[^.]+\.)?(target\.([^.]+)\.)"),
 ];
 
 /// Replaces every character that would break tag extraction.
@@ -65,6 +66,32 @@ pub fn shadow_refused(tenant: &str, code: &str) -> String {
 /// Per tenant only: `tollgate.tenant.<t>.<name>`.
 pub fn tenant(tenant: &str, name: &str) -> String {
     format!("tollgate.tenant.{}.{}", label(tenant), name)
+}
+
+/// A failover target's requests and failures, per tenant:
+/// `tollgate.tenant.<t>.target.<p>.target_requests`, and one of
+/// `target_rate_limited` (provider 429s), `target_errors` (5xx),
+/// `target_timeouts` (504s). In Prometheus: `tollgate_target_requests{tenant,target}`.
+pub fn target_counters(tenant: &str, target: &str, outcome: crate::upstream::circuit::Outcome) -> Vec<(Rc<str>, u64)> {
+    use crate::upstream::circuit::Outcome;
+    let name = |what: &str| -> Rc<str> {
+        Rc::from(format!("tollgate.tenant.{}.target.{}.{what}", label(tenant), label(target)).as_str())
+    };
+    let mut out = vec![(name("target_requests"), 1)];
+    let failure = match outcome {
+        Outcome::RateLimited { .. } => Some("target_rate_limited"),
+        Outcome::Error => Some("target_errors"),
+        Outcome::Timeout => Some("target_timeouts"),
+        Outcome::Success | Outcome::Abandoned => None,
+    };
+    out.extend(failure.map(|f| (name(f), 1)));
+    out
+}
+
+/// A failover target's circuit (0 closed, 1 open, 2 half-open), a gauge:
+/// `tollgate.target.<p>.target_circuit_state` (`tollgate_target_circuit_state{target}`).
+pub fn circuit_state(target: &str) -> String {
+    format!("tollgate.target.{}.target_circuit_state", label(target))
 }
 
 /// Filter-wide: `tollgate.<name>`.

@@ -9,6 +9,9 @@
 //! call made at the end of its stream arrives. Each entry carries an
 //! idempotency key, so a retry after a lost answer is not charged twice. The
 //! journal is bounded: when full, the oldest entry is dropped and counted.
+//! An entry is sent for at most [`rls::IDEMPOTENCY_RETRY_HORIZON_MS`] after
+//! its first attempt, then dropped and counted: the service remembers
+//! idempotency keys for longer than that, so no retry can apply twice.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -52,6 +55,9 @@ pub struct Entry {
     pub settle_mode: bool,
     pub attempts: u32,
     pub next_attempt_ms: u64,
+    /// When the entry was first due: its retries stop
+    /// [`rls::IDEMPOTENCY_RETRY_HORIZON_MS`] later.
+    pub first_ms: u64,
     /// For a replayed reserve: what to queue once its outcome is known.
     pub then: Option<Box<Resolution>>,
 }
@@ -71,7 +77,7 @@ pub struct Resolution {
 impl Entry {
     /// A first-attempt entry, due now.
     pub fn new(call: Call, idempotency_key: String, settle_mode: bool, now_ms: u64) -> Self {
-        Entry { call, idempotency_key, settle_mode, attempts: 0, next_attempt_ms: now_ms, then: None }
+        Entry { call, idempotency_key, settle_mode, attempts: 0, next_attempt_ms: now_ms, first_ms: now_ms, then: None }
     }
 
     /// A first-attempt settle, due now.
@@ -212,10 +218,24 @@ impl Journal {
             Answer::Refused => entry.then.and_then(|r| r.if_refused),
         };
         if let Some(mut next) = follow {
+            // a follow-up is a call of its own: its horizon starts now
             next.next_attempt_ms = now_ms;
+            next.first_ms = now_ms;
             self.push(next);
         }
         true
+    }
+
+    /// Drops the queued entries whose first attempt is more than
+    /// [`rls::IDEMPOTENCY_RETRY_HORIZON_MS`] before `now_ms` (counted in
+    /// `dropped`): sent later, the service may have forgotten their
+    /// idempotency key and apply them twice. Returns how many.
+    pub fn expire(&mut self, now_ms: u64) -> u64 {
+        let before = self.queue.len();
+        self.queue.retain(|e| now_ms.saturating_sub(e.first_ms) <= rls::IDEMPOTENCY_RETRY_HORIZON_MS);
+        let n = (before - self.queue.len()) as u64;
+        self.dropped = self.dropped.saturating_add(n);
+        n
     }
 
     /// Drops every queued entry (not those in flight), counted in
@@ -251,6 +271,7 @@ pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
         count: usize,
         settle: Settle,
         next_attempt_ms: u64,
+        first_ms: u64,
     }
     let mut out = Vec::new();
     let mut groups: Vec<Group> = Vec::new();
@@ -261,6 +282,7 @@ pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
             settle_mode: true,
             attempts: 0,
             next_attempt_ms,
+            first_ms,
             then: None,
         } = e
         else {
@@ -270,15 +292,18 @@ pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
         if settle.usage.is_some() {
             // Its rows were netted already; merged, they could outgrow the
             // metadata bounds.
-            out.push(Entry::settle(settle, idempotency_key, true, next_attempt_ms));
+            let mut e = Entry::settle(settle, idempotency_key, true, next_attempt_ms);
+            e.first_ms = first_ms;
+            out.push(e);
             continue;
         }
         match groups.iter_mut().find(|g| g.settle.same_account(&settle)) {
             Some(g) => {
                 g.count += 1;
                 g.settle.net.add(settle.net);
+                g.first_ms = g.first_ms.min(first_ms);
             }
-            None => groups.push(Group { first_key: idempotency_key, count: 1, settle, next_attempt_ms }),
+            None => groups.push(Group { first_key: idempotency_key, count: 1, settle, next_attempt_ms, first_ms }),
         }
     }
     for g in groups {
@@ -287,7 +312,9 @@ pub fn merge(entries: Vec<Entry>) -> Vec<Entry> {
             continue;
         }
         let key = if g.count == 1 { g.first_key } else { format!("{}+{}", g.first_key, g.count) };
-        out.push(Entry::settle(g.settle, key, true, g.next_attempt_ms));
+        let mut e = Entry::settle(g.settle, key, true, g.next_attempt_ms);
+        e.first_ms = g.first_ms;
+        out.push(e);
     }
     out
 }
@@ -339,6 +366,51 @@ mod tests {
         assert!(j.answered(8, Answer::Applied, 1300));
         assert_eq!(j.pending(), 0);
         assert!(!j.answered(99, Answer::Applied, 0));
+    }
+
+    #[test]
+    fn calls_are_not_sent_again_past_the_services_memory_of_their_keys() {
+        const H: u64 = rls::IDEMPOTENCY_RETRY_HORIZON_MS;
+        // the service keeps keys for longer than the filter may send them
+        const { assert!(rls::DEFAULT_IDEMPOTENCY_TTL_MS >= H + 60_000) };
+        let mut j = Journal::new(10);
+        j.push(e("a"));
+        let first = j.due(0, 10).remove(0);
+        j.sent(1, first);
+        // every retry fails, up to the horizon: still queued
+        assert!(j.answered(1, Answer::Failed, H - 5_000));
+        assert_eq!(j.expire(H), 0);
+        let again = j.due(H, 10).remove(0);
+        assert_eq!((again.first_ms, again.attempts), (0, 1));
+        j.sent(2, again);
+        // past it: dropped and counted, never sent
+        assert!(j.answered(2, Answer::Failed, H + 1));
+        assert_eq!(j.expire(H + 1), 1);
+        assert_eq!((j.pending(), j.dropped), (0, 1));
+        assert!(j.due(u64::MAX, 10).is_empty());
+    }
+
+    #[test]
+    fn a_follow_up_has_its_own_horizon_and_a_merge_keeps_the_oldest() {
+        const H: u64 = rls::IDEMPOTENCY_RETRY_HORIZON_MS;
+        let mut replay = Entry::new(Call::Encoded(vec![9]), "a:r1".into(), false, 0);
+        replay.then = Some(Box::new(Resolution { if_applied: Some(e("refund")), if_refused: None }));
+        let mut j = Journal::new(10);
+        j.push(replay);
+        let first = j.due(0, 10).remove(0);
+        j.sent(1, first);
+        // answered just before the horizon: the refund is due from then on
+        assert!(j.answered(1, Answer::Applied, H - 1));
+        assert_eq!(j.expire(H + 1_000), 0);
+        assert_eq!(j.due(H + 1_000, 10)[0].first_ms, H - 1);
+
+        let p = plugin();
+        let mut older = settle(&p, "r1", 0, (100, true), (0, false));
+        older.first_ms = 5;
+        let mut newer = settle(&p, "r2", 0, (100, true), (0, false));
+        newer.first_ms = 9;
+        let out = merge(vec![newer, older]);
+        assert_eq!((out.len(), out[0].first_ms, out[0].idempotency_key.as_str()), (1, 5, "r2+2"));
     }
 
     #[test]

@@ -13,8 +13,10 @@ use crate::request::header_plan::HeaderPlan;
 pub enum HeadersStep {
     /// Send this reply and stop the request.
     Reply(LocalReply),
-    /// Leave the request alone (unmatched path with `unmatched_routes: pass`).
-    PassThrough,
+    /// Leave the request alone (unmatched path with `unmatched_routes: pass`),
+    /// but for these headers: `x-tollgate-*` copies a client sent, which
+    /// Envoy's routes would otherwise believe.
+    PassThrough { remove: Vec<String> },
     /// Apply the plan (Envoy then re-matches the route) and wait for the whole body.
     ReadBody(HeaderPlan),
     /// Ask the tenant registry, hold the request (and its body), and hand

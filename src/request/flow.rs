@@ -49,6 +49,8 @@ pub const QUOTA_PATH: &str = "/tollgate/v1/quota";
 use crate::request::header_plan::{self};
 use crate::rls;
 use crate::rls::ledger::UsageRow;
+use crate::upstream::circuit::{self, Outcome, Transition};
+use crate::upstream::{self, Picked};
 
 #[derive(Debug, Clone)]
 struct Reservation {
@@ -162,6 +164,16 @@ pub struct RequestFlow {
     /// The route's provider takes `stream_options.include_usage`.
     inject_usage: bool,
     start_ms: u64,
+    /// The failover target chosen (routes to a provider with targets).
+    target: Option<upstream::Choice>,
+    /// What the target answered, once its response headers came (or the
+    /// request ended without them).
+    target_outcome: Option<Outcome>,
+    /// When the reserve call in flight was made.
+    call_sent_ms: u64,
+    /// The reserve was sent again once after a stalled worker missed its
+    /// answer (see [`Self::stalled_timeout`]).
+    stall_retried: bool,
 }
 
 impl RequestFlow {
@@ -197,6 +209,10 @@ impl RequestFlow {
             strip_usage: false,
             inject_usage: false,
             start_ms: 0,
+            target: None,
+            target_outcome: None,
+            call_sent_ms: 0,
+            stall_retried: false,
         }
     }
 
@@ -281,7 +297,13 @@ impl RequestFlow {
         }
         let Some(route) = plugin.route_for(&self.path) else {
             return match plugin.unmatched_routes {
-                UnmatchedRoutes::Pass => HeadersStep::PassThrough,
+                UnmatchedRoutes::Pass => HeadersStep::PassThrough {
+                    remove: headers
+                        .iter()
+                        .map(|(name, _)| name.to_ascii_lowercase())
+                        .filter(|name| name.starts_with(header_plan::OWN_HEADER_PREFIX))
+                        .collect(),
+                },
                 UnmatchedRoutes::Deny => HeadersStep::Reply(self.refuse(&Refusal::UnknownRoute)),
             };
         };
@@ -336,7 +358,7 @@ impl RequestFlow {
             }
             Err(r) => return HeadersStep::Reply(self.refuse(&r)),
         }
-        self.after_identity(headers, end_of_stream)
+        self.after_identity(headers, end_of_stream, now_ms)
     }
 
     /// The registry's answer to the lookup of [`HeadersStep::Lookup`]
@@ -362,7 +384,7 @@ impl RequestFlow {
             Ok(r) => {
                 self.tenant = Some(r.tenant);
                 self.key = r.key;
-                self.after_identity(headers, end_of_stream)
+                self.after_identity(headers, end_of_stream, now_ms)
             }
             Err(r) => HeadersStep::Reply(self.refuse(&r)),
         }
@@ -374,9 +396,10 @@ impl RequestFlow {
     }
 
     /// The rest of the request headers' step, once the tenant is known.
-    fn after_identity(&mut self, headers: &Headers, end_of_stream: bool) -> HeadersStep {
+    fn after_identity(&mut self, headers: &Headers, end_of_stream: bool, now_ms: u64) -> HeadersStep {
         let plugin = Rc::clone(&self.plugin);
-        let Some(tenant) = self.tenant.as_ref().and_then(|t| t.get(&plugin)) else {
+        let tref = self.tenant.clone();
+        let Some(tenant) = tref.as_ref().and_then(|t| t.get(&plugin)) else {
             return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "tenant not resolved".into() }));
         };
         if !tenant.enabled {
@@ -395,8 +418,21 @@ impl RequestFlow {
         if !websocket && api_key::header(headers, ":method") != Some("POST") {
             return HeadersStep::Reply(self.refuse(&Refusal::MethodNotAllowed));
         }
-        let Some(provider) = plugin.provider(self.provider) else {
+        let Some(route_provider) = plugin.provider(self.provider) else {
             return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "route names no provider".into() }));
+        };
+        let tier_targets = tenant.policy.targets.iter().find(|(g, _)| *g == self.provider).map(|(_, t)| Rc::clone(t));
+        if !route_provider.targets.is_empty() || tier_targets.is_some() {
+            let targets = match tier_targets.as_deref() {
+                Some(list) => upstream::Targets { list, weighted: false },
+                None => upstream::Targets::of(route_provider),
+            };
+            if let Err(reply) = self.pick_target(tenant, route_provider, targets, now_ms) {
+                return HeadersStep::Reply(reply);
+            }
+        }
+        let Some(provider) = plugin.provider(self.provider) else {
+            return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "target names no provider".into() }));
         };
         let Some(provider_key) = tenant.provider_keys.get(self.provider).and_then(Option::as_deref) else {
             return HeadersStep::Reply(
@@ -436,6 +472,10 @@ impl RequestFlow {
         }
         let mut header_plan = header_plan::build(&plugin, tenant, provider, provider_key, headers, new_path.as_deref());
         header_plan.set.push((plugin.request_id_header.clone(), self.request_id.clone()));
+        if self.target.is_some() {
+            // Envoy routes a target by name (then removes the header).
+            header_plan.set.push((header_plan::PROVIDER_HEADER.into(), provider.name.clone()));
+        }
         if let (false, Some(h)) = (self.trust_end_user, plugin.end_user_header.as_ref()) {
             if api_key::header(headers, h).is_some() && !header_plan.remove.contains(h) {
                 header_plan.remove.push(h.clone());
@@ -499,6 +539,73 @@ impl RequestFlow {
         }
     }
 
+    /// Picks the failover target of a route to `group` among `targets` (the
+    /// provider's, or the tier's own): the request then goes as to that
+    /// provider. Refused when the
+    /// tenant holds no key for any target, or every one it has is down.
+    fn pick_target(
+        &mut self,
+        tenant: &crate::config::Tenant,
+        group: &crate::config::Provider,
+        targets: upstream::Targets<'_>,
+        now_ms: u64,
+    ) -> Result<(), LocalReply> {
+        let plugin = Rc::clone(&self.plugin);
+        let picked = {
+            let mut w = self.shared.borrow_mut();
+            w.target_turn = w.target_turn.wrapping_add(1);
+            upstream::pick(
+                &plugin.providers,
+                targets,
+                w.target_turn,
+                |i| tenant.provider_keys.get(i).and_then(Option::as_deref),
+                w.slots.as_ref(),
+                now_ms,
+                &plugin.circuit,
+            )
+        };
+        match picked {
+            Picked::Target(choice) => {
+                self.provider = choice.provider;
+                self.target = Some(choice);
+                if choice.probe {
+                    self.circuit_changed(choice.provider, circuit::State::HalfOpen, None);
+                }
+                Ok(())
+            }
+            Picked::NoCredential => Err(self.refuse(&Refusal::ProviderNotConfigured { provider: group.name.clone() })),
+            Picked::Unavailable { retry_after_ms, open: 0 } => {
+                // Every target is up, but the provider throttled this
+                // tenant's own key everywhere: its 429, not an outage.
+                let refusal = Refusal::Custom {
+                    status: 429,
+                    code: "provider_rate_limited".into(),
+                    message: format!(
+                        "The provider is rate limiting this account's key; retry after {} s.",
+                        retry_after_ms.div_ceil(1000)
+                    ),
+                };
+                let mut reply = self.refuse(&refusal);
+                reply.headers.extend(llm::retry_headers(retry_after_ms, true));
+                Err(reply)
+            }
+            Picked::Unavailable { retry_after_ms, .. } => {
+                let refusal = Refusal::Custom {
+                    status: 503,
+                    code: "provider_unavailable".into(),
+                    message: format!(
+                        "Every upstream serving '{}' is unavailable right now; retry after {} s.",
+                        group.name,
+                        retry_after_ms.div_ceil(1000)
+                    ),
+                };
+                let mut reply = self.refuse(&refusal);
+                reply.headers.extend(llm::retry_headers(retry_after_ms, true));
+                Err(reply)
+            }
+        }
+    }
+
     /// A WebSocket upgrade (admitted from its headers): its request "body"
     /// is the client's frames, never read. `Some(false)`: hold them until
     /// the reserve's answer (letting a body chunk go would let the request
@@ -509,6 +616,88 @@ impl RequestFlow {
 
     fn passes_body(&self) -> bool {
         self.info.as_ref().is_some_and(|i| i.endpoint == inspect::Endpoint::WebSocket)
+    }
+
+    /// A target's circuit changed: its gauge (on the next tick) and, for a
+    /// real change, one log line from the worker that made it.
+    fn circuit_changed(&self, provider: usize, state: circuit::State, why: Option<Transition>) {
+        let Some(p) = self.plugin.provider(provider) else { return };
+        match why {
+            Some(Transition::Opened { for_ms, failures }) => log::warn!(
+                "tollgate: provider target '{}' circuit opened for {} s after {} failure(s)",
+                p.name,
+                for_ms.div_ceil(1000),
+                failures
+            ),
+            Some(Transition::Paused { for_ms }) => log::warn!(
+                "tollgate: provider target '{}' paused for {} s by the provider's 429",
+                p.name,
+                for_ms.div_ceil(1000)
+            ),
+            Some(Transition::Closed) => log::warn!("tollgate: provider target '{}' circuit closed", p.name),
+            None => {}
+        }
+        self.shared.borrow_mut().circuit_gauges.push((metrics::circuit_state(&p.name), state.gauge()));
+    }
+
+    /// Whether the upstream's answer matters to a circuit breaker (the host
+    /// then hands over the response headers with [`Self::on_upstream_answer`]).
+    pub fn watches_upstream(&self) -> bool {
+        // Only a request that left: tollgate's own replies (a limit's 429,
+        // the limiter's 503) pass through the same response callbacks, and
+        // say nothing about the target.
+        self.target.is_some() && self.target_outcome.is_none() && matches!(self.phase, Phase::Upstream(_))
+    }
+
+    /// The target's response headers (pairs encoding): its status and retry
+    /// hint go to the target's circuit.
+    pub fn on_upstream_answer(&mut self, raw_headers: &[u8], now_ms: u64) {
+        let status = crate::envoy::pairs::status(raw_headers);
+        let retry = (status == 429)
+            .then(|| {
+                let map = crate::envoy::pairs::decode(raw_headers)?;
+                let find = |name: &str| {
+                    map.iter().find(|(k, _)| *k == name.as_bytes()).and_then(|(_, v)| std::str::from_utf8(v).ok())
+                };
+                circuit::retry_after_ms(find("retry-after-ms"), find("retry-after"))
+            })
+            .flatten();
+        self.report_target(Outcome::of_status(status, retry), now_ms);
+    }
+
+    fn report_target(&mut self, outcome: Outcome, now_ms: u64) {
+        let Some(choice) = self.target else { return };
+        if self.target_outcome.is_some() {
+            return;
+        }
+        self.target_outcome = Some(outcome);
+        let plugin = Rc::clone(&self.plugin);
+        let (Some(p), Some(key)) = (
+            plugin.provider(choice.provider),
+            self.tenant().and_then(|t| t.provider_keys.get(choice.provider)).and_then(Option::as_deref),
+        ) else {
+            return;
+        };
+        let result = {
+            let w = self.shared.borrow();
+            let answer = circuit::Answer {
+                outcome,
+                probe: choice.probe,
+                probe_token: choice.probe_token,
+                clean: choice.clean,
+                credential: key,
+                scope: p.rate_limited_scope,
+            };
+            circuit::report(w.slots.as_ref(), &p.circuit_key, &answer, now_ms, &plugin.circuit)
+        };
+        match result {
+            Ok(Some(t)) => {
+                let state = if t == Transition::Closed { circuit::State::Closed } else { circuit::State::Open };
+                self.circuit_changed(choice.provider, state, Some(t));
+            }
+            Ok(None) => {}
+            Err(e) => log::debug!("tollgate: circuit record of '{}' not updated: {e:?}", p.name),
+        }
     }
 
     /// The quota endpoint's pure check over the caller's own levels (its
@@ -612,6 +801,19 @@ impl RequestFlow {
                 }
                 self.model_served = fallback.clone();
                 self.fallback_used = true;
+            }
+        }
+
+        // The target's own name for the model (an Azure deployment); prices,
+        // pools and metrics keep the name asked for.
+        if let Some(to) = plugin.provider(self.provider).and_then(|p| p.mapped_model(&self.model_served)) {
+            match api.swap_model(&self.path, &mut json, &self.model_served, to) {
+                llm::ModelSwap::Path(new_path) => {
+                    self.extra_headers.push((":path".into(), new_path.clone()));
+                    self.path = new_path;
+                }
+                llm::ModelSwap::Body => self.body_dirty = true,
+                llm::ModelSwap::Unchanged => {}
             }
         }
 
@@ -794,11 +996,27 @@ impl RequestFlow {
             (vec![(rls::META_IDEMPOTENCY_KEY.to_string(), key.clone())], Some(Replay { message: message.clone(), key }))
         };
         self.phase = Phase::Waiting(Pending { items, estimate, lease, replay });
+        self.call_sent_ms = now_ms;
         BodyStep::Call(RlsCall { cluster: rl.cluster.clone(), message, metadata, timeout_ms: rl.timeout_ms })
     }
 
     fn forward(&mut self) -> BodyStep {
         self.forward_with(None)
+    }
+
+    /// A reserve failed far later than its deadline: the timer could not
+    /// fire on time because this worker's thread was busy, so the failure
+    /// says nothing about the service. Envoy reports its call timeout as
+    /// `UNAVAILABLE` (14, measured with Envoy 1.40), like a refused
+    /// connection; a refused connection fails at once, so lateness is what
+    /// tells them apart. Once per request.
+    fn stalled_timeout(&self, status: u32, timeout_ms: u64, now_ms: u64) -> bool {
+        const DEADLINE_EXCEEDED: u32 = 4;
+        const UNAVAILABLE: u32 = 14;
+        let late = now_ms.saturating_sub(self.call_sent_ms);
+        matches!(status, DEADLINE_EXCEEDED | UNAVAILABLE)
+            && !self.stall_retried
+            && late >= timeout_ms.saturating_mul(3) / 2 + 50
     }
 
     /// Sends the request upstream under `reservation`.
@@ -843,6 +1061,34 @@ impl RequestFlow {
         let (Some(tref), Some(rl)) = (self.tenant.clone(), plugin.rate_limit.as_ref()) else {
             return self.forward();
         };
+        if let (Err(status), Some(replay)) = (reply, &pending.replay) {
+            if self.stalled_timeout(status, rl.timeout_ms, now_ms) {
+                // This worker was busy (a large configuration loading, say)
+                // long past the deadline: the service may well have answered
+                // in time. Ask again under the same idempotency key: a
+                // reserve that was made is answered, not charged twice.
+                self.stall_retried = true;
+                self.call_sent_ms = now_ms;
+                let mut w = self.shared.borrow_mut();
+                w.stall_retries += 1;
+                if pending.lease > 0 {
+                    // This request still holds the lease refill's turn.
+                    if let Some(acct) = self.account() {
+                        let until = now_ms.saturating_add(rl.timeout_ms.saturating_mul(2)).saturating_add(100);
+                        w.leases.refills.insert(acct, until);
+                    }
+                }
+                drop(w);
+                let call = RlsCall {
+                    cluster: rl.cluster.clone(),
+                    message: replay.message.clone(),
+                    metadata: vec![(rls::META_IDEMPOTENCY_KEY.to_string(), replay.key.clone())],
+                    timeout_ms: rl.timeout_ms,
+                };
+                self.phase = Phase::Waiting(pending);
+                return BodyStep::Call(call);
+            }
+        }
         if self.quota {
             self.phase = Phase::Refused;
             let answer = match reply {
@@ -1143,12 +1389,21 @@ impl RequestFlow {
     /// Whether [`RequestFlow::on_stream_done`] has anything left to do (so
     /// the host contexts reads the clock only then).
     pub fn has_work_at_stream_end(&self) -> bool {
-        matches!(self.phase, Phase::Upstream(_) | Phase::Waiting(_) | Phase::Resolving { .. }) || self.slot.is_some()
+        matches!(self.phase, Phase::Upstream(_) | Phase::Waiting(_) | Phase::Resolving { .. })
+            || self.slot.is_some()
+            || (self.target.is_some() && self.target_outcome.is_none())
     }
 
     /// The stream is over (`on_log`): settles what has not been settled,
     /// e.g. after a client disconnect or an upstream reset.
     pub fn on_stream_done(&mut self, now_ms: u64) -> Option<Finish> {
+        // No answer reached the filter (refused, or the client left first):
+        // a probe gives its turn back. A request that left and had no answer
+        // for the probe timeout counts as the target's timeout (a hung
+        // provider whose callers give up before Envoy's route timeout).
+        let hung = matches!(self.phase, Phase::Upstream(_))
+            && now_ms.saturating_sub(self.start_ms) >= self.plugin.circuit.probe_timeout_ms;
+        self.report_target(if hung { Outcome::Timeout } else { Outcome::Abandoned }, now_ms);
         let out = matches!(self.phase, Phase::Upstream(_)).then(|| self.finish(now_ms, false));
         if self.resolving() {
             // Gone while its lookup was in flight: the answer is never read.
@@ -1213,7 +1468,11 @@ impl RequestFlow {
             free: self.info.as_ref().is_some_and(|i| i.endpoint.is_free()),
             unmetered: self.passes_body(),
         };
-        let (out, usage, micros, estimated) = record::report(&plugin, &facts, metered, &names);
+        let (mut out, usage, micros, estimated) = record::report(&plugin, &facts, metered, &names);
+        if let Some(p) = self.target.and_then(|c| plugin.provider(c.provider)) {
+            let outcome = self.target_outcome.unwrap_or(Outcome::Abandoned);
+            out.counters.extend(metrics::target_counters(&label, &p.name, outcome));
+        }
         let row = self.ledger_row(now_ms, |r| {
             r.requests = 1;
             r.input_tokens = usage.input_uncached;
@@ -1840,6 +2099,306 @@ mod tests {
         assert_eq!(f.shared.borrow().journal.pending(), 0);
     }
 
+    /// acme's chat goes to `openai` with failover to `azure-eu` (a
+    /// deployment name for gpt-4o); globex holds no Azure key.
+    fn failover_plugin() -> Rc<Plugin> {
+        let mut v = crate::config::tests::sample_json();
+        v["providers"]["openai"]["targets"] = serde_json::json!([{"provider": "openai"}, {"provider": "azure-eu"}]);
+        v["providers"]["azure-eu"] =
+            serde_json::json!({"credential_header": "api-key", "model_map": {"gpt-4o": "gpt4o-eu-deployment"}});
+        v["providers"]["anthropic"]["targets"] = serde_json::json!([{"provider": "anthropic"}]);
+        v["providers"]["anthropic"]["rate_limited_scope"] = "target".into();
+        v["tenants"][0]["provider_key_env"]["azure-eu"] = "ACME_AZURE".into();
+        v["circuit_breaker"] = serde_json::json!({"consecutive_failures": 2, "open_seconds": 5});
+        v.as_object_mut().unwrap().remove("rate_limit");
+        for t in v["tiers"].as_object_mut().unwrap().values_mut() {
+            t.as_object_mut().unwrap().retain(|k, _| k == "models" || k == "max_request_bytes");
+        }
+        for t in v["tenants"].as_array_mut().unwrap() {
+            t.as_object_mut().unwrap().remove("overrides");
+            t["tier"] = "pro".into();
+        }
+        Rc::new(crate::config::load(v.to_string().as_bytes(), &crate::config::tests::env).unwrap())
+    }
+
+    /// One chat request of acme at `now` through to its answer `status`;
+    /// the headers plan (or the reply) and the forwarded body.
+    fn failover_request(
+        plugin: &Rc<Plugin>,
+        worker: &Rc<RefCell<Worker>>,
+        key: &str,
+        now: u64,
+        answer: &[(&str, &str)],
+    ) -> Result<(header_plan::HeaderPlan, Option<Vec<u8>>), LocalReply> {
+        let mut f = RequestFlow::new(Rc::clone(plugin), Rc::clone(worker));
+        let hs = h(&[(":path", "/v1/chat/completions"), (":method", "POST"), ("x-api-key", key)]);
+        let plan = match f.on_request_headers(&hs, false, now, || "rid".into()) {
+            HeadersStep::ReadBody(plan) => plan,
+            HeadersStep::Reply(r) => {
+                f.on_stream_done(now);
+                return Err(r);
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+        let BodyStep::Forward { body, .. } = f.on_request_body(body, now) else { panic!("expected forward") };
+        let raw = crate::envoy::pairs::encode(answer);
+        assert!(f.watches_upstream());
+        f.on_upstream_answer(&raw, now);
+        let status = crate::envoy::pairs::status(&raw);
+        f.on_response_headers(status);
+        let fin = f.on_response_body(b"{}", true, now).1.expect("finished");
+        let counters: Vec<String> = fin.counters.iter().map(|(n, _)| n.to_string()).collect();
+        assert!(counters.iter().any(|n| n.contains(".target.") && n.ends_with(".target_requests")), "{counters:?}");
+        f.on_stream_done(now);
+        Ok((plan, body))
+    }
+
+    fn target_of(plan: &header_plan::HeaderPlan) -> (String, String) {
+        let get = |k: &str| plan.set.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+        let cred = if get("api-key").is_empty() { get("authorization") } else { get("api-key") };
+        (get(header_plan::PROVIDER_HEADER), cred)
+    }
+
+    #[test]
+    fn failing_targets_are_skipped_probed_and_taken_back() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        let ok = [(":status", "200")];
+        let down = [(":status", "503")];
+        // Healthy: the first target, its credential, the model as asked.
+        let (plan, body) = failover_request(&plugin, &worker, KEY_A, 0, &ok).unwrap();
+        assert_eq!(target_of(&plan), ("openai".into(), "Bearer provider-key-for-ACME_OPENAI".into()));
+        assert!(body.is_none(), "the body goes as sent");
+        // Two 5xx open the first target's circuit (for 5 s).
+        failover_request(&plugin, &worker, KEY_A, 10, &down).unwrap();
+        failover_request(&plugin, &worker, KEY_A, 20, &down).unwrap();
+        let (plan, body) = failover_request(&plugin, &worker, KEY_A, 30, &ok).unwrap();
+        assert_eq!(target_of(&plan), ("azure-eu".into(), "provider-key-for-ACME_AZURE".into()));
+        let sent: Value = serde_json::from_slice(&body.expect("the model is renamed")).unwrap();
+        assert_eq!(sent["model"], "gpt4o-eu-deployment");
+        // globex holds no Azure key: with openai open it has nowhere to go.
+        let r = failover_request(&plugin, &worker, KEY_B, 40, &ok).unwrap_err();
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("x-tollgate-error"), Some("provider_unavailable"));
+        assert_eq!(r.header("retry-after"), Some("5"));
+        // Past the open period: one probe to openai; it succeeds and closes.
+        let (plan, _) = failover_request(&plugin, &worker, KEY_A, 5_100, &ok).unwrap();
+        assert_eq!(target_of(&plan).0, "openai");
+        let (plan, _) = failover_request(&plugin, &worker, KEY_B, 5_200, &ok).unwrap();
+        assert_eq!(target_of(&plan).0, "openai");
+        let gauges = std::mem::take(&mut worker.borrow_mut().circuit_gauges);
+        let states: Vec<u64> = gauges.iter().map(|(_, v)| *v).collect();
+        assert_eq!(states, [1, 2, 0], "opened, half-open, closed: {gauges:?}");
+        assert!(gauges.iter().all(|(n, _)| n == "tollgate.target.openai.target_circuit_state"));
+    }
+
+    #[test]
+    fn circuit_gauges_follow_the_shared_records_over_time() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        let mut w = worker.borrow_mut();
+        w.circuit_gauges.clear();
+        w.refresh_circuit_gauges(&plugin, 1_000);
+        assert_eq!(w.circuit_gauges, [("tollgate.target.openai.target_circuit_state".to_string(), 1)]);
+        // Not again within the second; then the open period has ended with
+        // no traffic: half-open, though no request changed it.
+        w.circuit_gauges.clear();
+        w.refresh_circuit_gauges(&plugin, 1_500);
+        assert!(w.circuit_gauges.is_empty());
+        w.refresh_circuit_gauges(&plugin, 6_000);
+        assert_eq!(w.circuit_gauges, [("tollgate.target.openai.target_circuit_state".to_string(), 2)]);
+    }
+
+    #[test]
+    fn a_refused_probe_gives_its_turn_back() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        let down = [(":status", "502")];
+        failover_request(&plugin, &worker, KEY_A, 0, &down).unwrap();
+        failover_request(&plugin, &worker, KEY_A, 0, &down).unwrap();
+        // The probe is taken, then the request ends before any answer.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&worker));
+        let hs = h(&[(":path", "/v1/chat/completions"), (":method", "POST"), ("x-api-key", KEY_A)]);
+        assert!(matches!(f.on_request_headers(&hs, false, 6_000, || "r".into()), HeadersStep::ReadBody(_)));
+        assert_eq!(f.target.map(|c| c.probe), Some(true));
+        f.on_stream_done(6_001);
+        // The next request can probe at once.
+        let (plan, _) = failover_request(&plugin, &worker, KEY_A, 6_002, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "openai");
+    }
+
+    #[test]
+    fn tollgates_own_refusal_of_a_probe_is_not_the_targets_answer() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        failover_request(&plugin, &worker, KEY_A, 0, &[(":status", "500")]).unwrap();
+        // Half-open: this request takes the probe, then tollgate refuses it
+        // (a body that is not JSON); its own 400 passes the response
+        // callbacks but is not the target's answer.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&worker));
+        let hs = h(&[(":path", "/v1/chat/completions"), (":method", "POST"), ("x-api-key", KEY_A)]);
+        assert!(matches!(f.on_request_headers(&hs, false, 6_000, || "r".into()), HeadersStep::ReadBody(_)));
+        assert_eq!(f.target.map(|c| c.probe), Some(true));
+        let BodyStep::Reply(r) = f.on_request_body(b"not json", 6_000) else { panic!("expected a refusal") };
+        assert_eq!(r.status, 400);
+        assert!(!f.watches_upstream());
+        f.on_stream_done(6_001);
+        // The circuit is still half-open (not closed by a 400 that never
+        // left), and the turn is free: the next request probes.
+        let rec = {
+            let w = worker.borrow();
+            let (v, _) = w.slots.get("tollgate.circuit.openai").unwrap();
+            circuit::Record::decode(&v.unwrap())
+        };
+        assert_eq!(rec.state(6_002), circuit::State::HalfOpen);
+        assert_eq!(rec.probe_until, 0);
+        let (plan, _) = failover_request(&plugin, &worker, KEY_A, 6_002, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "openai");
+    }
+
+    #[test]
+    fn callers_giving_up_on_a_hung_target_count_as_its_timeouts() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        let sent = |now: u64| {
+            let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&worker));
+            let hs = h(&[(":path", "/v1/chat/completions"), (":method", "POST"), ("x-api-key", KEY_A)]);
+            assert!(matches!(f.on_request_headers(&hs, false, now, || "r".into()), HeadersStep::ReadBody(_)));
+            assert!(matches!(f.on_request_body(br#"{"model":"gpt-4o"}"#, now), BodyStep::Forward { .. }));
+            f
+        };
+        // A client leaving early says nothing about the target.
+        for _ in 0..3 {
+            sent(0).on_stream_done(30_000);
+        }
+        let (plan, _) = failover_request(&plugin, &worker, KEY_A, 30_001, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "openai");
+        // Two callers that waited the probe timeout (120 s) for nothing: the
+        // circuit opens.
+        let probe_timeout = plugin.circuit.probe_timeout_ms;
+        for _ in 0..2 {
+            let fin = sent(40_000).on_stream_done(40_000 + probe_timeout).expect("finished");
+            assert!(fin.counters.iter().any(|(n, _)| n.ends_with("target.openai.target_timeouts")));
+        }
+        let (plan, _) =
+            failover_request(&plugin, &worker, KEY_A, 40_001 + probe_timeout, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "azure-eu");
+    }
+
+    #[test]
+    fn a_provider_429_pauses_only_the_credential_that_got_it() {
+        let plugin = failover_plugin();
+        let worker = Rc::new(RefCell::new(Worker::new(100)));
+        let limited = [(":status", "429"), ("retry-after", "3")];
+        failover_request(&plugin, &worker, KEY_A, 0, &limited).unwrap();
+        let (plan, _) = failover_request(&plugin, &worker, KEY_A, 2_999, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "azure-eu");
+        // globex's own key was not throttled.
+        let (plan, _) = failover_request(&plugin, &worker, KEY_B, 2_999, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "openai");
+        let (plan, _) = failover_request(&plugin, &worker, KEY_A, 3_000, &[(":status", "200")]).unwrap();
+        assert_eq!(target_of(&plan).0, "openai");
+        // globex's key throttled on its only target (OpenAI's retry-after-ms
+        // read first): a 429 of its own, not an outage's 503.
+        let limited = [(":status", "429"), ("retry-after-ms", "1500"), ("retry-after", "9")];
+        failover_request(&plugin, &worker, KEY_B, 4_000, &limited).unwrap();
+        let r = failover_request(&plugin, &worker, KEY_B, 4_100, &[(":status", "200")]).unwrap_err();
+        assert_eq!((r.status, r.header("x-tollgate-error")), (429, Some("provider_rate_limited")));
+        assert_eq!(r.header("retry-after-ms"), Some("1400"));
+        assert!(failover_request(&plugin, &worker, KEY_B, 5_500, &[(":status", "200")]).is_ok());
+    }
+
+    #[test]
+    fn a_passed_through_request_loses_the_routing_headers_a_client_forged() {
+        let mut v = crate::config::tests::sample_json();
+        v["unmatched_routes"] = "pass".into();
+        let plugin = crate::config::load(v.to_string().as_bytes(), &crate::config::tests::env).unwrap();
+        let mut f = flow_with(plugin);
+        let hs = h(&[
+            (":path", "/v1/models"),
+            (":method", "GET"),
+            ("X-Tollgate-Tier", "enterprise"),
+            ("x-tollgate-provider", "azure-eu"),
+            ("x-other", "kept"),
+        ]);
+        let step = f.on_request_headers(&hs, true, 0, || "r".into());
+        assert_eq!(
+            step,
+            HeadersStep::PassThrough { remove: vec!["x-tollgate-tier".into(), "x-tollgate-provider".into()] }
+        );
+    }
+
+    #[test]
+    fn a_tier_can_have_targets_of_its_own() {
+        let mut v = crate::config::tests::sample_json();
+        v["providers"]["azure-eu"] = serde_json::json!({"credential_header": "api-key"});
+        v["tiers"]["pro"]["provider_targets"] = serde_json::json!({"openai": ["azure-eu", "openai"]});
+        v["tenants"][0]["provider_key_env"]["azure-eu"] = "ACME_AZURE".into();
+        let plugin = Rc::new(crate::config::load(v.to_string().as_bytes(), &crate::config::tests::env).unwrap());
+        // acme (pro): the tier's dedicated target first.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let HeadersStep::ReadBody(plan) = start(&mut f, KEY_A, "/v1/chat/completions") else { panic!() };
+        assert_eq!(target_of(&plan), ("azure-eu".into(), "provider-key-for-ACME_AZURE".into()));
+        // globex (free): the provider as configured, no target header.
+        let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::new(RefCell::new(Worker::new(100))));
+        let HeadersStep::ReadBody(plan) = start(&mut f, KEY_B, "/v1/chat/completions") else { panic!() };
+        assert_eq!(target_of(&plan), (String::new(), "Bearer provider-key-for-GLOBEX_OPENAI".into()));
+        // A tenant's overrides may pin it too; mistakes name their field.
+        let bad = |targets: Value, field: &str| {
+            let mut v = crate::config::tests::sample_json();
+            v["providers"]["azure-eu"] = serde_json::json!({"credential_header": "api-key"});
+            v["tenants"][0]["overrides"] = serde_json::json!({"provider_targets": targets});
+            let e = crate::config::load(v.to_string().as_bytes(), &crate::config::tests::env).unwrap_err();
+            assert!(e.to_string().contains(field), "{e} should name {field}");
+        };
+        bad(serde_json::json!({"nope": ["openai"]}), "tenants[0].overrides.provider_targets.nope");
+        bad(serde_json::json!({"openai": ["nope"]}), "provider_targets.openai[0]");
+        bad(serde_json::json!({"openai": []}), "provider_targets.openai");
+        bad(serde_json::json!({"openai": ["azure-eu", "azure-eu"]}), "provider_targets.openai[1]");
+    }
+
+    #[test]
+    fn failover_configuration_mistakes_are_refused() {
+        let bad = |edit: &dyn Fn(&mut Value), field: &str| {
+            let mut v = crate::config::tests::sample_json();
+            v["providers"]["azure"] = serde_json::json!({"credential_header": "api-key"});
+            edit(&mut v);
+            let e = crate::config::load(v.to_string().as_bytes(), &crate::config::tests::env).unwrap_err();
+            assert!(e.to_string().contains(field), "{e} should name {field}");
+        };
+        bad(
+            &|v| v["providers"]["openai"]["targets"] = serde_json::json!([{"provider": "nope"}]),
+            "targets[0].provider",
+        );
+        bad(
+            &|v| {
+                v["providers"]["openai"]["targets"] = serde_json::json!([{"provider": "azure"}, {"provider": "azure"}])
+            },
+            "targets[1].provider",
+        );
+        bad(
+            &|v| v["providers"]["openai"]["targets"] = serde_json::json!([{"provider": "azure", "weight": 2}]),
+            "weight",
+        );
+        bad(
+            &|v| {
+                v["providers"]["openai"]["targets"] = serde_json::json!([{"provider": "azure"}]);
+                v["providers"]["azure"]["targets"] = serde_json::json!([{"provider": "openai"}]);
+            },
+            "do not nest",
+        );
+        bad(&|v| v["providers"]["openai"]["selection"] = "weighted".into(), "selection");
+        bad(&|v| v["providers"]["openai"]["selection"] = "random".into(), "random");
+        bad(&|v| v["providers"]["azure"]["model_map"] = serde_json::json!({"gpt-4o": "a/b"}), "model_map");
+        bad(&|v| v["circuit_breaker"] = serde_json::json!({"consecutive_failures": 0}), "consecutive_failures");
+        bad(&|v| v["circuit_breaker"] = serde_json::json!({"open_seconds": 60, "max_open_seconds": 30}), "max_open");
+        bad(&|v| v["circuit_breaker"] = serde_json::json!({"open_secs": 5}), "open_secs");
+    }
+
     #[test]
     fn a_large_stream_chunk_is_read_near_its_edges() {
         // The whole stream in one chunk (Envoy read the upstream late): the
@@ -1962,6 +2521,35 @@ mod tests {
     }
 
     #[test]
+    fn a_reserve_timed_out_by_a_stalled_worker_is_asked_again_once_under_its_key() {
+        let timeout = sample().rate_limit.unwrap().timeout_ms;
+        let reserve = |f: &mut RequestFlow| {
+            start(f, KEY_B, "/v1/chat/completions");
+            let BodyStep::Call(call) = f.on_request_body(br#"{"model":"gpt-4o-mini"}"#, 1_000) else { panic!() };
+            call
+        };
+        // On time: a timeout is the service's, and the tier's failure mode
+        // answers (globex: closed).
+        let mut f = flow();
+        reserve(&mut f);
+        let BodyStep::Reply(r) = f.on_rls_reply(Err(14), 1_000 + timeout + 20) else { panic!() };
+        assert_eq!(r.status, 503);
+        // Far past the deadline (Envoy says UNAVAILABLE for its timeout):
+        // the same reserve again, once.
+        let mut f = flow();
+        let first = reserve(&mut f);
+        let late = 1_000 + timeout * 3;
+        let BodyStep::Call(again) = f.on_rls_reply(Err(14), late) else { panic!("expected the reserve again") };
+        assert_eq!((again.message.clone(), again.metadata.clone()), (first.message, first.metadata));
+        let BodyStep::Reply(r) = f.on_rls_reply(Err(14), late + timeout * 3) else { panic!() };
+        assert_eq!(r.header("x-tollgate-error"), Some("rate_limiter_unavailable"));
+        // Other failures are not retried, late or not.
+        let mut f = flow();
+        reserve(&mut f);
+        assert!(matches!(f.on_rls_reply(Err(13), late), BodyStep::Reply(_)));
+    }
+
+    #[test]
     fn fail_open_admits_within_local_allowance_and_journals_usage() {
         // acme: failure_mode open, usd_per_month only; default 10 rpm in fail-open.
         let shared = Rc::new(RefCell::new(Worker::new(100)));
@@ -1971,7 +2559,7 @@ mod tests {
             let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
             start(&mut f, KEY_A, "/v1/chat/completions");
             let _ = f.on_request_body(br#"{"model":"gpt-4o","max_tokens":10}"#, 0);
-            match f.on_rls_reply(Err(14), 1000) {
+            match f.on_rls_reply(Err(14), 10) {
                 BodyStep::Forward { .. } => {
                     admitted += 1;
                     f.on_response_headers(200);

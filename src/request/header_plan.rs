@@ -24,6 +24,9 @@ use crate::identity::api_key::Headers;
 pub const OWN_HEADER_PREFIX: &str = "x-tollgate-";
 pub const TENANT_HEADER: &str = "x-tollgate-tenant";
 pub const TIER_HEADER: &str = "x-tollgate-tier";
+/// The failover target a request goes to (routes to a provider with
+/// targets), for Envoy's route match; removed by the router like the others.
+pub const PROVIDER_HEADER: &str = "x-tollgate-provider";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderPlan {

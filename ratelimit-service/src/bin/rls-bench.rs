@@ -54,6 +54,16 @@ enum Cmd {
         /// and the tier's share of it: nine descriptors).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4))]
         levels: u8,
+        /// Idempotency keys as the filter makes them: a reserve keyed
+        /// `<request id>:r1` and its settle `<request id>:settle`, the
+        /// request id a UUID as Envoy's `x-request-id` (36 characters).
+        /// Without it reserves carry no key and settles a short one.
+        #[arg(long)]
+        filter_keys: bool,
+        /// Stop after this many reserve + settle pairs in all (0: run for
+        /// `duration_s`).
+        #[arg(long, default_value_t = 0)]
+        requests: u64,
     },
     /// Fill the ledger through settles: every tenant gets one row per day
     /// (two keys, two models alternating) for the last `days` days.
@@ -204,6 +214,13 @@ fn typical_with(tenant: &str, tokens: u64, micros: u64, refund: bool, alerts: bo
     RateLimitRequest { domain: "tollgate".into(), descriptors, hits_addend: 0 }
 }
 
+/// A random request id shaped as Envoy's `x-request-id` (a UUID v4).
+fn request_id() -> String {
+    let x: u128 = rand::random();
+    let h = format!("{x:032x}");
+    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+}
+
 fn pct(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -212,6 +229,7 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i.min(sorted.len() - 1)]) / 1000.0
 }
 
+#[allow(clippy::too_many_arguments)] // the command line's flags, one by one
 async fn run(
     grpc_addr: String,
     concurrency: usize,
@@ -220,7 +238,10 @@ async fn run(
     tenants: usize,
     usage: bool,
     levels: u8,
+    filter_keys: bool,
+    requests: u64,
 ) -> Result<(), String> {
+    let budget = Arc::new(AtomicU64::new(0));
     let mut channels = Vec::new();
     for _ in 0..connections.max(1) {
         let c = Channel::from_shared(format!("http://{grpc_addr}"))
@@ -237,16 +258,32 @@ async fn run(
         let mut client = RateLimitServiceClient::new(channels[w % channels.len()].clone());
         let stop = stop.clone();
         let errors = errors.clone();
-        let tenant = format!("tenant-{}", w % tenants.max(1));
+        let budget = budget.clone();
+        let tenants = tenants.max(1);
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(100_000);
             let mut i: u64 = 0;
             while !stop.load(Ordering::Relaxed) {
+                if requests > 0 && budget.fetch_add(1, Ordering::Relaxed) >= requests {
+                    break;
+                }
                 i += 1;
+                // with --filter-keys, each request goes to the next tenant
+                // (the filter nets settles per tenant and tick: spread over
+                // many tenants, one settle per request)
+                let tenant = if filter_keys {
+                    format!("tenant-{}", (i as usize * concurrency + w) % tenants)
+                } else {
+                    format!("tenant-{}", w % tenants)
+                };
+                let request_id = filter_keys.then(request_id);
                 // reserve an estimate, then settle the difference (refund) idempotently
+                let mut reserve = tonic::Request::new(typical_with(&tenant, 2_000, 3_000, false, usage, levels));
+                if let Some(Ok(v)) = request_id.as_ref().map(|id| format!("{id}:r1").parse()) {
+                    reserve.metadata_mut().insert("x-tollgate-idempotency-key", v);
+                }
                 let t = Instant::now();
-                let ok =
-                    client.should_rate_limit(typical_with(&tenant, 2_000, 3_000, false, usage, levels)).await.is_ok();
+                let ok = client.should_rate_limit(reserve).await.is_ok();
                 lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 if !ok {
                     errors.fetch_add(1, Ordering::Relaxed);
@@ -272,7 +309,8 @@ async fn run(
                     }
                 }
                 settle.metadata_mut().insert("x-tollgate-mode", tonic::metadata::MetadataValue::from_static("settle"));
-                if let Ok(v) = format!("w{w}-{i}").parse() {
+                let key = request_id.as_ref().map_or_else(|| format!("w{w}-{i}"), |id| format!("{id}:settle"));
+                if let Ok(v) = key.parse() {
                     settle.metadata_mut().insert("x-tollgate-idempotency-key", v);
                 }
                 let t = Instant::now();
@@ -286,8 +324,10 @@ async fn run(
         }));
     }
     let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(duration_s)).await;
-    stop.store(true, Ordering::Relaxed);
+    if requests == 0 {
+        tokio::time::sleep(Duration::from_secs(duration_s)).await;
+        stop.store(true, Ordering::Relaxed);
+    }
     let mut all = Vec::new();
     for w in workers {
         all.extend(w.await.map_err(|e| e.to_string())?);
@@ -338,9 +378,19 @@ fn main() -> std::process::ExitCode {
                 println!("{x}");
             }
         }),
-        Cmd::Run { grpc_addr, concurrency, connections, duration_s, tenants, usage, levels } => {
+        Cmd::Run { grpc_addr, concurrency, connections, duration_s, tenants, usage, levels, filter_keys, requests } => {
             match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt.block_on(run(grpc_addr, concurrency, connections, duration_s, tenants, usage, levels)),
+                Ok(rt) => rt.block_on(run(
+                    grpc_addr,
+                    concurrency,
+                    connections,
+                    duration_s,
+                    tenants,
+                    usage,
+                    levels,
+                    filter_keys,
+                    requests,
+                )),
                 Err(e) => Err(e.to_string()),
             }
         }

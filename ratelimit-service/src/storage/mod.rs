@@ -36,10 +36,32 @@ pub struct Counter {
 pub struct Idempotency {
     /// The Redis key, in the first counter's slot.
     pub key: String,
+    /// The same key as the service named it before (read when `key` is
+    /// absent, never written; see [`crate::keys::legacy_idempotency_key`]).
+    pub legacy_key: String,
     /// The caller's key as it came (`x-tollgate-idempotency-key`): on Redis
     /// Cluster each further slot of the batch gets its own Redis key from it.
     pub request_key: String,
     pub ttl_ms: u64,
+}
+
+impl Idempotency {
+    /// The idempotency of a call keyed `request_key` in `mode`, in the slot of
+    /// hash tag `tag`.
+    pub fn new(tag: &str, mode: rls_contract::Mode, request_key: &str, ttl_ms: u64) -> Self {
+        Idempotency {
+            key: crate::keys::idempotency_key(tag, mode, request_key),
+            legacy_key: crate::keys::legacy_idempotency_key(tag, mode, request_key),
+            request_key: request_key.to_owned(),
+            ttl_ms,
+        }
+    }
+
+    /// The key of the undo of this call (Redis Cluster, see
+    /// [`crate::storage::slots::undo`]).
+    pub fn undo(&self) -> Self {
+        Idempotency { key: format!("{}:u", self.key), legacy_key: format!("{}:undo", self.legacy_key), ..self.clone() }
+    }
 }
 
 /// All counters of one request: decided and charged together.

@@ -170,6 +170,7 @@ pub fn script_args(batch: &Batch) -> (Vec<String>, Vec<String>) {
     match &batch.idempotency {
         Some(i) => {
             keys.push(i.key.clone());
+            keys.push(i.legacy_key.clone());
             argv.push(i.ttl_ms.to_string());
         }
         None => argv.push("0".to_owned()),
@@ -196,7 +197,7 @@ pub fn script_args(batch: &Batch) -> (Vec<String>, Vec<String>) {
 /// The ledger section of the script's arguments (see [`scripts::DECIDE`]).
 fn ledger_args(l: &LedgerWrite, n: usize, keys: &mut Vec<String>, argv: &mut Vec<String>) {
     keys.extend(l.keys.iter().cloned());
-    // KEYS positions are 1-based after the counters and idempotency key.
+    // KEYS positions are 1-based after the counters and idempotency keys.
     let pos = |k: usize| (k + 1).to_string();
     let (qi, qcap) = l.quota_index.map_or(("0".to_owned(), 0), |(k, cap)| (pos(k), cap));
     let (si, smax) = l.alert_stream.map_or(("0".to_owned(), 0), |(k, max)| (pos(k), max));

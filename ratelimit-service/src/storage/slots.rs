@@ -13,7 +13,7 @@
 //!   back with a settle-mode *undo* call ([`undo`]), the groups after it are only
 //!   read ([`check`]), and the answer is OVER_LIMIT;
 //! - **idempotency**: each group has its own key in its own slot, derived from
-//!   the request's key ([`split`]), and an undo has `<group key>:undo`, so a
+//!   the request's key ([`split`]), and an undo has `<group key>:u`, so a
 //!   retried request replays every group that already ran and undoes a
 //!   group at most once.
 //!
@@ -26,7 +26,6 @@ use std::future::Future;
 use rls_contract::Mode;
 
 use super::{AlertHit, Algorithm, Batch, Counter, CounterState, Idempotency, Outcome, StorageError};
-use crate::keys;
 
 /// The counters of one hash tag.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,7 +56,7 @@ fn group_idempotency(batch: &Batch, tag: &str, first: bool) -> Option<Idempotenc
         return Some(i.clone());
     }
     let mode = if batch.settle { Mode::Settle } else { Mode::Reserve };
-    Some(Idempotency { key: keys::idempotency_key(tag, mode, &i.request_key), ..i.clone() })
+    Some(Idempotency::new(tag, mode, &i.request_key, i.ttl_ms))
 }
 
 /// Split `batch` by hash tag: groups in order of first appearance (the first
@@ -97,12 +96,12 @@ pub fn split(batch: &Batch) -> Vec<Group> {
 /// The call that gives back what a charged reserve group took: a settle with
 /// every charge turned into a refund (and a refund into a charge), pure checks
 /// left as they are, at the group's own clock reading (so calendar counters hit
-/// the same window key), keyed `<group key>:undo` so a retry undoes it once.
+/// the same window key), keyed `<group key>:u` so a retry undoes it once.
 pub fn undo(group: &Batch) -> Batch {
     Batch {
         settle: true,
         counters: group.counters.iter().map(|c| Counter { refund: !c.refund && c.hits > 0, ..c.clone() }).collect(),
-        idempotency: group.idempotency.as_ref().map(|i| Idempotency { key: format!("{}:undo", i.key), ..i.clone() }),
+        idempotency: group.idempotency.as_ref().map(Idempotency::undo),
         // An undo writes no usage, index entry or alert.
         ledger: None,
         ..group.clone()
@@ -251,6 +250,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::keys;
 
     const TENANT: &str = "{tollgate|acme}";
     const POOL: &str = "{tollgate|gpt-pool}";
@@ -270,11 +270,7 @@ mod tests {
     fn batch(counters: Vec<Counter>, key: Option<&str>, settle: bool) -> Batch {
         let mode = if settle { Mode::Settle } else { Mode::Reserve };
         let idempotency = match (key, counters.first()) {
-            (Some(k), Some(first)) => Some(Idempotency {
-                key: keys::idempotency_key(&first.hash_tag, mode, k),
-                request_key: k.into(),
-                ttl_ms: 1000,
-            }),
+            (Some(k), Some(first)) => Some(Idempotency::new(&first.hash_tag, mode, k, 1000)),
             _ => None,
         };
         Batch { now_ms: 1, settle, counters, idempotency, ledger: None }
@@ -369,9 +365,12 @@ mod tests {
         let names: Vec<_> = groups[1].batch.counters.iter().map(|c| c.key.as_str()).collect();
         assert_eq!(names, ["tg:{tollgate|gpt-pool}:D:0:tpm", "tg:{tollgate|gpt-pool}:D:0:tier"]);
         // each group's key lives in its own slot; the first keeps the plan's key
-        let idem: Vec<_> = groups.iter().map(|g| g.batch.idempotency.as_ref().unwrap().key.as_str()).collect();
+        let idem: Vec<_> = groups.iter().map(|g| g.batch.idempotency.clone().unwrap()).collect();
+        let short: Vec<_> = idem.iter().map(|i| i.key.clone()).collect();
+        assert_eq!(short, [TENANT, POOL, OTHER_POOL].map(|t| keys::idempotency_key(t, Mode::Reserve, "req-1")));
+        let legacy: Vec<_> = idem.iter().map(|i| i.legacy_key.as_str()).collect();
         assert_eq!(
-            idem,
+            legacy,
             [
                 "tg:{tollgate|acme}:idem:reserve:req-1",
                 "tg:{tollgate|gpt-pool}:idem:reserve:req-1",
@@ -390,7 +389,9 @@ mod tests {
     fn settle_keys_carry_the_mode() {
         let b = batch(vec![counter(TENANT, "a", 1, 1), counter(POOL, "b", 1, 1)], Some("r:1"), true);
         let groups = split(&b);
-        assert_eq!(groups[1].batch.idempotency.as_ref().unwrap().key, "tg:{tollgate|gpt-pool}:idem:settle:r%3A1");
+        let i = groups[1].batch.idempotency.as_ref().unwrap();
+        assert_eq!(i.key, keys::idempotency_key(POOL, Mode::Settle, "r:1"));
+        assert_eq!(i.legacy_key, "tg:{tollgate|gpt-pool}:idem:settle:r%3A1");
     }
 
     #[test]
@@ -403,7 +404,9 @@ mod tests {
         assert_eq!(u.now_ms, g.now_ms);
         let hits: Vec<_> = u.counters.iter().map(|c| (c.hits, c.refund)).collect();
         assert_eq!(hits, [(3, true), (0, false), (4, false)]);
-        assert_eq!(u.idempotency.unwrap().key, "tg:{tollgate|acme}:idem:reserve:k:undo");
+        let i = u.idempotency.unwrap();
+        assert_eq!(i.key, format!("{}:u", keys::idempotency_key(TENANT, Mode::Reserve, "k")));
+        assert_eq!(i.legacy_key, "tg:{tollgate|acme}:idem:reserve:k:undo");
         assert_eq!(undo(&batch(vec![counter(TENANT, "a", 1, 1)], None, false)).idempotency, None);
 
         let c = check(&g);
