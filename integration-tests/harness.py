@@ -368,7 +368,7 @@ def wasm_filter(plugin_config, env_keys=(), struct_config=False, failure_policy=
 METERING_FIELDS = ["tenant", "tier", "user", "request_id", "api", "model_requested", "model_served",
                    "model_answered", "tokens_input", "tokens_cache_read", "tokens_cache_write", "tokens_output",
                    "tokens_reasoning", "tokens_total", "cost_usd", "ttfb_ms", "duration_ms", "upstream_status",
-                   "estimated", "outcome", "error", "limit", "key", "shadow_refusal"]
+                   "estimated", "outcome", "error", "limit", "key", "shadow_refusal", "service_tier", "unmetered"]
 
 ACCESS_LOG_FIELDS = {
     "start_time": "%START_TIME%",
@@ -388,7 +388,7 @@ TRUSTED_HEADERS = ("x-tollgate-tenant", "x-tollgate-tier", "x-tollgate-provider"
 
 
 def envoy_config(listen_port, admin_port, upstream_port, http_filters, access_log_path=None,
-                 buffer_limit=16 * 1024 * 1024, extra_clusters=(), stats_tags=(), routes=None):
+                 buffer_limit=16 * 1024 * 1024, extra_clusters=(), stats_tags=(), routes=None, upgrades=()):
     log_fields = dict(ACCESS_LOG_FIELDS)
     access_log = []
     if access_log_path:
@@ -433,6 +433,8 @@ def envoy_config(listen_port, admin_port, upstream_port, http_filters, access_lo
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "llm_ingress",
                         "access_log": access_log,
+                        # `upgrades`: e.g. ["websocket"], which Envoy otherwise refuses itself.
+                        "upgrade_configs": [{"upgrade_type": u} for u in upgrades],
                         "route_config": {
                             "name": "llm",
                             # tollgate's trusted headers serve routing only:

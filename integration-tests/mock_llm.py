@@ -21,6 +21,11 @@ Per-request behaviour is steered by request headers (they pass through Envoy):
   x-mock-first-byte-ms: N     wait N ms before answering (a provider's think time)
   x-mock-bulk-bytes: N        an OpenAI chat stream of about N bytes, written in
                               64 KiB pieces as fast as possible (benchmarks)
+  upgrade: websocket          answer 101 Switching Protocols and echo the
+                              bytes that follow (a WebSocket stand-in)
+  x-mock-iterations: 1        Anthropic: the final usage also carries
+                              usage.iterations (ITERATIONS: a compaction and an
+                              advisor call outside the top-level totals)
 
 Control endpoints (not provider APIs):
   GET    /__mock/requests    JSON list of recorded requests
@@ -53,6 +58,18 @@ GEMINI_PROMPT = 11
 GEMINI_CACHED = 5
 GEMINI_THOUGHTS = 6
 EMBEDDING_PROMPT = 7
+COMPACT_INPUT = 40
+COMPACT_CACHED = 8
+COMPACT_OUTPUT = 6
+COUNTED_INPUT = 21
+# usage.iterations of an Anthropic response asked for with x-mock-iterations
+# (the `message` entry is the top level's own; compaction and advisor are not
+# in the top-level totals).
+ADVISOR_MODEL = "claude-opus-4-7"
+ITERATION_COMPACTION = {"type": "compaction", "input_tokens": 1000, "output_tokens": 50,
+                        "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+ITERATION_ADVISOR = {"type": "advisor_message", "model": ADVISOR_MODEL, "input_tokens": 300, "output_tokens": 40,
+                     "cache_read_input_tokens": 100, "cache_creation_input_tokens": 0}
 DEFAULT_OUTPUT = 9
 
 RECORDS = []
@@ -124,9 +141,14 @@ def openai_chat(req, headers, fail):
         }
         if fail != "no-usage":
             body["usage"] = usage
+        if "service_tier" in req:
+            body["service_tier"] = {"fast": "priority", "auto": "default"}.get(req["service_tier"], req["service_tier"])
         return Reply(200, json.dumps(body).encode())
     include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
     base = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1, "model": answered}
+    if "service_tier" in req:
+        # The tier that served it: `fast` is served as `priority`, `auto` as `default`.
+        base["service_tier"] = {"fast": "priority", "auto": "default"}.get(req["service_tier"], req["service_tier"])
 
     def chunk(choices, usage_value=None):
         c = dict(base, choices=choices)
@@ -180,6 +202,17 @@ def openai_responses(req, headers, fail):
     return Reply(200, events=events, content_type="text/event-stream")
 
 
+def openai_responses_compact(req, headers, fail):
+    # openai-python CompactedResponse: no model, usage as in a response.
+    body = {"id": "resp_cmp_mock", "object": "response.compaction", "created_at": 1,
+            "output": [{"type": "compaction", "id": "cmp_mock", "encrypted_content": "opaque"}]}
+    if fail != "no-usage":
+        body["usage"] = {"input_tokens": COMPACT_INPUT, "input_tokens_details": {"cached_tokens": COMPACT_CACHED},
+                         "output_tokens": COMPACT_OUTPUT, "output_tokens_details": {"reasoning_tokens": 0},
+                         "total_tokens": COMPACT_INPUT + COMPACT_OUTPUT}
+    return Reply(200, json.dumps(body).encode())
+
+
 def openai_embeddings(req, headers, fail):
     body = {"object": "list", "model": req.get("model", "unknown"),
             "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]}
@@ -194,7 +227,15 @@ def anthropic_messages(req, headers, fail):
     text = words(n)
     usage = {"input_tokens": ANTHROPIC_INPUT, "cache_creation_input_tokens": ANTHROPIC_CACHE_WRITE,
              "cache_read_input_tokens": ANTHROPIC_CACHE_READ, "output_tokens": n}
+    iterations = None
+    if headers.get("x-mock-iterations") == "1":
+        own = {"type": "message", "model": model, "input_tokens": ANTHROPIC_INPUT, "output_tokens": n,
+               "cache_read_input_tokens": ANTHROPIC_CACHE_READ,
+               "cache_creation_input_tokens": ANTHROPIC_CACHE_WRITE}
+        iterations = [ITERATION_COMPACTION, own, ITERATION_ADVISOR]
     if not req.get("stream"):
+        if iterations:
+            usage = dict(usage, iterations=iterations)
         body = {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
                 "content": [{"type": "text", "text": "".join(text)}], "stop_reason": "end_turn",
                 "stop_sequence": None}
@@ -227,6 +268,8 @@ def anthropic_messages(req, headers, fail):
     delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}}
     if fail != "no-usage":
         delta["usage"] = {"output_tokens": n}
+        if iterations:
+            delta["usage"]["iterations"] = iterations
     events.append(sse(delta, "message_delta"))
     events.append(sse({"type": "message_stop"}, "message_stop"))
     return Reply(200, events=events, content_type="text/event-stream")
@@ -269,6 +312,32 @@ def gemini(req, headers, fail, model, method, alt_sse):
     return Reply(200, events=pieces, content_type="application/json")
 
 
+def gemini_interactions(req, headers, fail):
+    # google-genai _interactions: typed events up to interaction.complete;
+    # total_cached_tokens is inside total_input_tokens, thoughts on top of output.
+    model = req.get("model", "unknown")
+    n = output_tokens(headers, (req.get("generation_config") or {}).get("max_output_tokens"))
+    text = words(n)
+    usage = {"total_input_tokens": GEMINI_PROMPT, "total_cached_tokens": GEMINI_CACHED, "total_output_tokens": n,
+             "total_thought_tokens": GEMINI_THOUGHTS, "total_tool_use_tokens": 0,
+             "total_tokens": GEMINI_PROMPT + n + GEMINI_THOUGHTS}
+    done = {"id": "v1_mock", "status": "completed", "model": model, "object": "interaction", "role": "model"}
+    if fail != "no-usage":
+        done["usage"] = usage
+    if not req.get("stream"):
+        return Reply(200, json.dumps(dict(done, outputs=[{"type": "text", "text": "".join(text)}])).encode())
+    events = [sse({"event_type": "interaction.start",
+                   "interaction": {"id": "v1_mock", "status": "in_progress", "model": model}}, "interaction.start"),
+              sse({"event_type": "content.start", "index": 0, "content": {"type": "text"}}, "content.start")]
+    for t in text:
+        events.append(sse({"event_type": "content.delta", "index": 0, "delta": {"type": "text", "text": t}},
+                          "content.delta"))
+    events.append(sse({"event_type": "content.stop", "index": 0}, "content.stop"))
+    events.append(sse({"event_type": "interaction.complete", "interaction": dict(done, outputs=[])},
+                      "interaction.complete"))
+    return Reply(200, events=events, content_type="text/event-stream")
+
+
 def dispatch(method, path, headers, body):
     fail = headers.get("x-mock-fail")
     bare = path.split("?", 1)[0]
@@ -277,7 +346,7 @@ def dispatch(method, path, headers, body):
     except ValueError:
         return Reply(400, b'{"error":{"message":"mock: bad json"}}')
     api = "openai"
-    if bare.endswith("/messages"):
+    if bare.endswith("/messages") or bare.endswith("/messages/count_tokens"):
         api = "anthropic"
     elif "/models/" in bare and ":" in bare:
         api = "gemini"
@@ -285,6 +354,14 @@ def dispatch(method, path, headers, body):
         return error_reply(api, FAIL["status"], FAIL.get("retry_after"))
     if "x-mock-status" in headers:
         return error_reply(api, int(headers["x-mock-status"]), headers.get("x-mock-retry-after"))
+    if bare.endswith("/interactions"):
+        return gemini_interactions(req, headers, fail)
+    if bare.endswith("/responses/compact"):
+        return openai_responses_compact(req, headers, fail)
+    if bare.endswith("/responses/input_tokens"):
+        return Reply(200, json.dumps({"object": "response.input_tokens", "input_tokens": COUNTED_INPUT}).encode())
+    if bare.endswith("/messages/count_tokens"):
+        return Reply(200, json.dumps({"input_tokens": COUNTED_INPUT}).encode())
     if bare.endswith("/chat/completions"):
         return openai_chat(req, headers, fail)
     if bare.endswith("/responses"):
@@ -438,6 +515,23 @@ async def handle(reader, writer):
             if "x-mock-bulk-bytes" in headers:
                 await send_bulk(writer, bulk_stream({}, int(headers["x-mock-bulk-bytes"])))
                 continue
+            if headers.get("upgrade", "").lower() == "websocket":
+                # A WebSocket handshake (RFC 6455), then an echo of whatever
+                # bytes come until the client closes.
+                import base64
+                import hashlib
+                accept = base64.b64encode(hashlib.sha1((headers.get("sec-websocket-key", "") +
+                                                        "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+                writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                             b"sec-websocket-accept: " + accept + b"\r\n\r\n")
+                await writer.drain()
+                while True:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    writer.write(data)
+                    await writer.drain()
+                break
             reply = dispatch(method, target, headers, body)
             delay = int(headers.get("x-mock-chunk-delay-ms", "0")) / 1000.0
             if not await send_reply(writer, reply, headers, delay):

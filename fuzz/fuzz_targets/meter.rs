@@ -121,12 +121,13 @@ fuzz_target!(|data: &[u8]| {
     let [flags, seed, body @ ..] = data else {
         return;
     };
-    let format = match flags % 5 {
+    let format = match flags % 6 {
         0 => Api::OpenaiChat,
         1 => Api::OpenaiResponses,
         2 => Api::OpenaiEmbeddings,
         3 => Api::AnthropicMessages,
-        _ => Api::Gemini,
+        4 => Api::Gemini,
+        _ => Api::GeminiInteractions,
     };
     let streaming = flags & 0x08 != 0;
     // Small bounds so the oversized and salvage paths are reached often.
@@ -201,13 +202,23 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(out_split, body, "nothing stripped but output differs");
     }
 
+    // Anthropic iterations: each report replaces the last, so the
+    // breakdown is bounded by one report's.
+    assert!(whole.iterations.len() <= tollgate::llm::anthropic::MAX_ITERATIONS);
     if let Some(u) = whole.usage {
         let table = pricing::PricingConfig::from_json(
-            br#"{"models":{"gpt-4o":{"input":2.5,"cached_input":1.25,"output":10}},"prefix_match":true,"default":{"input":1e6,"output":1e6}}"#,
+            br#"{"models":{"gpt-4o":{"input":2.5,"cached_input":1.25,"output":10},"claude-opus-4-7":{"input":5,"output":25}},"prefix_match":true,"default":{"input":1e6,"output":1e6}}"#,
         )
         .and_then(|c| c.compile());
         if let Ok(t) = table {
-            let _ = t.cost_as(whole.model_answered.as_deref().unwrap_or(""), &u, &whole.served);
+            let model = whole.model_answered.as_deref().unwrap_or("");
+            let top = t.cost_as(model, &u, &whole.served);
+            let all = t.cost_with_iterations(model, &u, &whole.served, &whole.iterations);
+            // Iterations only ever add to the bill, and the sum is rounded once.
+            assert!(all.pico >= top.pico);
+            assert_eq!(all.micros, pricing::pico_to_micros_ceil(all.pico));
+            let billed = whole.billed_usage(u);
+            assert!(billed.input_total() >= u.input_total() && billed.output >= u.output);
         }
     }
     if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(body) {

@@ -323,6 +323,13 @@ pub struct TierSpec {
     /// instead of refusing it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clamp_max_output_tokens: Option<bool>,
+    /// Let WebSocket upgrades (OpenAI Responses WebSocket mode, Realtime)
+    /// through on metered routes. Their traffic cannot be metered: each is
+    /// counted as one request against request limits, charged no tokens or
+    /// dollars, and flagged `unmetered` in the access log. Default false:
+    /// they are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_websocket: Option<bool>,
     /// Model to serve instead of the requested one once
     /// `fallback_at_budget_share` of a budget is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]

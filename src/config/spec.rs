@@ -428,6 +428,8 @@ pub const FILTER_STATE_FIELDS: &[&str] = &[
     "limit",
     "key",
     "shadow_refusal",
+    "service_tier",
+    "unmetered",
 ];
 
 impl Default for MeteringSpec {

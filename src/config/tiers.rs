@@ -67,6 +67,8 @@ pub struct Policy {
     pub time_zone: Option<String>,
     pub default_max_output_tokens: u64,
     pub clamp_max_output_tokens: bool,
+    /// WebSocket upgrades are let through (counted as requests, unmetered).
+    pub allow_websocket: bool,
     pub fallback_model: Option<String>,
     /// Per-mille of a budget past which the fallback model is used.
     pub fallback_at_permille: Option<u16>,
@@ -135,6 +137,7 @@ pub(super) fn merge_tier(base: &TierSpec, over: &TierSpec) -> TierSpec {
         time_zone,
         default_max_output_tokens,
         clamp_max_output_tokens,
+        allow_websocket,
         fallback_model,
         fallback_at_budget_share,
         lease_requests,
@@ -240,6 +243,7 @@ pub(super) fn compile_tier(t: &TierSpec, path: &str, providers: &[Provider]) -> 
         time_zone: t.time_zone.clone(),
         default_max_output_tokens,
         clamp_max_output_tokens: t.clamp_max_output_tokens.unwrap_or(false),
+        allow_websocket: t.allow_websocket.unwrap_or(false),
         fallback_model: t.fallback_model.clone(),
         fallback_at_permille,
         lease: match t.lease_requests {

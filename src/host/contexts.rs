@@ -464,6 +464,19 @@ impl Http {
         }
     }
 
+    /// The reserve call of a request without a body (a WebSocket upgrade),
+    /// made from its headers: `Pause` until the answer, or, when it cannot be
+    /// sent, what the failure mode says now (`Continue` to let it go).
+    fn admit_call<H: Host>(&mut self, host: &mut H, call: &RlsCall) -> Action {
+        if self.dispatch(host, call).is_ok() {
+            return Action::Pause;
+        }
+        let now = host.now_ms();
+        let step = self.flow.on_rls_reply(Err(14), now);
+        // As inside a callback: a forward is answered `Continue`, not resumed.
+        self.run_body_step(host, step, 0, true)
+    }
+
     /// Carries out a body step. `in_body_callback` says whether the request
     /// is paused inside `on_http_request_body` (return the action) or
     /// waiting for a gRPC answer (resume it).
@@ -586,6 +599,14 @@ impl Http {
                 self.headers_call(host, &call);
                 Action::Pause
             }
+            HeadersStep::Admit(plan, call) => {
+                apply_plan(host, &raw, &plan);
+                self.admit_call(host, &call)
+            }
+            HeadersStep::Forward(plan) => {
+                apply_plan(host, &raw, &plan);
+                Action::Continue
+            }
             HeadersStep::Lookup(call) => {
                 match host.dispatch_get(&call.cluster, &call.path, &call.authority, call.timeout_ms) {
                     Ok(token) => self.lookup_token = Some(token),
@@ -624,6 +645,16 @@ impl Http {
         match step {
             HeadersStep::Reply(reply) => self.reply(host, &reply),
             HeadersStep::Call(call) => self.headers_call(host, &call),
+            HeadersStep::Admit(plan, call) => {
+                apply_plan(host, &raw, &plan);
+                if self.admit_call(host, &call) == Action::Continue {
+                    host.resume_request();
+                }
+            }
+            HeadersStep::Forward(plan) => {
+                apply_plan(host, &raw, &plan);
+                host.resume_request();
+            }
             HeadersStep::ReadBody(plan) => {
                 apply_plan(host, &raw, &plan);
                 if let Some(size) = self.body_done {
@@ -646,6 +677,10 @@ impl Http {
     }
 
     pub fn on_request_body<H: Host>(&mut self, host: &mut H, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(pass) = self.flow.unread_body() {
+            // A WebSocket's frames: held until its reserve is answered, then passed.
+            return if pass { Action::Continue } else { Action::Pause };
+        }
         if self.bypass {
             return Action::Continue;
         }

@@ -7,7 +7,13 @@ use serde_json::{Map, Value};
 use crate::llm::inspect::{body_facts, RequestInfo};
 use crate::llm::observation::{canonical_tier, count, counts_of, json_len, text_len, Observation, RawCounts, Served};
 use crate::llm::{ModelSwap, Refusal};
-use crate::metering::usage::Usage;
+use crate::metering::usage::{Iteration, IterationKind, Usage};
+
+/// Most `usage.iterations` entries read from one report (a bound on the
+/// work and memory a hostile body can cause; real responses have a few).
+pub const MAX_ITERATIONS: usize = 256;
+/// Longest model name kept for an iteration.
+const MAX_MODEL_LEN: usize = 256;
 
 /// The request facts of a Messages body; usage always comes.
 pub(crate) fn request_facts(json: &Value) -> Result<RequestInfo, Refusal> {
@@ -39,6 +45,7 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
                 counts: counts_of(msg.get("usage"), usage_counts),
                 model: Observation::model_at(msg.get("model")),
                 served: served(msg.get("usage")),
+                iterations: iterations_at(msg.get("usage")),
                 ..Observation::default()
             },
             None => Observation::default(),
@@ -46,6 +53,7 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
         "message_delta" => Observation {
             counts: counts_of(doc.get("usage"), usage_counts),
             served: served(doc.get("usage")),
+            iterations: iterations_at(doc.get("usage")),
             ..Observation::default()
         },
         "message_stop" => Observation { complete: true, ..Observation::default() },
@@ -69,7 +77,11 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
                     text = text.saturating_add(n);
                 }
             }
-            Observation { served: served(doc.get("usage")), ..Observation::of_body(doc, usage_counts, text) }
+            Observation {
+                served: served(doc.get("usage")),
+                iterations: iterations_at(doc.get("usage")),
+                ..Observation::of_body(doc, usage_counts, text)
+            }
         }
     }
 }
@@ -99,6 +111,49 @@ pub(crate) fn usage_counts(u: &Value) -> RawCounts {
         web_fetch: tools("web_fetch_requests"),
         ..RawCounts::default()
     }
+}
+
+/// A usage object's `iterations` array, when it has one.
+fn iterations_at(usage: Option<&Value>) -> Option<&Value> {
+    usage.and_then(|u| u.get("iterations")).filter(|v| v.is_array())
+}
+
+/// The entries of a `usage.iterations` array that are *not* in the
+/// top-level totals, each with its own usage and model. Anthropic's API
+/// reference: a `compaction` entry's tokens are not included in the
+/// top-level `usage` fields (and the entry has no `model`: it runs on the
+/// request's); an `advisor_message` entry is an advisor sub-inference,
+/// billed at the advisor model's rates and outside the executor's totals.
+/// `message` and `fallback_message` entries are the sampling iterations the
+/// top-level totals already add up, and unknown types are taken to be
+/// inside them too (summing them could count work twice).
+pub(crate) fn extra_iterations(v: &Value) -> Vec<Iteration> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .take(MAX_ITERATIONS)
+        .filter_map(|item| {
+            let kind = match item.get("type").and_then(Value::as_str)? {
+                "compaction" => IterationKind::Compaction,
+                "advisor_message" => IterationKind::Advisor,
+                _ => return None,
+            };
+            let model =
+                item.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()).map(|m| truncate(m, MAX_MODEL_LEN));
+            Some(Iteration { kind, model, usage: normalise(&usage_counts(item)) })
+        })
+        .collect()
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    s.get(..end).unwrap_or_default().to_string()
 }
 
 /// The conditions in a usage object: `service_tier`, `speed`, `inference_geo`.

@@ -41,6 +41,7 @@ pub(crate) fn request_facts(path: &str, json: &Value) -> Result<RequestInfo, Ref
         max_output_tokens: u64_at(json, &["generationConfig", "maxOutputTokens"]),
         include_usage: true,
         asked: Default::default(),
+        endpoint: Default::default(),
     })
 }
 
@@ -86,6 +87,7 @@ pub(crate) fn observe(doc: &Value) -> Observation<'_> {
             tier: Served::word(path(doc, &["usageMetadata", "trafficType"])).map(canonical_tier),
             ..Served::default()
         },
+        iterations: None,
     }
 }
 

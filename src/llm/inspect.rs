@@ -32,6 +32,57 @@ pub struct RequestInfo {
     /// The service tier, speed and region the body asks for, to price the
     /// estimate with (the bill follows what the response reports).
     pub asked: ServedAs,
+    /// Which call of its API the request is (by its path).
+    pub endpoint: Endpoint,
+}
+
+/// Which call of an API a request is, by the end of its path: the ordinary
+/// one that generates output, or one of the calls that differ in what is
+/// billed and which fields they take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Generates output: metered, priced, capped by the max-output field.
+    #[default]
+    Generate,
+    /// OpenAI `POST /v1/responses/compact`: billed from its usage (a
+    /// `response.compaction` object names no model: the request's prices
+    /// it); it takes no max-output field, so none is written in.
+    Compact,
+    /// Token counting (OpenAI `POST /v1/responses/input_tokens`, Anthropic
+    /// `POST /v1/messages/count_tokens`, Gemini `models/{model}:countTokens`): free, so no tokens or dollars are
+    /// reserved or charged, but it counts as one request against request
+    /// limits; it takes no max-output field.
+    CountTokens,
+    /// A WebSocket upgrade (OpenAI Responses WebSocket mode, Realtime) that
+    /// the tier lets through (`allow_websocket`): its frames are not read,
+    /// so it is one request with no tokens or dollars, reported unmetered.
+    WebSocket,
+}
+
+impl Endpoint {
+    /// The endpoint of a request to `path` (its query ignored) on a route of `api`.
+    pub fn of(api: Api, path: &str) -> Endpoint {
+        let path = path.split('?').next().unwrap_or_default().trim_end_matches('/');
+        match api {
+            Api::OpenaiResponses if path.ends_with("/responses/compact") => Endpoint::Compact,
+            Api::OpenaiResponses if path.ends_with("/responses/input_tokens") => Endpoint::CountTokens,
+            Api::AnthropicMessages if path.ends_with("/messages/count_tokens") => Endpoint::CountTokens,
+            Api::Gemini if gemini_target(path).is_some_and(|(_, method)| method == "countTokens") => {
+                Endpoint::CountTokens
+            }
+            _ => Endpoint::Generate,
+        }
+    }
+
+    /// Neither tokens nor dollars are charged (requests still count).
+    pub fn is_free(self) -> bool {
+        matches!(self, Endpoint::CountTokens | Endpoint::WebSocket)
+    }
+
+    /// The request takes its API's max-output field.
+    pub fn takes_max_output(self) -> bool {
+        self == Endpoint::Generate
+    }
 }
 
 /// The conditions a body asks for: `service_tier` (canonical, see
@@ -87,6 +138,7 @@ pub(crate) fn body_facts(json: &Value, max_output_field: &str) -> Result<Request
         max_output_tokens: u64_at(json, &[max_output_field]),
         include_usage: true,
         asked: asked_conditions(json),
+        endpoint: Endpoint::Generate,
     })
 }
 
@@ -242,5 +294,25 @@ mod tests {
         let (_, json) = inspect(Api::OpenaiChat, chat, br#"{"model":"m","stream_options":[1,"x"]}"#).expect("accepted");
         assert_eq!(json["stream_options"], serde_json::json!([1, "x"]));
         assert!(matches!(inspect(Api::OpenaiChat, chat, b"\"[1]\""), Err(Refusal::InvalidJson { .. })));
+    }
+
+    #[test]
+    fn endpoints_by_path() {
+        let of = Endpoint::of;
+        assert_eq!(of(Api::OpenaiResponses, "/v1/responses"), Endpoint::Generate);
+        assert_eq!(of(Api::OpenaiResponses, "/v1/responses/compact"), Endpoint::Compact);
+        assert_eq!(of(Api::OpenaiResponses, "/openai/v1/responses/compact?x=1"), Endpoint::Compact);
+        assert_eq!(of(Api::OpenaiResponses, "/v1/responses/input_tokens/"), Endpoint::CountTokens);
+        assert_eq!(of(Api::AnthropicMessages, "/v1/messages/count_tokens"), Endpoint::CountTokens);
+        assert_eq!(of(Api::AnthropicMessages, "/anthropic/v1/messages"), Endpoint::Generate);
+        assert_eq!(of(Api::Gemini, "/v1beta/models/gemini-2.5-pro:countTokens"), Endpoint::CountTokens);
+        assert_eq!(of(Api::Gemini, "/v1beta/models/gemini-2.5-pro:generateContent"), Endpoint::Generate);
+        // Only within the API whose call it is.
+        assert_eq!(of(Api::OpenaiChat, "/v1/messages/count_tokens"), Endpoint::Generate);
+        assert!(Endpoint::CountTokens.is_free() && !Endpoint::Compact.is_free() && Endpoint::WebSocket.is_free());
+        assert!(Endpoint::Generate.takes_max_output() && !Endpoint::Compact.takes_max_output());
+        let body = br#"{"model": "claude-x", "messages": []}"#;
+        let (info, _) = inspect(Api::AnthropicMessages, "/v1/messages/count_tokens", body).expect("accepted");
+        assert_eq!((info.endpoint, info.model.as_str()), (Endpoint::CountTokens, "claude-x"));
     }
 }

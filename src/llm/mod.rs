@@ -8,6 +8,7 @@
 
 pub mod anthropic;
 pub mod gemini;
+pub mod gemini_interactions;
 pub mod inspect;
 pub mod observation;
 pub mod openai_chat;
@@ -39,6 +40,8 @@ pub enum Api {
     AnthropicMessages,
     /// Gemini `models/{model}:generateContent` and `:streamGenerateContent`.
     Gemini,
+    /// Gemini's Interactions API, `POST /v1beta/interactions`.
+    GeminiInteractions,
 }
 
 /// Which error envelope and conventions a client of an API expects.
@@ -54,7 +57,7 @@ impl Api {
         match self {
             Api::OpenaiChat | Api::OpenaiResponses | Api::OpenaiEmbeddings => Family::OpenAi,
             Api::AnthropicMessages => Family::Anthropic,
-            Api::Gemini => Family::Gemini,
+            Api::Gemini | Api::GeminiInteractions => Family::Gemini,
         }
     }
 
@@ -65,6 +68,7 @@ impl Api {
             Api::OpenaiEmbeddings => "openai_embeddings",
             Api::AnthropicMessages => "anthropic_messages",
             Api::Gemini => "gemini",
+            Api::GeminiInteractions => "gemini_interactions",
         }
     }
 }
@@ -97,13 +101,16 @@ impl ModelSwap {
 impl Api {
     /// The request facts of a parsed body (see [`inspect::inspect`]).
     pub(crate) fn request_facts(self, path: &str, json: &Value) -> Result<RequestInfo, Refusal> {
-        match self {
+        let mut info = match self {
             Api::OpenaiChat => openai_chat::request_facts(json),
             Api::OpenaiResponses => openai_responses::request_facts(json),
             Api::OpenaiEmbeddings => openai_embeddings::request_facts(json),
             Api::AnthropicMessages => anthropic::request_facts(json),
             Api::Gemini => gemini::request_facts(path, json),
-        }
+            Api::GeminiInteractions => gemini_interactions::request_facts(json),
+        }?;
+        info.endpoint = inspect::Endpoint::of(self, path);
+        Ok(info)
     }
 
     /// Parses a request body and reads its facts.
@@ -119,6 +126,7 @@ impl Api {
             Api::OpenaiResponses => openai_responses::clamp_output(body, n),
             Api::AnthropicMessages => anthropic::clamp_output(body, n),
             Api::Gemini => gemini::clamp_output(body, n),
+            Api::GeminiInteractions => gemini_interactions::clamp_output(body, n),
             Api::OpenaiEmbeddings => return false,
         }
         true
@@ -132,6 +140,7 @@ impl Api {
             Api::OpenaiEmbeddings => openai_embeddings::swap_model(body, to),
             Api::AnthropicMessages => anthropic::swap_model(body, to),
             Api::Gemini => gemini::swap_model(path, from, to),
+            Api::GeminiInteractions => gemini_interactions::swap_model(body, to),
         }
     }
 
@@ -145,6 +154,7 @@ impl Api {
             Api::OpenaiEmbeddings => openai_embeddings::observe(doc),
             Api::AnthropicMessages => anthropic::observe(doc),
             Api::Gemini => gemini::observe(doc),
+            Api::GeminiInteractions => gemini_interactions::observe(doc),
         }
     }
 
@@ -154,6 +164,7 @@ impl Api {
             Api::OpenaiChat | Api::OpenaiResponses | Api::OpenaiEmbeddings => openai_chat::usage_counts(usage),
             Api::AnthropicMessages => anthropic::usage_counts(usage),
             Api::Gemini => gemini::usage_counts(usage),
+            Api::GeminiInteractions => gemini_interactions::usage_counts(usage),
         }
     }
 
@@ -162,7 +173,7 @@ impl Api {
         match self {
             Api::OpenaiChat | Api::OpenaiResponses | Api::OpenaiEmbeddings => openai_chat::normalise(raw),
             Api::AnthropicMessages => anthropic::normalise(raw),
-            Api::Gemini => gemini::normalise(raw),
+            Api::Gemini | Api::GeminiInteractions => gemini::normalise(raw),
         }
     }
 

@@ -148,6 +148,9 @@ pub struct Observation<'a> {
     pub complete: bool,
     /// The service tier, speed and region it reports.
     pub served: Served<'a>,
+    /// Anthropic `usage.iterations`: the per-iteration breakdown, read by
+    /// [`crate::llm::anthropic::extra_iterations`] (the latest array wins).
+    pub iterations: Option<&'a Value>,
 }
 
 impl<'a> Observation<'a> {
@@ -171,6 +174,7 @@ impl<'a> Observation<'a> {
             text_bytes,
             complete: false,
             served: Served { tier: Served::word(doc.get("service_tier")).map(canonical_tier), ..Served::default() },
+            iterations: None,
         }
     }
 }

@@ -27,6 +27,7 @@ pub(crate) fn request_facts(json: &Value) -> Result<RequestInfo, Refusal> {
         max_output_tokens: u64_at(json, &["max_completion_tokens"]).or_else(|| u64_at(json, &["max_tokens"])),
         include_usage,
         asked: asked_conditions(json),
+        endpoint: Default::default(),
     })
 }
 
@@ -182,6 +183,7 @@ impl ChatBody {
             text_bytes: self.text,
             complete: false,
             served: Served { tier: self.service_tier.as_deref().map(canonical_tier), ..Served::default() },
+            iterations: None,
         }
     }
 }

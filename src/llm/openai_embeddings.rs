@@ -21,6 +21,7 @@ pub(crate) fn request_facts(json: &Value) -> Result<RequestInfo, Refusal> {
         max_output_tokens: None,
         include_usage: true,
         asked: Default::default(),
+        endpoint: Default::default(),
     })
 }
 

@@ -30,6 +30,9 @@ pub enum Refusal {
     ModelNotAllowed {
         model: String,
     },
+    /// A WebSocket upgrade on a metered route, for a tier without
+    /// `allow_websocket`.
+    WebSocketNotAllowed,
     /// A refusal produced by another module (JWT, limits) with its own code.
     Custom {
         status: u16,
@@ -45,7 +48,10 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::MissingApiKey | Refusal::InvalidApiKey => 401,
-            Refusal::TenantDisabled | Refusal::ModelNotAllowed { .. } | Refusal::ProviderNotConfigured { .. } => 403,
+            Refusal::TenantDisabled
+            | Refusal::ModelNotAllowed { .. }
+            | Refusal::ProviderNotConfigured { .. }
+            | Refusal::WebSocketNotAllowed => 403,
             Refusal::UnknownRoute => 404,
             Refusal::MethodNotAllowed => 405,
             Refusal::RequestTooLarge { .. } => 413,
@@ -68,6 +74,7 @@ impl Refusal {
             Refusal::InvalidJson { .. } => "invalid_json",
             Refusal::InvalidRequest { .. } => "invalid_request",
             Refusal::ModelNotAllowed { .. } => "model_not_allowed",
+            Refusal::WebSocketNotAllowed => "websocket_not_allowed",
             Refusal::Custom { code, .. } => code,
             Refusal::Internal { .. } => "internal_error",
         }
@@ -94,6 +101,9 @@ impl Refusal {
             Refusal::ModelNotAllowed { model } => {
                 format!("The model '{model}' is not available to this account.")
             }
+            Refusal::WebSocketNotAllowed => "WebSocket connections are not enabled for this account: this gateway \
+                cannot meter their traffic. Use HTTP requests (with \"stream\": true for streaming) instead."
+                .into(),
             Refusal::Custom { message, .. } => message.clone(),
             Refusal::Internal { detail } => format!("Internal gateway error: {detail}"),
         }

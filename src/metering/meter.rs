@@ -15,7 +15,7 @@ use crate::llm::observation::{Observation, RawCounts};
 use crate::llm::openai_chat::ChatBody;
 use crate::llm::Api;
 use crate::metering::sse::{SseError, SseEvent, SseParser};
-use crate::metering::usage::{MeterLimits, Metered, ServedAs};
+use crate::metering::usage::{Iteration, MeterLimits, Metered, ServedAs};
 
 /// At most this many mid-stream errors are kept, each cut to `MAX_ERROR_LEN`.
 const MAX_ERRORS: usize = 8;
@@ -77,6 +77,7 @@ struct Accum {
     salvaged: bool,
     complete: bool,
     served: ServedAs,
+    iterations: Vec<Iteration>,
 }
 
 impl Accum {
@@ -95,6 +96,7 @@ impl Accum {
             salvaged: false,
             complete: false,
             served: ServedAs::default(),
+            iterations: Vec::new(),
         }
     }
 
@@ -125,6 +127,10 @@ impl Accum {
         }
         if let Some(counts) = obs.counts {
             self.raw.merge(counts);
+        }
+        if let Some(list) = obs.iterations {
+            // Each report repeats the whole breakdown so far: the latest wins.
+            self.iterations = crate::llm::anthropic::extra_iterations(list);
         }
         self.add_text(obs.text_bytes);
         if obs.complete {
@@ -251,6 +257,7 @@ impl Accum {
             usage_salvaged: self.salvaged,
             complete: self.complete,
             served: self.served,
+            iterations: self.iterations,
         }
     }
 }
@@ -869,6 +876,54 @@ mod tests {
                 0,
                 true,
             ),
+            // `/v1/responses/compact`: a `response.compaction` object, which names no model.
+            case(
+                fixture!("openai_responses_compact.json"),
+                OpenaiResponses,
+                false,
+                Some(u(32_000, 16_000, 0, 2200, 1800, 50_200)),
+                "",
+                0,
+                true,
+            ),
+            // Gemini Interactions: cached tokens inside the input total, thoughts on top of output.
+            case(
+                fixture!("gemini_interactions.json"),
+                GeminiInteractions,
+                false,
+                Some(u(1104, 4096, 0, 500, 380, 5700)),
+                "gemini-3-pro-preview",
+                0,
+                true,
+            ),
+            case(
+                fixture!("gemini_interactions_stream.sse"),
+                GeminiInteractions,
+                true,
+                Some(Usage { input_audio: 200, ..u(282, 2048, 0, 78, 64, 2408) }),
+                "gemini-3-flash-preview",
+                0,
+                true,
+            ),
+            // Iterations outside the top-level totals (see `iterations_...`): `usage` is the top level.
+            case(
+                fixture!("anthropic_iterations.json"),
+                AnthropicMessages,
+                false,
+                Some(u(1200, 30_000, 0, 900, 0, 32_100)),
+                "claude-sonnet-4-6",
+                0,
+                true,
+            ),
+            case(
+                fixture!("anthropic_stream_iterations.sse"),
+                AnthropicMessages,
+                true,
+                Some(u(1200, 30_000, 0, 900, 0, 32_100)),
+                "claude-sonnet-4-6",
+                0,
+                true,
+            ),
             case(
                 fixture!("gemini_stream_provisioned.sse"),
                 Gemini,
@@ -906,6 +961,75 @@ mod tests {
         }
     }
 
+    #[test]
+    fn iterations_outside_the_totals_are_summed_and_priced_at_their_own_models() {
+        use crate::metering::pricing::{PricedBy, PricingConfig};
+        use crate::metering::usage::{Iteration, IterationKind};
+        let want = vec![
+            Iteration { kind: IterationKind::Compaction, model: None, usage: u(180_000, 0, 0, 3500, 0, 183_500) },
+            Iteration {
+                kind: IterationKind::Advisor,
+                model: Some("claude-opus-4-7".into()),
+                usage: Usage { cache_write_1h: 2000, ..u(32_000, 0, 2000, 1500, 0, 35_500) },
+            },
+        ];
+        let table = PricingConfig::from_json(
+            br#"{"models": {"claude-sonnet-4-6": {"input": 3, "cached_input": 0.3, "output": 15},
+                            "claude-opus-4-7": {"input": 5, "cache_write": 6.25, "cache_write_1h": 10, "output": 25}},
+                 "default": {"input": 100, "output": 100}}"#,
+        )
+        .and_then(|c| c.compile())
+        .expect("pricing");
+        let cases = cases();
+        for name in ["anthropic_iterations.json", "anthropic_stream_iterations.sse"] {
+            let c = cases.iter().find(|c| c.name == name).expect(name);
+            let m = meter(c);
+            assert_eq!(m.iterations, want, "{name}");
+            let top = m.usage.expect("usage");
+            // Summed: the top level (the `message` entries) plus compaction and advisor.
+            let all = m.billed_usage(top);
+            assert_eq!(
+                (all.input_uncached, all.cache_read, all.cache_write, all.cache_write_1h, all.output, all.total),
+                (213_200, 30_000, 2000, 2000, 5900, 251_100),
+                "{name}"
+            );
+            // Sonnet: 1200 x 3 + 30000 x 0.3 + 900 x 15 = 26100 µ$ (top level),
+            // 180000 x 3 + 3500 x 15 = 592500 µ$ (compaction, on the response's model);
+            // Opus: 32000 x 5 + 2000 x 10 (1-hour writes) + 1500 x 25 = 217500 µ$ (advisor).
+            let cost = table.cost_with_iterations("claude-sonnet-4-6", &top, &m.served, &m.iterations);
+            assert_eq!(cost.micros, 26_100 + 592_500 + 217_500, "{name}");
+            assert_eq!(cost.pico, 836_100 * 1_000_000, "{name}");
+            assert_eq!(cost.priced_by, PricedBy::Exact);
+            // An advisor on a model missing from the table is priced, and flagged, at the default.
+            let mut unknown = m.iterations.clone();
+            if let Some(it) = unknown.get_mut(1) {
+                it.model = Some("claude-unlisted".into());
+            }
+            let cost = table.cost_with_iterations("claude-sonnet-4-6", &top, &m.served, &unknown);
+            assert_eq!(cost.priced_by, PricedBy::Default);
+            assert_eq!(cost.micros, 26_100 + 592_500 + (34_000 + 1500) * 100);
+        }
+        // The latest report wins: the interim `message_delta` had only the compaction.
+        let c = cases.iter().find(|c| c.name == "anthropic_stream_iterations.sse").expect("stream");
+        let body = std::str::from_utf8(c.body).expect("utf8");
+        let cut = body.rfind("event: message_delta").expect("final delta");
+        let m = meter_chunks(c, MeterLimits::default(), &[body.get(..cut).unwrap_or_default().as_bytes()]);
+        assert_eq!(m.iterations, want.get(..1).unwrap_or_default());
+        // `message` and `fallback_message` entries are inside the top-level totals,
+        // unknown types are taken to be too; a missing model is the response's.
+        let doc: Value = serde_json::from_str(
+            r#"[{"type": "message", "model": "a", "input_tokens": 5}, {"type": "fallback_message", "model": "b", "input_tokens": 6},
+                {"type": "something_new", "input_tokens": 7}, {"type": "advisor_message", "model": "", "input_tokens": 8}]"#,
+        )
+        .expect("json");
+        let got = crate::llm::anthropic::extra_iterations(&doc);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got.first().map(|i| (i.kind, i.model.clone(), i.usage.input_uncached)),
+            Some((IterationKind::Advisor, None, 8))
+        );
+    }
+
     fn meter_chunks(c: &Case, limits: MeterLimits, chunks: &[&[u8]]) -> Metered {
         let mut m = ResponseMeter::new(c.api, c.streaming, limits);
         for chunk in chunks {
@@ -923,7 +1047,7 @@ mod tests {
         for c in cases() {
             let m = meter(&c);
             assert_eq!(m.usage, c.usage, "{}: usage", c.name);
-            assert_eq!(m.model_answered.as_deref(), Some(c.model), "{}: model", c.name);
+            assert_eq!(m.model_answered.as_deref().unwrap_or_default(), c.model, "{}: model", c.name);
             assert_eq!(m.errors.len(), c.errors, "{}: errors {:?}", c.name, m.errors);
             assert_eq!(m.complete, c.complete, "{}: complete", c.name);
             assert_eq!(m.bytes_seen, c.body.len() as u64, "{}", c.name);

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
-use crate::metering::usage::{ServedAs, Usage};
+use crate::metering::usage::{Iteration, ServedAs, Usage};
 
 /// Pico-dollars per micro-dollar.
 const PICO_PER_MICRO: u128 = 1_000_000;
@@ -593,6 +593,31 @@ impl PriceTable {
         let (prices, priced_by) = self.prices(model);
         let pico = prices.cost_pico(usage, served);
         Cost { micros: pico_to_micros_ceil(pico), pico, priced_by }
+    }
+
+    /// The cost of a response whose top-level `usage` was answered by
+    /// `model`, plus each of its `iterations` (work outside the top-level
+    /// totals) at its own model's prices, or `model`'s when it names none;
+    /// all served as `served`. Summed in pico-dollars, rounded up once.
+    /// `priced_by` is the top-level model's, or [`PricedBy::Default`] when
+    /// any iteration's model fell to the default price.
+    pub fn cost_with_iterations(
+        &self,
+        model: &str,
+        usage: &Usage,
+        served: &ServedAs,
+        iterations: &[Iteration],
+    ) -> Cost {
+        let mut cost = self.cost_as(model, usage, served);
+        for it in iterations {
+            let (prices, by) = self.prices(it.model.as_deref().unwrap_or(model));
+            cost.pico = cost.pico.saturating_add(prices.cost_pico(&it.usage, served));
+            if by == PricedBy::Default {
+                cost.priced_by = PricedBy::Default;
+            }
+        }
+        cost.micros = pico_to_micros_ceil(cost.pico);
+        cost
     }
 }
 

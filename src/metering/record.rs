@@ -40,6 +40,11 @@ pub struct Facts<'a> {
     /// What each budget has left once this request's usage (and its cost in
     /// micro-dollars) replaced its reservation.
     pub budgets_after: Option<BudgetsAfter<'a>>,
+    /// A free call (token counting): it used no tokens and costs nothing.
+    pub free: bool,
+    /// Its traffic was not read (an allowed WebSocket upgrade): reported
+    /// with `unmetered` set, its 101 answer an `ok`.
+    pub unmetered: bool,
 }
 
 /// See [`Facts::budgets_after`].
@@ -132,10 +137,18 @@ pub fn format_usd(micros: u64) -> String {
 pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelNames) -> (Finish, Usage, u64, bool) {
     let mut out = Finish::default();
     let ok_status = (200..300).contains(&f.upstream_status);
-    let (usage, estimated) = final_usage(&metered, f.upstream_status, f.input_estimate);
+    let (top, estimated) =
+        if f.free { (Usage::default(), false) } else { final_usage(&metered, f.upstream_status, f.input_estimate) };
     let model_answered = metered.model_answered.clone().unwrap_or_else(|| f.model_served.to_string());
-    // Billed as served: the tier, speed and region the response reports.
-    let cost = plugin.pricing.as_ref().map(|p| p.cost_as(&model_answered, &usage, &metered.served));
+    // Billed as served: the tier, speed and region the response reports;
+    // iterations outside the top-level totals (Anthropic compaction and
+    // advisor) are added, each priced at its own model.
+    let cost = plugin
+        .pricing
+        .as_ref()
+        .filter(|_| !f.free)
+        .map(|p| p.cost_with_iterations(&model_answered, &top, &metered.served, &metered.iterations));
+    let usage = if f.free { top } else { metered.billed_usage(top) };
     let micros = cost.as_ref().map_or(0, |c| c.micros);
     let unpriced = cost.as_ref().is_some_and(|c| c.priced_by == PricedBy::Default);
     let ttfb = f.first_byte_ms.map(|t| t.saturating_sub(f.start_ms));
@@ -145,7 +158,11 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     // client then hung up before Envoy saw the upstream end (the OpenAI SDK
     // closes right after `[DONE]`).
     let whole = f.reached_end || (metered.complete && metered.usage.is_some());
-    let outcome = outcome(whole, f.upstream_status, stream_errors);
+    let outcome = match f.unmetered && f.upstream_status == 101 {
+        // The upgrade was switched: the connection ran.
+        true => "ok",
+        false => outcome(whole, f.upstream_status, stream_errors),
+    };
 
     let budgets_after = f.budgets_after.map(|after| after(&usage, micros)).unwrap_or_default();
     let p = &mut out.properties;
@@ -172,6 +189,12 @@ pub fn report(plugin: &Plugin, f: &Facts, metered: Metered, names: &TenantModelN
     prop("tollgate_outcome", outcome.to_string());
     prop("tollgate_key", f.key.unwrap_or_default().to_string());
     prop("tollgate_shadow_refusal", f.shadow_refusal.unwrap_or_default().to_string());
+    // The tier the response says served it (what it was billed at), canonical.
+    prop("tollgate_service_tier", metered.served.tier.clone().unwrap_or_default());
+    if f.unmetered {
+        // Set only when true, so ordinary requests pay no host call for it.
+        prop("tollgate_unmetered", "websocket".to_string());
+    }
     if let Some(keep) = &plugin.metering.filter_state {
         p.retain(|(k, _)| keep.iter().any(|f| k.strip_prefix("tollgate_") == Some(f.as_str())));
     }

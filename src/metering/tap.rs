@@ -717,7 +717,11 @@ impl StreamTap {
         while let Some(item) = self.parser.next_event() {
             if removable && self.strip {
                 if let Ok(ev) = &item {
-                    removed |= is_usage_only_chunk(&ev.data);
+                    // Judged as a held block would be too: with two top-level
+                    // `"choices"` (serde keeps the last), the first one decides,
+                    // so stripping never depends on where the chunks split.
+                    removed |=
+                        is_usage_only_chunk(&ev.data) && may_be_usage_only(&[b"data: ", ev.data.as_bytes()].concat());
                 }
             }
             self.meter.sse_item(item);
@@ -1628,6 +1632,23 @@ mod tests {
         assert_eq!(m.estimated_output_tokens(), 3 + 6);
         let none_framed = Metered { bytes_seen: 600, passed_over_bytes: 600, ..Metered::default() };
         assert_eq!(none_framed.passed_over_events(), 150);
+    }
+
+    #[test]
+    fn a_usage_chunk_with_two_choices_keys_strips_the_same_at_every_split() {
+        // Found by the fuzzer: the first `"choices"` has an element, the last
+        // is empty. Held or whole, the first one decides: not stripped.
+        let s = "data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n\
+                 data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"choices\":[],\
+                 \"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}\n\ndata: [DONE]\n\n";
+        let b = s.as_bytes();
+        let (whole, _, n) = run(&[b], true, MeterLimits::default());
+        assert_eq!((whole.as_slice(), n), (b, 0));
+        for i in 0..=b.len() {
+            let (a, c) = b.split_at(i);
+            let (out, _, n) = run(&[a, c], true, MeterLimits::default());
+            assert_eq!((out, n), (whole.clone(), 0), "split at {i}");
+        }
     }
 
     #[test]

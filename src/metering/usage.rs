@@ -76,6 +76,48 @@ impl Usage {
     pub fn sum(&self) -> u64 {
         self.input_total().saturating_add(self.output)
     }
+
+    /// Adds `other` field by field (saturating): usage reported apart from
+    /// the top-level totals, such as Anthropic's compaction iterations.
+    pub fn add(&mut self, other: &Usage) {
+        let fields = [
+            (&mut self.input_uncached, other.input_uncached),
+            (&mut self.cache_read, other.cache_read),
+            (&mut self.cache_write, other.cache_write),
+            (&mut self.output, other.output),
+            (&mut self.reasoning, other.reasoning),
+            (&mut self.total, other.total),
+            (&mut self.cache_write_1h, other.cache_write_1h),
+            (&mut self.input_audio, other.input_audio),
+            (&mut self.output_audio, other.output_audio),
+            (&mut self.web_search_requests, other.web_search_requests),
+            (&mut self.web_fetch_requests, other.web_fetch_requests),
+        ];
+        for (mine, theirs) in fields {
+            *mine = mine.saturating_add(theirs);
+        }
+    }
+}
+
+/// Which kind of work an [`Iteration`] was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IterationKind {
+    /// Anthropic `compaction`: the server-side summary of a closed context.
+    Compaction,
+    /// Anthropic `advisor_message`: an advisor sub-inference, on the advisor's model.
+    Advisor,
+}
+
+/// Usage a response reports apart from its top-level totals (Anthropic
+/// `usage.iterations[]` entries of type `compaction` and `advisor_message`):
+/// added to the request's usage, and priced at its own model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Iteration {
+    pub kind: IterationKind,
+    /// The model that did the work; `None` (compaction entries carry none)
+    /// means the response's model.
+    pub model: Option<String>,
+    pub usage: Usage,
 }
 
 /// Bytes of UTF-8 text per token assumed when a provider sends no usage.
@@ -151,6 +193,10 @@ pub struct Metered {
     pub complete: bool,
     /// The service tier, speed and region the response says served it.
     pub served: ServedAs,
+    /// Work the response reports outside its top-level usage (Anthropic
+    /// compaction and advisor iterations), from the latest report. Not in
+    /// `usage`: [`Metered::billed_usage`] adds them.
+    pub iterations: Vec<Iteration>,
 }
 
 /// The conditions a response was served under, as the provider reported them
@@ -167,6 +213,16 @@ pub struct ServedAs {
 }
 
 impl Metered {
+    /// `usage` (the top-level totals, or an estimate in their place) with
+    /// every [`Metered::iterations`] entry added: what the request used.
+    pub fn billed_usage(&self, top: Usage) -> Usage {
+        let mut all = top;
+        for it in &self.iterations {
+            all.add(&it.usage);
+        }
+        all
+    }
+
     /// Output tokens estimated from the generated text seen, for when `usage`
     /// is `None` (or cut short). Always an estimate: flag it as one.
     ///

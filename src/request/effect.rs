@@ -25,6 +25,13 @@ pub enum HeadersStep {
     /// Make this rate-limit service call (the quota endpoint's pure check)
     /// and hand its answer to `RequestFlow::on_rls_reply`, which replies.
     Call(RlsCall),
+    /// A request without a body to read (a WebSocket upgrade): apply the
+    /// plan, make the reserve call and hand its answer to
+    /// `RequestFlow::on_rls_reply`, which lets it go or refuses it.
+    Admit(HeaderPlan, RlsCall),
+    /// A request without a body to read, admitted without a call: apply the
+    /// plan and let it go.
+    Forward(HeaderPlan),
 }
 
 /// A lookup in the tenant registry: an HTTP GET.

@@ -408,7 +408,14 @@ impl RequestFlow {
         if self.quota {
             return self.quota_call(headers);
         }
-        if api_key::header(headers, ":method") != Some("POST") {
+        // A WebSocket upgrade carries its traffic in frames tollgate cannot
+        // meter: refused unless the tier lets it through (then one request,
+        // reported unmetered), never passed silently.
+        let websocket = is_websocket_upgrade(headers);
+        if websocket && !tenant.policy.allow_websocket {
+            return HeadersStep::Reply(self.refuse(&Refusal::WebSocketNotAllowed));
+        }
+        if !websocket && api_key::header(headers, ":method") != Some("POST") {
             return HeadersStep::Reply(self.refuse(&Refusal::MethodNotAllowed));
         }
         let Some(route_provider) = plugin.provider(self.provider) else {
@@ -432,7 +439,7 @@ impl RequestFlow {
                 self.refuse(&Refusal::ProviderNotConfigured { provider: provider.name.clone() }),
             );
         };
-        if end_of_stream {
+        if end_of_stream && !websocket {
             return HeadersStep::Reply(self.refuse(&Refusal::BodyRequired));
         }
         // The end user: a verified token's claim, else the platform's header
@@ -474,7 +481,62 @@ impl RequestFlow {
                 header_plan.remove.push(h.clone());
             }
         }
+        if websocket {
+            return self.admit_websocket(header_plan);
+        }
         HeadersStep::ReadBody(header_plan)
+    }
+
+    /// A WebSocket upgrade the tier lets through: the model the handshake
+    /// names (Realtime's `?model=`), if any, is checked like a body's; it is
+    /// admitted as one request with no tokens or dollars, and its frames are
+    /// neither read nor metered ([`inspect::Endpoint::WebSocket`]).
+    fn admit_websocket(&mut self, plan: header_plan::HeaderPlan) -> HeadersStep {
+        let plugin = Rc::clone(&self.plugin);
+        let Some(tenant) = self.tenant.as_ref().and_then(|t| t.get(&plugin)) else {
+            return HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "tenant not resolved".into() }));
+        };
+        let policy = &tenant.policy;
+        let model = api_key::query_param(&self.path, "model").unwrap_or_default().to_string();
+        if !model.is_empty() {
+            if let Err(r) = inspect::check_model(policy, &model) {
+                return HeadersStep::Reply(self.refuse(&r));
+            }
+            if self.key.as_ref().and_then(|k| k.models.as_ref()).is_some_and(|m| !m.allows(&model)) {
+                return HeadersStep::Reply(self.refuse(&Refusal::ModelNotAllowed { model }));
+            }
+        }
+        self.model_served = model.clone();
+        self.info = Some(RequestInfo {
+            model,
+            stream: true,
+            json_array_stream: false,
+            max_output_tokens: None,
+            include_usage: true,
+            asked: Default::default(),
+            endpoint: inspect::Endpoint::WebSocket,
+        });
+        self.output_requested = 0;
+        let step = match &plugin.rate_limit {
+            Some(rl) => {
+                self.scope = self.scope_of(tenant, policy);
+                if levels::has_limits(policy, self.scope.as_deref()) {
+                    let check_only = rl.mode == RlsMode::CheckThenCharge;
+                    self.reserve_call(check_only, 0, self.start_ms)
+                } else {
+                    self.forward()
+                }
+            }
+            None => self.forward(),
+        };
+        match step {
+            BodyStep::Call(call) => HeadersStep::Admit(plan, call),
+            BodyStep::Forward { .. } => HeadersStep::Forward(plan),
+            BodyStep::Reply(reply) => HeadersStep::Reply(reply),
+            BodyStep::NeedMore => {
+                HeadersStep::Reply(self.refuse(&Refusal::Internal { detail: "no body to wait for".into() }))
+            }
+        }
     }
 
     /// Picks the failover target of a route to `group` among `targets` (the
@@ -542,6 +604,18 @@ impl RequestFlow {
                 Err(reply)
             }
         }
+    }
+
+    /// A WebSocket upgrade (admitted from its headers): its request "body"
+    /// is the client's frames, never read. `Some(false)`: hold them until
+    /// the reserve's answer (letting a body chunk go would let the request
+    /// go too); `Some(true)`: let them pass; `None`: not a WebSocket.
+    pub fn unread_body(&self) -> Option<bool> {
+        self.passes_body().then_some(!matches!(self.phase, Phase::Waiting(_)))
+    }
+
+    fn passes_body(&self) -> bool {
+        self.info.as_ref().is_some_and(|i| i.endpoint == inspect::Endpoint::WebSocket)
     }
 
     /// A target's circuit changed: its gauge (on the next tick) and, for a
@@ -830,6 +904,10 @@ impl RequestFlow {
     }
 
     fn estimate_for(&self, output: u64) -> Amounts {
+        if self.info.as_ref().is_some_and(|i| i.endpoint.is_free()) {
+            // Token counting: one request, no tokens or dollars.
+            return Amounts::default();
+        }
         let usage = Usage {
             input_uncached: self.input_estimate,
             output,
@@ -958,6 +1036,9 @@ impl RequestFlow {
     /// Rewrites the request's max-output field to `n`.
     fn clamp_output(&mut self, n: u64) {
         let Some(api) = self.api else { return };
+        if self.info.as_ref().is_some_and(|i| !i.endpoint.takes_max_output()) {
+            return;
+        }
         let Some(obj) = self.body.as_mut().and_then(Value::as_object_mut) else { return };
         if !api.clamp_output(obj, n) {
             return;
@@ -1232,6 +1313,10 @@ impl RequestFlow {
         let (Some(api), Some(info)) = (self.api, self.info.as_ref()) else {
             return step;
         };
+        if info.endpoint == inspect::Endpoint::WebSocket {
+            // Frames, not a response body: nothing to meter.
+            return step;
+        }
         let meter = ResponseMeter::new(api, info.stream, MeterLimits::default());
         up.tap = Some(StreamTap::new(meter, self.strip_usage && (200..300).contains(&status)));
         up.hold_body = !info.stream && self.plugin.metering.usage_headers;
@@ -1380,6 +1465,8 @@ impl RequestFlow {
             key: self.key.as_ref().map(|k| &*k.id),
             shadow_refusal: self.shadow_refusal.as_deref(),
             budgets_after: Some(&after),
+            free: self.info.as_ref().is_some_and(|i| i.endpoint.is_free()),
+            unmetered: self.passes_body(),
         };
         let (mut out, usage, micros, estimated) = record::report(&plugin, &facts, metered, &names);
         if let Some(p) = self.target.and_then(|c| plugin.provider(c.provider)) {
@@ -1582,6 +1669,15 @@ fn ledger_text(s: &str) -> String {
 
 /// What a finished request's usage counts in each measure: cached-read
 /// input tokens weigh `cached_read_permille` / 1000 in token limits.
+/// Whether the request asks to become a WebSocket (`upgrade: websocket`,
+/// any case; an HTTP/2 extended CONNECT says so in `:protocol`).
+fn is_websocket_upgrade(headers: &Headers) -> bool {
+    let says = |name: &str| {
+        api_key::header(headers, name).is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket")))
+    };
+    says("upgrade") || says(":protocol")
+}
+
 pub(crate) fn usage_amounts(usage: &Usage, micros: u64, cached_read_permille: u64) -> Amounts {
     let cached = usage.cache_read.saturating_mul(cached_read_permille) / 1000;
     let input = usage.input_uncached.saturating_add(usage.cache_write).saturating_add(cached);
@@ -1820,9 +1916,12 @@ mod tests {
         };
         let all = run(None);
         let names: Vec<&str> = all.iter().map(|(k, _)| k.strip_prefix("tollgate_").unwrap()).collect();
-        // `error` and `limit` are set for refusals only.
-        let finished: Vec<&str> =
-            crate::config::FILTER_STATE_FIELDS.iter().copied().filter(|f| !["error", "limit"].contains(f)).collect();
+        // `error` and `limit` are set for refusals only, `unmetered` for unmetered requests only.
+        let finished: Vec<&str> = crate::config::FILTER_STATE_FIELDS
+            .iter()
+            .copied()
+            .filter(|f| !["error", "limit", "unmetered"].contains(f))
+            .collect();
         assert_eq!(names, finished, "every documented field, in order");
         let some = run(Some(vec!["cost_usd".into(), "tenant".into()]));
         assert_eq!(some, [("tollgate_tenant", "globex".to_string()), ("tollgate_cost_usd", all[14].1.clone())]);
@@ -2335,6 +2434,75 @@ mod tests {
     }
 
     #[test]
+    fn websocket_upgrades_are_refused_unless_the_tier_allows_them_then_one_unmetered_request() {
+        let ws = |key: &str, path: &str| {
+            h(&[
+                (":path", path),
+                (":method", "GET"),
+                ("x-api-key", key),
+                ("connection", "Upgrade"),
+                ("upgrade", "WebSocket"),
+                ("sec-websocket-version", "13"),
+            ])
+        };
+        // Refused in the API's envelope, with a clear code (never a silent pass).
+        let mut f = flow();
+        let HeadersStep::Reply(r) = f.on_request_headers(&ws(KEY_B, "/v1/chat/completions"), true, 1000, || "r".into())
+        else {
+            panic!("refused")
+        };
+        assert_eq!((r.status, r.header("x-tollgate-error")), (403, Some("websocket_not_allowed")));
+        let body: Value = serde_json::from_slice(&r.body).expect("json");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("WebSocket")), "{body}");
+        let mut f = flow();
+        let HeadersStep::Reply(r) = f.on_request_headers(&ws(KEY_B, "/v1/messages"), true, 1000, || "r".into()) else {
+            panic!("refused")
+        };
+        let body: Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!((body["type"].as_str(), body["error"]["type"].as_str()), (Some("error"), Some("permission_error")));
+
+        // Allowed by the tier: one request, no tokens, reserved from the headers.
+        let mut json = crate::config::tests::sample_json();
+        json["tiers"]["free"]["allow_websocket"] = true.into();
+        let plugin = crate::config::load(json.to_string().as_bytes(), &crate::config::tests::env).expect("config");
+        let mut f = flow_with(plugin);
+        // A model the tier does not allow is refused as in a body.
+        let HeadersStep::Reply(r) =
+            f.on_request_headers(&ws(KEY_B, "/v1/chat/completions?model=gpt-5"), false, 1000, || "r".into())
+        else {
+            panic!("refused")
+        };
+        assert_eq!(r.header("x-tollgate-error"), Some("model_not_allowed"));
+        let mut f =
+            flow_with(crate::config::load(json.to_string().as_bytes(), &crate::config::tests::env).expect("config"));
+        let HeadersStep::Admit(plan, call) =
+            f.on_request_headers(&ws(KEY_B, "/v1/chat/completions?model=gpt-4o-mini"), false, 1000, || "r".into())
+        else {
+            panic!("admitted from the headers")
+        };
+        assert!(plan.set.iter().any(|(k, v)| k == "authorization" && v.contains("GLOBEX_OPENAI")), "{plan:?}");
+        let req = rls::RateLimitRequest::decode(call.message.as_slice()).expect("rls");
+        let hits: Vec<u64> = req.descriptors.iter().filter_map(|d| d.hits_addend.as_ref().map(|v| v.value)).collect();
+        assert_eq!(hits, [1], "one request, nothing else");
+        assert_eq!(f.unread_body(), Some(false), "held until the answer");
+        let BodyStep::Forward { body: None, .. } =
+            f.on_rls_reply(Ok(&reply(rls::Code::Ok, vec![(rls::Code::Ok, 9, 60)])), 1000)
+        else {
+            panic!("let through")
+        };
+        assert_eq!(f.unread_body(), Some(true));
+        assert!(!f.on_response_headers(101).hold_body);
+        let (_, fin) = f.on_response_body(b"\x81\x05hello", true, 5000);
+        let props = fin.expect("finished").properties;
+        let get = |k: &str| props.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("tollgate_unmetered"), Some("websocket"));
+        assert_eq!(get("tollgate_outcome"), Some("ok"));
+        assert_eq!((get("tollgate_tokens_total"), get("tollgate_cost_usd")), (Some("0"), Some("0.000000")));
+        assert_eq!(get("tollgate_estimated"), Some("false"));
+        assert_eq!(get("tollgate_model_requested"), Some("gpt-4o-mini"));
+    }
+
+    #[test]
     fn over_limit_is_a_429_and_unavailable_is_a_503() {
         let mut f = flow();
         start(&mut f, KEY_B, "/v1/chat/completions");
@@ -2391,7 +2559,7 @@ mod tests {
             let mut f = RequestFlow::new(Rc::clone(&plugin), Rc::clone(&shared));
             start(&mut f, KEY_A, "/v1/chat/completions");
             let _ = f.on_request_body(br#"{"model":"gpt-4o","max_tokens":10}"#, 0);
-            match f.on_rls_reply(Err(14), 1000) {
+            match f.on_rls_reply(Err(14), 10) {
                 BodyStep::Forward { .. } => {
                     admitted += 1;
                     f.on_response_headers(200);

@@ -314,3 +314,46 @@ fn a_reconfiguration_gives_back_leases_under_the_tenants_they_belong_to() {
         }
     }
 }
+
+#[test]
+fn an_allowed_websocket_is_reserved_from_its_headers_and_its_frames_wait_for_the_answer() {
+    let config = config(false).replace(r#""models": ["*"],"#, r#""models": ["*"], "allow_websocket": true,"#);
+    assert!(config.contains("allow_websocket"));
+    let mut host = FakeHost::with_config(&config);
+    host.env.insert("ACME_OPENAI_KEY".into(), "sk-provider-acme".into());
+    let mut root = Root::default();
+    assert!(root.on_configure(&mut host));
+    let mut http = root.new_http().expect("configured");
+    host.request_headers = headers(&[
+        (":authority", "gateway"),
+        (":path", "/v1/chat/completions?model=gpt-realtime"),
+        (":method", "GET"),
+        ("authorization", &format!("Bearer {CLIENT_KEY}")),
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+    ]);
+    // Held at its headers for the reserve, with the provider's key already in.
+    assert_eq!(http.on_request_headers(&mut host, false), Action::Pause);
+    assert_eq!(host.request_header("authorization").as_deref(), Some("Bearer sk-provider-acme"));
+    let call = host.rls_calls.last().expect("a reserve from the headers").clone();
+    // A frame that arrives before the answer waits: letting it go would let the request go.
+    assert_eq!(http.on_request_body(&mut host, 7, false), Action::Pause);
+    let req = rls::RateLimitRequest::decode(call.message.as_slice()).expect("an RLS request");
+    host.grpc_answer = Some(ok_answer(req.descriptors.len()));
+    let resumed = host.resumed;
+    http.on_grpc_call_response(&mut host, call.token, 0, 0);
+    assert_eq!(host.resumed, resumed + 1);
+    assert!(host.replies.is_empty());
+    // Then frames pass both ways, unread.
+    assert_eq!(http.on_request_body(&mut host, 7, false), Action::Continue);
+    host.response_headers = headers(&[(":status", "101"), ("upgrade", "websocket")]);
+    assert_eq!(http.on_response_headers(&mut host, false), Action::Continue);
+    host.response_chunk = b"\x81\x02hi".to_vec();
+    assert_eq!(http.on_response_body(&mut host, 4, false), Action::Continue);
+    http.on_log(&mut host);
+    let prop = |k: &str| host.properties.get(k).map(String::as_str);
+    assert_eq!(prop("tollgate_unmetered"), Some("websocket"));
+    assert_eq!(prop("tollgate_outcome"), Some("ok"));
+    assert_eq!(prop("tollgate_tokens_total"), Some("0"));
+    assert_eq!(prop("tollgate_model_requested"), Some("gpt-realtime"));
+}
