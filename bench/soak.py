@@ -469,6 +469,10 @@ def log_totals(records):
         if rec.get("tg_outcome") == "refused":
             d["refusals"][rec.get("tg_error") or "refused"] += 1
             continue
+        if rec.get("tg_outcome") == "cancelled":
+            # The client left before the request went upstream: neither a
+            # request nor a refusal in the ledger.
+            continue
         d["requests"] += 1
         d["input_tokens"] += int(rec["tg_tokens_input"])
         d["cached_read_tokens"] += int(rec["tg_tokens_cache_read"])

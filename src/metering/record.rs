@@ -116,7 +116,7 @@ pub fn refusal_properties(
         ("tollgate_request_id", request_id.to_string()),
         ("tollgate_api", api.map_or("", Api::as_str).to_string()),
         ("tollgate_model_requested", model_requested.to_string()),
-        ("tollgate_outcome", "refused".to_string()),
+        ("tollgate_outcome", if code == CLIENT_CLOSED { "cancelled" } else { "refused" }.to_string()),
         ("tollgate_error", code.to_string()),
         ("tollgate_limit", limit.unwrap_or_default().to_string()),
         ("tollgate_key", key.unwrap_or_default().to_string()),
@@ -126,6 +126,11 @@ pub fn refusal_properties(
     }
     p
 }
+
+/// The `error` of a request whose client left before it went upstream (its
+/// outcome is `cancelled`: neither a refusal nor a metered request, and the
+/// ledger counts it as neither).
+pub const CLIENT_CLOSED: &str = "client_closed_request";
 
 /// Micro-dollars as a decimal dollar string: 1234567 -> "1.234567".
 pub fn format_usd(micros: u64) -> String {

@@ -297,13 +297,17 @@ impl RequestFlow {
         }
         let Some(route) = plugin.route_for(&self.path) else {
             return match plugin.unmatched_routes {
-                UnmatchedRoutes::Pass => HeadersStep::PassThrough {
+                UnmatchedRoutes::Pass => {
+                    // Not tollgate's request: nothing to log or settle.
+                    self.phase = Phase::Done;
+                    HeadersStep::PassThrough {
                     remove: headers
                         .iter()
                         .map(|(name, _)| name.to_ascii_lowercase())
                         .filter(|name| name.starts_with(header_plan::OWN_HEADER_PREFIX))
                         .collect(),
-                },
+                    }
+                }
                 UnmatchedRoutes::Deny => HeadersStep::Reply(self.refuse(&Refusal::UnknownRoute)),
             };
         };
@@ -1390,6 +1394,7 @@ impl RequestFlow {
     /// the host contexts reads the clock only then).
     pub fn has_work_at_stream_end(&self) -> bool {
         matches!(self.phase, Phase::Upstream(_) | Phase::Waiting(_) | Phase::Resolving { .. })
+            || (matches!(self.phase, Phase::Start) && !self.request_id.is_empty())
             || self.slot.is_some()
             || (self.target.is_some() && self.target_outcome.is_none())
     }
@@ -1404,7 +1409,26 @@ impl RequestFlow {
         let hung = matches!(self.phase, Phase::Upstream(_))
             && now_ms.saturating_sub(self.start_ms) >= self.plugin.circuit.probe_timeout_ms;
         self.report_target(if hung { Outcome::Timeout } else { Outcome::Abandoned }, now_ms);
-        let out = matches!(self.phase, Phase::Upstream(_)).then(|| self.finish(now_ms, false));
+        // The client left before the request went upstream (its body still
+        // coming, its tenant being looked up, its reserve in flight): the
+        // access log still gets its record, as `cancelled`.
+        let left_early = matches!(self.phase, Phase::Start | Phase::Resolving { .. } | Phase::Waiting(_))
+            && !self.request_id.is_empty();
+        let mut out = matches!(self.phase, Phase::Upstream(_)).then(|| self.finish(now_ms, false));
+        if left_early {
+            let properties = record::refusal_properties(
+                &self.plugin,
+                self.tenant(),
+                self.user.as_deref(),
+                &self.request_id,
+                self.api,
+                self.info.as_ref().map_or(self.model_served.as_str(), |i| i.model.as_str()),
+                record::CLIENT_CLOSED,
+                None,
+                self.key.as_ref().map(|k| &*k.id),
+            );
+            out = Some(Finish { properties, ..Finish::default() });
+        }
         if self.resolving() {
             // Gone while its lookup was in flight: the answer is never read.
             self.phase = Phase::Done;
@@ -2330,6 +2354,33 @@ mod tests {
             step,
             HeadersStep::PassThrough { remove: vec!["x-tollgate-tier".into(), "x-tollgate-provider".into()] }
         );
+        assert!(!f.has_work_at_stream_end());
+        assert!(f.on_stream_done(5).is_none());
+    }
+
+    #[test]
+    fn a_client_leaving_before_the_upstream_is_in_the_access_log_as_cancelled() {
+        let prop = |fin: &Finish, k: &str| fin.properties.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        // Its reserve in flight.
+        let mut f = flow();
+        start(&mut f, KEY_B, "/v1/chat/completions");
+        assert!(matches!(f.on_request_body(br#"{"model":"gpt-4o-mini"}"#, 0), BodyStep::Call(_)));
+        assert!(f.has_work_at_stream_end());
+        let fin = f.on_stream_done(10).expect("a record");
+        assert_eq!(prop(&fin, "tollgate_tenant").as_deref(), Some("globex"));
+        assert_eq!(prop(&fin, "tollgate_outcome").as_deref(), Some("cancelled"));
+        assert_eq!(prop(&fin, "tollgate_error").as_deref(), Some("client_closed_request"));
+        assert_eq!(prop(&fin, "tollgate_model_requested").as_deref(), Some("gpt-4o-mini"));
+        // Its body still coming.
+        let mut f = flow();
+        start(&mut f, KEY_B, "/v1/chat/completions");
+        let fin = f.on_stream_done(10).expect("a record");
+        assert_eq!(prop(&fin, "tollgate_outcome").as_deref(), Some("cancelled"));
+        // A refused request keeps its refusal's record (written at the reply).
+        let mut f = flow();
+        start(&mut f, KEY_B, "/v1/chat/completions");
+        assert!(matches!(f.on_request_body(b"{", 0), BodyStep::Reply(_)));
+        assert!(f.on_stream_done(10).is_none());
     }
 
     #[test]
