@@ -301,11 +301,11 @@ impl RequestFlow {
                     // Not tollgate's request: nothing to log or settle.
                     self.phase = Phase::Done;
                     HeadersStep::PassThrough {
-                    remove: headers
-                        .iter()
-                        .map(|(name, _)| name.to_ascii_lowercase())
-                        .filter(|name| name.starts_with(header_plan::OWN_HEADER_PREFIX))
-                        .collect(),
+                        remove: headers
+                            .iter()
+                            .map(|(name, _)| name.to_ascii_lowercase())
+                            .filter(|name| name.starts_with(header_plan::OWN_HEADER_PREFIX))
+                            .collect(),
                     }
                 }
                 UnmatchedRoutes::Deny => HeadersStep::Reply(self.refuse(&Refusal::UnknownRoute)),
@@ -1913,7 +1913,8 @@ mod tests {
         }
         let (mut b, step) = begin(40);
         assert!(matches!(step, BodyStep::Call(ref c) if hits(c) == 6), "{step:?}");
-        assert!(b.on_stream_done(41).is_none());
+        // Gone with its refill in flight: only its cancelled record.
+        assert!(b.on_stream_done(41).is_some_and(|fin| fin.counters.is_empty()));
         assert!(matches!(begin(42).1, BodyStep::Call(ref c) if hits(c) == 6));
         // One never answered nor cancelled stops counting after twice the
         // call timeout.
@@ -2656,7 +2657,8 @@ mod tests {
         start(&mut f, KEY_A, "/v1/chat/completions");
         let BodyStep::Call(call) = f.on_request_body(br#"{"model":"gpt-4o","max_tokens":10}"#, 0) else { panic!() };
         let key = call.metadata.iter().find(|(k, _)| k == rls::META_IDEMPOTENCY_KEY).unwrap().1.clone();
-        assert!(f.on_stream_done(5).is_none());
+        // The access log's cancelled record; nothing counted as a request.
+        assert!(f.on_stream_done(5).is_some_and(|fin| fin.counters.is_empty()));
         let due = f.shared.borrow_mut().journal.due(5, 10);
         assert_eq!(due.len(), 1);
         assert_eq!((due[0].idempotency_key.as_str(), due[0].settle_mode), (key.as_str(), false));
