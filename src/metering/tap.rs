@@ -850,12 +850,27 @@ fn skimmable(block: &[u8]) -> bool {
     let Some(eol) = memchr::memchr2(b'\r', b'\n', block) else {
         return false;
     };
+    // The line's end, then the blank line's: each is a CRLF, a lone CR or
+    // an LF (a CR is taken with the LF after it, as the framing does), so
+    // `}\r\r\n` (a lone CR, then a CRLF) is one line and a blank line, as
+    // it is when the block arrives in one chunk.
     let rest = block.get(eol..).unwrap_or(&[]);
-    if !matches!(rest, b"\n\n" | b"\r\r" | b"\r\n\r\n" | b"\n\r\n" | b"\r\n\n" | b"\n\r" | b"\r\n\r") {
+    let blank = rest.get(line_end_len(rest)..).unwrap_or(&[]);
+    if blank.is_empty() || line_end_len(blank) != blank.len() {
         return false;
     }
     let line = block.get(..eol).unwrap_or(&[]);
     !Hits::new(line, 0).any(|p| line.get(p) == Some(&b'"') && marker_at(line, p))
+}
+
+/// The length of the line end `b` starts with: 2 for a CRLF, 1 for a CR not
+/// followed by LF or an LF, 0 for none.
+fn line_end_len(b: &[u8]) -> usize {
+    match b {
+        [b'\r', b'\n', ..] => 2,
+        [b'\r' | b'\n', ..] => 1,
+        _ => 0,
+    }
 }
 
 /// Whether an unfinished block may still become the usage-only chunk
@@ -1178,6 +1193,52 @@ mod tests {
         assert_eq!(got.skimmed_events, 3);
         assert_eq!(got.output_text_bytes, 3);
         assert_eq!(got.estimated_output_tokens(), 1 + 3);
+    }
+
+    #[test]
+    fn skimming_does_not_depend_on_where_a_lone_cr_splits() {
+        // A content event whose data line ends with a lone CR and whose blank
+        // line is a CRLF (`}\r\r\n`), then a stray LF (an empty blank line):
+        // skimmed whole, and split at every byte (the event is carried over
+        // when the split is inside it). Every pair of line ends too.
+        let content = |i: usize| {
+            format!("data: {{\"id\":\"c\",\"model\":\"m-1\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{i}\"}}}}]}}")
+        };
+        let usage_only =
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":4,\"total_tokens\":11}}\n\n";
+        let mut streams = vec![(content(0) + "\n\n" + &content(1) + "\r\r\n\n" + &content(2) + "\n\n").into_bytes()];
+        for a in ["\n", "\r\n", "\r"] {
+            for b in ["\n", "\r\n", "\r"] {
+                if a == "\r" && b == "\n" {
+                    continue; // That is one CRLF line end.
+                }
+                let mut s = content(0) + "\n\n";
+                for i in 1..4 {
+                    s += &(content(i) + a + b);
+                }
+                s += usage_only;
+                s += "data: [DONE]\n\n";
+                streams.push(s.into_bytes());
+            }
+        }
+        let limits = MeterLimits::default();
+        for (n, s) in streams.iter().enumerate() {
+            let want = reference(s, limits);
+            let (_, whole, _) = run(&[s], false, limits);
+            assert_eq!(exact(&whole), exact(&want), "stream {n} whole");
+            assert!(whole.skimmed_events >= 1, "stream {n}");
+            for strip in [false, true] {
+                for i in 0..=s.len() {
+                    let (a, b) = s.split_at(i);
+                    let (_, got, _) = run(&[a, b], strip, limits);
+                    assert_eq!(exact(&got), exact(&want), "stream {n} split at {i}");
+                    assert_eq!(got.skimmed_events, whole.skimmed_events, "stream {n} split at {i} strip {strip}");
+                }
+                let bytes: Vec<&[u8]> = s.chunks(1).collect();
+                let (_, got, _) = run(&bytes, strip, limits);
+                assert_eq!(got.skimmed_events, whole.skimmed_events, "stream {n} byte by byte");
+            }
+        }
     }
 
     #[test]
