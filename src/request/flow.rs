@@ -578,36 +578,36 @@ impl RequestFlow {
                 Ok(())
             }
             Picked::NoCredential => Err(self.refuse(&Refusal::ProviderNotConfigured { provider: group.name.clone() })),
-            Picked::Unavailable { retry_after_ms, open: 0 } => {
-                // Every target is up, but the provider throttled this
-                // tenant's own key everywhere: its 429, not an outage.
-                let refusal = Refusal::Custom {
-                    status: 429,
-                    code: "provider_rate_limited".into(),
-                    message: format!(
-                        "The provider is rate limiting this account's key; retry after {} s.",
-                        retry_after_ms.div_ceil(1000)
-                    ),
-                };
-                let mut reply = self.refuse(&refusal);
-                reply.headers.extend(llm::retry_headers(retry_after_ms, true));
-                Err(reply)
-            }
-            Picked::Unavailable { retry_after_ms, .. } => {
-                let refusal = Refusal::Custom {
-                    status: 503,
-                    code: "provider_unavailable".into(),
-                    message: format!(
-                        "Every upstream serving '{}' is unavailable right now; retry after {} s.",
-                        group.name,
-                        retry_after_ms.div_ceil(1000)
-                    ),
-                };
-                let mut reply = self.refuse(&refusal);
-                reply.headers.extend(llm::retry_headers(retry_after_ms, true));
-                Err(reply)
-            }
+            // Every target is up, but the provider throttled this tenant's
+            // own key everywhere: its 429, not an outage.
+            Picked::Unavailable { retry_after_ms, open: 0 } => Err(self.refuse_for(
+                429,
+                "provider_rate_limited",
+                format!(
+                    "The provider is rate limiting this account's key; retry after {} s.",
+                    retry_after_ms.div_ceil(1000)
+                ),
+                retry_after_ms,
+            )),
+            Picked::Unavailable { retry_after_ms, .. } => Err(self.refuse_for(
+                503,
+                "provider_unavailable",
+                format!(
+                    "Every upstream serving '{}' is unavailable right now; retry after {} s.",
+                    group.name,
+                    retry_after_ms.div_ceil(1000)
+                ),
+                retry_after_ms,
+            )),
         }
+    }
+
+    /// A refusal the client may retry after `retry_after_ms`, with the retry
+    /// headers the SDKs read.
+    fn refuse_for(&mut self, status: u16, code: &str, message: String, retry_after_ms: u64) -> LocalReply {
+        let mut reply = self.refuse(&Refusal::Custom { status, code: code.into(), message });
+        reply.headers.extend(llm::retry_headers(retry_after_ms, true));
+        reply
     }
 
     /// A WebSocket upgrade (admitted from its headers): its request "body"
