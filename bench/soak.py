@@ -50,22 +50,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "integration-tests"))
 
 import harness  # noqa: E402
+from conftest import PRICING  # noqa: E402  (the prices the integration tests meter with)
 
 RUN = secrets.token_hex(3)
 ADMIN_TOKEN = "soak-" + secrets.token_urlsafe(24)
 ENV = {"SOAK_OPENAI_KEY": "sk-soak-openai", "SOAK_ANTHROPIC_KEY": "sk-ant-soak", "SOAK_GEMINI_KEY": "gm-soak"}
 PROVIDER_ENV = {"openai": "SOAK_OPENAI_KEY", "anthropic": "SOAK_ANTHROPIC_KEY", "gemini": "SOAK_GEMINI_KEY"}
-PRICING = {
-    "models": {
-        "gpt-4o-mini": {"input": 0.15, "cached_input": 0.075, "output": 0.6},
-        "gpt-4o": {"input": 2.5, "cached_input": 1.25, "output": 10.0},
-        "text-embedding-3-small": {"input": 0.02, "output": 0.0},
-        "claude-3-5-haiku": {"input": 0.8, "cached_input": 0.08, "cache_write": 1.0, "output": 4.0},
-        "gemini-2.0-flash": {"input": 0.1, "cached_input": 0.025, "output": 0.4},
-    },
-    "prefix_match": True,
-    "default": {"input": 5.0, "output": 15.0},
-}
 ROUTES = [
     {"path": "/v1/chat/completions", "api": "openai_chat", "provider": "openai", "trust_end_user_header": True},
     {"path": "/v1/responses", "api": "openai_responses", "provider": "openai", "trust_end_user_header": True},
